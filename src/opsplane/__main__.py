@@ -1,0 +1,5 @@
+"""``python -m opsplane`` is the ``opsplane`` command."""
+
+from opsplane.cli.main import main
+
+main()

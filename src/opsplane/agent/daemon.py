@@ -1,0 +1,445 @@
+"""The agent daemon: runs the commands the control plane sends and reports what they did.
+
+Guarantees, resting on the spool (``spool.py``):
+
+* a command is executed at most once per run id, across reconnects, redeliveries and restarts;
+* every result is kept on disk until the control plane acknowledges it, and re-sent on every
+  reconnect until then;
+* a run outlives the stream it came on: a broken connection does not touch running commands;
+* nothing is left behind: on shutdown running commands are cancelled (their whole process
+  group) and their results spooled; after a crash, leftovers of interrupted runs are killed at
+  the next start and those runs abandoned (the control plane reports them ``lost``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import platform
+import signal
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Final
+
+import psutil
+
+from opsplane.agent.config import AgentConfig
+from opsplane.agent.grpc_link import GrpcLink
+from opsplane.agent.spool import Spool
+from opsplane.domain.errors import InvalidInput
+from opsplane.execution import Outcome, ProcessResult, ProcessRun, Stream
+from opsplane.transport.grpc import opsplane_pb2 as pb
+
+logger = logging.getLogger(__name__)
+
+DONE_RETENTION: Final = timedelta(days=7)
+_PRUNE_EVERY: Final = 3600.0
+# On shutdown a cancelled command gets kill_grace to go (SIGTERM, then SIGKILL) plus this much
+# for its output to drain and its result to be spooled, before its task is cut short.
+_SHUTDOWN_SLACK: Final = 5.0
+_CREATE_TIME_TOLERANCE: Final = 0.05
+
+DEADLINE_PASSED: Final = "delivery deadline passed before the agent received the command"
+
+
+@dataclass(eq=False)
+class _Run:
+    """The little an agent keeps in memory about a run while it executes."""
+
+    run_id: str
+    task_id: str
+    attempt: int
+    process: ProcessRun | None = None
+    task: asyncio.Task[None] | None = None
+    seq: int = 0
+
+
+class Agent:
+    """One agent daemon: a gRPC link to the control plane, a spool, and the running commands."""
+
+    def __init__(self, config: AgentConfig) -> None:
+        self._config = config
+        self._spool = Spool(config.state_dir)
+        self._link = GrpcLink(config, self)
+        self._running: dict[str, _Run] = {}
+        self._stop = asyncio.Event()
+        self._stopping = False
+        self._last_prune = 0.0
+
+    @property
+    def config(self) -> AgentConfig:
+        """The settings this agent runs with."""
+        return self._config
+
+    @property
+    def connected(self) -> bool:
+        """Whether the agent is connected to (and welcomed by) the control plane."""
+        return self._link.connected
+
+    @property
+    def running_run_ids(self) -> list[str]:
+        """Runs executing right now."""
+        return list(self._running)
+
+    def request_stop(self) -> None:
+        """Make :meth:`run` cancel running commands, spool their results and return.
+
+        Call it from the event loop's thread (e.g. from a ``loop.add_signal_handler`` callback).
+        """
+        self._stop.set()
+
+    async def run(self) -> None:
+        """Serve until :meth:`request_stop` (then return) or cancellation (then re-raise).
+
+        Either way running commands are cancelled with a bounded wait, so that no process
+        outlives the agent, and their results are spooled for the next start.
+        """
+        self._spool.lock()
+        try:
+            self._reap_interrupted()
+            self._prune()
+            link_task = asyncio.create_task(self._link.run(), name="agent-link")
+            stop_task = asyncio.create_task(self._stop.wait(), name="agent-stop")
+            try:
+                await asyncio.wait({link_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                stop_task.cancel()
+                link_failed = link_task.done()
+                await self._shutdown(link_task)
+            if link_failed:
+                link_task.result()  # the link only ends by a bug: let it be seen
+        finally:
+            self._spool.unlock()
+
+    # -- LinkHandler ---------------------------------------------------------------------
+
+    def hello(self) -> pb.Hello:
+        """The ``pb.Hello`` this agent opens every stream with."""
+        config = self._config
+        return pb.Hello(
+            hostname=config.name,
+            version=config.version,
+            groups=list(config.groups),
+            labels=config.labels,
+            os=platform.platform(),
+            running_run_ids=list(self._running),
+            finished_run_ids=[str(r.get("run_id", "")) for r in self._spool.pending_results()],
+            timestamp=time.time(),
+        )
+
+    async def on_connected(self) -> None:
+        """Re-send every result the control plane has not acknowledged yet."""
+        for payload in self._spool.pending_results():
+            if not await self._link.send(_result_message(payload)):
+                return  # the stream broke again; the next welcome retries
+
+    async def on_message(self, message: pb.CommandMessage) -> None:
+        """Act on one message from the control plane."""
+        kind = message.WhichOneof("message")
+        if kind == "command_content":
+            await self._on_command(message.command_content)
+        elif kind == "cancel":
+            self._on_cancel(message.cancel.run_id, message.cancel.reason)
+        elif kind == "ack":
+            if message.ack.kind == "result":
+                self._on_result_ack(message.ack.run_id)
+        else:
+            logger.debug("ignoring a %s message from the control plane", kind)
+
+    # -- commands ------------------------------------------------------------------------
+
+    async def _on_command(self, cmd: pb.CommandContent) -> None:
+        run_id = cmd.run_id
+        if self._stopping:
+            logger.info("shutting down; command for run %s not accepted", run_id)
+            return
+        try:
+            accepted = self._spool.accept(
+                run_id, cmd.task_id, {"attempt": cmd.attempt, "sent_at": cmd.timestamp}
+            )
+        except InvalidInput:
+            logger.warning("refused a command with an invalid run id %r", run_id[:80])
+            return
+        except OSError as exc:
+            # Without a durable record a restart could run it again: better not at all.
+            logger.error("cannot record run %s in the spool, not running it: %s", run_id, exc)
+            return
+        if not accepted:
+            await self._on_duplicate(run_id)
+            return
+        self._maybe_prune()
+        await self._send_ack(run_id)
+
+        run = _Run(run_id=run_id, task_id=cmd.task_id, attempt=cmd.attempt)
+        if cmd.deliver_by > 0 and time.time() > cmd.deliver_by:
+            await self._report(
+                run, _synthetic(run, self._config, Outcome.CANCELED, DEADLINE_PASSED)
+            )
+            return
+        try:
+            run.process = ProcessRun(
+                cmd.command,
+                timeout=cmd.timeout or None,
+                env=dict(cmd.env),
+                kill_grace=self._config.kill_grace,
+                output_cap=self._config.output_cap,
+                on_started=lambda pid: self._on_started(run, pid),
+                on_output=lambda stream, data: self._on_output(run, stream, data),
+            )
+        except InvalidInput as exc:
+            await self._report(run, _synthetic(run, self._config, Outcome.FAILED, str(exc)))
+            return
+        self._running[run_id] = run
+        run.task = asyncio.create_task(self._execute(run), name=f"run-{run_id}")
+        logger.info("run %s (task %s) started", run_id, run.task_id)
+
+    async def _on_duplicate(self, run_id: str) -> None:
+        if run_id in self._running:
+            # Redelivered while running: the first ack may have been lost with a stream.
+            await self._send_ack(run_id)
+            return
+        payload = self._spool.pending_result(run_id)
+        if payload is not None:
+            await self._link.send(_result_message(payload))
+            return
+        logger.info("run %s was already handled here; duplicate command ignored", run_id)
+
+    def _on_cancel(self, run_id: str, reason: str) -> None:
+        run = self._running.get(run_id)
+        if run is None or run.process is None:
+            logger.info("cancel for run %s, which is not running here; ignored", run_id)
+            return
+        logger.info("cancelling run %s%s", run_id, f": {reason}" if reason else "")
+        run.process.cancel()
+
+    def _on_result_ack(self, run_id: str) -> None:
+        try:
+            self._spool.acknowledge(run_id)
+        except InvalidInput:
+            logger.warning("result ack with an invalid run id %r ignored", run_id[:80])
+        except OSError as exc:
+            logger.error("cannot record the ack of run %s: %s", run_id, exc)
+
+    async def _execute(self, run: _Run) -> None:
+        assert run.process is not None
+        try:
+            result = await run.process.run()
+            payload = _payload(run, self._config, result)
+        except asyncio.CancelledError:
+            # Cut short on shutdown: ProcessRun killed the group before re-raising.
+            self._spool_result(
+                run, _synthetic(run, self._config, Outcome.CANCELED, "the agent stopped")
+            )
+            raise
+        except Exception as exc:
+            logger.exception("run %s failed inside the agent", run.run_id)
+            payload = _synthetic(run, self._config, Outcome.FAILED, f"agent error: {exc}")
+        finally:
+            self._running.pop(run.run_id, None)
+        logger.info("run %s %s", run.run_id, payload["status"])
+        await self._report(run, payload)
+
+    async def _report(self, run: _Run, payload: dict[str, Any]) -> None:
+        """Spool the result (first: it must survive us), then send it if connected."""
+        self._spool_result(run, payload)
+        await self._link.send(_result_message(payload))
+
+    def _spool_result(self, run: _Run, payload: dict[str, Any]) -> None:
+        try:
+            self._spool.finish(run.run_id, payload)
+        except OSError as exc:
+            logger.error("cannot spool the result of run %s: %s", run.run_id, exc)
+
+    async def _on_started(self, run: _Run, pid: int) -> None:
+        create_time: float | None = None
+        # Already gone: then nothing could be left to kill after a crash anyway.
+        with contextlib.suppress(psutil.Error):
+            create_time = psutil.Process(pid).create_time()
+        try:
+            self._spool.record_pid(run.run_id, pid, create_time)
+        except OSError as exc:
+            logger.error("cannot record the pid of run %s: %s", run.run_id, exc)
+        started = pb.Started(
+            run_id=run.run_id, task_id=run.task_id, started_at=time.time(), pid=pid
+        )
+        await self._link.send(pb.CommandMessage(started=started))
+
+    async def _on_output(self, run: _Run, stream: Stream, data: bytes) -> None:
+        # Numbered even when dropped, so that the control plane can see the gap.
+        run.seq += 1
+        chunk = pb.OutputChunk(
+            run_id=run.run_id, task_id=run.task_id, stream=stream, seq=run.seq, data=data
+        )
+        await self._link.send(pb.CommandMessage(output=chunk), droppable=True)
+
+    async def _send_ack(self, run_id: str) -> None:
+        await self._link.send(pb.CommandMessage(ack=pb.Ack(run_id=run_id, kind="command")))
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def _reap_interrupted(self) -> None:
+        for run in self._spool.interrupted():
+            if run.pid is not None:
+                _kill_leftovers(run.run_id, run.pid, run.create_time)
+            try:
+                self._spool.mark_abandoned(run.run_id)
+            except InvalidInput:
+                logger.warning("stray file for %r in the spool left alone", run.run_id[:80])
+                continue
+            logger.warning(
+                "run %s (task %s) was interrupted by an agent restart; abandoned",
+                run.run_id,
+                run.task_id,
+            )
+
+    def _prune(self) -> None:
+        self._last_prune = time.monotonic()
+        try:
+            removed = self._spool.prune(DONE_RETENTION)
+        except OSError as exc:
+            logger.warning("cannot prune the spool: %s", exc)
+            return
+        if removed:
+            logger.info("forgot %d runs done more than %s ago", removed, DONE_RETENTION)
+
+    def _maybe_prune(self) -> None:
+        if time.monotonic() - self._last_prune >= _PRUNE_EVERY:
+            self._prune()
+
+    async def _shutdown(self, link_task: asyncio.Task[None]) -> None:
+        self._stopping = True
+        runs = list(self._running.values())
+        tasks = {run.task for run in runs if run.task is not None}
+        if tasks:
+            logger.info("stopping %d running commands", len(tasks))
+            for run in runs:
+                if run.process is not None:
+                    run.process.cancel()
+            # While the link is still up their results go out at once.
+            _, pending = await asyncio.wait(
+                tasks, timeout=self._config.kill_grace + _SHUTDOWN_SLACK
+            )
+            if pending:
+                logger.warning("%d commands did not stop in time; killing them", len(pending))
+                for task in pending:
+                    task.cancel()
+                await asyncio.wait(pending, timeout=_SHUTDOWN_SLACK)
+        if not link_task.done():
+            link_task.cancel()
+            await asyncio.wait({link_task})
+
+
+def _kill_leftovers(run_id: str, pid: int, create_time: float | None) -> None:
+    """SIGKILL what is left of an interrupted run's process group, if anything.
+
+    The group id is the leader's pid. Linux does not hand out a pid while a process group of
+    that id still exists, so: if no process has that pid, whatever is in the group is ours;
+    if one does, it is our leader only if it started when ours did.
+    """
+    try:
+        leader = psutil.Process(pid)
+        if create_time is None or abs(leader.create_time() - create_time) > _CREATE_TIME_TOLERANCE:
+            return  # the pid now belongs to someone else, so our group is long gone
+    except psutil.NoSuchProcess:
+        pass
+    except psutil.Error as exc:
+        logger.warning("cannot inspect pid %d of interrupted run %s: %s", pid, run_id, exc)
+        return
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    except PermissionError as exc:
+        logger.warning("cannot kill process group %d of run %s: %s", pid, run_id, exc)
+        return
+    logger.warning("killed leftover process group %d of interrupted run %s", pid, run_id)
+
+
+def _payload(run: _Run, config: AgentConfig, result: ProcessResult) -> dict[str, Any]:
+    return {
+        "task_id": run.task_id,
+        "run_id": run.run_id,
+        "attempt": run.attempt,
+        "status": str(result.outcome),
+        "exit_code": result.exit_code,
+        "stdout": result.stdout,
+        "stderr": result.stderr,
+        "truncated": result.truncated,
+        "error": result.error or "",
+        "started_at": result.started_at.timestamp(),
+        "finished_at": result.finished_at.timestamp(),
+        "duration_ms": result.duration_ms,
+        "timestamp": time.time(),
+        "hostname": config.name,
+    }
+
+
+def _synthetic(run: _Run, config: AgentConfig, outcome: Outcome, error: str) -> dict[str, Any]:
+    """A result for a run whose command never ran (or whose end we could not observe)."""
+    now = time.time()
+    return {
+        "task_id": run.task_id,
+        "run_id": run.run_id,
+        "attempt": run.attempt,
+        "status": str(outcome),
+        "exit_code": None,
+        "stdout": "",
+        "stderr": "",
+        "truncated": False,
+        "error": error,
+        "started_at": now,
+        "finished_at": now,
+        "duration_ms": 0,
+        "timestamp": now,
+        "hostname": config.name,
+    }
+
+
+_RESULT_FIELDS: Final = (
+    "task_id",
+    "run_id",
+    "attempt",
+    "status",
+    "exit_code",
+    "stdout",
+    "stderr",
+    "truncated",
+    "error",
+    "started_at",
+    "finished_at",
+    "duration_ms",
+    "timestamp",
+    "hostname",
+)
+
+
+def _result_message(payload: dict[str, Any]) -> pb.CommandMessage:
+    fields = {k: payload[k] for k in _RESULT_FIELDS if payload.get(k) is not None}
+    return pb.CommandMessage(command_result=pb.CommandResult(**fields))
+
+
+def run_agent(config: AgentConfig) -> None:
+    """Run an agent in the foreground until SIGTERM or SIGINT (the ``opsplane agent`` verb)."""
+
+    async def main() -> None:
+        agent = Agent(config)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, agent.request_stop)
+        try:
+            logger.info(
+                "agent %s (%s) for %s, state in %s",
+                config.name,
+                config.version,
+                config.server,
+                config.state_dir,
+            )
+            await agent.run()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+
+    asyncio.run(main())

@@ -1,0 +1,300 @@
+"""The agent's end of the gRPC link (DESIGN §3.1): dial, say hello, beat, read, redial.
+
+The agent dials ``CommandService.ConnectForCommands`` and keeps that one stream open. The
+first message up is ``hello``; the control plane answers ``welcome``; from then on commands
+and cancels come down and acks, started/output/result messages and heartbeats go up. When
+the stream breaks the agent dials again after an exponentially growing, fully jittered delay,
+so that a fleet cut off at once does not come back as a connect storm. What the stream
+carries is decided by a :class:`LinkHandler` (the daemon); this module only moves messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Final, Protocol
+
+import grpc
+import grpc.aio
+
+from opsplane.agent import metrics
+from opsplane.agent.config import AgentConfig
+from opsplane.transport.grpc import opsplane_pb2 as pb
+from opsplane.transport.grpc import opsplane_pb2_grpc as pb_grpc
+
+logger = logging.getLogger(__name__)
+
+WELCOME_TIMEOUT: Final = 10.0
+DEFAULT_HEARTBEAT_INTERVAL: Final = 10.0
+# Live output is best effort: a stream too congested to take a chunk within this long drops
+# output (the result keeps head and tail) instead of stalling the command on its pipe.
+OUTPUT_SEND_TIMEOUT: Final = 5.0
+
+_CHANNEL_OPTIONS: Final[list[tuple[str, Any]]] = [
+    # A dead peer must not keep the stream "open" for the ~15 minutes TCP takes to notice.
+    # gRPC servers by default refuse pings more often than every 5 minutes (GOAWAY
+    # too_many_pings), so stay just above that.
+    ("grpc.keepalive_time_ms", 360_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.keepalive_permit_without_calls", 0),
+    # Reconnecting is ours to pace (with jitter); a fresh channel per attempt must not add
+    # gRPC's own backoff on top.
+    ("grpc.enable_retries", 0),
+]
+
+
+class LinkHandler(Protocol):
+    """What the link asks of the daemon."""
+
+    def hello(self) -> pb.Hello:
+        """The hello to open a stream with."""
+
+    async def on_connected(self) -> None:
+        """The control plane welcomed us; the link now carries messages."""
+
+    async def on_message(self, message: pb.CommandMessage) -> None:
+        """A message from the control plane (other than the welcome)."""
+
+
+class Backoff:
+    """Exponential backoff with full jitter: a uniform delay in ``[0, min(max, initial·2ⁿ)]``."""
+
+    def __init__(self, initial: float, maximum: float, rng: random.Random | None = None) -> None:
+        self._initial = initial
+        self._maximum = maximum
+        self._rng = rng or random.Random()
+        self._failures = 0
+
+    def next_delay(self) -> float:
+        """The delay before the next attempt; each call counts one more failure."""
+        # The exponent is capped only to keep the float finite; max() bounds the delay.
+        ceiling = min(self._maximum, self._initial * 2 ** min(self._failures, 64))
+        self._failures += 1
+        return self._rng.uniform(0.0, ceiling)
+
+    def reset(self) -> None:
+        """Forget past failures (after a connection that worked)."""
+        self._failures = 0
+
+
+class _StreamClosed(Exception):
+    """The stream ended in a way that is not a gRPC error."""
+
+
+class GrpcLink:
+    """One agent's connection to the control plane, re-established forever until cancelled."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        handler: LinkHandler,
+        *,
+        host_metrics: Callable[[], dict[str, float]] = metrics.snapshot,
+    ) -> None:
+        self._config = config
+        self._handler = handler
+        self._host_metrics = host_metrics
+        self._backoff = Backoff(config.reconnect_initial, config.reconnect_max)
+        self._call: grpc.aio.StreamStreamCall[pb.CommandMessage, pb.CommandMessage] | None = None
+        self._write_lock = asyncio.Lock()
+        self._stalled: asyncio.Future[bool] | None = None
+        self._credentials: grpc.ChannelCredentials | None = None
+        # Whether the latest attempt got as far as the welcome (then backoff starts afresh).
+        self._last_attempt_welcomed = False
+
+    @property
+    def connected(self) -> bool:
+        """Whether a welcomed stream is open right now."""
+        return self._call is not None
+
+    async def send(self, message: pb.CommandMessage, *, droppable: bool = False) -> bool:
+        """Write ``message`` on the open stream; False if it could not be (no stream, broken).
+
+        Writes are serialized. A ``droppable`` message (live output) is given up after
+        :data:`OUTPUT_SEND_TIMEOUT`, and while such a write is still stuck further droppable
+        messages are dropped at once; others wait for the stream to take them or to break.
+        """
+        call = self._call
+        if call is None:
+            return False
+        if droppable and self._stalled is not None and not self._stalled.done():
+            return False
+        # The write runs in its own task: a caller cancelled mid-write must not cancel the
+        # gRPC call, which would tear down the whole stream.
+        write = asyncio.ensure_future(self._write(call, message))
+        write.add_done_callback(_retrieve)
+        done, _ = await asyncio.wait({write}, timeout=OUTPUT_SEND_TIMEOUT if droppable else None)
+        if not done:
+            self._stalled = write
+            return False
+        return not write.cancelled() and write.result()
+
+    async def run(self) -> None:
+        """Connect, serve the stream, and reconnect after failures; returns only by cancellation."""
+        while True:
+            try:
+                await self._serve_once()
+                reason = "the control plane closed the stream"
+            except grpc.aio.AioRpcError as exc:
+                reason = f"{exc.code().name}: {exc.details()}"
+            except TimeoutError:
+                reason = f"no welcome within {WELCOME_TIMEOUT:g}s"
+            except (_StreamClosed, asyncio.InvalidStateError, grpc.aio.UsageError, OSError) as exc:
+                reason = str(exc) or type(exc).__name__
+            except asyncio.CancelledError:
+                if _really_cancelled():
+                    raise
+                reason = "the stream was cancelled"
+            except Exception as exc:
+                # A bug in handling one message must not end the daemon; the stream is
+                # rebuilt and the spool makes sure nothing is lost or run twice.
+                logger.exception("link to %s failed unexpectedly", self._config.server)
+                reason = f"unexpected {type(exc).__name__}"
+            if self._last_attempt_welcomed:
+                self._backoff.reset()
+            delay = self._backoff.next_delay()
+            logger.warning(
+                "%s %s: %s; reconnecting in %.2fs",
+                "lost the control plane at" if self._last_attempt_welcomed else "cannot reach",
+                self._config.server,
+                reason,
+                delay,
+            )
+            await asyncio.sleep(delay)
+
+    async def _serve_once(self) -> None:
+        """One connection from dial to the end of its stream."""
+        self._last_attempt_welcomed = False
+        channel = self._open_channel()
+        try:
+            stub = pb_grpc.CommandServiceStub(channel)
+            call: grpc.aio.StreamStreamCall[pb.CommandMessage, pb.CommandMessage]
+            call = stub.ConnectForCommands()
+            try:
+                interval = await self._handshake(call)
+                self._stalled = None
+                self._call = call
+                logger.info("connected to %s as %s", self._config.server, self._config.name)
+                await self._serve(call, interval)
+            finally:
+                self._call = None
+                call.cancel()
+        finally:
+            # Closing can be cut short by a second cancellation; the channel is gone with us.
+            await channel.close(None)
+
+    async def _handshake(
+        self, call: grpc.aio.StreamStreamCall[pb.CommandMessage, pb.CommandMessage]
+    ) -> float:
+        """Say hello, wait for the welcome; returns the heartbeat interval it asks for."""
+        await call.write(pb.CommandMessage(hello=self._handler.hello()))
+        first = await asyncio.wait_for(call.read(), WELCOME_TIMEOUT)
+        if not isinstance(first, pb.CommandMessage):
+            raise _StreamClosed("the control plane closed the stream before welcoming us")
+        kind = first.WhichOneof("message")
+        if kind != "welcome":
+            raise _StreamClosed(f"expected welcome, the control plane sent {kind}")
+        self._last_attempt_welcomed = True
+        interval = float(first.welcome.heartbeat_interval_seconds)
+        return interval if interval > 0 else DEFAULT_HEARTBEAT_INTERVAL
+
+    async def _serve(
+        self,
+        call: grpc.aio.StreamStreamCall[pb.CommandMessage, pb.CommandMessage],
+        heartbeat_interval: float,
+    ) -> None:
+        """Read messages until the stream ends, beating and re-sending results alongside."""
+        # Re-sending runs alongside the read loop, not before it: re-sending many results
+        # while not reading the control plane's acks could fill both flow-control windows.
+        helpers = {
+            asyncio.create_task(self._heartbeats(heartbeat_interval), name="agent-heartbeat"),
+            asyncio.create_task(self._on_connected(), name="agent-resend"),
+        }
+        try:
+            while True:
+                message = await call.read()
+                if not isinstance(message, pb.CommandMessage):
+                    return  # end of stream with status OK
+                await self._handler.on_message(message)
+        finally:
+            for helper in helpers:
+                helper.cancel()
+            await asyncio.wait(helpers)
+
+    async def _on_connected(self) -> None:
+        try:
+            await self._handler.on_connected()
+        except Exception:
+            # The next welcome tries again; the stream itself may be fine.
+            logger.exception("re-sending spooled results failed")
+
+    async def _heartbeats(self, interval: float) -> None:
+        config = self._config
+        while True:
+            figures = self._host_metrics()
+            beat = pb.Heartbeat(
+                hostname=config.name,
+                status="online",
+                timestamp=time.time(),
+                cpu_usage=figures.get("cpu_usage", 0.0),
+                memory_usage=figures.get("memory_usage", 0.0),
+                load=figures.get("load", 0.0),
+                disk_usage=figures.get("disk_usage", 0.0),
+            )
+            await self.send(pb.CommandMessage(heartbeat=beat))
+            await asyncio.sleep(interval)
+
+    async def _write(
+        self,
+        call: grpc.aio.StreamStreamCall[pb.CommandMessage, pb.CommandMessage],
+        message: pb.CommandMessage,
+    ) -> bool:
+        try:
+            async with self._write_lock:
+                if self._call is not call:
+                    return False
+                await call.write(message)
+            return True
+        except asyncio.CancelledError:
+            # The call was cancelled (stream torn down), not this task: that is "not sent".
+            if _really_cancelled():
+                raise
+            return False
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError, grpc.aio.UsageError) as exc:
+            logger.debug("write to %s failed: %s", self._config.server, exc)
+            return False
+
+    def _open_channel(self) -> grpc.aio.Channel:
+        # A fresh channel per attempt: our backoff alone paces reconnects, and no state of
+        # a broken connection leaks into the next one.
+        config = self._config
+        if config.tls_ca is None:
+            return grpc.aio.insecure_channel(config.server, options=_CHANNEL_OPTIONS)
+        if self._credentials is None:
+            self._credentials = grpc.ssl_channel_credentials(
+                root_certificates=_read(config.tls_ca),
+                private_key=_read(config.tls_key) if config.tls_key else None,
+                certificate_chain=_read(config.tls_cert) if config.tls_cert else None,
+            )
+        return grpc.aio.secure_channel(config.server, self._credentials, options=_CHANNEL_OPTIONS)
+
+
+def _read(path: Path) -> bytes:
+    return path.read_bytes()
+
+
+def _really_cancelled() -> bool:
+    """Whether the current task itself is being cancelled (not just a gRPC call under it)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+def _retrieve(future: asyncio.Future[bool]) -> None:
+    # Nobody may be waiting for a write that outlived its caller; reading its outcome keeps
+    # asyncio from reporting "exception was never retrieved".
+    if not future.cancelled():
+        future.exception()

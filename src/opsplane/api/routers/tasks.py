@@ -1,0 +1,171 @@
+"""Tasks: create, list, inspect, cancel, follow live (SSE), fetch logs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Header, Query, Response, status
+from fastapi.responses import PlainTextResponse
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
+from opsplane.api.deps import Principal, get_engine, require_principal
+from opsplane.api.schemas import Items, Page, RunOut, TaskCreate, TaskOut
+from opsplane.domain.errors import InvalidInput
+from opsplane.domain.states import TERMINAL_TASK_STATUSES, TaskStatus
+from opsplane.domain.targeting import Targets, normalize_names
+from opsplane.domain.tasks import TaskRequest
+from opsplane.engine.changes import TaskEvent, task_view
+from opsplane.engine.core import Engine
+from opsplane.store import queries
+from opsplane.store.tables import TaskRow
+
+router = APIRouter(prefix="/api/v1/tasks", tags=["tasks"])
+
+EngineDep = Annotated[Engine, Depends(get_engine)]
+PrincipalDep = Annotated[Principal, Depends(require_principal)]
+HISTORY_PAGE = 1000
+
+
+def _out(task: TaskRow) -> TaskOut:
+    return TaskOut.model_validate(task_view(task))
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=TaskOut)
+async def create_task(
+    body: TaskCreate,
+    engine: EngineDep,
+    principal: PrincipalDep,
+    idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+) -> TaskOut:
+    """Create a task aimed at hosts, groups or all hosts; it starts at once unless
+    ``start`` is false. An ``Idempotency-Key`` header returns the task it created before."""
+    targets = Targets(
+        hosts=normalize_names(body.targets.hosts, "host"),
+        groups=normalize_names(body.targets.groups, "group"),
+        all=body.targets.all,
+    )
+    request = TaskRequest(
+        command=body.command,
+        targets=targets,
+        timeout=body.timeout,
+        name=body.name,
+        description=body.description,
+        start=body.start,
+        created_by=principal.name,
+        idempotency_key=idempotency_key,
+    )
+    return _out(await engine.tasks.create_task(request))
+
+
+@router.get("", response_model=Page[TaskOut])
+async def list_tasks(
+    engine: EngineDep,
+    _principal: PrincipalDep,
+    status_filter: Annotated[TaskStatus | None, Query(alias="status")] = None,
+    name: Annotated[str | None, Query(max_length=255)] = None,
+    page: Annotated[int, Query(ge=1)] = 1,
+    size: Annotated[int, Query(ge=1, le=500)] = 50,
+) -> Page[TaskOut]:
+    rows, total = await engine.tasks.list_tasks(
+        status=status_filter, name=name, page=page, size=size
+    )
+    return Page[TaskOut](items=[_out(row) for row in rows], total=total, page=page, size=size)
+
+
+@router.get("/{task_id}", response_model=TaskOut)
+async def get_task(task_id: str, engine: EngineDep, _principal: PrincipalDep) -> TaskOut:
+    return _out(await engine.tasks.get_task(task_id))
+
+
+@router.post("/{task_id}/start", response_model=TaskOut)
+async def start_task(task_id: str, engine: EngineDep, _principal: PrincipalDep) -> TaskOut:
+    return _out(await engine.tasks.start_task(task_id))
+
+
+@router.post("/{task_id}/cancel", status_code=status.HTTP_202_ACCEPTED, response_model=TaskOut)
+async def cancel_task(task_id: str, engine: EngineDep, _principal: PrincipalDep) -> TaskOut:
+    """Cancel: runs not yet sent end at once; running ones end when their host confirms."""
+    return _out(await engine.tasks.cancel_task(task_id))
+
+
+@router.get("/{task_id}/runs", response_model=Items[RunOut])
+async def list_runs(task_id: str, engine: EngineDep, _principal: PrincipalDep) -> Items[RunOut]:
+    return Items[RunOut](
+        items=[RunOut.from_row(run) for run in await engine.tasks.list_runs(task_id)]
+    )
+
+
+@router.get("/{task_id}/runs/{run_id}/log", response_class=PlainTextResponse)
+async def run_log(
+    task_id: str, run_id: str, engine: EngineDep, _principal: PrincipalDep
+) -> Response:
+    """The whole archived output of one run (stdout and stderr in arrival order)."""
+    run = await engine.tasks.get_run(task_id, run_id)
+    data = await engine.archive.read(engine.archive.path_for(run.task_id, run.id))
+    return Response(content=data, media_type="text/plain; charset=utf-8")
+
+
+@router.get("/{task_id}/events")
+async def task_events(
+    task_id: str,
+    engine: EngineDep,
+    _principal: PrincipalDep,
+    last_event_id: Annotated[str | None, Header()] = None,
+) -> EventSourceResponse:
+    """Server-Sent Events: ``run`` (state changes), ``output`` (chunks), ``task`` (progress).
+
+    Every event carries an id; reconnect with ``Last-Event-ID`` to resume without gaps or
+    duplicates. The stream ends after the task's terminal ``task`` event.
+    """
+    after = 0
+    if last_event_id:
+        try:
+            after = int(last_event_id)
+        except ValueError as e:
+            raise InvalidInput("Last-Event-ID must be an event id (an integer)") from e
+    await engine.tasks.get_task(task_id)
+    return EventSourceResponse(_event_stream(engine, task_id, after), ping=15)
+
+
+def _sse(event: TaskEvent) -> ServerSentEvent:
+    return ServerSentEvent(id=str(event.id), event=event.kind, data=json.dumps(event.data))
+
+
+def _ends_stream(event: TaskEvent) -> bool:
+    return event.kind == "task" and event.data.get("status") in TERMINAL_TASK_STATUSES
+
+
+async def _event_stream(engine: Engine, task_id: str, after: int) -> AsyncIterator[ServerSentEvent]:
+    # Subscribe before reading history: events committed meanwhile arrive in the queue and
+    # are skipped by id if the history already held them.
+    subscription = engine.hub.subscribe(task_id)
+    try:
+        sent = after
+        while True:
+            async with engine.sessions() as session:
+                rows = await queries.events_after(session, task_id, sent, HISTORY_PAGE)
+            for row in rows:
+                event = TaskEvent(row.id, row.task_id, row.kind, row.data)
+                yield _sse(event)
+                sent = event.id
+                if _ends_stream(event):
+                    return
+            if len(rows) < HISTORY_PAGE:
+                break
+        while not subscription.overflowed.is_set():
+            try:
+                event = await asyncio.wait_for(subscription.queue.get(), timeout=5.0)
+            except TimeoutError:
+                continue
+            if event.id <= sent:
+                continue
+            yield _sse(event)
+            sent = event.id
+            if _ends_stream(event):
+                return
+        # Fell behind: end the stream; the client resumes from the database with its last id.
+    finally:
+        engine.hub.unsubscribe(subscription)

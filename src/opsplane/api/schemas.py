@@ -1,0 +1,155 @@
+"""Request and response models of the REST API. Never ORM rows: ``from_row`` converts."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Generic, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from opsplane.store.tables import HostRow, RunRow
+
+T = TypeVar("T")
+
+
+class TargetsIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    hosts: list[str] = Field(default_factory=list, description="host names")
+    groups: list[str] = Field(default_factory=list, description="group names")
+    all: bool = Field(default=False, description="every known host")
+
+
+class TaskCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    command: str = Field(min_length=1, max_length=1_000_000, description="shell command text")
+    targets: TargetsIn
+    timeout: int | None = Field(default=None, description="seconds per run; default from settings")
+    name: str = Field(default="", max_length=255)
+    description: str = Field(default="", max_length=10_000)
+    start: bool = Field(default=True, description="false: create now, POST .../start later")
+
+
+class Counts(BaseModel):
+    total: int
+    pending: int
+    delayed: int
+    dispatched: int
+    running: int
+    succeeded: int
+    failed: int
+    timed_out: int
+    canceled: int
+    undeliverable: int
+    lost: int
+
+
+class Progress(BaseModel):
+    finished: int
+    total: int
+    percent: float
+
+
+class TaskOut(BaseModel):
+    id: str
+    name: str
+    description: str
+    kind: str
+    command: str
+    targets: dict[str, Any]
+    timeout: int
+    status: str
+    created_by: str
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    counts: Counts
+    progress: Progress
+
+
+class RunOut(BaseModel):
+    id: str
+    task_id: str
+    host: str
+    attempt: int
+    status: str
+    exit_code: int | None
+    stdout: str
+    stderr: str
+    truncated: bool
+    error: str | None
+    dispatched_at: datetime | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    duration_ms: int | None
+    log_path: str | None
+
+    @classmethod
+    def from_row(cls, row: RunRow) -> RunOut:
+        return cls(
+            id=row.id,
+            task_id=row.task_id,
+            host=row.host,
+            attempt=row.attempt,
+            status=row.status,
+            exit_code=row.exit_code,
+            stdout=row.stdout,
+            stderr=row.stderr,
+            truncated=row.truncated,
+            error=row.error,
+            dispatched_at=row.dispatched_at,
+            started_at=row.started_at,
+            finished_at=row.finished_at,
+            duration_ms=row.duration_ms,
+            log_path=row.log_path,
+        )
+
+
+class HostOut(BaseModel):
+    name: str
+    link: str
+    groups: list[str]
+    labels: dict[str, Any]
+    status: str
+    last_seen_at: datetime | None
+    connected_at: datetime | None
+    cpu_usage: float | None
+    memory_usage: float | None
+    load: float | None
+    disk_usage: float | None
+    agent_version: str | None
+    os: str | None
+
+    @classmethod
+    def from_row(cls, row: HostRow) -> HostOut:
+        return cls(
+            name=row.name,
+            link=row.link,
+            groups=list(row.groups or []),
+            labels=dict(row.labels or {}),
+            status=row.status,
+            last_seen_at=row.last_seen_at,
+            connected_at=row.connected_at,
+            cpu_usage=row.cpu_usage,
+            memory_usage=row.memory_usage,
+            load=row.load,
+            disk_usage=row.disk_usage,
+            agent_version=row.agent_version,
+            os=row.os,
+        )
+
+
+class Page(BaseModel, Generic[T]):
+    items: list[T]
+    total: int
+    page: int
+    size: int
+
+
+class Items(BaseModel, Generic[T]):
+    items: list[T]
+
+
+class Health(BaseModel):
+    status: str

@@ -1,0 +1,132 @@
+"""The verbs that start processes: ``server``, ``agent`` and ``demo``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from types import FrameType
+
+import httpx
+import typer
+import uvicorn
+
+from opsplane.api.app import create_app
+from opsplane.config import Settings, split_host_port
+
+DEMO_AGENTS = (("demo-1", "web"), ("demo-2", "web"), ("demo-3", "db"))
+
+
+def configure_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+    )
+    # Per-request lines drown the events an operator needs to see.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+class _Server(uvicorn.Server):
+    """On Ctrl-C, stops the demo's agents first, so they leave while the server still listens
+    instead of reconnecting to a server that is going away."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.agents: list[subprocess.Popen[bytes]] = []
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        for agent in self.agents:
+            if agent.poll() is None:
+                agent.send_signal(signal.SIGTERM)
+        super().handle_exit(sig, frame)
+
+
+def _uvicorn_server(settings: Settings) -> _Server:
+    host, port = split_host_port(settings.listen)
+    config = uvicorn.Config(
+        create_app(settings), host=host, port=port, lifespan="on", log_config=None, access_log=False
+    )
+    return _Server(config)
+
+
+def serve(settings: Settings) -> None:
+    """Run the control plane until interrupted."""
+    server = _uvicorn_server(settings)
+    asyncio.run(server.serve())
+    if not server.started:
+        raise typer.Exit(1)
+
+
+def run_demo(settings: Settings) -> None:
+    """The control plane plus three local agents (separate processes), until Ctrl-C."""
+    asyncio.run(_demo(settings))
+
+
+async def _demo(settings: Settings) -> None:
+    server = _uvicorn_server(settings)
+    serving = asyncio.create_task(server.serve())
+    url = f"http://{settings.listen}"
+    if not await _wait_ready(url, serving):
+        with contextlib.suppress(BaseException):
+            await serving
+        raise typer.Exit(1)
+    agents = [_spawn_agent(settings, name, group) for name, group in DEMO_AGENTS]
+    server.agents = agents
+    typer.echo(
+        f"\nopsplane demo is running\n"
+        f"  API and web page : {url}   (OpenAPI: {url}/docs)\n"
+        f"  agent endpoint   : {settings.grpc_listen}\n"
+        f"  agents           : {', '.join(f'{n} ({g})' for n, g in DEMO_AGENTS)}\n"
+        f"  data directory   : {settings.data_dir}\n\n"
+        f"Try, in another terminal:\n"
+        f"  opsplane hosts\n"
+        f"  opsplane run --all -- 'uname -a; echo done'\n"
+        f"  opsplane run --group web -- 'for i in 1 2 3; do echo tick $i; sleep 1; done'\n\n"
+        f"Press Ctrl-C to stop.\n"
+    )
+    try:
+        await serving
+    finally:
+        await asyncio.to_thread(_stop_agents, agents)
+
+
+async def _wait_ready(url: str, serving: asyncio.Task[None], within: float = 30.0) -> bool:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    async with httpx.AsyncClient() as client:
+        while loop.time() < deadline and not serving.done():
+            with contextlib.suppress(httpx.HTTPError):
+                if (await client.get(f"{url}/readyz", timeout=2.0)).status_code == 200:
+                    return True
+            await asyncio.sleep(0.1)
+    return False
+
+
+def _spawn_agent(settings: Settings, name: str, group: str) -> subprocess.Popen[bytes]:
+    state_dir = Path(settings.data_dir) / "agents" / name
+    argv = [
+        sys.executable, "-m", "opsplane", "agent",
+        "--server", settings.grpc_listen,
+        "--name", name,
+        "--group", group,
+        "--label", "env=demo",
+        "--state-dir", str(state_dir),
+    ]  # fmt: skip
+    return subprocess.Popen(argv, env=os.environ.copy())
+
+
+def _stop_agents(agents: list[subprocess.Popen[bytes]]) -> None:
+    for agent in agents:
+        if agent.poll() is None:
+            agent.send_signal(signal.SIGTERM)
+    for agent in agents:
+        try:
+            agent.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            agent.kill()
+            agent.wait()

@@ -1,0 +1,162 @@
+"""``opsplane run``: run a command on hosts and watch every host's output live."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.text import Text
+
+from opsplane.cli.client import ApiClient, ClientOptions, Json
+from opsplane.cli.output import (
+    LiveLine,
+    LiveRenderer,
+    dump_json,
+    interrupted_message,
+    make_console,
+    print_error,
+    render_live_line,
+    reporting_errors,
+    runs_table,
+    summary_line,
+    summary_runs,
+)
+
+#: Rows the summary table shows at most; beyond that only the runs that did not succeed.
+SUMMARY_LIMIT = 100
+#: Settings for registering ``run_command``: words after the first COMMAND word are not options,
+#: so ``opsplane run --all uname -a`` works as well as ``opsplane run --all -- uname -a``.
+CONTEXT_SETTINGS = {"allow_interspersed_args": False}
+
+
+def client_options(ctx: typer.Context) -> ClientOptions:
+    """The options the root callback stored; defaults when none were (e.g. in a bare app)."""
+    obj = ctx.find_root().obj
+    if isinstance(obj, ClientOptions):
+        return obj
+    return ClientOptions(url="http://127.0.0.1:8000", token=None)
+
+
+def print_live(out: Console, err: Console, line: LiveLine, width: int) -> None:
+    console = err if line.to_stderr else out
+    console.print(render_live_line(line, width), soft_wrap=True)
+
+
+def follow_task(
+    api: ApiClient, task: Json, *, out: Console, err: Console, live: bool = True
+) -> Json:
+    """Follow the task's event stream until it ends; print its output when ``live``.
+
+    Returns the task as the last event described it (terminal status). Lines still buffered
+    are printed even when interrupted.
+    """
+    targets = task.get("targets") or {}
+    renderer = LiveRenderer(str(h) for h in targets.get("hosts") or [])
+    final = task
+    try:
+        for event in api.follow_events(str(task["id"])):
+            if event.event == "task":
+                final = event.data
+            if live:
+                for line in renderer.handle(event):
+                    print_live(out, err, line, renderer.width)
+    finally:
+        if live:
+            for line in renderer.finish():
+                print_live(out, err, line, renderer.width)
+    return final
+
+
+def print_summary(out: Console, task: Json, runs: list[Json], wall_seconds: float | None) -> None:
+    shown, hidden = summary_runs(runs, SUMMARY_LIMIT)
+    out.print()
+    if shown:
+        out.print(runs_table(shown))
+    if hidden:
+        note = f"{hidden} succeeded run(s) not shown: opsplane tasks show {task.get('id')}"
+        out.print(Text(note, style="dim"), soft_wrap=True)
+    out.print(summary_line(task, wall_seconds), soft_wrap=True)
+
+
+def run_command(
+    ctx: typer.Context,
+    command: Annotated[
+        list[str],
+        typer.Argument(
+            metavar="COMMAND",
+            help="The shell command; its words are joined with spaces. Put it after `--`.",
+            show_default=False,
+        ),
+    ],
+    host: Annotated[
+        list[str] | None,
+        typer.Option("--host", "-H", help="Run on this host (repeatable).", show_default=False),
+    ] = None,
+    group: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--group", "-g", help="Run on the hosts of this group (repeatable).", show_default=False
+        ),
+    ] = None,
+    all_hosts: Annotated[bool, typer.Option("--all", help="Run on every host.")] = False,
+    timeout: Annotated[
+        int | None,
+        typer.Option("--timeout", min=1, help="Seconds each host may run the command."),
+    ] = None,
+    name: Annotated[str | None, typer.Option("--name", help="A name for the task.")] = None,
+    as_json: Annotated[
+        bool,
+        typer.Option("--json", help="Print nothing live; print the task and its runs as JSON."),
+    ] = False,
+) -> None:
+    """Run a command on hosts and stream every host's output live.
+
+    Example: opsplane run --group web -- 'uname -a; uptime'
+    """
+    hosts = list(host or [])
+    groups = list(group or [])
+    if not (hosts or groups or all_hosts):
+        raise typer.BadParameter(
+            "choose where to run: pass --host NAME, --group NAME or --all",
+            ctx=ctx,
+            param_hint="'--host' / '--group' / '--all'",
+        )
+    command_text = " ".join(command).strip()
+    if not command_text:
+        raise typer.BadParameter("the command to run is empty", ctx=ctx, param_hint="'COMMAND...'")
+
+    out = make_console()
+    err = make_console(stderr=True)
+    options = client_options(ctx)
+    started = time.monotonic()
+    with reporting_errors(err), ApiClient(options) as api:
+        try:
+            task = api.create_task(
+                command_text,
+                hosts=hosts,
+                groups=groups,
+                all_hosts=all_hosts,
+                timeout=timeout,
+                name=name,
+            )
+        except KeyboardInterrupt:
+            print_error(err, "interrupted")
+            raise typer.Exit(130) from None
+        task_id = str(task.get("id"))
+        try:
+            if not as_json:
+                err.print(Text(f"task {task_id} · {command_text}", style="dim"), soft_wrap=True)
+            task = follow_task(api, task, out=out, err=err, live=not as_json)
+            runs = api.list_runs(task_id)
+        except KeyboardInterrupt:
+            err.print()
+            print_error(err, interrupted_message(task_id))
+            raise typer.Exit(130) from None
+    wall = time.monotonic() - started
+    if as_json:
+        typer.echo(dump_json({"task": task, "runs": runs}))
+    else:
+        print_summary(out, task, runs, wall)
+    raise typer.Exit(0 if task.get("status") == "succeeded" else 1)

@@ -1,0 +1,121 @@
+"""Settings: one pydantic-settings class, built in the entry point and passed down.
+
+Every setting has one name in three places (DESIGN §4): flag ``--database-url``, environment
+``OPSPLANE_DATABASE_URL``, YAML key ``database_url``; precedence flag > env > file > default.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+from opsplane.domain.errors import ConfigError
+
+DEFAULT_LISTEN = "127.0.0.1:8000"
+DEFAULT_GRPC_LISTEN = "127.0.0.1:50051"
+
+
+def _default_data_dir() -> Path:
+    return Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "opsplane"
+
+
+class Settings(BaseSettings):
+    """Control-plane and agent settings."""
+
+    model_config = SettingsConfigDict(env_prefix="OPSPLANE_", extra="ignore")
+
+    config_file: Path | None = Field(default=None, description="YAML file with settings")
+    data_dir: Path = Field(default_factory=_default_data_dir)
+    database_url: str | None = None
+    listen: str = DEFAULT_LISTEN
+    grpc_listen: str = DEFAULT_GRPC_LISTEN
+    grpc_allow_insecure: bool = False
+    grpc_tls_cert: Path | None = None
+    grpc_tls_key: Path | None = None
+
+    heartbeat_interval: float = Field(default=10.0, gt=0)
+    offline_after_missed: int = Field(default=3, ge=1)
+    lost_grace: float = Field(default=60.0, ge=0)
+    default_timeout: int = Field(default=600, gt=0)
+    output_cap: int = Field(default=64 * 1024, gt=0)
+    ingest_batch_size: int = Field(default=1000, gt=0)
+    ingest_flush_interval: float = Field(default=0.05, gt=0)
+    bootstrap_admin_token: str | None = None
+
+    @field_validator("listen", "grpc_listen")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        split_host_port(value)
+        return value
+
+    @property
+    def effective_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite+aiosqlite:///{self.data_dir / 'opsplane.db'}"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.data_dir / "logs"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        yaml_file = _config_file_from(init_settings(), env_settings())
+        if yaml_file is not None:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=yaml_file))
+        return tuple(sources)
+
+
+def _config_file_from(*layers: dict[str, Any]) -> Path | None:
+    for layer in layers:
+        value = layer.get("config_file")
+        if value:
+            path = Path(value)
+            if not path.is_file():
+                raise ConfigError(f"config file not found: {path}")
+            return path
+    return None
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Settings from flags (``overrides``; None means "not given"), env, the YAML file, defaults."""
+    given = {key: value for key, value in overrides.items() if value is not None}
+    try:
+        return Settings(**given)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+
+
+def split_host_port(value: str) -> tuple[str, int]:
+    """``"127.0.0.1:8000"`` → ``("127.0.0.1", 8000)``, with a clear error for anything else."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    return host.strip("[]"), int(port)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -1,0 +1,50 @@
+"""The one error hierarchy of opsplane.
+
+Library errors are translated into these where they enter (``raise ... from e``); the API maps
+them to HTTP status codes in one place (``opsplane.api.errors``). It lives in ``domain``
+because every layer may import the domain.
+"""
+
+from __future__ import annotations
+
+
+class OpsplaneError(Exception):
+    """Root of every error opsplane raises on purpose."""
+
+
+class InvalidInput(OpsplaneError):
+    """The caller asked for something malformed or impossible (HTTP 422/400)."""
+
+
+class NotFound(OpsplaneError):
+    """A named thing (task, host, run) does not exist (HTTP 404)."""
+
+
+class Conflict(OpsplaneError):
+    """The request collides with the current state (HTTP 409)."""
+
+
+class InvalidTransition(Conflict):
+    """A state machine was asked for a move it does not allow."""
+
+    def __init__(self, machine: str, current: str, new: str) -> None:
+        super().__init__(f"{machine} cannot move from {current!r} to {new!r}")
+        self.machine = machine
+        self.current = current
+        self.new = new
+
+
+class TransportError(OpsplaneError):
+    """A link could not deliver a message."""
+
+
+class NotConnected(TransportError):
+    """The target host has no live connection on this link."""
+
+
+class ConnectionLost(TransportError):
+    """The connection to a host broke while a message was in flight."""
+
+
+class ConfigError(OpsplaneError):
+    """Settings are missing or inconsistent; the process refuses to start."""

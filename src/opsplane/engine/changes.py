@@ -1,0 +1,150 @@
+"""The one path by which run and task state changes: ``Changes`` applies moves inside a
+transaction, records the matching task events, and settles the tasks it touched."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from opsplane.domain.errors import InvalidTransition
+from opsplane.domain.states import (
+    TERMINAL_RUN_STATUSES,
+    RunStatus,
+    TaskStatus,
+    move_run,
+    move_task,
+    task_outcome,
+)
+from opsplane.store import queries
+from opsplane.store.tables import RunRow, TaskEventRow, TaskRow, utcnow
+
+log = logging.getLogger(__name__)
+
+COUNT_KEYS = tuple(status.value for status in RunStatus)
+
+
+@dataclass(frozen=True)
+class TaskEvent:
+    """A durable event as subscribers see it."""
+
+    id: int
+    task_id: str
+    kind: str
+    data: dict[str, Any]
+
+
+def run_event_data(run: RunRow) -> dict[str, Any]:
+    return {
+        "run_id": run.id,
+        "host": run.host,
+        "attempt": run.attempt,
+        "status": run.status,
+        "exit_code": run.exit_code,
+        "error": run.error,
+        "duration_ms": run.duration_ms,
+    }
+
+
+def counts_view(counts: dict[str, int], total: int) -> dict[str, int]:
+    view = {"total": total}
+    view.update({key: counts.get(key, 0) for key in COUNT_KEYS})
+    return view
+
+
+def task_view(task: TaskRow) -> dict[str, Any]:
+    """The public JSON shape of a task (the API and the event stream share it)."""
+    counts = counts_view(task.counts or {}, task.total)
+    finished = sum(counts[s.value] for s in TERMINAL_RUN_STATUSES)
+    return {
+        "id": task.id,
+        "name": task.name,
+        "description": task.description,
+        "kind": task.kind,
+        "command": task.command,
+        "targets": task.targets,
+        "timeout": task.timeout,
+        "status": task.status,
+        "created_by": task.created_by,
+        "created_at": _iso(task.created_at),
+        "started_at": _iso(task.started_at),
+        "finished_at": _iso(task.finished_at),
+        "counts": counts,
+        "progress": {
+            "finished": finished,
+            "total": task.total,
+            "percent": round(100.0 * finished / task.total, 1) if task.total else 100.0,
+        },
+    }
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value else None
+
+
+class Changes:
+    """State changes within one transaction. After commit, ``events`` hold their ids."""
+
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+        self._event_rows: list[TaskEventRow] = []
+        self._touched: set[str] = set()
+
+    def move(self, run: RunRow, new: RunStatus, **fields: Any) -> bool:
+        """Move ``run`` to ``new`` and set ``fields``; False (and no change) when illegal.
+
+        Illegal moves are expected, not errors: a duplicate or late report from a host about a
+        run that already ended must change nothing (DESIGN §3.2 idempotency).
+        """
+        try:
+            run.status = move_run(run.status, new)
+        except InvalidTransition as e:
+            log.debug("ignored report for run %s: %s", run.id, e)
+            return False
+        now = utcnow()
+        for key, value in fields.items():
+            setattr(run, key, value)
+        run.updated_at = now
+        if new in TERMINAL_RUN_STATUSES:
+            run.finished_at = run.finished_at or now
+            if run.duration_ms is None and run.started_at is not None:
+                run.duration_ms = int((run.finished_at - run.started_at).total_seconds() * 1000)
+        self.add_event(run.task_id, "run", run_event_data(run), run_id=run.id)
+        return True
+
+    def add_event(
+        self, task_id: str, kind: str, data: dict[str, Any], run_id: str | None = None
+    ) -> None:
+        row = TaskEventRow(
+            task_id=task_id, run_id=run_id, kind=kind, data=data, created_at=utcnow()
+        )
+        self.session.add(row)
+        self._event_rows.append(row)
+        if kind == "run":
+            self._touched.add(task_id)
+
+    def touch(self, task_id: str) -> None:
+        self._touched.add(task_id)
+
+    async def settle(self) -> None:
+        """Recount the touched tasks and end those whose runs have all ended."""
+        if not self._touched:
+            return
+        tasks = await queries.tasks_by_id(self.session, self._touched)
+        counts = await queries.run_status_counts(self.session, self._touched)
+        for task_id, task in tasks.items():
+            task.counts = counts.get(task_id, {})
+            if task.status == TaskStatus.RUNNING:
+                outcome = task_outcome(task.counts, cancel_requested=task.cancel_requested)
+                if outcome is not None:
+                    task.status = move_task(task.status, outcome)
+                    task.finished_at = utcnow()
+            self.add_event(task_id, "task", task_view(task))
+        self._touched.clear()
+
+    @property
+    def events(self) -> list[TaskEvent]:
+        return [TaskEvent(r.id, r.task_id, r.kind, r.data) for r in self._event_rows]

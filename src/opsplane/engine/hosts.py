@@ -1,0 +1,87 @@
+"""Host registry: connections, disconnections and reconciliation of a reconnecting agent."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from opsplane.domain.errors import NotFound
+from opsplane.domain.states import IN_FLIGHT_RUN_STATUSES, RunStatus
+from opsplane.engine.changes import Changes
+from opsplane.store import queries
+from opsplane.store.tables import HostRow, utcnow
+from opsplane.transport.base import AgentHello
+
+log = logging.getLogger(__name__)
+
+UNKNOWN_TO_AGENT = "the agent reconnected without this run (it restarted or never received it)"
+
+
+class HostService:
+    def __init__(
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        write: Callable[[], AbstractAsyncContextManager[Changes]],
+    ) -> None:
+        self._sessions = sessions
+        self._write = write
+
+    async def host_connected(self, hello: AgentHello) -> None:
+        """Register the host and reconcile its in-flight runs with what the agent reports.
+
+        A run the control plane thinks is on the host, but which the agent neither runs nor
+        holds a result for, will never report: it is ``lost`` now rather than after a timeout.
+        """
+        now = utcnow()
+        async with self._write() as changes:
+            host = await queries.get_host(changes.session, hello.hostname)
+            if host is None:
+                host = HostRow(name=hello.hostname, created_at=now)
+                changes.session.add(host)
+            host.link = hello.link
+            host.groups = list(hello.groups)
+            host.labels = dict(hello.labels)
+            host.agent_version = hello.version or None
+            host.os = hello.os or None
+            host.public_key = hello.public_key or host.public_key
+            host.status = "online"
+            host.last_seen_at = now
+            host.connected_at = now
+            known = hello.running_run_ids | hello.finished_run_ids
+            runs = await queries.runs_in_status(
+                changes.session, IN_FLIGHT_RUN_STATUSES, host=hello.hostname
+            )
+            for run in runs:
+                if run.id not in known:
+                    changes.move(run, RunStatus.LOST, error=UNKNOWN_TO_AGENT)
+        log.info(
+            "host %s connected over %s (groups: %s)",
+            hello.hostname,
+            hello.link,
+            ",".join(hello.groups),
+        )
+
+    async def host_disconnected(self, hostname: str, link: str) -> None:
+        async with self._write() as changes:
+            host = await queries.get_host(changes.session, hostname)
+            if host is not None and host.link == link:
+                host.status = "offline"
+        log.info("host %s disconnected from %s", hostname, link)
+
+    async def get_host(self, name: str) -> HostRow:
+        async with self._sessions() as session:
+            host = await queries.get_host(session, name)
+        if host is None:
+            raise NotFound(f"host {name} not found")
+        return host
+
+    async def list_hosts(
+        self, *, status: str | None, group: str | None, page: int, size: int
+    ) -> tuple[list[HostRow], int]:
+        async with self._sessions() as session:
+            return await queries.list_hosts(
+                session, status=status, group=group, offset=(page - 1) * size, limit=size
+            )

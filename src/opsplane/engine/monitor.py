@@ -1,0 +1,85 @@
+"""Liveness: hosts silent for too long go offline; runs on hosts gone past the grace period
+become ``lost``; heartbeat history is pruned. Each pass is a bounded batch (DESIGN §7)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from datetime import timedelta
+
+from sqlalchemy import delete
+
+from opsplane.domain.states import IN_FLIGHT_RUN_STATUSES, RunStatus
+from opsplane.engine.changes import Changes
+from opsplane.store import queries
+from opsplane.store.tables import HeartbeatRow, utcnow
+
+log = logging.getLogger(__name__)
+
+
+class Monitor:
+    def __init__(
+        self,
+        write: Callable[[], AbstractAsyncContextManager[Changes]],
+        *,
+        heartbeat_interval: float,
+        offline_after_missed: int,
+        lost_grace: float,
+        history_retention: timedelta = timedelta(days=1),
+        batch: int = 1000,
+    ) -> None:
+        self._write = write
+        self._silence_limit = timedelta(seconds=heartbeat_interval * offline_after_missed)
+        self._lost_grace = timedelta(seconds=lost_grace)
+        self._history_retention = history_retention
+        self._batch = batch
+        self._tick = max(0.2, min(1.0, heartbeat_interval / 4))
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="monitor")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _loop(self) -> None:
+        passes = 0
+        while True:
+            await asyncio.sleep(self._tick)
+            try:
+                await self.check_once(prune=passes % 600 == 0)
+            except Exception:
+                log.exception("monitor pass failed; retrying on the next tick")
+            passes += 1
+
+    async def check_once(self, *, prune: bool = False) -> None:
+        now = utcnow()
+        async with self._write() as changes:
+            for host in await queries.stale_online_hosts(
+                changes.session, now - self._silence_limit
+            ):
+                host.status = "offline"
+                log.info("host %s is offline: no heartbeat since %s", host.name, host.last_seen_at)
+            gone = await queries.offline_hosts_seen_before(changes.session, now - self._lost_grace)
+            if gone:
+                runs = await queries.runs_in_status(
+                    changes.session, IN_FLIGHT_RUN_STATUSES, hosts=gone, limit=self._batch
+                )
+                grace = int(self._lost_grace.total_seconds())
+                for run in runs:
+                    changes.move(
+                        run,
+                        RunStatus.LOST,
+                        error=f"host {run.host} unreachable for more than {grace}s",
+                    )
+            if prune:
+                await changes.session.execute(
+                    delete(HeartbeatRow).where(HeartbeatRow.at < now - self._history_retention)
+                )

@@ -1,0 +1,230 @@
+"""TaskService: seed 001's operations — create, start, cancel, status, progress, handle a
+result, handle a host's connection change — over the store and the links."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from dataclasses import asdict
+from typing import Any
+
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from opsplane.domain.errors import Conflict, NotFound, TransportError
+from opsplane.domain.ids import new_id
+from opsplane.domain.states import (
+    IN_FLIGHT_RUN_STATUSES,
+    TERMINAL_TASK_STATUSES,
+    RunStatus,
+    TaskStatus,
+    move_task,
+)
+from opsplane.domain.targeting import HostRef, resolve_targets
+from opsplane.domain.tasks import TaskRequest
+from opsplane.engine.archive import LogArchive
+from opsplane.engine.changes import Changes, task_view
+from opsplane.engine.dispatcher import Dispatch, Dispatcher
+from opsplane.engine.ingest import Ingest
+from opsplane.store import queries
+from opsplane.store.tables import RunRow, TaskRow, utcnow
+from opsplane.transport.base import Link, RunFinished
+
+log = logging.getLogger(__name__)
+
+
+class TaskService:
+    def __init__(
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        write: Callable[[], AbstractAsyncContextManager[Changes]],
+        dispatcher: Dispatcher,
+        ingest: Ingest,
+        archive: LogArchive,
+        links: dict[str, Link],
+        *,
+        default_timeout: int,
+    ) -> None:
+        self._sessions = sessions
+        self._write = write
+        self._dispatcher = dispatcher
+        self._ingest = ingest
+        self._archive = archive
+        self._links = links
+        self._default_timeout = default_timeout
+
+    async def create_task(self, request: TaskRequest) -> TaskRow:
+        """Create a task and its runs (one per target host); start it unless asked not to."""
+        request = request.validated(self._default_timeout)
+        if request.idempotency_key:
+            existing = await self._by_idempotency_key(request.idempotency_key)
+            if existing is not None:
+                return existing
+        task_id = new_id()
+        try:
+            async with self._write() as changes:
+                hosts = await queries.all_hosts(changes.session)
+                names = resolve_targets(
+                    request.targets, [HostRef(h.name, tuple(h.groups or ())) for h in hosts]
+                )
+                task = TaskRow(
+                    id=task_id,
+                    name=request.name,
+                    description=request.description,
+                    kind="command",
+                    command=request.command,
+                    targets=asdict(request.targets),
+                    timeout=request.timeout,
+                    status=TaskStatus.PENDING,
+                    cancel_requested=False,
+                    counts={RunStatus.PENDING.value: len(names)},
+                    total=len(names),
+                    created_by=request.created_by,
+                    idempotency_key=request.idempotency_key,
+                    created_at=utcnow(),
+                )
+                changes.session.add(task)
+                # Runs reference the task; without an ORM relationship the unit of work does
+                # not order the inserts, so the task goes first explicitly.
+                await changes.session.flush()
+                for name in names:
+                    run_id = new_id()
+                    changes.session.add(
+                        RunRow(
+                            id=run_id,
+                            task_id=task_id,
+                            host=name,
+                            attempt=1,
+                            status=RunStatus.PENDING,
+                            log_path=str(self._archive.path_for(task_id, run_id)),
+                            updated_at=utcnow(),
+                        )
+                    )
+                changes.add_event(task_id, "task", task_view(task))
+        except IntegrityError:
+            # Two requests with one Idempotency-Key raced; the other one created the task.
+            if request.idempotency_key:
+                existing = await self._by_idempotency_key(request.idempotency_key)
+                if existing is not None:
+                    return existing
+            raise
+        if request.start:
+            return await self.start_task(task_id)
+        return task
+
+    async def _by_idempotency_key(self, key: str) -> TaskRow | None:
+        async with self._sessions() as session:
+            return await queries.get_task_by_idempotency_key(session, key)
+
+    async def start_task(self, task_id: str) -> TaskRow:
+        """Move a pending task to running and dispatch its pending runs."""
+        async with self._write() as changes:
+            task = await self._task(changes.session, task_id, for_update=True)
+            if task.status != TaskStatus.PENDING:
+                raise Conflict(f"task {task_id} is {task.status}; only a pending task can start")
+            task.status = move_task(task.status, TaskStatus.RUNNING)
+            task.started_at = utcnow()
+            to_send = await self._mark_pending_runs(changes, task)
+        await self._dispatcher.send(to_send)
+        return await self.get_task(task_id)
+
+    async def dispatch_pending(self, task_id: str) -> None:
+        """Dispatch the pending runs of a running task (used by recovery)."""
+        async with self._write() as changes:
+            task = await self._task(changes.session, task_id, for_update=True)
+            if task.status != TaskStatus.RUNNING:
+                return
+            to_send = await self._mark_pending_runs(changes, task)
+        await self._dispatcher.send(to_send)
+
+    async def _mark_pending_runs(self, changes: Changes, task: TaskRow) -> list[Dispatch]:
+        runs = await queries.runs_in_status(changes.session, [RunStatus.PENDING], task_id=task.id)
+        hosts = await queries.hosts_by_name(changes.session, [run.host for run in runs])
+        link_of = {name: host.link for name, host in hosts.items()}
+        to_send = self._dispatcher.mark_deliverable(changes, task, runs, link_of)
+        changes.touch(task.id)
+        return to_send
+
+    async def cancel_task(self, task_id: str, reason: str = "canceled by operator") -> TaskRow:
+        """Cancel a task: unsent runs end at once; running ones end when their host confirms."""
+        in_flight: list[RunRow] = []
+        async with self._write() as changes:
+            task = await self._task(changes.session, task_id, for_update=True)
+            if task.status in TERMINAL_TASK_STATUSES:
+                raise Conflict(f"task {task_id} already ended ({task.status})")
+            task.cancel_requested = True
+            if task.status == TaskStatus.PENDING:
+                task.status = move_task(task.status, TaskStatus.CANCELED)
+                task.finished_at = utcnow()
+            runs = await queries.runs_of_task(changes.session, task_id)
+            for run in runs:
+                if run.status in (RunStatus.PENDING, RunStatus.DELAYED):
+                    changes.move(run, RunStatus.CANCELED, error=reason)
+                elif run.status in IN_FLIGHT_RUN_STATUSES:
+                    in_flight.append(run)
+            changes.touch(task_id)
+        hosts = await self._host_links([run.host for run in in_flight])
+        await asyncio.gather(
+            *(self._send_cancel(run, hosts.get(run.host), reason) for run in in_flight)
+        )
+        return await self.get_task(task_id)
+
+    async def _send_cancel(self, run: RunRow, link_name: str | None, reason: str) -> None:
+        link = self._links.get(link_name or "grpc")
+        if link is None:
+            return
+        try:
+            await link.send_cancel(run.host, run.task_id, run.id, reason)
+        except TransportError as e:
+            # The host is unreachable: the monitor ends the run as lost after the grace period.
+            log.info("cancel of run %s could not reach %s: %s", run.id, run.host, e)
+
+    async def _host_links(self, names: list[str]) -> dict[str, str]:
+        async with self._sessions() as session:
+            hosts = await queries.hosts_by_name(session, names)
+        return {name: host.link for name, host in hosts.items()}
+
+    async def get_task(self, task_id: str) -> TaskRow:
+        async with self._sessions() as session:
+            return await self._task(session, task_id)
+
+    async def get_task_status(self, task_id: str) -> TaskStatus:
+        return TaskStatus((await self.get_task(task_id)).status)
+
+    async def get_task_progress(self, task_id: str) -> dict[str, Any]:
+        view = task_view(await self.get_task(task_id))
+        return {"counts": view["counts"], **view["progress"]}
+
+    async def list_tasks(
+        self, *, status: str | None, name: str | None, page: int, size: int
+    ) -> tuple[list[TaskRow], int]:
+        async with self._sessions() as session:
+            return await queries.list_tasks(
+                session, status=status, name=name, offset=(page - 1) * size, limit=size
+            )
+
+    async def list_runs(self, task_id: str) -> list[RunRow]:
+        async with self._sessions() as session:
+            await self._task(session, task_id)
+            return await queries.runs_of_task(session, task_id)
+
+    async def get_run(self, task_id: str, run_id: str) -> RunRow:
+        async with self._sessions() as session:
+            runs = await queries.runs_by_id(session, [run_id])
+        run = runs.get(run_id)
+        if run is None or run.task_id != task_id:
+            raise NotFound(f"run {run_id} of task {task_id} not found")
+        return run
+
+    async def handle_command_result(self, result: RunFinished) -> None:
+        """Record a host's final result for a run; returns once it is durable."""
+        await (await self._ingest.report(result))
+
+    @staticmethod
+    async def _task(session: AsyncSession, task_id: str, *, for_update: bool = False) -> TaskRow:
+        task = await queries.get_task(session, task_id, for_update=for_update)
+        if task is None:
+            raise NotFound(f"task {task_id} not found")
+        return task

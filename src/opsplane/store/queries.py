@@ -1,0 +1,164 @@
+"""Query functions over the tables. They take a session and never commit: the engine owns
+transactions."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from opsplane.store.tables import HostRow, RunRow, TaskEventRow, TaskRow
+
+
+async def get_task(
+    session: AsyncSession, task_id: str, *, for_update: bool = False
+) -> TaskRow | None:
+    stmt = select(TaskRow).where(TaskRow.id == task_id)
+    if for_update:
+        stmt = stmt.with_for_update()
+    return (await session.execute(stmt)).scalar_one_or_none()
+
+
+async def get_task_by_idempotency_key(session: AsyncSession, key: str) -> TaskRow | None:
+    stmt = select(TaskRow).where(TaskRow.idempotency_key == key)
+    return (await session.execute(stmt)).scalar_one_or_none()
+
+
+async def list_tasks(
+    session: AsyncSession, *, status: str | None, name: str | None, offset: int, limit: int
+) -> tuple[list[TaskRow], int]:
+    stmt = select(TaskRow)
+    if status:
+        stmt = stmt.where(TaskRow.status == status)
+    if name:
+        stmt = stmt.where(TaskRow.name.contains(name, autoescape=True))
+    total = (await session.execute(select(func.count()).select_from(stmt.subquery()))).scalar_one()
+    page = stmt.order_by(TaskRow.created_at.desc(), TaskRow.id.desc()).offset(offset).limit(limit)
+    return list((await session.execute(page)).scalars()), total
+
+
+async def runs_of_task(session: AsyncSession, task_id: str) -> list[RunRow]:
+    stmt = select(RunRow).where(RunRow.task_id == task_id).order_by(RunRow.host, RunRow.attempt)
+    return list((await session.execute(stmt)).scalars())
+
+
+async def runs_by_id(session: AsyncSession, run_ids: Iterable[str]) -> dict[str, RunRow]:
+    ids = list(set(run_ids))
+    if not ids:
+        return {}
+    rows = (await session.execute(select(RunRow).where(RunRow.id.in_(ids)))).scalars()
+    return {row.id: row for row in rows}
+
+
+async def runs_in_status(
+    session: AsyncSession,
+    statuses: Iterable[str],
+    *,
+    host: str | None = None,
+    hosts: Sequence[str] | None = None,
+    task_id: str | None = None,
+    limit: int | None = None,
+) -> list[RunRow]:
+    stmt = select(RunRow).where(RunRow.status.in_(list(statuses)))
+    if host is not None:
+        stmt = stmt.where(RunRow.host == host)
+    if hosts is not None:
+        stmt = stmt.where(RunRow.host.in_(list(hosts)))
+    if task_id is not None:
+        stmt = stmt.where(RunRow.task_id == task_id)
+    if limit is not None:
+        stmt = stmt.limit(limit)
+    return list((await session.execute(stmt)).scalars())
+
+
+async def run_status_counts(
+    session: AsyncSession, task_ids: Iterable[str]
+) -> dict[str, dict[str, int]]:
+    ids = list(set(task_ids))
+    counts: dict[str, dict[str, int]] = {task_id: {} for task_id in ids}
+    if not ids:
+        return counts
+    stmt = (
+        select(RunRow.task_id, RunRow.status, func.count())
+        .where(RunRow.task_id.in_(ids))
+        .group_by(RunRow.task_id, RunRow.status)
+    )
+    for task_id, status, count in await session.execute(stmt):
+        counts[task_id][status] = count
+    return counts
+
+
+async def tasks_by_id(session: AsyncSession, task_ids: Iterable[str]) -> dict[str, TaskRow]:
+    ids = list(set(task_ids))
+    if not ids:
+        return {}
+    rows = (await session.execute(select(TaskRow).where(TaskRow.id.in_(ids)))).scalars()
+    return {row.id: row for row in rows}
+
+
+async def get_host(session: AsyncSession, name: str) -> HostRow | None:
+    return await session.get(HostRow, name)
+
+
+async def hosts_by_name(session: AsyncSession, names: Iterable[str]) -> dict[str, HostRow]:
+    wanted = list(set(names))
+    if not wanted:
+        return {}
+    rows = (await session.execute(select(HostRow).where(HostRow.name.in_(wanted)))).scalars()
+    return {row.name: row for row in rows}
+
+
+async def all_hosts(session: AsyncSession) -> list[HostRow]:
+    return list((await session.execute(select(HostRow).order_by(HostRow.name))).scalars())
+
+
+async def list_hosts(
+    session: AsyncSession, *, status: str | None, group: str | None, offset: int, limit: int
+) -> tuple[list[HostRow], int]:
+    stmt = select(HostRow)
+    if status:
+        stmt = stmt.where(HostRow.status == status)
+    rows = list((await session.execute(stmt.order_by(HostRow.name))).scalars())
+    # Groups are a JSON list; filtering in Python keeps the query portable across the three
+    # databases. A join table replaces this when fleets outgrow it.
+    if group:
+        rows = [row for row in rows if group in (row.groups or [])]
+    return rows[offset : offset + limit], len(rows)
+
+
+async def stale_online_hosts(session: AsyncSession, seen_before: datetime) -> list[HostRow]:
+    stmt = select(HostRow).where(HostRow.status == "online", HostRow.last_seen_at < seen_before)
+    return list((await session.execute(stmt)).scalars())
+
+
+async def offline_hosts_seen_before(session: AsyncSession, seen_before: datetime) -> list[str]:
+    stmt = select(HostRow.name).where(
+        HostRow.status != "online",
+        (HostRow.last_seen_at < seen_before) | HostRow.last_seen_at.is_(None),
+    )
+    return list((await session.execute(stmt)).scalars())
+
+
+async def mark_all_hosts(session: AsyncSession, status: str, *, link: str) -> None:
+    await session.execute(update(HostRow).where(HostRow.link == link).values(status=status))
+
+
+async def events_after(
+    session: AsyncSession, task_id: str, after_id: int, limit: int
+) -> list[TaskEventRow]:
+    stmt = (
+        select(TaskEventRow)
+        .where(TaskEventRow.task_id == task_id, TaskEventRow.id > after_id)
+        .order_by(TaskEventRow.id)
+        .limit(limit)
+    )
+    return list((await session.execute(stmt)).scalars())
+
+
+async def bulk_update_hosts(session: AsyncSession, values: list[dict[str, Any]]) -> None:
+    """ORM bulk UPDATE by primary key (one executemany)."""
+    if values:
+        await session.execute(update(HostRow), values)

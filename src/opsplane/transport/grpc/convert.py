@@ -1,0 +1,97 @@
+"""Protobuf messages ⇄ link-level dataclasses, in one place."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from opsplane.transport.base import (
+    AgentHello,
+    CommandEnvelope,
+    HeartbeatReport,
+    RunFinished,
+    RunOutput,
+    RunStarted,
+    Stream,
+)
+from opsplane.transport.grpc import opsplane_pb2 as pb
+
+LINK_NAME = "grpc"
+
+
+def _time(seconds: float) -> datetime | None:
+    return datetime.fromtimestamp(seconds, UTC) if seconds > 0 else None
+
+
+def _now_if_missing(seconds: float) -> datetime:
+    return _time(seconds) or datetime.now(UTC)
+
+
+def hello_from_pb(message: pb.Hello) -> AgentHello:
+    return AgentHello(
+        hostname=message.hostname,
+        link=LINK_NAME,
+        version=message.version,
+        groups=tuple(message.groups),
+        labels=dict(message.labels),
+        os=message.os,
+        running_run_ids=frozenset(message.running_run_ids),
+        finished_run_ids=frozenset(message.finished_run_ids),
+        public_key=message.public_key,
+    )
+
+
+def heartbeat_from_pb(hostname: str, message: pb.Heartbeat) -> HeartbeatReport:
+    return HeartbeatReport(
+        hostname=hostname,
+        # The control plane's clock decides liveness; an agent's clock may be off.
+        at=datetime.now(UTC),
+        cpu_usage=message.cpu_usage,
+        memory_usage=message.memory_usage,
+        load=message.load,
+        disk_usage=message.disk_usage,
+    )
+
+
+def started_from_pb(hostname: str, message: pb.Started) -> RunStarted:
+    return RunStarted(
+        hostname=hostname, run_id=message.run_id, started_at=_now_if_missing(message.started_at)
+    )
+
+
+def output_from_pb(hostname: str, message: pb.OutputChunk) -> RunOutput:
+    stream: Stream = "stderr" if message.stream == "stderr" else "stdout"
+    return RunOutput(
+        hostname=hostname, run_id=message.run_id, stream=stream, seq=message.seq, data=message.data
+    )
+
+
+def result_from_pb(hostname: str, message: pb.CommandResult) -> RunFinished:
+    return RunFinished(
+        hostname=hostname,
+        run_id=message.run_id,
+        status=message.status,
+        exit_code=message.exit_code if message.HasField("exit_code") else None,
+        stdout=message.stdout,
+        stderr=message.stderr,
+        truncated=message.truncated,
+        error=message.error or None,
+        started_at=_time(message.started_at),
+        finished_at=_now_if_missing(message.finished_at),
+        duration_ms=message.duration_ms or None,
+    )
+
+
+def command_to_pb(envelope: CommandEnvelope, now: float) -> pb.CommandMessage:
+    return pb.CommandMessage(
+        command_content=pb.CommandContent(
+            task_id=envelope.task_id,
+            run_id=envelope.run_id,
+            attempt=envelope.attempt,
+            command=envelope.command,
+            timeout=envelope.timeout,
+            env=dict(envelope.env),
+            user=envelope.user,
+            timestamp=now,
+            deliver_by=envelope.deliver_by or 0.0,
+        )
+    )

@@ -1,0 +1,221 @@
+"""The control plane's side of the gRPC link: agents dial in and keep one bidirectional
+``ConnectForCommands`` stream open (seed 001, DESIGN §3.1).
+
+Per agent, only the stream's context and a write lock are held, so 10,000 agents stay cheap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+import grpc
+from grpc import aio
+
+from opsplane.config import is_loopback, split_host_port
+from opsplane.domain.errors import ConfigError, ConnectionLost, NotConnected
+from opsplane.transport.base import CommandEnvelope, Link, LinkEvents, RunFinished
+from opsplane.transport.grpc import convert
+from opsplane.transport.grpc import opsplane_pb2 as pb
+from opsplane.transport.grpc import opsplane_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+_EOF: object = aio.EOF  # type: ignore[attr-defined]  # missing from grpc-stubs
+
+HELLO_TIMEOUT = 10.0
+KEEPALIVE_OPTIONS = [
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+]
+
+
+@dataclass(eq=False)
+class _AgentStream:
+    hostname: str
+    context: aio.ServicerContext[pb.CommandMessage, pb.CommandMessage]
+    write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    closed: bool = False
+
+    async def write(self, message: pb.CommandMessage) -> None:
+        if self.closed:
+            raise NotConnected(f"{self.hostname} is not connected")
+        try:
+            async with self.write_lock:
+                await self.context.write(message)
+        except (aio.AioRpcError, RuntimeError, asyncio.InvalidStateError) as e:
+            self.closed = True
+            raise ConnectionLost(f"stream to {self.hostname} broke: {e}") from e
+
+
+class GrpcLink(Link, pb_grpc.CommandServiceServicer):  # type: ignore[misc]
+    name: ClassVar[str] = convert.LINK_NAME
+
+    def __init__(
+        self,
+        listen: str,
+        *,
+        heartbeat_interval: float,
+        allow_insecure: bool = False,
+        tls_cert: Path | None = None,
+        tls_key: Path | None = None,
+    ) -> None:
+        self._listen = listen
+        self._heartbeat_interval = heartbeat_interval
+        self._allow_insecure = allow_insecure
+        self._tls_cert = tls_cert
+        self._tls_key = tls_key
+        self._server: aio.Server | None = None
+        self._events: LinkEvents | None = None
+        self._streams: dict[str, _AgentStream] = {}
+        self._pending_acks: set[asyncio.Task[None]] = set()
+        self._stopping = False
+        self.bound_port: int | None = None
+
+    async def start(self, events: LinkEvents) -> None:
+        self._events = events
+        host, _ = split_host_port(self._listen)
+        server = aio.server(options=KEEPALIVE_OPTIONS)
+        pb_grpc.add_CommandServiceServicer_to_server(self, server)
+        if self._tls_cert and self._tls_key:
+            credentials = grpc.ssl_server_credentials(
+                [(self._tls_key.read_bytes(), self._tls_cert.read_bytes())]
+            )
+            self.bound_port = server.add_secure_port(self._listen, credentials)
+        elif is_loopback(host) or self._allow_insecure:
+            self.bound_port = server.add_insecure_port(self._listen)
+        else:
+            raise ConfigError(
+                f"refusing plaintext gRPC on non-loopback address {self._listen}: set "
+                "grpc_tls_cert and grpc_tls_key, or grpc_allow_insecure=true on a trusted network"
+            )
+        if not self.bound_port:
+            raise ConfigError(f"cannot listen for agents on {self._listen}")
+        await server.start()
+        self._server = server
+        log.info("gRPC agent endpoint listening on %s", self._listen)
+
+    async def stop(self) -> None:
+        # Streams closed by our own shutdown are not disconnections to record: the engine marks
+        # every host offline when it starts again.
+        self._stopping = True
+        if self._server is not None:
+            await self._server.stop(grace=2.0)
+            self._server = None
+        for task in list(self._pending_acks):
+            task.cancel()
+
+    def is_connected(self, hostname: str) -> bool:
+        stream = self._streams.get(hostname)
+        return stream is not None and not stream.closed
+
+    async def send_command(self, hostname: str, command: CommandEnvelope) -> None:
+        await self._stream(hostname).write(convert.command_to_pb(command, time.time()))
+
+    async def send_cancel(self, hostname: str, task_id: str, run_id: str, reason: str) -> None:
+        message = pb.CommandMessage(cancel=pb.Cancel(run_id=run_id, task_id=task_id, reason=reason))
+        await self._stream(hostname).write(message)
+
+    def _stream(self, hostname: str) -> _AgentStream:
+        stream = self._streams.get(hostname)
+        if stream is None or stream.closed:
+            raise NotConnected(f"{hostname} has no live gRPC connection")
+        return stream
+
+    async def ConnectForCommands(
+        self,
+        request_iterator: object,
+        context: aio.ServicerContext[pb.CommandMessage, pb.CommandMessage],
+    ) -> None:
+        assert self._events is not None
+        try:
+            first = await asyncio.wait_for(context.read(), HELLO_TIMEOUT)
+        except TimeoutError:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "no hello within 10 s")
+            return
+        if first is _EOF or not isinstance(first, pb.CommandMessage) or not first.HasField("hello"):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message must be hello")
+            return
+        hello = convert.hello_from_pb(first.hello)
+        if not hello.hostname:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "hello without hostname")
+            return
+        stream = _AgentStream(hello.hostname, context)
+        previous = self._streams.get(hello.hostname)
+        if previous is not None:
+            # The agent reconnected before its old stream was noticed dead: the new one wins.
+            previous.closed = True
+        await self._events.host_connected(hello)
+        self._streams[hello.hostname] = stream
+        try:
+            await stream.write(
+                pb.CommandMessage(
+                    welcome=pb.Welcome(
+                        heartbeat_interval_seconds=max(1, round(self._heartbeat_interval)),
+                        server_version="opsplane",
+                    )
+                )
+            )
+            await self._read_loop(stream)
+        except ConnectionLost:
+            pass
+        finally:
+            stream.closed = True
+            if self._streams.get(hello.hostname) is stream:
+                del self._streams[hello.hostname]
+            if not self._stopping and hello.hostname not in self._streams:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(self._events.host_disconnected(hello.hostname, self.name))
+
+    async def _read_loop(self, stream: _AgentStream) -> None:
+        assert self._events is not None
+        host = stream.hostname
+        while not stream.closed:
+            try:
+                message = await stream.context.read()
+            except (aio.AioRpcError, asyncio.InvalidStateError):
+                return
+            if message is _EOF or not isinstance(message, pb.CommandMessage):
+                return
+            kind = message.WhichOneof("message")
+            if kind == "heartbeat":
+                await self._events.report(convert.heartbeat_from_pb(host, message.heartbeat))
+            elif kind == "started":
+                await self._events.report(convert.started_from_pb(host, message.started))
+            elif kind == "output":
+                await self._events.report(convert.output_from_pb(host, message.output))
+            elif kind == "command_result":
+                result = convert.result_from_pb(host, message.command_result)
+                self._ack_when_durable(stream, result, await self._events.report(result))
+            elif kind == "ack":
+                pass  # the agent got a command; the "started" report follows
+            else:
+                log.warning("%s sent an unexpected %s message; ignored", host, kind)
+
+    def _ack_when_durable(
+        self, stream: _AgentStream, report: RunFinished, durable: asyncio.Future[None]
+    ) -> None:
+        async def _ack() -> None:
+            try:
+                await durable
+            except Exception as e:
+                # Not acknowledged: the agent keeps the result and sends it again on reconnect.
+                log.warning(
+                    "result of run %s from %s not stored: %s", report.run_id, stream.hostname, e
+                )
+                return
+            ack = pb.CommandMessage(ack=pb.Ack(run_id=report.run_id, kind="result"))
+            with contextlib.suppress(NotConnected, ConnectionLost):
+                await stream.write(ack)
+
+        task = asyncio.create_task(_ack())
+        self._pending_acks.add(task)
+        task.add_done_callback(self._pending_acks.discard)

@@ -1,0 +1,99 @@
+"""The ``opsplane`` client verbs against a real control plane and real agents."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+from tests.e2e.fleet import Fleet
+
+
+def opsplane(fleet: Fleet, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "OPSPLANE_URL": fleet.url, "COLUMNS": "200", "NO_COLOR": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "opsplane", *args],
+        capture_output=True, text=True, env=env, timeout=timeout, check=False,
+    )  # fmt: skip
+
+
+def test_run_prints_each_hosts_output_prefixed_then_a_summary(fleet: Fleet) -> None:
+    result = opsplane(fleet, "run", "--all", "--", "echo hello; echo warn >&2")
+    assert result.returncode == 0, result.stderr
+    for host in ("web-1", "web-2", "db-1"):
+        # Prefixes are padded to the longest host name so that output lines up.
+        assert re.search(rf"^{host} *\| hello$", result.stdout, re.MULTILINE), result.stdout
+        assert re.search(rf"^{host} *! warn$", result.stderr, re.MULTILINE), result.stderr
+    assert "succeeded" in result.stdout and "3 succeeded" in result.stdout
+
+
+def test_run_exits_non_zero_when_a_host_fails_and_json_is_machine_readable(fleet: Fleet) -> None:
+    result = opsplane(fleet, "run", "--group", "web", "--json", "--", "exit 5")
+    assert result.returncode == 1
+    document = json.loads(result.stdout)
+    assert document["task"]["status"] == "failed"
+    assert sorted((r["host"], r["exit_code"]) for r in document["runs"]) == [
+        ("web-1", 5),
+        ("web-2", 5),
+    ]
+
+
+def test_run_with_host_and_timeout(fleet: Fleet) -> None:
+    result = opsplane(fleet, "run", "--host", "db-1", "--timeout", "1", "--json", "--", "sleep 30")
+    assert result.returncode == 1
+    assert json.loads(result.stdout)["runs"][0]["status"] == "timed_out"
+
+
+def test_run_without_targets_or_with_unknown_host_says_why(fleet: Fleet) -> None:
+    no_targets = opsplane(fleet, "run", "--", "true")
+    assert no_targets.returncode == 2 and "--host" in no_targets.stderr
+    unknown = opsplane(fleet, "run", "--host", "ghost", "--", "true")
+    assert unknown.returncode == 2 and "ghost" in unknown.stderr
+    assert "Traceback" not in no_targets.stderr + unknown.stderr
+
+
+def test_hosts_and_tasks_verbs(fleet: Fleet) -> None:
+    hosts = opsplane(fleet, "hosts")
+    assert hosts.returncode == 0
+    assert (
+        all(name in hosts.stdout for name in ("web-1", "web-2", "db-1"))
+        and "online" in hosts.stdout
+    )
+    ran = json.loads(
+        opsplane(fleet, "run", "--host", "web-1", "--json", "--", "echo logged").stdout
+    )
+    task_id = ran["task"]["id"]
+    listing = opsplane(fleet, "tasks")
+    assert listing.returncode == 0 and task_id in listing.stdout
+    shown = opsplane(fleet, "tasks", "show", task_id)
+    assert shown.returncode == 0 and "web-1" in shown.stdout and "succeeded" in shown.stdout
+    logs = opsplane(fleet, "tasks", "logs", task_id)
+    assert logs.returncode == 0 and "logged" in logs.stdout
+    follow = opsplane(fleet, "tasks", "logs", task_id, "--follow")
+    assert follow.returncode == 0 and "logged" in follow.stdout
+
+
+def test_tasks_cancel_from_the_cli(fleet: Fleet) -> None:
+    task = fleet.create_task("sleep 30", hosts=["web-2"])
+    result = opsplane(fleet, "tasks", "cancel", task["id"])
+    assert result.returncode == 0, result.stderr
+    assert fleet.wait_task_done(task["id"])["status"] == "canceled"
+
+
+def test_cli_reports_an_unreachable_api_without_a_traceback(fleet: Fleet) -> None:
+    env = {**os.environ, "OPSPLANE_URL": "http://127.0.0.1:9"}
+    result = subprocess.run(
+        [sys.executable, "-m", "opsplane", "hosts"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=30,
+        check=False,
+    )
+    assert (
+        result.returncode == 2
+        and "cannot reach" in result.stderr
+        and "Traceback" not in result.stderr
+    )

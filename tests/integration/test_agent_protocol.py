@@ -1,0 +1,364 @@
+"""The real agent against a minimal in-test gRPC control plane (DESIGN §3.1)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import grpc.aio
+import psutil
+import pytest
+
+from opsplane.agent import Agent, AgentConfig, Spool
+from opsplane.agent.grpc_link import Backoff
+from opsplane.transport.grpc import opsplane_pb2 as pb
+from opsplane.transport.grpc import opsplane_pb2_grpc as pb_grpc
+
+WAIT = 5.0
+
+
+class FakeControlPlane(pb_grpc.CommandServiceServicer):  # type: ignore[misc]
+    """Welcomes one agent, records everything it says, and sends what the test queues."""
+
+    def __init__(self, *, ack_results: bool = True) -> None:
+        self.ack_results = ack_results
+        self.hellos: list[pb.Hello] = []
+        self.messages: list[pb.CommandMessage] = []
+        self._outbox: asyncio.Queue[pb.CommandMessage] = asyncio.Queue()
+
+    async def ConnectForCommands(self, request_iterator: Any, context: Any) -> None:
+        first = await context.read()
+        assert first.WhichOneof("message") == "hello"
+        self.hellos.append(first.hello)
+        write_lock = asyncio.Lock()
+
+        async def write(message: pb.CommandMessage) -> None:
+            async with write_lock:
+                await context.write(message)
+
+        await write(pb.CommandMessage(welcome=pb.Welcome(heartbeat_interval_seconds=1)))
+
+        async def forward() -> None:
+            while True:
+                await write(await self._outbox.get())
+
+        sender = asyncio.create_task(forward())
+        try:
+            while True:
+                message = await context.read()
+                if message is grpc.aio.EOF:
+                    return
+                self.messages.append(message)
+                if self.ack_results and message.WhichOneof("message") == "command_result":
+                    run_id = message.command_result.run_id
+                    await write(pb.CommandMessage(ack=pb.Ack(run_id=run_id, kind="result")))
+        finally:
+            sender.cancel()
+            await asyncio.wait({sender})
+
+    def send(self, message: pb.CommandMessage) -> None:
+        self._outbox.put_nowait(message)
+
+    def of_kind(self, kind: str, run_id: str | None = None) -> list[Any]:
+        found = [getattr(m, kind) for m in self.messages if m.WhichOneof("message") == kind]
+        if run_id is not None:
+            found = [m for m in found if m.run_id == run_id]
+        return found
+
+    async def wait_for(
+        self,
+        kind: str,
+        run_id: str | None = None,
+        where: Callable[[Any], bool] = lambda _: True,
+    ) -> Any:
+        """The first message of ``kind`` (for ``run_id``) that satisfies ``where``."""
+        found: list[Any] = []
+
+        def seen() -> bool:
+            found[:] = [m for m in self.of_kind(kind, run_id) if where(m)]
+            return bool(found)
+
+        await wait_until(seen)
+        return found[0]
+
+    async def wait_for_hello(self, count: int = 1) -> pb.Hello:
+        await wait_until(lambda: len(self.hellos) >= count)
+        return self.hellos[count - 1]
+
+
+async def wait_until(condition: Callable[[], bool], within: float = WAIT) -> None:
+    async def poll() -> None:
+        while True:
+            if condition():
+                return
+            await asyncio.sleep(0.02)
+
+    await asyncio.wait_for(poll(), within)
+
+
+async def start_server(cp: FakeControlPlane, port: int = 0) -> tuple[grpc.aio.Server, int]:
+    server = grpc.aio.server()
+    pb_grpc.add_CommandServiceServicer_to_server(cp, server)
+    bound = server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    return server, bound
+
+
+@contextlib.asynccontextmanager
+async def serving(cp: FakeControlPlane, port: int = 0) -> AsyncIterator[int]:
+    server, bound = await start_server(cp, port)
+    try:
+        yield bound
+    finally:
+        await server.stop(None)
+
+
+def make_config(tmp_path: Path, port: int) -> AgentConfig:
+    return AgentConfig(
+        server=f"127.0.0.1:{port}",
+        name="test-host",
+        groups=("web", "eu"),
+        labels={"env": "test"},
+        state_dir=tmp_path / "state",
+        reconnect_initial=0.05,
+        reconnect_max=0.5,
+        kill_grace=1.0,
+    )
+
+
+@contextlib.asynccontextmanager
+async def running(config: AgentConfig) -> AsyncIterator[tuple[Agent, asyncio.Task[None]]]:
+    agent = Agent(config)
+    task = asyncio.create_task(agent.run())
+    try:
+        yield agent, task
+    finally:
+        agent.request_stop()
+        await asyncio.wait_for(task, 15)
+
+
+def command(run_id: str, text: str, **fields: Any) -> pb.CommandMessage:
+    content = pb.CommandContent(
+        task_id="task-1", run_id=run_id, attempt=1, command=text, timestamp=time.time(), **fields
+    )
+    return pb.CommandMessage(command_content=content)
+
+
+def new_run_id() -> str:
+    return str(uuid.uuid4())
+
+
+async def test_hello_then_heartbeats(tmp_path: Path) -> None:
+    cp = FakeControlPlane()
+    async with serving(cp) as port, running(make_config(tmp_path, port)):
+        hello = await cp.wait_for_hello()
+        assert hello.hostname == "test-host"
+        assert list(hello.groups) == ["web", "eu"]
+        assert dict(hello.labels) == {"env": "test"}
+        assert hello.version and hello.os
+        assert list(hello.running_run_ids) == list(hello.finished_run_ids) == []
+
+        beat = await cp.wait_for("heartbeat")
+        assert beat.hostname == "test-host" and beat.status == "online"
+        assert abs(beat.timestamp - time.time()) < 30
+        assert 0 <= beat.memory_usage <= 100 and 0 <= beat.disk_usage <= 100
+
+
+async def test_command_streams_output_and_reports_its_result(tmp_path: Path) -> None:
+    cp = FakeControlPlane()
+    async with serving(cp) as port, running(make_config(tmp_path, port)):
+        await cp.wait_for_hello()
+        run_id = new_run_id()
+        cp.send(command(run_id, "echo hi; echo err >&2; exit 3"))
+
+        result = await cp.wait_for("command_result", run_id)
+        assert (result.status, result.exit_code) == ("failed", 3)
+        assert result.HasField("exit_code")
+        assert (result.stdout, result.stderr) == ("hi\n", "err\n")
+        assert (result.task_id, result.attempt, result.hostname) == ("task-1", 1, "test-host")
+        assert result.started_at <= result.finished_at and result.duration_ms >= 0
+
+        ack = await cp.wait_for("ack", run_id)
+        assert ack.kind == "command"
+        started = await cp.wait_for("started", run_id)
+        assert started.pid > 0 and started.task_id == "task-1"
+        chunks = cp.of_kind("output", run_id)
+        assert b"".join(c.data for c in chunks if c.stream == "stdout") == b"hi\n"
+        assert b"".join(c.data for c in chunks if c.stream == "stderr") == b"err\n"
+        assert sorted(c.seq for c in chunks) == list(range(1, len(chunks) + 1))
+
+        kinds = [
+            m.WhichOneof("message")
+            for m in cp.messages
+            if m.WhichOneof("message") in {"ack", "started", "output", "command_result"}
+        ]
+        assert kinds[:2] == ["ack", "started"] and kinds[-1] == "command_result"
+
+        # The control plane acknowledged the result, so nothing is left to re-send.
+        await wait_until(lambda: Spool(tmp_path / "state").pending_results() == [])
+
+
+async def test_the_same_command_twice_runs_once(tmp_path: Path) -> None:
+    cp = FakeControlPlane(ack_results=False)
+    marker = tmp_path / "ran"
+    async with serving(cp) as port, running(make_config(tmp_path, port)):
+        await cp.wait_for_hello()
+        run_id = new_run_id()
+        message = command(run_id, f"echo once >> {marker}")
+        cp.send(message)
+        cp.send(message)
+        await cp.wait_for("command_result", run_id)
+
+        # Once more after it finished: its unacknowledged result is sent again instead.
+        cp.send(message)
+        await wait_until(lambda: len(cp.of_kind("command_result", run_id)) >= 2)
+
+        assert marker.read_text() == "once\n"
+        assert len(cp.of_kind("started", run_id)) == 1
+
+
+async def test_unacknowledged_result_is_resent_after_reconnecting(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="opsplane.agent")
+    first = FakeControlPlane(ack_results=False)
+    server, port = await start_server(first)
+    run_id = new_run_id()
+    async with running(make_config(tmp_path, port)):
+        try:
+            await first.wait_for_hello()
+            first.send(command(run_id, "echo kept"))
+            await first.wait_for("command_result", run_id)
+        finally:
+            # The control plane goes away before storing the result...
+            await server.stop(None)
+        await wait_until(lambda: "cannot reach" in caplog.text)
+
+        # ...and comes back on the same address; the agent finds it again by itself.
+        second = FakeControlPlane()
+        async with serving(second, port):
+            hello = await second.wait_for_hello()
+            assert run_id in hello.finished_run_ids
+            result = await second.wait_for("command_result", run_id)
+            assert (result.status, result.stdout) == ("succeeded", "kept\n")
+            await wait_until(lambda: Spool(tmp_path / "state").pending_results() == [])
+            assert second.of_kind("started", run_id) == []  # not run again
+
+    # Ordinary connection failures are one line each, without a traceback.
+    failures = [r for r in caplog.records if "cannot reach" in r.getMessage()]
+    assert failures and all(r.exc_info is None for r in failures)
+
+
+async def test_cancel_stops_a_running_command(tmp_path: Path) -> None:
+    cp = FakeControlPlane()
+    async with serving(cp) as port, running(make_config(tmp_path, port)):
+        await cp.wait_for_hello()
+        run_id = new_run_id()
+        cp.send(command(run_id, "sleep 30"))
+        started = await cp.wait_for("started", run_id)
+        cp.send(pb.CommandMessage(cancel=pb.Cancel(run_id=run_id, task_id="task-1")))
+
+        result = await cp.wait_for("command_result", run_id)
+        assert result.status == "canceled"
+        assert not result.HasField("exit_code")
+        assert not _alive(started.pid)
+
+
+async def test_timeout_stops_a_running_command(tmp_path: Path) -> None:
+    cp = FakeControlPlane()
+    async with serving(cp) as port, running(make_config(tmp_path, port)):
+        await cp.wait_for_hello()
+        run_id = new_run_id()
+        cp.send(command(run_id, "sleep 30", timeout=1))
+        result = await cp.wait_for("command_result", run_id)
+        assert result.status == "timed_out"
+        assert 900 <= result.duration_ms < 5000
+
+
+async def test_command_past_its_delivery_deadline_is_not_run(tmp_path: Path) -> None:
+    cp = FakeControlPlane()
+    marker = tmp_path / "ran"
+    async with serving(cp) as port, running(make_config(tmp_path, port)):
+        await cp.wait_for_hello()
+        run_id = new_run_id()
+        cp.send(command(run_id, f"touch {marker}", deliver_by=time.time() - 1))
+        result = await cp.wait_for("command_result", run_id)
+        assert result.status == "canceled" and "delivery deadline" in result.error
+        assert not marker.exists()
+
+
+@pytest.mark.parametrize("how", ["request_stop", "cancel"])
+async def test_stopping_the_agent_cancels_and_spools_running_commands(
+    tmp_path: Path, how: str
+) -> None:
+    cp = FakeControlPlane(ack_results=False)
+    async with serving(cp) as port:
+        config = make_config(tmp_path, port)
+        agent = Agent(config)
+        task = asyncio.create_task(agent.run())
+        try:
+            await cp.wait_for_hello()
+            run_id = new_run_id()
+            cp.send(command(run_id, "sleep 30"))
+            started = await cp.wait_for("started", run_id)
+        finally:
+            if how == "cancel":
+                task.cancel()
+            else:
+                agent.request_stop()
+            await asyncio.wait({task}, timeout=15)
+        assert task.done()
+        assert task.cancelled() == (how == "cancel")
+        assert not _alive(started.pid)
+        [spooled] = Spool(config.state_dir).pending_results()
+        assert (spooled["run_id"], spooled["status"]) == (run_id, "canceled")
+
+
+async def test_restart_kills_what_an_interrupted_run_left(tmp_path: Path) -> None:
+    cp = FakeControlPlane()
+    async with serving(cp) as port:
+        config = make_config(tmp_path, port)
+        # What a previous agent, killed mid-run, left: a record and a live process group.
+        leftover = await asyncio.create_subprocess_exec("sleep", "30", start_new_session=True)
+        try:
+            run_id = new_run_id()
+            spool = Spool(config.state_dir)
+            spool.accept(run_id, "task-1", {})
+            spool.record_pid(run_id, leftover.pid, psutil.Process(leftover.pid).create_time())
+
+            async with running(config):
+                hello = await cp.wait_for_hello()
+                await asyncio.wait_for(leftover.wait(), WAIT)
+                assert run_id not in hello.finished_run_ids
+                assert Spool(config.state_dir).interrupted() == []
+                await asyncio.sleep(0.2)
+                assert cp.of_kind("command_result", run_id) == []
+        finally:
+            if leftover.returncode is None:
+                leftover.kill()
+                await leftover.wait()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_backoff_is_exponential_with_full_jitter() -> None:
+    backoff = Backoff(0.5, 4.0, random.Random(7))
+    ceilings = [0.5, 1.0, 2.0, 4.0, 4.0, 4.0]
+    delays = [backoff.next_delay() for _ in ceilings]
+    assert all(0 <= d <= c for d, c in zip(delays, ceilings, strict=True))
+    assert len(set(delays)) == len(delays)
+    backoff.reset()
+    assert backoff.next_delay() <= 0.5

@@ -1,0 +1,63 @@
+from __future__ import annotations
+
+import pytest
+
+from opsplane.domain.errors import InvalidInput
+from opsplane.domain.targeting import HostRef, Targets, normalize_names, resolve_targets
+from opsplane.domain.tasks import TaskRequest
+
+FLEET = [HostRef("web-1", ("web",)), HostRef("web-2", ("web", "prod")), HostRef("db-1", ("db",))]
+
+
+def test_all_selects_every_known_host_once_and_sorted() -> None:
+    assert resolve_targets(Targets(all=True, hosts=("web-1",)), FLEET) == ["db-1", "web-1", "web-2"]
+
+
+def test_groups_and_hosts_combine() -> None:
+    assert resolve_targets(Targets(groups=("web",), hosts=("db-1",)), FLEET) == [
+        "db-1",
+        "web-1",
+        "web-2",
+    ]
+    assert resolve_targets(Targets(groups=("prod",)), FLEET) == ["web-2"]
+
+
+def test_unknown_host_is_an_error_naming_it() -> None:
+    with pytest.raises(InvalidInput, match=r"unknown host.*nope"):
+        resolve_targets(Targets(hosts=("web-1", "nope")), FLEET)
+
+
+def test_unknown_group_is_an_error_naming_it() -> None:
+    with pytest.raises(InvalidInput, match=r"unknown group.*cache"):
+        resolve_targets(Targets(groups=("cache",)), FLEET)
+
+
+def test_empty_selector_and_empty_fleet_are_errors() -> None:
+    with pytest.raises(InvalidInput, match="select nothing"):
+        resolve_targets(Targets(), FLEET)
+    with pytest.raises(InvalidInput, match="fleet is empty"):
+        resolve_targets(Targets(all=True), [])
+
+
+def test_names_are_stripped_deduplicated_and_never_blank() -> None:
+    assert normalize_names([" a", "a", "b "], "host") == ("a", "b")
+    with pytest.raises(InvalidInput, match="blank"):
+        normalize_names(["a", "  "], "host")
+
+
+@pytest.mark.parametrize(
+    ("command", "timeout", "message"),
+    [("", None, "empty"), ("   ", None, "empty"), ("ls", 0, "positive"), ("ls", -5, "positive"),
+     ("ls", 10**9, "at most"), ("a\x00b", None, "NUL")],
+)  # fmt: skip
+def test_bad_requests_are_rejected_with_a_reason(
+    command: str, timeout: int | None, message: str
+) -> None:
+    with pytest.raises(InvalidInput, match=message):
+        TaskRequest(command=command, targets=Targets(all=True), timeout=timeout).validated(600)
+
+
+def test_a_request_gets_the_default_timeout_and_a_name_from_its_command() -> None:
+    request = TaskRequest(command="uptime\nwho", targets=Targets(all=True)).validated(42)
+    assert request.timeout == 42
+    assert request.name == "uptime"
