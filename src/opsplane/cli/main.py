@@ -60,6 +60,31 @@ def _settings(**flags: object) -> Settings:
         raise typer.Exit(2) from e
 
 
+def _start_control_plane(
+    mode: str,
+    config: Path | None,
+    listen: str | None,
+    grpc_listen: str | None,
+    data_dir: Path | None,
+    database_url: str | None,
+    verbose: bool,
+) -> None:
+    from opsplane.cli import processes
+
+    settings = _settings(
+        config_file=config,
+        listen=listen,
+        grpc_listen=grpc_listen,
+        data_dir=data_dir,
+        database_url=database_url,
+    )
+    processes.configure_logging(verbose)
+    if mode == "demo":
+        processes.run_demo(settings)
+    else:
+        processes.serve(settings)
+
+
 @app.command()
 def server(
     config: ConfigOpt = None,
@@ -69,18 +94,8 @@ def server(
     database_url: DatabaseUrlOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Start the control plane: REST API, web page and the gRPC agent endpoint."""
-    from opsplane.cli.processes import configure_logging, serve
-
-    settings = _settings(
-        config_file=config,
-        listen=listen,
-        grpc_listen=grpc_listen,
-        data_dir=data_dir,
-        database_url=database_url,
-    )
-    configure_logging(verbose)
-    serve(settings)
+    """Start the control plane: the REST API and the gRPC agent endpoint."""
+    _start_control_plane("server", config, listen, grpc_listen, data_dir, database_url, verbose)
 
 
 @app.command()
@@ -94,17 +109,7 @@ def demo(
 ) -> None:
     """Start the control plane on SQLite plus three local agents: demo-1, demo-2 (group web)
     and demo-3 (group db). Ctrl-C stops everything."""
-    from opsplane.cli.processes import configure_logging, run_demo
-
-    settings = _settings(
-        config_file=config,
-        listen=listen,
-        grpc_listen=grpc_listen,
-        data_dir=data_dir,
-        database_url=database_url,
-    )
-    configure_logging(verbose)
-    run_demo(settings)
+    _start_control_plane("demo", config, listen, grpc_listen, data_dir, database_url, verbose)
 
 
 @app.command()

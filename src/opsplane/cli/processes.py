@@ -79,7 +79,7 @@ async def _demo(settings: Settings) -> None:
     server.agents = agents
     typer.echo(
         f"\nopsplane demo is running\n"
-        f"  API and web page : {url}   (OpenAPI: {url}/docs)\n"
+        f"  API              : {url}   (OpenAPI: {url}/docs)\n"
         f"  agent endpoint   : {settings.grpc_listen}\n"
         f"  agents           : {', '.join(f'{n} ({g})' for n, g in DEMO_AGENTS)}\n"
         f"  data directory   : {settings.data_dir}\n\n"

@@ -1,0 +1,211 @@
+"""The engine over a real SQLite database, with the in-memory link standing in for agents."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import event, update
+
+from opsplane.config import Settings, load_settings
+from opsplane.domain.errors import Conflict, InvalidInput, NotFound
+from opsplane.domain.states import RunStatus, TaskStatus
+from opsplane.domain.targeting import Targets
+from opsplane.domain.tasks import TaskRequest
+from opsplane.engine.core import Engine
+from opsplane.store.tables import HostRow
+from opsplane.transport.base import HeartbeatReport, RunFinished, RunOutput, RunStarted
+from opsplane.transport.memory import MemoryLink
+
+
+def _settings(tmp_path: Path) -> Settings:
+    return load_settings(data_dir=tmp_path, heartbeat_interval=1.0, lost_grace=2.0)
+
+
+@pytest.fixture
+async def link() -> MemoryLink:
+    return MemoryLink()
+
+
+@pytest.fixture
+async def engine(tmp_path: Path, link: MemoryLink) -> AsyncIterator[Engine]:
+    the_engine = Engine(_settings(tmp_path), [link])
+    await the_engine.start()
+    await link.connect("web-1", ["web"])
+    await link.connect("web-2", ["web"])
+    await link.connect("db-1", ["db"])
+    try:
+        yield the_engine
+    finally:
+        await the_engine.stop()
+
+
+def _request(command: str = "true", **targets: object) -> TaskRequest:
+    return TaskRequest(command=command, targets=Targets(**targets))  # type: ignore[arg-type]
+
+
+def _finished(
+    host: str, run_id: str, status: str = "succeeded", exit_code: int | None = 0
+) -> RunFinished:
+    now = datetime.now(UTC)
+    return RunFinished(
+        hostname=host, run_id=run_id, status=status, exit_code=exit_code, stdout="ok\n", stderr="",
+        truncated=False, error=None, started_at=now, finished_at=now, duration_ms=1,
+    )  # fmt: skip
+
+
+async def _runs(engine: Engine, task_id: str) -> dict[str, str]:
+    return {run.host: run.id for run in await engine.tasks.list_runs(task_id)}
+
+
+async def test_create_dispatches_one_run_per_target_and_results_end_the_task(
+    engine: Engine, link: MemoryLink
+) -> None:
+    task = await engine.tasks.create_task(_request(groups=("web",)))
+    assert task.status == TaskStatus.RUNNING
+    runs = await _runs(engine, task.id)
+    assert set(runs) == {"web-1", "web-2"}
+    assert [c.run_id for c in link.hosts["web-1"].commands] == [runs["web-1"]]
+    for host, run_id in runs.items():
+        await engine.tasks.handle_command_result(_finished(host, run_id))
+    assert await engine.tasks.get_task_status(task.id) == TaskStatus.SUCCEEDED
+    progress = await engine.tasks.get_task_progress(task.id)
+    assert progress["finished"] == 2 and progress["percent"] == 100.0
+    assert progress["counts"]["succeeded"] == 2
+
+
+async def test_a_duplicate_or_late_result_changes_nothing(engine: Engine) -> None:
+    task = await engine.tasks.create_task(_request(hosts=("db-1",)))
+    run_id = (await _runs(engine, task.id))["db-1"]
+    await engine.tasks.handle_command_result(_finished("db-1", run_id, "failed", 3))
+    await engine.tasks.handle_command_result(_finished("db-1", run_id, "succeeded", 0))
+    run = await engine.tasks.get_run(task.id, run_id)
+    assert (run.status, run.exit_code) == (RunStatus.FAILED, 3)
+    assert await engine.tasks.get_task_status(task.id) == TaskStatus.FAILED
+
+
+async def test_a_host_cannot_report_on_another_hosts_run(engine: Engine) -> None:
+    task = await engine.tasks.create_task(_request(hosts=("db-1",)))
+    run_id = (await _runs(engine, task.id))["db-1"]
+    await engine.tasks.handle_command_result(_finished("web-1", run_id))
+    assert (await engine.tasks.get_run(task.id, run_id)).status == RunStatus.DISPATCHED
+
+
+async def test_create_then_start_and_cancel_of_a_pending_task(
+    engine: Engine, link: MemoryLink
+) -> None:
+    request = TaskRequest(command="true", targets=Targets(hosts=("web-1",)), start=False)
+    task = await engine.tasks.create_task(request)
+    assert task.status == TaskStatus.PENDING and not link.hosts["web-1"].commands
+    canceled = await engine.tasks.cancel_task(task.id)
+    assert canceled.status == TaskStatus.CANCELED
+    with pytest.raises(Conflict):
+        await engine.tasks.start_task(task.id)
+    with pytest.raises(Conflict):
+        await engine.tasks.cancel_task(task.id)
+
+
+async def test_cancel_is_confirmed_by_the_host(engine: Engine, link: MemoryLink) -> None:
+    task = await engine.tasks.create_task(_request(hosts=("web-2",)))
+    run_id = (await _runs(engine, task.id))["web-2"]
+    await (await engine.report(RunStarted("web-2", run_id, datetime.now(UTC))))
+    await engine.tasks.cancel_task(task.id)
+    assert link.hosts["web-2"].cancels == [run_id]
+    assert await engine.tasks.get_task_status(task.id) == TaskStatus.RUNNING
+    await engine.tasks.handle_command_result(_finished("web-2", run_id, "canceled", None))
+    assert await engine.tasks.get_task_status(task.id) == TaskStatus.CANCELED
+
+
+async def test_offline_target_is_undeliverable_at_once(engine: Engine, link: MemoryLink) -> None:
+    await engine.handle_host_connection_change("db-1", connected=False)
+    await link.disconnect("db-1")
+    task = await engine.tasks.create_task(_request(all=True))
+    runs = {run.host: run for run in await engine.tasks.list_runs(task.id)}
+    assert runs["db-1"].status == RunStatus.UNDELIVERABLE
+    assert runs["web-1"].status == RunStatus.DISPATCHED
+    assert (await engine.hosts.get_host("db-1")).status == "offline"
+
+
+async def test_reconnecting_agent_that_forgot_a_run_makes_it_lost(
+    engine: Engine, link: MemoryLink
+) -> None:
+    task = await engine.tasks.create_task(_request(groups=("web",)))
+    runs = await _runs(engine, task.id)
+    await link.disconnect("web-1")
+    await link.disconnect("web-2")
+    await link.connect("web-1", ["web"])  # restarted: knows nothing
+    await link.connect("web-2", ["web"], finished=[runs["web-2"]])  # holds a spooled result
+    assert (await engine.tasks.get_run(task.id, runs["web-1"])).status == RunStatus.LOST
+    assert (await engine.tasks.get_run(task.id, runs["web-2"])).status == RunStatus.DISPATCHED
+    await engine.tasks.handle_command_result(_finished("web-2", runs["web-2"]))
+    assert await engine.tasks.get_task_status(task.id) == TaskStatus.FAILED
+
+
+async def test_silent_host_goes_offline_and_its_runs_are_lost_after_the_grace_period(
+    engine: Engine,
+) -> None:
+    task = await engine.tasks.create_task(_request(hosts=("db-1",)))
+    run_id = (await _runs(engine, task.id))["db-1"]
+    # Last heard of 10 s ago: past 3 heartbeat intervals (3 s) and the grace period (2 s).
+    async with engine.write() as changes:
+        stale = datetime.now(UTC) - timedelta(seconds=10)
+        await changes.session.execute(
+            update(HostRow).where(HostRow.name == "db-1").values(last_seen_at=stale)
+        )
+    await engine.monitor.check_once()
+    assert (await engine.hosts.get_host("db-1")).status == "offline"
+    await engine.monitor.check_once()
+    run = await engine.tasks.get_run(task.id, run_id)
+    assert run.status == RunStatus.LOST and "unreachable" in (run.error or "")
+
+
+async def test_heartbeats_update_the_host(engine: Engine) -> None:
+    await (await engine.report(HeartbeatReport("web-1", datetime.now(UTC), 12.5, 40.0, 0.3, 55.0)))
+    host = await engine.hosts.get_host("web-1")
+    assert (host.cpu_usage, host.memory_usage, host.load, host.disk_usage) == (
+        12.5,
+        40.0,
+        0.3,
+        55.0,
+    )
+
+
+async def test_reports_are_written_in_batches_not_one_transaction_each(engine: Engine) -> None:
+    task = await engine.tasks.create_task(_request(hosts=("web-1",)))
+    run_id = (await _runs(engine, task.id))["web-1"]
+    await (await engine.report(RunStarted("web-1", run_id, datetime.now(UTC))))
+    commits = 0
+
+    def _count(_connection: object) -> None:
+        nonlocal commits
+        commits += 1
+
+    event.listen(engine.db.sync_engine, "commit", _count)
+    futures = [
+        await engine.report(RunOutput("web-1", run_id, "stdout", i, b"x\n")) for i in range(500)
+    ]
+    futures.append(await engine.report(_finished("web-1", run_id)))
+    for future in futures:
+        await future
+    event.remove(engine.db.sync_engine, "commit", _count)
+    assert commits <= 5, f"{commits} transactions for 501 reports"
+    log = await engine.archive.read(engine.archive.path_for(task.id, run_id))
+    assert log == b"x\n" * 500
+
+
+async def test_invalid_requests_and_unknown_ids(engine: Engine) -> None:
+    with pytest.raises(InvalidInput, match="ghost"):
+        await engine.tasks.create_task(_request(hosts=("ghost",)))
+    with pytest.raises(NotFound):
+        await engine.tasks.get_task("nope")
+    with pytest.raises(NotFound):
+        await engine.hosts.get_host("nope")
+
+
+async def test_idempotency_key_returns_the_first_task(engine: Engine) -> None:
+    request = TaskRequest(command="true", targets=Targets(hosts=("web-1",)), idempotency_key="k-1")
+    first = await engine.tasks.create_task(request)
+    second = await engine.tasks.create_task(request)
+    assert first.id == second.id
