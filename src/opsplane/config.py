@@ -49,7 +49,7 @@ class Settings(BaseSettings):
     default_timeout: int = Field(default=600, gt=0)
     output_cap: int = Field(default=64 * 1024, gt=0)
     ingest_batch_size: int = Field(default=1000, gt=0)
-    ingest_flush_interval: float = Field(default=0.05, gt=0)
+    ingest_linger: float = Field(default=0.0, ge=0)
     bootstrap_admin_token: str | None = None
 
     @field_validator("listen", "grpc_listen")

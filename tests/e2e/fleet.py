@@ -44,7 +44,6 @@ def child_env(**extra: str) -> dict[str, str]:
     env.update(
         OPSPLANE_HEARTBEAT_INTERVAL="1",
         OPSPLANE_LOST_GRACE="3",
-        OPSPLANE_INGEST_FLUSH_INTERVAL="0.02",
         PYTHONUNBUFFERED="1",
     )
     env.update(extra)

@@ -49,7 +49,7 @@ class Engine:
             self.write,
             self.archive,
             batch_size=settings.ingest_batch_size,
-            flush_interval=settings.ingest_flush_interval,
+            linger=settings.ingest_linger,
         )
         self.dispatcher = Dispatcher(self.write, self.links)
         self.tasks = TaskService(

@@ -35,14 +35,14 @@ class Ingest:
         archive: LogArchive,
         *,
         batch_size: int,
-        flush_interval: float,
+        linger: float,
         history_every: timedelta = timedelta(seconds=60),
         retry_for: float = 30.0,
     ) -> None:
         self._write = write
         self._archive = archive
         self._batch_size = batch_size
-        self._flush_interval = flush_interval
+        self._linger = linger
         self._history_every = history_every
         self._retry_for = retry_for
         self._queue: asyncio.Queue[_Item] = asyncio.Queue(maxsize=batch_size * 20)
@@ -70,18 +70,21 @@ class Ingest:
         return future
 
     async def _loop(self) -> None:
+        # Group commit: a batch is whatever queued up while the previous one was being written,
+        # so one lone report is written at once and a flood is written in large transactions.
+        # ``linger`` optionally waits a little longer for company.
         loop = asyncio.get_running_loop()
         while True:
             batch = [await self._queue.get()]
-            deadline = loop.time() + self._flush_interval
-            while len(batch) < self._batch_size:
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    break
-                try:
-                    batch.append(await asyncio.wait_for(self._queue.get(), remaining))
-                except TimeoutError:
-                    break
+            if self._linger > 0:
+                deadline = loop.time() + self._linger
+                while len(batch) < self._batch_size and (remaining := deadline - loop.time()) > 0:
+                    try:
+                        batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+                    except TimeoutError:
+                        break
+            while len(batch) < self._batch_size and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
             try:
                 await self._flush_with_retry(batch)
             finally:

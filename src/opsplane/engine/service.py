@@ -102,7 +102,13 @@ class TaskService:
                             updated_at=utcnow(),
                         )
                     )
-                changes.add_event(task_id, "task", task_view(task))
+                to_send: list[Dispatch] = []
+                if request.start:
+                    task.status = move_task(task.status, TaskStatus.RUNNING)
+                    task.started_at = utcnow()
+                    to_send = await self._mark_pending_runs(changes, task)
+                else:
+                    changes.add_event(task_id, "task", task_view(task))
         except IntegrityError:
             # Two requests with one Idempotency-Key raced; the other one created the task.
             if request.idempotency_key:
@@ -111,7 +117,8 @@ class TaskService:
                     return existing
             raise
         if request.start:
-            return await self.start_task(task_id)
+            await self._dispatcher.send(to_send)
+            return await self.get_task(task_id)
         return task
 
     async def _by_idempotency_key(self, key: str) -> TaskRow | None:
