@@ -217,3 +217,25 @@ def test_health_readiness_and_openapi(fleet: Fleet) -> None:
         assert client.get("/readyz").status_code == 200
         assert "/api/v1/tasks/{task_id}/events" in client.get("/openapi.json").json()["paths"]
         assert client.get("/docs").status_code == 200
+
+
+def test_fleet_stream_sends_host_changes_and_summary(fleet: Fleet) -> None:
+    seen: dict[str, object] = {}
+    with (
+        httpx.Client(timeout=15) as client,
+        client.stream("GET", f"{fleet.url}/api/v1/fleet/events") as response,
+    ):
+        assert response.status_code == 200
+        event = ""
+        for line in response.iter_lines():
+            if line.startswith("event:"):
+                event = line[6:].strip()
+            elif line.startswith("data:"):
+                seen.setdefault(event, json.loads(line[5:]))
+            if "host" in seen and "summary" in seen:
+                break
+    host, summary = seen["host"], seen["summary"]
+    assert isinstance(host, dict) and host["status"] == "online" and host["cpu_usage"] is not None
+    assert isinstance(summary, dict) and summary["online"] == 3 and summary["total"] == 3
+    with fleet.client() as client:
+        assert client.get("/api/v1/fleet/summary").json()["online"] == 3

@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from opsplane.api.errors import install_error_handlers
-from opsplane.api.routers import health, hosts, tasks
+from opsplane.api.routers import fleet, health, hosts, tasks
 from opsplane.config import Settings
 from opsplane.engine.core import Engine
 from opsplane.transport.grpc.server import GrpcLink
@@ -47,4 +47,5 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(tasks.router)
     app.include_router(hosts.router)
+    app.include_router(fleet.router)
     return app

@@ -92,6 +92,7 @@ class Changes:
         self.session = session
         self._event_rows: list[TaskEventRow] = []
         self._touched: set[str] = set()
+        self.hosts_changed: set[str] = set()
 
     def move(self, run: RunRow, new: RunStatus, **fields: Any) -> bool:
         """Move ``run`` to ``new`` and set ``fields``; False (and no change) when illegal.
@@ -125,6 +126,10 @@ class Changes:
         self._event_rows.append(row)
         if kind == "run":
             self._touched.add(task_id)
+
+    def host_changed(self, name: str) -> None:
+        """Tell live fleet subscribers that this host's row changed."""
+        self.hosts_changed.add(name)
 
     def touch(self, task_id: str) -> None:
         self._touched.add(task_id)

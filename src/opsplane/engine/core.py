@@ -79,6 +79,7 @@ class Engine:
             yield changes
             await changes.settle()
         self.hub.publish(changes.events)
+        self.hub.publish_hosts(changes.hosts_changed)
 
     async def start(self) -> None:
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)

@@ -50,6 +50,7 @@ class HostService:
             host.status = "online"
             host.last_seen_at = now
             host.connected_at = now
+            changes.host_changed(host.name)
             known = hello.running_run_ids | hello.finished_run_ids
             runs = await queries.runs_in_status(
                 changes.session, IN_FLIGHT_RUN_STATUSES, host=hello.hostname
@@ -69,6 +70,7 @@ class HostService:
             host = await queries.get_host(changes.session, hostname)
             if host is not None and host.link == link:
                 host.status = "offline"
+                changes.host_changed(hostname)
         log.info("host %s disconnected from %s", hostname, link)
 
     async def get_host(self, name: str) -> HostRow:
@@ -77,6 +79,21 @@ class HostService:
         if host is None:
             raise NotFound(f"host {name} not found")
         return host
+
+    async def hosts_named(self, names: set[str]) -> list[HostRow]:
+        async with self._sessions() as session:
+            hosts = await queries.hosts_by_name(session, names)
+        return [hosts[name] for name in sorted(hosts)]
+
+    async def fleet_summary(self) -> dict[str, int]:
+        """Hosts by status and the number of running tasks, for dashboards."""
+        async with self._sessions() as session:
+            by_status = await queries.host_status_counts(session)
+            running = await queries.count_tasks(session, "running")
+        summary = {status: by_status.get(status, 0) for status in ("online", "offline", "unknown")}
+        summary["total"] = sum(by_status.values())
+        summary["running_tasks"] = running
+        return summary
 
     async def list_hosts(
         self, *, status: str | None, group: str | None, page: int, size: int

@@ -21,10 +21,40 @@ class Subscription:
         self.overflowed = asyncio.Event()
 
 
+class HostSubscription:
+    """Names of hosts changed since the subscriber last looked: coalesced, so memory is bounded
+    by the fleet size however fast heartbeats arrive."""
+
+    def __init__(self) -> None:
+        self.changed: set[str] = set()
+        self.wakeup = asyncio.Event()
+
+    def take(self) -> set[str]:
+        names, self.changed = self.changed, set()
+        self.wakeup.clear()
+        return names
+
+
 class EventHub:
     def __init__(self, queue_size: int = 10_000) -> None:
         self._queue_size = queue_size
         self._subscribers: defaultdict[str, set[Subscription]] = defaultdict(set)
+        self._host_subscribers: set[HostSubscription] = set()
+
+    def subscribe_hosts(self) -> HostSubscription:
+        subscription = HostSubscription()
+        self._host_subscribers.add(subscription)
+        return subscription
+
+    def unsubscribe_hosts(self, subscription: HostSubscription) -> None:
+        self._host_subscribers.discard(subscription)
+
+    def publish_hosts(self, names: set[str]) -> None:
+        if not names:
+            return
+        for subscription in self._host_subscribers:
+            subscription.changed |= names
+            subscription.wakeup.set()
 
     def subscribe(self, task_id: str) -> Subscription:
         subscription = Subscription(task_id, self._queue_size)

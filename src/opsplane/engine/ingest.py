@@ -209,5 +209,6 @@ class Ingest:
                         disk_usage=beat.disk_usage,
                     )
                 )
-        known = await queries.hosts_by_name(changes.session, latest)
+        known = await queries.known_host_names(changes.session, latest)
         await queries.bulk_update_hosts(changes.session, [v for v in values if v["name"] in known])
+        changes.hosts_changed |= known

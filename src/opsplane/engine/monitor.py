@@ -66,6 +66,7 @@ class Monitor:
                 changes.session, now - self._silence_limit
             ):
                 host.status = "offline"
+                changes.host_changed(host.name)
                 log.info("host %s is offline: no heartbeat since %s", host.name, host.last_seen_at)
             gone = await queries.offline_hosts_seen_before(changes.session, now - self._lost_grace)
             if gone:

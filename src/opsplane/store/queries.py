@@ -111,6 +111,25 @@ async def hosts_by_name(session: AsyncSession, names: Iterable[str]) -> dict[str
     return {row.name: row for row in rows}
 
 
+async def known_host_names(session: AsyncSession, names: Iterable[str]) -> set[str]:
+    wanted = list(set(names))
+    if not wanted:
+        return set()
+    return set(
+        (await session.execute(select(HostRow.name).where(HostRow.name.in_(wanted)))).scalars()
+    )
+
+
+async def host_status_counts(session: AsyncSession) -> dict[str, int]:
+    stmt = select(HostRow.status, func.count()).group_by(HostRow.status)
+    return {status: count for status, count in await session.execute(stmt)}
+
+
+async def count_tasks(session: AsyncSession, status: str) -> int:
+    stmt = select(func.count()).select_from(TaskRow).where(TaskRow.status == status)
+    return int((await session.execute(stmt)).scalar_one())
+
+
 async def all_hosts(session: AsyncSession) -> list[HostRow]:
     return list((await session.execute(select(HostRow).order_by(HostRow.name))).scalars())
 
