@@ -51,6 +51,8 @@ class Settings(BaseSettings):
     ingest_batch_size: int = Field(default=1000, gt=0)
     ingest_linger: float = Field(default=0.0, ge=0)
     bootstrap_admin_token: str | None = None
+    # The control plane's own host, which runs catalog scripts; distinct from any agent's name.
+    local_host: str = "control-plane"
 
     @field_validator("listen", "grpc_listen")
     @classmethod

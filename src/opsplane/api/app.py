@@ -9,9 +9,11 @@ from fastapi import FastAPI
 
 from opsplane.api.errors import install_error_handlers
 from opsplane.api.routers import fleet, health, hosts, tasks
+from opsplane.api.web import mount_web
 from opsplane.config import Settings
 from opsplane.engine.core import Engine
 from opsplane.transport.grpc.server import GrpcLink
+from opsplane.transport.local import LocalLink
 
 
 def build_engine(settings: Settings) -> Engine:
@@ -22,7 +24,7 @@ def build_engine(settings: Settings) -> Engine:
         tls_cert=settings.grpc_tls_cert,
         tls_key=settings.grpc_tls_key,
     )
-    return Engine(settings, [grpc_link])
+    return Engine(settings, [grpc_link, LocalLink(settings.local_host)])
 
 
 def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
@@ -48,4 +50,5 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     app.include_router(tasks.router)
     app.include_router(hosts.router)
     app.include_router(fleet.router)
+    mount_web(app)
     return app

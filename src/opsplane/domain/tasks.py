@@ -11,6 +11,44 @@ MAX_TIMEOUT_SECONDS = 7 * 24 * 3600
 
 
 @dataclass(frozen=True)
+class ExecSpec:
+    """How a run executes when it is more than a shell command line: an argv run without a
+    shell, or an in-process handler with arguments. Environment and working directory apply
+    to both."""
+
+    argv: tuple[str, ...] | None = None
+    handler: str | None = None
+    args: tuple[str, ...] = ()
+    env: dict[str, str] = field(default_factory=dict)
+    cwd: str | None = None
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "argv": list(self.argv) if self.argv is not None else None,
+            "handler": self.handler,
+            "args": list(self.args),
+            "env": dict(self.env),
+            "cwd": self.cwd,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, object] | None) -> ExecSpec:
+        if not data:
+            return cls()
+        argv = data.get("argv")
+        args = data.get("args") or []
+        env = data.get("env") or {}
+        assert isinstance(args, list) and isinstance(env, dict)
+        return cls(
+            argv=tuple(str(a) for a in argv) if isinstance(argv, list) else None,
+            handler=str(data["handler"]) if data.get("handler") else None,
+            args=tuple(str(a) for a in args),
+            env={str(k): str(v) for k, v in env.items()},
+            cwd=str(data["cwd"]) if data.get("cwd") else None,
+        )
+
+
+@dataclass(frozen=True)
 class TaskRequest:
     command: str
     targets: Targets
@@ -20,10 +58,17 @@ class TaskRequest:
     start: bool = True
     created_by: str = "anonymous"
     idempotency_key: str | None = None
-    env: dict[str, str] = field(default_factory=dict)
+    kind: str = "command"
+    spec: ExecSpec | None = None
 
     def validated(self, default_timeout: int) -> TaskRequest:
         """A copy with defaults filled in, or InvalidInput saying what is wrong."""
+        if self.kind not in ("command", "script"):
+            raise InvalidInput(f"kind must be command or script, got {self.kind!r}")
+        if self.kind == "script" and (
+            self.spec is None or (not self.spec.argv and not self.spec.handler)
+        ):
+            raise InvalidInput("a script task needs an argv or a handler")
         if not self.command.strip():
             raise InvalidInput("command must not be empty")
         if "\x00" in self.command:
@@ -45,7 +90,8 @@ class TaskRequest:
             start=self.start,
             created_by=self.created_by,
             idempotency_key=self.idempotency_key,
-            env=self.env,
+            kind=self.kind,
+            spec=self.spec,
         )
 
 

@@ -15,7 +15,7 @@ from contextlib import asynccontextmanager
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from opsplane.config import Settings
-from opsplane.domain.states import RunStatus, TaskStatus
+from opsplane.domain.states import TERMINAL_TASK_STATUSES, RunStatus, TaskStatus
 from opsplane.engine.archive import LogArchive
 from opsplane.engine.changes import Changes
 from opsplane.engine.dispatcher import Dispatcher
@@ -27,6 +27,7 @@ from opsplane.engine.service import TaskService
 from opsplane.store import queries
 from opsplane.store.database import create_engine, session_factory
 from opsplane.store.migrate import upgrade_to_head
+from opsplane.store.tables import TaskRow
 from opsplane.transport.base import AgentHello, HostReport, Link
 
 log = logging.getLogger(__name__)
@@ -120,6 +121,23 @@ class Engine:
         for task_id in running:
             log.info("recovery: dispatching pending runs of task %s", task_id)
             await self.tasks.dispatch_pending(task_id)
+
+    async def wait_task(self, task_id: str) -> TaskRow:
+        """The task once it has ended (bound the wait with ``asyncio.timeout`` at the caller)."""
+        subscription = self.hub.subscribe(task_id)
+        try:
+            while True:
+                task = await self.tasks.get_task(task_id)
+                if task.status in TERMINAL_TASK_STATUSES:
+                    return task
+                # Woken by the task's own events; the timeout is a backstop if the hub dropped
+                # this subscriber for falling behind.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(1.0):
+                        while (await subscription.queue.get()).kind != "task":
+                            pass
+        finally:
+            self.hub.unsubscribe(subscription)
 
     # LinkEvents -------------------------------------------------------------------------
 

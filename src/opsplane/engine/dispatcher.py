@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from opsplane.domain.errors import TransportError
 from opsplane.domain.states import RunStatus
+from opsplane.domain.tasks import ExecSpec
 from opsplane.engine.changes import Changes
 from opsplane.store import queries
 from opsplane.store.tables import RunRow, TaskRow, utcnow
@@ -46,6 +47,7 @@ class Dispatcher:
         """Within the caller's transaction: runs whose host is reachable become ``dispatched``,
         the others ``undeliverable``. Returns what to send once the transaction commits."""
         now = utcnow()
+        spec = ExecSpec.from_json(task.spec)
         to_send: list[Dispatch] = []
         for run in runs:
             link_name = link_of.get(run.host, "grpc")
@@ -62,6 +64,11 @@ class Dispatcher:
                 command=task.command,
                 timeout=task.timeout,
                 user=task.created_by,
+                env=spec.env,
+                argv=spec.argv,
+                handler=spec.handler,
+                args=spec.args,
+                cwd=spec.cwd,
             )
             to_send.append(Dispatch(link_name, run.host, envelope))
         return to_send

@@ -13,7 +13,7 @@ from opsplane.domain.states import IN_FLIGHT_RUN_STATUSES, RunStatus
 from opsplane.engine.changes import Changes
 from opsplane.store import queries
 from opsplane.store.tables import HostRow, utcnow
-from opsplane.transport.base import AgentHello
+from opsplane.transport.base import LOCAL_LINK, AgentHello
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ class HostService:
     async def fleet_summary(self) -> dict[str, int]:
         """Hosts by status and the number of running tasks, for dashboards."""
         async with self._sessions() as session:
-            by_status = await queries.host_status_counts(session)
+            by_status = await queries.host_status_counts(session, exclude_link=LOCAL_LINK)
             running = await queries.count_tasks(session, "running")
         summary = {status: by_status.get(status, 0) for status in ("online", "offline", "unknown")}
         summary["total"] = sum(by_status.values())
@@ -99,6 +99,12 @@ class HostService:
         self, *, status: str | None, group: str | None, page: int, size: int
     ) -> tuple[list[HostRow], int]:
         async with self._sessions() as session:
+            # The control plane's own host runs catalog scripts; it is not part of the fleet.
             return await queries.list_hosts(
-                session, status=status, group=group, offset=(page - 1) * size, limit=size
+                session,
+                status=status,
+                group=group,
+                offset=(page - 1) * size,
+                limit=size,
+                exclude_link=LOCAL_LINK,
             )

@@ -30,7 +30,7 @@ from opsplane.engine.dispatcher import Dispatch, Dispatcher
 from opsplane.engine.ingest import Ingest
 from opsplane.store import queries
 from opsplane.store.tables import RunRow, TaskRow, utcnow
-from opsplane.transport.base import Link, RunFinished
+from opsplane.transport.base import LOCAL_LINK, Link, RunFinished
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,10 @@ class TaskService:
         try:
             async with self._write() as changes:
                 hosts = await queries.all_hosts(changes.session)
+                if request.kind == "command":
+                    # The control plane's own host runs catalog scripts only: an operator's
+                    # shell command never lands on the control plane by targeting.
+                    hosts = [h for h in hosts if h.link != LOCAL_LINK]
                 names = resolve_targets(
                     request.targets, [HostRef(h.name, tuple(h.groups or ())) for h in hosts]
                 )
@@ -73,8 +77,9 @@ class TaskService:
                     id=task_id,
                     name=request.name,
                     description=request.description,
-                    kind="command",
+                    kind=request.kind,
                     command=request.command,
+                    spec=request.spec.to_json() if request.spec else None,
                     targets=asdict(request.targets),
                     timeout=request.timeout,
                     status=TaskStatus.PENDING,

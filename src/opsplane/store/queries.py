@@ -120,8 +120,12 @@ async def known_host_names(session: AsyncSession, names: Iterable[str]) -> set[s
     )
 
 
-async def host_status_counts(session: AsyncSession) -> dict[str, int]:
+async def host_status_counts(
+    session: AsyncSession, *, exclude_link: str | None = None
+) -> dict[str, int]:
     stmt = select(HostRow.status, func.count()).group_by(HostRow.status)
+    if exclude_link:
+        stmt = stmt.where(HostRow.link != exclude_link)
     return {status: count for status, count in await session.execute(stmt)}
 
 
@@ -135,9 +139,17 @@ async def all_hosts(session: AsyncSession) -> list[HostRow]:
 
 
 async def list_hosts(
-    session: AsyncSession, *, status: str | None, group: str | None, offset: int, limit: int
+    session: AsyncSession,
+    *,
+    status: str | None,
+    group: str | None,
+    offset: int,
+    limit: int,
+    exclude_link: str | None = None,
 ) -> tuple[list[HostRow], int]:
     stmt = select(HostRow)
+    if exclude_link:
+        stmt = stmt.where(HostRow.link != exclude_link)
     if status:
         stmt = stmt.where(HostRow.status == status)
     rows = list((await session.execute(stmt.order_by(HostRow.name))).scalars())

@@ -93,6 +93,9 @@ class TaskRow(Base):
     description: Mapped[str] = mapped_column(Text, default="")
     kind: Mapped[str] = mapped_column(String(16), default="command")
     command: Mapped[str] = mapped_column(Text)
+    # How to execute, beyond the command text: argv without a shell, environment, working
+    # directory, or an in-process handler (catalog scripts). None for plain shell commands.
+    spec: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     targets: Mapped[dict[str, Any]] = mapped_column()
     timeout: Mapped[int] = mapped_column(Integer)
     status: Mapped[str] = mapped_column(String(16), index=True)

@@ -15,6 +15,9 @@ from typing import ClassVar, Literal, Protocol
 
 Stream = Literal["stdout", "stderr"]
 
+# The link of the control plane's own host, which runs catalog scripts (transport/local.py).
+LOCAL_LINK = "local"
+
 
 @dataclass(frozen=True)
 class CommandEnvelope:
@@ -28,6 +31,11 @@ class CommandEnvelope:
     env: Mapping[str, str] = field(default_factory=dict)
     user: str = ""
     deliver_by: float | None = None
+    # Set for script tasks: run this argv without a shell, or this in-process handler.
+    argv: tuple[str, ...] | None = None
+    handler: str | None = None
+    args: tuple[str, ...] = ()
+    cwd: str | None = None
 
 
 @dataclass(frozen=True)

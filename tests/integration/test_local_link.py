@@ -1,0 +1,110 @@
+"""Script tasks on the control plane's own host (the local link), through the real engine."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from opsplane.config import load_settings
+from opsplane.domain.errors import InvalidInput
+from opsplane.domain.states import RunStatus, TaskStatus
+from opsplane.domain.targeting import Targets
+from opsplane.domain.tasks import ExecSpec, TaskRequest
+from opsplane.engine.core import Engine
+from opsplane.transport.local import HandlerContext, LocalLink
+
+HOST = "control-plane"
+
+
+async def _counter(context: HandlerContext) -> int:
+    for word in context.args:
+        await context.write(f"{word}\n")
+    if "fail" in context.args:
+        raise RuntimeError("asked to fail")
+    if "hang" in context.args:
+        await asyncio.sleep(60)
+    return 0
+
+
+@pytest.fixture
+async def engine(tmp_path: Path) -> AsyncIterator[Engine]:
+    the_engine = Engine(load_settings(data_dir=tmp_path), [LocalLink(HOST, {"counter": _counter})])
+    await the_engine.start()
+    try:
+        yield the_engine
+    finally:
+        await the_engine.stop()
+
+
+def _script(spec: ExecSpec, command: str = "script", timeout: int | None = None) -> TaskRequest:
+    return TaskRequest(
+        command=command, targets=Targets(hosts=(HOST,)), kind="script", spec=spec, timeout=timeout
+    )
+
+
+async def _finish(engine: Engine, request: TaskRequest) -> tuple[str, RunStatus, str, str]:
+    task = await engine.tasks.create_task(request)
+    async with asyncio.timeout(15):
+        done = await engine.wait_task(task.id)
+    (run,) = await engine.tasks.list_runs(task.id)
+    return done.status, RunStatus(run.status), run.stdout, run.stderr
+
+
+async def test_argv_runs_without_a_shell(engine: Engine, tmp_path: Path) -> None:
+    spec = ExecSpec(argv=("printf", "%s|", "a b", "$HOME", ";ls"), cwd=str(tmp_path))
+    status, run_status, stdout, _ = await _finish(engine, _script(spec))
+    assert (status, run_status, stdout) == (
+        TaskStatus.SUCCEEDED,
+        RunStatus.SUCCEEDED,
+        "a b|$HOME|;ls|",
+    )
+
+
+async def test_environment_reaches_the_child(engine: Engine) -> None:
+    spec = ExecSpec(argv=("sh", "-c", 'echo "$GREETING"'), env={"GREETING": "hi"})
+    assert (await _finish(engine, _script(spec)))[2] == "hi\n"
+
+
+async def test_in_process_handler_runs_as_a_task(engine: Engine) -> None:
+    status, _, stdout, _ = await _finish(
+        engine, _script(ExecSpec(handler="counter", args=("1", "2")))
+    )
+    assert (status, stdout) == (TaskStatus.SUCCEEDED, "1\n2\n")
+    status, run_status, _, stderr = await _finish(
+        engine, _script(ExecSpec(handler="counter", args=("fail",)))
+    )
+    assert (status, run_status) == (
+        TaskStatus.FAILED,
+        RunStatus.FAILED,
+    ) and "asked to fail" in stderr
+    status, run_status, _, _ = await _finish(engine, _script(ExecSpec(handler="nope")))
+    assert run_status == RunStatus.FAILED
+
+
+async def test_handler_timeout_and_cancel(engine: Engine) -> None:
+    timed = await _finish(engine, _script(ExecSpec(handler="counter", args=("hang",)), timeout=1))
+    assert timed[1] == RunStatus.TIMED_OUT
+    task = await engine.tasks.create_task(_script(ExecSpec(handler="counter", args=("hang",))))
+    await asyncio.sleep(0.3)
+    await engine.tasks.cancel_task(task.id)
+    async with asyncio.timeout(10):
+        done = await engine.wait_task(task.id)
+    assert done.status == TaskStatus.CANCELED
+
+
+async def test_script_process_cancel_kills_it(engine: Engine) -> None:
+    task = await engine.tasks.create_task(_script(ExecSpec(argv=("sleep", "30"))))
+    await asyncio.sleep(0.3)
+    await engine.tasks.cancel_task(task.id)
+    async with asyncio.timeout(15):
+        assert (await engine.wait_task(task.id)).status == TaskStatus.CANCELED
+
+
+async def test_shell_commands_cannot_target_the_control_plane_host(engine: Engine) -> None:
+    with pytest.raises(InvalidInput, match="unknown host"):
+        await engine.tasks.create_task(TaskRequest(command="id", targets=Targets(hosts=(HOST,))))
+    hosts, total = await engine.hosts.list_hosts(status=None, group=None, page=1, size=10)
+    assert total == 0 and hosts == []
