@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, field_validator
+from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -32,7 +32,9 @@ def _default_data_dir() -> Path:
 class Settings(BaseSettings):
     """Control-plane and agent settings."""
 
-    model_config = SettingsConfigDict(env_prefix="OPSPLANE_", extra="ignore")
+    # populate_by_name: a field with env aliases (catalog) still takes its own name as a flag
+    # override and as a YAML key.
+    model_config = SettingsConfigDict(env_prefix="OPSPLANE_", extra="ignore", populate_by_name=True)
 
     config_file: Path | None = Field(default=None, description="YAML file with settings")
     data_dir: Path = Field(default_factory=_default_data_dir)
@@ -42,10 +44,14 @@ class Settings(BaseSettings):
     grpc_allow_insecure: bool = False
     grpc_tls_cert: Path | None = None
     grpc_tls_key: Path | None = None
+    # RabbitMQ link (seed 002): off unless a URL is given.
+    amqp_url: str | None = None
 
     heartbeat_interval: float = Field(default=10.0, gt=0)
     offline_after_missed: int = Field(default=3, ge=1)
     lost_grace: float = Field(default=60.0, ge=0)
+    # A dispatched run whose host has not reported it started by then was never received.
+    start_timeout: float = Field(default=60.0, gt=0)
     default_timeout: int = Field(default=600, gt=0)
     output_cap: int = Field(default=64 * 1024, gt=0)
     ingest_batch_size: int = Field(default=1000, gt=0)
@@ -53,6 +59,17 @@ class Settings(BaseSettings):
     bootstrap_admin_token: str | None = None
     # The control plane's own host, which runs catalog scripts; distinct from any agent's name.
     local_host: str = "control-plane"
+    # Seed 004's catalog of external tasks (docs/catalog.md). The seed's own variable
+    # CS_EXTERNAL_TASK works too; a bare CATALOG variable deliberately does not.
+    catalog: Path | None = Field(
+        default=None, validation_alias=AliasChoices("OPSPLANE_CATALOG", "CS_EXTERNAL_TASK")
+    )
+    # Where collected scripts live; default: collect/ next to the catalog file.
+    catalog_collect_dir: Path | None = None
+    # Where <name>.log files go; default: logs_dir.
+    catalog_logs_dir: Path | None = None
+    # Seconds a finished async session stays in /async/query.
+    catalog_session_retention: float = Field(default=3600.0, ge=0)
 
     @field_validator("listen", "grpc_listen")
     @classmethod
@@ -69,6 +86,11 @@ class Settings(BaseSettings):
     @property
     def logs_dir(self) -> Path:
         return self.data_dir / "logs"
+
+    @property
+    def signing_key_path(self) -> Path:
+        """The control plane's Ed25519 key that signs commands (DESIGN §3.3)."""
+        return self.data_dir / "keys" / "control-plane.key"
 
     @classmethod
     def settings_customise_sources(

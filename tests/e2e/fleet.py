@@ -73,7 +73,7 @@ class Fleet:
     def client(self) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=10.0)
 
-    def start_server(self) -> None:
+    def start_server(self, *extra_args: str) -> None:
         with (self.root / "server.log").open("ab") as log:
             self.server = subprocess.Popen(
             [
@@ -81,6 +81,7 @@ class Fleet:
                     "--listen", f"127.0.0.1:{self.http_port}",
                     "--grpc-listen", self.grpc,
                     "--data-dir", str(self.data_dir),
+                    *extra_args,
                 ],
             stdout=log, stderr=subprocess.STDOUT, env=child_env(),
             )  # fmt: skip
@@ -95,7 +96,11 @@ class Fleet:
             wait_for(ready, 30, "the control plane to be ready")
 
     def start_agent(
-        self, name: str, *groups: str, workdir: Path | None = None
+        self,
+        name: str,
+        *groups: str,
+        workdir: Path | None = None,
+        extra_args: tuple[str, ...] = (),
     ) -> subprocess.Popen[bytes]:
         cwd = workdir or (self.root / "work" / name)
         cwd.mkdir(parents=True, exist_ok=True)
@@ -106,6 +111,7 @@ class Fleet:
         ]  # fmt: skip
         for group in groups:
             argv += ["--group", group]
+        argv += extra_args
         with (self.root / f"agent-{name}.log").open("ab") as log:
             process = subprocess.Popen(
                 argv, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env=child_env()

@@ -158,13 +158,17 @@ def new_run_id() -> str:
 
 async def test_hello_then_heartbeats(tmp_path: Path) -> None:
     cp = FakeControlPlane()
-    async with serving(cp) as port, running(make_config(tmp_path, port)):
+    async with serving(cp) as port, running(make_config(tmp_path, port)) as (agent, _):
         hello = await cp.wait_for_hello()
         assert hello.hostname == "test-host"
         assert list(hello.groups) == ["web", "eu"]
         assert dict(hello.labels) == {"env": "test"}
         assert hello.version and hello.os
         assert list(hello.running_run_ids) == list(hello.finished_run_ids) == []
+        assert list(hello.abandoned_run_ids) == []
+        # The agent's own signing key, created on first start.
+        assert hello.public_key == agent.public_key
+        assert (tmp_path / "state" / "agent.pub").read_text().strip() == agent.public_key
 
         beat = await cp.wait_for("heartbeat")
         assert beat.hostname == "test-host" and beat.status == "online"
@@ -338,6 +342,7 @@ async def test_restart_kills_what_an_interrupted_run_left(tmp_path: Path) -> Non
                 hello = await cp.wait_for_hello()
                 await asyncio.wait_for(leftover.wait(), WAIT)
                 assert run_id not in hello.finished_run_ids
+                assert list(hello.abandoned_run_ids) == [run_id]
                 assert Spool(config.state_dir).interrupted() == []
                 await asyncio.sleep(0.2)
                 assert cp.of_kind("command_result", run_id) == []

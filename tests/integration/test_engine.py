@@ -1,8 +1,10 @@
-"""The engine over a real SQLite database, with the in-memory link standing in for agents."""
+"""The engine over every supported database (SQLite, MariaDB, PostgreSQL), each test on a fresh
+database of its own, with the in-memory link standing in for agents."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -15,13 +17,24 @@ from opsplane.domain.states import RunStatus, TaskStatus
 from opsplane.domain.targeting import Targets
 from opsplane.domain.tasks import TaskRequest
 from opsplane.engine.core import Engine
+from opsplane.store import queries
 from opsplane.store.tables import HostRow
 from opsplane.transport.base import HeartbeatReport, RunFinished, RunOutput, RunStarted
 from opsplane.transport.memory import MemoryLink
+from tests.integration.databases import backend_params, throwaway_database
 
 
-def _settings(tmp_path: Path) -> Settings:
-    return load_settings(data_dir=tmp_path, heartbeat_interval=1.0, lost_grace=2.0)
+def _settings(tmp_path: Path, database_url: str) -> Settings:
+    return load_settings(
+        data_dir=tmp_path, database_url=database_url, heartbeat_interval=1.0, lost_grace=2.0
+    )
+
+
+@pytest.fixture(params=backend_params())
+async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    # Migrated ahead of time: the migration itself is tested in test_store_backends.py.
+    async with throwaway_database(request.param, tmp_path, migrated=True) as url:
+        yield url
 
 
 @pytest.fixture
@@ -30,8 +43,8 @@ async def link() -> MemoryLink:
 
 
 @pytest.fixture
-async def engine(tmp_path: Path, link: MemoryLink) -> AsyncIterator[Engine]:
-    the_engine = Engine(_settings(tmp_path), [link])
+async def engine(tmp_path: Path, database_url: str, link: MemoryLink) -> AsyncIterator[Engine]:
+    the_engine = Engine(_settings(tmp_path, database_url), [link])
     await the_engine.start()
     await link.connect("web-1", ["web"])
     await link.connect("web-2", ["web"])
@@ -133,6 +146,9 @@ async def test_reconnecting_agent_that_forgot_a_run_makes_it_lost(
 ) -> None:
     task = await engine.tasks.create_task(_request(groups=("web",)))
     runs = await _runs(engine, task.id)
+    # Started, so its outcome is unknown once the agent forgets it (a run it never received
+    # would be undeliverable instead).
+    await (await engine.report(RunStarted("web-1", runs["web-1"], datetime.now(UTC))))
     await link.disconnect("web-1")
     await link.disconnect("web-2")
     await link.connect("web-1", ["web"])  # restarted: knows nothing
@@ -141,6 +157,22 @@ async def test_reconnecting_agent_that_forgot_a_run_makes_it_lost(
     assert (await engine.tasks.get_run(task.id, runs["web-2"])).status == RunStatus.DISPATCHED
     await engine.tasks.handle_command_result(_finished("web-2", runs["web-2"]))
     assert await engine.tasks.get_task_status(task.id) == TaskStatus.FAILED
+
+
+async def test_reconnecting_agent_that_never_received_a_run_makes_it_undeliverable(
+    engine: Engine, link: MemoryLink
+) -> None:
+    task = await engine.tasks.create_task(_request(groups=("web",)))
+    runs = await _runs(engine, task.id)
+    await link.disconnect("web-1")
+    await link.disconnect("web-2")
+    # web-1 never accepted its command (the agent records one before running it); web-2's
+    # crashed predecessor had accepted and started it, so its outcome is unknown.
+    await link.connect("web-1", ["web"])
+    await link.connect("web-2", ["web"], abandoned=[runs["web-2"]])
+    never = await engine.tasks.get_run(task.id, runs["web-1"])
+    assert never.status == RunStatus.UNDELIVERABLE and "never received" in (never.error or "")
+    assert (await engine.tasks.get_run(task.id, runs["web-2"])).status == RunStatus.LOST
 
 
 async def test_silent_host_goes_offline_and_its_runs_are_lost_after_the_grace_period(
@@ -209,3 +241,35 @@ async def test_idempotency_key_returns_the_first_task(engine: Engine) -> None:
     first = await engine.tasks.create_task(request)
     second = await engine.tasks.create_task(request)
     assert first.id == second.id
+
+
+async def test_output_with_nul_bytes_and_emoji_is_stored_on_every_database(
+    engine: Engine,
+) -> None:
+    task = await engine.tasks.create_task(_request(hosts=("web-1",)))
+    run_id = (await _runs(engine, task.id))["web-1"]
+    await (await engine.report(RunStarted("web-1", run_id, datetime.now(UTC))))
+    text = "héllo 部署 🚀\x00done\n"
+    chunk = text.encode()
+    # Split inside the rocket: the decoder must join the halves of one character.
+    await (await engine.report(RunOutput("web-1", run_id, "stdout", 0, chunk[:16])))
+    await (await engine.report(RunOutput("web-1", run_id, "stdout", 1, chunk[16:])))
+    await engine.tasks.handle_command_result(
+        replace(_finished("web-1", run_id), stdout=text, stderr="\x00", error="e\x00")
+    )
+    # PostgreSQL refuses NUL in text: every database keeps U+FFFD in its place.
+    stored = text.replace("\x00", "\ufffd")
+    run = await engine.tasks.get_run(task.id, run_id)
+    assert (run.status, run.stdout, run.stderr, run.error) == (
+        RunStatus.SUCCEEDED,
+        stored,
+        "\ufffd",
+        "e\ufffd",
+    )
+    async with engine.sessions() as session:
+        events = await queries.events_after(session, task.id, 0, 100)
+    output = "".join(e.data["data"] for e in events if e.kind == "output")
+    assert output == stored
+    assert [e.id for e in events] == sorted({e.id for e in events})
+    # The archive keeps the bytes as the host sent them.
+    assert await engine.archive.read(engine.archive.path_for(task.id, run_id)) == chunk

@@ -168,3 +168,25 @@ def test_lock_tidies_what_a_crash_left(tmp_path: Path) -> None:
         assert not spool.accept(run_id, "t1", {})
     finally:
         spool.unlock()
+
+
+def test_recently_acknowledged_and_abandoned_runs(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    acked, old, abandoned, pending = (new_run_id() for _ in range(4))
+    for run_id in (acked, old, abandoned, pending):
+        spool.accept(run_id, "t1", {})
+    for run_id in (acked, old, pending):
+        spool.finish(run_id, result_for(run_id))
+    spool.acknowledge(acked)
+    spool.acknowledge(old)
+    spool.mark_abandoned(abandoned)
+    # Acknowledged an hour ago.
+    an_hour_ago = time.time() - 3600
+    os.utime(tmp_path / "done" / f"{old}.json", (an_hour_ago, an_hour_ago))
+
+    restarted = Spool(tmp_path)
+    assert restarted.recently_acknowledged(timedelta(minutes=10)) == [acked]
+    assert sorted(restarted.recently_acknowledged(timedelta(hours=2))) == sorted([acked, old])
+    assert restarted.recently_abandoned(timedelta(days=1)) == [abandoned]
+    # A pending result is not "acknowledged", whatever its age.
+    assert pending not in restarted.recently_acknowledged(timedelta(days=1))

@@ -61,3 +61,12 @@ def test_a_request_gets_the_default_timeout_and_a_name_from_its_command() -> Non
     request = TaskRequest(command="uptime\nwho", targets=Targets(all=True)).validated(42)
     assert request.timeout == 42
     assert request.name == "uptime"
+
+
+def test_host_names_refuse_control_characters_whitespace_and_wildcards() -> None:
+    from opsplane.domain.targeting import check_host_name
+
+    assert check_host_name("web-1.example.org") == "web-1.example.org"
+    for bad in ("", "a b", "a\x00b", "a\nb", "cmd.*", "a#b", "a/b", "x" * 256):
+        with pytest.raises(InvalidInput):
+            check_host_name(bad)

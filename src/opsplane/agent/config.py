@@ -8,9 +8,11 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Final
+from urllib.parse import SplitResult, urlsplit
 
 from opsplane.config import is_loopback, split_host_port
 from opsplane.domain.errors import ConfigError
+from opsplane.security.signing import load_public_key
 
 DEFAULT_SERVER: Final = "127.0.0.1:50051"
 _FALLBACK_VERSION: Final = "0.1.0"
@@ -34,6 +36,36 @@ def default_state_dir(name: str) -> Path:
     return Path.home() / ".local" / "share" / "opsplane-agent" / name
 
 
+def mask_url(url: str) -> str:
+    """``url`` with its password replaced by ``******``: what may appear in a log line."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return "<unparsable URL>"
+    if password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    user = parts.username or ""
+    return parts._replace(netloc=f"{user}:******@{host}").geturl()
+
+
+def _split_amqp_url(url: str) -> SplitResult:
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError as e:
+        raise ConfigError(f"amqp_url: {e} in {mask_url(url)}") from e
+    if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
+        raise ConfigError(f"amqp_url must be amqp://… or amqps://…, got {mask_url(url)}")
+    return parts
+
+
+def _routing_word(value: str) -> bool:
+    """Whether ``value`` can be a part of a topic routing key (and of a binding) as itself."""
+    return bool(value) and not ({"*", "#"} & set(value)) and len(value.encode()) <= 200
+
+
 def split_server(server: str) -> tuple[str, int]:
     """Split ``HOST:PORT`` (``[v6]:PORT`` for IPv6) into its parts, or raise ConfigError."""
     try:
@@ -49,6 +81,14 @@ class AgentConfig:
     ``state_dir`` defaults to ``~/.local/share/opsplane-agent/<name>``. Without ``tls_ca`` the
     agent connects in plaintext, which DESIGN §3.1 allows only to a loopback address unless
     ``allow_plaintext`` says otherwise; ``tls_cert``/``tls_key`` add a client certificate.
+
+    With ``amqp_url`` the agent talks to the control plane through RabbitMQ (DESIGN §3.2,
+    docs/amqp.md) instead of dialing ``server``, which is then unused. That link needs
+    ``control_plane_key`` (the pinned public key commands are verified with: base64 text or a
+    file), refuses commands whose ``timestamp`` is more than ``replay_window`` seconds off,
+    and beats every ``heartbeat_interval`` seconds (there is no welcome to learn it from, so it
+    must match the control plane's setting). ``amqp://`` is plaintext and follows the same
+    loopback rule as gRPC; ``amqps://`` is TLS.
     """
 
     server: str = DEFAULT_SERVER
@@ -65,18 +105,25 @@ class AgentConfig:
     kill_grace: float = 5.0
     output_cap: int = 64 * 1024
     version: str = field(default_factory=agent_version)
+    amqp_url: str | None = None
+    control_plane_key: str | None = None
+    replay_window: float = 300.0
+    heartbeat_interval: float = 10.0
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name or self.name in {".", ".."} or "\0" in self.name:
             raise ConfigError(f"agent name must be a plain host name, got {self.name!r}")
         if self.state_dir == _DERIVED:
             object.__setattr__(self, "state_dir", default_state_dir(self.name))
-        host, _ = split_server(self.server)
-        if self.tls_ca is None and not self.allow_plaintext and not is_loopback(host):
-            raise ConfigError(
-                f"refusing plaintext to {self.server}: set tls_ca, or allow_plaintext "
-                "if the network in between is trusted"
-            )
+        if self.amqp_url is not None:
+            self._check_amqp()
+        else:
+            host, _ = split_server(self.server)
+            if self.tls_ca is None and not self.allow_plaintext and not is_loopback(host):
+                raise ConfigError(
+                    f"refusing plaintext to {self.server}: set tls_ca, or allow_plaintext "
+                    "if the network in between is trusted"
+                )
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("tls_cert and tls_key go together")
         if self.tls_cert is not None and self.tls_ca is None:
@@ -92,6 +139,52 @@ class AgentConfig:
             raise ConfigError(f"kill_grace must be zero or more seconds, got {self.kill_grace}")
         if self.output_cap <= 0:
             raise ConfigError(f"output_cap must be a positive byte count, got {self.output_cap}")
+        if not (self.replay_window > 0 and math.isfinite(self.replay_window)):
+            raise ConfigError(f"replay_window must be positive seconds, got {self.replay_window}")
+        if not (self.heartbeat_interval > 0 and math.isfinite(self.heartbeat_interval)):
+            raise ConfigError(
+                f"heartbeat_interval must be positive seconds, got {self.heartbeat_interval}"
+            )
+
+    def _check_amqp(self) -> None:
+        assert self.amqp_url is not None
+        parts = _split_amqp_url(self.amqp_url)
+        if (
+            parts.scheme == "amqp"
+            and not self.allow_plaintext
+            and not is_loopback(parts.hostname or "")
+        ):
+            raise ConfigError(
+                f"refusing plaintext AMQP to {parts.hostname}: use amqps://, or allow_plaintext "
+                "if the network in between is trusted"
+            )
+        if not self.control_plane_key:
+            # Without a pinned key anybody who can publish to sys_cmd_exchange could run
+            # commands here: there is no unsafe default to fall back to.
+            raise ConfigError(
+                "amqp_url needs control_plane_key: the control plane's public key (base64 or "
+                "a file), so that the agent can verify the commands it receives"
+            )
+        # Fails now, with a clear message, rather than at the first command.
+        load_public_key(self.control_plane_key)
+        # Names become words of topic routing keys: a wildcard would bind to other hosts'
+        # commands, so it is refused here rather than filtered later.
+        for word in (self.name, *self.groups):
+            if not _routing_word(word):
+                raise ConfigError(
+                    f"{word!r} cannot be a host or group name on RabbitMQ: it must be "
+                    "non-empty, without '*' or '#', and at most 200 bytes"
+                )
+
+    @property
+    def link(self) -> str:
+        """Which link the agent uses: ``amqp`` or ``grpc``."""
+        return "grpc" if self.amqp_url is None else "amqp"
+
+    @property
+    def endpoint(self) -> str:
+        """Where the agent connects, fit for a log line (an AMQP password is masked)."""
+        return self.server if self.amqp_url is None else mask_url(self.amqp_url)
 
     @property
     def host(self) -> str:

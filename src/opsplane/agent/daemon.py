@@ -9,6 +9,9 @@ Guarantees, resting on the spool (``spool.py``):
 * nothing is left behind: on shutdown running commands are cancelled (their whole process
   group) and their results spooled; after a crash, leftovers of interrupted runs are killed at
   the next start and those runs abandoned (the control plane reports them ``lost``).
+
+The link is gRPC (``grpc_link.py``) or, with ``amqp_url``, RabbitMQ (``amqp_link.py``); both
+speak ``pb.CommandMessage`` to the daemon, so nothing here depends on which one it is.
 """
 
 from __future__ import annotations
@@ -20,9 +23,11 @@ import os
 import platform
 import signal
 import time
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import psutil
 
@@ -31,11 +36,19 @@ from opsplane.agent.grpc_link import GrpcLink
 from opsplane.agent.spool import Spool
 from opsplane.domain.errors import InvalidInput
 from opsplane.execution import Outcome, ProcessResult, ProcessRun, Stream
+from opsplane.security.signing import load_or_create_private_key, public_key_text
 from opsplane.transport.grpc import opsplane_pb2 as pb
 
 logger = logging.getLogger(__name__)
 
 DONE_RETENTION: Final = timedelta(days=7)
+# Acknowledged results still listed as finished in a hello. On RabbitMQ the acknowledgement
+# is the broker's confirm, not the control plane's commit: a result may sit in cmd.result
+# for a while, and the control plane must not take its run for one the agent never had.
+RECENTLY_FINISHED: Final = timedelta(minutes=10)
+# Abandoned runs listed in hellos: long enough to outlive a predecessor that crashed again
+# before it could report them, short enough to keep hellos small.
+ABANDONED_RETENTION: Final = timedelta(days=1)
 _PRUNE_EVERY: Final = 3600.0
 # On shutdown a cancelled command gets kill_grace to go (SIGTERM, then SIGKILL) plus this much
 # for its output to drain and its result to be spooled, before its task is cut short.
@@ -43,6 +56,17 @@ _SHUTDOWN_SLACK: Final = 5.0
 _CREATE_TIME_TOLERANCE: Final = 0.05
 
 DEADLINE_PASSED: Final = "delivery deadline passed before the agent received the command"
+
+
+class _Link(Protocol):
+    """What the daemon needs of a link (gRPC or RabbitMQ)."""
+
+    @property
+    def connected(self) -> bool: ...
+
+    async def send(self, message: pb.CommandMessage, *, droppable: bool = False) -> bool: ...
+
+    async def run(self) -> None: ...
 
 
 @dataclass(eq=False)
@@ -58,13 +82,30 @@ class _Run:
 
 
 class Agent:
-    """One agent daemon: a gRPC link to the control plane, a spool, and the running commands."""
+    """One agent daemon: a link to the control plane, a spool, and the running commands."""
 
     def __init__(self, config: AgentConfig) -> None:
         self._config = config
         self._spool = Spool(config.state_dir)
-        self._link = GrpcLink(config, self)
+        # The agent's own identity: it signs results and heartbeats (DESIGN §3.3).
+        key_path = config.state_dir / "agent.key"
+        self._key, created = load_or_create_private_key(key_path)
+        self._public_key = public_key_text(self._key.public_key())
+        if created:
+            logger.info("created agent key %s (public key %s)", key_path, self._public_key)
+        self._refusals_of: Callable[[], Counter[str]] = Counter
+        self._link: _Link
+        if config.amqp_url is None:
+            self._link = GrpcLink(config, self)
+        else:
+            # Imported here: aio-pika is an optional extra, not needed by gRPC agents.
+            from opsplane.agent.amqp_link import AmqpLink
+
+            amqp = AmqpLink(config, self, signing_key=self._key)
+            self._refusals_of = lambda: amqp.refusals
+            self._link = amqp
         self._running: dict[str, _Run] = {}
+        self._abandoned: list[str] = []
         self._stop = asyncio.Event()
         self._stopping = False
         self._last_prune = 0.0
@@ -84,6 +125,16 @@ class Agent:
         """Runs executing right now."""
         return list(self._running)
 
+    @property
+    def public_key(self) -> str:
+        """The agent's Ed25519 public key (base64), as it sends it in hellos and heartbeats."""
+        return self._public_key
+
+    @property
+    def refusals(self) -> Counter[str]:
+        """Commands refused so far, by reason (a copy; always empty on gRPC)."""
+        return Counter(self._refusals_of())
+
     def request_stop(self) -> None:
         """Make :meth:`run` cancel running commands, spool their results and return.
 
@@ -100,6 +151,8 @@ class Agent:
         self._spool.lock()
         try:
             self._reap_interrupted()
+            # Also those of an earlier crash that a predecessor may not have got to report.
+            self._abandoned = self._spool.recently_abandoned(ABANDONED_RETENTION)
             self._prune()
             link_task = asyncio.create_task(self._link.run(), name="agent-link")
             stop_task = asyncio.create_task(self._stop.wait(), name="agent-stop")
@@ -117,8 +170,18 @@ class Agent:
     # -- LinkHandler ---------------------------------------------------------------------
 
     def hello(self) -> pb.Hello:
-        """The ``pb.Hello`` this agent opens every stream with."""
+        """The ``pb.Hello`` this agent opens every stream (or AMQP connection) with.
+
+        ``finished_run_ids`` holds the results about to be re-sent and, for
+        :data:`RECENTLY_FINISHED`, results already acknowledged (see there why).
+        """
         config = self._config
+        pending = [str(r.get("run_id", "")) for r in self._spool.pending_results()]
+        try:
+            recent = self._spool.recently_acknowledged(RECENTLY_FINISHED)
+        except OSError as exc:
+            logger.warning("cannot list recently finished runs: %s", exc)
+            recent = []
         return pb.Hello(
             hostname=config.name,
             version=config.version,
@@ -126,9 +189,15 @@ class Agent:
             labels=config.labels,
             os=platform.platform(),
             running_run_ids=list(self._running),
-            finished_run_ids=[str(r.get("run_id", "")) for r in self._spool.pending_results()],
+            finished_run_ids=list(dict.fromkeys(pending + recent)),
+            abandoned_run_ids=self._abandoned,
+            public_key=self._public_key,
             timestamp=time.time(),
         )
+
+    def already_seen(self, run_id: str) -> bool:
+        """Whether ``run_id`` was accepted here before (raises InvalidInput if not a run id)."""
+        return self._spool.seen(run_id)
 
     async def on_connected(self) -> None:
         """Re-send every result the control plane has not acknowledged yet."""
@@ -431,10 +500,11 @@ def run_agent(config: AgentConfig) -> None:
             loop.add_signal_handler(sig, agent.request_stop)
         try:
             logger.info(
-                "agent %s (%s) for %s, state in %s",
+                "agent %s (%s) for %s over %s, state in %s",
                 config.name,
                 config.version,
-                config.server,
+                config.endpoint,
+                config.link,
                 config.state_dir,
             )
             await agent.run()

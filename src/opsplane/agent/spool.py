@@ -232,6 +232,19 @@ class Spool:
         key = check_run_id(run_id)
         self._retire(key, run_id, ABANDONED)
 
+    def recently_acknowledged(self, within: timedelta) -> list[str]:
+        """Runs whose result was acknowledged less than ``within`` ago.
+
+        On RabbitMQ the acknowledgement is the broker's publisher confirm, which comes before
+        the control plane has consumed (and stored) the result, so for a while such a run is
+        still "finished, result on its way" from the control plane's point of view.
+        """
+        return self._retired_since(ACKNOWLEDGED, within)
+
+    def recently_abandoned(self, within: timedelta) -> list[str]:
+        """Runs abandoned (interrupted by a crash) less than ``within`` ago."""
+        return self._retired_since(ABANDONED, within)
+
     def prune(self, older_than: timedelta) -> int:
         """Forget done runs older than ``older_than`` (at least a day); returns how many."""
         horizon = time.time() - max(older_than, MIN_RETENTION).total_seconds()
@@ -246,6 +259,30 @@ class Spool:
         return removed
 
     # -- files ---------------------------------------------------------------------------
+
+    def _retired_since(self, state: str, within: timedelta) -> list[str]:
+        """Run ids of done markers in ``state`` written less than ``within`` ago, oldest first.
+
+        The marker's mtime is when it was written (as for :meth:`prune`); only markers recent
+        enough are opened, so a week of done runs costs one stat each.
+        """
+        horizon = time.time() - within.total_seconds()
+        found: list[tuple[float, str]] = []
+        with os.scandir(self._done) as entries:
+            for entry in entries:
+                if not entry.name.endswith(".json") or entry.name.startswith("."):
+                    continue
+                try:
+                    mtime = entry.stat().st_mtime
+                except FileNotFoundError:
+                    continue  # pruned meanwhile
+                if mtime < horizon:
+                    continue
+                marker = self._read(Path(entry.path))
+                if marker is not None and marker.get("state") == state:
+                    found.append((mtime, str(marker.get("run_id") or entry.name[:-5])))
+        found.sort()
+        return [run_id for _, run_id in found]
 
     def _retire(self, key: str, run_id: str, state: str) -> None:
         # Marker first, record second: a crash in between leaves both, which lock() tidies,

@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
 from opsplane.api.errors import install_error_handlers
-from opsplane.api.routers import fleet, health, hosts, tasks
+from opsplane.api.routers import compat_catalog, fleet, health, hosts, tasks
 from opsplane.api.web import mount_web
+from opsplane.catalog import CatalogService, default_registry, load_catalog
 from opsplane.config import Settings
 from opsplane.engine.core import Engine
+from opsplane.security.signing import load_or_create_private_key
+from opsplane.transport.base import Link
 from opsplane.transport.grpc.server import GrpcLink
 from opsplane.transport.local import LocalLink
+
+log = logging.getLogger(__name__)
 
 
 def build_engine(settings: Settings) -> Engine:
@@ -24,17 +30,47 @@ def build_engine(settings: Settings) -> Engine:
         tls_cert=settings.grpc_tls_cert,
         tls_key=settings.grpc_tls_key,
     )
-    return Engine(settings, [grpc_link, LocalLink(settings.local_host)])
+    # The local host runs catalog scripts and the in-process catalog handlers (seed 004).
+    local = LocalLink(settings.local_host, handlers=default_registry.link_handlers())
+    links: list[Link] = [grpc_link, local]
+    if settings.amqp_url:
+        from opsplane.transport.amqp.link import AmqpLink
+
+        key, created = load_or_create_private_key(settings.signing_key_path)
+        if created:
+            log.info("created the command signing key %s", settings.signing_key_path)
+        links.append(
+            AmqpLink(
+                settings.amqp_url,
+                signing_key=key,
+                heartbeat_interval=settings.heartbeat_interval,
+                offline_after_missed=settings.offline_after_missed,
+            )
+        )
+    return Engine(settings, links)
 
 
 def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
+    # Loaded before anything starts: a bad catalog raises CatalogError (a ConfigError) naming
+    # the entry and the reason, and the server refuses to start.
+    catalog = load_catalog(settings.catalog, settings.catalog_collect_dir, default_registry)
     the_engine = engine or build_engine(settings)
+    catalog_service = CatalogService(
+        the_engine,
+        catalog,
+        logs_dir=settings.catalog_logs_dir or settings.logs_dir,
+        retention=settings.catalog_session_retention,
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await the_engine.start()
         try:
-            yield
+            await catalog_service.start()
+            try:
+                yield
+            finally:
+                await catalog_service.stop()
         finally:
             await the_engine.stop()
 
@@ -45,10 +81,13 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.engine = the_engine
+    app.state.catalog_service = catalog_service
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(tasks.router)
     app.include_router(hosts.router)
     app.include_router(fleet.router)
+    # Seed 004's routes live at the root (/list, /sync/…, /async/…): before the web mount.
+    app.include_router(compat_catalog.router)
     mount_web(app)
     return app

@@ -49,6 +49,26 @@ DataDirOpt = Annotated[Path | None, typer.Option(help="data directory (database,
 DatabaseUrlOpt = Annotated[
     str | None, typer.Option(help="SQLAlchemy URL [sqlite in the data directory]")
 ]
+AmqpUrlOpt = Annotated[
+    str | None, typer.Option(help="RabbitMQ URL: enables the RabbitMQ link (seed 002)")
+]
+CatalogOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--catalog",
+        "--external-task-config",
+        help="seed 004 catalog of external tasks (YAML) [env OPSPLANE_CATALOG, CS_EXTERNAL_TASK]",
+    ),
+]
+CatalogCollectDirOpt = Annotated[
+    Path | None, typer.Option(help="where collected catalog scripts live [collect/ by the catalog]")
+]
+CatalogLogsDirOpt = Annotated[
+    Path | None, typer.Option(help="where catalog <name>.log files go [<data dir>/logs]")
+]
+CatalogRetentionOpt = Annotated[
+    float | None, typer.Option(help="seconds a finished async catalog session is kept [3600]")
+]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")]
 
 
@@ -60,29 +80,19 @@ def _settings(**flags: object) -> Settings:
         raise typer.Exit(2) from e
 
 
-def _start_control_plane(
-    mode: str,
-    config: Path | None,
-    listen: str | None,
-    grpc_listen: str | None,
-    data_dir: Path | None,
-    database_url: str | None,
-    verbose: bool,
-) -> None:
+def _start_control_plane(mode: str, verbose: bool, **flags: object) -> None:
     from opsplane.cli import processes
 
-    settings = _settings(
-        config_file=config,
-        listen=listen,
-        grpc_listen=grpc_listen,
-        data_dir=data_dir,
-        database_url=database_url,
-    )
+    settings = _settings(**flags)
     processes.configure_logging(verbose)
-    if mode == "demo":
-        processes.run_demo(settings)
-    else:
-        processes.serve(settings)
+    try:
+        if mode == "demo":
+            processes.run_demo(settings)
+        else:
+            processes.serve(settings)
+    except ConfigError as e:
+        typer.secho(f"error: {e}", fg="red", err=True)
+        raise typer.Exit(2) from e
 
 
 @app.command()
@@ -92,10 +102,28 @@ def server(
     grpc_listen: GrpcListenOpt = None,
     data_dir: DataDirOpt = None,
     database_url: DatabaseUrlOpt = None,
+    amqp_url: AmqpUrlOpt = None,
+    catalog: CatalogOpt = None,
+    catalog_collect_dir: CatalogCollectDirOpt = None,
+    catalog_logs_dir: CatalogLogsDirOpt = None,
+    catalog_session_retention: CatalogRetentionOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Start the control plane: the REST API and the gRPC agent endpoint."""
-    _start_control_plane("server", config, listen, grpc_listen, data_dir, database_url, verbose)
+    _start_control_plane(
+        "server",
+        verbose,
+        config_file=config,
+        listen=listen,
+        grpc_listen=grpc_listen,
+        data_dir=data_dir,
+        database_url=database_url,
+        amqp_url=amqp_url,
+        catalog=catalog,
+        catalog_collect_dir=catalog_collect_dir,
+        catalog_logs_dir=catalog_logs_dir,
+        catalog_session_retention=catalog_session_retention,
+    )
 
 
 @app.command()
@@ -105,11 +133,29 @@ def demo(
     grpc_listen: GrpcListenOpt = None,
     data_dir: DataDirOpt = None,
     database_url: DatabaseUrlOpt = None,
+    amqp_url: AmqpUrlOpt = None,
+    catalog: CatalogOpt = None,
+    catalog_collect_dir: CatalogCollectDirOpt = None,
+    catalog_logs_dir: CatalogLogsDirOpt = None,
+    catalog_session_retention: CatalogRetentionOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Start the control plane on SQLite plus three local agents: demo-1, demo-2 (group web)
     and demo-3 (group db). Ctrl-C stops everything."""
-    _start_control_plane("demo", config, listen, grpc_listen, data_dir, database_url, verbose)
+    _start_control_plane(
+        "demo",
+        verbose,
+        config_file=config,
+        listen=listen,
+        grpc_listen=grpc_listen,
+        data_dir=data_dir,
+        database_url=database_url,
+        amqp_url=amqp_url,
+        catalog=catalog,
+        catalog_collect_dir=catalog_collect_dir,
+        catalog_logs_dir=catalog_logs_dir,
+        catalog_session_retention=catalog_session_retention,
+    )
 
 
 @app.command()
@@ -137,9 +183,42 @@ def agent(
     allow_plaintext: Annotated[
         bool, typer.Option(help="allow plaintext to a non-loopback server (trusted networks)")
     ] = False,
+    amqp_url: Annotated[
+        str | None,
+        typer.Option(
+            "--amqp-url",
+            envvar="OPSPLANE_AGENT_AMQP_URL",
+            help="RabbitMQ URL (amqp://, amqps://): use the RabbitMQ link; --server is unused",
+        ),
+    ] = None,
+    control_plane_key: Annotated[
+        str | None,
+        typer.Option(
+            "--control-plane-key",
+            envvar="OPSPLANE_AGENT_CONTROL_PLANE_KEY",
+            help="the control plane's public key (base64, or a file): required with --amqp-url",
+        ),
+    ] = None,
+    heartbeat_interval: Annotated[
+        float,
+        typer.Option(
+            "--heartbeat-interval",
+            envvar="OPSPLANE_AGENT_HEARTBEAT_INTERVAL",
+            help="seconds between heartbeats on RabbitMQ; must match the control plane's",
+        ),
+    ] = 10.0,
+    replay_window: Annotated[
+        float,
+        typer.Option(
+            "--replay-window",
+            envvar="OPSPLANE_AGENT_REPLAY_WINDOW",
+            help="refuse RabbitMQ commands whose timestamp is further off than this (seconds)",
+        ),
+    ] = 300.0,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Start an agent: dial the control plane, run what it sends, stream results back."""
+    """Start an agent: dial the control plane (or join RabbitMQ with --amqp-url), run what it
+    sends, stream results back."""
     from opsplane.agent.config import AgentConfig
     from opsplane.agent.daemon import run_agent
     from opsplane.cli.processes import configure_logging
@@ -159,6 +238,10 @@ def agent(
             labels=labels,
             tls_ca=tls_ca,
             allow_plaintext=allow_plaintext,
+            amqp_url=amqp_url or None,
+            control_plane_key=control_plane_key or None,
+            heartbeat_interval=heartbeat_interval,
+            replay_window=replay_window,
         )
         if state_dir is not None:
             config = dataclasses.replace(config, state_dir=state_dir)
@@ -166,7 +249,29 @@ def agent(
         typer.secho(f"error: {e}", fg="red", err=True)
         raise typer.Exit(2) from e
     configure_logging(verbose)
-    run_agent(config)
+    try:
+        run_agent(config)
+    except ConfigError as e:  # e.g. an unreadable agent key or a state dir in use
+        typer.secho(f"error: {e}", fg="red", err=True)
+        raise typer.Exit(2) from e
+
+
+keys_app = typer.Typer(no_args_is_help=True)
+app.add_typer(keys_app, name="keys", help="The control plane's command-signing key")
+
+
+@keys_app.command("init")
+def keys_init(config: ConfigOpt = None, data_dir: DataDirOpt = None) -> None:
+    """Create the control plane's Ed25519 signing key (once) and print its public key, which
+    every RabbitMQ agent pins with --control-plane-key."""
+    from opsplane.security.signing import load_or_create_private_key, public_key_text
+
+    settings = _settings(config_file=config, data_dir=data_dir)
+    key, created = load_or_create_private_key(settings.signing_key_path)
+    verb = "created" if created else "already exists"
+    typer.echo(f"signing key {verb}: {settings.signing_key_path}", err=True)
+    typer.echo(f"public key (also in {settings.signing_key_path.with_suffix('.pub')}):", err=True)
+    typer.echo(public_key_text(key.public_key()))
 
 
 def main() -> None:

@@ -18,6 +18,7 @@ import uvicorn
 
 from opsplane.api.app import create_app
 from opsplane.config import Settings, split_host_port
+from opsplane.engine.core import Engine
 
 DEMO_AGENTS = (("demo-1", "web"), ("demo-2", "web"), ("demo-3", "db"))
 
@@ -35,8 +36,9 @@ class _Server(uvicorn.Server):
     """On Ctrl-C, stops the demo's agents first, so they leave while the server still listens
     instead of reconnecting to a server that is going away."""
 
-    def __init__(self, config: uvicorn.Config) -> None:
+    def __init__(self, config: uvicorn.Config, engine: Engine) -> None:
         super().__init__(config)
+        self.engine = engine
         self.agents: list[subprocess.Popen[bytes]] = []
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
@@ -48,16 +50,32 @@ class _Server(uvicorn.Server):
 
 def _uvicorn_server(settings: Settings) -> _Server:
     host, port = split_host_port(settings.listen)
+    app = create_app(settings)
     config = uvicorn.Config(
-        create_app(settings), host=host, port=port, lifespan="on", log_config=None, access_log=False
+        app, host=host, port=port, lifespan="on", log_config=None, access_log=False
     )
-    return _Server(config)
+    return _Server(config, app.state.engine)
+
+
+async def _start_engine(server: _Server) -> None:
+    """Start the engine before uvicorn (whose lifespan then finds it started), so that an
+    unreachable database or broker is one ConfigError line, not a startup traceback."""
+    try:
+        await server.engine.start()
+    except BaseException:
+        await server.engine.stop()
+        raise
+
+
+async def _serve(server: _Server) -> None:
+    await _start_engine(server)
+    await server.serve()
 
 
 def serve(settings: Settings) -> None:
     """Run the control plane until interrupted."""
     server = _uvicorn_server(settings)
-    asyncio.run(server.serve())
+    asyncio.run(_serve(server))
     if not server.started:
         raise typer.Exit(1)
 
@@ -69,6 +87,7 @@ def run_demo(settings: Settings) -> None:
 
 async def _demo(settings: Settings) -> None:
     server = _uvicorn_server(settings)
+    await _start_engine(server)
     serving = asyncio.create_task(server.serve())
     url = f"http://{settings.listen}"
     if not await _wait_ready(url, serving):

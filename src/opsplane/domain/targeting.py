@@ -55,6 +55,17 @@ def resolve_targets(targets: Targets, known: Iterable[HostRef]) -> list[str]:
     return sorted(chosen)
 
 
+def check_host_name(name: str) -> str:
+    """``name`` if it can be a host's name, else InvalidInput. Names are keys in the store and
+    routing-key words on RabbitMQ: no control characters, whitespace, or AMQP wildcards."""
+    if not name or len(name) > 255:
+        raise InvalidInput("a host name must have 1 to 255 characters")
+    bad = sorted({c for c in name if c.isspace() or not c.isprintable() or c in "*#/"})
+    if bad:
+        raise InvalidInput(f"host name {name!r} contains characters not allowed: {bad!r}")
+    return name
+
+
 def normalize_names(names: Sequence[str], what: str) -> tuple[str, ...]:
     """Strip and de-duplicate names, rejecting blanks."""
     cleaned: list[str] = []

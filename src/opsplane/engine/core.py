@@ -68,6 +68,7 @@ class Engine:
             heartbeat_interval=settings.heartbeat_interval,
             offline_after_missed=settings.offline_after_missed,
             lost_grace=settings.lost_grace,
+            start_timeout=settings.start_timeout,
         )
         self._recovery: asyncio.Task[None] | None = None
         self.ready = False
@@ -83,6 +84,10 @@ class Engine:
         self.hub.publish_hosts(changes.hosts_changed)
 
     async def start(self) -> None:
+        """Migrate the database, then start ingest, links, monitor and recovery. Idempotent:
+        the CLI starts the engine before the server so that a bad setting is one clear line."""
+        if self.ready:
+            return
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
         await upgrade_to_head(self.db)
         async with self.write() as changes:

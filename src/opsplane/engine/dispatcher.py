@@ -1,5 +1,9 @@
 """Dispatcher: hands runs to links. A run is marked ``dispatched`` durably before it is sent,
-so a result can never arrive for a run the database still calls pending."""
+so a result can never arrive for a run the database still calls pending.
+
+A task aimed at groups or at all hosts goes out as one message per group (or one broadcast) on a
+link that can fan out (RabbitMQ, DESIGN §3.2), while the engine still tracks one run per host.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +11,15 @@ import asyncio
 import logging
 from collections.abc import Callable, Mapping
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from opsplane.domain.errors import TransportError
 from opsplane.domain.states import RunStatus
 from opsplane.domain.tasks import ExecSpec
 from opsplane.engine.changes import Changes
 from opsplane.store import queries
-from opsplane.store.tables import RunRow, TaskRow, utcnow
-from opsplane.transport.base import CommandEnvelope, Link
+from opsplane.store.tables import HostRow, RunRow, TaskRow, utcnow
+from opsplane.transport.base import CommandEnvelope, Fanout, Link
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +31,23 @@ class Dispatch:
     link: str
     host: str
     envelope: CommandEnvelope
+
+
+@dataclass(frozen=True)
+class LinkFanout:
+    link: str
+    fanout: Fanout
+
+
+@dataclass
+class DispatchPlan:
+    """What to send after commit: single runs and fan-out messages."""
+
+    unicast: list[Dispatch] = field(default_factory=list)
+    fanouts: list[LinkFanout] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.unicast or self.fanouts)
 
 
 class Dispatcher:
@@ -42,15 +63,16 @@ class Dispatcher:
         self._send_slots = asyncio.Semaphore(max_in_flight_sends)
 
     def mark_deliverable(
-        self, changes: Changes, task: TaskRow, runs: list[RunRow], link_of: Mapping[str, str]
-    ) -> list[Dispatch]:
+        self, changes: Changes, task: TaskRow, runs: list[RunRow], hosts: Mapping[str, HostRow]
+    ) -> DispatchPlan:
         """Within the caller's transaction: runs whose host is reachable become ``dispatched``,
         the others ``undeliverable``. Returns what to send once the transaction commits."""
         now = utcnow()
         spec = ExecSpec.from_json(task.spec)
-        to_send: list[Dispatch] = []
+        by_link: dict[str, list[Dispatch]] = {}
         for run in runs:
-            link_name = link_of.get(run.host, "grpc")
+            host = hosts.get(run.host)
+            link_name = host.link if host is not None else "grpc"
             link = self._links.get(link_name)
             if link is None or not link.is_connected(run.host):
                 error = f"host offline: {run.host} has no live {link_name} connection"
@@ -70,15 +92,48 @@ class Dispatcher:
                 args=spec.args,
                 cwd=spec.cwd,
             )
-            to_send.append(Dispatch(link_name, run.host, envelope))
-        return to_send
+            by_link.setdefault(link_name, []).append(Dispatch(link_name, run.host, envelope))
+        plan = DispatchPlan()
+        for link_name, dispatches in by_link.items():
+            if self._links[link_name].supports_fanout:
+                self._plan_fanout(plan, task, dispatches, hosts)
+            else:
+                plan.unicast.extend(dispatches)
+        return plan
 
-    async def send(self, to_send: list[Dispatch]) -> None:
-        """Send committed dispatches; a failed send makes its run ``undeliverable``."""
-        if not to_send:
+    @staticmethod
+    def _plan_fanout(
+        plan: DispatchPlan, task: TaskRow, dispatches: list[Dispatch], hosts: Mapping[str, HostRow]
+    ) -> None:
+        targets = task.targets or {}
+        groups: list[str] = list(targets.get("groups") or [])
+        if targets.get("hosts") or not (targets.get("all") or groups):
+            plan.unicast.extend(dispatches)
             return
-        results = await asyncio.gather(*(self._send_one(item) for item in to_send))
-        failed = {run_id: error for run_id, error in results if error is not None}
+        link = dispatches[0].link
+        template = replace(dispatches[0].envelope, run_id="")
+        remaining = {d.host: d.envelope.run_id for d in dispatches}
+        if targets.get("all"):
+            plan.fanouts.append(LinkFanout(link, Fanout(None, remaining, template)))
+            return
+        for group in groups:
+            # A host in two targeted groups is in the first group's message only.
+            members = {h: r for h, r in remaining.items() if group in (hosts[h].groups or [])}
+            if members:
+                plan.fanouts.append(LinkFanout(link, Fanout(group, members, template)))
+                for name in members:
+                    del remaining[name]
+        plan.unicast.extend(d for d in dispatches if d.host in remaining)
+
+    async def send(self, plan: DispatchPlan) -> None:
+        """Send committed dispatches; a failed send makes its runs ``undeliverable``."""
+        if not plan:
+            return
+        outcomes = await asyncio.gather(
+            *(self._send_one(item) for item in plan.unicast),
+            *(self._send_fanout(item) for item in plan.fanouts),
+        )
+        failed = {run_id: error for batch in outcomes for run_id, error in batch.items()}
         if not failed:
             return
         async with self._write() as changes:
@@ -86,12 +141,24 @@ class Dispatcher:
             for run_id, run in runs.items():
                 changes.move(run, RunStatus.UNDELIVERABLE, error=failed[run_id])
 
-    async def _send_one(self, item: Dispatch) -> tuple[str, str | None]:
+    async def _send_one(self, item: Dispatch) -> dict[str, str]:
         run_id = item.envelope.run_id
         async with self._send_slots:
             try:
                 await self._links[item.link].send_command(item.host, item.envelope)
             except TransportError as e:
                 log.info("could not deliver run %s to %s: %s", run_id, item.host, e)
-                return run_id, f"delivery failed: {e}"
-        return run_id, None
+                return {run_id: f"delivery failed: {e}"}
+        return {}
+
+    async def _send_fanout(self, item: LinkFanout) -> dict[str, str]:
+        async with self._send_slots:
+            try:
+                await self._links[item.link].send_fanout(item.fanout)
+            except TransportError as e:
+                target = f"group {item.fanout.group}" if item.fanout.group else "all hosts"
+                log.info(
+                    "could not deliver task %s to %s: %s", item.fanout.envelope.task_id, target, e
+                )
+                return {run_id: f"delivery failed: {e}" for run_id in item.fanout.run_ids.values()}
+        return {}

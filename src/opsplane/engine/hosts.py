@@ -12,12 +12,15 @@ from opsplane.domain.errors import NotFound
 from opsplane.domain.states import IN_FLIGHT_RUN_STATUSES, RunStatus
 from opsplane.engine.changes import Changes
 from opsplane.store import queries
-from opsplane.store.tables import HostRow, utcnow
+from opsplane.store.tables import HostRow, RunRow, utcnow
 from opsplane.transport.base import LOCAL_LINK, AgentHello
 
 log = logging.getLogger(__name__)
 
-UNKNOWN_TO_AGENT = "the agent reconnected without this run (it restarted or never received it)"
+NEVER_RECEIVED = (
+    "the agent reconnected and never received this command (its queue or stream was gone)"
+)
+UNKNOWN_TO_AGENT = "the agent reconnected without this run (it restarted while the run was going)"
 
 
 class HostService:
@@ -33,7 +36,7 @@ class HostService:
         """Register the host and reconcile its in-flight runs with what the agent reports.
 
         A run the control plane thinks is on the host, but which the agent neither runs nor
-        holds a result for, will never report: it is ``lost`` now rather than after a timeout.
+        holds a result for, will never report: it ends now rather than after a timeout.
         """
         now = utcnow()
         async with self._write() as changes:
@@ -51,19 +54,36 @@ class HostService:
             host.last_seen_at = now
             host.connected_at = now
             changes.host_changed(host.name)
-            known = hello.running_run_ids | hello.finished_run_ids
             runs = await queries.runs_in_status(
                 changes.session, IN_FLIGHT_RUN_STATUSES, host=hello.hostname
             )
-            for run in runs:
-                if run.id not in known:
-                    changes.move(run, RunStatus.LOST, error=UNKNOWN_TO_AGENT)
+            for run in runs if hello.reconcile else ():
+                self._reconcile(changes, run, hello)
         log.info(
             "host %s connected over %s (groups: %s)",
             hello.hostname,
             hello.link,
             ",".join(hello.groups),
         )
+
+    @staticmethod
+    def _reconcile(changes: Changes, run: RunRow, hello: AgentHello) -> None:
+        """End a run the control plane thinks is on the host but the agent does not mention.
+
+        The agent records a command before executing it, so a dispatched run it neither runs,
+        holds a result for, nor abandoned was never executed: ``undeliverable``. A run that had
+        started (or was abandoned by a crashed agent) has an unknown outcome: ``lost``.
+        """
+        if run.id in hello.running_run_ids or run.id in hello.finished_run_ids:
+            return
+        if hello.reconcile_before is not None and (
+            run.dispatched_at is None or run.dispatched_at >= hello.reconcile_before
+        ):
+            return
+        if run.status == RunStatus.DISPATCHED and run.id not in hello.abandoned_run_ids:
+            changes.move(run, RunStatus.UNDELIVERABLE, error=NEVER_RECEIVED)
+        else:
+            changes.move(run, RunStatus.LOST, error=UNKNOWN_TO_AGENT)
 
     async def host_disconnected(self, hostname: str, link: str) -> None:
         async with self._write() as changes:

@@ -121,23 +121,43 @@ class Ingest:
             await self._apply_heartbeats(
                 changes, [r for r in reports if isinstance(r, HeartbeatReport)]
             )
-            run_ids = [r.run_id for r in reports if not isinstance(r, HeartbeatReport)]
-            runs = await queries.runs_by_id(changes.session, run_ids)
-            for report in reports:
-                if isinstance(report, HeartbeatReport):
-                    continue
-                run = runs.get(report.run_id)
-                if run is None or run.host != report.hostname:
+            run_reports = [r for r in reports if not isinstance(r, HeartbeatReport)]
+            find = await self._run_finder(changes, run_reports)
+            for report in run_reports:
+                run = find(report)
+                if run is None:
                     log.warning(
-                        "%s reported on run %s, which is not its run",
+                        "%s reported on run %s (task %s), which is not its run",
                         report.hostname,
                         report.run_id,
+                        report.task_id,
                     )
                     continue
                 chunk = self._apply_run_report(changes, run, report)
                 if chunk is not None:
                     chunks.append(chunk)
         return chunks
+
+    @staticmethod
+    async def _run_finder(
+        changes: Changes, reports: list[RunStarted | RunOutput | RunFinished]
+    ) -> Callable[[RunStarted | RunOutput | RunFinished], RunRow | None]:
+        """Looks up the runs of a batch in two queries: by run id, and by task and host for
+        agents that know only the seed's ``task_id``. A host may only report on its own runs."""
+        by_id = await queries.runs_by_id(changes.session, [r.run_id for r in reports if r.run_id])
+        pairs = {(r.task_id, r.hostname) for r in reports if not r.run_id and r.task_id}
+        by_task_host = await queries.latest_runs_of(changes.session, pairs)
+
+        def find(report: RunStarted | RunOutput | RunFinished) -> RunRow | None:
+            if report.run_id:
+                run = by_id.get(report.run_id)
+            else:
+                run = by_task_host.get((report.task_id or "", report.hostname))
+                if run is not None and report.attempt and run.attempt != report.attempt:
+                    run = None
+            return run if run is not None and run.host == report.hostname else None
+
+        return find
 
     def _apply_run_report(
         self, changes: Changes, run: RunRow, report: RunStarted | RunOutput | RunFinished
@@ -170,12 +190,14 @@ class Ingest:
 
     def _decode(self, run_id: str, stream: str, data: bytes) -> str:
         # Chunks are not aligned to characters; one decoder per stream keeps a multi-byte
-        # character that straddles two chunks intact, and invalid bytes become U+FFFD.
+        # character that straddles two chunks intact, and invalid bytes become U+FFFD. NUL
+        # becomes U+FFFD too, as in the store (PostgreSQL text cannot hold it), so a live event
+        # and its replay from the database are the same text.
         key = (run_id, stream)
         decoder = self._decoders.get(key)
         if decoder is None:
             decoder = self._decoders[key] = codecs.getincrementaldecoder("utf-8")("replace")
-        return decoder.decode(data)
+        return decoder.decode(data).replace("\x00", "\ufffd")
 
     async def _apply_heartbeats(self, changes: Changes, beats: list[HeartbeatReport]) -> None:
         if not beats:

@@ -28,12 +28,14 @@ class Monitor:
         heartbeat_interval: float,
         offline_after_missed: int,
         lost_grace: float,
+        start_timeout: float,
         history_retention: timedelta = timedelta(days=1),
         batch: int = 1000,
     ) -> None:
         self._write = write
         self._silence_limit = timedelta(seconds=heartbeat_interval * offline_after_missed)
         self._lost_grace = timedelta(seconds=lost_grace)
+        self._start_timeout = timedelta(seconds=start_timeout)
         self._history_retention = history_retention
         self._batch = batch
         self._tick = max(0.2, min(1.0, heartbeat_interval / 4))
@@ -80,6 +82,13 @@ class Monitor:
                         RunStatus.LOST,
                         error=f"host {run.host} unreachable for more than {grace}s",
                     )
+            unstarted = await queries.runs_dispatched_before(
+                changes.session, now - self._start_timeout, limit=self._batch
+            )
+            waited = int(self._start_timeout.total_seconds())
+            for run in unstarted:
+                error = f"the host did not start the command within {waited}s of its dispatch"
+                changes.move(run, RunStatus.UNDELIVERABLE, error=error)
             if prune:
                 await changes.session.execute(
                     delete(HeartbeatRow).where(HeartbeatRow.at < now - self._history_retention)

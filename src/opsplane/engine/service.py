@@ -26,7 +26,7 @@ from opsplane.domain.targeting import HostRef, resolve_targets
 from opsplane.domain.tasks import TaskRequest
 from opsplane.engine.archive import LogArchive
 from opsplane.engine.changes import Changes, task_view
-from opsplane.engine.dispatcher import Dispatch, Dispatcher
+from opsplane.engine.dispatcher import Dispatcher, DispatchPlan
 from opsplane.engine.ingest import Ingest
 from opsplane.store import queries
 from opsplane.store.tables import RunRow, TaskRow, utcnow
@@ -107,7 +107,7 @@ class TaskService:
                             updated_at=utcnow(),
                         )
                     )
-                to_send: list[Dispatch] = []
+                to_send = DispatchPlan()
                 if request.start:
                     task.status = move_task(task.status, TaskStatus.RUNNING)
                     task.started_at = utcnow()
@@ -151,11 +151,10 @@ class TaskService:
             to_send = await self._mark_pending_runs(changes, task)
         await self._dispatcher.send(to_send)
 
-    async def _mark_pending_runs(self, changes: Changes, task: TaskRow) -> list[Dispatch]:
+    async def _mark_pending_runs(self, changes: Changes, task: TaskRow) -> DispatchPlan:
         runs = await queries.runs_in_status(changes.session, [RunStatus.PENDING], task_id=task.id)
         hosts = await queries.hosts_by_name(changes.session, [run.host for run in runs])
-        link_of = {name: host.link for name, host in hosts.items()}
-        to_send = self._dispatcher.mark_deliverable(changes, task, runs, link_of)
+        to_send = self._dispatcher.mark_deliverable(changes, task, runs, hosts)
         changes.touch(task.id)
         return to_send
 

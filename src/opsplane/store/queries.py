@@ -7,7 +7,7 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from opsplane.store.tables import HostRow, RunRow, TaskEventRow, TaskRow
@@ -34,7 +34,8 @@ async def list_tasks(
     if status:
         stmt = stmt.where(TaskRow.status == status)
     if name:
-        stmt = stmt.where(TaskRow.name.contains(name, autoescape=True))
+        # Case-insensitive on every backend, as SQLite's LIKE is (PostgreSQL's is not).
+        stmt = stmt.where(TaskRow.name.icontains(name, autoescape=True))
     total = (await session.execute(select(func.count()).select_from(stmt.subquery()))).scalar_one()
     page = stmt.order_by(TaskRow.created_at.desc(), TaskRow.id.desc()).offset(offset).limit(limit)
     return list((await session.execute(page)).scalars()), total
@@ -51,6 +52,23 @@ async def runs_by_id(session: AsyncSession, run_ids: Iterable[str]) -> dict[str,
         return {}
     rows = (await session.execute(select(RunRow).where(RunRow.id.in_(ids)))).scalars()
     return {row.id: row for row in rows}
+
+
+async def latest_runs_of(
+    session: AsyncSession, task_hosts: Iterable[tuple[str, str]]
+) -> dict[tuple[str, str], RunRow]:
+    """The latest attempt of each (task id, host) pair's run."""
+    pairs = list(set(task_hosts))
+    found: dict[tuple[str, str], RunRow] = {}
+    if not pairs:
+        return found
+    # Portable OR of pairs rather than a row-value IN, which not every backend plans well.
+    condition = or_(*(and_(RunRow.task_id == t, RunRow.host == h) for t, h in pairs))
+    for run in (await session.execute(select(RunRow).where(condition))).scalars():
+        key = (run.task_id, run.host)
+        if key not in found or run.attempt > found[key].attempt:
+            found[key] = run
+    return found
 
 
 async def runs_in_status(
@@ -71,6 +89,18 @@ async def runs_in_status(
         stmt = stmt.where(RunRow.task_id == task_id)
     if limit is not None:
         stmt = stmt.limit(limit)
+    return list((await session.execute(stmt)).scalars())
+
+
+async def runs_dispatched_before(
+    session: AsyncSession, before: datetime, *, limit: int
+) -> list[RunRow]:
+    """Runs sent to a host before ``before`` that the host has not reported starting."""
+    stmt = (
+        select(RunRow)
+        .where(RunRow.status == "dispatched", RunRow.dispatched_at < before)
+        .limit(limit)
+    )
     return list((await session.execute(stmt)).scalars())
 
 

@@ -10,7 +10,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     DateTime,
-    Float,
+    Double,
     ForeignKey,
     Index,
     Integer,
@@ -22,6 +22,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeEngine
 
 # Named constraints keep Alembic migrations identical on every database.
 NAMING = {
@@ -33,25 +34,103 @@ NAMING = {
 }
 
 
-class UTCDateTime(TypeDecorator[datetime]):
-    """Timezone-aware UTC datetimes on every backend (SQLite and MySQL drop the zone)."""
+_MYSQL = ("mysql", "mariadb")
+# Every table on MySQL/MariaDB: InnoDB (row locks, foreign keys), utf8mb4 whatever the server's
+# default (anything else loses emoji in output), and DYNAMIC rows, whose 3072-byte index keys
+# fit a utf8mb4 VARCHAR(255) with room to spare. The migration adds a binary, NO PAD collation
+# chosen per server (their names differ), so keys compare as on SQLite and PostgreSQL:
+# ``Web-1`` is not ``web-1`` and ``key `` is not ``key``.
+MYSQL_TABLE = {
+    f"{dialect}_{option}": value
+    for dialect in _MYSQL  # a mariadb:// URL reads only mariadb_ options
+    for option, value in (("engine", "InnoDB"), ("charset", "utf8mb4"), ("row_format", "DYNAMIC"))
+}
 
-    impl = DateTime
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes, to the microsecond, on every backend.
+
+    PostgreSQL stores ``timestamp with time zone``. SQLite and MySQL have no zone, so they store
+    naive UTC; MySQL's DATETIME also drops the fraction unless told otherwise (fsp=6), which would
+    break durations and the order of rows created within one second. Reads always return aware
+    UTC, and a naive value is refused rather than guessed at.
+    """
+
+    impl = DateTime(timezone=True)
     cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
+        if dialect.name in _MYSQL:
+            return mysql.DATETIME(fsp=6)
+        return DateTime(timezone=dialect.name == "postgresql")
 
     def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
         if value is None:
             return None
         if value.tzinfo is None:
             raise ValueError("naive datetime given to a UTC column")
-        return value.astimezone(UTC).replace(tzinfo=None)
+        value = value.astimezone(UTC)
+        return value if dialect.name == "postgresql" else value.replace(tzinfo=None)
 
     def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        return None if value is None else value.replace(tzinfo=UTC)
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
-# Output columns hold up to 2 x 64 KiB plus a marker: MySQL's TEXT stops at 64 KiB.
-LongText = Text().with_variant(mysql.MEDIUMTEXT(), "mysql", "mariadb")
+def without_nul(value: Any) -> Any:
+    """``value`` with U+0000 replaced by U+FFFD in every string, also inside lists and dicts.
+
+    PostgreSQL refuses NUL in text, and output decoded from a host may hold one. Every backend
+    gets the same replacement so that they agree; the log archive keeps the raw bytes.
+    """
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd") if "\x00" in value else value
+    if isinstance(value, dict):
+        return {without_nul(key): without_nul(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [without_nul(item) for item in value]
+    return value
+
+
+class CleanText(TypeDecorator[str]):
+    """Unbounded text without NUL (see ``without_nul``). MEDIUMTEXT on MySQL, whose TEXT stops at
+    64 KiB: less than one run's kept output (2 x 64 KiB plus a marker), or a long script."""
+
+    impl = Text
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
+        return mysql.MEDIUMTEXT() if dialect.name in _MYSQL else Text()
+
+    def process_bind_param(self, value: str | None, dialect: Dialect) -> str | None:
+        return None if value is None else without_nul(value)
+
+
+class CleanString(TypeDecorator[str]):
+    """A VARCHAR of free text (a task's name) without NUL (see ``without_nul``)."""
+
+    impl = String
+    cache_ok = True
+
+    def process_bind_param(self, value: str | None, dialect: Dialect) -> str | None:
+        return None if value is None else without_nul(value)
+
+
+class CleanJSON(TypeDecorator[Any]):
+    """JSON without NUL in its strings (see ``without_nul``): PostgreSQL stores ``\\u0000`` in
+    ``json``, but its operators then fail on the value (``->``, ``->>``) and ``jsonb`` refuses
+    it outright, so data kept for SQL queries must not hold one."""
+
+    impl = JSON
+    cache_ok = True
+    # As JSON does: Python None is stored as JSON null rather than left out of the INSERT.
+    should_evaluate_none = True
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> Any:
+        return without_nul(value)
+
+
 # Autoincrement event ids must be 64-bit on servers but SQLite only autoincrements INTEGER.
 EventId = BigInteger().with_variant(Integer(), "sqlite")
 
@@ -62,11 +141,12 @@ def utcnow() -> datetime:
 
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)
-    type_annotation_map = {datetime: UTCDateTime, dict[str, Any]: JSON, list[str]: JSON}
+    type_annotation_map = {datetime: UTCDateTime, dict[str, Any]: CleanJSON, list[str]: CleanJSON}
 
 
 class HostRow(Base):
     __tablename__ = "hosts"
+    __table_args__ = MYSQL_TABLE
 
     name: Mapped[str] = mapped_column(String(255), primary_key=True)
     link: Mapped[str] = mapped_column(String(16), default="grpc")
@@ -75,10 +155,10 @@ class HostRow(Base):
     status: Mapped[str] = mapped_column(String(16), default="unknown", index=True)
     last_seen_at: Mapped[datetime | None]
     connected_at: Mapped[datetime | None]
-    cpu_usage: Mapped[float | None] = mapped_column(Float)
-    memory_usage: Mapped[float | None] = mapped_column(Float)
-    load: Mapped[float | None] = mapped_column(Float)
-    disk_usage: Mapped[float | None] = mapped_column(Float)
+    cpu_usage: Mapped[float | None] = mapped_column(Double)
+    memory_usage: Mapped[float | None] = mapped_column(Double)
+    load: Mapped[float | None] = mapped_column(Double)
+    disk_usage: Mapped[float | None] = mapped_column(Double)
     agent_version: Mapped[str | None] = mapped_column(String(64))
     os: Mapped[str | None] = mapped_column(String(255))
     public_key: Mapped[str | None] = mapped_column(String(255))
@@ -87,15 +167,16 @@ class HostRow(Base):
 
 class TaskRow(Base):
     __tablename__ = "tasks"
+    __table_args__ = MYSQL_TABLE
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
-    name: Mapped[str] = mapped_column(String(255), index=True)
-    description: Mapped[str] = mapped_column(Text, default="")
+    name: Mapped[str] = mapped_column(CleanString(255), index=True)
+    description: Mapped[str] = mapped_column(CleanText, default="")
     kind: Mapped[str] = mapped_column(String(16), default="command")
-    command: Mapped[str] = mapped_column(Text)
+    command: Mapped[str] = mapped_column(CleanText)
     # How to execute, beyond the command text: argv without a shell, environment, working
     # directory, or an in-process handler (catalog scripts). None for plain shell commands.
-    spec: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    spec: Mapped[dict[str, Any] | None] = mapped_column(CleanJSON, nullable=True)
     targets: Mapped[dict[str, Any]] = mapped_column()
     timeout: Mapped[int] = mapped_column(Integer)
     status: Mapped[str] = mapped_column(String(16), index=True)
@@ -111,7 +192,7 @@ class TaskRow(Base):
 
 class RunRow(Base):
     __tablename__ = "runs"
-    __table_args__ = (Index("ix_runs_host_status", "host", "status"),)
+    __table_args__ = (Index("ix_runs_host_status", "host", "status"), MYSQL_TABLE)
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
     task_id: Mapped[str] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"), index=True)
@@ -119,10 +200,10 @@ class RunRow(Base):
     attempt: Mapped[int] = mapped_column(Integer, default=1)
     status: Mapped[str] = mapped_column(String(16), index=True)
     exit_code: Mapped[int | None] = mapped_column(Integer)
-    stdout: Mapped[str] = mapped_column(LongText, default="")
-    stderr: Mapped[str] = mapped_column(LongText, default="")
+    stdout: Mapped[str] = mapped_column(CleanText, default="")
+    stderr: Mapped[str] = mapped_column(CleanText, default="")
     truncated: Mapped[bool] = mapped_column(Boolean, default=False)
-    error: Mapped[str | None] = mapped_column(Text)
+    error: Mapped[str | None] = mapped_column(CleanText)
     dispatched_at: Mapped[datetime | None]
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
@@ -135,6 +216,7 @@ class TaskEventRow(Base):
     """What the SSE stream of a task replays: run state changes, output chunks, task changes."""
 
     __tablename__ = "task_events"
+    __table_args__ = MYSQL_TABLE
 
     id: Mapped[int] = mapped_column(EventId, primary_key=True, autoincrement=True)
     task_id: Mapped[str] = mapped_column(String(36), index=True)
@@ -148,12 +230,12 @@ class HeartbeatRow(Base):
     """Heartbeat history, bounded by the monitor's retention."""
 
     __tablename__ = "heartbeats"
-    __table_args__ = (Index("ix_heartbeats_host_at", "host", "at"),)
+    __table_args__ = (Index("ix_heartbeats_host_at", "host", "at"), MYSQL_TABLE)
 
     id: Mapped[int] = mapped_column(EventId, primary_key=True, autoincrement=True)
     host: Mapped[str] = mapped_column(String(255))
     at: Mapped[datetime] = mapped_column()
-    cpu_usage: Mapped[float | None] = mapped_column(Float)
-    memory_usage: Mapped[float | None] = mapped_column(Float)
-    load: Mapped[float | None] = mapped_column(Float)
-    disk_usage: Mapped[float | None] = mapped_column(Float)
+    cpu_usage: Mapped[float | None] = mapped_column(Double)
+    memory_usage: Mapped[float | None] = mapped_column(Double)
+    load: Mapped[float | None] = mapped_column(Double)
+    disk_usage: Mapped[float | None] = mapped_column(Double)

@@ -36,6 +36,14 @@ class CommandEnvelope:
     handler: str | None = None
     args: tuple[str, ...] = ()
     cwd: str | None = None
+    # Set for upload tasks: copy this local file or directory (recursively) to remote_path.
+    upload: UploadSpec | None = None
+
+
+@dataclass(frozen=True)
+class UploadSpec:
+    local_path: str
+    remote_path: str
 
 
 @dataclass(frozen=True)
@@ -50,7 +58,14 @@ class AgentHello:
     os: str = ""
     running_run_ids: frozenset[str] = frozenset()
     finished_run_ids: frozenset[str] = frozenset()
+    abandoned_run_ids: frozenset[str] = frozenset()
     public_key: str = ""
+    # Whether the lists above are complete, so that runs missing from them can be ended. A
+    # registration from a plain heartbeat (seed 002 agents) says nothing about runs.
+    reconcile: bool = True
+    # Runs dispatched before this instant are reconciled against the lists above; later ones
+    # may still be on their way to the agent (a queue is not a stream: no ordering with hello).
+    reconcile_before: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -63,26 +78,34 @@ class HeartbeatReport:
     disk_usage: float | None = None
 
 
+# Reports name their run by ``run_id``; an agent that knows only the seed's fields names it by
+# ``task_id`` (and maybe ``attempt``) instead, and the engine finds the host's run of that task.
+
+
 @dataclass(frozen=True)
 class RunStarted:
     hostname: str
-    run_id: str
+    run_id: str | None
     started_at: datetime
+    task_id: str | None = None
+    attempt: int | None = None
 
 
 @dataclass(frozen=True)
 class RunOutput:
     hostname: str
-    run_id: str
+    run_id: str | None
     stream: Stream
     seq: int
     data: bytes
+    task_id: str | None = None
+    attempt: int | None = None
 
 
 @dataclass(frozen=True)
 class RunFinished:
     hostname: str
-    run_id: str
+    run_id: str | None
     status: str
     exit_code: int | None
     stdout: str
@@ -92,6 +115,8 @@ class RunFinished:
     started_at: datetime | None
     finished_at: datetime
     duration_ms: int | None
+    task_id: str | None = None
+    attempt: int | None = None
 
 
 HostReport = HeartbeatReport | RunStarted | RunOutput | RunFinished
@@ -111,10 +136,22 @@ class LinkEvents(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class Fanout:
+    """One message for many hosts: a group's members (``group``), or every host (None)."""
+
+    group: str | None
+    # host name → the run that host is to execute
+    run_ids: Mapping[str, str]
+    envelope: CommandEnvelope  # run_id unused: each host finds its own in run_ids
+
+
 class Link(abc.ABC):
     """A way to reach hosts. Long-lived: ``start`` then ``stop``."""
 
     name: ClassVar[str]
+    # Whether ``send_fanout`` publishes a group or broadcast once instead of once per host.
+    supports_fanout: ClassVar[bool] = False
 
     @abc.abstractmethod
     async def start(self, events: LinkEvents) -> None:
@@ -131,6 +168,10 @@ class Link(abc.ABC):
     @abc.abstractmethod
     async def send_command(self, hostname: str, command: CommandEnvelope) -> None:
         """Deliver a run; raises ``NotConnected`` or ``ConnectionLost``."""
+
+    async def send_fanout(self, fanout: Fanout) -> None:
+        """Deliver one message to a group or to all; raises like ``send_command``."""
+        raise NotImplementedError(f"the {self.name} link cannot fan out")
 
     @abc.abstractmethod
     async def send_cancel(self, hostname: str, task_id: str, run_id: str, reason: str) -> None:

@@ -54,6 +54,7 @@ class MemoryLink(Link):
         *,
         running: Iterable[str] = (),
         finished: Iterable[str] = (),
+        abandoned: Iterable[str] = (),
     ) -> None:
         """Simulate an agent's hello."""
         assert self.events is not None, "start() the link first"
@@ -63,6 +64,7 @@ class MemoryLink(Link):
             groups=tuple(groups),
             running_run_ids=frozenset(running),
             finished_run_ids=frozenset(finished),
+            abandoned_run_ids=frozenset(abandoned),
         )
         await self.events.host_connected(hello)
         self.hosts.setdefault(hostname, MemoryHost())

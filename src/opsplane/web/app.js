@@ -12,7 +12,7 @@
   const TERMINAL_RUN = new Set(["succeeded", "failed", "timed_out", "canceled", "undeliverable", "lost"]);
   const RUN_ORDER = ["running", "dispatched", "pending", "delayed", "succeeded", "failed", "timed_out", "canceled", "undeliverable", "lost"];
   const STATUS_LABEL = { timed_out: "timed out" };
-  const LINK_LABEL = { grpc: "gRPC", amqp: "RabbitMQ", ssh: "SSH" };
+  const LINK_LABEL = { grpc: "gRPC", amqp: "RabbitMQ", ssh: "SSH", local: "Local" };
   const FLEET_PAGE = 100;
   const TASKS_PAGE = 50;
   const RUNS_PAGE = 200;
@@ -349,14 +349,22 @@
   }
 
   function renderPager(nav, page, pages, total, onPage, noun) {
-    nav.replaceChildren();
-    if (pages <= 1) return;
-    const go = (p) => () => onPage(p);
-    nav.append(
-      h("button", { type: "button", class: "btn small", disabled: page <= 1, onclick: go(page - 1), "aria-label": "Previous page" }, "‹ Prev"),
-      h("span", { class: "pager-info" }, `Page ${page.toLocaleString()} of ${pages.toLocaleString()} · ${plural(total, noun)}`),
-      h("button", { type: "button", class: "btn small", disabled: page >= pages, onclick: go(page + 1), "aria-label": "Next page" }, "Next ›"),
-    );
+    if (pages <= 1) {
+      nav.replaceChildren();
+      return;
+    }
+    // The buttons are kept across updates, so that a live refresh never takes the focus away.
+    if (!nav.firstChild) {
+      nav.append(
+        h("button", { type: "button", class: "btn small", "aria-label": "Previous page", onclick: () => nav._go(-1) }, "‹ Prev"),
+        h("span", { class: "pager-info" }),
+        h("button", { type: "button", class: "btn small", "aria-label": "Next page", onclick: () => nav._go(1) }, "Next ›"),
+      );
+    }
+    nav._go = (step) => onPage(Math.min(pages, Math.max(1, page + step)));
+    nav.firstChild.disabled = page <= 1;
+    nav.lastChild.disabled = page >= pages;
+    setText(nav.children[1], `Page ${page.toLocaleString()} of ${pages.toLocaleString()} · ${plural(total, noun)}`);
   }
 
   function bar(value, max, label) {
@@ -528,7 +536,7 @@
     const select = $("fleet-group");
     const groups = groupsOfFleet();
     const want = fleetView.state.group;
-    const key = JSON.stringify([...groups.keys()]) + want;
+    const key = JSON.stringify([...groups.entries(), want]);
     if (select._key === key) return;
     select._key = key;
     const options = [h("option", { value: "" }, "All groups")];
@@ -1153,6 +1161,8 @@
     task: null,
     runs: new Map(),
     rows: new Map(),
+    legend: new Map(),
+    runsVersion: 0,
     source: null,
     term: null,
     filter: "",
@@ -1193,13 +1203,15 @@
   function renderTaskHead() {
     const task = taskView.task;
     if (!task) return;
-    const title = task.name && task.name !== task.command ? task.name : firstLine(task.command);
+    const title = isNamed(task) ? task.name : firstLine(task.command);
     setText($("task-title"), title);
     document.title = `${title} · opsplane`;
     const status = $("task-status");
     status.dataset.status = task.status;
     setText(status, statusLabel(task.status));
     setText($("task-command"), task.command);
+    // A one-line command is already the title; show the block only when it adds something.
+    $("task-command").hidden = !isNamed(task) && !/[\r\n]/.test(task.command.trim()) && task.command.trim().length <= 80;
     const meta = $("task-meta");
     const items = [
       ["Targets", targetsText(task.targets)],
@@ -1217,7 +1229,10 @@
     if (terminal) { cancel.disabled = false; setText(cancel, "Cancel task"); }
     const failed = [...latestRuns().values()].filter((r) => r.status !== "succeeded" && TERMINAL_RUN.has(r.status));
     const rerun = $("task-rerun");
-    rerun.hidden = !terminal || failed.length === 0;
+    // Only a shell command can be sent again as it was; a catalog script task is not one.
+    const isCommand = !task.kind || task.kind === "command";
+    rerun.hidden = !terminal || failed.length === 0 || !isCommand;
+    $("task-edit").hidden = !isCommand;
     setText(rerun, `Re-run on ${failed.length === 1 ? "the failed host" : `${failed.length.toLocaleString()} failed hosts`}`);
 
     const c = task.counts || {};
@@ -1236,20 +1251,36 @@
     progress.setAttribute("aria-valuenow", String(Math.round(percent)));
     progress.setAttribute("aria-valuetext", `${task.progress ? task.progress.finished : 0} of ${total} hosts finished`);
 
-    const legend = $("task-legend");
-    const chips = [h("li", null, h("button", { type: "button", class: "legend-item", "aria-pressed": String(!taskView.filter), onclick: () => setRunFilter("") },
-      h("strong", null, (task.progress ? task.progress.finished : 0).toLocaleString()), ` of ${total.toLocaleString()} finished`))];
-    for (const key of RUN_ORDER) {
-      if (!c[key]) continue;
-      chips.push(h("li", null, h("button", { type: "button", class: "legend-item", dataset: { status: key }, "aria-pressed": String(taskView.filter === key), onclick: () => setRunFilter(taskView.filter === key ? "" : key) },
-        h("span", { class: "dot", dataset: { status: key }, "aria-hidden": "true" }), h("strong", null, c[key].toLocaleString()), ` ${statusLabel(key)}`)));
-    }
-    legend.replaceChildren(...chips);
+    const entries = [{ key: "", count: task.progress ? task.progress.finished : 0 }];
+    for (const key of RUN_ORDER) if (c[key] || taskView.filter === key) entries.push({ key, count: c[key] || 0 });
+    renderKeyed($("task-legend"), taskView.legend, entries, (e) => e.key || "all", (e) => {
+      const button = h("button", { type: "button", class: "legend-item", onclick: () => setRunFilter(e.key && taskView.filter !== e.key ? e.key : "") },
+        e.key ? h("span", { class: "dot", dataset: { status: e.key }, "aria-hidden": "true" }) : null, h("strong"), h("span"));
+      if (e.key) button.dataset.status = e.key;
+      return h("li", null, button);
+    }, (li, e) => {
+      const button = li.firstChild;
+      button.setAttribute("aria-pressed", String(taskView.filter === e.key));
+      setText(button.querySelector("strong"), e.count.toLocaleString());
+      setText(button.lastChild, e.key ? ` ${statusLabel(e.key)}` : ` of ${total.toLocaleString()} finished`);
+    });
   }
 
   function firstLine(text) {
-    const line = (text || "").split("\n")[0];
+    const line = (text || "").trim().split(/\r\n|\r|\n/)[0];
     return line.length > 80 ? `${line.slice(0, 79)}…` : line;
+  }
+
+  /** True when the task has a name of its own, not the one the server derives from the command. */
+  function isNamed(task) {
+    if (!task.name || task.name === task.command) return false;
+    const first = (task.command || "").trim().split(/\r\n|\r|\n/)[0];
+    return task.name !== (first.length <= 80 ? first : `${first.slice(0, 77)}...`);
+  }
+
+  function extraLines(command) {
+    const n = (command || "").trim().split(/\r\n|\r|\n/).length - 1;
+    return n > 0 ? ` (+${plural(n, "line")})` : "";
   }
 
   function setRunFilter(status) {
@@ -1274,7 +1305,7 @@
     return h("tr", { dataset: { run: run.id } },
       h("td", { class: "c-name", "data-label": "Host" }, h("a", { href: `#/hosts/${encodeURIComponent(run.host)}` }, run.host), h("span", { class: "attempt" })),
       h("td", { "data-label": "Status" }, badge(run.status)),
-      h("td", { class: "num mono", "data-label": "Exit" }),
+      h("td", { class: "num", "data-label": "Exit" }),
       h("td", { class: "num", "data-label": "Duration" }),
       h("td", { class: "row-actions" }, outputBtn, logBtn),
     );
@@ -1292,6 +1323,9 @@
     setText(cells[3], runDuration(run));
     const focused = taskView.term && taskView.term.focusRun === run.id;
     tr.classList.toggle("focused", Boolean(focused));
+    // A run that never reached its host has no output to show or download.
+    const never = ["pending", "delayed", "undeliverable"].includes(run.status);
+    for (const button of cells[4].children) button.hidden = never;
     cells[4].firstChild.setAttribute("aria-pressed", String(Boolean(focused)));
     cells[4].firstChild.setAttribute("aria-label", `Output of ${run.host}`);
     cells[4].lastChild.setAttribute("aria-label", `Download the log of ${run.host}`);
@@ -1319,10 +1353,10 @@
 
   function renderOutputHosts() {
     const select = $("output-host");
-    const runs = [...taskView.runs.values()].sort((a, b) => (a.host < b.host ? -1 : a.host > b.host ? 1 : a.attempt - b.attempt));
-    const key = runs.map((r) => r.id).join(",");
+    const key = `${taskView.gen}:${taskView.runsVersion}`;
     if (select._key !== key) {
       select._key = key;
+      const runs = [...taskView.runs.values()].sort((a, b) => (a.host < b.host ? -1 : a.host > b.host ? 1 : a.attempt - b.attempt));
       const options = [h("option", { value: "" }, "All hosts, interleaved")];
       // A select of 10,000 hosts is no help; the row buttons reach every host.
       for (const run of runs.slice(0, 500)) options.push(h("option", { value: run.id }, run.attempt > 1 ? `${run.host} (attempt ${run.attempt})` : run.host));
@@ -1365,7 +1399,11 @@
 
   function mergeRun(data) {
     const id = data.run_id || data.id;
-    const prev = taskView.runs.get(id) || { id, host: data.host, attempt: data.attempt || 1, status: "pending", exit_code: null, duration_ms: null, started_at: null };
+    const known = taskView.runs.get(id);
+    if (!known) taskView.runsVersion++;
+    const prev = known || { id, host: data.host, attempt: data.attempt || 1, status: "pending", exit_code: null, duration_ms: null, started_at: null };
+    // The stream replays history: a run that already ended never steps back to an earlier state.
+    if (known && data.status && TERMINAL_RUN.has(known.status) && !TERMINAL_RUN.has(data.status)) return known;
     const run = { ...prev };
     for (const key of ["host", "attempt", "status", "exit_code", "error", "duration_ms", "started_at"]) {
       if (data[key] !== undefined) run[key] = data[key];
@@ -1377,9 +1415,12 @@
 
   function onTaskEvent(task) {
     const before = taskView.lastStatus;
+    const known = taskView.task;
+    // Replayed history must not show an ended task as running again.
+    if (known && TERMINAL_TASK.has(known.status) && !TERMINAL_TASK.has(task.status)) return;
     taskView.task = task;
     renderTaskHead();
-    if (before && before !== task.status) {
+    if (TERMINAL_TASK.has(task.status) && before && !TERMINAL_TASK.has(before)) {
       const c = task.counts;
       announce(`Task ${statusLabel(task.status)}: ${c.succeeded} of ${c.total} hosts succeeded.`);
     }
@@ -1412,6 +1453,7 @@
         const prev = taskView.runs.get(run.id);
         // Never step back: a live event may be newer than this list.
         if (prev && TERMINAL_RUN.has(prev.status) && !TERMINAL_RUN.has(run.status)) continue;
+        if (!prev) taskView.runsVersion++;
         taskView.runs.set(run.id, { ...prev, ...run });
       }
       renderRuns();
@@ -1430,9 +1472,9 @@
     taskView.lastStatus = null;
     for (const row of taskView.rows.values()) row.remove();
     taskView.rows.clear();
-    taskView.term = new Terminal($("term"));
-    taskView.term.onTrim = () => setStreamState("");
-    $("term").classList.toggle("nowrap", !$("output-wrap").checked);
+    for (const li of taskView.legend.values()) li.remove();
+    taskView.legend.clear();
+    newTerminal();
     setText($("output-title"), "Output");
     setText($("output-note"), "");
     $("output-follow").hidden = true;
@@ -1441,7 +1483,6 @@
     setText($("task-title"), "Task");
     setText($("task-command"), "");
     $("task-meta").replaceChildren();
-    $("task-legend").replaceChildren();
     $("task-progress").replaceChildren();
     $("task-status").dataset.status = "";
     setText($("task-status"), "");
@@ -1464,7 +1505,17 @@
     openTaskStream(gen);
   }
 
-  function openTaskStream(gen) {
+  function newTerminal(focusRun = "") {
+    taskView.term = new Terminal($("term"));
+    taskView.term.onTrim = () => setStreamState("");
+    $("term").classList.toggle("nowrap", !$("output-wrap").checked);
+    if (focusRun) taskView.term.focus(focusRun);
+  }
+
+  function openTaskStream(gen, again = false) {
+    // A stream opened anew replays the task from its first event (an EventSource sends
+    // Last-Event-ID only on its own reconnects): start the output over to avoid doubles.
+    if (again) newTerminal(taskView.term ? taskView.term.focusRun : "");
     const source = stream(`/tasks/${encodeURIComponent(taskView.id)}/events`);
     taskView.source = source;
     source.addEventListener("run", (e) => {
@@ -1492,7 +1543,7 @@
         api(`/tasks/${encodeURIComponent(taskView.id)}`).then((task) => {
           if (gen !== taskView.gen) return;
           onTaskEvent(task);
-          if (!TERMINAL_TASK.has(task.status)) setTimeout(() => { if (gen === taskView.gen && !taskView.source) openTaskStream(gen); }, 3000);
+          if (!TERMINAL_TASK.has(task.status)) setTimeout(() => { if (gen === taskView.gen && !taskView.source) openTaskStream(gen, true); }, 3000);
         }).catch(() => {});
       } else {
         setStreamState("Reconnecting to the live stream…");
@@ -1530,7 +1581,8 @@
     return new Promise((resolve) => {
       dialog.addEventListener("close", () => resolve(dialog.returnValue || "cancel"), { once: true });
       dialog.showModal();
-      $("confirm-ok").focus();
+      // Enter right after opening must not run anything: the safe choice has the focus.
+      dialog.querySelector('button[value="cancel"]').focus();
     });
   }
 
@@ -1547,7 +1599,7 @@
       return;
     }
     if (choice !== "ok") return;
-    const base = task.name && task.name !== task.command ? task.name : "";
+    const base = isNamed(task) ? task.name : "";
     const body = { command: task.command, targets: { hosts }, timeout: task.timeout };
     if (base) body.name = `${base} (re-run on failed)`.slice(0, 255);
     try {
@@ -1618,17 +1670,20 @@
     const b = cells[0].firstChild;
     b.dataset.status = task.status;
     setText(b, statusLabel(task.status));
-    const named = task.name && task.name !== task.command;
-    setText(cells[1].firstChild, named ? task.name : firstLine(task.command));
+    const named = isNamed(task);
+    const link = cells[1].firstChild;
+    setText(link, named ? task.name : firstLine(task.command));
+    link.classList.toggle("is-cmd", !named);
     const cmd = cells[1].lastChild;
-    setText(cmd, named ? firstLine(task.command) : "");
-    cmd.hidden = !named;
+    setText(cmd, named ? firstLine(task.command) + extraLines(task.command) : extraLines(task.command).trim());
+    cmd.hidden = !cmd.textContent;
     setText(cells[2], targetsText(task.targets));
     const c = task.counts || {};
     const bad = (c.failed || 0) + (c.timed_out || 0) + (c.lost || 0) + (c.undeliverable || 0);
     const hosts = cells[3];
     hosts.replaceChildren(h("span", null, `${(c.succeeded || 0).toLocaleString()}/${(c.total || 0).toLocaleString()} ok`));
     if (bad) hosts.append(h("span", { class: "bad" }, ` · ${bad.toLocaleString()} failed`));
+    if (c.canceled) hosts.append(h("span", { class: "muted" }, ` · ${c.canceled.toLocaleString()} canceled`));
     if (c.running) hosts.append(h("span", { class: "info" }, ` · ${c.running.toLocaleString()} running`));
     setText(cells[4], task.created_by);
     const when = task.started_at || task.created_at;
@@ -1739,6 +1794,13 @@
 
   const hostView = { name: null, gen: 0 };
 
+  /** Load has no natural maximum: its bar is relative to the busiest host of the fleet. */
+  function fleetLoadMax(host) {
+    let max = Math.max(1, host.load || 0);
+    for (const other of fleet.hosts.values()) if (other.load > max) max = other.load;
+    return Math.ceil(max);
+  }
+
   function renderHost(host) {
     setText($("host-title"), host.name);
     document.title = `${host.name} · opsplane`;
@@ -1751,7 +1813,7 @@
     const metrics = [
       ["CPU", host.cpu_usage, 100, pct(host.cpu_usage)],
       ["Memory", host.memory_usage, 100, pct(host.memory_usage)],
-      ["Load (1 min)", host.load, Math.max(1, Math.ceil(host.load || 0)), host.load === null || host.load === undefined ? "–" : host.load.toFixed(2)],
+      ["Load (1 min)", host.load, fleetLoadMax(host), host.load === null || host.load === undefined ? "–" : host.load.toFixed(2)],
       ["Disk /", host.disk_usage, 100, pct(host.disk_usage)],
     ];
     $("host-metrics").replaceChildren(...metrics.map(([label, value, max, text]) => {
@@ -1778,33 +1840,36 @@
   function renderChart(name) {
     const samples = samplesOf(name);
     const box = $("host-chart");
-    const W = 600; const H = 140;
+    const W = 600; const H = 150;
     const chart = svg("svg", { viewBox: `0 0 ${W} ${H}`, preserveAspectRatio: "none", role: "img", class: "spark" });
     const last = samples[samples.length - 1];
     const label = samples.length
-      ? `CPU and memory over the last ${duration(last.t - samples[0].t) || "moment"}: ${samples.length} samples, now CPU ${pct(last.cpu)}, memory ${pct(last.mem)}.`
+      ? `CPU and memory over the last ${duration(last.t - samples[0].t) || "moment"}: ${plural(samples.length, "sample")}, now CPU ${pct(last.cpu)}, memory ${pct(last.mem)}.`
       : "No heartbeat received yet.";
     chart.setAttribute("aria-label", label);
-    for (const y of [0.25, 0.5, 0.75]) chart.append(svg("line", { x1: 0, x2: W, y1: H * y, y2: H * y, class: "grid-line", "vector-effect": "non-scaling-stroke" }));
-    if (samples.length) {
-      const t0 = samples[0].t;
-      // At least a minute of width, so the first few points do not stretch across the chart.
-      const span = Math.max(last.t - t0, 60000);
+    for (const y of [0, 0.5, 1]) chart.append(svg("line", { x1: 0, x2: W, y1: 1 + (H - 2) * y, y2: 1 + (H - 2) * y, class: "grid-line", "vector-effect": "non-scaling-stroke" }));
+    // At least a minute of width, so that the first few points do not stretch across the chart.
+    const span = samples.length ? Math.max(last.t - samples[0].t, 60000) : 60000;
+    if (samples.length > 1) {
       const x = (t) => W - ((last.t - t) / span) * W;
-      const y = (v) => H - (Math.max(0, Math.min(100, v)) / 100) * (H - 4) - 2;
-      for (const [key, cls] of [["mem", "line-mem"], ["cpu", "line-cpu"]]) {
-        const points = samples.map((s) => `${x(s.t).toFixed(1)},${y(s[key]).toFixed(1)}`).join(" ");
-        if (samples.length > 1) {
-          chart.append(svg("polyline", { points, class: cls, "vector-effect": "non-scaling-stroke" }));
-        }
+      const y = (v) => H - 1 - (Math.max(0, Math.min(100, v)) / 100) * (H - 2);
+      for (const [key, cls] of [["mem", "mem"], ["cpu", "cpu"]]) {
+        const points = samples.map((p) => `${x(p.t).toFixed(1)},${y(p[key]).toFixed(1)}`);
+        const first = x(samples[0].t).toFixed(1);
+        chart.append(svg("polygon", { points: `${first},${H} ${points.join(" ")} ${W},${H}`, class: `area-${cls}` }));
+        chart.append(svg("polyline", { points: points.join(" "), class: `line-${cls}`, "vector-effect": "non-scaling-stroke" }));
       }
     }
-    box.replaceChildren(chart);
+    box.replaceChildren(
+      h("div", { class: "chart-y", "aria-hidden": "true" }, h("span", null, "100%"), h("span", null, "50%"), h("span", null, "0%")),
+      h("div", { class: "chart-plot" }, chart),
+      h("div", { class: "chart-x", "aria-hidden": "true" }, h("span", null, span < 90000 ? `${Math.round(span / 1000)} s ago` : `${Math.round(span / 60000)} min ago`), h("span", null, "now")),
+    );
     const legend = $("host-chart-legend");
     legend.replaceChildren(
       h("li", { class: "lg-cpu" }, h("span", { class: "swatch", "aria-hidden": "true" }), `CPU ${last ? pct(last.cpu) : "–"}`),
       h("li", { class: "lg-mem" }, h("span", { class: "swatch", "aria-hidden": "true" }), `Memory ${last ? pct(last.mem) : "–"}`),
-      h("li", { class: "lg-span" }, samples.length > 1 ? `${plural(samples.length, "sample")} over ${duration(last.t - samples[0].t)}` : "collecting samples from live heartbeats…"),
+      h("li", { class: "lg-span" }, samples.length > 1 ? `${plural(samples.length, "heartbeat")} over ${duration(last.t - samples[0].t)}` : "collecting live heartbeats…"),
     );
   }
 
@@ -1878,7 +1943,7 @@
 
   function route(focus) {
     const { path, params } = parseHash();
-    if (path === "/" || path === "") {
+    if (path === "/" || path === "" || !location.hash.startsWith("#/")) {
       replaceHash("/fleet");
       return route(focus);
     }
@@ -1909,7 +1974,8 @@
     showView(found.view);
     found.enter(params, arg);
     if (focus) {
-      if (found.name === "run") $("cmd").focus();
+      // On a touch screen, focusing the command box would pop the keyboard up unasked.
+      if (found.name === "run" && !matchMedia("(pointer: coarse)").matches) $("cmd").focus();
       else {
         const heading = document.querySelector(`#${found.view} h1`);
         heading.focus({ preventScroll: true });
@@ -1980,6 +2046,10 @@
   }
 
   function start() {
+    if (matchMedia("(pointer: coarse)").matches) {
+      // Keyboard hints mean nothing on a touch screen.
+      for (const input of document.querySelectorAll("input[placeholder]")) input.placeholder = input.placeholder.replace(/\s*\( \/ \)$/, "");
+    }
     initTheme();
     initFleetView();
     initRunView();

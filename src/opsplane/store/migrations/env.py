@@ -5,6 +5,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import engine_from_config, pool
 
+from opsplane.store.migrate import render_type
 from opsplane.store.tables import Base
 
 config = context.config
@@ -17,6 +18,8 @@ def _run(connection: object) -> None:
         target_metadata=target_metadata,
         render_as_batch=True,  # SQLite needs batch mode to alter tables
         compare_type=True,
+        # New tables also need the MySQL table options of 0001 (its _table_options()).
+        render_item=render_type,
     )
     with context.begin_transaction():
         context.run_migrations()

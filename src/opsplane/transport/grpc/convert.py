@@ -36,6 +36,7 @@ def hello_from_pb(message: pb.Hello) -> AgentHello:
         os=message.os,
         running_run_ids=frozenset(message.running_run_ids),
         finished_run_ids=frozenset(message.finished_run_ids),
+        abandoned_run_ids=frozenset(message.abandoned_run_ids),
         public_key=message.public_key,
     )
 

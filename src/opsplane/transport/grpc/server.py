@@ -18,7 +18,8 @@ import grpc
 from grpc import aio
 
 from opsplane.config import is_loopback, split_host_port
-from opsplane.domain.errors import ConfigError, ConnectionLost, NotConnected
+from opsplane.domain.errors import ConfigError, ConnectionLost, InvalidInput, NotConnected
+from opsplane.domain.targeting import check_host_name
 from opsplane.transport.base import CommandEnvelope, Link, LinkEvents, RunFinished
 from opsplane.transport.grpc import convert
 from opsplane.transport.grpc import opsplane_pb2 as pb
@@ -145,8 +146,10 @@ class GrpcLink(Link, pb_grpc.CommandServiceServicer):  # type: ignore[misc]
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message must be hello")
             return
         hello = convert.hello_from_pb(first.hello)
-        if not hello.hostname:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "hello without hostname")
+        try:
+            check_host_name(hello.hostname)
+        except InvalidInput as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
             return
         stream = _AgentStream(hello.hostname, context)
         previous = self._streams.get(hello.hostname)

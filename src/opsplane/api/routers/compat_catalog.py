@@ -1,0 +1,164 @@
+"""Seed 004's routes, at the root as its clients call them: ``GET /list``,
+``POST /sync/{cluster-type}/{name}``, ``POST /async/{cluster-type}/{name}``,
+``POST /async/query``, ``POST /async/kill``.
+
+Every answer is the seed's envelope ``{"code": 0|1, "data": …, "msg": "…"}``, errors included
+(with a matching HTTP status), so a client written for the seed never sees another shape.
+Bodies are read by hand rather than declared, for the same reason: FastAPI's own validation
+error would not be an envelope.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+
+from opsplane.api.deps import Principal, require_principal
+from opsplane.catalog.registry import BodyError
+from opsplane.catalog.service import CatalogService, CatalogUnavailable
+from opsplane.domain.errors import InvalidInput, NotFound, OpsplaneError
+
+log = logging.getLogger(__name__)
+
+# The dependency on the router is the backstop: a route added here later cannot skip auth.
+router = APIRouter(tags=["catalog (seed 004)"], dependencies=[Depends(require_principal)])
+
+PrincipalDep = Annotated[Principal, Depends(require_principal)]
+
+_ANY_JSON_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": False,
+        "description": "External tasks: a JSON array of strings, appended to the arguments. "
+        "In-process handlers: any JSON value. An empty body means no arguments (null).",
+        "content": {"application/json": {"schema": {}}},
+    }
+}
+_SESSION_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": False,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"session_id": {"type": "string"}},
+                }
+            }
+        },
+    }
+}
+
+
+def envelope(data: Any = "", msg: str = "", *, code: int = 0, status: int = 200) -> JSONResponse:
+    return JSONResponse({"code": code, "data": data, "msg": msg}, status_code=status)
+
+
+def _failure(error: OpsplaneError) -> JSONResponse:
+    if isinstance(error, BodyError):
+        status = error.status
+    elif isinstance(error, NotFound):
+        status = 404
+    elif isinstance(error, InvalidInput):
+        status = 422
+    else:
+        if not isinstance(error, CatalogUnavailable):
+            log.error("catalog call failed: %s", error)
+        status = 503
+    return envelope("", str(error), code=1, status=status)
+
+
+def _service(request: Request) -> CatalogService:
+    service: CatalogService | None = getattr(request.app.state, "catalog_service", None)
+    if service is None:
+        raise CatalogUnavailable("the catalog is not enabled on this server")
+    return service
+
+
+@router.get("/list")
+async def list_routes(request: Request, _principal: PrincipalDep) -> JSONResponse:
+    """Every catalog route: each entry's sync and async route, then the fixed ones."""
+    try:
+        routes = _service(request).catalog.routes()
+    except OpsplaneError as e:
+        return _failure(e)
+    return envelope([{"method": method, "path": path} for method, path in routes])
+
+
+@router.post("/sync/{cluster_type}/{name}", openapi_extra=_ANY_JSON_BODY)
+async def run_sync(
+    cluster_type: str, name: str, request: Request, principal: PrincipalDep
+) -> JSONResponse:
+    """Run the task and answer when it ends: ``data`` is the last line of stdout, ``msg`` the
+    last line of stderr, ``code`` 1 when the run did not succeed."""
+    try:
+        service = _service(request)
+        entry = service.entry(cluster_type, name)
+        body = entry.parse_body(await request.body())
+        result = await service.run_sync(entry, body, principal.name)
+    except OpsplaneError as e:
+        return _failure(e)
+    return envelope(result.data, result.msg, code=result.code)
+
+
+@router.post("/async/query", openapi_extra=_SESSION_BODY)
+async def query_sessions(request: Request, _principal: PrincipalDep) -> JSONResponse:
+    """``{"session_id": "…"}``: that session; no body (or no ``session_id``): all sessions."""
+    try:
+        service = _service(request)
+        session_id = _session_id(await request.body(), required=False)
+        if session_id is None:
+            return envelope([view.to_json() for view in service.query_all()])
+        return envelope(service.query(session_id).to_json())
+    except OpsplaneError as e:
+        return _failure(e)
+
+
+@router.post("/async/kill", openapi_extra=_SESSION_BODY)
+async def kill_session(request: Request, _principal: PrincipalDep) -> JSONResponse:
+    """Kill the session's whole process group; answers once it is done, with the session."""
+    try:
+        service = _service(request)
+        session_id = _session_id(await request.body(), required=True)
+        assert session_id is not None
+        view = await service.kill(session_id)
+    except OpsplaneError as e:
+        return _failure(e)
+    return envelope(view.to_json())
+
+
+# Declared after the fixed /async routes; they could not clash anyway (two segments vs three).
+@router.post("/async/{cluster_type}/{name}", openapi_extra=_ANY_JSON_BODY)
+async def run_async(
+    cluster_type: str, name: str, request: Request, principal: PrincipalDep
+) -> JSONResponse:
+    """Start the task; ``data`` is its session id (also its opsplane task id)."""
+    try:
+        service = _service(request)
+        entry = service.entry(cluster_type, name)
+        body = entry.parse_body(await request.body())
+        session_id = await service.run_async(entry, body, principal.name)
+    except OpsplaneError as e:
+        return _failure(e)
+    return envelope(session_id)
+
+
+def _session_id(raw: bytes, *, required: bool) -> str | None:
+    value: Any = None
+    if raw.strip():
+        try:
+            value = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise BodyError(400, f"body is not valid JSON: {e}") from e
+        if not isinstance(value, dict):
+            raise BodyError(422, 'body must be a JSON object like {"session_id": "…"}')
+        value = value.get("session_id")
+        if value is not None and not isinstance(value, str):
+            raise BodyError(422, "session_id must be a string")
+    if not value:
+        if required:
+            raise BodyError(422, 'body must name the session: {"session_id": "…"}')
+        return None
+    return str(value)

@@ -1,0 +1,1 @@
+"""Signing, keys and (later) users, tokens, roles and audit."""

@@ -1,0 +1,191 @@
+"""The control plane's side of the RabbitMQ link (seed 002, DESIGN §3.2, docs/amqp.md).
+
+Commands are signed, persistent and ``mandatory``: a command nobody can receive comes back and
+its run is ``undeliverable`` at once. Results and heartbeats are acked only after the engine has
+made them durable, so a crash in between means redelivery, never loss; duplicates change nothing.
+Hosts on this link are online while their heartbeats are fresh.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from datetime import UTC, datetime
+from typing import Any, ClassVar
+
+import aio_pika
+import aiormq
+from aio_pika.abc import (
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractRobustConnection,
+)
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from opsplane.domain.errors import ConfigError, ConnectionLost, InvalidInput, NotConnected
+from opsplane.security.signing import sign
+from opsplane.transport.amqp import messages as m
+from opsplane.transport.base import CommandEnvelope, Fanout, HostReport, Link, LinkEvents
+
+log = logging.getLogger(__name__)
+
+PUBLISH_TIMEOUT = 10.0
+# A robust connection that is down or recovering fails a publish in any of these ways.
+_PUBLISH_FAILURES = (
+    TimeoutError,
+    OSError,
+    RuntimeError,
+    aiormq.exceptions.AMQPError,
+    aio_pika.exceptions.AMQPException,
+)
+
+
+def mask_url(url: str) -> str:
+    """The URL with its password replaced, for logs and errors."""
+    scheme, sep, rest = url.partition("://")
+    credentials, at, host = rest.rpartition("@")
+    if not sep or not at or ":" not in credentials:
+        return url
+    user = credentials.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}"
+
+
+class AmqpLink(Link):
+    name: ClassVar[str] = m.LINK_NAME
+    supports_fanout: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        signing_key: Ed25519PrivateKey,
+        heartbeat_interval: float,
+        offline_after_missed: int,
+        prefetch: int = 1000,
+    ) -> None:
+        self._url = url
+        self._key = signing_key
+        self._fresh_for = heartbeat_interval * offline_after_missed
+        self._prefetch = prefetch
+        self._events: LinkEvents | None = None
+        self._connection: AbstractRobustConnection | None = None
+        self._commands: AbstractExchange | None = None
+        self._last_seen: dict[str, float] = {}
+
+    async def start(self, events: LinkEvents) -> None:
+        self._events = events
+        try:
+            self._connection = await aio_pika.connect_robust(self._url, timeout=10)
+        except (TimeoutError, OSError, aiormq.exceptions.AMQPError) as e:
+            raise ConfigError(f"cannot reach RabbitMQ at {mask_url(self._url)}: {e}") from e
+        publish = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
+        self._commands = await publish.declare_exchange(
+            m.CMD_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
+        )
+        consume = await self._connection.channel()
+        await consume.set_qos(prefetch_count=self._prefetch)
+        results = await consume.declare_exchange(
+            m.RESULT_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
+        )
+        monitor = await consume.declare_exchange(
+            m.MONITOR_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
+        )
+        result_queue = await consume.declare_queue(m.RESULT_QUEUE, durable=True)
+        await result_queue.bind(results, m.RESULT_BINDING)
+        heartbeat_queue = await consume.declare_queue(m.HEARTBEAT_QUEUE, durable=True)
+        await heartbeat_queue.bind(monitor, m.HEARTBEAT_KEY)
+        await result_queue.consume(self._on_result)
+        await heartbeat_queue.consume(self._on_heartbeat)
+        log.info("RabbitMQ link up at %s", mask_url(self._url))
+
+    async def stop(self) -> None:
+        if self._connection is not None:
+            with contextlib.suppress(Exception):
+                await self._connection.close()
+            self._connection = None
+        self._events = None
+
+    def is_connected(self, hostname: str) -> bool:
+        seen = self._last_seen.get(hostname)
+        return seen is not None and time.monotonic() - seen < self._fresh_for
+
+    async def send_command(self, hostname: str, command: CommandEnvelope) -> None:
+        await self._publish(m.node_key(hostname), m.command_body(command, time.time()))
+
+    async def send_fanout(self, fanout: Fanout) -> None:
+        key = m.group_key(fanout.group) if fanout.group else m.BROADCAST_KEY
+        body = m.command_body(fanout.envelope, time.time(), run_ids=fanout.run_ids)
+        await self._publish(key, body)
+
+    async def send_cancel(self, hostname: str, task_id: str, run_id: str, reason: str) -> None:
+        await self._publish(
+            m.node_key(hostname), m.cancel_body(task_id, run_id, reason, time.time())
+        )
+
+    async def _publish(self, routing_key: str, body: dict[str, Any]) -> None:
+        if self._commands is None:
+            raise NotConnected("the RabbitMQ link is not started")
+        body["sign"] = sign(self._key, body)
+        message = aio_pika.Message(
+            json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode(),
+            content_type="application/json",
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            message_id=body.get("run_id") or f"{body['task_id']}:{body.get('attempt', 1)}",
+        )
+        try:
+            await self._commands.publish(
+                message, routing_key=routing_key, mandatory=True, timeout=PUBLISH_TIMEOUT
+            )
+        except aio_pika.exceptions.PublishError as e:
+            raise NotConnected(f"no agent queue is bound to {routing_key} (unroutable)") from e
+        except (
+            TimeoutError,
+            aiormq.exceptions.AMQPError,
+            aio_pika.exceptions.AMQPException,
+            OSError,
+            RuntimeError,
+        ) as e:
+            raise ConnectionLost(f"publishing to {routing_key} failed: {e!r}") from e
+
+    async def _on_result(self, message: AbstractIncomingMessage) -> None:
+        try:
+            report = m.result_report(m.decode(message.body), message.routing_key or "")
+        except InvalidInput as e:
+            log.warning("dropped a malformed result (routing key %s): %s", message.routing_key, e)
+            await message.reject(requeue=False)
+            return
+        await self._ack_when_durable(message, report)
+
+    async def _on_heartbeat(self, message: AbstractIncomingMessage) -> None:
+        try:
+            body = m.decode(message.body)
+            report = m.heartbeat_report(body)
+            hello = m.heartbeat_hello(body, datetime.now(UTC))
+        except InvalidInput as e:
+            log.warning("dropped a malformed heartbeat: %s", e)
+            await message.reject(requeue=False)
+            return
+        events = self._events
+        if events is None:
+            await message.nack(requeue=True)
+            return
+        if hello.reconcile or not self.is_connected(hello.hostname):
+            await events.host_connected(hello)
+        self._last_seen[hello.hostname] = time.monotonic()
+        await self._ack_when_durable(message, report)
+
+    async def _ack_when_durable(self, message: AbstractIncomingMessage, report: HostReport) -> None:
+        events = self._events
+        if events is None:
+            await message.nack(requeue=True)
+            return
+        try:
+            await (await events.report(report))
+        except Exception as e:
+            # Not durable: back to the queue, to be written when the database is back.
+            log.warning("report from %s not stored, requeued: %s", report.hostname, e)
+            await message.nack(requeue=True)
+            return
+        await message.ack()

@@ -1,0 +1,212 @@
+"""JSON messages of the RabbitMQ link ⇄ link-level dataclasses. Pure: no I/O."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from opsplane.domain.errors import InvalidInput
+from opsplane.domain.targeting import check_host_name
+from opsplane.transport.base import (
+    AgentHello,
+    CommandEnvelope,
+    HeartbeatReport,
+    HostReport,
+    RunFinished,
+    RunOutput,
+    RunStarted,
+    Stream,
+)
+
+LINK_NAME = "amqp"
+CMD_EXCHANGE = "sys_cmd_exchange"
+RESULT_EXCHANGE = "sys_result_exchange"
+MONITOR_EXCHANGE = "sys_monitor_exchange"
+RESULT_QUEUE = "cmd.result"
+HEARTBEAT_QUEUE = "monitor.heartbeat"
+RESULT_BINDING = "result.#"
+HEARTBEAT_KEY = "heartbeat"
+RESULT_KEY_PREFIX = "result.node."
+FINAL_STATUSES = frozenset({"succeeded", "failed", "timed_out", "canceled"})
+# A hello reconciles only runs dispatched at least this long before it arrived: later ones may
+# still sit in the agent's queue (a queue gives no ordering against the monitor exchange).
+RECONCILE_MARGIN = timedelta(seconds=5)
+
+
+def node_key(hostname: str) -> str:
+    return f"cmd.node.{hostname}"
+
+
+def group_key(group: str) -> str:
+    return f"cmd.group.{group}"
+
+
+BROADCAST_KEY = "cmd.all"
+
+
+def command_body(
+    envelope: CommandEnvelope, now: float, run_ids: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """A command as published; unicast carries ``run_id``, fan-out ``run_ids``."""
+    body: dict[str, Any] = {
+        "type": "command",
+        "task_id": envelope.task_id,
+        "attempt": envelope.attempt,
+        "command": envelope.command,
+        "timeout": envelope.timeout,
+        "user": envelope.user,
+        "env": dict(envelope.env),
+        "timestamp": now,
+        "deliver_by": envelope.deliver_by or 0,
+    }
+    if run_ids is None:
+        body["run_id"] = envelope.run_id
+    else:
+        body["run_ids"] = dict(run_ids)
+    return body
+
+
+def cancel_body(task_id: str, run_id: str, reason: str, now: float) -> dict[str, Any]:
+    return {
+        "type": "cancel",
+        "task_id": task_id,
+        "run_id": run_id,
+        "reason": reason,
+        "timestamp": now,
+    }
+
+
+def decode(body: bytes) -> dict[str, Any]:
+    try:
+        message = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InvalidInput(f"not JSON: {e}") from e
+    if not isinstance(message, dict):
+        raise InvalidInput("not a JSON object")
+    return message
+
+
+def _text(message: Mapping[str, Any], key: str, default: str = "") -> str:
+    value = message.get(key, default)
+    if value is None:
+        return default
+    if not isinstance(value, str):
+        raise InvalidInput(f"{key} must be a string")
+    return value
+
+
+def _number(message: Mapping[str, Any], key: str) -> float | None:
+    value = message.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise InvalidInput(f"{key} must be a number")
+    return float(value)
+
+
+def _int(message: Mapping[str, Any], key: str) -> int | None:
+    value = _number(message, key)
+    return None if value is None else int(value)
+
+
+def _time(message: Mapping[str, Any], key: str) -> datetime | None:
+    value = _number(message, key)
+    return datetime.fromtimestamp(value, UTC) if value and value > 0 else None
+
+
+def _names(message: Mapping[str, Any], key: str) -> tuple[str, ...]:
+    value = message.get(key) or []
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise InvalidInput(f"{key} must be a list of strings")
+    return tuple(value)
+
+
+def hostname_of(message: Mapping[str, Any], routing_key: str) -> str:
+    """The reporting host: the message's ``hostname``, else the routing key's node part."""
+    name = _text(message, "hostname")
+    if not name and routing_key.startswith(RESULT_KEY_PREFIX):
+        name = routing_key[len(RESULT_KEY_PREFIX) :]
+    if not name:
+        raise InvalidInput("no hostname in the message or its routing key")
+    return check_host_name(name)
+
+
+def result_report(message: Mapping[str, Any], routing_key: str) -> HostReport:
+    """A message from ``sys_result_exchange`` as a report. No ``type`` means a final result."""
+    host = hostname_of(message, routing_key)
+    kind = _text(message, "type", "result")
+    run_id = _text(message, "run_id") or None
+    task_id = _text(message, "task_id") or None
+    if run_id is None and task_id is None:
+        raise InvalidInput("a result needs run_id or task_id")
+    attempt = _int(message, "attempt")
+    if kind == "started":
+        started = _time(message, "started_at") or datetime.now(UTC)
+        return RunStarted(host, run_id, started, task_id=task_id, attempt=attempt)
+    if kind == "output":
+        stream: Stream = "stderr" if _text(message, "stream") == "stderr" else "stdout"
+        data = _text(message, "data").encode()
+        return RunOutput(
+            host, run_id, stream, _int(message, "seq") or 0, data, task_id=task_id, attempt=attempt
+        )
+    if kind != "result":
+        raise InvalidInput(f"unknown result type {kind!r}")
+    exit_code = _int(message, "exit_code")
+    status = _text(message, "status")
+    if not status:
+        status = "succeeded" if exit_code == 0 else "failed"
+    if status not in FINAL_STATUSES:
+        raise InvalidInput(f"unknown result status {status!r}")
+    error = _text(message, "error") or (None if status == "succeeded" else f"exit code {exit_code}")
+    return RunFinished(
+        hostname=host,
+        run_id=run_id,
+        status=status,
+        exit_code=exit_code,
+        stdout=_text(message, "stdout"),
+        stderr=_text(message, "stderr"),
+        truncated=bool(message.get("truncated", False)),
+        error=error,
+        started_at=_time(message, "started_at"),
+        finished_at=_time(message, "finished_at") or datetime.now(UTC),
+        duration_ms=_int(message, "duration_ms"),
+        task_id=task_id,
+        attempt=attempt,
+    )
+
+
+def heartbeat_report(message: Mapping[str, Any]) -> HeartbeatReport:
+    return HeartbeatReport(
+        hostname=hostname_of(message, ""),
+        # The control plane's clock decides liveness; an agent's clock may be off.
+        at=datetime.now(UTC),
+        cpu_usage=_number(message, "cpu_usage"),
+        memory_usage=_number(message, "memory_usage"),
+        load=_number(message, "load"),
+        disk_usage=_number(message, "disk_usage"),
+    )
+
+
+def heartbeat_hello(message: Mapping[str, Any], now: datetime) -> AgentHello:
+    """Registration from a heartbeat; with ``hello: true`` it also reconciles runs."""
+    labels = message.get("labels") or {}
+    if not isinstance(labels, dict):
+        raise InvalidInput("labels must be an object")
+    is_hello = message.get("hello") is True
+    return AgentHello(
+        hostname=hostname_of(message, ""),
+        link=LINK_NAME,
+        version=_text(message, "version"),
+        groups=_names(message, "groups"),
+        labels={str(k): str(v) for k, v in labels.items()},
+        os=_text(message, "os"),
+        running_run_ids=frozenset(_names(message, "running_run_ids")),
+        finished_run_ids=frozenset(_names(message, "finished_run_ids")),
+        abandoned_run_ids=frozenset(_names(message, "abandoned_run_ids")),
+        public_key=_text(message, "public_key"),
+        reconcile=is_hello,
+        reconcile_before=now - RECONCILE_MARGIN,
+    )

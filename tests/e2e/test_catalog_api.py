@@ -1,0 +1,214 @@
+"""Seed 004's routes on a real server process over loopback: the paths, bodies and envelopes
+exactly as the seed's clients see them."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+from fastapi import HTTPException
+
+from opsplane.api.app import create_app
+from opsplane.api.deps import require_principal
+from opsplane.config import load_settings
+from tests.e2e.conftest import processes_with
+from tests.e2e.fleet import child_env, free_port, wait_for
+
+ROOT = Path(__file__).parents[2]
+CATALOG = ROOT / "tests" / "fixtures" / "catalog" / "catalog.yaml"
+# What curl -d sends: the seed's clients do not say the body is JSON.
+CURL = {"Content-Type": "application/x-www-form-urlencoded"}
+
+
+@dataclass
+class Server:
+    url: str
+    data_dir: Path
+    process: subprocess.Popen[bytes]
+
+    def client(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=30.0)
+
+
+def _launch(root: Path, catalog: Path, *extra: str) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    argv = [
+        sys.executable, "-m", "opsplane", "server",
+        "--listen", f"127.0.0.1:{port}", "--grpc-listen", f"127.0.0.1:{free_port()}",
+        "--data-dir", str(root / "data"), "--external-task-config", str(catalog), *extra,
+    ]  # fmt: skip
+    with (root / "server.log").open("ab") as log:
+        process = subprocess.Popen(
+            argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=child_env()
+        )
+    return process, f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    root = tmp_path_factory.mktemp("catalog")
+    process, url = _launch(root, CATALOG)
+    the_server = Server(url, root / "data", process)
+    try:
+        with the_server.client() as client:
+
+            def ready() -> bool:
+                log = (root / "server.log").read_text()
+                assert process.poll() is None, log
+                with contextlib.suppress(httpx.HTTPError):
+                    return client.get("/readyz").status_code == 200
+                return False
+
+            wait_for(ready, 60, "the catalog server to be ready")
+        yield the_server
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def _post(client: httpx.Client, path: str, body: bytes | None = None) -> tuple[int, Any]:
+    response = client.post(path, content=body, headers=CURL if body is not None else None)
+    return response.status_code, response.json()
+
+
+def test_list_shows_every_route_in_the_seeds_shape(server: Server) -> None:
+    with server.client() as client:
+        answer = client.get("/list").json()
+    assert answer["code"] == 0 and answer["msg"] == ""
+    routes = answer["data"]
+    assert routes[:2] == [
+        {"method": "POST", "path": "/sync/tendb-cluster/demo1"},
+        {"method": "POST", "path": "/async/tendb-cluster/demo1"},
+    ]
+    assert {"method": "POST", "path": "/sync/tendb-ha/counter"} in routes
+    assert {"method": "POST", "path": "/sync/sqlsvr/demopython"} in routes
+    assert routes[-3:] == [
+        {"method": "POST", "path": "/async/kill"},
+        {"method": "POST", "path": "/async/query"},
+        {"method": "GET", "path": "/list"},
+    ]
+
+
+def test_sync_runs_the_seeds_example_and_answers_with_the_envelope(server: Server) -> None:
+    with server.client() as client:
+        ok = _post(client, "/sync/tendb-cluster/demo1", b'["123", "456"]')
+        failed = _post(client, "/sync/tendb-cluster/demo2", b'["fail"]')
+        counted = _post(client, "/sync/tendb-ha/counter", b'{"count": 2}')
+    assert ok == (200, {"code": 0, "data": "hello aaa bbb 123 456", "msg": ""})
+    assert failed == (200, {"code": 1, "data": "sh got: fail", "msg": "sh failing as asked"})
+    assert counted == (200, {"code": 0, "data": "counted to 2", "msg": ""})
+    log = (server.data_dir / "logs" / "demo1.log").read_text()
+    assert "POST /sync/tendb-cluster/demo1" in log and "stdout| hello aaa bbb 123 456" in log
+
+
+def test_async_session_is_queried_and_is_a_task_in_the_api(server: Server) -> None:
+    with server.client() as client:
+        status, started = _post(client, "/async/tendb-cluster/demo1", b'["x"]')
+        assert status == 200 and started["code"] == 0 and started["msg"] == ""
+        session_id = started["data"]
+
+        def finished() -> dict[str, Any] | None:
+            _, answer = _post(client, "/async/query", b'{"session_id": "%s"}' % session_id.encode())
+            return answer if answer["data"]["done"] else None
+
+        one = wait_for(finished, 15, "the session to be done")
+        assert one["code"] == 0 and one["msg"] == ""
+        assert one["data"] == {
+            "id": session_id,
+            "message": "hello aaa bbb x",
+            "error": "",
+            "done": True,
+            "start_at": one["data"]["start_at"],
+        }
+        assert datetime.fromisoformat(one["data"]["start_at"]).tzinfo is not None
+        # No body: every session.
+        status, every = _post(client, "/async/query")
+        assert status == 200 and every["code"] == 0 and one["data"] in every["data"]
+        task = client.get(f"/api/v1/tasks/{session_id}").json()
+        assert task["kind"] == "script" and task["status"] == "succeeded"
+
+
+def test_kill_ends_the_process_group_and_the_session_says_so(server: Server) -> None:
+    marker = f"53.{os.getpid()}"  # unique to this test run: a sleep of 53.<pid> seconds
+    with server.client() as client:
+        _, started = _post(client, "/async/tendb-cluster/sleeper", f'["{marker}"]'.encode())
+        session_id = started["data"]
+        wait_for(lambda: len(processes_with(marker)) >= 3, 15, "the sleeper to start")
+        body = b'{"session_id": "%s"}' % session_id.encode()
+        status, killed = _post(client, "/async/kill", body)
+        assert status == 200 and killed["code"] == 0, killed
+        assert killed["data"]["done"] is True and "killed" in killed["data"]["error"]
+        _, queried = _post(client, "/async/query", body)
+        assert queried["data"]["error"] == killed["data"]["error"]
+    wait_for(lambda: not _alive(marker), 15, "no sleeper process left")
+
+
+def _alive(marker: str) -> list[psutil.Process]:
+    alive = []
+    for process in processes_with(marker):
+        with contextlib.suppress(psutil.NoSuchProcess):  # reaped while we looked
+            if process.status() != psutil.STATUS_ZOMBIE:
+                alive.append(process)
+    return alive
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "message"),
+    [
+        ("/sync/tendb-cluster/nope", b"[]", 404, "no catalog task tendb-cluster/nope"),
+        ("/async/TendbCluster/demo1", b"[]", 404, "no catalog task"),
+        ("/sync/tendb-cluster/demo1", b"not json", 400, "body is not valid JSON"),
+        ("/sync/tendb-cluster/demo1", b'{"a": 1}', 422, "JSON array of strings"),
+        ("/async/tendb-cluster/demo1", b"[1, 2]", 422, "JSON array of strings"),
+        ("/async/query", b'{"session_id": "nope"}', 404, "no session 'nope'"),
+        ("/async/query", b"[", 400, "body is not valid JSON"),
+        ("/async/kill", b"", 422, "body must name the session"),
+        ("/async/kill", b'{"session_id": "nope"}', 404, "no session 'nope'"),
+    ],
+)
+def test_errors_are_envelopes_with_code_1_and_a_matching_status(
+    server: Server, path: str, body: bytes, status: int, message: str
+) -> None:
+    with server.client() as client:
+        got_status, answer = _post(client, path, body)
+    assert got_status == status
+    assert answer["code"] == 1 and answer["data"] == "" and message in answer["msg"], answer
+
+
+def test_a_bad_catalog_refuses_to_start_naming_the_entry(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- name: broken\n  cluster_type: redis\n  language: ruby\n  executable: x\n")
+    process, _ = _launch(tmp_path, bad)
+    assert process.wait(timeout=60) == 2
+    output = (tmp_path / "server.log").read_text()
+    assert f"error: catalog {bad}: entry #1 ('broken'): language must be one of" in output
+    assert "collected is required (true or false)" in output and "Traceback" not in output
+
+
+async def test_every_catalog_route_goes_through_the_one_auth_dependency(tmp_path: Path) -> None:
+    async def refuse() -> None:
+        raise HTTPException(status_code=401, detail="refused")
+
+    app = create_app(load_settings(data_dir=tmp_path, catalog=CATALOG))
+    app.dependency_overrides[require_principal] = refuse
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        assert (await client.get("/list")).status_code == 401
+        for path in ("/sync/a/b", "/async/a/b", "/async/query", "/async/kill"):
+            assert (await client.post(path, json={})).status_code == 401, path

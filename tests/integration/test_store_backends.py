@@ -1,0 +1,572 @@
+"""The store on SQLite, MariaDB and PostgreSQL: the migration, the column types and the
+boundary rules (time zones, precision, charset, NUL, ordering, collation) behave the same on
+every database. Each test gets a fresh database of its own."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy
+from alembic import command
+from alembic.autogenerate import compare_metadata, produce_migrations, render_python_code
+from alembic.migration import MigrationContext
+from sqlalchemy import Connection, inspect, text
+from sqlalchemy.dialects import mysql, postgresql
+from sqlalchemy.exc import StatementError
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+
+from opsplane.domain.errors import ConfigError
+from opsplane.store import queries
+from opsplane.store.database import create_engine, masked_url, session_factory
+from opsplane.store.migrate import (
+    alembic_config,
+    check_server_version,
+    migration_lock,
+    render_type,
+    upgrade_to_head,
+)
+from opsplane.store.tables import Base, HostRow, RunRow, TaskEventRow, TaskRow, utcnow
+from tests.integration.databases import (
+    SERVER_URLS,
+    backend_params,
+    server_params,
+    throwaway_database,
+    unique_name,
+)
+
+REPLACEMENT = "\ufffd"
+
+
+@pytest.fixture(params=backend_params())
+async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    async with throwaway_database(request.param, tmp_path) as url:
+        yield url
+
+
+@pytest.fixture
+async def db(database_url: str) -> AsyncIterator[AsyncEngine]:
+    engine = create_engine(database_url)
+    try:
+        await upgrade_to_head(engine)
+        yield engine
+    finally:
+        await engine.dispose()
+
+
+@pytest.fixture
+async def session(db: AsyncEngine) -> AsyncIterator[AsyncSession]:
+    async with session_factory(db)() as a_session:
+        yield a_session
+
+
+def _task(task_id: str, **fields: Any) -> TaskRow:
+    values: dict[str, Any] = {
+        "id": task_id,
+        "name": "t",
+        "description": "",
+        "kind": "command",
+        "command": "true",
+        "targets": {"all": True},
+        "timeout": 60,
+        "status": "running",
+        "cancel_requested": False,
+        "counts": {},
+        "total": 1,
+        "created_by": "tester",
+        "created_at": utcnow(),
+    }
+    values.update(fields)
+    return TaskRow(**values)
+
+
+def _run(run_id: str, task_id: str, **fields: Any) -> RunRow:
+    values: dict[str, Any] = {
+        "id": run_id,
+        "task_id": task_id,
+        "host": "web-1",
+        "attempt": 1,
+        "status": "running",
+        "updated_at": utcnow(),
+    }
+    values.update(fields)
+    return RunRow(**values)
+
+
+async def _reread(db: AsyncEngine, model: type[Any], key: object) -> Any:
+    # A new session, so the value comes from the database and not the identity map.
+    async with session_factory(db)() as fresh:
+        return await fresh.get(model, key)
+
+
+# The migration ---------------------------------------------------------------------------
+
+
+async def test_the_migration_creates_exactly_the_schema_the_tables_describe(
+    db: AsyncEngine,
+) -> None:
+    def _diff(connection: Connection) -> list[Any]:
+        context = MigrationContext.configure(connection, opts={"compare_type": True})
+        return list(compare_metadata(context, Base.metadata))
+
+    async with db.connect() as connection:
+        assert await connection.run_sync(_diff) == []
+
+
+async def test_the_migration_downgrades_to_nothing_and_upgrades_again(db: AsyncEngine) -> None:
+    def _down(connection: Connection) -> None:
+        config = alembic_config()
+        config.attributes["connection"] = connection
+        command.downgrade(config, "base")
+
+    async with db.begin() as connection:
+        await connection.run_sync(_down)
+        tables = await connection.run_sync(lambda sync: inspect(sync).get_table_names())
+    assert tables == ["alembic_version"]
+    await upgrade_to_head(db)
+    await upgrade_to_head(db)  # a second start finds nothing to do
+    async with session_factory(db)() as a_session, a_session.begin():
+        a_session.add(_task("t-1"))
+
+
+async def test_a_schema_newer_than_the_code_stops_the_start_with_a_config_error(
+    tmp_path: Path,
+) -> None:
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'newer.db'}")
+    try:
+        await upgrade_to_head(engine)
+        async with engine.begin() as connection:
+            await connection.execute(text("UPDATE alembic_version SET version_num = '9999'"))
+        with pytest.raises(ConfigError, match=r"9999.*newer opsplane"):
+            await upgrade_to_head(engine)
+    finally:
+        await engine.dispose()
+
+
+def test_autogenerated_revisions_spell_types_out_without_importing_opsplane(
+    tmp_path: Path,
+) -> None:
+    engine = sqlalchemy.create_engine(f"sqlite:///{tmp_path / 'empty.db'}")
+    with engine.connect() as connection:
+        context = MigrationContext.configure(
+            connection, opts={"target_metadata": Base.metadata, "render_item": render_type}
+        )
+        operations = produce_migrations(context, Base.metadata).upgrade_ops
+        assert operations is not None
+        code = render_python_code(operations, render_item=render_type, migration_context=context)
+    engine.dispose()
+    assert "opsplane" not in code
+    assert 'sa.DateTime(timezone=True).with_variant(mysql.DATETIME(fsp=6), "mysql"' in code
+    assert 'sa.Text().with_variant(mysql.MEDIUMTEXT(), "mysql"' in code
+
+
+@pytest.mark.parametrize("backend", server_params())
+async def test_an_instance_waits_while_another_holds_the_migration_lock(
+    backend: str, tmp_path: Path
+) -> None:
+    async with throwaway_database(backend, tmp_path) as url:
+        holder, starting = create_engine(url), create_engine(url)
+        try:
+            async with holder.connect() as connection, migration_lock(connection):
+                upgrading = asyncio.create_task(upgrade_to_head(starting))
+                await asyncio.sleep(0.5)
+                assert not upgrading.done(), "migrated while another instance held the lock"
+            await asyncio.wait_for(upgrading, 30)
+            async with starting.connect() as check:
+                version = await check.scalar(text("SELECT version_num FROM alembic_version"))
+            assert version is not None
+        finally:
+            await holder.dispose()
+            await starting.dispose()
+
+
+@pytest.mark.parametrize("backend", server_params())
+async def test_two_instances_starting_at_once_both_migrate_without_error(
+    backend: str, tmp_path: Path
+) -> None:
+    async with throwaway_database(backend, tmp_path) as url:
+        engines = [create_engine(url) for _ in range(3)]
+        try:
+            await asyncio.gather(*(upgrade_to_head(engine) for engine in engines))
+        finally:
+            for engine in engines:
+                await engine.dispose()
+
+
+# Column types ----------------------------------------------------------------------------
+
+
+async def test_datetimes_keep_microseconds_and_read_back_as_aware_utc(
+    db: AsyncEngine, session: AsyncSession
+) -> None:
+    plus_two = timezone(timedelta(hours=2))
+    seen = datetime(2026, 1, 2, 3, 4, 5, 123456, tzinfo=plus_two)
+    async with session.begin():
+        session.add(HostRow(name="web-1", last_seen_at=seen, created_at=utcnow()))
+    host = await _reread(db, HostRow, "web-1")
+    assert host.last_seen_at == seen
+    assert host.last_seen_at.tzinfo is UTC
+    assert host.last_seen_at.hour == 1 and host.last_seen_at.microsecond == 123456
+
+
+async def test_a_naive_datetime_is_refused_before_it_reaches_the_database(
+    session: AsyncSession,
+) -> None:
+    with pytest.raises(StatementError, match="naive datetime"):
+        async with session.begin():
+            session.add(HostRow(name="web-1", created_at=datetime(2026, 1, 1)))
+
+
+async def test_durations_and_ordering_survive_sub_second_timestamps(
+    db: AsyncEngine, session: AsyncSession
+) -> None:
+    start = datetime(2026, 1, 1, 12, 0, 0, 250000, tzinfo=UTC)
+    async with session.begin():
+        for i in range(5):
+            session.add(_task(f"t-{i}", created_at=start + timedelta(microseconds=10 * i)))
+        session.add(_task("z-run-parent", created_at=start - timedelta(days=1)))
+        await session.flush()  # no ORM relationship orders the insert of a run after its task
+        session.add(
+            _run("r-1", "z-run-parent", started_at=start, finished_at=start + timedelta(0, 0, 750))
+        )
+    async with session_factory(db)() as fresh:
+        rows, total = await queries.list_tasks(fresh, status=None, name=None, offset=0, limit=5)
+    assert total == 6
+    assert [row.id for row in rows] == ["t-4", "t-3", "t-2", "t-1", "t-0"]
+    run = await _reread(db, RunRow, "r-1")
+    assert run.finished_at - run.started_at == timedelta(microseconds=750)
+
+
+async def test_floats_keep_double_precision(db: AsyncEngine, session: AsyncSession) -> None:
+    async with session.begin():
+        session.add(HostRow(name="web-1", cpu_usage=12.345678901234, load=0.1, created_at=utcnow()))
+    host = await _reread(db, HostRow, "web-1")
+    assert (host.cpu_usage, host.load) == (12.345678901234, 0.1)
+
+
+async def test_non_ascii_and_emoji_round_trip_in_text_and_json(
+    db: AsyncEngine, session: AsyncSession
+) -> None:
+    words = "déploiement 部署 🚀 ok"
+    async with session.begin():
+        session.add(
+            HostRow(name="web-1", labels={"城市": "東京 🗼"}, groups=["组-🚀"], created_at=utcnow())
+        )
+        session.add(_task("t-1", name=words, description=words, command=f"echo '{words}'"))
+        await session.flush()
+        session.add(_run("r-1", "t-1", stdout=words, stderr=words, error=words))
+        session.add(TaskEventRow(task_id="t-1", kind="output", data={"data": words}))
+    host = await _reread(db, HostRow, "web-1")
+    assert (host.labels, host.groups) == ({"城市": "東京 🗼"}, ["组-🚀"])
+    task = await _reread(db, TaskRow, "t-1")
+    assert (task.name, task.description, task.command) == (words, words, f"echo '{words}'")
+    run = await _reread(db, RunRow, "r-1")
+    assert (run.stdout, run.stderr, run.error) == (words, words, words)
+    async with session_factory(db)() as fresh:
+        (event,) = await queries.events_after(fresh, "t-1", 0, 10)
+    assert event.data == {"data": words}
+
+
+async def test_the_longest_output_and_command_fit(db: AsyncEngine, session: AsyncSession) -> None:
+    # A run keeps the first and last 64 KiB of each stream (here 512 KiB of UTF-8) and the API
+    # takes a command of up to 1,000,000 characters: both beyond MySQL's TEXT (64 KiB).
+    big = "🚀" * (2 * 64 * 1024) + "\n[... truncated ...]\n"
+    script = "é" * 1_000_000
+    async with session.begin():
+        session.add(_task("t-1", command=script))
+        await session.flush()
+        session.add(_run("r-1", "t-1", stdout=big, stderr=big, truncated=True))
+    run = await _reread(db, RunRow, "r-1")
+    assert run.stdout == big and run.stderr == big
+    assert (await _reread(db, TaskRow, "t-1")).command == script
+
+
+async def test_nul_characters_are_replaced_rather_than_refused(
+    db: AsyncEngine, session: AsyncSession
+) -> None:
+    # PostgreSQL refuses U+0000 in text; every backend stores U+FFFD instead, so they agree.
+    async with session.begin():
+        session.add(_task("t-1", description="a\x00b"))
+        await session.flush()
+        session.add(_run("r-1", "t-1", stdout="out\x00put", stderr="\x00", error="e\x00"))
+        session.add(
+            TaskEventRow(
+                task_id="t-1",
+                kind="output",
+                data={"data": "x\x00y", "nested": ["\x00", {"k\x00": "v"}], "n": 1},
+            )
+        )
+    run = await _reread(db, RunRow, "r-1")
+    assert (run.stdout, run.stderr, run.error) == (
+        f"out{REPLACEMENT}put",
+        REPLACEMENT,
+        f"e{REPLACEMENT}",
+    )
+    assert (await _reread(db, TaskRow, "t-1")).description == f"a{REPLACEMENT}b"
+    async with session_factory(db)() as fresh:
+        (event,) = await queries.events_after(fresh, "t-1", 0, 10)
+    assert event.data == {
+        "data": f"x{REPLACEMENT}y",
+        "nested": [REPLACEMENT, {f"k{REPLACEMENT}": "v"}],
+        "n": 1,
+    }
+
+
+# Ordering, locking, collation ------------------------------------------------------------
+
+
+async def test_event_ids_increase_in_insertion_order(
+    db: AsyncEngine, session: AsyncSession
+) -> None:
+    inserted: list[TaskEventRow] = []
+    for batch in range(3):
+        async with session.begin():
+            rows = [
+                TaskEventRow(task_id="t-1", kind="output", data={"i": batch * 100 + i})
+                for i in range(100)
+            ]
+            session.add_all(rows)  # one flush: the many-rows insert path
+            inserted.extend(rows)
+        async with session.begin():
+            row = TaskEventRow(task_id="t-1", kind="run", data={"i": batch * 100 + 99.5})
+            session.add(row)  # the single-row path
+            inserted.append(row)
+    ids = [row.id for row in inserted]
+    assert all(isinstance(i, int) for i in ids)
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    async with session_factory(db)() as fresh:
+        replay = await queries.events_after(fresh, "t-1", 0, 1000)
+        after = await queries.events_after(fresh, "t-1", ids[149], 1000)
+    assert [(e.id, e.data) for e in replay] == [(r.id, r.data) for r in inserted]
+    assert [e.id for e in after] == ids[150:]
+
+
+async def test_keys_that_differ_in_case_or_trailing_space_are_different_keys(
+    db: AsyncEngine, session: AsyncSession
+) -> None:
+    async with session.begin():
+        for name in ("web-1", "Web-1", "web-1 "):
+            session.add(HostRow(name=name, created_at=utcnow()))
+        session.add(_task("t-1", idempotency_key="key"))
+        session.add(_task("t-2", idempotency_key="KEY"))
+        session.add(_task("t-3", idempotency_key="key "))
+    async with session_factory(db)() as fresh:
+        hosts = await queries.hosts_by_name(fresh, ["web-1"])
+        assert list(hosts) == ["web-1"]
+        found = await queries.get_task_by_idempotency_key(fresh, "key")
+        assert found is not None and found.id == "t-1"
+        assert [h.name for h in await queries.all_hosts(fresh)] == ["Web-1", "web-1", "web-1 "]
+
+
+async def test_task_name_search_ignores_case_and_treats_wildcards_literally(
+    db: AsyncEngine, session: AsyncSession
+) -> None:
+    async with session.begin():
+        session.add(_task("t-1", name="Deploy web_app 100%"))
+        session.add(_task("t-2", name="deploy webXapp"))
+    async with session_factory(db)() as fresh:
+        rows, total = await queries.list_tasks(
+            fresh, status=None, name="DEPLOY WEB_APP", offset=0, limit=10
+        )
+        assert ([row.id for row in rows], total) == (["t-1"], 1)
+        rows, _ = await queries.list_tasks(fresh, status=None, name="100%", offset=0, limit=10)
+        assert [row.id for row in rows] == ["t-1"]
+
+
+@pytest.mark.parametrize("backend", server_params())
+async def test_for_update_makes_a_second_writer_wait_for_the_first(
+    backend: str, tmp_path: Path
+) -> None:
+    async with throwaway_database(backend, tmp_path, migrated=True) as url:
+        db = create_engine(url)
+        sessions = session_factory(db)
+        try:
+            async with sessions() as setup, setup.begin():
+                setup.add(_task("t-1"))
+
+            async def _second_writer() -> str:
+                async with sessions() as second, second.begin():
+                    task = await queries.get_task(second, "t-1", for_update=True)
+                    assert task is not None
+                    return task.status
+
+            async with sessions() as first, first.begin():
+                task = await queries.get_task(first, "t-1", for_update=True)
+                assert task is not None
+                waiting = asyncio.create_task(_second_writer())
+                await asyncio.sleep(0.3)
+                assert not waiting.done(), "a second FOR UPDATE did not wait for the lock"
+                task.status = "canceled"
+            assert await asyncio.wait_for(waiting, 10) == "canceled"
+        finally:
+            await db.dispose()
+
+
+# Connecting ------------------------------------------------------------------------------
+
+
+def test_masked_url_hides_the_password_and_only_the_password() -> None:
+    assert (
+        masked_url("postgresql+asyncpg://ops:s3cr%40t@db.example:5432/opsplane")
+        == "postgresql+asyncpg://ops:***@db.example:5432/opsplane"
+    )
+    assert masked_url("sqlite+aiosqlite:////var/lib/opsplane/opsplane.db") == (
+        "sqlite+aiosqlite:////var/lib/opsplane/opsplane.db"
+    )
+    assert "hunter2" not in masked_url("not a url://u:hunter2@h/x")
+
+
+@pytest.mark.parametrize(
+    ("url", "extra"),
+    [
+        ("mysql+asyncmy://root:pw@127.0.0.1/opsplane", "mysql"),
+        ("postgresql+asyncpg://postgres:pw@127.0.0.1/opsplane", "postgres"),
+    ],
+)
+def test_a_missing_driver_names_the_extra_to_install(
+    url: str, extra: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    driver = url.split("+")[1].split(":")[0]
+    monkeypatch.setitem(sys.modules, driver, None)  # makes ``import driver`` fail
+    with pytest.raises(ConfigError, match=rf"pip install 'opsplane\[{extra}\]'") as caught:
+        create_engine(url)
+    assert "pw" not in str(caught.value)
+
+
+def test_an_unknown_driver_or_a_malformed_url_is_a_config_error_without_the_password() -> None:
+    with pytest.raises(ConfigError, match="nosuchdriver") as caught:
+        create_engine("postgresql+nosuchdriver://u:hunter2@127.0.0.1/x")
+    assert "hunter2" not in str(caught.value)
+    with pytest.raises(ConfigError) as caught:
+        create_engine("::hunter2::")
+    assert "hunter2" not in str(caught.value)
+
+
+def test_urls_without_a_driver_get_the_async_one_and_mysql_gets_utf8mb4() -> None:
+    cases = {
+        "postgresql://u@h/db": "postgresql+asyncpg",
+        "postgres://u@h/db": "postgresql+asyncpg",
+        "mysql://u@h/db": "mysql+asyncmy",
+        "mariadb://u@h/db": "mariadb+asyncmy",
+        "sqlite:///x.db": "sqlite+aiosqlite",
+    }
+    for url, driver in cases.items():
+        engine = create_engine(url)
+        assert engine.url.drivername == driver
+        if "mysql" in driver or "mariadb" in driver:
+            assert engine.url.query["charset"] == "utf8mb4"
+            assert engine.pool._recycle == 3600  # type: ignore[attr-defined]
+        if not url.startswith("sqlite"):
+            assert engine.pool._pre_ping  # type: ignore[attr-defined]
+
+
+def test_a_mysql_charset_other_than_utf8mb4_is_refused() -> None:
+    with pytest.raises(ConfigError, match="utf8mb4"):
+        create_engine("mysql+asyncmy://u@h/db?charset=utf8")
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "mysql+asyncmy://root:hunter2@127.0.0.1:1/opsplane",
+        "postgresql+asyncpg://postgres:hunter2@127.0.0.1:1/opsplane",
+    ],
+)
+async def test_an_unreachable_database_is_a_short_config_error_without_the_password(
+    url: str,
+) -> None:
+    engine = create_engine(url)
+    try:
+        with pytest.raises(ConfigError, match="cannot reach the database at") as caught:
+            await upgrade_to_head(engine)
+    finally:
+        await engine.dispose()
+    message = str(caught.value)
+    assert "hunter2" not in message and "***@127.0.0.1:1/opsplane" in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("backend", server_params())
+async def test_a_database_that_does_not_exist_is_a_config_error(backend: str) -> None:
+    engine = create_engine(f"{SERVER_URLS[backend]}/{unique_name()}_missing")
+    try:
+        with pytest.raises(ConfigError, match="cannot reach the database at"):
+            await upgrade_to_head(engine)
+    finally:
+        await engine.dispose()
+
+
+_MYSQL_SCHEMA = """
+    SELECT t.table_collation, t.row_format, t.engine, c.data_type, c.datetime_precision
+    FROM information_schema.tables t JOIN information_schema.columns c
+        ON c.table_schema = t.table_schema AND c.table_name = t.table_name
+    WHERE t.table_schema = DATABASE() AND t.table_name <> 'alembic_version'
+"""
+_PG_TIME_TYPES = """
+    SELECT DISTINCT data_type FROM information_schema.columns
+    WHERE table_schema = 'public' AND data_type LIKE 'time%'
+"""
+
+
+@pytest.mark.parametrize("backend", server_params())
+async def test_server_schema_and_sessions_are_set_up_as_documented(
+    backend: str, tmp_path: Path
+) -> None:
+    async with throwaway_database(backend, tmp_path, migrated=True) as url:
+        engine = create_engine(url)
+        try:
+            async with engine.connect() as connection:
+                assert await connection.get_isolation_level() == "READ COMMITTED"
+                if backend == "mariadb":
+                    rows = (await connection.execute(text(_MYSQL_SCHEMA))).all()
+                    assert {row[:3] for row in rows} == {("utf8mb4_nopad_bin", "Dynamic", "InnoDB")}
+                    assert {row[4] for row in rows if row[3] == "datetime"} == {6}
+                    assert "float" not in {row[3] for row in rows}
+                else:
+                    kinds = set((await connection.execute(text(_PG_TIME_TYPES))).scalars())
+                    assert kinds == {"timestamp with time zone"}
+        finally:
+            await engine.dispose()
+
+
+@pytest.mark.parametrize("backend", [p for p in server_params() if p.id == "mariadb"])
+async def test_emoji_round_trip_on_a_mysql_database_that_defaults_to_latin1(
+    backend: str, tmp_path: Path
+) -> None:
+    async with throwaway_database(backend, tmp_path, mysql_charset="latin1") as url:
+        engine = create_engine(url)
+        try:
+            await upgrade_to_head(engine)
+            async with session_factory(engine)() as a_session, a_session.begin():
+                a_session.add(_task("t-1", name="部署 🚀", command="echo 🚀"))
+            task = await _reread(engine, TaskRow, "t-1")
+            assert (task.name, task.command) == ("部署 🚀", "echo 🚀")
+        finally:
+            await engine.dispose()
+
+
+@pytest.mark.parametrize(
+    ("dialect", "version", "refused"),
+    [
+        (postgresql.dialect(), (12, 18), True),
+        (postgresql.dialect(), (13, 0), False),
+        (mysql.dialect(), (8, 0, 16), True),
+        (mysql.dialect(), (8, 4, 3), False),
+        (mysql.dialect(is_mariadb=True), (10, 5, 27), True),
+        (mysql.dialect(is_mariadb=True), (10, 6, 0), False),
+    ],
+)
+def test_servers_older_than_supported_are_refused_by_name(
+    dialect: Any, version: tuple[int, ...], refused: bool
+) -> None:
+    dialect.server_version_info = version
+    if refused:
+        with pytest.raises(ConfigError, match=r"opsplane needs \w+ [\d.]+ or later"):
+            check_server_version(dialect)
+    else:
+        check_server_version(dialect)
