@@ -44,6 +44,16 @@ class Settings(BaseSettings):
     grpc_allow_insecure: bool = False
     grpc_tls_cert: Path | None = None
     grpc_tls_key: Path | None = None
+    # Agentless hosts (seed 000): host keys verified against known_hosts on every hop.
+    ssh_known_hosts: Path | None = None
+    ssh_trust_on_first_use: bool = False
+    ssh_max_parallel: int = Field(default=50, gt=0)
+    upload_roots: list[Path] = Field(default_factory=list)
+    # Seed 000's configured defaults; request values override them.
+    ssh_proxy: str = ""
+    ssh_proxy_key_file: str | None = None
+    ssh_user: str | None = None
+    ssh_key_file: str | None = None
     # RabbitMQ link (seed 002): off unless a URL is given.
     amqp_url: str | None = None
 
@@ -86,6 +96,12 @@ class Settings(BaseSettings):
     @property
     def logs_dir(self) -> Path:
         return self.data_dir / "logs"
+
+    @property
+    def effective_upload_roots(self) -> list[Path]:
+        """Directories whose files upload tasks may send; the data directory's uploads/ only,
+        unless configured, so that an upload can never read the control plane's secrets."""
+        return self.upload_roots or [self.data_dir / "uploads"]
 
     @property
     def signing_key_path(self) -> Path:

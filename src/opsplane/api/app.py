@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from opsplane.api.errors import install_error_handlers
-from opsplane.api.routers import compat_catalog, fleet, health, hosts, tasks
+from opsplane.api.routers import compat_catalog, compat_ssh, fleet, health, hosts, tasks
 from opsplane.api.web import mount_web
 from opsplane.catalog import CatalogService, default_registry, load_catalog
 from opsplane.config import Settings
@@ -33,6 +33,13 @@ def build_engine(settings: Settings) -> Engine:
     # The local host runs catalog scripts and the in-process catalog handlers (seed 004).
     local = LocalLink(settings.local_host, handlers=default_registry.link_handlers())
     links: list[Link] = [grpc_link, local]
+    try:
+        from opsplane.transport.ssh import HostKeyPolicy, SshExecutor, SshLink
+    except ImportError:
+        log.info("SSH link unavailable (pip install 'opsplane[ssh]')")
+    else:
+        policy = HostKeyPolicy(settings.ssh_known_hosts, settings.ssh_trust_on_first_use)
+        links.append(SshLink(SshExecutor(policy, max_parallel=settings.ssh_max_parallel)))
     if settings.amqp_url:
         from opsplane.transport.amqp.link import AmqpLink
 
@@ -89,5 +96,6 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     app.include_router(fleet.router)
     # Seed 004's routes live at the root (/list, /sync/…, /async/…): before the web mount.
     app.include_router(compat_catalog.router)
+    app.include_router(compat_ssh.router)
     mount_web(app)
     return app

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -20,15 +20,41 @@ class TargetsIn(BaseModel):
     all: bool = Field(default=False, description="every known host")
 
 
+class UploadIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    local_path: str = Field(min_length=1, max_length=4096, description="on the control plane")
+    remote_path: str = Field(min_length=1, max_length=4096)
+
+
 class TaskCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    command: str = Field(min_length=1, max_length=1_000_000, description="shell command text")
+    kind: Literal["command", "upload"] = "command"
+    command: str = Field(
+        default="", max_length=1_000_000, description="shell command text (kind command)"
+    )
+    upload: UploadIn | None = Field(default=None, description="what to copy (kind upload)")
     targets: TargetsIn
     timeout: int | None = Field(default=None, description="seconds per run; default from settings")
     name: str = Field(default="", max_length=255)
     description: str = Field(default="", max_length=10_000)
     start: bool = Field(default=True, description="false: create now, POST .../start later")
+
+
+class HostCreate(BaseModel):
+    """An agentless host reached over SSH. Keys by path (or ssh-agent); no passwords here:
+    a registered host must survive a restart, and secrets are never stored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=255)
+    ssh: str = Field(min_length=1, max_length=512, description="[user@]address[:port]")
+    key_file: str | None = Field(default=None, max_length=4096)
+    bastion: str = Field(default="", max_length=2048, description="ops@edge:22[,ops@inner]")
+    bastion_key_file: str | None = Field(default=None, max_length=4096)
+    groups: list[str] = Field(default_factory=list)
+    labels: dict[str, str] = Field(default_factory=dict)
 
 
 class Counts(BaseModel):
@@ -120,6 +146,7 @@ class HostOut(BaseModel):
     disk_usage: float | None
     agent_version: str | None
     os: str | None
+    ssh: dict[str, Any] | None = None
 
     @classmethod
     def from_row(cls, row: HostRow) -> HostOut:
@@ -137,6 +164,7 @@ class HostOut(BaseModel):
             disk_usage=row.disk_usage,
             agent_version=row.agent_version,
             os=row.os,
+            ssh=row.ssh,
         )
 
 

@@ -247,11 +247,15 @@ class ApiClient:
         all_hosts: bool = False,
         timeout: int | None = None,
         name: str | None = None,
+        upload: tuple[str, str] | None = None,
     ) -> Json:
         body: Json = {
             "command": command,
             "targets": {"hosts": list(hosts or []), "groups": list(groups or []), "all": all_hosts},
         }
+        if upload is not None:
+            body["kind"] = "upload"
+            body["upload"] = {"local_path": upload[0], "remote_path": upload[1]}
         if timeout is not None:
             body["timeout"] = timeout
         if name is not None:
@@ -312,6 +316,12 @@ class ApiClient:
 
     def get_host(self, name: str) -> Json:
         return self._json("GET", f"/hosts/{_seg(name)}")
+
+    def add_ssh_host(self, body: Json) -> Json:
+        return self._json("POST", "/hosts", body=body)
+
+    def remove_host(self, name: str) -> None:
+        self._request("DELETE", f"/hosts/{_seg(name)}")
 
     # -- the event stream -------------------------------------------------------------------
 

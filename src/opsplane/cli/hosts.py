@@ -78,3 +78,58 @@ def show_host(
         typer.echo(dump_json(host))
         return
     out.print(host_detail(host, now_utc()))
+
+
+@app.command("add")
+def add_host(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(metavar="NAME", help="The host's name in opsplane.")],
+    ssh: Annotated[str, typer.Option("--ssh", help="[user@]address[:port] to log in to.")],
+    bastion: Annotated[
+        str, typer.Option("--bastion", help="Jump host chain: ops@edge:22[,ops@inner].")
+    ] = "",
+    key_file: Annotated[
+        str | None, typer.Option("--key-file", help="Private key (default: ssh-agent, ~/.ssh).")
+    ] = None,
+    bastion_key_file: Annotated[
+        str | None, typer.Option("--bastion-key-file", help="Private key for the bastions.")
+    ] = None,
+    group: Annotated[
+        list[str] | None, typer.Option("--group", "-g", help="Group membership (repeatable).")
+    ] = None,
+    label: Annotated[
+        list[str] | None, typer.Option("--label", help="KEY=VALUE (repeatable).")
+    ] = None,
+) -> None:
+    """Register an agentless host reached over SSH (optionally through bastions)."""
+    err = make_console(stderr=True)
+    labels: dict[str, str] = {}
+    for item in label or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"--label wants KEY=VALUE, got {item!r}", ctx=ctx)
+        labels[key] = value
+    body = {
+        "name": name,
+        "ssh": ssh,
+        "bastion": bastion,
+        "key_file": key_file,
+        "bastion_key_file": bastion_key_file,
+        "groups": list(group or []),
+        "labels": labels,
+    }
+    with reporting_errors(err), ApiClient(client_options(ctx)) as api:
+        host = api.add_ssh_host(body)
+    typer.echo(f"added {host.get('name')} (ssh {ssh}{' via ' + bastion if bastion else ''})")
+
+
+@app.command("remove")
+def remove_host(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(metavar="NAME", help="The SSH host to forget.")],
+) -> None:
+    """Forget an SSH host."""
+    err = make_console(stderr=True)
+    with reporting_errors(err), ApiClient(client_options(ctx)) as api:
+        api.remove_host(name)
+    typer.echo(f"removed {name}")

@@ -35,6 +35,7 @@ def _global(
 
 
 app.command("run", context_settings=run.CONTEXT_SETTINGS)(run.run_command)
+app.command("push")(run.push_command)
 app.add_typer(hosts.app, name="hosts", help="List and inspect hosts")
 app.add_typer(tasks.app, name="tasks", help="List, inspect, cancel and follow tasks")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -127,6 +128,79 @@ def run_command(
     if not command_text:
         raise typer.BadParameter("the command to run is empty", ctx=ctx, param_hint="'COMMAND...'")
 
+    _submit_and_follow(
+        ctx,
+        command_text,
+        hosts=hosts,
+        groups=groups,
+        all_hosts=all_hosts,
+        timeout=timeout,
+        name=name,
+        as_json=as_json,
+    )
+
+
+def push_command(
+    ctx: typer.Context,
+    local_path: Annotated[
+        str, typer.Argument(metavar="LOCAL", help="File or directory on the control plane host.")
+    ],
+    remote_path: Annotated[str, typer.Argument(metavar="REMOTE", help="Destination path.")],
+    host: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--host", "-H", help="Copy to this SSH host (repeatable).", show_default=False
+        ),
+    ] = None,
+    group: Annotated[
+        list[str] | None,
+        typer.Option("--group", "-g", help="Copy to the hosts of this group.", show_default=False),
+    ] = None,
+    timeout: Annotated[
+        int | None, typer.Option("--timeout", min=1, help="Seconds each host may take.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Copy a file or a directory (recursively) to SSH hosts over SFTP.
+
+    LOCAL is read by the control plane, from under its upload roots. Example:
+    opsplane push ./site /srv/www --group web
+    """
+    hosts = list(host or [])
+    groups = list(group or [])
+    if not (hosts or groups):
+        raise typer.BadParameter(
+            "choose where to copy: pass --host NAME or --group NAME",
+            ctx=ctx,
+            param_hint="'--host' / '--group'",
+        )
+    source = str(Path(local_path).expanduser().absolute())
+    _submit_and_follow(
+        ctx,
+        f"upload {source} -> {remote_path}",
+        hosts=hosts,
+        groups=groups,
+        all_hosts=False,
+        timeout=timeout,
+        name=None,
+        as_json=as_json,
+        upload=(source, remote_path),
+    )
+
+
+def _submit_and_follow(
+    ctx: typer.Context,
+    command_text: str,
+    *,
+    hosts: list[str],
+    groups: list[str],
+    all_hosts: bool,
+    timeout: int | None,
+    name: str | None,
+    as_json: bool,
+    upload: tuple[str, str] | None = None,
+) -> None:
+    """Create the task, follow it live (unless JSON), summarize, exit 0 only on success."""
     out = make_console()
     err = make_console(stderr=True)
     options = client_options(ctx)
@@ -140,6 +214,7 @@ def run_command(
                 all_hosts=all_hosts,
                 timeout=timeout,
                 name=name,
+                upload=upload,
             )
         except KeyboardInterrupt:
             print_error(err, "interrupted")

@@ -24,6 +24,10 @@ class Conflict(OpsplaneError):
     """The request collides with the current state (HTTP 409)."""
 
 
+class Forbidden(OpsplaneError):
+    """The caller is known but may not do this, e.g. run on hosts outside its groups (HTTP 403)."""
+
+
 class InvalidTransition(Conflict):
     """A state machine was asked for a move it does not allow."""
 

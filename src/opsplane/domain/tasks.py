@@ -21,9 +21,14 @@ class ExecSpec:
     args: tuple[str, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
     cwd: str | None = None
+    # Upload tasks: copy this file or directory of the control plane to remote_path.
+    local_path: str | None = None
+    remote_path: str | None = None
 
     def to_json(self) -> dict[str, object]:
         return {
+            "local_path": self.local_path,
+            "remote_path": self.remote_path,
             "argv": list(self.argv) if self.argv is not None else None,
             "handler": self.handler,
             "args": list(self.args),
@@ -45,6 +50,8 @@ class ExecSpec:
             args=tuple(str(a) for a in args),
             env={str(k): str(v) for k, v in env.items()},
             cwd=str(data["cwd"]) if data.get("cwd") else None,
+            local_path=str(data["local_path"]) if data.get("local_path") else None,
+            remote_path=str(data["remote_path"]) if data.get("remote_path") else None,
         )
 
 
@@ -63,8 +70,12 @@ class TaskRequest:
 
     def validated(self, default_timeout: int) -> TaskRequest:
         """A copy with defaults filled in, or InvalidInput saying what is wrong."""
-        if self.kind not in ("command", "script"):
-            raise InvalidInput(f"kind must be command or script, got {self.kind!r}")
+        if self.kind not in ("command", "script", "upload"):
+            raise InvalidInput(f"kind must be command, script or upload, got {self.kind!r}")
+        if self.kind == "upload" and (
+            self.spec is None or not self.spec.local_path or not self.spec.remote_path
+        ):
+            raise InvalidInput("an upload task needs local_path and remote_path")
         if self.kind == "script" and (
             self.spec is None or (not self.spec.argv and not self.spec.handler)
         ):

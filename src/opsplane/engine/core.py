@@ -24,11 +24,12 @@ from opsplane.engine.hub import EventHub
 from opsplane.engine.ingest import Ingest
 from opsplane.engine.monitor import Monitor
 from opsplane.engine.service import TaskService
+from opsplane.engine.sshapi import SshApi
 from opsplane.store import queries
 from opsplane.store.database import create_engine, session_factory
 from opsplane.store.migrate import upgrade_to_head
 from opsplane.store.tables import TaskRow
-from opsplane.transport.base import AgentHello, HostReport, Link
+from opsplane.transport.base import SSH_LINK, AgentHello, HostReport, Link
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +62,10 @@ class Engine:
             self.archive,
             self.links,
             default_timeout=settings.default_timeout,
+            upload_roots=settings.effective_upload_roots,
         )
-        self.hosts = HostService(self.sessions, self.write)
+        self.hosts = HostService(self.sessions, self.write, self.links)
+        self.ssh_api = SshApi(self.hosts, self.tasks, self.wait_task)
         self.monitor = Monitor(
             self.write,
             heartbeat_interval=settings.heartbeat_interval,
@@ -92,11 +95,14 @@ class Engine:
         await upgrade_to_head(self.db)
         async with self.write() as changes:
             # Connections died with the previous process: hosts are offline until they return.
+            # Inventory (SSH) hosts have no connection to lose.
             for name in self.links:
-                await queries.mark_all_hosts(changes.session, "offline", link=name)
+                if name != SSH_LINK:
+                    await queries.mark_all_hosts(changes.session, "offline", link=name)
         await self.ingest.start()
         for link in self.links.values():
             await link.start(self)
+        await self.hosts.load_inventory()
         await self.monitor.start()
         self._recovery = asyncio.create_task(self._recover(), name="recovery")
         self.ready = True
@@ -107,6 +113,7 @@ class Engine:
             self._recovery.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._recovery
+        await self.ssh_api.stop()
         for link in self.links.values():
             await link.stop()
         await self.monitor.stop()

@@ -19,7 +19,7 @@ from opsplane.domain.tasks import ExecSpec
 from opsplane.engine.changes import Changes
 from opsplane.store import queries
 from opsplane.store.tables import HostRow, RunRow, TaskRow, utcnow
-from opsplane.transport.base import CommandEnvelope, Fanout, Link
+from opsplane.transport.base import CommandEnvelope, Fanout, Link, UploadSpec
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +91,9 @@ class Dispatcher:
                 handler=spec.handler,
                 args=spec.args,
                 cwd=spec.cwd,
+                upload=UploadSpec(spec.local_path, spec.remote_path)
+                if spec.local_path and spec.remote_path
+                else None,
             )
             by_link.setdefault(link_name, []).append(Dispatch(link_name, run.host, envelope))
         plan = DispatchPlan()

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from opsplane.domain.errors import NotFound
+from opsplane.domain.errors import ConfigError, Conflict, NotFound
+from opsplane.domain.inventory import SshHostRequest
 from opsplane.domain.states import IN_FLIGHT_RUN_STATUSES, RunStatus
 from opsplane.engine.changes import Changes
 from opsplane.store import queries
 from opsplane.store.tables import HostRow, RunRow, utcnow
-from opsplane.transport.base import LOCAL_LINK, AgentHello
+from opsplane.transport.base import LOCAL_LINK, SSH_LINK, AgentHello, Link
 
 log = logging.getLogger(__name__)
 
@@ -28,9 +29,11 @@ class HostService:
         self,
         sessions: async_sessionmaker[AsyncSession],
         write: Callable[[], AbstractAsyncContextManager[Changes]],
+        links: Mapping[str, Link],
     ) -> None:
         self._sessions = sessions
         self._write = write
+        self._links = links
 
     async def host_connected(self, hello: AgentHello) -> None:
         """Register the host and reconcile its in-flight runs with what the agent reports.
@@ -99,6 +102,55 @@ class HostService:
         if host is None:
             raise NotFound(f"host {name} not found")
         return host
+
+    async def register_ssh_host(self, request: SshHostRequest) -> HostRow:
+        """Add or update an agentless host; secrets go to the link only, never the store."""
+        request = request.validated()
+        link = self._links.get(SSH_LINK)
+        if link is None:
+            raise ConfigError("the SSH link is not available: pip install 'opsplane[ssh]'")
+        async with self._write() as changes:
+            host = await queries.get_host(changes.session, request.name)
+            if host is not None and host.link != SSH_LINK:
+                raise Conflict(
+                    f"{request.name} is a {host.link} host; it cannot become an SSH host"
+                )
+            if host is None:
+                host = HostRow(name=request.name, link=SSH_LINK, created_at=utcnow())
+                changes.session.add(host)
+            host.groups = list(request.groups)
+            host.labels = dict(request.labels)
+            host.ssh = request.stored()
+            # Agentless hosts have no heartbeat: reachable means "known"; a failed connect
+            # is that run's result.
+            host.status = "online"
+            changes.host_changed(request.name)
+        link.update_inventory(request.name, request.for_link())
+        return host
+
+    async def remove_host(self, name: str) -> None:
+        """Forget an SSH host. Agents register themselves, so their hosts cannot be removed
+        while they could reconnect; they are refused here."""
+        async with self._write() as changes:
+            host = await queries.get_host(changes.session, name)
+            if host is None:
+                raise NotFound(f"host {name} not found")
+            if host.link != SSH_LINK:
+                raise Conflict(f"{name} is a {host.link} host: stop its agent instead")
+            await changes.session.delete(host)
+            changes.host_changed(name)
+        link = self._links.get(SSH_LINK)
+        if link is not None:
+            link.update_inventory(name, None)
+
+    async def load_inventory(self) -> None:
+        """Tell the links about the inventory hosts the store holds (at start-up)."""
+        async with self._sessions() as session:
+            hosts = await queries.hosts_of_link(session, SSH_LINK)
+        link = self._links.get(SSH_LINK)
+        for host in hosts:
+            if link is not None and host.ssh:
+                link.update_inventory(host.name, host.ssh)
 
     async def hosts_named(self, names: set[str]) -> list[HostRow]:
         async with self._sessions() as session:

@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from opsplane.domain.errors import Conflict, NotFound, TransportError
+from opsplane.domain.errors import Conflict, InvalidInput, NotFound, TransportError
 from opsplane.domain.ids import new_id
 from opsplane.domain.states import (
     IN_FLIGHT_RUN_STATUSES,
@@ -30,7 +31,7 @@ from opsplane.engine.dispatcher import Dispatcher, DispatchPlan
 from opsplane.engine.ingest import Ingest
 from opsplane.store import queries
 from opsplane.store.tables import RunRow, TaskRow, utcnow
-from opsplane.transport.base import LOCAL_LINK, Link, RunFinished
+from opsplane.transport.base import LOCAL_LINK, SSH_LINK, Link, RunFinished
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ class TaskService:
         links: dict[str, Link],
         *,
         default_timeout: int,
+        upload_roots: Sequence[Path] = (),
     ) -> None:
         self._sessions = sessions
         self._write = write
@@ -54,6 +56,7 @@ class TaskService:
         self._archive = archive
         self._links = links
         self._default_timeout = default_timeout
+        self._upload_roots = list(upload_roots)
 
     async def create_task(self, request: TaskRequest) -> TaskRow:
         """Create a task and its runs (one per target host); start it unless asked not to."""
@@ -66,13 +69,15 @@ class TaskService:
         try:
             async with self._write() as changes:
                 hosts = await queries.all_hosts(changes.session)
-                if request.kind == "command":
+                if request.kind in ("command", "upload"):
                     # The control plane's own host runs catalog scripts only: an operator's
                     # shell command never lands on the control plane by targeting.
                     hosts = [h for h in hosts if h.link != LOCAL_LINK]
                 names = resolve_targets(
                     request.targets, [HostRef(h.name, tuple(h.groups or ())) for h in hosts]
                 )
+                if request.kind == "upload":
+                    self._check_upload(request, names, {h.name: h.link for h in hosts})
                 task = TaskRow(
                     id=task_id,
                     name=request.name,
@@ -125,6 +130,25 @@ class TaskService:
             await self._dispatcher.send(to_send)
             return await self.get_task(task_id)
         return task
+
+    def _check_upload(
+        self, request: TaskRequest, names: list[str], link_of: dict[str, str]
+    ) -> None:
+        """Uploads go to SSH hosts only, from under the configured upload roots."""
+        not_ssh = [name for name in names if link_of.get(name) != SSH_LINK]
+        if not_ssh:
+            raise InvalidInput(f"uploads go to SSH hosts only; not SSH: {', '.join(not_ssh)}")
+        assert request.spec is not None and request.spec.local_path is not None
+        source = Path(request.spec.local_path).resolve()
+        roots = [root.resolve() for root in self._upload_roots]
+        if not any(source == root or root in source.parents for root in roots):
+            allowed = ", ".join(str(root) for root in roots) or "(none configured)"
+            raise InvalidInput(f"local_path must be under an upload root ({allowed}): {source}")
+        if not source.exists():
+            raise InvalidInput(f"local_path does not exist on the control plane: {source}")
+
+    async def find_by_idempotency_key(self, key: str) -> TaskRow | None:
+        return await self._by_idempotency_key(key)
 
     async def _by_idempotency_key(self, key: str) -> TaskRow | None:
         async with self._sessions() as session:

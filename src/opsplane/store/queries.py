@@ -164,6 +164,10 @@ async def count_tasks(session: AsyncSession, status: str) -> int:
     return int((await session.execute(stmt)).scalar_one())
 
 
+async def hosts_of_link(session: AsyncSession, link: str) -> list[HostRow]:
+    return list((await session.execute(select(HostRow).where(HostRow.link == link))).scalars())
+
+
 async def all_hosts(session: AsyncSession) -> list[HostRow]:
     return list((await session.execute(select(HostRow).order_by(HostRow.name))).scalars())
 

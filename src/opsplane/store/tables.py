@@ -162,6 +162,9 @@ class HostRow(Base):
     agent_version: Mapped[str | None] = mapped_column(String(64))
     os: Mapped[str | None] = mapped_column(String(255))
     public_key: Mapped[str | None] = mapped_column(String(255))
+    # Agentless hosts (link "ssh"): address, port, user, key_file, bastions (a ProxyJump-style
+    # chain). Never a secret: passwords live only in memory for the request that brought them.
+    ssh: Mapped[dict[str, Any] | None] = mapped_column(CleanJSON, nullable=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 

@@ -11,12 +11,14 @@ import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import ClassVar, Literal, Protocol
+from typing import Any, ClassVar, Literal, Protocol
 
 Stream = Literal["stdout", "stderr"]
 
 # The link of the control plane's own host, which runs catalog scripts (transport/local.py).
 LOCAL_LINK = "local"
+# The link of agentless hosts, reached over SSH (transport/ssh).
+SSH_LINK = "ssh"
 
 
 @dataclass(frozen=True)
@@ -168,6 +170,13 @@ class Link(abc.ABC):
     @abc.abstractmethod
     async def send_command(self, hostname: str, command: CommandEnvelope) -> None:
         """Deliver a run; raises ``NotConnected`` or ``ConnectionLost``."""
+
+    def update_inventory(self, hostname: str, spec: Mapping[str, Any] | None) -> None:  # noqa: B027
+        """How to reach an inventory host (agentless links), or None when it is removed.
+
+        ``spec`` may carry secrets that only live in memory; links whose hosts dial in have no
+        inventory and ignore this.
+        """
 
     async def send_fanout(self, fanout: Fanout) -> None:
         """Deliver one message to a group or to all; raises like ``send_command``."""

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Query, status
 
 from opsplane.api.deps import Principal, get_engine, require_principal
-from opsplane.api.schemas import HostOut, Page
+from opsplane.api.schemas import HostCreate, HostOut, Page
+from opsplane.config import split_host_port
+from opsplane.domain.inventory import SshHostRequest
 from opsplane.engine.core import Engine
 
 router = APIRouter(prefix="/api/v1/hosts", tags=["hosts"])
@@ -29,6 +31,38 @@ async def list_hosts(
     return Page[HostOut](
         items=[HostOut.from_row(r) for r in rows], total=total, page=page, size=size
     )
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=HostOut)
+async def add_ssh_host(body: HostCreate, engine: EngineDep, _principal: PrincipalDep) -> HostOut:
+    """Register (or update) an agentless host reached over SSH, optionally through bastions."""
+    user, _, address_port = body.ssh.rpartition("@")
+    address, port = _split_port(address_port)
+    request = SshHostRequest(
+        name=body.name,
+        address=address,
+        port=port,
+        user=user or None,
+        key_file=body.key_file,
+        bastions=body.bastion,
+        bastion_key_file=body.bastion_key_file,
+        groups=tuple(body.groups),
+        labels=body.labels,
+    )
+    return HostOut.from_row(await engine.hosts.register_ssh_host(request))
+
+
+@router.delete("/{name}", status_code=status.HTTP_204_NO_CONTENT)
+async def remove_host(name: str, engine: EngineDep, _principal: PrincipalDep) -> None:
+    """Forget an SSH host (agents register themselves and cannot be removed here)."""
+    await engine.hosts.remove_host(name)
+
+
+def _split_port(address_port: str) -> tuple[str, int]:
+    try:
+        return split_host_port(address_port)
+    except ValueError:
+        return address_port.strip("[]"), 22  # no port given: SSH's own
 
 
 @router.get("/{name}", response_model=HostOut)

@@ -16,7 +16,7 @@ from opsplane.api.schemas import Items, Page, RunOut, TaskCreate, TaskOut
 from opsplane.domain.errors import InvalidInput
 from opsplane.domain.states import TERMINAL_TASK_STATUSES, TaskStatus
 from opsplane.domain.targeting import Targets, normalize_names
-from opsplane.domain.tasks import TaskRequest
+from opsplane.domain.tasks import ExecSpec, TaskRequest
 from opsplane.engine.changes import TaskEvent, task_view
 from opsplane.engine.core import Engine
 from opsplane.store import queries
@@ -47,8 +47,17 @@ async def create_task(
         groups=normalize_names(body.targets.groups, "group"),
         all=body.targets.all,
     )
+    spec = None
+    command = body.command
+    if body.kind == "upload":
+        if body.upload is None:
+            raise InvalidInput("an upload task needs upload: {local_path, remote_path}")
+        spec = ExecSpec(local_path=body.upload.local_path, remote_path=body.upload.remote_path)
+        command = f"upload {body.upload.local_path} -> {body.upload.remote_path}"
     request = TaskRequest(
-        command=body.command,
+        kind=body.kind,
+        spec=spec,
+        command=command,
         targets=targets,
         timeout=body.timeout,
         name=body.name,

@@ -11,10 +11,11 @@
 
 from __future__ import annotations
 
+from opsplane.transport.base import SSH_LINK
 from opsplane.transport.ssh.connections import ConnectFailure, SshConnectError
 from opsplane.transport.ssh.endpoints import HostKeyPolicy, SshEndpoint, SshTarget
 from opsplane.transport.ssh.executor import SshExecutor, SshResult
-from opsplane.transport.ssh.link import SSH_LINK, SshLink
+from opsplane.transport.ssh.link import SshLink
 from opsplane.transport.ssh.uploads import UploadResult
 
 __all__ = [

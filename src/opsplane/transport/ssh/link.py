@@ -16,11 +16,12 @@ import shlex
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from opsplane.domain.errors import InvalidInput, NotConnected
 from opsplane.execution import Outcome, OutputCapture
 from opsplane.transport.base import (
+    SSH_LINK,
     CommandEnvelope,
     Link,
     LinkEvents,
@@ -29,15 +30,34 @@ from opsplane.transport.base import (
     RunStarted,
     Stream,
 )
-from opsplane.transport.ssh.endpoints import SshTarget
+from opsplane.transport.ssh.endpoints import SshEndpoint, SshTarget
 from opsplane.transport.ssh.executor import SshExecutor
 
 log = logging.getLogger(__name__)
 
-SSH_LINK = "ssh"
 
 _Emit = Callable[[Stream, bytes], Awaitable[None]]
 _Started = Callable[[datetime], Awaitable[None]]
+
+
+_SECRET_FIELDS = ("password", "private_key", "passphrase")
+
+
+def target_from_spec(name: str, spec: Mapping[str, Any]) -> SshTarget:
+    """An inventory entry as the engine stores it — ``address``, ``port``, ``user``,
+    ``key_file``, ``bastions`` (``ops@edge:22,ops@inner``), ``bastion_key_file`` — plus, in
+    memory only, ``password`` / ``private_key`` / ``passphrase`` and their ``bastion_``
+    counterparts."""
+    credentials = {k: spec[k] for k in (*_SECRET_FIELDS, "key_file") if spec.get(k)}
+    options: dict[str, Any] = {"port": int(spec.get("port") or 22), **credentials}
+    if spec.get("user"):
+        options["username"] = str(spec["user"])
+    endpoint = SshEndpoint.parse(str(spec["address"]), **options)
+    hop_options = {
+        k: spec[f"bastion_{k}"] for k in (*_SECRET_FIELDS, "key_file") if spec.get(f"bastion_{k}")
+    }
+    bastions = SshEndpoint.parse_chain(str(spec.get("bastions") or ""), **hop_options)
+    return SshTarget(name, endpoint, bastions)
 
 
 class SshLink(Link):
@@ -75,6 +95,13 @@ class SshLink(Link):
     def remove_target(self, name: str) -> None:
         """Forget a target; its runs in progress go on."""
         self._targets.pop(name, None)
+
+    def update_inventory(self, hostname: str, spec: Mapping[str, Any] | None) -> None:
+        """The engine's inventory entry for ``hostname`` (see ``target_from_spec``)."""
+        if spec is None:
+            self.remove_target(hostname)
+        else:
+            self.upsert_target(target_from_spec(hostname, spec))
 
     @property
     def targets(self) -> Mapping[str, SshTarget]:
