@@ -239,3 +239,20 @@ def test_fleet_stream_sends_host_changes_and_summary(fleet: Fleet) -> None:
     assert isinstance(summary, dict) and summary["online"] == 3 and summary["total"] == 3
     with fleet.client() as client:
         assert client.get("/api/v1/fleet/summary").json()["online"] == 3
+
+
+def test_host_history_endpoints_and_resume_by_query_parameter(fleet: Fleet) -> None:
+    task = fleet.create_task("echo history", hosts=["db-1"])
+    fleet.wait_task_done(task["id"])
+    with fleet.client() as client:
+        beats = client.get("/api/v1/hosts/db-1/heartbeats", params={"hours": 1}).json()["items"]
+        assert beats and beats[0]["cpu_usage"] is not None
+        runs = client.get("/api/v1/hosts/db-1/runs", params={"size": 5}).json()
+        assert runs["items"][0]["task_id"] == task["id"]
+        assert runs["items"][0]["command"] == "echo history" and runs["total"] >= 1
+        assert client.get("/api/v1/hosts/ghost/runs").status_code == 404
+    events = _read_events(fleet, task["id"])
+    url = f"{fleet.url}/api/v1/tasks/{task['id']}/events"
+    with fleet.client() as client:
+        body = client.get(url, params={"last_event_id": events[0]["id"]}).text
+    assert f"id: {events[0]['id']}\r\n" not in body and f"id: {events[-1]['id']}" in body

@@ -168,6 +168,22 @@ class HostOut(BaseModel):
         )
 
 
+class HeartbeatOut(BaseModel):
+    at: datetime
+    cpu_usage: float | None
+    memory_usage: float | None
+    load: float | None
+    disk_usage: float | None
+
+
+class HostRunOut(RunOut):
+    """A run with what its task ran, for a host's history."""
+
+    task_name: str
+    task_kind: str
+    command: str
+
+
 class Page(BaseModel, Generic[T]):
     items: list[T]
     total: int

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 from contextlib import AbstractAsyncContextManager
+from datetime import datetime
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -13,7 +14,7 @@ from opsplane.domain.inventory import SshHostRequest
 from opsplane.domain.states import IN_FLIGHT_RUN_STATUSES, RunStatus
 from opsplane.engine.changes import Changes
 from opsplane.store import queries
-from opsplane.store.tables import HostRow, RunRow, utcnow
+from opsplane.store.tables import HeartbeatRow, HostRow, RunRow, TaskRow, utcnow
 from opsplane.transport.base import LOCAL_LINK, SSH_LINK, AgentHello, Link
 
 log = logging.getLogger(__name__)
@@ -151,6 +152,19 @@ class HostService:
         for host in hosts:
             if link is not None and host.ssh:
                 link.update_inventory(host.name, host.ssh)
+
+    async def heartbeat_history(self, name: str, since: datetime) -> list[HeartbeatRow]:
+        """Downsampled heartbeats (one a minute, kept a day) since ``since``."""
+        await self.get_host(name)
+        async with self._sessions() as session:
+            return await queries.heartbeat_history(session, name, since, limit=2000)
+
+    async def runs_of_host(
+        self, name: str, *, page: int, size: int
+    ) -> tuple[list[tuple[RunRow, TaskRow]], int]:
+        await self.get_host(name)
+        async with self._sessions() as session:
+            return await queries.runs_of_host(session, name, offset=(page - 1) * size, limit=size)
 
     async def hosts_named(self, names: set[str]) -> list[HostRow]:
         async with self._sessions() as session:

@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from opsplane.store.tables import HostRow, RunRow, TaskEventRow, TaskRow
+from opsplane.store.tables import HeartbeatRow, HostRow, RunRow, TaskEventRow, TaskRow
 
 
 async def get_task(
@@ -166,6 +166,34 @@ async def count_tasks(session: AsyncSession, status: str) -> int:
 
 async def hosts_of_link(session: AsyncSession, link: str) -> list[HostRow]:
     return list((await session.execute(select(HostRow).where(HostRow.link == link))).scalars())
+
+
+async def heartbeat_history(
+    session: AsyncSession, host: str, since: datetime, limit: int
+) -> list[HeartbeatRow]:
+    stmt = (
+        select(HeartbeatRow)
+        .where(HeartbeatRow.host == host, HeartbeatRow.at >= since)
+        .order_by(HeartbeatRow.at)
+        .limit(limit)
+    )
+    return list((await session.execute(stmt)).scalars())
+
+
+async def runs_of_host(
+    session: AsyncSession, host: str, *, offset: int, limit: int
+) -> tuple[list[tuple[RunRow, TaskRow]], int]:
+    """A host's runs, newest first, each with its task."""
+    base = (
+        select(RunRow, TaskRow)
+        .join(TaskRow, TaskRow.id == RunRow.task_id)
+        .where(RunRow.host == host)
+    )
+    total = (
+        await session.execute(select(func.count()).select_from(RunRow).where(RunRow.host == host))
+    ).scalar_one()
+    page = base.order_by(RunRow.id.desc()).offset(offset).limit(limit)
+    return [(run, task) for run, task in await session.execute(page)], int(total)
 
 
 async def all_hosts(session: AsyncSession) -> list[HostRow]:

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query, status
 
 from opsplane.api.deps import Principal, get_engine, require_principal
-from opsplane.api.schemas import HostCreate, HostOut, Page
+from opsplane.api.schemas import (
+    HeartbeatOut,
+    HostCreate,
+    HostOut,
+    HostRunOut,
+    Items,
+    Page,
+    RunOut,
+)
 from opsplane.config import split_host_port
 from opsplane.domain.inventory import SshHostRequest
 from opsplane.engine.core import Engine
@@ -63,6 +72,43 @@ def _split_port(address_port: str) -> tuple[str, int]:
         return split_host_port(address_port)
     except ValueError:
         return address_port.strip("[]"), 22  # no port given: SSH's own
+
+
+@router.get("/{name}/heartbeats", response_model=Items[HeartbeatOut])
+async def host_heartbeats(
+    name: str,
+    engine: EngineDep,
+    _principal: PrincipalDep,
+    hours: Annotated[float, Query(gt=0, le=24)] = 3,
+) -> Items[HeartbeatOut]:
+    """CPU, memory, load and disk over the last ``hours`` (one point a minute)."""
+    since = datetime.now(UTC) - timedelta(hours=hours)
+    rows = await engine.hosts.heartbeat_history(name, since)
+    return Items[HeartbeatOut](
+        items=[
+            HeartbeatOut(at=r.at, cpu_usage=r.cpu_usage, memory_usage=r.memory_usage,
+                         load=r.load, disk_usage=r.disk_usage)
+            for r in rows
+        ]
+    )  # fmt: skip
+
+
+@router.get("/{name}/runs", response_model=Page[HostRunOut])
+async def host_runs(
+    name: str,
+    engine: EngineDep,
+    _principal: PrincipalDep,
+    page: Annotated[int, Query(ge=1)] = 1,
+    size: Annotated[int, Query(ge=1, le=500)] = 50,
+) -> Page[HostRunOut]:
+    """The host's recent runs, newest first."""
+    pairs, total = await engine.hosts.runs_of_host(name, page=page, size=size)
+    items = [
+        HostRunOut(**RunOut.from_row(run).model_dump(), task_name=task.name, task_kind=task.kind,
+                   command=task.command)
+        for run, task in pairs
+    ]  # fmt: skip
+    return Page[HostRunOut](items=items, total=total, page=page, size=size)
 
 
 @router.get("/{name}", response_model=HostOut)

@@ -123,20 +123,25 @@ async def task_events(
     engine: EngineDep,
     _principal: PrincipalDep,
     last_event_id: Annotated[str | None, Header()] = None,
+    after: Annotated[
+        str | None,
+        Query(alias="last_event_id", description="resume point when a header cannot be set"),
+    ] = None,
 ) -> EventSourceResponse:
     """Server-Sent Events: ``run`` (state changes), ``output`` (chunks), ``task`` (progress).
 
     Every event carries an id; reconnect with ``Last-Event-ID`` to resume without gaps or
     duplicates. The stream ends after the task's terminal ``task`` event.
     """
-    after = 0
-    if last_event_id:
+    resume_from = last_event_id or after
+    after_id = 0
+    if resume_from:
         try:
-            after = int(last_event_id)
+            after_id = int(resume_from)
         except ValueError as e:
             raise InvalidInput("Last-Event-ID must be an event id (an integer)") from e
     await engine.tasks.get_task(task_id)
-    return EventSourceResponse(_event_stream(engine, task_id, after), ping=15)
+    return EventSourceResponse(_event_stream(engine, task_id, after_id), ping=15)
 
 
 def _sse(event: TaskEvent) -> ServerSentEvent:
