@@ -27,6 +27,10 @@ from pathlib import Path
 
 import httpx
 
+# The demo creates this admin token at start (OPSPLANE_BOOTSTRAP_ADMIN_TOKEN); the bench's
+# client and CLI runs send it.
+TOKEN = "ops_bench-bootstrap-admin-token-0123456789"
+
 
 def _free_port() -> int:
     with socket.socket() as sock:
@@ -69,14 +73,20 @@ def main() -> None:
     http, grpc = _free_port(), _free_port()
     url = f"http://127.0.0.1:{http}"
     with tempfile.TemporaryDirectory() as tmp:
-        env = {**os.environ, "OPSPLANE_URL": url}
+        env = {
+            **os.environ,
+            "OPSPLANE_URL": url,
+            "OPSPLANE_TOKEN": TOKEN,
+            "OPSPLANE_BOOTSTRAP_ADMIN_TOKEN": TOKEN,
+        }
         demo = subprocess.Popen(
             [sys.executable, "-m", "opsplane", "demo", "--listen", f"127.0.0.1:{http}",
              "--grpc-listen", f"127.0.0.1:{grpc}", "--data-dir", str(Path(tmp) / "data")],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
         )  # fmt: skip
         try:
-            with httpx.Client(base_url=url, timeout=30) as client:
+            headers = {"Authorization": f"Bearer {TOKEN}"}
+            with httpx.Client(base_url=url, timeout=30, headers=headers) as client:
                 _wait(
                     lambda: (
                         client.get("/api/v1/hosts", params={"status": "online"}).json()["total"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import (
@@ -19,7 +19,8 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
-from opsplane.domain.errors import ConfigError
+from opsplane.domain.errors import ConfigError, InvalidInput
+from opsplane.domain.redaction import DEFAULT_REDACT_PATTERNS, Redactor
 
 DEFAULT_LISTEN = "127.0.0.1:8000"
 DEFAULT_GRPC_LISTEN = "127.0.0.1:50051"
@@ -67,6 +68,8 @@ class Settings(BaseSettings):
     ingest_batch_size: int = Field(default=1000, gt=0)
     ingest_linger: float = Field(default=0.0, ge=0)
     bootstrap_admin_token: str | None = None
+    # Web logins last this many seconds, then the page asks for the password again.
+    session_lifetime: float = Field(default=8 * 3600.0, gt=0)
     # The control plane's own host, which runs catalog scripts; distinct from any agent's name.
     local_host: str = "control-plane"
     # Seed 004's catalog of external tasks (docs/catalog.md). The seed's own variable
@@ -80,11 +83,41 @@ class Settings(BaseSettings):
     catalog_logs_dir: Path | None = None
     # Seconds a finished async session stays in /async/query.
     catalog_session_retention: float = Field(default=3600.0, ge=0)
+    # Seed 003 (POST /tasks): scripts run only from these directories (docs/remoterun.md).
+    script_dirs: list[Path] = Field(default_factory=list)
+    # Secrets masked in run output before it is stored, archived or streamed; [] turns it off.
+    redact_patterns: list[str] = Field(default_factory=lambda: list(DEFAULT_REDACT_PATTERNS))
+    # Failure alerts (docs/alerts.md): webhooks POSTed when a task ends failed or timed_out.
+    alert_webhooks: list[str] = Field(default_factory=list)
+    alert_format: Literal["json", "slack", "dingtalk"] = "json"
+    alert_attempts: int = Field(default=3, ge=1, le=10)
+    alert_backoff: float = Field(default=1.0, ge=0)
+    # Where operators reach this control plane, for links in alerts; default http://<listen>.
+    public_url: str | None = None
+    # /metrics without authentication (Prometheus scrapers usually carry no token).
+    metrics_public: bool = True
 
     @field_validator("listen", "grpc_listen")
     @classmethod
     def _host_port(cls, value: str) -> str:
         split_host_port(value)
+        return value
+
+    @field_validator("redact_patterns")
+    @classmethod
+    def _compilable(cls, value: list[str]) -> list[str]:
+        try:
+            Redactor(value)
+        except InvalidInput as e:
+            raise ValueError(str(e)) from e
+        return value
+
+    @field_validator("alert_webhooks")
+    @classmethod
+    def _http_urls(cls, value: list[str]) -> list[str]:
+        for url in value:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"an alert webhook must be an http:// or https:// URL: {url!r}")
         return value
 
     @property

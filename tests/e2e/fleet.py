@@ -16,6 +16,8 @@ from typing import Any, TypeVar
 
 import httpx
 
+from tests.auth import ADMIN_HEADERS, ADMIN_TOKEN
+
 T = TypeVar("T")
 
 
@@ -44,6 +46,8 @@ def child_env(**extra: str) -> dict[str, str]:
     env.update(
         OPSPLANE_HEARTBEAT_INTERVAL="1",
         OPSPLANE_LOST_GRACE="3",
+        # Every test control plane starts with this admin token (Fleet.client() sends it).
+        OPSPLANE_BOOTSTRAP_ADMIN_TOKEN=ADMIN_TOKEN,
         PYTHONUNBUFFERED="1",
     )
     env.update(extra)
@@ -56,6 +60,8 @@ class Fleet:
     http_port: int = field(default_factory=free_port)
     grpc_port: int = field(default_factory=free_port)
     server: subprocess.Popen[bytes] | None = None
+    # Settings for this fleet's control plane beyond child_env()'s (OPSPLANE_* variables).
+    server_env: dict[str, str] = field(default_factory=dict)
     agents: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     @property
@@ -70,8 +76,15 @@ class Fleet:
     def data_dir(self) -> Path:
         return self.root / "data"
 
-    def client(self) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=10.0)
+    def client(self, token: str | None = ADMIN_TOKEN) -> httpx.Client:
+        """A client of the API, authenticated as the bootstrap admin (or with ``token``;
+        None: anonymous)."""
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return httpx.Client(base_url=self.url, timeout=10.0, headers=headers)
+
+    @property
+    def auth_headers(self) -> dict[str, str]:
+        return dict(ADMIN_HEADERS)
 
     def start_server(self, *extra_args: str) -> None:
         with (self.root / "server.log").open("ab") as log:
@@ -83,7 +96,7 @@ class Fleet:
                     "--data-dir", str(self.data_dir),
                     *extra_args,
                 ],
-            stdout=log, stderr=subprocess.STDOUT, env=child_env(),
+            stdout=log, stderr=subprocess.STDOUT, env=child_env(**self.server_env),
             )  # fmt: skip
         with self.client() as client:
 

@@ -17,11 +17,10 @@ from typing import Any
 import httpx
 import psutil
 import pytest
-from fastapi import HTTPException
 
 from opsplane.api.app import create_app
-from opsplane.api.deps import require_principal
 from opsplane.config import load_settings
+from tests.auth import ADMIN_HEADERS
 from tests.e2e.conftest import processes_with
 from tests.e2e.fleet import child_env, free_port, wait_for
 
@@ -38,7 +37,7 @@ class Server:
     process: subprocess.Popen[bytes]
 
     def client(self) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=30.0)
+        return httpx.Client(base_url=self.url, timeout=30.0, headers=ADMIN_HEADERS)
 
 
 def _launch(root: Path, catalog: Path, *extra: str) -> tuple[subprocess.Popen[bytes], str]:
@@ -201,14 +200,17 @@ def test_a_bad_catalog_refuses_to_start_naming_the_entry(tmp_path: Path) -> None
     assert "collected is required (true or false)" in output and "Traceback" not in output
 
 
-async def test_every_catalog_route_goes_through_the_one_auth_dependency(tmp_path: Path) -> None:
-    async def refuse() -> None:
-        raise HTTPException(status_code=401, detail="refused")
-
+async def test_every_catalog_route_refuses_anonymous_callers_in_the_seeds_envelope(
+    tmp_path: Path,
+) -> None:
+    # No lifespan runs: the refusal comes before any engine or database work.
     app = create_app(load_settings(data_dir=tmp_path, catalog=CATALOG))
-    app.dependency_overrides[require_principal] = refuse
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-        assert (await client.get("/list")).status_code == 401
+        answers = [await client.get("/list")]
         for path in ("/sync/a/b", "/async/a/b", "/async/query", "/async/kill"):
-            assert (await client.post(path, json={})).status_code == 401, path
+            answers.append(await client.post(path, json={}))
+    for answer in answers:
+        assert answer.status_code == 401, answer.request.url
+        assert answer.headers["www-authenticate"].startswith("Bearer")
+        assert answer.json()["code"] == 1 and "authentication required" in answer.json()["msg"]

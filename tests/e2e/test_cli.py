@@ -8,11 +8,18 @@ import re
 import subprocess
 import sys
 
+from tests.auth import ADMIN_TOKEN
 from tests.e2e.fleet import Fleet
 
 
 def opsplane(fleet: Fleet, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "OPSPLANE_URL": fleet.url, "COLUMNS": "200", "NO_COLOR": "1"}
+    env = {
+        **os.environ,
+        "OPSPLANE_URL": fleet.url,
+        "OPSPLANE_TOKEN": ADMIN_TOKEN,
+        "COLUMNS": "200",
+        "NO_COLOR": "1",
+    }
     return subprocess.run(
         [sys.executable, "-m", "opsplane", *args],
         capture_output=True, text=True, env=env, timeout=timeout, check=False,

@@ -83,6 +83,7 @@ def _read_events(
     headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
     events: list[dict[str, object]] = []
     url = f"{fleet.url}/api/v1/tasks/{task_id}/events"
+    headers.update(fleet.auth_headers)
     with httpx.Client(timeout=30) as client, client.stream("GET", url, headers=headers) as response:
         assert response.status_code == 200
         current: dict[str, object] = {}
@@ -222,7 +223,7 @@ def test_health_readiness_and_openapi(fleet: Fleet) -> None:
 def test_fleet_stream_sends_host_changes_and_summary(fleet: Fleet) -> None:
     seen: dict[str, object] = {}
     with (
-        httpx.Client(timeout=15) as client,
+        httpx.Client(timeout=15, headers=fleet.auth_headers) as client,
         client.stream("GET", f"{fleet.url}/api/v1/fleet/events") as response,
     ):
         assert response.status_code == 200

@@ -108,3 +108,21 @@ async def test_shell_commands_cannot_target_the_control_plane_host(engine: Engin
         await engine.tasks.create_task(TaskRequest(command="id", targets=Targets(hosts=(HOST,))))
     hosts, total = await engine.hosts.list_hosts(status=None, group=None, page=1, size=10)
     assert total == 0 and hosts == []
+
+
+async def test_the_control_plane_host_never_goes_offline_for_lack_of_heartbeats(
+    tmp_path: Path,
+) -> None:
+    settings = load_settings(
+        data_dir=tmp_path, heartbeat_interval=0.2, offline_after_missed=1, lost_grace=0.2
+    )
+    the_engine = Engine(settings, [LocalLink(HOST)])
+    await the_engine.start()
+    try:
+        await asyncio.sleep(1.0)  # five heartbeat intervals without a heartbeat
+        await the_engine.monitor.check_once()
+        assert (await the_engine.hosts.get_host(HOST)).status == "online"
+        status, run_status, _, _ = await _finish(the_engine, _script(ExecSpec(argv=("sleep", "1"))))
+        assert (status, run_status) == (TaskStatus.SUCCEEDED, RunStatus.SUCCEEDED)
+    finally:
+        await the_engine.stop()

@@ -30,6 +30,9 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
                  "--disable-component-update"]  # fmt: skip
 # Every wait is bounded: a few seconds for what the page does by itself.
 EXPECT_TIMEOUT_MS = 5_000
+# The web user the tests log in as (created through the API with the bootstrap admin token).
+UI_USER = "ui-admin"
+UI_PASSWORD = "correct horse battery staple"
 DESKTOP = {"width": 1280, "height": 800}
 PHONE = {"width": 390, "height": 844}
 
@@ -53,6 +56,10 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
                 f"GET / answered {response.status_code}: the web page is not mounted "
                 "(opsplane.api.app must call opsplane.api.web.mount_web(app))"
             )
+        with the_fleet.client() as client:
+            body = {"name": UI_USER, "role": "admin", "password": UI_PASSWORD}
+            created = client.post("/api/v1/users", json=body)
+            assert created.status_code == 201, created.text
         yield the_fleet
 
 
@@ -101,11 +108,23 @@ def snap(screenshots: Path) -> Snap:
     return take
 
 
-def _open_page(browser: Browser, viewport: dict[str, int], **options: Any) -> Iterator[Page]:
+def log_in(page: Page, fleet: Fleet) -> None:
+    """Open a web session in the page's browser context, as the login form does: the
+    context's cookie jar keeps the session cookie and the CSRF cookie."""
+    body = {"name": UI_USER, "password": UI_PASSWORD}
+    answer = page.context.request.post(fleet.url + "/api/v1/auth/login", data=body)
+    assert answer.ok, answer.text()
+
+
+def _open_page(
+    browser: Browser, viewport: dict[str, int], fleet: Fleet | None, **options: Any
+) -> Iterator[Page]:
     context = browser.new_context(viewport=viewport, accept_downloads=True, **options)
     context.set_default_timeout(EXPECT_TIMEOUT_MS)
     context.set_default_navigation_timeout(10_000)
     page = context.new_page()
+    if fleet is not None:
+        log_in(page, fleet)
     errors: list[str] = []
     page.on("pageerror", lambda error: errors.append(f"uncaught: {error}"))
     page.on(
@@ -124,13 +143,25 @@ def _open_page(browser: Browser, viewport: dict[str, int], **options: Any) -> It
 
 
 @pytest.fixture
-def page(browser: Browser) -> Iterator[Page]:
-    """A fresh desktop-sized page per test; fails the test on any JavaScript error."""
-    yield from _open_page(browser, DESKTOP, color_scheme="light")
+def page(browser: Browser, fleet: Fleet) -> Iterator[Page]:
+    """A fresh desktop-sized page per test, logged in; fails the test on any JavaScript error."""
+    yield from _open_page(browser, DESKTOP, fleet, color_scheme="light")
 
 
 @pytest.fixture
-def phone(browser: Browser) -> Iterator[Page]:
+def anonymous_page(browser: Browser) -> Iterator[Page]:
+    """A fresh desktop-sized page without a session."""
+    yield from _open_page(browser, DESKTOP, None, color_scheme="light")
+
+
+@pytest.fixture
+def phone(browser: Browser, fleet: Fleet) -> Iterator[Page]:
     yield from _open_page(
-        browser, PHONE, color_scheme="dark", is_mobile=True, has_touch=True, device_scale_factor=1
+        browser,
+        PHONE,
+        fleet,
+        color_scheme="dark",
+        is_mobile=True,
+        has_touch=True,
+        device_scale_factor=1,
     )

@@ -6,14 +6,35 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
+from prometheus_client import CollectorRegistry
 
+from opsplane.api.deps import require_principal
 from opsplane.api.errors import install_error_handlers
-from opsplane.api.routers import compat_catalog, compat_ssh, fleet, health, hosts, tasks
+from opsplane.api.routers import (
+    audit,
+    auth,
+    compat_catalog,
+    compat_remoterun,
+    compat_ssh,
+    fleet,
+    health,
+    hosts,
+    metrics,
+    runs,
+    tasks,
+    tokens,
+    users,
+)
 from opsplane.api.web import mount_web
 from opsplane.catalog import CatalogService, default_registry, load_catalog
 from opsplane.config import Settings
+from opsplane.domain.redaction import Redactor
+from opsplane.engine.alerts import AlertSender
 from opsplane.engine.core import Engine
+from opsplane.engine.metrics import EngineMetrics
+from opsplane.remoterun import RemoteRunService
+from opsplane.security.service import SecurityService
 from opsplane.security.signing import load_or_create_private_key
 from opsplane.transport.base import Link
 from opsplane.transport.grpc.server import GrpcLink
@@ -68,17 +89,42 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         logs_dir=settings.catalog_logs_dir or settings.logs_dir,
         retention=settings.catalog_session_retention,
     )
+    # A registry per app, never the process-global one: two apps never share counters.
+    engine_metrics = EngineMetrics(the_engine, CollectorRegistry())
+    alerts = AlertSender(
+        the_engine.sessions,
+        settings.alert_webhooks,
+        fmt=settings.alert_format,
+        base_url=settings.public_url or f"http://{settings.listen}",
+        attempts=settings.alert_attempts,
+        backoff=settings.alert_backoff,
+        on_result=engine_metrics.alert_result,
+    )
+    remoterun = RemoteRunService(the_engine, settings.script_dirs)
+    security = SecurityService(
+        the_engine.sessions,
+        the_engine.write,
+        data_dir=settings.data_dir,
+        bootstrap_token=settings.bootstrap_admin_token,
+        session_lifetime=settings.session_lifetime,
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await the_engine.start()
         try:
+            # Users and tokens need the migrated database; no request is served before this.
+            await security.bootstrap()
+            await alerts.start()
+            the_engine.hub.add_listener(alerts.observe)
             await catalog_service.start()
             try:
                 yield
             finally:
                 await catalog_service.stop()
         finally:
+            the_engine.hub.remove_listener(alerts.observe)
+            await alerts.stop()
             await the_engine.stop()
 
     app = FastAPI(
@@ -89,13 +135,28 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     )
     app.state.engine = the_engine
     app.state.catalog_service = catalog_service
+    app.state.metrics = engine_metrics
+    app.state.alerts = alerts
+    app.state.remoterun = remoterun
+    app.state.security = security
+    app.state.redactor = Redactor(settings.redact_patterns)
     install_error_handlers(app)
     app.include_router(health.router)
+    app.include_router(auth.router)
+    app.include_router(users.router)
+    app.include_router(tokens.router)
+    app.include_router(audit.router)
     app.include_router(tasks.router)
     app.include_router(hosts.router)
     app.include_router(fleet.router)
     # Seed 004's routes live at the root (/list, /sync/…, /async/…): before the web mount.
     app.include_router(compat_catalog.router)
     app.include_router(compat_ssh.router)
+    # Seed 003's /tasks routes, also at the root.
+    app.include_router(compat_remoterun.router)
+    app.include_router(runs.router)
+    # Scrapers usually carry no token: /metrics is public unless metrics_public is false.
+    metrics_auth = [] if settings.metrics_public else [Depends(require_principal)]
+    app.include_router(metrics.router, dependencies=metrics_auth)
     mount_web(app)
     return app

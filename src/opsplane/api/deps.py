@@ -1,30 +1,225 @@
-"""Dependencies shared by every route: the engine, and the one authentication point."""
+"""Dependencies shared by every route: the engine, and the one place of authentication and
+authorization.
+
+Authentication: ``Authorization: Bearer <token>`` (API, CLI), or the web page's session cookie.
+A cookie-authenticated request that changes state must also carry ``X-CSRF-Token`` matching its
+session (the browser sends cookies by itself, but only the page can read the CSRF cookie).
+No credentials, or bad ones: 401 with ``WWW-Authenticate: Bearer``.
+
+Authorization, by role: a route declares the permission it needs with
+``Depends(require(Permission.RUN))`` (or ``READ``, ``ADMIN``). A route that declares nothing
+and depends on ``require_principal`` gets the safe default: ``READ`` for GET and HEAD,
+``ADMIN`` for anything that may change state — so a new route is never open to less than an
+admin by accident. Under-privileged: 403, and a state-changing attempt leaves an audit record.
+
+Routes that change state and write no audit record of their own get a generic one from
+``require_principal`` once they return (``request.state.audited`` marks those that do).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Annotated, Any
 
-from fastapi import Request
+from fastapi import Depends, HTTPException, Request
 
+from opsplane.domain.errors import (
+    Conflict,
+    Forbidden,
+    InvalidInput,
+    NotFound,
+    OpsplaneError,
+    Unauthenticated,
+)
 from opsplane.engine.core import Engine
+from opsplane.security.audit import DENIED, FAILED, OK, REJECTED
+from opsplane.security.roles import Permission, Principal, authorize
+from opsplane.security.service import Caller, SecurityService
+from opsplane.security.tokens import same_secret
 
+__all__ = [
+    "CSRF_COOKIE",
+    "CSRF_HEADER",
+    "SESSION_COOKIE",
+    "Principal",
+    "authenticate",
+    "client_ip",
+    "get_engine",
+    "get_security",
+    "require",
+    "require_principal",
+]
 
-@dataclass(frozen=True)
-class Principal:
-    """Who is calling. Until the security issue lands, everyone is the anonymous admin."""
+log = logging.getLogger(__name__)
 
-    name: str
-    role: str
-
-
-ANONYMOUS = Principal(name="anonymous", role="admin")
-
-
-async def require_principal(request: Request) -> Principal:
-    """Every API route depends on this: authentication and authorization happen here only."""
-    return ANONYMOUS
+SESSION_COOKIE = "opsplane_session"
+CSRF_COOKIE = "opsplane_csrf"
+CSRF_HEADER = "X-CSRF-Token"
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 def get_engine(request: Request) -> Engine:
     engine: Engine = request.app.state.engine
     return engine
+
+
+def get_security(request: Request) -> SecurityService:
+    security: SecurityService = request.app.state.security
+    return security
+
+
+def client_ip(request: Request) -> str | None:
+    return request.client.host if request.client else None
+
+
+async def authenticate(request: Request) -> Principal:
+    """Who is calling: a Bearer token, else the session cookie; Unauthenticated (401)
+    otherwise. Resolved once per request (FastAPI caches it) and kept in
+    ``request.state.principal``."""
+    security = get_security(request)
+    header = request.headers.get("authorization")
+    if header is not None:
+        scheme, _, credentials = header.partition(" ")
+        if scheme.lower() != "bearer" or not credentials.strip():
+            raise Unauthenticated("expected Authorization: Bearer <API token>")
+        principal = await security.authenticate_token(credentials.strip())
+    else:
+        cookie = request.cookies.get(SESSION_COOKIE)
+        if not cookie:
+            raise Unauthenticated(
+                "authentication required: an API token (Authorization: Bearer) or a web login"
+            )
+        session = await security.authenticate_session(cookie)
+        if request.method not in SAFE_METHODS:
+            sent = request.headers.get(CSRF_HEADER, "")
+            if not sent or not same_secret(sent, session.csrf_hash):
+                # A forged cross-site request looks exactly like this: worth a record.
+                error = f"missing or wrong {CSRF_HEADER} header: reload the page"
+                await _record(request, session.principal, DENIED, {"error": error})
+                raise Forbidden(error)
+        principal = session.principal
+    request.state.principal = principal
+    return principal
+
+
+AuthenticatedDep = Annotated[Principal, Depends(authenticate)]
+
+
+async def _authorize(request: Request, principal: Principal, permission: Permission) -> None:
+    try:
+        authorize(principal, permission)
+    except Forbidden as e:
+        if request.method not in SAFE_METHODS:
+            await _record(request, principal, DENIED, {"needs": permission.value, "error": str(e)})
+        raise
+
+
+def require(permission: Permission) -> Callable[..., Awaitable[Principal]]:
+    """The dependency of a route that needs ``permission``: ``Depends(require(Permission.RUN))``."""
+    cached = _REQUIRE.get(permission)
+    if cached is not None:
+        return cached
+
+    async def dependency(request: Request, principal: AuthenticatedDep) -> Principal:
+        await _authorize(request, principal, permission)
+        return principal
+
+    dependency.__name__ = f"require_{permission.value}"
+    # How require_principal finds a route's own declaration.
+    dependency.opsplane_permission = permission  # type: ignore[attr-defined]
+    _REQUIRE[permission] = dependency
+    return dependency
+
+
+_REQUIRE: dict[Permission, Callable[..., Awaitable[Principal]]] = {}
+
+
+async def require_principal(
+    request: Request, principal: AuthenticatedDep
+) -> AsyncIterator[Principal]:
+    """Authenticated, and authorized by the route's declared permission or the safe default
+    (READ for GET/HEAD, ADMIN otherwise). Writes a generic audit record after a
+    state-changing route that wrote none itself."""
+    permission = _declared(request)
+    if permission is None:
+        permission = Permission.READ if request.method in SAFE_METHODS else Permission.ADMIN
+    await _authorize(request, principal, permission)
+    if request.method in SAFE_METHODS:
+        yield principal
+        return
+    try:
+        yield principal
+    except (OpsplaneError, HTTPException) as e:
+        if not getattr(request.state, "audited", False):
+            await _record(request, principal, outcome_of(e), {"error": _message(e)})
+        raise
+    except Exception:
+        if not getattr(request.state, "audited", False):
+            await _record(request, principal, FAILED, {"error": "internal error"})
+        raise
+    if not getattr(request.state, "audited", False):
+        await _record(request, principal, OK, {})
+
+
+def outcome_of(error: BaseException) -> str:
+    """The audit outcome of a request that ended in ``error``."""
+    if isinstance(error, Forbidden | Unauthenticated):
+        return DENIED
+    if isinstance(error, HTTPException):
+        return (
+            DENIED
+            if error.status_code in (401, 403)
+            else (REJECTED if error.status_code < 500 else FAILED)
+        )
+    if isinstance(error, InvalidInput | NotFound | Conflict):
+        return REJECTED
+    return FAILED
+
+
+def _message(error: BaseException) -> str:
+    if isinstance(error, HTTPException):
+        return str(error.detail)
+    return str(error)
+
+
+def _declared(request: Request) -> Permission | None:
+    """The highest permission the matched route declares through ``require(...)``."""
+    route = request.scope.get("route")
+    dependant = getattr(route, "dependant", None)
+    if dependant is None:
+        return None
+    found: list[Permission] = []
+    stack: list[Any] = list(dependant.dependencies)
+    while stack:
+        sub = stack.pop()
+        permission = getattr(sub.call, "opsplane_permission", None)
+        if isinstance(permission, Permission):
+            found.append(permission)
+        stack.extend(sub.dependencies)
+    if not found:
+        return None
+    return max(found, key=lambda p: _RANK[p])
+
+
+_RANK = {Permission.READ: 0, Permission.RUN: 1, Permission.ADMIN: 2}
+
+
+async def _record(
+    request: Request, principal: Principal, outcome: str, detail: dict[str, Any]
+) -> None:
+    """A generic audit record of this request: ``METHOD /route/path`` and its outcome."""
+    request.state.audited = True
+    route = request.scope.get("route")
+    path = getattr(route, "path", request.url.path)
+    entry = Caller(principal, client_ip(request)).entry(
+        f"http.{request.method.lower()}",
+        target=f"{request.method} {path}",
+        outcome=outcome,
+        detail={**detail, "path": request.url.path},
+    )
+    try:
+        await get_security(request).audit(entry)
+    except OpsplaneError:
+        log.exception("could not write the audit record of %s %s", request.method, path)
+        raise

@@ -28,6 +28,7 @@ from opsplane.domain.targeting import Targets
 from opsplane.domain.tasks import TaskRequest
 from opsplane.engine.core import Engine
 from opsplane.engine.hub import Subscription
+from opsplane.engine.service import BeforeCommit
 from opsplane.store.tables import RunRow
 
 log = logging.getLogger(__name__)
@@ -185,11 +186,25 @@ class CatalogService:
         return entry
 
     async def run_sync(
-        self, entry: CatalogEntry, body: Any, created_by: str = "anonymous"
+        self,
+        entry: CatalogEntry,
+        body: Any,
+        created_by: str = "anonymous",
+        *,
+        allowed_groups: frozenset[str] | None = None,
+        before_commit: BeforeCommit | None = None,
     ) -> SyncResult:
         """Run ``entry`` and wait for its end (without blocking the server): the seed's sync
         answer. The wait is bounded by the run's timeout plus a margin."""
-        session = await self._launch(entry, body, created_by, route=entry.sync_path, listed=False)
+        session = await self._launch(
+            entry,
+            body,
+            created_by,
+            route=entry.sync_path,
+            listed=False,
+            allowed_groups=allowed_groups,
+            before_commit=before_commit,
+        )
         limit = (entry.timeout or self.engine.settings.default_timeout) + self._sync_margin
         try:
             async with asyncio.timeout(limit):
@@ -201,9 +216,25 @@ class CatalogService:
         assert session.result is not None
         return session.result
 
-    async def run_async(self, entry: CatalogEntry, body: Any, created_by: str = "anonymous") -> str:
+    async def run_async(
+        self,
+        entry: CatalogEntry,
+        body: Any,
+        created_by: str = "anonymous",
+        *,
+        allowed_groups: frozenset[str] | None = None,
+        before_commit: BeforeCommit | None = None,
+    ) -> str:
         """Start ``entry`` and return its session id (the opsplane task id) at once."""
-        session = await self._launch(entry, body, created_by, route=entry.async_path, listed=True)
+        session = await self._launch(
+            entry,
+            body,
+            created_by,
+            route=entry.async_path,
+            listed=True,
+            allowed_groups=allowed_groups,
+            before_commit=before_commit,
+        )
         return session.id
 
     def query(self, session_id: str) -> SessionView:
@@ -253,7 +284,15 @@ class CatalogService:
         return session
 
     async def _launch(
-        self, entry: CatalogEntry, body: Any, created_by: str, *, route: str, listed: bool
+        self,
+        entry: CatalogEntry,
+        body: Any,
+        created_by: str,
+        *,
+        route: str,
+        listed: bool,
+        allowed_groups: frozenset[str] | None = None,
+        before_commit: BeforeCommit | None = None,
     ) -> _Session:
         request = TaskRequest(
             command=entry.command_text(body),
@@ -262,12 +301,13 @@ class CatalogService:
             name=f"catalog {route}",
             description=f"seed 004 catalog call POST {route}",
             created_by=created_by,
+            allowed_groups=allowed_groups,
             kind="script",
             spec=entry.exec_spec(body),
         )
         start_at = datetime.now().astimezone()
         try:
-            task = await self.engine.tasks.create_task(request)
+            task = await self.engine.tasks.create_task(request, before_commit=before_commit)
         except InvalidInput as e:
             # The request was built here from a validated entry: what is left is the local
             # host being unavailable, which is the server's problem, not the caller's.

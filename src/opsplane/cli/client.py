@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, cast
@@ -70,6 +71,15 @@ class ApiUnreachable(CliError):
             "is `opsplane server` (or `opsplane demo`) running?"
         )
         self.url = url
+
+
+@dataclass(frozen=True)
+class AuditExport:
+    """An audit export being read: the chain head when it was taken, and its JSON lines."""
+
+    head_id: int
+    head_hash: str | None
+    lines: Iterator[str]
 
 
 @dataclass(frozen=True)
@@ -322,6 +332,53 @@ class ApiClient:
 
     def remove_host(self, name: str) -> None:
         self._request("DELETE", f"/hosts/{_seg(name)}")
+
+    # -- users, tokens and the audit trail (issue 9) ----------------------------------------
+
+    def me(self) -> Json:
+        return self._json("GET", "/auth/me")
+
+    def list_users(self) -> list[Json]:
+        items = self._json("GET", "/users").get("items", [])
+        return [item for item in items if isinstance(item, dict)]
+
+    def create_user(self, body: Json) -> Json:
+        return self._json("POST", "/users", body=body)
+
+    def update_user(self, name: str, body: Json) -> Json:
+        return self._json("PATCH", f"/users/{_seg(name)}", body=body)
+
+    def list_tokens(self, *, include_inactive: bool = False) -> list[Json]:
+        params = {"all": "true"} if include_inactive else None
+        items = self._json("GET", "/tokens", params=params).get("items", [])
+        return [item for item in items if isinstance(item, dict)]
+
+    def create_token(self, body: Json) -> Json:
+        return self._json("POST", "/tokens", body=body)
+
+    def revoke_token(self, token_id: str) -> Json:
+        return self._json("POST", f"/tokens/{_seg(token_id)}/revoke")
+
+    def list_audit(self, params: Mapping[str, Any]) -> Json:
+        return self._json("GET", "/audit", params=params)
+
+    @contextmanager
+    def audit_export(self, params: Mapping[str, Any]) -> Iterator[AuditExport]:
+        """The JSON-lines export, streamed: the chain head it was taken at, and its lines."""
+        clean = {k: v for k, v in params.items() if v is not None}
+        clean["format"] = "jsonl"
+        try:
+            with self._http.stream(
+                "GET", API_PREFIX + "/audit", params=clean, timeout=STREAM_TIMEOUT
+            ) as response:
+                if not response.is_success:
+                    response.read()
+                    self._check(response)
+                head_id = int(response.headers.get("X-Audit-Head-Id") or 0)
+                head_hash = response.headers.get("X-Audit-Head-Hash") or None
+                yield AuditExport(head_id, head_hash, response.iter_lines())
+        except httpx.TransportError as exc:
+            raise self._transport_error(exc) from exc
 
     # -- the event stream -------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from opsplane.cli import hosts, run, tasks
+from opsplane.cli import audit, hosts, run, tasks, tokens, users
 from opsplane.cli.client import ClientOptions
 from opsplane.config import DEFAULT_GRPC_LISTEN, Settings, load_settings
 from opsplane.domain.errors import ConfigError
@@ -38,6 +38,9 @@ app.command("run", context_settings=run.CONTEXT_SETTINGS)(run.run_command)
 app.command("push")(run.push_command)
 app.add_typer(hosts.app, name="hosts", help="List and inspect hosts")
 app.add_typer(tasks.app, name="tasks", help="List, inspect, cancel and follow tasks")
+app.add_typer(users.app, name="users", help="Add, list and change users (admin)")
+app.add_typer(tokens.app, name="tokens", help="Create, list and revoke API tokens (admin)")
+app.add_typer(audit.app, name="audit", help="Read, export and verify the audit trail (admin)")
 
 ConfigOpt = Annotated[
     Path | None, typer.Option("--config", envvar="OPSPLANE_CONFIG_FILE", help="YAML settings file")
@@ -69,6 +72,10 @@ CatalogLogsDirOpt = Annotated[
 ]
 CatalogRetentionOpt = Annotated[
     float | None, typer.Option(help="seconds a finished async catalog session is kept [3600]")
+]
+ScriptDirOpt = Annotated[
+    list[Path] | None,
+    typer.Option("--script-dir", help="seed 003: POST /tasks runs scripts from here (repeatable)"),
 ]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")]
 
@@ -108,6 +115,7 @@ def server(
     catalog_collect_dir: CatalogCollectDirOpt = None,
     catalog_logs_dir: CatalogLogsDirOpt = None,
     catalog_session_retention: CatalogRetentionOpt = None,
+    script_dir: ScriptDirOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Start the control plane: the REST API and the gRPC agent endpoint."""
@@ -124,6 +132,7 @@ def server(
         catalog_collect_dir=catalog_collect_dir,
         catalog_logs_dir=catalog_logs_dir,
         catalog_session_retention=catalog_session_retention,
+        script_dirs=script_dir or None,
     )
 
 
@@ -139,6 +148,7 @@ def demo(
     catalog_collect_dir: CatalogCollectDirOpt = None,
     catalog_logs_dir: CatalogLogsDirOpt = None,
     catalog_session_retention: CatalogRetentionOpt = None,
+    script_dir: ScriptDirOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Start the control plane on SQLite plus three local agents: demo-1, demo-2 (group web)
@@ -156,6 +166,7 @@ def demo(
         catalog_collect_dir=catalog_collect_dir,
         catalog_logs_dir=catalog_logs_dir,
         catalog_session_retention=catalog_session_retention,
+        script_dirs=script_dir or None,
     )
 
 

@@ -11,14 +11,17 @@ import subprocess
 import sys
 from pathlib import Path
 from types import FrameType
+from typing import cast
 
 import httpx
 import typer
 import uvicorn
+from fastapi import FastAPI
 
 from opsplane.api.app import create_app
 from opsplane.config import Settings, split_host_port
 from opsplane.engine.core import Engine
+from opsplane.security.service import SecurityService
 
 DEMO_AGENTS = (("demo-1", "web"), ("demo-2", "web"), ("demo-3", "db"))
 
@@ -88,6 +91,11 @@ def run_demo(settings: Settings) -> None:
 async def _demo(settings: Settings) -> None:
     server = _uvicorn_server(settings)
     await _start_engine(server)
+    # Before serving: the bootstrap token from the environment (if any) first, then the demo's
+    # own admin, so that no "initial admin token" file is written for the demo.
+    security: SecurityService = cast(FastAPI, server.config.app).state.security
+    await security.bootstrap(generate=False)
+    credentials = await security.ensure_demo_admin()
     serving = asyncio.create_task(server.serve())
     url = f"http://{settings.listen}"
     if not await _wait_ready(url, serving):
@@ -98,11 +106,15 @@ async def _demo(settings: Settings) -> None:
     server.agents = agents
     typer.echo(
         f"\nopsplane demo is running\n"
+        f"  web page         : {url}   (log in as {credentials.name}, "
+        f"password {credentials.password})\n"
         f"  API              : {url}   (OpenAPI: {url}/docs)\n"
         f"  agent endpoint   : {settings.grpc_listen}\n"
         f"  agents           : {', '.join(f'{n} ({g})' for n, g in DEMO_AGENTS)}\n"
-        f"  data directory   : {settings.data_dir}\n\n"
+        f"  data directory   : {settings.data_dir}\n"
+        f"  credentials      : {credentials.path} (yours only; reused on the next start)\n\n"
         f"Try, in another terminal:\n"
+        f"  export OPSPLANE_TOKEN={credentials.token}\n"
         f"  opsplane hosts\n"
         f"  opsplane run --all -- 'uname -a; echo done'\n"
         f"  opsplane run --group web -- 'for i in 1 2 3; do echo tick $i; sleep 1; done'\n\n"

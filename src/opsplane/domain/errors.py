@@ -28,6 +28,10 @@ class Forbidden(OpsplaneError):
     """The caller is known but may not do this, e.g. run on hosts outside its groups (HTTP 403)."""
 
 
+class Unauthenticated(OpsplaneError):
+    """The caller is not known: no credentials, or wrong, expired or revoked ones (HTTP 401)."""
+
+
 class InvalidTransition(Conflict):
     """A state machine was asked for a move it does not allow."""
 

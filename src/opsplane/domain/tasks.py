@@ -24,9 +24,14 @@ class ExecSpec:
     # Upload tasks: copy this file or directory of the control plane to remote_path.
     local_path: str | None = None
     remote_path: str | None = None
+    # The caller's own record of the request, kept with the task and never sent to a host
+    # (the seed-003 façade keeps its script_path, params, priority and retry here).
+    meta: dict[str, object] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, object]:
+        extra: dict[str, object] = {"meta": dict(self.meta)} if self.meta else {}
         return {
+            **extra,
             "local_path": self.local_path,
             "remote_path": self.remote_path,
             "argv": list(self.argv) if self.argv is not None else None,
@@ -52,6 +57,7 @@ class ExecSpec:
             cwd=str(data["cwd"]) if data.get("cwd") else None,
             local_path=str(data["local_path"]) if data.get("local_path") else None,
             remote_path=str(data["remote_path"]) if data.get("remote_path") else None,
+            meta=dict(meta) if isinstance(meta := data.get("meta"), dict) else {},
         )
 
 
@@ -67,6 +73,9 @@ class TaskRequest:
     idempotency_key: str | None = None
     kind: str = "command"
     spec: ExecSpec | None = None
+    # The groups the caller may run on (an operator's grant); None: no restriction. A task
+    # reaching any host outside them is refused as a whole (domain.access).
+    allowed_groups: frozenset[str] | None = None
 
     def validated(self, default_timeout: int) -> TaskRequest:
         """A copy with defaults filled in, or InvalidInput saying what is wrong."""
@@ -103,6 +112,7 @@ class TaskRequest:
             idempotency_key=self.idempotency_key,
             kind=self.kind,
             spec=self.spec,
+            allowed_groups=self.allowed_groups,
         )
 
 

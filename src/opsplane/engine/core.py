@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from opsplane.config import Settings
+from opsplane.domain.redaction import Redactor
 from opsplane.domain.states import TERMINAL_TASK_STATUSES, RunStatus, TaskStatus
 from opsplane.engine.archive import LogArchive
 from opsplane.engine.changes import Changes
@@ -52,6 +53,7 @@ class Engine:
             self.archive,
             batch_size=settings.ingest_batch_size,
             linger=settings.ingest_linger,
+            redactor=Redactor(settings.redact_patterns),
         )
         self.dispatcher = Dispatcher(self.write, self.links)
         self.tasks = TaskService(

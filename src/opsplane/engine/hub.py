@@ -7,9 +7,16 @@ from the database with its last event id, so nothing is lost and memory stays bo
 from __future__ import annotations
 
 import asyncio
-from collections import defaultdict
+import logging
+from collections import OrderedDict, defaultdict
+from collections.abc import Callable
 
 from opsplane.engine.changes import TaskEvent
+
+log = logging.getLogger(__name__)
+
+# Called with every batch of events of every task, synchronously, right after their commit.
+Listener = Callable[[list[TaskEvent]], None]
 
 
 class Subscription:
@@ -40,6 +47,16 @@ class EventHub:
         self._queue_size = queue_size
         self._subscribers: defaultdict[str, set[Subscription]] = defaultdict(set)
         self._host_subscribers: set[HostSubscription] = set()
+        self._listeners: list[Listener] = []
+
+    def add_listener(self, listener: Listener) -> None:
+        """Observe the events of all tasks (metrics, alerts). A listener runs inline on the
+        write path: it must be quick and must not block; its errors are logged, not raised."""
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: Listener) -> None:
+        if listener in self._listeners:
+            self._listeners.remove(listener)
 
     def subscribe_hosts(self) -> HostSubscription:
         subscription = HostSubscription()
@@ -69,6 +86,12 @@ class EventHub:
                 del self._subscribers[subscription.task_id]
 
     def publish(self, events: list[TaskEvent]) -> None:
+        if events:
+            for listener in self._listeners:
+                try:
+                    listener(events)
+                except Exception:
+                    log.exception("task event listener %r failed", listener)
         for event in events:
             for subscription in list(self._subscribers.get(event.task_id, ())):
                 try:
@@ -76,3 +99,21 @@ class EventHub:
                 except asyncio.QueueFull:
                     subscription.overflowed.set()
                     self.unsubscribe(subscription)
+
+
+class RecentIds:
+    """The last ``size`` ids seen, for listeners that must act once per id (a task's end) even
+    if an event about it came twice; memory stays bounded."""
+
+    def __init__(self, size: int = 100_000) -> None:
+        self._size = size
+        self._ids: OrderedDict[str, None] = OrderedDict()
+
+    def first_time(self, key: str) -> bool:
+        """True the first time ``key`` is seen (within the last ``size`` keys)."""
+        if key in self._ids:
+            return False
+        self._ids[key] = None
+        if len(self._ids) > self._size:
+            self._ids.popitem(last=False)
+        return True

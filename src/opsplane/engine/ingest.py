@@ -1,6 +1,12 @@
 """Result ingest: reports from hosts are queued and written in batches, one transaction per
 batch (seed 001), then archived and published. A report's future completes once it is durable,
-so a link acknowledges a result to its host only after the database has it."""
+so a link acknowledges a result to its host only after the database has it.
+
+Output is redacted here, the one place it enters (seed 003's log masking): before it becomes an
+event, a line of the archive, or the run row. Live output is redacted line by line; the part
+after a stream's last line break is held back briefly (``hold_for``) so that a secret split
+across two chunks is matched whole.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,7 @@ import asyncio
 import codecs
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime, timedelta
@@ -15,17 +22,40 @@ from pathlib import Path
 
 from sqlalchemy.exc import SQLAlchemyError
 
+from opsplane.domain.redaction import LineBuffer, Redactor
 from opsplane.domain.states import RunStatus
 from opsplane.engine.archive import LogArchive
 from opsplane.engine.changes import Changes
 from opsplane.store import queries
 from opsplane.store.tables import HeartbeatRow, RunRow
-from opsplane.transport.base import HeartbeatReport, HostReport, RunFinished, RunOutput, RunStarted
+from opsplane.transport.base import (
+    HeartbeatReport,
+    HostReport,
+    RunFinished,
+    RunOutput,
+    RunStarted,
+    Stream,
+)
 
 log = logging.getLogger(__name__)
 
 WriteContext = Callable[[], AbstractAsyncContextManager[Changes]]
 _Item = tuple[HostReport, asyncio.Future[None]]
+_Chunks = list[tuple[Path, bytes]]
+_STREAMS: tuple[Stream, ...] = ("stdout", "stderr")
+
+
+class _Held:
+    """One run stream's incomplete last line, and where it goes once released."""
+
+    def __init__(self, run: RunRow, stream: Stream) -> None:
+        self.task_id = run.task_id
+        self.run_id = run.id
+        self.host = run.host
+        self.stream: Stream = stream
+        self.log_path = run.log_path
+        self.buffer = LineBuffer()
+        self.since = 0.0  # monotonic time the held part began
 
 
 class Ingest:
@@ -38,6 +68,8 @@ class Ingest:
         linger: float,
         history_every: timedelta = timedelta(seconds=60),
         retry_for: float = 30.0,
+        redactor: Redactor | None = None,
+        hold_for: float = 0.5,
     ) -> None:
         self._write = write
         self._archive = archive
@@ -49,6 +81,31 @@ class Ingest:
         self._task: asyncio.Task[None] | None = None
         self._decoders: dict[tuple[str, str], codecs.IncrementalDecoder] = {}
         self._last_history: dict[str, datetime] = {}
+        self._redactor = redactor or Redactor(())
+        self._hold_for = hold_for
+        # Oldest first: a part re-held after a release moves to the end.
+        self._held: dict[tuple[str, str], _Held] = {}
+        # Observers of each batch's size (metrics); called before the batch is written.
+        self.batch_observers: list[Callable[[int], None]] = []
+        # Batches begun and batches whose output is in the archive, for ``archived()``.
+        self._begun = 0
+        self._archived_count = 0
+        self._archived_cond = asyncio.Condition()
+        # While a batch is being written: how to undo its effect on the held lines and the
+        # decoders if the write fails, so that the retry sees them as they were.
+        self._undo: dict[tuple[str, str, str], Callable[[], None]] | None = None
+
+    @property
+    def queue_depth(self) -> int:
+        """Reports waiting to be written."""
+        return self._queue.qsize()
+
+    async def archived(self) -> None:
+        """Returns once the output of every batch begun so far is in the archive (or its batch
+        failed): a reader that saw a run end in the database then finds its whole log."""
+        target = self._begun
+        async with self._archived_cond:
+            await self._archived_cond.wait_for(lambda: self._archived_count >= target)
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="ingest")
@@ -63,6 +120,10 @@ class Ingest:
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
         self._task = None
+        if self._held:
+            # Incomplete last lines of runs still going: into the archive, not lost.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._flush_with_retry([], release_all=True), drain_seconds)
 
     async def report(self, report: HostReport) -> asyncio.Future[None]:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -75,7 +136,12 @@ class Ingest:
         # ``linger`` optionally waits a little longer for company.
         loop = asyncio.get_running_loop()
         while True:
-            batch = [await self._queue.get()]
+            first = await self._next_report()
+            if first is None:
+                # A held line waited long enough: release it, with or without company.
+                await self._flush_with_retry([])
+                continue
+            batch = [first]
             if self._linger > 0:
                 deadline = loop.time() + self._linger
                 while len(batch) < self._batch_size and (remaining := deadline - loop.time()) > 0:
@@ -85,21 +151,49 @@ class Ingest:
                         break
             while len(batch) < self._batch_size and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
+            for observe in self.batch_observers:
+                observe(len(batch))
             try:
                 await self._flush_with_retry(batch)
             finally:
                 for _ in batch:
                     self._queue.task_done()
 
-    async def _flush_with_retry(self, batch: list[_Item]) -> None:
+    async def _next_report(self) -> _Item | None:
+        """The next report, or None when the oldest held line is due for release first."""
+        if not self._held:
+            return await self._queue.get()
+        oldest = next(iter(self._held.values()))
+        wait = oldest.since + self._hold_for - time.monotonic()
+        if wait <= 0:
+            return None
+        try:
+            return await asyncio.wait_for(self._queue.get(), wait)
+        except TimeoutError:
+            return None
+
+    async def _flush_with_retry(self, batch: list[_Item], *, release_all: bool = False) -> None:
+        self._begun += 1
+        try:
+            await self._write_and_archive(batch, release_all)
+        finally:
+            async with self._archived_cond:
+                self._archived_count += 1
+                self._archived_cond.notify_all()
+
+    async def _write_and_archive(self, batch: list[_Item], release_all: bool) -> None:
         loop = asyncio.get_running_loop()
         give_up_at = loop.time() + self._retry_for
         delay = 0.1
+        # Held lines are taken once, outside the retries: a failed write must not lose them.
+        released = self._release_held(release_all)
         while True:
+            self._undo = {}
             try:
-                chunks = await self._flush(batch)
+                chunks = await self._flush(batch, released)
                 break
             except SQLAlchemyError as e:
+                self._roll_back_memory()
                 if loop.time() + delay > give_up_at:
                     log.error("ingest gave up on a batch of %d reports: %s", len(batch), e)
                     for _, future in batch:
@@ -109,14 +203,75 @@ class Ingest:
                 log.warning("ingest write failed, retrying in %.1fs: %s", delay, e)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
+            finally:
+                self._undo = None
         await self._archive.append(chunks)
         for _, future in batch:
             if not future.done():
                 future.set_result(None)
 
-    async def _flush(self, batch: list[_Item]) -> list[tuple[Path, bytes]]:
-        chunks: list[tuple[Path, bytes]] = []
+    def _roll_back_memory(self) -> None:
+        for restore in reversed(list((self._undo or {}).values())):
+            restore()
+        self._held = dict(sorted(self._held.items(), key=lambda item: item[1].since))
+
+    def _remember_held(self, key: tuple[str, str]) -> None:
+        if self._undo is None or ("held", *key) in self._undo:
+            return
+        held = self._held.get(key)
+        if held is None:
+
+            def restore() -> None:
+                self._held.pop(key, None)
+
+        else:
+            kept, since = held.buffer.snapshot(), held.since
+
+            def restore() -> None:
+                held.buffer.restore(kept)
+                held.since = since
+                self._held[key] = held
+
+        self._undo["held", *key] = restore
+
+    def _remember_decoder(self, key: tuple[str, str]) -> None:
+        if self._undo is None or ("decoder", *key) in self._undo:
+            return
+        decoder = self._decoders.get(key)
+        if decoder is None:
+
+            def restore() -> None:
+                self._decoders.pop(key, None)
+
+        else:
+            state = decoder.getstate()
+
+            def restore() -> None:
+                decoder.setstate(state)
+                self._decoders[key] = decoder
+
+        self._undo["decoder", *key] = restore
+
+    def _release_held(self, release_all: bool) -> list[tuple[_Held, bytes]]:
+        """Held lines older than ``hold_for`` (all of them with ``release_all``), redacted."""
+        now = time.monotonic()
+        released: list[tuple[_Held, bytes]] = []
+        for key, held in list(self._held.items()):
+            if not release_all and now - held.since < self._hold_for:
+                break  # oldest first: the rest are younger
+            del self._held[key]
+            released.append((held, self._redactor.data(held.buffer.flush())))
+        return released
+
+    async def _flush(self, batch: list[_Item], released: list[tuple[_Held, bytes]]) -> _Chunks:
+        chunks: _Chunks = []
         async with self._write() as changes:
+            for held, data in released:
+                chunks += self._output(
+                    changes, held.task_id, held.run_id, held.host, held.stream, data, held.log_path
+                )
+            if not batch:
+                return chunks
             reports = [report for report, _ in batch]
             await self._apply_heartbeats(
                 changes, [r for r in reports if isinstance(r, HeartbeatReport)]
@@ -133,9 +288,7 @@ class Ingest:
                         report.task_id,
                     )
                     continue
-                chunk = self._apply_run_report(changes, run, report)
-                if chunk is not None:
-                    chunks.append(chunk)
+                chunks += self._apply_run_report(changes, run, report)
         return chunks
 
     @staticmethod
@@ -161,32 +314,81 @@ class Ingest:
 
     def _apply_run_report(
         self, changes: Changes, run: RunRow, report: RunStarted | RunOutput | RunFinished
-    ) -> tuple[Path, bytes] | None:
+    ) -> _Chunks:
         if isinstance(report, RunStarted):
             changes.move(run, RunStatus.RUNNING, started_at=report.started_at)
-            return None
+            return []
         if isinstance(report, RunOutput):
             if run.status not in (RunStatus.DISPATCHED, RunStatus.RUNNING):
-                return None
-            text = self._decode(run.id, report.stream, report.data)
-            data = {"run_id": run.id, "host": run.host, "stream": report.stream, "data": text}
-            changes.add_event(run.task_id, "output", data, run_id=run.id)
-            return (Path(run.log_path), report.data) if run.log_path else None
-        for stream in ("stdout", "stderr"):
+                return []
+            data = self._complete_lines(run, report.stream, report.data)
+            return self._output(
+                changes, run.task_id, run.id, run.host, report.stream, data, run.log_path
+            )
+        # The run's last words, held for a line break that will not come, go before its end.
+        chunks: _Chunks = []
+        for stream in _STREAMS:
+            self._remember_held((run.id, stream))
+            self._remember_decoder((run.id, stream))
+            held = self._held.pop((run.id, stream), None)
+            if held is not None:
+                data = self._redactor.data(held.buffer.flush())
+                chunks += self._output(
+                    changes, run.task_id, run.id, run.host, stream, data, run.log_path
+                )
             self._decoders.pop((run.id, stream), None)
+        redact = self._redactor.text
         changes.move(
             run,
             RunStatus(report.status),
             exit_code=report.exit_code,
-            stdout=report.stdout,
-            stderr=report.stderr,
+            stdout=redact(report.stdout),
+            stderr=redact(report.stderr),
             truncated=report.truncated,
-            error=report.error or None,
+            error=redact(report.error) if report.error else None,
             started_at=run.started_at or report.started_at,
             finished_at=report.finished_at,
             duration_ms=report.duration_ms,
         )
-        return None
+        return chunks
+
+    def _complete_lines(self, run: RunRow, stream: Stream, data: bytes) -> bytes:
+        """``data`` redacted, less the incomplete last line, which is held (and redacted later,
+        whole). Without patterns, output passes at once, unchanged."""
+        if not self._redactor.enabled:
+            return data
+        key = (run.id, stream)
+        self._remember_held(key)
+        held = self._held.get(key) or _Held(run, stream)
+        had_part = bool(held.buffer)
+        ready = held.buffer.feed(data)
+        if not held.buffer:
+            self._held.pop(key, None)
+        elif ready or not had_part:
+            # A new incomplete line: youngest, so it goes to the end (the dict stays ordered
+            # by age). A line that only grew keeps its age and place: it never waits longer
+            # than ``hold_for`` in all.
+            self._held.pop(key, None)
+            held.since = time.monotonic()
+            self._held[key] = held
+        return self._redactor.data(ready) if ready else b""
+
+    def _output(
+        self,
+        changes: Changes,
+        task_id: str,
+        run_id: str,
+        host: str,
+        stream: Stream,
+        data: bytes,
+        log_path: str | None,
+    ) -> _Chunks:
+        if not data:
+            return []
+        text = self._decode(run_id, stream, data)
+        event = {"run_id": run_id, "host": host, "stream": stream, "data": text}
+        changes.add_event(task_id, "output", event, run_id=run_id)
+        return [(Path(log_path), data)] if log_path else []
 
     def _decode(self, run_id: str, stream: str, data: bytes) -> str:
         # Chunks are not aligned to characters; one decoder per stream keeps a multi-byte
@@ -194,6 +396,7 @@ class Ingest:
         # becomes U+FFFD too, as in the store (PostgreSQL text cannot hold it), so a live event
         # and its replay from the database are the same text.
         key = (run_id, stream)
+        self._remember_decoder(key)
         decoder = self._decoders.get(key)
         if decoder is None:
             decoder = self._decoders[key] = codecs.getincrementaldecoder("utf-8")("replace")

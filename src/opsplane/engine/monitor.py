@@ -16,6 +16,7 @@ from opsplane.domain.states import IN_FLIGHT_RUN_STATUSES, RunStatus
 from opsplane.engine.changes import Changes
 from opsplane.store import queries
 from opsplane.store.tables import HeartbeatRow, utcnow
+from opsplane.transport.base import LOCAL_LINK
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +65,9 @@ class Monitor:
     async def check_once(self, *, prune: bool = False) -> None:
         now = utcnow()
         async with self._write() as changes:
+            # The control plane's own host sends no heartbeats: it is up while this process is.
             for host in await queries.stale_online_hosts(
-                changes.session, now - self._silence_limit
+                changes.session, now - self._silence_limit, exclude_links=(LOCAL_LINK,)
             ):
                 host.status = "offline"
                 changes.host_changed(host.name)

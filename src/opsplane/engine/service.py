@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import asdict
 from pathlib import Path
@@ -14,6 +14,7 @@ from typing import Any
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from opsplane.domain.access import check_hosts_allowed
 from opsplane.domain.errors import Conflict, InvalidInput, NotFound, TransportError
 from opsplane.domain.ids import new_id
 from opsplane.domain.states import (
@@ -34,6 +35,9 @@ from opsplane.store.tables import RunRow, TaskRow, utcnow
 from opsplane.transport.base import LOCAL_LINK, SSH_LINK, Link, RunFinished
 
 log = logging.getLogger(__name__)
+
+# Called inside the transaction that creates a task: (session, the task, resolved host names).
+BeforeCommit = Callable[[AsyncSession, TaskRow, list[str]], Awaitable[None]]
 
 
 class TaskService:
@@ -58,8 +62,16 @@ class TaskService:
         self._default_timeout = default_timeout
         self._upload_roots = list(upload_roots)
 
-    async def create_task(self, request: TaskRequest) -> TaskRow:
-        """Create a task and its runs (one per target host); start it unless asked not to."""
+    async def create_task(
+        self, request: TaskRequest, *, before_commit: BeforeCommit | None = None
+    ) -> TaskRow:
+        """Create a task and its runs (one per target host); start it unless asked not to.
+
+        ``request.allowed_groups`` refuses (Forbidden) a task reaching any host outside them.
+        ``before_commit`` runs in the creating transaction once the task and its runs are in
+        it, with the resolved host names: the API writes the task's audit record there, so the
+        record is durable before anything is dispatched, and never exists without its task.
+        """
         request = request.validated(self._default_timeout)
         if request.idempotency_key:
             existing = await self._by_idempotency_key(request.idempotency_key)
@@ -73,9 +85,10 @@ class TaskService:
                     # The control plane's own host runs catalog scripts only: an operator's
                     # shell command never lands on the control plane by targeting.
                     hosts = [h for h in hosts if h.link != LOCAL_LINK]
-                names = resolve_targets(
-                    request.targets, [HostRef(h.name, tuple(h.groups or ())) for h in hosts]
-                )
+                refs = [HostRef(h.name, tuple(h.groups or ())) for h in hosts]
+                names = resolve_targets(request.targets, refs)
+                chosen = set(names)
+                check_hosts_allowed(request.allowed_groups, [r for r in refs if r.name in chosen])
                 if request.kind == "upload":
                     self._check_upload(request, names, {h.name: h.link for h in hosts})
                 task = TaskRow(
@@ -112,6 +125,8 @@ class TaskService:
                             updated_at=utcnow(),
                         )
                     )
+                if before_commit is not None:
+                    await before_commit(changes.session, task, names)
                 to_send = DispatchPlan()
                 if request.start:
                     task.status = move_task(task.status, TaskStatus.RUNNING)

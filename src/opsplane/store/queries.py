@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -222,8 +222,12 @@ async def list_hosts(
     return rows[offset : offset + limit], len(rows)
 
 
-async def stale_online_hosts(session: AsyncSession, seen_before: datetime) -> list[HostRow]:
+async def stale_online_hosts(
+    session: AsyncSession, seen_before: datetime, *, exclude_links: Sequence[str] = ()
+) -> list[HostRow]:
     stmt = select(HostRow).where(HostRow.status == "online", HostRow.last_seen_at < seen_before)
+    if exclude_links:
+        stmt = stmt.where(HostRow.link.not_in(list(exclude_links)))
     return list((await session.execute(stmt)).scalars())
 
 
@@ -255,3 +259,68 @@ async def bulk_update_hosts(session: AsyncSession, values: list[dict[str, Any]])
     """ORM bulk UPDATE by primary key (one executemany)."""
     if values:
         await session.execute(update(HostRow), values)
+
+
+# Metrics, alerts and the seed-003 façade ------------------------------------------------
+
+
+async def host_counts_by_link(session: AsyncSession) -> dict[tuple[str, str], int]:
+    """Hosts per (status, link): one GROUP BY, cheap at any fleet size."""
+    stmt = select(HostRow.status, HostRow.link, func.count()).group_by(HostRow.status, HostRow.link)
+    return {(status, link): count for status, link, count in await session.execute(stmt)}
+
+
+async def online_last_seen(
+    session: AsyncSession, links: Sequence[str]
+) -> list[tuple[str, datetime]]:
+    """(link, last_seen_at) of every online host on ``links``: one narrow column per host."""
+    stmt = select(HostRow.link, HostRow.last_seen_at).where(
+        HostRow.status == "online",
+        HostRow.link.in_(list(links)),
+        HostRow.last_seen_at.is_not(None),
+    )
+    return [(link, seen) for link, seen in await session.execute(stmt) if seen is not None]
+
+
+async def links_of_hosts(session: AsyncSession, names: Iterable[str]) -> dict[str, str]:
+    """Host name → link, for the hosts that exist, in chunks that every backend accepts."""
+    wanted = sorted(set(names))
+    found: dict[str, str] = {}
+    for start in range(0, len(wanted), 500):
+        chunk = wanted[start : start + 500]
+        stmt = select(HostRow.name, HostRow.link).where(HostRow.name.in_(chunk))
+        found.update({name: link for name, link in await session.execute(stmt)})
+    return found
+
+
+class RunOutcome(NamedTuple):
+    host: str
+    attempt: int
+    status: str
+    exit_code: int | None
+    error: str | None
+
+
+async def run_outcomes(session: AsyncSession, task_id: str) -> list[RunOutcome]:
+    """How each run of a task ended, without its output (what an alert needs)."""
+    stmt = select(RunRow.host, RunRow.attempt, RunRow.status, RunRow.exit_code, RunRow.error).where(
+        RunRow.task_id == task_id
+    )
+    return [RunOutcome(*row) for row in await session.execute(stmt)]
+
+
+class RunLog(NamedTuple):
+    id: str
+    status: str
+    log_path: str | None
+
+
+async def run_logs(session: AsyncSession, task_id: str) -> list[RunLog]:
+    """A task's runs in the order they were created (ids are time-ordered), with where their
+    output is archived: what a log reader needs, without the output itself."""
+    stmt = (
+        select(RunRow.id, RunRow.status, RunRow.log_path)
+        .where(RunRow.task_id == task_id)
+        .order_by(RunRow.id)
+    )
+    return [RunLog(*row) for row in await session.execute(stmt)]

@@ -242,3 +242,93 @@ class HeartbeatRow(Base):
     memory_usage: Mapped[float | None] = mapped_column(Double)
     load: Mapped[float | None] = mapped_column(Double)
     disk_usage: Mapped[float | None] = mapped_column(Double)
+
+
+# Security (issue 9): users, API tokens, web sessions and the hash-chained audit trail.
+# Secrets are never stored: passwords as argon2id hashes, tokens and session ids as SHA-256.
+
+
+class UserRow(Base):
+    __tablename__ = "users"
+    __table_args__ = MYSQL_TABLE
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    name: Mapped[str] = mapped_column(String(255), unique=True)
+    # None: the user has no password and cannot log in to the web page (tokens only).
+    password_hash: Mapped[str | None] = mapped_column(String(255))
+    role: Mapped[str] = mapped_column(String(16))
+    # Operators: the groups they may run on; None: every group (and always None for others).
+    groups: Mapped[list[str] | None] = mapped_column(CleanJSON, nullable=True)
+    disabled: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_login_at: Mapped[datetime | None]
+
+
+class ApiTokenRow(Base):
+    __tablename__ = "api_tokens"
+    __table_args__ = MYSQL_TABLE
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    name: Mapped[str] = mapped_column(CleanString(255))
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    # The user the token acts for; None for the bootstrap token. A token never has more role or
+    # groups than its owner has now.
+    user_id: Mapped[str | None] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), index=True
+    )
+    role: Mapped[str] = mapped_column(String(16))
+    groups: Mapped[list[str] | None] = mapped_column(CleanJSON, nullable=True)
+    created_by: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime | None]
+    revoked_at: Mapped[datetime | None]
+    last_used_at: Mapped[datetime | None]
+
+
+class SessionRow(Base):
+    """A web login: the cookie holds a random secret, the row its SHA-256 (``id``)."""
+
+    __tablename__ = "sessions"
+    __table_args__ = MYSQL_TABLE
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    csrf_hash: Mapped[str] = mapped_column(String(64))
+    source_ip: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(index=True)
+
+
+class AuditRow(Base):
+    """Append-only: nothing in opsplane updates or deletes a row. Ids are assigned by the
+    chain (consecutive from 1), not by the database; see ``opsplane.security.audit``."""
+
+    __tablename__ = "audit_log"
+    __table_args__ = MYSQL_TABLE
+
+    id: Mapped[int] = mapped_column(EventId, primary_key=True, autoincrement=False)
+    at: Mapped[datetime] = mapped_column(index=True)
+    actor: Mapped[str] = mapped_column(CleanString(255), index=True)
+    role: Mapped[str] = mapped_column(String(16))
+    source_ip: Mapped[str | None] = mapped_column(String(64))
+    action: Mapped[str] = mapped_column(String(64), index=True)
+    target: Mapped[str | None] = mapped_column(CleanString(255))
+    targets: Mapped[dict[str, Any] | None] = mapped_column(CleanJSON, nullable=True)
+    outcome: Mapped[str] = mapped_column(String(16))
+    detail: Mapped[dict[str, Any]] = mapped_column()
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64))
+
+
+class AuditChainRow(Base):
+    """The chain head: one row (id 1) with the last record's id and hash. Appending locks it,
+    so instances sharing a database append one at a time; verifying compares against it, so a
+    record deleted from the end is noticed."""
+
+    __tablename__ = "audit_chain"
+    __table_args__ = MYSQL_TABLE
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    last_id: Mapped[int] = mapped_column(BigInteger)
+    last_hash: Mapped[str] = mapped_column(String(64))

@@ -73,6 +73,7 @@
   }
 
   function toast(message, kind = "error") {
+    if (auth.loggedOut) return; // the login form says all there is to say
     const box = h("div", { class: `toast ${kind}` }, h("span", null, message),
       h("button", { type: "button", class: "icon-btn", "aria-label": "Dismiss", onclick: () => box.remove() }, "×"));
     $("toasts").append(box);
@@ -127,8 +128,96 @@
   }
 
   // ---------------------------------------------------------------------------------------
-  // The API. Every request goes through api(), every stream through stream(): when
-  // authentication exists, a token or cookie is added here and nowhere else.
+  // Authentication. The session cookie (HttpOnly) rides along by itself, on requests and on
+  // event streams, since the page and the API share an origin. A state-changing request also
+  // echoes the CSRF cookie in a header: a page of another origin can neither read that cookie
+  // nor set that header. Any 401 shows the login form.
+
+  const auth = { user: null, loggedOut: false };
+  const UNSAFE = new Set(["POST", "PUT", "PATCH", "DELETE"]);
+
+  function csrfToken() {
+    const match = document.cookie.match(/(?:^|;\s*)opsplane_csrf=([^;]*)/);
+    return match ? decodeURIComponent(match[1]) : "";
+  }
+
+  function showLogin(message) {
+    const first = !auth.loggedOut;
+    auth.loggedOut = true;
+    auth.user = null;
+    if (fleet.source) {
+      fleet.source.close();
+      fleet.source = null;
+    }
+    if (current.leave) {
+      current.leave();
+      current.leave = null;
+    }
+    document.body.classList.add("logged-out");
+    $("login").hidden = false;
+    document.title = "Log in · opsplane";
+    setText($("login-error"), message || "");
+    if (first) ($("login-name").value ? $("login-password") : $("login-name")).focus();
+  }
+
+  function showUser(me) {
+    auth.user = me;
+    const who = $("whoami");
+    who.replaceChildren(h("strong", null, me.name), ` · ${me.role}`);
+    who.title = me.groups ? `${me.name} (${me.role} on ${me.groups.join(", ")})` : `${me.name} (${me.role})`;
+    who.hidden = false;
+    $("logout").hidden = me.via !== "session";
+  }
+
+  async function submitLogin(e) {
+    e.preventDefault();
+    const name = $("login-name").value.trim();
+    const password = $("login-password").value;
+    if (!name || !password) {
+      setText($("login-error"), "Give your name and password.");
+      return;
+    }
+    const button = $("login-submit");
+    button.disabled = true;
+    setText($("login-error"), "");
+    try {
+      const response = await fetch(`${API}/auth/login`, {
+        method: "POST",
+        headers: { Accept: "application/json", "Content-Type": "application/json" },
+        body: JSON.stringify({ name, password }),
+        credentials: "same-origin",
+        cache: "no-store",
+      });
+      if (response.ok) {
+        // A fresh start with the session: every view loads as on a first visit, and the
+        // address (the view the user was on) is kept.
+        location.reload();
+        return;
+      }
+      let message = "";
+      try { message = describe((await response.json()).detail); } catch { /* not JSON */ }
+      setText($("login-error"), response.status === 401 ? "Wrong name or password." : message || `${response.status} ${response.statusText}`);
+      $("login-password").select();
+    } catch {
+      setText($("login-error"), "The control plane is unreachable.");
+    } finally {
+      button.disabled = false;
+    }
+  }
+
+  async function logout() {
+    try { await api("/auth/logout", { method: "POST" }); } catch { /* gone already */ }
+    location.reload();
+  }
+
+  function initLogin() {
+    $("login-form").addEventListener("submit", submitLogin);
+    $("logout").addEventListener("click", logout);
+  }
+
+  // ---------------------------------------------------------------------------------------
+  // The API. Every request goes through api(), every stream through stream(): credentials
+  // and the CSRF header are added here and nowhere else.
 
   class ApiError extends Error {
     constructor(status, message) {
@@ -151,6 +240,10 @@
   async function api(path, { method = "GET", body, signal, as = "json" } = {}) {
     const headers = { Accept: as === "json" ? "application/json" : "text/plain" };
     const init = { method, headers, signal, credentials: "same-origin", cache: "no-store" };
+    if (UNSAFE.has(method)) {
+      const token = csrfToken();
+      if (token) headers["X-CSRF-Token"] = token;
+    }
     if (body !== undefined) {
       headers["Content-Type"] = "application/json";
       init.body = JSON.stringify(body);
@@ -165,6 +258,7 @@
     if (!response.ok) {
       let message = "";
       try { message = describe((await response.json()).detail); } catch { /* not JSON */ }
+      if (response.status === 401) showLogin(auth.user ? "Your session has ended: log in again." : "");
       throw new ApiError(response.status, message || `${response.status} ${response.statusText}`);
     }
     return as === "json" ? response.json() : as === "blob" ? response.blob() : response.text();
@@ -307,8 +401,12 @@
       setLive("lost");
       fleet.streamBroken = true;
       if (source.readyState === EventSource.CLOSED) {
-        // The browser gave up (an HTTP error, not a dropped connection): retry ourselves.
-        setTimeout(() => { if (fleet.source === source) connectFleet(); }, 3000);
+        // The browser gave up (an HTTP error, not a dropped connection): retry ourselves,
+        // after checking the session (a 401 there shows the login form instead).
+        setTimeout(() => {
+          if (fleet.source !== source || auth.loggedOut) return;
+          api("/auth/me").then(() => { if (fleet.source === source) connectFleet(); }).catch(() => {});
+        }, 3000);
       }
     };
   }
@@ -1996,6 +2094,7 @@
   }
 
   function onKey(e) {
+    if (auth.loggedOut) return;
     if (e.defaultPrevented || e.ctrlKey || e.metaKey || e.altKey) return;
     if (document.querySelector("dialog[open]")) return;
     if (e.key === "Escape" && typing(e.target)) {
@@ -2061,14 +2160,21 @@
       $("main").focus();
     });
     $("help-open").addEventListener("click", () => $("help").showModal());
+    initLogin();
     document.addEventListener("keydown", onKey);
-    window.addEventListener("hashchange", () => route(true));
-    route(false);
-    connectFleet();
-    loadSummary();
-    loadHosts();
+    window.addEventListener("hashchange", () => { if (!auth.loggedOut) route(true); });
+    // Nothing loads before the session is known: logged out, the login form is all there is.
+    api("/auth/me").then((me) => {
+      showUser(me);
+      route(false);
+      connectFleet();
+      loadSummary();
+      loadHosts();
+    }).catch((e) => {
+      if (e.status !== 401) showLogin(`Could not reach the control plane: ${e.message}`);
+    });
     setInterval(() => {
-      if (document.hidden) return;
+      if (document.hidden || auth.loggedOut || !auth.user) return;
       // Relative times tick; the summary is polled only when the stream has been quiet.
       const view = document.querySelector("main > .view:not([hidden])");
       if (view) refreshTimes(view);

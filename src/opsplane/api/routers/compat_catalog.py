@@ -17,17 +17,37 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
-from opsplane.api.deps import Principal, require_principal
-from opsplane.catalog.registry import BodyError
+from opsplane.api.access import check_task_allowed
+from opsplane.api.auditing import Audit, AuditDep
+from opsplane.api.deps import Principal, get_engine, require, require_principal
+from opsplane.catalog.registry import BodyError, CatalogEntry
 from opsplane.catalog.service import CatalogService, CatalogUnavailable
-from opsplane.domain.errors import InvalidInput, NotFound, OpsplaneError
+from opsplane.domain.errors import Forbidden, InvalidInput, NotFound, OpsplaneError
+from opsplane.domain.targeting import Targets
+from opsplane.engine.service import BeforeCommit
+from opsplane.security.roles import Permission
 
 log = logging.getLogger(__name__)
 
-# The dependency on the router is the backstop: a route added here later cannot skip auth.
-router = APIRouter(tags=["catalog (seed 004)"], dependencies=[Depends(require_principal)])
+
+async def _envelope_errors(request: Request) -> None:
+    """Refusals before a route runs (401, 403) are answered in the seed's envelope too."""
+    request.state.envelope_errors = True
+
+
+# The dependencies on the router are the backstop: a route added here later cannot skip auth,
+# and is admin-only until it declares what it needs (api.deps).
+router = APIRouter(
+    tags=["catalog (seed 004)"],
+    dependencies=[Depends(_envelope_errors), Depends(require_principal)],
+)
 
 PrincipalDep = Annotated[Principal, Depends(require_principal)]
+# Running a catalog script runs code on the control plane's own host (group control-plane):
+# an operator needs that group.
+RunnerDep = Annotated[Principal, Depends(require(Permission.RUN))]
+# /async/query is a POST that only reads.
+ReaderDep = Annotated[Principal, Depends(require(Permission.READ))]
 
 _ANY_JSON_BODY: dict[str, Any] = {
     "requestBody": {
@@ -59,6 +79,8 @@ def envelope(data: Any = "", msg: str = "", *, code: int = 0, status: int = 200)
 def _failure(error: OpsplaneError) -> JSONResponse:
     if isinstance(error, BodyError):
         status = error.status
+    elif isinstance(error, Forbidden):
+        status = 403
     elif isinstance(error, NotFound):
         status = 404
     elif isinstance(error, InvalidInput):
@@ -89,22 +111,39 @@ async def list_routes(request: Request, _principal: PrincipalDep) -> JSONRespons
 
 @router.post("/sync/{cluster_type}/{name}", openapi_extra=_ANY_JSON_BODY)
 async def run_sync(
-    cluster_type: str, name: str, request: Request, principal: PrincipalDep
+    cluster_type: str, name: str, request: Request, principal: RunnerDep, audit: AuditDep
 ) -> JSONResponse:
     """Run the task and answer when it ends: ``data`` is the last line of stdout, ``msg`` the
     last line of stderr, ``code`` 1 when the run did not succeed."""
+    route = f"/sync/{cluster_type}/{name}"
     try:
-        service = _service(request)
-        entry = service.entry(cluster_type, name)
-        body = entry.parse_body(await request.body())
-        result = await service.run_sync(entry, body, principal.name)
+        async with audit.failures("catalog.run", detail={"route": route}):
+            service = _service(request)
+            entry = service.entry(cluster_type, name)
+            body = entry.parse_body(await request.body())
+            result = await service.run_sync(
+                entry,
+                body,
+                principal.name,
+                allowed_groups=principal.allowed_groups,
+                before_commit=_hook(audit, request, entry, body, route),
+            )
     except OpsplaneError as e:
         return _failure(e)
     return envelope(result.data, result.msg, code=result.code)
 
 
+def _hook(
+    audit: Audit, request: Request, entry: CatalogEntry, body: Any, route: str
+) -> BeforeCommit:
+    """The audit record of a catalog call, written with its task (before it runs)."""
+    local = Targets(hosts=(get_engine(request).settings.local_host,))
+    detail = {"route": route, "command": audit.redact(entry.command_text(body))}
+    return audit.task_hook("catalog.run", local, detail)
+
+
 @router.post("/async/query", openapi_extra=_SESSION_BODY)
-async def query_sessions(request: Request, _principal: PrincipalDep) -> JSONResponse:
+async def query_sessions(request: Request, _principal: ReaderDep) -> JSONResponse:
     """``{"session_id": "…"}``: that session; no body (or no ``session_id``): all sessions."""
     try:
         service = _service(request)
@@ -117,13 +156,17 @@ async def query_sessions(request: Request, _principal: PrincipalDep) -> JSONResp
 
 
 @router.post("/async/kill", openapi_extra=_SESSION_BODY)
-async def kill_session(request: Request, _principal: PrincipalDep) -> JSONResponse:
+async def kill_session(request: Request, principal: RunnerDep, audit: AuditDep) -> JSONResponse:
     """Kill the session's whole process group; answers once it is done, with the session."""
     try:
-        service = _service(request)
-        session_id = _session_id(await request.body(), required=True)
-        assert session_id is not None
-        view = await service.kill(session_id)
+        async with audit.failures("catalog.kill"):
+            service = _service(request)
+            session_id = _session_id(await request.body(), required=True)
+            assert session_id is not None
+            service.query(session_id)  # an unknown session is a 404 before anything else
+            await check_task_allowed(get_engine(request), principal, session_id)
+            view = await service.kill(session_id)
+            await audit.record("catalog.kill", target=session_id)
     except OpsplaneError as e:
         return _failure(e)
     return envelope(view.to_json())
@@ -132,14 +175,22 @@ async def kill_session(request: Request, _principal: PrincipalDep) -> JSONRespon
 # Declared after the fixed /async routes; they could not clash anyway (two segments vs three).
 @router.post("/async/{cluster_type}/{name}", openapi_extra=_ANY_JSON_BODY)
 async def run_async(
-    cluster_type: str, name: str, request: Request, principal: PrincipalDep
+    cluster_type: str, name: str, request: Request, principal: RunnerDep, audit: AuditDep
 ) -> JSONResponse:
     """Start the task; ``data`` is its session id (also its opsplane task id)."""
+    route = f"/async/{cluster_type}/{name}"
     try:
-        service = _service(request)
-        entry = service.entry(cluster_type, name)
-        body = entry.parse_body(await request.body())
-        session_id = await service.run_async(entry, body, principal.name)
+        async with audit.failures("catalog.run", detail={"route": route}):
+            service = _service(request)
+            entry = service.entry(cluster_type, name)
+            body = entry.parse_body(await request.body())
+            session_id = await service.run_async(
+                entry,
+                body,
+                principal.name,
+                allowed_groups=principal.allowed_groups,
+                before_commit=_hook(audit, request, entry, body, route),
+            )
     except OpsplaneError as e:
         return _failure(e)
     return envelope(session_id)

@@ -11,7 +11,9 @@ from fastapi import APIRouter, Depends, Header, Query, Response, status
 from fastapi.responses import PlainTextResponse
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from opsplane.api.deps import Principal, get_engine, require_principal
+from opsplane.api.access import check_task_allowed
+from opsplane.api.auditing import AuditDep
+from opsplane.api.deps import Principal, get_engine, require, require_principal
 from opsplane.api.schemas import Items, Page, RunOut, TaskCreate, TaskOut
 from opsplane.domain.errors import InvalidInput
 from opsplane.domain.states import TERMINAL_TASK_STATUSES, TaskStatus
@@ -19,6 +21,8 @@ from opsplane.domain.targeting import Targets, normalize_names
 from opsplane.domain.tasks import ExecSpec, TaskRequest
 from opsplane.engine.changes import TaskEvent, task_view
 from opsplane.engine.core import Engine
+from opsplane.security.audit import targets_summary
+from opsplane.security.roles import Permission
 from opsplane.store import queries
 from opsplane.store.tables import TaskRow
 
@@ -26,6 +30,7 @@ router = APIRouter(prefix="/api/v1/tasks", tags=["tasks"])
 
 EngineDep = Annotated[Engine, Depends(get_engine)]
 PrincipalDep = Annotated[Principal, Depends(require_principal)]
+RunnerDep = Annotated[Principal, Depends(require(Permission.RUN))]
 HISTORY_PAGE = 1000
 
 
@@ -37,11 +42,13 @@ def _out(task: TaskRow) -> TaskOut:
 async def create_task(
     body: TaskCreate,
     engine: EngineDep,
-    principal: PrincipalDep,
+    principal: RunnerDep,
+    audit: AuditDep,
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
 ) -> TaskOut:
     """Create a task aimed at hosts, groups or all hosts; it starts at once unless
-    ``start`` is false. An ``Idempotency-Key`` header returns the task it created before."""
+    ``start`` is false. An ``Idempotency-Key`` header returns the task it created before.
+    An operator is refused (403, naming the hosts) a task reaching a host outside its groups."""
     targets = Targets(
         hosts=normalize_names(body.targets.hosts, "host"),
         groups=normalize_names(body.targets.groups, "group"),
@@ -65,8 +72,21 @@ async def create_task(
         start=body.start,
         created_by=principal.name,
         idempotency_key=idempotency_key,
+        allowed_groups=principal.allowed_groups,
     )
-    return _out(await engine.tasks.create_task(request))
+    detail = {
+        "kind": body.kind,
+        "command": audit.redact(command),
+        "name": audit.redact(body.name),
+        "timeout": body.timeout,
+        "start": body.start,
+    }
+    async with audit.failures(
+        "task.create", targets=targets_summary(body.targets.model_dump()), detail=detail
+    ):
+        hook = audit.task_hook("task.create", targets, detail)
+        task = await engine.tasks.create_task(request, before_commit=hook)
+    return _out(task)
 
 
 @router.get("", response_model=Page[TaskOut])
@@ -90,14 +110,27 @@ async def get_task(task_id: str, engine: EngineDep, _principal: PrincipalDep) ->
 
 
 @router.post("/{task_id}/start", response_model=TaskOut)
-async def start_task(task_id: str, engine: EngineDep, _principal: PrincipalDep) -> TaskOut:
-    return _out(await engine.tasks.start_task(task_id))
+async def start_task(
+    task_id: str, engine: EngineDep, principal: RunnerDep, audit: AuditDep
+) -> TaskOut:
+    async with audit.failures("task.start", target=task_id):
+        await check_task_allowed(engine, principal, task_id)
+        task = await engine.tasks.start_task(task_id)
+        # The command itself was recorded when the task was created (with start: false).
+        await audit.record("task.start", target=task_id)
+    return _out(task)
 
 
 @router.post("/{task_id}/cancel", status_code=status.HTTP_202_ACCEPTED, response_model=TaskOut)
-async def cancel_task(task_id: str, engine: EngineDep, _principal: PrincipalDep) -> TaskOut:
+async def cancel_task(
+    task_id: str, engine: EngineDep, principal: RunnerDep, audit: AuditDep
+) -> TaskOut:
     """Cancel: runs not yet sent end at once; running ones end when their host confirms."""
-    return _out(await engine.tasks.cancel_task(task_id))
+    async with audit.failures("task.cancel", target=task_id):
+        await check_task_allowed(engine, principal, task_id)
+        task = await engine.tasks.cancel_task(task_id, reason=f"canceled by {principal.name}")
+        await audit.record("task.cancel", target=task_id)
+    return _out(task)
 
 
 @router.get("/{task_id}/runs", response_model=Items[RunOut])

@@ -1,0 +1,63 @@
+"""API tokens (admin only): created with a role, groups and an expiry, shown once, revoked at
+once."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query, Request, status
+
+from opsplane.api.auditing import AuditDep
+from opsplane.api.deps import Principal, get_security, require
+from opsplane.api.schemas import Items
+from opsplane.api.security_schemas import NewTokenOut, TokenCreate, TokenOut
+from opsplane.security.roles import Permission
+
+router = APIRouter(prefix="/api/v1/tokens", tags=["tokens"])
+
+AdminDep = Annotated[Principal, Depends(require(Permission.ADMIN))]
+
+
+@router.get("", response_model=Items[TokenOut])
+async def list_tokens(
+    request: Request,
+    _principal: AdminDep,
+    include_inactive: Annotated[
+        bool, Query(alias="all", description="also revoked and expired tokens")
+    ] = False,
+) -> Items[TokenOut]:
+    """Tokens, newest first (never the tokens themselves: only their hashes are kept)."""
+    tokens = await get_security(request).list_tokens(include_inactive=include_inactive)
+    return Items[TokenOut](items=[TokenOut.from_row(token, owner) for token, owner in tokens])
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=NewTokenOut)
+async def create_token(
+    body: TokenCreate, request: Request, _principal: AdminDep, audit: AuditDep
+) -> NewTokenOut:
+    """A new token, in ``token``: shown this once. It acts for ``user`` (default: the caller's
+    user) and never has more role or groups than that user."""
+    expires_in = timedelta(seconds=body.expires_in) if body.expires_in is not None else None
+    async with audit.failures("token.create", detail={"name": body.name, "role": body.role}):
+        created = await get_security(request).create_token(
+            audit.caller,
+            name=body.name,
+            role=body.role,
+            groups=body.groups,
+            all_groups=body.all_groups,
+            expires_in=expires_in,
+            owner=body.user,
+        )
+    out = TokenOut.from_row(created.token, created.owner)
+    return NewTokenOut(**out.model_dump(), token=created.secret)
+
+
+@router.post("/{token_id}/revoke", response_model=TokenOut)
+async def revoke_token(
+    token_id: str, request: Request, _principal: AdminDep, audit: AuditDep
+) -> TokenOut:
+    """Revoke a token: the next request with it is refused."""
+    async with audit.failures("token.revoke", target=token_id):
+        token, owner = await get_security(request).revoke_token(audit.caller, token_id)
+    return TokenOut.from_row(token, owner)

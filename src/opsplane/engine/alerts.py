@@ -1,0 +1,219 @@
+"""Failure alerts (seed 003): when a task ends ``failed`` or ``timed_out``, every configured
+webhook receives a JSON message (docs/alerts.md) — opsplane's own shape, or Slack's or
+DingTalk's.
+
+Alerting never slows the engine down: the hub listener only queues the task id (a bounded
+queue; when it is full the alert is dropped and logged), and one background worker builds the
+message and delivers it, retrying a failed delivery with exponential backoff a bounded number of
+times. A delivery that still fails is logged and counted, never silently lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import httpx
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from opsplane.domain.states import RunStatus, TaskStatus
+from opsplane.engine.changes import TaskEvent, counts_view
+from opsplane.engine.hub import RecentIds
+from opsplane.store import queries
+
+log = logging.getLogger(__name__)
+
+AlertFormat = Literal["json", "slack", "dingtalk"]
+ALERTING_STATUSES = frozenset({TaskStatus.FAILED, TaskStatus.TIMED_OUT})
+# Hosts listed in one message; the total is always given.
+MAX_HOSTS = 20
+_MAX_ERROR = 500
+_RETRY_STATUSES = frozenset({408, 425, 429})
+
+
+def _safe_url(url: str) -> str:
+    """A webhook URL fit for a log line: Slack and DingTalk URLs carry their secret in the path
+    or the query, so only the scheme and host are shown."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.hostname or '?'}"
+
+
+def _line_error(outcome: queries.RunOutcome) -> str:
+    if outcome.error:
+        error = outcome.error
+    elif outcome.exit_code is not None:
+        error = f"exit code {outcome.exit_code}"
+    else:
+        error = outcome.status
+    return error if len(error) <= _MAX_ERROR else error[: _MAX_ERROR - 1] + "…"
+
+
+def format_message(payload: dict[str, Any], fmt: AlertFormat) -> dict[str, Any]:
+    """The body POSTed to a webhook in ``fmt``: the payload itself, or its text for chat."""
+    if fmt == "slack":
+        return {"text": payload["text"]}
+    if fmt == "dingtalk":
+        return {"msgtype": "text", "text": {"content": payload["text"]}}
+    return payload
+
+
+class AlertSender:
+    """Queues failed tasks from the hub and delivers alerts in the background.
+
+    ``start()`` begins the worker (and listening, if any webhook is configured); ``stop()``
+    gives queued alerts a bounded time, then stops.
+    """
+
+    def __init__(
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        webhooks: Sequence[str],
+        *,
+        fmt: AlertFormat = "json",
+        base_url: str,
+        attempts: int = 3,
+        backoff: float = 1.0,
+        timeout: float = 10.0,
+        queue_size: int = 1000,
+        on_result: Callable[[str], None] | None = None,
+    ) -> None:
+        self.webhooks = tuple(webhooks)
+        self._sessions = sessions
+        self._fmt = fmt
+        self._base_url = base_url.rstrip("/")
+        self._attempts = attempts
+        self._backoff = backoff
+        self._timeout = timeout
+        self._on_result = on_result or (lambda _result: None)
+        self._queue: asyncio.Queue[str] = asyncio.Queue(queue_size)
+        self._seen = RecentIds()
+        self._client: httpx.AsyncClient | None = None
+        self._worker: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        if not self.webhooks or self._worker is not None:
+            return
+        self._client = httpx.AsyncClient(timeout=self._timeout)
+        self._worker = asyncio.create_task(self._loop(), name="alerts")
+
+    async def stop(self, drain_seconds: float = 5.0) -> None:
+        if self._worker is None:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._queue.join(), drain_seconds)
+        self._worker.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._worker
+        self._worker = None
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    def observe(self, events: list[TaskEvent]) -> None:
+        """Hub listener: queue each task that just ended failed or timed out (once)."""
+        if self._worker is None:
+            return
+        for event in events:
+            if event.kind != "task" or event.data.get("status") not in ALERTING_STATUSES:
+                continue
+            if not self._seen.first_time(event.task_id):
+                continue
+            try:
+                self._queue.put_nowait(event.task_id)
+            except asyncio.QueueFull:
+                log.error("alert for task %s dropped: %d alerts queued", event.task_id,
+                          self._queue.qsize())  # fmt: skip
+                self._on_result("dropped")
+
+    async def _loop(self) -> None:
+        while True:
+            task_id = await self._queue.get()
+            try:
+                payload = await self.message(task_id)
+                body = format_message(payload, self._fmt)
+                await asyncio.gather(*(self._deliver(url, task_id, body) for url in self.webhooks))
+            except Exception:
+                log.exception("alert for task %s could not be built", task_id)
+                self._on_result("failed")
+            finally:
+                self._queue.task_done()
+
+    async def message(self, task_id: str) -> dict[str, Any]:
+        """The alert payload of a task (docs/alerts.md)."""
+        async with self._sessions() as session:
+            task = await queries.get_task(session, task_id)
+            if task is None:
+                raise LookupError(f"task {task_id} is gone")
+            outcomes = await queries.run_outcomes(session, task_id)
+        # The task's result is the last attempt on each host.
+        last: dict[str, queries.RunOutcome] = {}
+        for outcome in outcomes:
+            if outcome.host not in last or outcome.attempt > last[outcome.host].attempt:
+                last[outcome.host] = outcome
+        failed = sorted(
+            (o for o in last.values() if o.status != RunStatus.SUCCEEDED), key=lambda o: o.host
+        )
+        hosts = [
+            {
+                "host": o.host,
+                "status": o.status,
+                "exit_code": o.exit_code,
+                "error": _line_error(o),
+                "attempt": o.attempt,
+            }
+            for o in failed[:MAX_HOSTS]
+        ]
+        url = f"{self._base_url}/#/tasks/{task_id}"
+        status = str(task.status)
+        lines = [
+            f'opsplane: task "{task.name}" {status.replace("_", " ")}: '
+            f"{len(failed)} of {task.total} hosts did not succeed (by {task.created_by})"
+        ]
+        lines += [f"{h['host']}: {h['status']} ({h['error']})" for h in hosts]
+        if len(failed) > len(hosts):
+            lines.append(f"… and {len(failed) - len(hosts)} more")
+        lines.append(url)
+        return {
+            "event": f"task_{status}",
+            "task_id": task.id,
+            "name": task.name,
+            "kind": task.kind,
+            "status": status,
+            "created_by": task.created_by,
+            "created_at": task.created_at.isoformat(),
+            "finished_at": task.finished_at.isoformat() if task.finished_at else None,
+            "counts": counts_view(task.counts or {}, task.total),
+            "failed_hosts": hosts,
+            "failed_hosts_total": len(failed),
+            "url": url,
+            "text": "\n".join(lines),
+        }
+
+    async def _deliver(self, url: str, task_id: str, body: dict[str, Any]) -> None:
+        assert self._client is not None
+        problem = ""
+        for attempt in range(1, self._attempts + 1):
+            try:
+                response = await self._client.post(url, json=body)
+            except httpx.HTTPError as e:
+                problem = f"{type(e).__name__}: {e}"
+            else:
+                if response.is_success:
+                    self._on_result("sent")
+                    return
+                problem = f"HTTP {response.status_code}"
+                # Other client errors mean the request itself is wrong: repeating cannot help.
+                if response.is_client_error and response.status_code not in _RETRY_STATUSES:
+                    break
+            if attempt < self._attempts:
+                delay = self._backoff * 2 ** (attempt - 1)
+                log.warning("alert for task %s to %s failed (%s); retrying in %.1fs",
+                            task_id, _safe_url(url), problem, delay)  # fmt: skip
+                await asyncio.sleep(delay)
+        log.error("alert for task %s not delivered to %s after %d attempt(s): %s",
+                  task_id, _safe_url(url), attempt, problem)  # fmt: skip
+        self._on_result("failed")
