@@ -268,6 +268,39 @@ def agent(
         raise typer.Exit(2) from e
 
 
+db_app = typer.Typer(no_args_is_help=True)
+app.add_typer(db_app, name="db", help="The control plane's database")
+
+
+@db_app.command("upgrade")
+def db_upgrade(
+    config: ConfigOpt = None, data_dir: DataDirOpt = None, database_url: DatabaseUrlOpt = None
+) -> None:
+    """Apply every pending schema migration (the server also does this at start-up)."""
+    import asyncio
+
+    from opsplane.store.database import create_engine, masked_url
+    from opsplane.store.migrate import upgrade_to_head
+
+    settings = _settings(config_file=config, data_dir=data_dir, database_url=database_url)
+    url = settings.effective_database_url
+
+    async def _upgrade() -> None:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url)
+        try:
+            await upgrade_to_head(engine)
+        finally:
+            await engine.dispose()
+
+    try:
+        asyncio.run(_upgrade())
+    except ConfigError as e:
+        typer.secho(f"error: {e}", fg="red", err=True)
+        raise typer.Exit(2) from e
+    typer.echo(f"database at {masked_url(url)} is at the newest schema")
+
+
 keys_app = typer.Typer(no_args_is_help=True)
 app.add_typer(keys_app, name="keys", help="The control plane's command-signing key")
 
