@@ -297,6 +297,83 @@ def test_host_page_shows_details_and_a_live_sparkline(page: Page, fleet: Fleet, 
     expect(page.locator("#view-missing")).to_contain_text("no host named")
 
 
+def test_host_page_shows_recent_runs_and_the_heartbeat_history(
+    page: Page, fleet: Fleet, snap: Snap
+) -> None:
+    name = f"host runs check {uuid.uuid4().hex[:8]}"
+    task = create_task(fleet, "echo on db-1; exit 4", targets={"hosts": ["db-1"]}, name=name)
+    fleet.wait_task_done(task["id"])
+    page.goto(fleet.url + "/#/hosts/db-1")
+    expect(page.locator("#host-title")).to_have_text("db-1")
+    row = page.locator("#host-runs-rows tr").filter(has_text=name)
+    expect(row).to_have_count(1)
+    expect(row.locator(".badge")).to_have_text("failed")
+    expect(row.locator(".c-exit")).to_have_text("4")
+    expect(row.locator(".c-dur")).to_have_text(re.compile(r"\d"))
+    expect(row.locator(".task-cmd")).to_have_text("echo on db-1; exit 4")
+    # Newest first.
+    expect(page.locator("#host-runs-rows tr").first).to_have_attribute("data-task", task["id"])
+    # The chart starts from the stored history (one point a minute), not from nothing.
+    chart = page.locator("#host-chart")
+    expect(chart).to_have_attribute("data-history", re.compile(r"^[1-9]\d*$"))
+    expect(chart.locator("polyline.line-cpu, circle.chart-dot-cpu").first).to_be_attached()
+    assert int(chart.get_attribute("data-points") or "0") >= 1
+    snap(page, "host-runs")
+    row.get_by_role("link", name=name).click()
+    expect(page).to_have_url(re.compile(f"#/tasks/{task['id']}$"))
+    expect(page.locator("#task-title")).to_have_text(name)
+
+
+def test_run_console_runs_a_catalog_script_and_follows_its_task(
+    page: Page, fleet: Fleet, snap: Snap
+) -> None:
+    page.goto(fleet.url + "/#/run")
+    mode = page.locator("#run-mode")
+    expect(mode).to_be_visible()
+    expect(page.locator("#script-box")).to_be_hidden()
+    mode.locator("label", has_text="Script").click()
+    expect(page.locator("#cmd")).to_be_hidden()
+    scripts = page.locator("#script option")
+    # /async/query and /async/kill are not scripts; /sync/... routes are not listed.
+    expect(scripts).to_have_text(["tendb-ha/counter"])
+    snap(page, "run-script")
+
+    # A refusal is shown with the catalog's message (the envelope's msg).
+    refused: list[Any] = []
+
+    def refuse(route: Route) -> None:
+        refused.append(route.request)
+        body = {"code": 1, "data": "", "msg": "no such cluster: demo9"}
+        route.fulfill(status=422, content_type="application/json", body=json.dumps(body))
+
+    sent: list[Any] = []
+
+    def record(route: Route) -> None:
+        sent.append((route.request.headers.get("content-type"), route.request.post_data))
+        route.fallback()
+
+    page.route(re.compile(r"/async/tendb-ha/counter$"), refuse)
+    page.get_by_label("Arguments").fill("--cluster=demo9\n\n  two words \n")
+    page.get_by_role("button", name="Run script").click()
+    expect(page.locator("#script-error")).to_have_text("Not started: no such cluster: demo9")
+    # One argument a line, trimmed, blank lines dropped: a JSON array of strings, sent with the
+    # CSRF header like every other state-changing request.
+    assert refused[0].method == "POST"
+    assert json.loads(refused[0].post_data) == ["--cluster=demo9", "two words"]
+    assert refused[0].headers["content-type"] == "application/json"
+    assert refused[0].headers.get("x-csrf-token")
+    page.unroute(re.compile(r"/async/tendb-ha/counter$"))
+
+    # For real: the in-process counter takes no arguments; its session id is a task id.
+    page.route(re.compile(r"/async/tendb-ha/counter$"), record)
+    page.get_by_label("Arguments").fill("")
+    page.get_by_role("button", name="Run script").click()
+    expect(page).to_have_url(TASK_URL)
+    assert sent and sent[0][1] in (None, "")
+    expect(page.locator("#task-status")).to_have_text("succeeded", timeout=10_000)
+    expect(page.locator("#term")).to_contain_text("counted to 3")
+
+
 def test_fleet_view_shows_a_host_go_offline_without_a_reload(
     page: Page, fleet: Fleet, snap: Snap
 ) -> None:

@@ -237,7 +237,8 @@
     return "";
   }
 
-  async function api(path, { method = "GET", body, signal, as = "json" } = {}) {
+  /** root: the path is at the server root (the catalog's seed routes), not under /api/v1. */
+  async function api(path, { method = "GET", body, signal, as = "json", root = false } = {}) {
     const headers = { Accept: as === "json" ? "application/json" : "text/plain" };
     const init = { method, headers, signal, credentials: "same-origin", cache: "no-store" };
     if (UNSAFE.has(method)) {
@@ -250,14 +251,18 @@
     }
     let response;
     try {
-      response = await fetch(API + path, init);
+      response = await fetch((root ? "" : API) + path, init);
     } catch (e) {
       if (e.name === "AbortError") throw e;
       throw new ApiError(0, "The control plane is unreachable.");
     }
     if (!response.ok) {
       let message = "";
-      try { message = describe((await response.json()).detail); } catch { /* not JSON */ }
+      try {
+        const answer = await response.json();
+        // The seed's envelope ({code, data, msg}) says what went wrong in msg.
+        message = describe(answer.detail) || (typeof answer.msg === "string" ? answer.msg : "");
+      } catch { /* not JSON */ }
       if (response.status === 401) showLogin(auth.user ? "Your session has ended: log in again." : "");
       throw new ApiError(response.status, message || `${response.status} ${response.statusText}`);
     }
@@ -754,6 +759,7 @@
     hosts: new Set(),
     groups: new Set(),
     all: false,
+    scripts: null, // catalog script paths, once GET /list has answered
   };
 
   function targetSelection() {
@@ -911,13 +917,77 @@
     }
     setText($("run-error"), "");
     setText($("target-error"), "");
+    setText($("script-error"), "");
+    loadScripts();
     renderTargets();
     refreshTargetOptions();
     saveDraft();
   }
 
+  // Script mode: the catalog's async routes (GET /list), run with POST and a JSON array of
+  // arguments. The session id the catalog answers is an opsplane task id.
+  const HIDDEN_SCRIPTS = new Set(["/async/query", "/async/kill"]);
+
+  async function loadScripts() {
+    if (runView.scripts) return;
+    runView.scripts = [];
+    let paths = [];
+    try {
+      const answer = await api("/list", { root: true });
+      if (answer && answer.code === 0 && Array.isArray(answer.data)) {
+        paths = answer.data
+          .filter((r) => r && r.method === "POST" && typeof r.path === "string" && r.path.startsWith("/async/") && !HIDDEN_SCRIPTS.has(r.path))
+          .map((r) => r.path);
+      }
+    } catch { /* no catalog on this server: no script mode */ }
+    runView.scripts = [...new Set(paths)].sort();
+    $("script").replaceChildren(...runView.scripts.map((path) => h("option", { value: path }, path.slice("/async/".length))));
+    $("run-mode").hidden = runView.scripts.length === 0;
+    if (!runView.scripts.length) setRunMode("command");
+  }
+
+  function setRunMode(mode) {
+    const script = mode === "script" && runView.scripts && runView.scripts.length > 0;
+    $("run-form").classList.toggle("script-mode", script);
+    $("script-box").hidden = !script;
+    for (const radio of document.querySelectorAll('input[name="run-mode"]')) radio.checked = radio.value === (script ? "script" : "command");
+  }
+
+  function scriptArgs() {
+    return $("script-args").value.split(/\r\n|\r|\n/).map((line) => line.trim()).filter(Boolean);
+  }
+
+  async function submitScript() {
+    const button = $("script-submit");
+    const path = $("script").value;
+    if (button.disabled || !path) return;
+    button.disabled = true;
+    setText(button, "Starting…");
+    setText($("script-error"), "");
+    try {
+      // No argument: no body at all, which the catalog reads as "no arguments" (null), what
+      // an in-process handler expects; otherwise the JSON array of strings.
+      const args = scriptArgs();
+      const answer = await api(path, { method: "POST", body: args.length ? args : undefined, root: true });
+      if (!answer || answer.code !== 0 || typeof answer.data !== "string" || !answer.data) {
+        throw new Error((answer && answer.msg) || "the catalog gave no session id");
+      }
+      loadSummary();
+      navigate(`/tasks/${encodeURIComponent(answer.data)}`);
+    } catch (err) {
+      setText($("script-error"), `Not started: ${err.message}`);
+    } finally {
+      button.disabled = false;
+      setText(button, "Run script");
+    }
+  }
+
   async function submitRun(e) {
     e.preventDefault();
+    if ($("run-form").classList.contains("script-mode")) {
+      submitScript();
+      return;
+    }
     const button = $("run-submit");
     if (button.disabled) return;
     const command = $("cmd").value;
@@ -960,6 +1030,19 @@
   function initRunView() {
     loadDraft();
     $("run-form").addEventListener("submit", submitRun);
+    for (const radio of document.querySelectorAll('input[name="run-mode"]')) {
+      radio.addEventListener("change", () => {
+        if (radio.checked) setRunMode(radio.value);
+        if (radio.checked && radio.value === "script") $("script").focus();
+      });
+    }
+    $("script-submit").addEventListener("click", submitScript);
+    $("script-args").addEventListener("keydown", (e) => {
+      if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) {
+        e.preventDefault();
+        submitScript();
+      }
+    });
     $("cmd").addEventListener("input", () => { syncRunButton(); saveDraft(); });
     $("cmd").addEventListener("keydown", (e) => {
       if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) {
@@ -1890,7 +1973,108 @@
   // ---------------------------------------------------------------------------------------
   // Host view
 
-  const hostView = { name: null, gen: 0 };
+  const HISTORY_HOURS = 3;
+  const FINE_MS = 5 * 60000; // live points kept at full rate this long, then one a minute
+  const GAP_MS = 5 * 60000; // a longer silence breaks the line
+  const HOST_RUNS = 20;
+
+  // series: the chart's points, oldest first: the stored history (one a minute), extended by
+  // the live heartbeats of the fleet stream. history: how many came from the stored history.
+  const hostView = { name: null, gen: 0, series: [], history: 0, runsTimer: 0, runsController: null };
+
+  function compactSeries(series, now) {
+    const cutoff = now - HISTORY_HOURS * 3600000;
+    const fine = now - FINE_MS;
+    const out = [];
+    let minute = -1;
+    for (const p of series) {
+      if (p.t < cutoff) continue;
+      if (p.t < fine) {
+        const m = Math.floor(p.t / 60000);
+        if (m === minute) continue;
+        minute = m;
+      }
+      out.push(p);
+    }
+    return out;
+  }
+
+  /** Adds the live samples newer than the series' last point; returns the series. */
+  function hostSeries(name) {
+    let series = hostView.series;
+    for (const p of samplesOf(name)) if (!series.length || p.t > series[series.length - 1].t) series.push(p);
+    if (series.length > 400) series = hostView.series = compactSeries(series, series[series.length - 1].t);
+    return series;
+  }
+
+  async function loadHostHistory(name, gen) {
+    try {
+      const answer = await api(`/hosts/${encodeURIComponent(name)}/heartbeats?hours=${HISTORY_HOURS}`);
+      if (gen !== hostView.gen) return;
+      const history = [];
+      for (const item of answer.items || []) {
+        const t = parseTime(item.at);
+        if (t === null || typeof item.cpu_usage !== "number" || typeof item.memory_usage !== "number") continue;
+        history.push({ t, cpu: item.cpu_usage, mem: item.memory_usage });
+      }
+      const merged = [...history, ...hostView.series].sort((a, b) => a.t - b.t);
+      hostView.series = merged.filter((p, i) => i === 0 || p.t > merged[i - 1].t);
+      hostView.history = history.length;
+      renderChart(name);
+    } catch (e) {
+      if (e.name !== "AbortError" && gen === hostView.gen && e.status !== 404) toast(`Could not load the heartbeat history: ${e.message}`);
+    }
+  }
+
+  function createHostRunRow(run) {
+    const title = run.task_name || firstLine(run.command) || run.task_id;
+    const showCmd = run.task_name && run.task_name !== run.command && run.command;
+    const tr = h("tr", { dataset: { task: run.task_id, run: run.id } },
+      h("td", { class: "c-tstatus", "data-label": "Status" }, badge(run.status)),
+      h("td", { class: "c-task", "data-label": "Task" },
+        h("a", { href: `#/tasks/${encodeURIComponent(run.task_id)}`, class: `task-link${run.task_name ? "" : " is-cmd"}`, title: run.command || undefined }, title),
+        showCmd ? h("code", { class: "task-cmd" }, firstLine(run.command) + extraLines(run.command)) : null),
+      h("td", { class: `num c-exit${run.exit_code ? " bad" : ""}`, "data-label": "Exit" }, run.exit_code === null || run.exit_code === undefined ? "" : String(run.exit_code)),
+      h("td", { class: "num c-dur", "data-label": "Duration" }, run.duration_ms === null || run.duration_ms === undefined ? (TERMINAL_RUN.has(run.status) ? "–" : "…") : duration(run.duration_ms)),
+      h("td", { class: "c-when", "data-label": "Started" }, run.started_at ? timeEl(run.started_at) : "–"),
+    );
+    return tr;
+  }
+
+  async function loadHostRuns(name, gen) {
+    if (hostView.runsController) hostView.runsController.abort();
+    const controller = new AbortController();
+    hostView.runsController = controller;
+    try {
+      const answer = await api(`/hosts/${encodeURIComponent(name)}/runs?size=${HOST_RUNS}`, { signal: controller.signal });
+      if (gen !== hostView.gen) return;
+      const items = answer.items || [];
+      $("host-runs-rows").replaceChildren(...items.map(createHostRunRow));
+      $("host-runs-table").hidden = items.length === 0;
+      const empty = $("host-runs-empty");
+      empty.hidden = items.length > 0;
+      setText(empty, items.length ? "" : "No run on this host yet.");
+      const total = answer.total || 0;
+      setText($("host-runs-count"), total > items.length ? `latest ${items.length} of ${total.toLocaleString()}` : total ? plural(total, "run") : "");
+    } catch (e) {
+      if (e.name === "AbortError" || gen !== hostView.gen) return;
+      if (e.status !== 404) {
+        const empty = $("host-runs-empty");
+        empty.hidden = false;
+        setText(empty, `Could not load the runs: ${e.message}`);
+      }
+    } finally {
+      if (hostView.runsController === controller) hostView.runsController = null;
+    }
+  }
+
+  function leaveHost() {
+    hostView.gen++;
+    hostView.name = null;
+    clearInterval(hostView.runsTimer);
+    hostView.runsTimer = 0;
+    if (hostView.runsController) hostView.runsController.abort();
+  }
 
   /** Load has no natural maximum: its bar is relative to the busiest host of the fleet. */
   function fleetLoadMax(host) {
@@ -1936,7 +2120,7 @@
   }
 
   function renderChart(name) {
-    const samples = samplesOf(name);
+    const samples = name === hostView.name ? hostSeries(name) : samplesOf(name);
     const box = $("host-chart");
     const W = 600; const H = 150;
     const chart = svg("svg", { viewBox: `0 0 ${W} ${H}`, preserveAspectRatio: "none", role: "img", class: "spark" });
@@ -1948,20 +2132,41 @@
     for (const y of [0, 0.5, 1]) chart.append(svg("line", { x1: 0, x2: W, y1: 1 + (H - 2) * y, y2: 1 + (H - 2) * y, class: "grid-line", "vector-effect": "non-scaling-stroke" }));
     // At least a minute of width, so that the first few points do not stretch across the chart.
     const span = samples.length ? Math.max(last.t - samples[0].t, 60000) : 60000;
-    if (samples.length > 1) {
+    if (samples.length) {
       const x = (t) => W - ((last.t - t) / span) * W;
       const y = (v) => H - 1 - (Math.max(0, Math.min(100, v)) / 100) * (H - 2);
+      // A silence of several minutes (the host was down) breaks the line.
+      const segments = [];
+      let segment = [];
+      for (const p of samples) {
+        if (segment.length && p.t - segment[segment.length - 1].t > GAP_MS) {
+          segments.push(segment);
+          segment = [];
+        }
+        segment.push(p);
+      }
+      segments.push(segment);
       for (const [key, cls] of [["mem", "mem"], ["cpu", "cpu"]]) {
-        const points = samples.map((p) => `${x(p.t).toFixed(1)},${y(p[key]).toFixed(1)}`);
-        const first = x(samples[0].t).toFixed(1);
-        chart.append(svg("polygon", { points: `${first},${H} ${points.join(" ")} ${W},${H}`, class: `area-${cls}` }));
-        chart.append(svg("polyline", { points: points.join(" "), class: `line-${cls}`, "vector-effect": "non-scaling-stroke" }));
+        for (const part of segments) {
+          if (part.length === 1) {
+            chart.append(svg("circle", { cx: x(part[0].t).toFixed(1), cy: y(part[0][key]).toFixed(1), r: 2.5, class: `chart-dot-${cls}` }));
+            continue;
+          }
+          const points = part.map((p) => `${x(p.t).toFixed(1)},${y(p[key]).toFixed(1)}`);
+          const first = x(part[0].t).toFixed(1);
+          const end = x(part[part.length - 1].t).toFixed(1);
+          chart.append(svg("polygon", { points: `${first},${H} ${points.join(" ")} ${end},${H}`, class: `area-${cls}` }));
+          chart.append(svg("polyline", { points: points.join(" "), class: `line-${cls}`, "vector-effect": "non-scaling-stroke" }));
+        }
       }
     }
+    const ago = span < 90000 ? `${Math.round(span / 1000)} s ago` : span < 7200000 ? `${Math.round(span / 60000)} min ago` : `${(span / 3600000).toFixed(1)} h ago`;
+    box.dataset.points = String(samples.length);
+    box.dataset.history = String(name === hostView.name ? hostView.history : 0);
     box.replaceChildren(
       h("div", { class: "chart-y", "aria-hidden": "true" }, h("span", null, "100%"), h("span", null, "50%"), h("span", null, "0%")),
       h("div", { class: "chart-plot" }, chart),
-      h("div", { class: "chart-x", "aria-hidden": "true" }, h("span", null, span < 90000 ? `${Math.round(span / 1000)} s ago` : `${Math.round(span / 60000)} min ago`), h("span", null, "now")),
+      h("div", { class: "chart-x", "aria-hidden": "true" }, h("span", null, ago), h("span", null, "now")),
     );
     const legend = $("host-chart-legend");
     legend.replaceChildren(
@@ -1974,7 +2179,20 @@
   async function enterHost(params, name) {
     const gen = ++hostView.gen;
     hostView.name = name;
+    hostView.series = [];
+    hostView.history = 0;
     setText($("host-title"), name);
+    $("host-chart").replaceChildren();
+    $("host-chart-legend").replaceChildren();
+    $("host-runs-rows").replaceChildren();
+    $("host-runs-empty").hidden = true;
+    setText($("host-runs-count"), "");
+    clearInterval(hostView.runsTimer);
+    // The history and the runs load alongside the host itself; the runs list is refreshed
+    // while the page is on screen (no stream for it).
+    loadHostHistory(name, gen);
+    loadHostRuns(name, gen);
+    hostView.runsTimer = setInterval(() => { if (!document.hidden && gen === hostView.gen) loadHostRuns(name, gen); }, 10000);
     $("host-metrics").replaceChildren();
     $("host-details").replaceChildren();
     $("host-light").dataset.status = "unknown";
@@ -1993,6 +2211,11 @@
   }
 
   function initHostView() {
+    $("host-runs-rows").addEventListener("click", (e) => {
+      if (e.target.closest("a, button")) return;
+      const tr = e.target.closest("tr[data-task]");
+      if (tr && !window.getSelection().toString()) navigate(`/tasks/${encodeURIComponent(tr.dataset.task)}`);
+    });
     fleet.listeners.add((changed) => {
       if (current.name !== "host" || !hostView.name) return;
       if (changed.has(hostView.name) || changed.has("*")) {
@@ -2012,7 +2235,7 @@
     { re: /^\/run$/, name: "run", view: "view-run", enter: enterRun, title: "Run", filter: "cmd" },
     { re: /^\/tasks$/, name: "tasks", view: "view-tasks", enter: enterTasks, leave: leaveTasks, title: "Tasks", filter: "tasks-name" },
     { re: /^\/tasks\/([^/]+)$/, name: "task", view: "view-task", enter: enterTask, leave: leaveTask, title: "Task", nav: "tasks", filter: "output-host" },
-    { re: /^\/hosts\/([^/]+)$/, name: "host", view: "view-host", enter: enterHost, title: "Host", nav: "fleet" },
+    { re: /^\/hosts\/([^/]+)$/, name: "host", view: "view-host", enter: enterHost, leave: leaveHost, title: "Host", nav: "fleet" },
   ];
 
   function parseHash() {
