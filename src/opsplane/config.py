@@ -49,7 +49,11 @@ class Settings(BaseSettings):
     ssh_known_hosts: Path | None = None
     ssh_trust_on_first_use: bool = False
     ssh_max_parallel: int = Field(default=50, gt=0)
+    # SSH runs go to `opsplane worker` processes over RabbitMQ (needs amqp_url; docs/ssh.md).
+    ssh_workers: bool = False
     upload_roots: list[Path] = Field(default_factory=list)
+    # Jump chains by group ("web": "ops@edge:22,ops@inner"), for SSH hosts added without one.
+    ssh_group_bastions: dict[str, str] = Field(default_factory=dict)
     # Seed 000's configured defaults; request values override them.
     ssh_proxy: str = ""
     ssh_proxy_key_file: str | None = None

@@ -37,6 +37,7 @@ def fleet(lab: SshLab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fle
     config.write_text(
         f"ssh_known_hosts: {known}\nupload_roots: [{root / 'uploads'}]\n"
         f"ssh_user: {lab.user.name}\nssh_key_file: {lab.client_key_path}\n"
+        f"ssh_group_bastions: {{edge: '{lab.user.name}@{lab.daemons['bastion'].address}'}}\n"
     )
     the_fleet = Fleet(root)
     try:
@@ -157,3 +158,27 @@ def test_seed_000_ssh_and_upload_api(fleet: Fleet, lab: SshLab) -> None:
     answer = _poll(fleet, f"/api/upload/task/{upload_id}")
     assert answer["status"] == "SUCCESS", answer
     assert answer["results"][0]["uploaded"] == [remote] and answer["results"][0]["failed"] == []
+
+
+def test_inventory_file_group_bastion_default_and_label_targeting(
+    fleet: Fleet, lab: SshLab
+) -> None:
+    key = str(lab.client_key_path)
+    inventory = fleet.root / "inventory.yaml"
+    entries = [
+        {"name": f"inv-{name}", "ssh": f"{lab.user.name}@{lab.daemons[name].address}",
+         "key_file": key, "bastion_key_file": key, "groups": ["edge"],
+         "labels": {"tier": "front" if name != "ssh-3" else "back"}}
+        for name in TARGETS
+    ]  # fmt: skip
+    inventory.write_text(json.dumps(entries))  # JSON is YAML
+    result = opsplane(fleet, "hosts", "import", str(inventory))
+    assert result.returncode == 0, result.stderr
+    # No bastion in the entries: the group "edge" default chain applies.
+    assert fleet.host("inv-ssh-1")["ssh"]["bastions"].endswith(str(lab.daemons["bastion"].port))  # type: ignore[index]
+    run = opsplane(fleet, "run", "--label", "tier=front", "--json", "--", "echo labelled")
+    assert run.returncode == 0, run.stdout + run.stderr
+    hosts = {r["host"] for r in json.loads(run.stdout)["runs"]}
+    assert hosts == {"inv-ssh-1", "inv-ssh-2"}
+    bad = opsplane(fleet, "run", "--label", "tier=nowhere", "--", "true")
+    assert bad.returncode == 2 and "no host carries" in bad.stderr

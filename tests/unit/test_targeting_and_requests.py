@@ -70,3 +70,16 @@ def test_host_names_refuse_control_characters_whitespace_and_wildcards() -> None
     for bad in ("", "a b", "a\x00b", "a\nb", "cmd.*", "a#b", "a/b", "x" * 256):
         with pytest.raises(InvalidInput):
             check_host_name(bad)
+
+
+def test_labels_select_hosts_carrying_every_given_label() -> None:
+    fleet = [
+        HostRef("a", ("web",), {"tier": "front", "dc": "x"}),
+        HostRef("b", ("web",), {"tier": "front", "dc": "y"}),
+        HostRef("c", ("db",), {"tier": "back"}),
+    ]
+    assert resolve_targets(Targets(labels={"tier": "front"}), fleet) == ["a", "b"]
+    assert resolve_targets(Targets(labels={"tier": "front", "dc": "y"}), fleet) == ["b"]
+    assert resolve_targets(Targets(labels={"tier": "back"}, hosts=("a",)), fleet) == ["a", "c"]
+    with pytest.raises(InvalidInput, match=r"no host carries all of the labels dc=z"):
+        resolve_targets(Targets(labels={"dc": "z"}), fleet)

@@ -18,6 +18,9 @@ class TargetsIn(BaseModel):
     hosts: list[str] = Field(default_factory=list, description="host names")
     groups: list[str] = Field(default_factory=list, description="group names")
     all: bool = Field(default=False, description="every known host")
+    labels: dict[str, str] = Field(
+        default_factory=dict, description="hosts carrying every one of these key=value labels"
+    )
 
 
 class UploadIn(BaseModel):

@@ -258,10 +258,16 @@ class ApiClient:
         timeout: int | None = None,
         name: str | None = None,
         upload: tuple[str, str] | None = None,
+        labels: Mapping[str, str] | None = None,
     ) -> Json:
         body: Json = {
             "command": command,
-            "targets": {"hosts": list(hosts or []), "groups": list(groups or []), "all": all_hosts},
+            "targets": {
+                "hosts": list(hosts or []),
+                "groups": list(groups or []),
+                "all": all_hosts,
+                "labels": dict(labels or {}),
+            },
         }
         if upload is not None:
             body["kind"] = "upload"

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from enum import StrEnum
+from pathlib import Path
 from typing import Annotated
 
 import typer
+import yaml
 from rich.text import Text
 
-from opsplane.cli.client import ApiClient
+from opsplane.cli.client import ApiClient, ApiError
 from opsplane.cli.output import (
     dump_json,
     host_detail,
@@ -133,3 +135,29 @@ def remove_host(
     with reporting_errors(err), ApiClient(client_options(ctx)) as api:
         api.remove_host(name)
     typer.echo(f"removed {name}")
+
+
+@app.command("import")
+def import_hosts(
+    ctx: typer.Context,
+    inventory: Annotated[
+        Path, typer.Argument(metavar="FILE", help="YAML list of SSH hosts.", exists=True)
+    ],
+) -> None:
+    """Register every SSH host of an inventory file: a YAML list of entries with the fields of
+    `hosts add` (name, ssh, bastion, key_file, bastion_key_file, groups, labels)."""
+    err = make_console(stderr=True)
+    try:
+        entries = yaml.safe_load(inventory.read_text())
+    except yaml.YAMLError as e:
+        raise typer.BadParameter(f"{inventory} is not YAML: {e}", ctx=ctx) from e
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise typer.BadParameter(f"{inventory} must hold a list of host entries", ctx=ctx)
+    with reporting_errors(err), ApiClient(client_options(ctx)) as api:
+        for number, entry in enumerate(entries, start=1):
+            try:
+                api.add_ssh_host(entry)
+            except ApiError as e:
+                err.print(f"entry #{number} ({entry.get('name', '?')}): {e}")
+                raise typer.Exit(2) from e
+    typer.echo(f"registered {len(entries)} SSH hosts from {inventory}")

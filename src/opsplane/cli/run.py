@@ -102,6 +102,12 @@ def run_command(
         ),
     ] = None,
     all_hosts: Annotated[bool, typer.Option("--all", help="Run on every host.")] = False,
+    label: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--label", "-l", help="Run on hosts carrying KEY=VALUE (repeatable: all must match)."
+        ),
+    ] = None,
     timeout: Annotated[
         int | None,
         typer.Option("--timeout", min=1, help="Seconds each host may run the command."),
@@ -118,9 +124,15 @@ def run_command(
     """
     hosts = list(host or [])
     groups = list(group or [])
-    if not (hosts or groups or all_hosts):
+    labels: dict[str, str] = {}
+    for item in label or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"--label wants KEY=VALUE, got {item!r}", ctx=ctx)
+        labels[key] = value
+    if not (hosts or groups or all_hosts or labels):
         raise typer.BadParameter(
-            "choose where to run: pass --host NAME, --group NAME or --all",
+            "choose where to run: pass --host NAME, --group NAME, --label KEY=VALUE or --all",
             ctx=ctx,
             param_hint="'--host' / '--group' / '--all'",
         )
@@ -137,6 +149,7 @@ def run_command(
         timeout=timeout,
         name=name,
         as_json=as_json,
+        labels=labels,
     )
 
 
@@ -199,6 +212,7 @@ def _submit_and_follow(
     name: str | None,
     as_json: bool,
     upload: tuple[str, str] | None = None,
+    labels: dict[str, str] | None = None,
 ) -> None:
     """Create the task, follow it live (unless JSON), summarize, exit 0 only on success."""
     out = make_console()
@@ -215,6 +229,7 @@ def _submit_and_follow(
                 timeout=timeout,
                 name=name,
                 upload=upload,
+                labels=labels,
             )
         except KeyboardInterrupt:
             print_error(err, "interrupted")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from opsplane.domain.errors import InvalidInput
@@ -10,14 +10,16 @@ from opsplane.domain.errors import InvalidInput
 
 @dataclass(frozen=True)
 class Targets:
-    """A selector: explicit host names, groups, or the whole fleet."""
+    """A selector: explicit host names, groups, hosts carrying every given label (``labels``,
+    key → value), or the whole fleet. The selected hosts are the union of these."""
 
     hosts: tuple[str, ...] = ()
     groups: tuple[str, ...] = ()
     all: bool = False
+    labels: Mapping[str, str] = field(default_factory=dict)
 
     def is_empty(self) -> bool:
-        return not (self.hosts or self.groups or self.all)
+        return not (self.hosts or self.groups or self.all or self.labels)
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,7 @@ class HostRef:
 
     name: str
     groups: tuple[str, ...] = field(default=())
+    labels: Mapping[str, str] = field(default_factory=dict)
 
 
 def resolve_targets(targets: Targets, known: Iterable[HostRef]) -> list[str]:
@@ -35,7 +38,7 @@ def resolve_targets(targets: Targets, known: Iterable[HostRef]) -> list[str]:
     silently smaller fleet.
     """
     if targets.is_empty():
-        raise InvalidInput("targets select nothing: give hosts, groups, or all=true")
+        raise InvalidInput("targets select nothing: give hosts, groups, labels, or all=true")
     hosts = list(known)
     by_name = {h.name: h for h in hosts}
     chosen: set[str] = set()
@@ -50,6 +53,14 @@ def resolve_targets(targets: Targets, known: Iterable[HostRef]) -> list[str]:
         if not members:
             raise InvalidInput(f"unknown group (no host is a member): {group}")
         chosen.update(members)
+    if targets.labels:
+        labelled = [
+            h.name for h in hosts if all(h.labels.get(k) == v for k, v in targets.labels.items())
+        ]
+        if not labelled:
+            wanted = ", ".join(f"{k}={v}" for k, v in sorted(targets.labels.items()))
+            raise InvalidInput(f"no host carries all of the labels {wanted}")
+        chosen.update(labelled)
     if not chosen:
         raise InvalidInput("targets match no host: the fleet is empty")
     return sorted(chosen)

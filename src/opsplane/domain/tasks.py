@@ -99,7 +99,7 @@ class TaskRequest:
         if timeout > MAX_TIMEOUT_SECONDS:
             raise InvalidInput(f"timeout must be at most {MAX_TIMEOUT_SECONDS} seconds")
         if self.targets.is_empty():
-            raise InvalidInput("targets select nothing: give hosts, groups, or all=true")
+            raise InvalidInput("targets select nothing: give hosts, groups, labels, or all=true")
         name = self.name.strip() or _default_name(self.command)
         return TaskRequest(
             command=self.command,

@@ -66,7 +66,9 @@ class Engine:
             default_timeout=settings.default_timeout,
             upload_roots=settings.effective_upload_roots,
         )
-        self.hosts = HostService(self.sessions, self.write, self.links)
+        self.hosts = HostService(
+            self.sessions, self.write, self.links, group_bastions=settings.ssh_group_bastions
+        )
         self.ssh_api = SshApi(self.hosts, self.tasks, self.wait_task)
         self.monitor = Monitor(
             self.write,

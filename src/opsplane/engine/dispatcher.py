@@ -110,7 +110,7 @@ class Dispatcher:
     ) -> None:
         targets = task.targets or {}
         groups: list[str] = list(targets.get("groups") or [])
-        if targets.get("hosts") or not (targets.get("all") or groups):
+        if targets.get("hosts") or targets.get("labels") or not (targets.get("all") or groups):
             plan.unicast.extend(dispatches)
             return
         link = dispatches[0].link

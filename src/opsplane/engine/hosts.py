@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 from contextlib import AbstractAsyncContextManager
+from dataclasses import replace
 from datetime import datetime
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -31,10 +32,13 @@ class HostService:
         sessions: async_sessionmaker[AsyncSession],
         write: Callable[[], AbstractAsyncContextManager[Changes]],
         links: Mapping[str, Link],
+        *,
+        group_bastions: Mapping[str, str] | None = None,
     ) -> None:
         self._sessions = sessions
         self._write = write
         self._links = links
+        self._group_bastions = dict(group_bastions or {})
 
     async def host_connected(self, hello: AgentHello) -> None:
         """Register the host and reconcile its in-flight runs with what the agent reports.
@@ -107,6 +111,12 @@ class HostService:
     async def register_ssh_host(self, request: SshHostRequest) -> HostRow:
         """Add or update an agentless host; secrets go to the link only, never the store."""
         request = request.validated()
+        if not request.bastions:
+            # A host without its own jump chain takes the first of its groups' defaults.
+            chain = next(
+                (self._group_bastions[g] for g in request.groups if g in self._group_bastions), ""
+            )
+            request = replace(request, bastions=chain)
         link = self._links.get(SSH_LINK)
         if link is None:
             raise ConfigError("the SSH link is not available: pip install 'opsplane[ssh]'")

@@ -53,6 +53,7 @@ async def create_task(
         hosts=normalize_names(body.targets.hosts, "host"),
         groups=normalize_names(body.targets.groups, "group"),
         all=body.targets.all,
+        labels=dict(body.targets.labels),
     )
     spec = None
     command = body.command
