@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
@@ -115,18 +115,33 @@ async def run_sync(
 ) -> JSONResponse:
     """Run the task and answer when it ends: ``data`` is the last line of stdout, ``msg`` the
     last line of stderr, ``code`` 1 when the run did not succeed."""
-    route = f"/sync/{cluster_type}/{name}"
+    return await _run("sync", cluster_type, name, request, principal, audit)
+
+
+async def _run(
+    mode: Literal["sync", "async"],
+    cluster_type: str,
+    name: str,
+    request: Request,
+    principal: Principal,
+    audit: Audit,
+) -> JSONResponse:
+    """One catalog call, synchronous or not: both audit, parse and authorize the same way."""
+    route = f"/{mode}/{cluster_type}/{name}"
     try:
         async with audit.failures("catalog.run", detail={"route": route}):
             service = _service(request)
             entry = service.entry(cluster_type, name)
             body = entry.parse_body(await request.body())
+            hook = _hook(audit, request, entry, body, route)
+            groups = principal.allowed_groups
+            if mode == "async":
+                session_id = await service.run_async(
+                    entry, body, principal.name, allowed_groups=groups, before_commit=hook
+                )
+                return envelope(session_id)
             result = await service.run_sync(
-                entry,
-                body,
-                principal.name,
-                allowed_groups=principal.allowed_groups,
-                before_commit=_hook(audit, request, entry, body, route),
+                entry, body, principal.name, allowed_groups=groups, before_commit=hook
             )
     except OpsplaneError as e:
         return _failure(e)
@@ -178,22 +193,7 @@ async def run_async(
     cluster_type: str, name: str, request: Request, principal: RunnerDep, audit: AuditDep
 ) -> JSONResponse:
     """Start the task; ``data`` is its session id (also its opsplane task id)."""
-    route = f"/async/{cluster_type}/{name}"
-    try:
-        async with audit.failures("catalog.run", detail={"route": route}):
-            service = _service(request)
-            entry = service.entry(cluster_type, name)
-            body = entry.parse_body(await request.body())
-            session_id = await service.run_async(
-                entry,
-                body,
-                principal.name,
-                allowed_groups=principal.allowed_groups,
-                before_commit=_hook(audit, request, entry, body, route),
-            )
-    except OpsplaneError as e:
-        return _failure(e)
-    return envelope(session_id)
+    return await _run("async", cluster_type, name, request, principal, audit)
 
 
 def _session_id(raw: bytes, *, required: bool) -> str | None:
