@@ -205,8 +205,10 @@ class Fleet:
 
 
 @contextlib.contextmanager
-def running_fleet(root: Path, agents: dict[str, tuple[str, ...]]) -> Iterator[Fleet]:
-    fleet = Fleet(root)
+def running_fleet(
+    root: Path, agents: dict[str, tuple[str, ...]], server_env: dict[str, str] | None = None
+) -> Iterator[Fleet]:
+    fleet = Fleet(root, server_env=dict(server_env or {}))
     try:
         fleet.start_server()
         for name, groups in agents.items():

@@ -20,6 +20,15 @@ def small_fleet(tmp_path: Path) -> Iterator[Fleet]:
         yield fleet
 
 
+@pytest.fixture
+def patient_fleet(tmp_path: Path) -> Iterator[Fleet]:
+    # A long grace period: the restarted agent, not the timer, must be what ends the run, even
+    # when a loaded machine takes seconds to start a Python process.
+    agents = {"app-1": ("app",), "app-2": ("app",)}
+    with running_fleet(tmp_path, agents, server_env={"OPSPLANE_LOST_GRACE": "120"}) as fleet:
+        yield fleet
+
+
 def test_killed_agent_loses_its_run_and_a_restart_never_runs_it_again(small_fleet: Fleet) -> None:
     fleet = small_fleet
     marker = f"1000.{uuid.uuid4().int % 10**6}"
@@ -44,8 +53,10 @@ def test_killed_agent_loses_its_run_and_a_restart_never_runs_it_again(small_flee
     assert fleet.runs(task["id"])["app-1"]["status"] == "lost"
 
 
-def test_agent_restarted_before_the_grace_period_reconciles_as_lost(small_fleet: Fleet) -> None:
-    fleet = small_fleet
+def test_agent_restarted_before_the_grace_period_reconciles_as_lost(
+    patient_fleet: Fleet,
+) -> None:
+    fleet = patient_fleet
     marker = f"1000.{uuid.uuid4().int % 10**6}"
     task = fleet.create_task(f"sleep {marker}", hosts=["app-2"])
     wait_for(lambda: fleet.runs(task["id"])["app-2"]["status"] == "running", 10, "run started")
