@@ -74,7 +74,7 @@ class TestUser:
 
 
 def ensure_test_user(name: str = TEST_USER) -> TestUser:
-    """Create the unprivileged login user once (idempotent) and give it a fresh password.
+    """Create the unprivileged login user once (idempotent) and set its password.
 
     A password is also what unlocks the account: with ``UsePAM no`` sshd refuses even key
     logins to an account whose password is locked, as ``useradd`` leaves it.
@@ -89,7 +89,16 @@ def ensure_test_user(name: str = TEST_USER) -> TestUser:
             timeout=30,
         )
         entry = pwd.getpwnam(name)
-    password = secrets.token_urlsafe(18)
+    # One password per machine, kept root-only: test processes that run side by side (several
+    # modules, a bench, a second checkout) must not change it under each other's feet.
+    stored = Path.home() / f".{name}-password"
+    if stored.exists():
+        password = stored.read_text().strip()
+    else:
+        password = secrets.token_urlsafe(18)
+        descriptor = os.open(stored, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "w") as handle:
+            handle.write(password)
     subprocess.run(["chpasswd"], input=f"{name}:{password}\n".encode(), check=True, timeout=30)
     return TestUser(name, entry.pw_uid, entry.pw_gid, Path(entry.pw_dir), password)
 
@@ -313,7 +322,7 @@ def remote_pids(marker: str) -> list[int]:
     return [int(pid) for pid in result.stdout.split()]
 
 
-def wait_no_remote_process(marker: str, timeout: float = 5.0) -> list[int]:
+def wait_no_remote_process(marker: str, timeout: float = 15.0) -> list[int]:
     """Wait (bounded) until no process of the test user matches ``marker``; returns the rest."""
     deadline = time.monotonic() + timeout
     while (pids := remote_pids(marker)) and time.monotonic() < deadline:

@@ -500,7 +500,7 @@ def test_requests_map_errors_and_send_the_body() -> None:
         assert bodies == [
             {
                 "command": "uptime",
-                "targets": {"hosts": [], "groups": ["web"], "all": False},
+                "targets": {"hosts": [], "groups": ["web"], "all": False, "labels": {}},
                 "timeout": 30,
             }
         ]

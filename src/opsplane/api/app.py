@@ -60,7 +60,17 @@ def build_engine(settings: Settings) -> Engine:
         log.info("SSH link unavailable (pip install 'opsplane[ssh]')")
     else:
         policy = HostKeyPolicy(settings.ssh_known_hosts, settings.ssh_trust_on_first_use)
-        links.append(SshLink(SshExecutor(policy, max_parallel=settings.ssh_max_parallel)))
+        executor = SshExecutor(policy, max_parallel=settings.ssh_max_parallel)
+        work_queue = None
+        if settings.ssh_workers:
+            from opsplane.domain.errors import ConfigError
+
+            if not settings.amqp_url:
+                raise ConfigError("ssh_workers needs amqp_url: the workers report over RabbitMQ")
+            from opsplane.transport.ssh.worker import WorkQueue
+
+            work_queue = WorkQueue(settings.amqp_url)
+        links.append(SshLink(executor, work_queue=work_queue))
     if settings.amqp_url:
         from opsplane.transport.amqp.link import AmqpLink
 

@@ -268,6 +268,44 @@ def agent(
         raise typer.Exit(2) from e
 
 
+@app.command()
+def worker(
+    amqp_url: Annotated[
+        str, typer.Option("--amqp-url", envvar="OPSPLANE_AMQP_URL", help="RabbitMQ URL")
+    ],
+    known_hosts: Annotated[
+        Path | None,
+        typer.Option(help="OpenSSH known_hosts checked on every hop [~/.ssh/known_hosts]"),
+    ] = None,
+    trust_on_first_use: Annotated[
+        bool, typer.Option(help="accept and record unknown host keys (never changed ones)")
+    ] = False,
+    concurrency: Annotated[
+        int, typer.Option(min=1, help="SSH runs executed at once (= prefetch)")
+    ] = 10,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Run SSH work for a control plane with ssh_workers: true (docs/ssh.md)."""
+    import asyncio
+
+    from opsplane.cli.processes import configure_logging
+    from opsplane.transport.ssh import HostKeyPolicy, SshExecutor
+    from opsplane.transport.ssh.worker import SshWorker
+
+    configure_logging(verbose)
+    policy = HostKeyPolicy(known_hosts, trust_on_first_use)
+    the_worker = SshWorker(
+        amqp_url, SshExecutor(policy, max_parallel=concurrency), concurrency=concurrency
+    )
+    try:
+        asyncio.run(the_worker.run_forever())
+    except ConfigError as e:
+        typer.secho(f"error: {e}", fg="red", err=True)
+        raise typer.Exit(2) from e
+    except KeyboardInterrupt:
+        pass
+
+
 db_app = typer.Typer(no_args_is_help=True)
 app.add_typer(db_app, name="db", help="The control plane's database")
 

@@ -16,7 +16,7 @@ import shlex
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from opsplane.domain.errors import InvalidInput, NotConnected
 from opsplane.execution import Outcome, OutputCapture
@@ -32,6 +32,9 @@ from opsplane.transport.base import (
 )
 from opsplane.transport.ssh.endpoints import SshEndpoint, SshTarget
 from opsplane.transport.ssh.executor import SshExecutor
+
+if TYPE_CHECKING:
+    from opsplane.transport.ssh.worker import WorkQueue
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +64,12 @@ def target_from_spec(name: str, spec: Mapping[str, Any]) -> SshTarget:
 
 
 class SshLink(Link):
-    """The ``ssh`` link. Owns ``executor``: ``stop()`` closes its connections."""
+    """The ``ssh`` link. Owns ``executor``: ``stop()`` closes its connections.
+
+    With ``work_queue`` (``ssh_workers: true``) runs are not executed here: they are published
+    to ``ssh.work`` for ``opsplane worker`` processes, whose reports come back over RabbitMQ
+    (``AmqpLink``); cancels go to the workers too (see ``opsplane.transport.ssh.worker``).
+    """
 
     name: ClassVar[str] = SSH_LINK
 
@@ -71,8 +79,10 @@ class SshLink(Link):
         targets: Mapping[str, SshTarget] | None = None,
         *,
         stop_grace: float = 5.0,
+        work_queue: WorkQueue | None = None,
     ) -> None:
         self.executor = executor
+        self.work_queue = work_queue
         self._targets: dict[str, SshTarget] = dict(targets or {})
         self._stop_grace = stop_grace
         self._events: LinkEvents | None = None
@@ -110,6 +120,8 @@ class SshLink(Link):
     # -- Link ----------------------------------------------------------------------------
 
     async def start(self, events: LinkEvents) -> None:
+        if self.work_queue is not None:
+            await self.work_queue.start()
         self._events = events
 
     async def stop(self) -> None:
@@ -124,6 +136,8 @@ class SshLink(Link):
         if tasks:
             await asyncio.wait(tasks, timeout=self._stop_grace)
         await self.executor.close(self._stop_grace)
+        if self.work_queue is not None:
+            await self.work_queue.stop()
         if any(not task.done() for task in tasks):
             log.warning("ssh link stopped with runs still unwinding")
 
@@ -134,6 +148,9 @@ class SshLink(Link):
         target = self._targets.get(hostname)
         if self._events is None or target is None:
             raise NotConnected(f"{hostname} is not a known SSH target")
+        if self.work_queue is not None:
+            await self.work_queue.publish_work(hostname, target, command)
+            return
         run_id = command.run_id
         if run_id in self._tasks:
             log.info("ssh run %s on %s already in progress; ignoring a repeat", run_id, hostname)
@@ -149,6 +166,9 @@ class SshLink(Link):
         task.add_done_callback(_forget)
 
     async def send_cancel(self, hostname: str, task_id: str, run_id: str, reason: str) -> None:
+        if self.work_queue is not None:
+            await self.work_queue.publish_cancel(hostname, task_id, run_id, reason)
+            return
         cancel = self._cancels.get(run_id)
         if cancel is not None:
             log.info("canceling ssh run %s on %s: %s", run_id, hostname, reason)
