@@ -21,25 +21,12 @@ from opsplane.store import queries
 from opsplane.store.tables import HostRow
 from opsplane.transport.base import HeartbeatReport, RunFinished, RunOutput, RunStarted
 from opsplane.transport.memory import MemoryLink
-from tests.integration.databases import backend_params, throwaway_database
 
 
 def _settings(tmp_path: Path, database_url: str) -> Settings:
     return load_settings(
         data_dir=tmp_path, database_url=database_url, heartbeat_interval=1.0, lost_grace=2.0
     )
-
-
-@pytest.fixture(params=backend_params())
-async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
-    # Migrated ahead of time: the migration itself is tested in test_store_backends.py.
-    async with throwaway_database(request.param, tmp_path, migrated=True) as url:
-        yield url
-
-
-@pytest.fixture
-async def link() -> MemoryLink:
-    return MemoryLink()
 
 
 @pytest.fixture

@@ -26,7 +26,6 @@ from opsplane.store import queries
 from opsplane.transport.base import RunFinished, RunOutput, RunStarted
 from opsplane.transport.local import LocalLink
 from opsplane.transport.memory import MemoryLink
-from tests.integration.databases import backend_params, throwaway_database
 
 SECRET = "hunter2-Sup3r"
 AWS_KEY = "AKIAIOSFODNN7EXAMPLE"
@@ -89,17 +88,6 @@ def test_line_buffer_releases_whole_lines_and_lets_long_ones_through() -> None:
 
 def _settings(tmp_path: Path, database_url: str | None = None, **extra: Any) -> Settings:
     return load_settings(data_dir=tmp_path, database_url=database_url, **extra)
-
-
-@pytest.fixture(params=backend_params())
-async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
-    async with throwaway_database(request.param, tmp_path, migrated=True) as url:
-        yield url
-
-
-@pytest.fixture
-async def link() -> MemoryLink:
-    return MemoryLink()
 
 
 @pytest.fixture

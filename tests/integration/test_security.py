@@ -34,7 +34,6 @@ from opsplane.transport.base import AgentHello
 from opsplane.transport.memory import MemoryLink
 from tests.auth import ADMIN_HEADERS, ADMIN_TOKEN
 from tests.e2e.fleet import free_port
-from tests.integration.databases import backend_params, throwaway_database
 
 
 class Clock:
@@ -48,12 +47,6 @@ class Clock:
 
     def advance(self, **delta: float) -> None:
         self.now += timedelta(**delta)
-
-
-@pytest.fixture(params=backend_params())
-async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
-    async with throwaway_database(request.param, tmp_path, migrated=True) as url:
-        yield url
 
 
 @pytest.fixture

@@ -45,6 +45,7 @@ REPLACEMENT = "\ufffd"
 
 @pytest.fixture(params=backend_params())
 async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    # Not migrated, unlike conftest's: these tests run the migrations themselves.
     async with throwaway_database(request.param, tmp_path) as url:
         yield url
 
