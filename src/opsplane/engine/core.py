@@ -30,7 +30,7 @@ from opsplane.store import queries
 from opsplane.store.database import create_engine, session_factory
 from opsplane.store.migrate import upgrade_to_head
 from opsplane.store.tables import TaskRow
-from opsplane.transport.base import SSH_LINK, AgentHello, HostReport, Link
+from opsplane.transport.base import AgentHello, HostReport, Link
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,7 @@ class Engine:
             offline_after_missed=settings.offline_after_missed,
             lost_grace=settings.lost_grace,
             start_timeout=settings.start_timeout,
+            silent_links=[n for n, link in self.links.items() if not link.liveness_by_heartbeat],
         )
         self._recovery: asyncio.Task[None] | None = None
         self.ready = False
@@ -99,9 +100,9 @@ class Engine:
         await upgrade_to_head(self.db)
         async with self.write() as changes:
             # Connections died with the previous process: hosts are offline until they return.
-            # Inventory (SSH) hosts have no connection to lose.
-            for name in self.links:
-                if name != SSH_LINK:
+            # Hosts of silent links have no connection to lose.
+            for name, link in self.links.items():
+                if link.liveness_by_heartbeat:
                     await queries.mark_all_hosts(changes.session, "offline", link=name)
         await self.ingest.start()
         for link in self.links.values():

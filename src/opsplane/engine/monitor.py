@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from datetime import timedelta
 
@@ -16,7 +16,6 @@ from opsplane.domain.states import IN_FLIGHT_RUN_STATUSES, RunStatus
 from opsplane.engine.changes import Changes
 from opsplane.store import queries
 from opsplane.store.tables import HeartbeatRow, utcnow
-from opsplane.transport.base import LOCAL_LINK
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +29,12 @@ class Monitor:
         offline_after_missed: int,
         lost_grace: float,
         start_timeout: float,
+        silent_links: Sequence[str] = (),
         history_retention: timedelta = timedelta(days=1),
         batch: int = 1000,
     ) -> None:
         self._write = write
+        self._silent_links = tuple(silent_links)
         self._silence_limit = timedelta(seconds=heartbeat_interval * offline_after_missed)
         self._lost_grace = timedelta(seconds=lost_grace)
         self._start_timeout = timedelta(seconds=start_timeout)
@@ -65,9 +66,9 @@ class Monitor:
     async def check_once(self, *, prune: bool = False) -> None:
         now = utcnow()
         async with self._write() as changes:
-            # The control plane's own host sends no heartbeats: it is up while this process is.
+            # Hosts of silent links send no heartbeats: silence says nothing about them.
             for host in await queries.stale_online_hosts(
-                changes.session, now - self._silence_limit, exclude_links=(LOCAL_LINK,)
+                changes.session, now - self._silence_limit, exclude_links=self._silent_links
             ):
                 host.status = "offline"
                 changes.host_changed(host.name)

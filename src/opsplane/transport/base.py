@@ -154,6 +154,9 @@ class Link(abc.ABC):
     name: ClassVar[str]
     # Whether ``send_fanout`` publishes a group or broadcast once instead of once per host.
     supports_fanout: ClassVar[bool] = False
+    # Whether this link's hosts are online only while they connect and heartbeat. False for
+    # hosts reachable by definition: the control plane's own, and agentless inventory hosts.
+    liveness_by_heartbeat: ClassVar[bool] = True
 
     @abc.abstractmethod
     async def start(self, events: LinkEvents) -> None:

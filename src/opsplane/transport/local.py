@@ -51,6 +51,7 @@ Handler = Callable[[HandlerContext], Coroutine[Any, Any, int]]
 
 class LocalLink(Link):
     name: ClassVar[str] = LOCAL_LINK
+    liveness_by_heartbeat: ClassVar[bool] = False
 
     def __init__(
         self,

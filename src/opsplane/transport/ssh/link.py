@@ -72,6 +72,7 @@ class SshLink(Link):
     """
 
     name: ClassVar[str] = SSH_LINK
+    liveness_by_heartbeat: ClassVar[bool] = False
 
     def __init__(
         self,
