@@ -67,8 +67,20 @@ class Settings(BaseSettings):
     lost_grace: float = Field(default=60.0, ge=0)
     # A dispatched run whose host has not reported it started by then was never received.
     start_timeout: float = Field(default=60.0, gt=0)
+    # Shared capacity (0: no limit): runs on hosts at once in all, and on one host. When short,
+    # higher-priority tasks go first, equal priorities in the order they were created.
+    max_running_runs: int = Field(default=0, ge=0)
+    max_runs_per_host: int = Field(default=0, ge=0)
+    # Scripts running at once on the control plane's own host (seed 003's worker pool); 0: no
+    # limit. Overrides max_runs_per_host for that host.
+    script_workers: int = Field(default=10, ge=0)
     default_timeout: int = Field(default=600, gt=0)
     output_cap: int = Field(default=64 * 1024, gt=0)
+    # Run log archive retention (docs/operations.md): 0 keeps every log / sets no size cap.
+    log_retention_days: float = Field(default=0, ge=0)
+    log_retention_bytes: int = Field(default=0, ge=0)
+    # Seconds between two retention passes over the archive.
+    log_prune_interval: float = Field(default=3600.0, gt=0)
     ingest_batch_size: int = Field(default=1000, gt=0)
     ingest_linger: float = Field(default=0.0, ge=0)
     bootstrap_admin_token: str | None = None

@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 from tests.auth import ADMIN_TOKEN
 from tests.e2e.fleet import Fleet
@@ -104,3 +105,31 @@ def test_cli_reports_an_unreachable_api_without_a_traceback(fleet: Fleet) -> Non
         and "cannot reach" in result.stderr
         and "Traceback" not in result.stderr
     )
+
+
+def test_run_with_retries_and_a_rerun_of_the_failed_hosts(fleet: Fleet, tmp_path: Path) -> None:
+    counter = tmp_path / "attempts"
+    flaky = f'n=$(cat {counter} 2>/dev/null || echo 0); echo $((n+1)) > {counter}; [ "$n" -ge 1 ]'
+    retried = opsplane(fleet, "run", "--host", "db-1", "--retries", "2", "--json", "--", flaky)
+    assert retried.returncode == 0, retried.stderr
+    runs = json.loads(retried.stdout)["runs"]
+    assert sorted((r["attempt"], r["status"]) for r in runs) == [(1, "failed"), (2, "succeeded")]
+
+    # Each agent runs in its own work directory, so $PWD tells the hosts apart.
+    failing = opsplane(
+        fleet, "run", "--group", "web", "--json", "--", 'case "$PWD" in */web-2) exit 4;; esac'
+    )
+    assert failing.returncode == 1
+    task_id = json.loads(failing.stdout)["task"]["id"]
+    again = opsplane(fleet, "tasks", "rerun", task_id, "--only", "failed", "--json")
+    assert again.returncode == 1, again.stderr
+    document = json.loads(again.stdout)
+    assert [r["host"] for r in document["runs"]] == ["web-2"]
+    assert document["task"]["rerun_of"] == task_id
+
+
+def test_bad_pacing_options_are_refused_with_the_reason(fleet: Fleet) -> None:
+    result = opsplane(fleet, "run", "--all", "--max-errors", "150%", "--", "true")
+    assert result.returncode != 0 and "max_errors" in result.stderr, result.stderr
+    then_alone = opsplane(fleet, "run", "--all", "--then", "2", "--", "true")
+    assert then_alone.returncode == 2 and "--canary" in then_alone.stderr

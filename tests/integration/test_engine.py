@@ -167,7 +167,10 @@ async def test_silent_host_goes_offline_and_its_runs_are_lost_after_the_grace_pe
 ) -> None:
     task = await engine.tasks.create_task(_request(hosts=("db-1",)))
     run_id = (await _runs(engine, task.id))["db-1"]
-    # Last heard of 10 s ago: past 3 heartbeat intervals (3 s) and the grace period (2 s).
+    # Last heard of 10 s ago: past 3 heartbeat intervals (3 s) and the grace period (2 s),
+    # and the monitor has been watching for that long.
+    assert engine.monitor.started_at is not None
+    engine.monitor.started_at -= timedelta(seconds=10)
     async with engine.write() as changes:
         stale = datetime.now(UTC) - timedelta(seconds=10)
         await changes.session.execute(
@@ -210,7 +213,7 @@ async def test_reports_are_written_in_batches_not_one_transaction_each(engine: E
         await future
     event.remove(engine.db.sync_engine, "commit", _count)
     assert commits <= 5, f"{commits} transactions for 501 reports"
-    log = await engine.archive.read(engine.archive.path_for(task.id, run_id))
+    log = await engine.archive.read(engine.archive.path_for(task.id, run_id, task.created_at))
     assert log == b"x\n" * 500
 
 
@@ -259,4 +262,7 @@ async def test_output_with_nul_bytes_and_emoji_is_stored_on_every_database(
     assert output == stored
     assert [e.id for e in events] == sorted({e.id for e in events})
     # The archive keeps the bytes as the host sent them.
-    assert await engine.archive.read(engine.archive.path_for(task.id, run_id)) == chunk
+    assert (
+        await engine.archive.read(engine.archive.path_for(task.id, run_id, task.created_at))
+        == chunk
+    )

@@ -23,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from opsplane.api.app import create_app
 from opsplane.api.deps import require_principal
 from opsplane.config import Settings, load_settings
+from opsplane.domain.policy import TaskPolicy
 from opsplane.domain.states import TaskStatus
 from opsplane.domain.targeting import Targets
 from opsplane.domain.tasks import ExecSpec, TaskRequest
@@ -200,6 +201,18 @@ async def test_metrics_count_what_ran(tmp_path: Path) -> None:
     assert metrics["opsplane_alerts_sent_total"][(("result", "sent"),)] == 1
     assert metrics["opsplane_alerts_sent_total"][(("result", "failed"),)] == 0
     assert hook.bodies[0]["task_id"] == failed
+
+
+async def test_runs_waiting_for_capacity_are_a_gauge(tmp_path: Path) -> None:
+    async with running_app(_settings(tmp_path)) as (app, engine, _link):
+        paced = TaskPolicy.parse(max_concurrency=1)
+        await engine.tasks.create_task(
+            TaskRequest(command="true", targets=Targets(groups=("web",)), policy=paced)
+        )
+        metrics = await _scrape(app)
+    waiting = metrics["opsplane_runs_waiting"]
+    assert waiting[(("status", "pending"),)] == 1
+    assert waiting[(("status", "delayed"),)] == 0
 
 
 async def test_two_apps_in_one_process_keep_their_own_counters(tmp_path: Path) -> None:

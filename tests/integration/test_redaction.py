@@ -110,6 +110,12 @@ async def _start(engine: Engine) -> tuple[str, str]:
     return task.id, run.id
 
 
+async def _archived(engine: Engine, task_id: str, run_id: str) -> bytes:
+    run = await engine.tasks.get_run(task_id, run_id)
+    assert run.log_path is not None
+    return await engine.archive.read(Path(run.log_path))
+
+
 def _finished(run_id: str, stdout: str, error: str | None = None) -> RunFinished:
     now = datetime.now(UTC)
     return RunFinished(
@@ -149,7 +155,7 @@ async def test_a_secret_split_across_two_chunks_is_redacted_everywhere(engine: E
     expected = f"connect with password={MASK} ok\n{MASK}\n"
     assert streamed == expected
     assert await _stored_output(engine, task_id) == expected
-    archived = await engine.archive.read(engine.archive.path_for(task_id, run_id))
+    archived = await _archived(engine, task_id, run_id)
     assert archived == expected.encode()
     run = await engine.tasks.get_run(task_id, run_id)
     assert run.stdout == f"password={MASK} ok\n" and run.stderr == f"token={MASK}\n"
@@ -169,7 +175,7 @@ async def test_the_held_end_of_a_line_is_written_before_the_run_ends(engine: Eng
     assert kinds.index(("run", None, "failed")) > max(
         i for i, k in enumerate(kinds) if k[0] == "output"
     )
-    archived = await engine.archive.read(engine.archive.path_for(task_id, run_id))
+    archived = await _archived(engine, task_id, run_id)
     assert (
         archived == f"line one\nno newline, then the end: secret={MASK}err: passwd={MASK}".encode()
     )
@@ -187,7 +193,7 @@ async def test_an_incomplete_line_is_not_held_for_long(engine: Engine) -> None:
         engine.hub.unsubscribe(live)
     assert await _stored_output(engine, task_id) == "progress: 50%"
     await engine.ingest.archived()
-    archived = await engine.archive.read(engine.archive.path_for(task_id, run_id))
+    archived = await _archived(engine, task_id, run_id)
     assert archived == b"progress: 50%"
     assert (await engine.tasks.get_run(task_id, run_id)).status == RunStatus.RUNNING
 
@@ -216,7 +222,7 @@ async def test_a_failed_write_is_retried_without_losing_or_leaking_a_held_line(
     await engine.tasks.handle_command_result(_finished(run_id, ""))
     expected = f"password={MASK}\n"
     assert await _stored_output(engine, task_id) == expected
-    archived = await engine.archive.read(engine.archive.path_for(task_id, run_id))
+    archived = await _archived(engine, task_id, run_id)
     assert archived == expected.encode()
 
 

@@ -206,6 +206,8 @@ def test_rerun_on_failed_hosts_targets_only_the_hosts_that_did_not_succeed(
     again = fleet.task(task_id_of(page))
     assert again["command"] == command
     assert again["targets"]["hosts"] == ["web-2"] and not again["targets"]["groups"]
+    assert again["rerun_of"] == task["id"]
+    expect(page.get_by_role("link", name=task["id"][:8])).to_be_visible()
     expect(page.locator("#task-status")).to_have_text("failed", timeout=10_000)
 
 

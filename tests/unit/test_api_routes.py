@@ -35,6 +35,7 @@ PINNED = {
     ("POST", "/api/v1/tasks"): Permission.RUN,
     ("POST", "/api/v1/tasks/{task_id}/start"): Permission.RUN,
     ("POST", "/api/v1/tasks/{task_id}/cancel"): Permission.RUN,
+    ("POST", "/api/v1/tasks/{task_id}/rerun"): Permission.RUN,
     ("POST", "/sync/{cluster_type}/{name}"): Permission.RUN,
     ("POST", "/async/{cluster_type}/{name}"): Permission.RUN,
     ("POST", "/async/kill"): Permission.RUN,

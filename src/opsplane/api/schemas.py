@@ -7,6 +7,7 @@ from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from opsplane.domain.policy import TaskPolicy
 from opsplane.store.tables import HostRow, RunRow
 
 T = TypeVar("T")
@@ -30,6 +31,35 @@ class UploadIn(BaseModel):
     remote_path: str = Field(min_length=1, max_length=4096)
 
 
+class RetriesIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_attempts: int = Field(default=1, description="attempts in all, the first included")
+    backoff_seconds: float = Field(default=0, description="wait before attempt 2; doubles")
+    on: list[Literal["failed", "timed_out", "undeliverable", "lost"]] | None = Field(
+        default=None, description="statuses that get another attempt; default: all four"
+    )
+
+
+class RolloutIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    canary: int = Field(description="hosts that run first")
+    then: int | str | None = Field(
+        default=None, description='then at most this many at a time: a number or "50%"'
+    )
+
+
+class RerunIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    only: Literal["failed", "undeliverable", "timed_out", "unsuccessful", "all"] = Field(
+        default="failed",
+        description="the hosts whose latest run ended so (failed takes lost runs too; "
+        "unsuccessful: every host that did not succeed)",
+    )
+
+
 class TaskCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -43,6 +73,44 @@ class TaskCreate(BaseModel):
     name: str = Field(default="", max_length=255)
     description: str = Field(default="", max_length=10_000)
     start: bool = Field(default=True, description="false: create now, POST .../start later")
+    priority: int = Field(
+        default=0, description="higher goes first when capacity is short (-1000..1000)"
+    )
+    retries: RetriesIn | None = Field(default=None, description="repeat runs that ended badly")
+    max_concurrency: int | str | None = Field(
+        default=None, description='hosts running at once: a number or a percentage ("25%")'
+    )
+    max_errors: int | str | None = Field(
+        default=None,
+        description="errors (failed, timed_out, lost) that stop the waiting runs: number or %",
+    )
+    rollout: RolloutIn | None = Field(
+        default=None, description="canary: N hosts first, the rest only if they all succeed"
+    )
+    delivery_deadline: int = Field(
+        default=0, description="seconds a run waits (delayed) for its offline host; 0: none"
+    )
+    deadline: int | None = Field(
+        default=None, description="seconds the whole task may take from its start"
+    )
+
+    def policy(self) -> TaskPolicy | None:
+        """The task's pacing, or None when the body asks for none of it."""
+        fields = self.model_dump(
+            include={
+                "priority",
+                "retries",
+                "max_concurrency",
+                "max_errors",
+                "rollout",
+                "delivery_deadline",
+                "deadline",
+            },
+            exclude_defaults=True,
+        )
+        if not fields:
+            return None
+        return TaskPolicy.parse(**fields)
 
 
 class HostCreate(BaseModel):
@@ -90,6 +158,11 @@ class TaskOut(BaseModel):
     timeout: int
     status: str
     created_by: str
+    priority: int
+    policy: dict[str, Any] | None
+    deadline_at: datetime | None
+    stop_reason: str | None
+    rerun_of: str | None
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
@@ -113,6 +186,7 @@ class RunOut(BaseModel):
     finished_at: datetime | None
     duration_ms: int | None
     log_path: str | None
+    superseded: bool
 
     @classmethod
     def from_row(cls, row: RunRow) -> RunOut:
@@ -132,6 +206,7 @@ class RunOut(BaseModel):
             finished_at=row.finished_at,
             duration_ms=row.duration_ms,
             log_path=row.log_path,
+            superseded=bool(row.superseded),
         )
 
 

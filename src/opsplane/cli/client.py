@@ -259,8 +259,10 @@ class ApiClient:
         name: str | None = None,
         upload: tuple[str, str] | None = None,
         labels: Mapping[str, str] | None = None,
+        policy: Json | None = None,
     ) -> Json:
         body: Json = {
+            **(policy or {}),
             "command": command,
             "targets": {
                 "hosts": list(hosts or []),
@@ -291,6 +293,9 @@ class ApiClient:
 
     def get_task(self, task_id: str) -> Json:
         return self._json("GET", f"/tasks/{_seg(task_id)}")
+
+    def rerun_task(self, task_id: str, only: str) -> Json:
+        return self._json("POST", f"/tasks/{_seg(task_id)}/rerun", body={"only": only})
 
     def cancel_task(self, task_id: str) -> Json:
         return self._json("POST", f"/tasks/{_seg(task_id)}/cancel")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -30,6 +31,8 @@ SUMMARY_LIMIT = 100
 #: Settings for registering ``run_command``: words after the first COMMAND word are not options,
 #: so ``opsplane run --all uname -a`` works as well as ``opsplane run --all -- uname -a``.
 CONTEXT_SETTINGS = {"allow_interspersed_args": False}
+#: Where the pacing options show in ``opsplane run --help``.
+PACING = {"rich_help_panel": "Pacing", "show_default": False}
 
 
 def client_options(ctx: typer.Context) -> ClientOptions:
@@ -117,6 +120,46 @@ def run_command(
         bool,
         typer.Option("--json", help="Print nothing live; print the task and its runs as JSON."),
     ] = False,
+    priority: Annotated[
+        int | None,
+        typer.Option("--priority", help="Higher goes first when capacity is short.", **PACING),
+    ] = None,
+    retries: Annotated[
+        int | None,
+        typer.Option("--retries", min=0, help="Attempts after a failed first one.", **PACING),
+    ] = None,
+    retry_backoff: Annotated[
+        float | None,
+        typer.Option("--retry-backoff", min=0, help="Seconds before a retry; doubles.", **PACING),
+    ] = None,
+    max_concurrency: Annotated[
+        str | None,
+        typer.Option("--max-concurrency", help="Hosts at once: N or N%.", **PACING),
+    ] = None,
+    max_errors: Annotated[
+        str | None,
+        typer.Option("--max-errors", help="Stop after N (or N%) errors.", **PACING),
+    ] = None,
+    canary: Annotated[
+        int | None,
+        typer.Option(
+            "--canary", min=1, help="Run N hosts first; the rest if all succeed.", **PACING
+        ),
+    ] = None,
+    then: Annotated[
+        str | None,
+        typer.Option("--then", help="After the canary, N or N% hosts at once.", **PACING),
+    ] = None,
+    deadline: Annotated[
+        int | None,
+        typer.Option("--deadline", min=1, help="Seconds the whole task may take.", **PACING),
+    ] = None,
+    delivery_deadline: Annotated[
+        int | None,
+        typer.Option(
+            "--delivery-deadline", min=0, help="Seconds to wait for offline hosts.", **PACING
+        ),
+    ] = None,
 ) -> None:
     """Run a command on hosts and stream every host's output live.
 
@@ -140,6 +183,19 @@ def run_command(
     if not command_text:
         raise typer.BadParameter("the command to run is empty", ctx=ctx, param_hint="'COMMAND...'")
 
+    if then is not None and canary is None:
+        raise typer.BadParameter("--then paces the rest after a --canary", ctx=ctx)
+    pacing: Json = {
+        "priority": priority,
+        "retries": {"max_attempts": retries + 1, "backoff_seconds": retry_backoff or 0}
+        if retries
+        else None,
+        "max_concurrency": max_concurrency,
+        "max_errors": max_errors,
+        "rollout": {"canary": canary, "then": then} if canary else None,
+        "deadline": deadline,
+        "delivery_deadline": delivery_deadline,
+    }
     _submit_and_follow(
         ctx,
         command_text,
@@ -150,6 +206,7 @@ def run_command(
         name=name,
         as_json=as_json,
         labels=labels,
+        policy={key: value for key, value in pacing.items() if value is not None},
     )
 
 
@@ -213,30 +270,44 @@ def _submit_and_follow(
     as_json: bool,
     upload: tuple[str, str] | None = None,
     labels: dict[str, str] | None = None,
+    policy: Json | None = None,
 ) -> None:
-    """Create the task, follow it live (unless JSON), summarize, exit 0 only on success."""
+    submit_and_follow(
+        ctx,
+        lambda api: api.create_task(
+            command_text,
+            hosts=hosts,
+            groups=groups,
+            all_hosts=all_hosts,
+            timeout=timeout,
+            name=name,
+            upload=upload,
+            labels=labels,
+            policy=policy,
+        ),
+        as_json=as_json,
+    )
+
+
+def submit_and_follow(
+    ctx: typer.Context, submit: Callable[[ApiClient], Json], *, as_json: bool
+) -> None:
+    """Create a task with ``submit``, follow it live (unless JSON), summarize, exit 0 only on
+    success."""
     out = make_console()
     err = make_console(stderr=True)
     options = client_options(ctx)
     started = time.monotonic()
     with reporting_errors(err), ApiClient(options) as api:
         try:
-            task = api.create_task(
-                command_text,
-                hosts=hosts,
-                groups=groups,
-                all_hosts=all_hosts,
-                timeout=timeout,
-                name=name,
-                upload=upload,
-                labels=labels,
-            )
+            task = submit(api)
         except KeyboardInterrupt:
             print_error(err, "interrupted")
             raise typer.Exit(130) from None
         task_id = str(task.get("id"))
         try:
             if not as_json:
+                command_text = str(task.get("command", ""))
                 err.print(Text(f"task {task_id} · {command_text}", style="dim"), soft_wrap=True)
             task = follow_task(api, task, out=out, err=err, live=not as_json)
             runs = api.list_runs(task_id)

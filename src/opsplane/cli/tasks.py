@@ -1,8 +1,9 @@
-"""``opsplane tasks``: list tasks; ``show``, ``cancel`` and ``logs`` one of them."""
+"""``opsplane tasks``: list tasks; ``show``, ``cancel``, ``rerun`` and ``logs`` one of them."""
 
 from __future__ import annotations
 
 import math
+from enum import StrEnum
 from typing import Annotated
 
 import typer
@@ -25,14 +26,23 @@ from opsplane.cli.output import (
     task_wall_time,
     tasks_table,
 )
-from opsplane.cli.run import client_options, follow_task
+from opsplane.cli.run import client_options, follow_task, submit_and_follow
 from opsplane.domain.states import TaskStatus
 
 app = typer.Typer(
     invoke_without_command=True,
     no_args_is_help=False,
-    help="List tasks, or show, cancel or read the logs of one.",
+    help="List tasks, or show, cancel, re-run or read the logs of one.",
 )
+
+
+class RerunSubset(StrEnum):
+    failed = "failed"
+    undeliverable = "undeliverable"
+    timed_out = "timed_out"
+    unsuccessful = "unsuccessful"
+    all = "all"
+
 
 TaskId = Annotated[str, typer.Argument(metavar="ID", help="The task's id.")]
 
@@ -116,6 +126,26 @@ def cancel_task(
         ),
         soft_wrap=True,
     )
+
+
+@app.command("rerun")
+def rerun_task(
+    ctx: typer.Context,
+    task_id: TaskId,
+    only: Annotated[
+        RerunSubset,
+        typer.Option("--only", help="Which hosts: those whose latest run ended so."),
+    ] = RerunSubset.failed,
+    as_json: Annotated[
+        bool,
+        typer.Option("--json", help="Print nothing live; print the task and its runs as JSON."),
+    ] = False,
+) -> None:
+    """Run an ended task again on some of its hosts and follow it live.
+
+    Example: opsplane tasks rerun 0193… --only failed   (failed includes lost runs)
+    """
+    submit_and_follow(ctx, lambda api: api.rerun_task(task_id, only.value), as_json=as_json)
 
 
 def log_header(run: Json) -> Text:

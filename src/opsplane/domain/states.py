@@ -92,13 +92,17 @@ def move_task(current: TaskStatus | str, new: TaskStatus | str) -> TaskStatus:
 
 
 def task_outcome(
-    run_counts: Mapping[RunStatus, int] | Mapping[str, int], *, cancel_requested: bool
+    run_counts: Mapping[RunStatus, int] | Mapping[str, int],
+    *,
+    cancel_requested: bool,
+    deadline_passed: bool = False,
 ) -> TaskStatus | None:
-    """The terminal status a task reaches from the count of its runs in each status, or None
-    while any run is unfinished.
+    """The terminal status a task reaches from the count of its runs in each status (latest
+    attempts only), or None while any run is unfinished.
 
     A task succeeds when every run succeeded; a cancel the operator asked for wins over
-    failures that the cancel itself caused; anything else is a failure.
+    failures that the cancel itself caused, and the task deadline over what it cut short;
+    anything else is a failure.
     """
     counts = {RunStatus(status): n for status, n in run_counts.items() if n}
     if any(status not in TERMINAL_RUN_STATUSES for status in counts):
@@ -107,4 +111,6 @@ def task_outcome(
         return TaskStatus.SUCCEEDED
     if cancel_requested:
         return TaskStatus.CANCELED
+    if deadline_passed:
+        return TaskStatus.TIMED_OUT
     return TaskStatus.FAILED

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from opsplane.domain.errors import InvalidInput
+from opsplane.domain.policy import TaskPolicy
 from opsplane.domain.targeting import Targets
 
 MAX_TIMEOUT_SECONDS = 7 * 24 * 3600
@@ -76,6 +77,10 @@ class TaskRequest:
     # The groups the caller may run on (an operator's grant); None: no restriction. A task
     # reaching any host outside them is refused as a whole (domain.access).
     allowed_groups: frozenset[str] | None = None
+    # Priority, retries, rate control, rollout and deadlines; None: run everything at once.
+    policy: TaskPolicy | None = None
+    # The task this one re-runs (POST /tasks/{id}/rerun).
+    rerun_of: str | None = None
 
     def validated(self, default_timeout: int) -> TaskRequest:
         """A copy with defaults filled in, or InvalidInput saying what is wrong."""
@@ -113,6 +118,8 @@ class TaskRequest:
             kind=self.kind,
             spec=self.spec,
             allowed_groups=self.allowed_groups,
+            policy=self.policy,
+            rerun_of=self.rerun_of,
         )
 
 

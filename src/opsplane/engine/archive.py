@@ -1,21 +1,89 @@
 """Per-run output archive: the whole output of every run, appended as it arrives.
 
-Paths are ``<logs_dir>/<task_id>/<run_id>.log``, one file per run, so the archive can move to
-object storage run by run (DESIGN §7).
+Paths are ``<logs_dir>/YYYY/MM/DD/<task_id>/<run_id>.log``, the date being the task's creation
+date in UTC: one file per run, so the archive can move to object storage run by run (DESIGN §7),
+and a day of tasks is one directory to back up or drop. Runs archived before this layout live at
+``<logs_dir>/<task_id>/<run_id>.log``; every reader uses the path stored on the run
+(``runs.log_path``), so both layouts are read the same way.
+
+Retention (docs/operations.md, *Log archive*): :meth:`LogArchive.prune` drops run logs by age
+and by total size; :class:`ArchivePruner` calls it periodically.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import os
 from collections import defaultdict
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+#: A file written to within this many seconds may belong to a run still being written: no
+#: retention rule deletes it.
+LIVE_GRACE = 600.0
+#: At most this many files are deleted per pass, so that a first pass over a large backlog does
+#: not hold a worker thread for minutes; the rest goes on the following passes.
+MAX_REMOVALS_PER_PASS = 10_000
+
+_APPEND_ATTEMPTS = 3
+
+
+@dataclass(frozen=True)
+class PruneResult:
+    """What one :meth:`LogArchive.prune` pass removed."""
+
+    files: int = 0
+    bytes: int = 0
+    dirs: int = 0
+    #: False when the pass stopped at its removal limit with more left to remove.
+    complete: bool = True
+
+
+@dataclass(frozen=True)
+class _Log:
+    path: Path
+    size: int
+    mtime: float
 
 
 class LogArchive:
-    def __init__(self, logs_dir: Path) -> None:
-        self.logs_dir = logs_dir
+    """Run log files under ``logs_dir``, with optional retention.
 
-    def path_for(self, task_id: str, run_id: str) -> Path:
+    ``retention_days`` (0 = keep forever) deletes logs whose last write is older than that;
+    ``retention_bytes`` (0 = no cap) then deletes the least recently written logs until the
+    archive fits. Neither touches a file written within ``live_grace`` seconds.
+    """
+
+    def __init__(
+        self,
+        logs_dir: Path,
+        *,
+        retention_days: float = 0,
+        retention_bytes: int = 0,
+        live_grace: float = LIVE_GRACE,
+        max_removals: int = MAX_REMOVALS_PER_PASS,
+    ) -> None:
+        self.logs_dir = logs_dir
+        self.retention_days = retention_days
+        self.retention_bytes = retention_bytes
+        self.live_grace = live_grace
+        self.max_removals = max_removals
+
+    def path_for(self, task_id: str, run_id: str, created_at: datetime) -> Path:
+        """Where a new run's log goes; ``created_at`` is its task's creation time (a naive
+        value is taken as UTC). Store the result on the run: readers use the stored path."""
+        day = (
+            created_at.replace(tzinfo=UTC) if created_at.tzinfo is None else created_at
+        ).astimezone(UTC)
+        return self.logs_dir / f"{day:%Y}" / f"{day:%m}" / f"{day:%d}" / task_id / f"{run_id}.log"
+
+    def legacy_path_for(self, task_id: str, run_id: str) -> Path:
+        """The path of the layout before dated directories, for a run without a stored path."""
         return self.logs_dir / task_id / f"{run_id}.log"
 
     async def append(self, chunks: list[tuple[Path, bytes]]) -> None:
@@ -28,12 +96,177 @@ class LogArchive:
         for path, data in chunks:
             by_path[path].append(data)
         for path, parts in by_path.items():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with path.open("ab") as handle:
-                handle.write(b"".join(parts))
+            data = b"".join(parts)
+            # A prune pass may remove the (then empty) directory between mkdir and open.
+            for attempt in range(_APPEND_ATTEMPTS):
+                path.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    with path.open("ab") as handle:
+                        handle.write(data)
+                    break
+                except FileNotFoundError:
+                    if attempt == _APPEND_ATTEMPTS - 1:
+                        raise
 
     async def read(self, path: Path) -> bytes:
         def _read() -> bytes:
             return path.read_bytes() if path.is_file() else b""
 
         return await asyncio.to_thread(_read)
+
+    # Retention ----------------------------------------------------------------------------
+
+    @property
+    def retains_all(self) -> bool:
+        return self.retention_days <= 0 and self.retention_bytes <= 0
+
+    async def prune(self, now: datetime | None = None) -> PruneResult:
+        """Apply the retention settings once (in a worker thread); what was removed.
+
+        A missing archive directory is an empty archive. A file that cannot be removed is
+        skipped and left for the next pass."""
+        if self.retains_all:
+            return PruneResult()
+        moment = (now or datetime.now(UTC)).timestamp()
+        return await asyncio.to_thread(self._prune, moment)
+
+    def _prune(self, now: float) -> PruneResult:
+        protected_after = now - self.live_grace
+        budget = self.max_removals
+        complete = True
+        removed: list[_Log] = []
+        kept: list[_Log] = []
+        age_cutoff = now - self.retention_days * 86400 if self.retention_days > 0 else None
+        for entry in self._run_logs():
+            expired = age_cutoff is not None and entry.mtime < min(age_cutoff, protected_after)
+            if expired and budget <= 0:
+                complete = False
+            elif expired and _unlink(entry.path):
+                removed.append(entry)
+                budget -= 1
+                continue
+            kept.append(entry)
+        if self.retention_bytes > 0:
+            total = sum(entry.size for entry in kept)
+            for entry in sorted(kept, key=lambda e: e.mtime):
+                # Sorted by mtime: once one is live, every later one is live too.
+                if total <= self.retention_bytes or entry.mtime >= protected_after:
+                    break
+                if budget <= 0:
+                    complete = False
+                    break
+                if _unlink(entry.path):
+                    removed.append(entry)
+                    total -= entry.size
+                    budget -= 1
+        dirs = self._remove_empty_dirs({entry.path.parent for entry in removed})
+        return PruneResult(
+            files=len(removed), bytes=sum(e.size for e in removed), dirs=dirs, complete=complete
+        )
+
+    def _run_logs(self) -> list[_Log]:
+        """Every run log of either layout. Other files, such as the catalog's
+        ``<logs_dir>/<name>.log`` (its default directory is this one), are not run logs."""
+        logs: list[_Log] = []
+        for top, _dirs, files in os.walk(self.logs_dir):
+            parts = Path(top).relative_to(self.logs_dir).parts
+            if not _is_task_dir(parts):
+                continue
+            for name in files:
+                if not name.endswith(".log"):
+                    continue
+                path = Path(top, name)
+                try:
+                    stat = path.stat()
+                except FileNotFoundError:
+                    continue
+                logs.append(_Log(path, stat.st_size, stat.st_mtime))
+        return logs
+
+    def _remove_empty_dirs(self, emptied: set[Path]) -> int:
+        """Empty date and task directories (bottom-up), and the parents of removed files."""
+        candidates = set(emptied)
+        for top, subdirs, files in os.walk(self.logs_dir):
+            parts = Path(top).relative_to(self.logs_dir).parts
+            if not subdirs and not files and parts and _is_dated(parts):
+                candidates.add(Path(top))
+        removed = 0
+        # Deepest first, so that a day emptied of its task directories goes too.
+        for directory in sorted(candidates, key=lambda p: len(p.parts), reverse=True):
+            while directory != self.logs_dir and self.logs_dir in directory.parents:
+                try:
+                    directory.rmdir()
+                except OSError:  # not empty (or already gone): its parents are not empty either
+                    break
+                removed += 1
+                directory = directory.parent
+        return removed
+
+
+def _is_dated(parts: tuple[str, ...]) -> bool:
+    """``YYYY``, ``YYYY/MM``, ``YYYY/MM/DD`` or below."""
+    widths = (4, 2, 2)
+    return all(p.isdigit() and len(p) == w for p, w in zip(parts[:3], widths, strict=False))
+
+
+def _is_task_dir(parts: tuple[str, ...]) -> bool:
+    """``YYYY/MM/DD/<task_id>``, or the legacy ``<task_id>`` directly under the archive."""
+    if len(parts) == 4:
+        return _is_dated(parts)
+    return len(parts) == 1 and not _is_dated(parts)
+
+
+def _unlink(path: Path) -> bool:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    except OSError as e:
+        log.warning("log archive: cannot remove %s: %s", path, e)
+        return False
+    return True
+
+
+class ArchivePruner:
+    """Prunes the archive every ``interval`` seconds, from ``start()`` to ``stop()``.
+
+    A pass that stopped at its removal limit is followed by another one a second later, until
+    the backlog is gone. A filesystem error is logged and retried on the next pass."""
+
+    def __init__(self, archive: LogArchive, *, interval: float = 3600.0) -> None:
+        self._archive = archive
+        self._interval = interval
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        if self._task is None and not self._archive.retains_all:
+            self._task = asyncio.create_task(self._loop(), name="archive-pruner")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def run_once(self) -> PruneResult:
+        result = await self._archive.prune()
+        if result.files or result.dirs:
+            log.info(
+                "log archive: removed %d run logs (%d bytes) and %d empty directories%s",
+                result.files,
+                result.bytes,
+                result.dirs,
+                "" if result.complete else "; more to remove",
+            )
+        return result
+
+    async def _loop(self) -> None:
+        while True:
+            delay = self._interval
+            try:
+                if not (await self.run_once()).complete:
+                    delay = min(1.0, self._interval)
+            except OSError as e:
+                log.warning("log archive pruning failed; retrying in %.0fs: %s", delay, e)
+            await asyncio.sleep(delay)

@@ -4,6 +4,7 @@ transaction, records the matching task events, and settles the tasks it touched.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -69,6 +70,11 @@ def task_view(task: TaskRow) -> dict[str, Any]:
         "timeout": task.timeout,
         "status": task.status,
         "created_by": task.created_by,
+        "priority": task.priority or 0,
+        "policy": task.policy,
+        "deadline_at": _iso(task.deadline_at),
+        "stop_reason": task.stop_reason,
+        "rerun_of": task.rerun_of,
         "created_at": _iso(task.created_at),
         "started_at": _iso(task.started_at),
         "finished_at": _iso(task.finished_at),
@@ -85,14 +91,23 @@ def _iso(value: datetime | None) -> str | None:
     return value.isoformat() if value else None
 
 
+# Called when settling, with the touched tasks and the runs that ended in this transaction:
+# the scheduler's follow-up (retries, max_errors, canary), which may move or add runs.
+RunsEnded = Callable[["Changes", dict[str, TaskRow], list[RunRow]], Awaitable[None]]
+
+
 class Changes:
     """State changes within one transaction. After commit, ``events`` hold their ids."""
 
-    def __init__(self, session: AsyncSession) -> None:
+    def __init__(self, session: AsyncSession, on_runs_ended: RunsEnded | None = None) -> None:
         self.session = session
         self._event_rows: list[TaskEventRow] = []
         self._touched: set[str] = set()
+        self._ended: list[RunRow] = []
+        self._on_runs_ended = on_runs_ended
         self.hosts_changed: set[str] = set()
+        # Whether capacity was freed or work added: the scheduler should look again.
+        self.schedule_again = False
 
     def move(self, run: RunRow, new: RunStatus, **fields: Any) -> bool:
         """Move ``run`` to ``new`` and set ``fields``; False (and no change) when illegal.
@@ -110,6 +125,8 @@ class Changes:
             setattr(run, key, value)
         run.updated_at = now
         if new in TERMINAL_RUN_STATUSES:
+            self._ended.append(run)
+            self.schedule_again = True
             run.finished_at = run.finished_at or now
             if run.duration_ms is None and run.started_at is not None:
                 run.duration_ms = int((run.finished_at - run.started_at).total_seconds() * 1000)
@@ -139,11 +156,18 @@ class Changes:
         if not self._touched:
             return
         tasks = await queries.tasks_by_id(self.session, self._touched)
+        if self._ended and self._on_runs_ended is not None:
+            ended, self._ended = self._ended, []
+            await self._on_runs_ended(self, tasks, ended)
         counts = await queries.run_status_counts(self.session, self._touched)
         for task_id, task in tasks.items():
             task.counts = counts.get(task_id, {})
             if task.status == TaskStatus.RUNNING:
-                outcome = task_outcome(task.counts, cancel_requested=task.cancel_requested)
+                outcome = task_outcome(
+                    task.counts,
+                    cancel_requested=task.cancel_requested,
+                    deadline_passed=task.stop_reason == "deadline",
+                )
                 if outcome is not None:
                     task.status = move_task(task.status, outcome)
                     task.finished_at = utcnow()

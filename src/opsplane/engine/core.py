@@ -16,14 +16,15 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from opsplane.config import Settings
 from opsplane.domain.redaction import Redactor
-from opsplane.domain.states import TERMINAL_TASK_STATUSES, RunStatus, TaskStatus
-from opsplane.engine.archive import LogArchive
+from opsplane.domain.states import TERMINAL_TASK_STATUSES
+from opsplane.engine.archive import ArchivePruner, LogArchive
 from opsplane.engine.changes import Changes
 from opsplane.engine.dispatcher import Dispatcher
 from opsplane.engine.hosts import HostService
 from opsplane.engine.hub import EventHub
 from opsplane.engine.ingest import Ingest
 from opsplane.engine.monitor import Monitor
+from opsplane.engine.scheduler import Scheduler
 from opsplane.engine.service import TaskService
 from opsplane.engine.sshapi import SshApi
 from opsplane.store import queries
@@ -44,7 +45,12 @@ class Engine:
         self.sessions = session_factory(self.db)
         self.links = {link.name: link for link in links}
         self.hub = EventHub()
-        self.archive = LogArchive(settings.logs_dir)
+        self.archive = LogArchive(
+            settings.logs_dir,
+            retention_days=settings.log_retention_days,
+            retention_bytes=settings.log_retention_bytes,
+        )
+        self.archive_pruner = ArchivePruner(self.archive, interval=settings.log_prune_interval)
         # One writer at a time within this instance: SQLite has one writer anyway, and on a
         # server database it keeps a task's counts consistent without row-lock retries.
         self._write_lock = asyncio.Lock()
@@ -56,10 +62,21 @@ class Engine:
             redactor=Redactor(settings.redact_patterns),
         )
         self.dispatcher = Dispatcher(self.write, self.links)
+        self.scheduler = Scheduler(
+            self.write,
+            self.dispatcher,
+            self.links,
+            self.archive,
+            max_running=settings.max_running_runs,
+            max_per_host=settings.max_runs_per_host,
+            host_limits={settings.local_host: settings.script_workers},
+            start_delay=settings.heartbeat_interval,
+        )
         self.tasks = TaskService(
             self.sessions,
             self.write,
             self.dispatcher,
+            self.scheduler,
             self.ingest,
             self.archive,
             self.links,
@@ -78,16 +95,17 @@ class Engine:
             start_timeout=settings.start_timeout,
             silent_links=[n for n, link in self.links.items() if not link.liveness_by_heartbeat],
         )
-        self._recovery: asyncio.Task[None] | None = None
         self.ready = False
 
     @asynccontextmanager
     async def write(self) -> AsyncIterator[Changes]:
         """A write transaction; its task events are published once it has committed."""
         async with self._write_lock, self.sessions() as session, session.begin():
-            changes = Changes(session)
+            changes = Changes(session, self.scheduler.follow_up)
             yield changes
             await changes.settle()
+        if changes.schedule_again:
+            self.scheduler.wake()
         self.hub.publish(changes.events)
         self.hub.publish_hosts(changes.hosts_changed)
 
@@ -105,39 +123,26 @@ class Engine:
                 if link.liveness_by_heartbeat:
                     await queries.mark_all_hosts(changes.session, "offline", link=name)
         await self.ingest.start()
+        await self.archive_pruner.start()
         for link in self.links.values():
             await link.start(self)
         await self.hosts.load_inventory()
         await self.monitor.start()
-        self._recovery = asyncio.create_task(self._recover(), name="recovery")
+        # Recovery: runs a previous process created but never sent are waiting runs like any
+        # other; the scheduler's first pass, a heartbeat interval after start, sends them.
+        await self.scheduler.start()
         self.ready = True
 
     async def stop(self) -> None:
         self.ready = False
-        if self._recovery is not None:
-            self._recovery.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._recovery
+        await self.scheduler.stop()
         await self.ssh_api.stop()
         for link in self.links.values():
             await link.stop()
         await self.monitor.stop()
+        await self.archive_pruner.stop()
         await self.ingest.stop()
         await self.db.dispose()
-
-    async def _recover(self) -> None:
-        """Dispatch runs that a previous process created but never sent, once agents have had
-        a heartbeat interval to reconnect."""
-        async with self.sessions() as session:
-            pending = await queries.runs_in_status(session, [RunStatus.PENDING])
-            tasks = await queries.tasks_by_id(session, {run.task_id for run in pending})
-        running = [t.id for t in tasks.values() if t.status == TaskStatus.RUNNING]
-        if not running:
-            return
-        await asyncio.sleep(self.settings.heartbeat_interval)
-        for task_id in running:
-            log.info("recovery: dispatching pending runs of task %s", task_id)
-            await self.tasks.dispatch_pending(task_id)
 
     async def wait_task(self, task_id: str) -> TaskRow:
         """The task once it has ended (bound the wait with ``asyncio.timeout`` at the caller)."""
@@ -160,6 +165,8 @@ class Engine:
 
     async def host_connected(self, hello: AgentHello) -> None:
         await self.hosts.host_connected(hello)
+        # Runs delayed for this host may go now.
+        self.scheduler.wake()
 
     async def host_disconnected(self, hostname: str, link: str) -> None:
         await self.hosts.host_disconnected(hostname, link)

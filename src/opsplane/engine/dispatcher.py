@@ -49,6 +49,21 @@ class DispatchPlan:
     def __bool__(self) -> bool:
         return bool(self.unicast or self.fanouts)
 
+    def extend(self, other: DispatchPlan) -> None:
+        self.unicast.extend(other.unicast)
+        self.fanouts.extend(other.fanouts)
+
+
+@dataclass(frozen=True)
+class CancelOrder:
+    """A cancel to send once its transaction has committed."""
+
+    host: str
+    link: str
+    task_id: str
+    run_id: str
+    reason: str
+
 
 class Dispatcher:
     def __init__(
@@ -69,6 +84,7 @@ class Dispatcher:
         the others ``undeliverable``. Returns what to send once the transaction commits."""
         now = utcnow()
         spec = ExecSpec.from_json(task.spec)
+        deliver_by = task.deliver_by.timestamp() if task.deliver_by is not None else None
         by_link: dict[str, list[Dispatch]] = {}
         for run in runs:
             host = hosts.get(run.host)
@@ -78,7 +94,8 @@ class Dispatcher:
                 error = f"host offline: {run.host} has no live {link_name} connection"
                 changes.move(run, RunStatus.UNDELIVERABLE, error=error)
                 continue
-            changes.move(run, RunStatus.DISPATCHED, dispatched_at=now)
+            # A delayed run's "waiting for the host" note is history once it is sent.
+            changes.move(run, RunStatus.DISPATCHED, dispatched_at=now, error=None)
             envelope = CommandEnvelope(
                 task_id=task.id,
                 run_id=run.id,
@@ -86,6 +103,7 @@ class Dispatcher:
                 command=task.command,
                 timeout=task.timeout,
                 user=task.created_by,
+                deliver_by=deliver_by,
                 env=spec.env,
                 argv=spec.argv,
                 handler=spec.handler,
@@ -110,7 +128,14 @@ class Dispatcher:
     ) -> None:
         targets = task.targets or {}
         groups: list[str] = list(targets.get("groups") or [])
-        if targets.get("hosts") or targets.get("labels") or not (targets.get("all") or groups):
+        # One message carries one attempt number: retries of a few hosts go one by one.
+        mixed_attempts = len({d.envelope.attempt for d in dispatches}) > 1
+        if (
+            mixed_attempts
+            or targets.get("hosts")
+            or targets.get("labels")
+            or not (targets.get("all") or groups)
+        ):
             plan.unicast.extend(dispatches)
             return
         link = dispatches[0].link
@@ -143,6 +168,21 @@ class Dispatcher:
             runs = await queries.runs_by_id(changes.session, failed)
             for run_id, run in runs.items():
                 changes.move(run, RunStatus.UNDELIVERABLE, error=failed[run_id])
+
+    async def send_cancels(self, orders: list[CancelOrder]) -> None:
+        """Ask hosts to stop runs. An unreachable host is not an error here: the monitor ends
+        its runs as lost after the grace period."""
+        await asyncio.gather(*(self._cancel_one(order) for order in orders))
+
+    async def _cancel_one(self, order: CancelOrder) -> None:
+        link = self._links.get(order.link)
+        if link is None:
+            return
+        async with self._send_slots:
+            try:
+                await link.send_cancel(order.host, order.task_id, order.run_id, order.reason)
+            except TransportError as e:
+                log.info("cancel of run %s could not reach %s: %s", order.run_id, order.host, e)
 
     async def _send_one(self, item: Dispatch) -> dict[str, str]:
         run_id = item.envelope.run_id

@@ -62,6 +62,7 @@ class _FleetSnapshot:
 
     hosts: dict[tuple[str, str], int] = field(default_factory=dict)
     heartbeat_ages: dict[str, list[float]] = field(default_factory=dict)
+    runs_waiting: dict[str, int] = field(default_factory=dict)
 
 
 class _FleetCollector(Collector):
@@ -81,6 +82,15 @@ class _FleetCollector(Collector):
         for (status, link), count in sorted(snapshot.hosts.items()):
             hosts.add_metric([status, link], count)
         yield hosts
+        waiting = GaugeMetricFamily(
+            "opsplane_runs_waiting",
+            "Runs of running tasks not yet sent: pending (capacity, canary, backoff) or "
+            "delayed (host offline)",
+            labels=["status"],
+        )
+        for status in ("pending", "delayed"):
+            waiting.add_metric([status], snapshot.runs_waiting.get(status, 0))
+        yield waiting
         name = "opsplane_heartbeat_age_seconds"
         ages = Metric(name, "Seconds since the last heartbeat of online hosts, by link", "summary")
         for link, values in sorted(snapshot.heartbeat_ages.items()):
@@ -196,12 +206,13 @@ class EngineMetrics:
             async with self._engine.sessions() as session:
                 hosts = await queries.host_counts_by_link(session)
                 seen = await queries.online_last_seen(session, self._heartbeat_links)
+                waiting = await queries.waiting_run_counts(session)
                 await self._label_runs(session)
         except SQLAlchemyError as e:
             log.warning("metrics: the database did not answer: %s", e)
             self.snapshot = None
             return
-        snapshot = _FleetSnapshot()
+        snapshot = _FleetSnapshot(runs_waiting=waiting)
         for link in self._fleet_links:
             for status in HOST_STATUSES:
                 snapshot.hosts[(status, link)] = 0

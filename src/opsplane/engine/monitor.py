@@ -8,7 +8,7 @@ import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy import delete
 
@@ -42,8 +42,13 @@ class Monitor:
         self._batch = batch
         self._tick = max(0.2, min(1.0, heartbeat_interval / 4))
         self._task: asyncio.Task[None] | None = None
+        # Nobody could be heard while the control plane was down: grace periods and start
+        # timeouts count from this process's start at the earliest, or a restart after a long
+        # outage would end every run before its agent had a chance to reconnect and report.
+        self.started_at: datetime | None = None
 
     async def start(self) -> None:
+        self.started_at = utcnow()
         self._task = asyncio.create_task(self._loop(), name="monitor")
 
     async def stop(self) -> None:
@@ -73,7 +78,11 @@ class Monitor:
                 host.status = "offline"
                 changes.host_changed(host.name)
                 log.info("host %s is offline: no heartbeat since %s", host.name, host.last_seen_at)
-            gone = await queries.offline_hosts_seen_before(changes.session, now - self._lost_grace)
+            gone = (
+                await queries.offline_hosts_seen_before(changes.session, now - self._lost_grace)
+                if self._since_start(now) >= self._lost_grace
+                else []
+            )
             if gone:
                 runs = await queries.runs_in_status(
                     changes.session, IN_FLIGHT_RUN_STATUSES, hosts=gone, limit=self._batch
@@ -85,8 +94,12 @@ class Monitor:
                         RunStatus.LOST,
                         error=f"host {run.host} unreachable for more than {grace}s",
                     )
-            unstarted = await queries.runs_dispatched_before(
-                changes.session, now - self._start_timeout, limit=self._batch
+            unstarted = (
+                await queries.runs_dispatched_before(
+                    changes.session, now - self._start_timeout, limit=self._batch
+                )
+                if self._since_start(now) >= self._start_timeout
+                else []
             )
             waited = int(self._start_timeout.total_seconds())
             for run in unstarted:
@@ -96,3 +109,7 @@ class Monitor:
                 await changes.session.execute(
                     delete(HeartbeatRow).where(HeartbeatRow.at < now - self._history_retention)
                 )
+
+    def _since_start(self, now: datetime) -> timedelta:
+        """How long this monitor has been watching (forever, for a monitor never started)."""
+        return now - self.started_at if self.started_at is not None else timedelta.max

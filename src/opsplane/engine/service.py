@@ -3,7 +3,6 @@ result, handle a host's connection change — over the store and the links."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
@@ -15,8 +14,9 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from opsplane.domain.access import check_hosts_allowed
-from opsplane.domain.errors import Conflict, InvalidInput, NotFound, TransportError
+from opsplane.domain.errors import Conflict, InvalidInput, NotFound
 from opsplane.domain.ids import new_id
+from opsplane.domain.policy import TaskPolicy
 from opsplane.domain.states import (
     IN_FLIGHT_RUN_STATUSES,
     TERMINAL_TASK_STATUSES,
@@ -24,17 +24,27 @@ from opsplane.domain.states import (
     TaskStatus,
     move_task,
 )
-from opsplane.domain.targeting import HostRef, resolve_targets
-from opsplane.domain.tasks import TaskRequest
+from opsplane.domain.targeting import HostRef, Targets, resolve_targets
+from opsplane.domain.tasks import ExecSpec, TaskRequest
 from opsplane.engine.archive import LogArchive
 from opsplane.engine.changes import Changes, task_view
-from opsplane.engine.dispatcher import Dispatcher, DispatchPlan
+from opsplane.engine.dispatcher import CancelOrder, Dispatcher, DispatchPlan
 from opsplane.engine.ingest import Ingest
+from opsplane.engine.scheduler import Scheduler, assign_waves, start_clocks
 from opsplane.store import queries
 from opsplane.store.tables import RunRow, TaskRow, utcnow
 from opsplane.transport.base import LOCAL_LINK, SSH_LINK, Link, RunFinished
 
 log = logging.getLogger(__name__)
+
+# POST /tasks/{id}/rerun: which hosts' latest runs a re-run takes, by the ``only`` it names.
+RERUN_SUBSETS: dict[str, frozenset[RunStatus]] = {
+    "failed": frozenset({RunStatus.FAILED, RunStatus.LOST}),
+    "undeliverable": frozenset({RunStatus.UNDELIVERABLE}),
+    "timed_out": frozenset({RunStatus.TIMED_OUT}),
+    "unsuccessful": frozenset(RunStatus) - {RunStatus.SUCCEEDED},
+    "all": frozenset(RunStatus),
+}
 
 # Called inside the transaction that creates a task: (session, the task, resolved host names).
 BeforeCommit = Callable[[AsyncSession, TaskRow, list[str]], Awaitable[None]]
@@ -46,6 +56,7 @@ class TaskService:
         sessions: async_sessionmaker[AsyncSession],
         write: Callable[[], AbstractAsyncContextManager[Changes]],
         dispatcher: Dispatcher,
+        scheduler: Scheduler,
         ingest: Ingest,
         archive: LogArchive,
         links: dict[str, Link],
@@ -56,6 +67,7 @@ class TaskService:
         self._sessions = sessions
         self._write = write
         self._dispatcher = dispatcher
+        self._scheduler = scheduler
         self._ingest = ingest
         self._archive = archive
         self._links = links
@@ -91,6 +103,7 @@ class TaskService:
                 check_hosts_allowed(request.allowed_groups, [r for r in refs if r.name in chosen])
                 if request.kind == "upload":
                     self._check_upload(request, names, {h.name: h.link for h in hosts})
+                policy = request.policy or TaskPolicy()
                 task = TaskRow(
                     id=task_id,
                     name=request.name,
@@ -107,12 +120,15 @@ class TaskService:
                     created_by=request.created_by,
                     idempotency_key=request.idempotency_key,
                     created_at=utcnow(),
+                    priority=policy.priority,
+                    policy=policy.to_json() if request.policy else None,
+                    rerun_of=request.rerun_of,
                 )
                 changes.session.add(task)
                 # Runs reference the task; without an ORM relationship the unit of work does
                 # not order the inserts, so the task goes first explicitly.
                 await changes.session.flush()
-                for name in names:
+                for name, wave in zip(names, assign_waves(policy, len(names)), strict=True):
                     run_id = new_id()
                     changes.session.add(
                         RunRow(
@@ -120,8 +136,9 @@ class TaskService:
                             task_id=task_id,
                             host=name,
                             attempt=1,
+                            wave=wave,
                             status=RunStatus.PENDING,
-                            log_path=str(self._archive.path_for(task_id, run_id)),
+                            log_path=str(self._archive.path_for(task_id, run_id, task.created_at)),
                             updated_at=utcnow(),
                         )
                     )
@@ -129,9 +146,7 @@ class TaskService:
                     await before_commit(changes.session, task, names)
                 to_send = DispatchPlan()
                 if request.start:
-                    task.status = move_task(task.status, TaskStatus.RUNNING)
-                    task.started_at = utcnow()
-                    to_send = await self._mark_pending_runs(changes, task)
+                    to_send = await self._begin(changes, task)
                 else:
                     changes.add_event(task_id, "task", task_view(task))
         except IntegrityError:
@@ -145,6 +160,16 @@ class TaskService:
             await self._dispatcher.send(to_send)
             return await self.get_task(task_id)
         return task
+
+    async def _begin(self, changes: Changes, task: TaskRow) -> DispatchPlan:
+        """Move a task to running and dispatch what may go at once. Runs that wait for
+        capacity are the scheduler's: it sends them in priority order as capacity frees."""
+        now = utcnow()
+        task.status = move_task(task.status, TaskStatus.RUNNING)
+        task.started_at = now
+        start_clocks(task, now)
+        changes.touch(task.id)
+        return await self._scheduler.plan(changes, task_id=task.id)
 
     def _check_upload(
         self, request: TaskRequest, names: list[str], link_of: dict[str, str]
@@ -175,31 +200,49 @@ class TaskService:
             task = await self._task(changes.session, task_id, for_update=True)
             if task.status != TaskStatus.PENDING:
                 raise Conflict(f"task {task_id} is {task.status}; only a pending task can start")
-            task.status = move_task(task.status, TaskStatus.RUNNING)
-            task.started_at = utcnow()
-            to_send = await self._mark_pending_runs(changes, task)
+            to_send = await self._begin(changes, task)
         await self._dispatcher.send(to_send)
         return await self.get_task(task_id)
 
-    async def dispatch_pending(self, task_id: str) -> None:
-        """Dispatch the pending runs of a running task (used by recovery)."""
-        async with self._write() as changes:
-            task = await self._task(changes.session, task_id, for_update=True)
-            if task.status != TaskStatus.RUNNING:
-                return
-            to_send = await self._mark_pending_runs(changes, task)
-        await self._dispatcher.send(to_send)
-
-    async def _mark_pending_runs(self, changes: Changes, task: TaskRow) -> DispatchPlan:
-        runs = await queries.runs_in_status(changes.session, [RunStatus.PENDING], task_id=task.id)
-        hosts = await queries.hosts_by_name(changes.session, [run.host for run in runs])
-        to_send = self._dispatcher.mark_deliverable(changes, task, runs, hosts)
-        changes.touch(task.id)
-        return to_send
+    async def rerun_task(
+        self,
+        task_id: str,
+        only: str,
+        *,
+        created_by: str,
+        allowed_groups: frozenset[str] | None = None,
+        before_commit: BeforeCommit | None = None,
+    ) -> TaskRow:
+        """A new task with the ended task's spec and policy over the hosts whose latest run
+        ended as ``only`` names (``failed`` takes lost runs too), linked by ``rerun_of``."""
+        statuses = RERUN_SUBSETS.get(only)
+        if statuses is None:
+            raise InvalidInput(f"only must be one of {', '.join(RERUN_SUBSETS)}, got {only!r}")
+        async with self._sessions() as session:
+            task = await self._task(session, task_id)
+            if task.status not in TERMINAL_TASK_STATUSES:
+                raise Conflict(f"task {task_id} is {task.status}; re-run it once it has ended")
+            runs = await queries.latest_runs_in(session, [task_id], statuses)
+        hosts = tuple(sorted({run.host for run in runs}))
+        if not hosts:
+            raise Conflict(f"no run of task {task_id} ended {only}: nothing to re-run")
+        request = TaskRequest(
+            command=task.command,
+            targets=Targets(hosts=hosts),
+            timeout=task.timeout,
+            name=task.name,
+            description=f"re-run of {task_id} ({only})",
+            created_by=created_by,
+            kind=task.kind,
+            spec=ExecSpec.from_json(task.spec) if task.spec else None,
+            allowed_groups=allowed_groups,
+            policy=TaskPolicy.from_json(task.policy) if task.policy else None,
+            rerun_of=task_id,
+        )
+        return await self.create_task(request, before_commit=before_commit)
 
     async def cancel_task(self, task_id: str, reason: str = "canceled by operator") -> TaskRow:
         """Cancel a task: unsent runs end at once; running ones end when their host confirms."""
-        in_flight: list[RunRow] = []
         async with self._write() as changes:
             task = await self._task(changes.session, task_id, for_update=True)
             if task.status in TERMINAL_TASK_STATUSES:
@@ -209,32 +252,19 @@ class TaskService:
                 task.status = move_task(task.status, TaskStatus.CANCELED)
                 task.finished_at = utcnow()
             runs = await queries.runs_of_task(changes.session, task_id)
+            in_flight = [run for run in runs if run.status in IN_FLIGHT_RUN_STATUSES]
             for run in runs:
                 if run.status in (RunStatus.PENDING, RunStatus.DELAYED):
                     changes.move(run, RunStatus.CANCELED, error=reason)
-                elif run.status in IN_FLIGHT_RUN_STATUSES:
-                    in_flight.append(run)
+            links = await queries.links_of_hosts(changes.session, {run.host for run in in_flight})
             changes.touch(task_id)
-        hosts = await self._host_links([run.host for run in in_flight])
-        await asyncio.gather(
-            *(self._send_cancel(run, hosts.get(run.host), reason) for run in in_flight)
+        await self._dispatcher.send_cancels(
+            [
+                CancelOrder(run.host, links.get(run.host, "grpc"), task_id, run.id, reason)
+                for run in in_flight
+            ]
         )
         return await self.get_task(task_id)
-
-    async def _send_cancel(self, run: RunRow, link_name: str | None, reason: str) -> None:
-        link = self._links.get(link_name or "grpc")
-        if link is None:
-            return
-        try:
-            await link.send_cancel(run.host, run.task_id, run.id, reason)
-        except TransportError as e:
-            # The host is unreachable: the monitor ends the run as lost after the grace period.
-            log.info("cancel of run %s could not reach %s: %s", run.id, run.host, e)
-
-    async def _host_links(self, names: list[str]) -> dict[str, str]:
-        async with self._sessions() as session:
-            hosts = await queries.hosts_by_name(session, names)
-        return {name: host.link for name, host in hosts.items()}
 
     async def get_task(self, task_id: str) -> TaskRow:
         async with self._sessions() as session:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from opsplane.domain.errors import InvalidInput, OpsplaneError
+from opsplane.domain.policy import TaskPolicy
 from opsplane.domain.states import (
     TERMINAL_RUN_STATUSES,
     TERMINAL_TASK_STATUSES,
@@ -73,8 +74,8 @@ class RemoteRunDisabled(OpsplaneError):
 @dataclass(frozen=True)
 class RemoteRunRequest:
     """The seed's body: ``script_path`` and ``params``, with its optional metadata.
-    ``priority`` and ``retry`` are stored with the task and shown back; the engine does not act
-    on them yet (issue 7's priority and retries land separately)."""
+    ``priority`` orders scripts waiting for a worker (setting ``script_workers``); ``retry`` is
+    a number of retries or ``{max_attempts, backoff_seconds, on}``."""
 
     script_path: str
     params: Mapping[str, Any] = field(default_factory=dict)
@@ -122,6 +123,18 @@ def _read(path: Path, offset: int, size: int) -> bytes:
         return b""
 
 
+def _retries(retry: Any) -> dict[str, Any] | None:
+    """The seed's free-form retry as a retries policy: a count of retries after the first
+    attempt, or the policy object itself."""
+    if retry is None or isinstance(retry, dict):
+        return retry
+    if isinstance(retry, int) and not isinstance(retry, bool) and retry >= 0:
+        return {"max_attempts": retry + 1} if retry else None
+    raise InvalidInput(
+        f"retry must be a number of retries or {{max_attempts, backoff_seconds, on}}, got {retry!r}"
+    )
+
+
 class RemoteRunService:
     def __init__(self, engine: Engine, script_dirs: Sequence[Path], *, poll: float = _POLL) -> None:
         self._engine = engine
@@ -154,6 +167,7 @@ class RemoteRunService:
             },
         )
         task = TaskRequest(
+            policy=TaskPolicy.parse(priority=request.priority, retries=_retries(request.retry)),
             command=str(script),
             targets=Targets(hosts=(self._engine.settings.local_host,)),
             timeout=request.timeout,
@@ -240,7 +254,7 @@ class RemoteRunService:
     def _path(self, task_id: str, run: queries.RunLog) -> Path:
         if run.log_path:
             return Path(run.log_path)
-        return self._engine.archive.path_for(task_id, run.id)
+        return self._engine.archive.legacy_path_for(task_id, run.id)
 
     async def _wait(self, subscription: Subscription, task_id: str) -> Subscription:
         """Until the task has news (or the poll interval passed); drains what queued up."""

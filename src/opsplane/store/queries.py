@@ -113,7 +113,7 @@ async def run_status_counts(
         return counts
     stmt = (
         select(RunRow.task_id, RunRow.status, func.count())
-        .where(RunRow.task_id.in_(ids))
+        .where(RunRow.task_id.in_(ids), RunRow.superseded.is_(False))
         .group_by(RunRow.task_id, RunRow.status)
     )
     for task_id, status, count in await session.execute(stmt):
@@ -324,3 +324,137 @@ async def run_logs(session: AsyncSession, task_id: str) -> list[RunLog]:
         .order_by(RunRow.id)
     )
     return [RunLog(*row) for row in await session.execute(stmt)]
+
+
+# Scheduling (engine.scheduler) -------------------------------------------------------------
+
+_IN_FLIGHT = ("dispatched", "running")
+
+
+def _waiting(now: datetime) -> Any:
+    """Runs ready to be considered: pending, or delayed for a host that is back; not a
+    superseded attempt; past any retry backoff."""
+    host_back = or_(HostRow.status.is_(None), HostRow.status != "offline")
+    return and_(
+        or_(RunRow.status == "pending", and_(RunRow.status == "delayed", host_back)),
+        RunRow.superseded.is_(False),
+        or_(RunRow.not_before.is_(None), RunRow.not_before <= now),
+    )
+
+
+async def tasks_with_waiting_runs(
+    session: AsyncSession, now: datetime, *, task_id: str | None = None, limit: int
+) -> list[TaskRow]:
+    """Running tasks with runs ready to be sent, in the order they should go: higher priority
+    first, then the order they were created."""
+    waiting = (
+        select(RunRow.id)
+        .outerjoin(HostRow, HostRow.name == RunRow.host)
+        .where(RunRow.task_id == TaskRow.id, _waiting(now))
+        .exists()
+    )
+    stmt = (
+        select(TaskRow)
+        .where(TaskRow.status == "running", waiting)
+        .order_by(TaskRow.priority.desc(), TaskRow.created_at, TaskRow.id)
+        .limit(limit)
+    )
+    if task_id is not None:
+        stmt = stmt.where(TaskRow.id == task_id)
+    return list((await session.execute(stmt)).scalars())
+
+
+async def waiting_runs(
+    session: AsyncSession, task_id: str, now: datetime, *, limit: int
+) -> list[RunRow]:
+    """A task's runs ready to be sent, canary wave first, then in run order."""
+    stmt = (
+        select(RunRow)
+        .outerjoin(HostRow, HostRow.name == RunRow.host)
+        .where(RunRow.task_id == task_id, _waiting(now))
+        .order_by(RunRow.wave, RunRow.id)
+        .limit(limit)
+    )
+    return list((await session.execute(stmt)).scalars())
+
+
+async def in_flight_total(session: AsyncSession) -> int:
+    stmt = select(func.count()).select_from(RunRow).where(RunRow.status.in_(_IN_FLIGHT))
+    return int((await session.execute(stmt)).scalar_one())
+
+
+async def in_flight_by_host(session: AsyncSession, hosts: Iterable[str]) -> dict[str, int]:
+    names = list(set(hosts))
+    if not names:
+        return {}
+    stmt = (
+        select(RunRow.host, func.count())
+        .where(RunRow.status.in_(_IN_FLIGHT), RunRow.host.in_(names))
+        .group_by(RunRow.host)
+    )
+    return {host: int(n) for host, n in (await session.execute(stmt)).all()}
+
+
+async def wave_status_counts(
+    session: AsyncSession, task_ids: Iterable[str]
+) -> dict[tuple[str, int], dict[str, int]]:
+    """Latest attempts counted by (task, wave) and status."""
+    ids = list(set(task_ids))
+    counts: dict[tuple[str, int], dict[str, int]] = {}
+    if not ids:
+        return counts
+    stmt = (
+        select(RunRow.task_id, RunRow.wave, RunRow.status, func.count())
+        .where(RunRow.task_id.in_(ids), RunRow.superseded.is_(False))
+        .group_by(RunRow.task_id, RunRow.wave, RunRow.status)
+    )
+    for task_id, wave, status, n in (await session.execute(stmt)).all():
+        counts.setdefault((task_id, wave), {})[status] = int(n)
+    return counts
+
+
+async def delayed_runs_past_delivery(
+    session: AsyncSession, now: datetime, *, limit: int
+) -> list[RunRow]:
+    stmt = (
+        select(RunRow)
+        .join(TaskRow, TaskRow.id == RunRow.task_id)
+        .where(RunRow.status == "delayed", TaskRow.deliver_by < now)
+        .limit(limit)
+    )
+    return list((await session.execute(stmt)).scalars())
+
+
+async def tasks_past_deadline(session: AsyncSession, now: datetime, *, limit: int) -> list[TaskRow]:
+    stmt = (
+        select(TaskRow)
+        .where(
+            TaskRow.status == "running", TaskRow.deadline_at < now, TaskRow.stop_reason.is_(None)
+        )
+        .limit(limit)
+    )
+    return list((await session.execute(stmt)).scalars())
+
+
+async def latest_runs_in(
+    session: AsyncSession, task_ids: Iterable[str], statuses: Iterable[str]
+) -> list[RunRow]:
+    """Latest attempts of these tasks in these statuses."""
+    ids = list(set(task_ids))
+    if not ids:
+        return []
+    stmt = select(RunRow).where(
+        RunRow.task_id.in_(ids), RunRow.status.in_(list(statuses)), RunRow.superseded.is_(False)
+    )
+    return list((await session.execute(stmt)).scalars())
+
+
+async def waiting_run_counts(session: AsyncSession) -> dict[str, int]:
+    """Runs of running tasks not yet sent, by status (pending, delayed)."""
+    stmt = (
+        select(RunRow.status, func.count())
+        .join(TaskRow, TaskRow.id == RunRow.task_id)
+        .where(RunRow.status.in_(("pending", "delayed")), TaskRow.status == "running")
+        .group_by(RunRow.status)
+    )
+    return {status: int(n) for status, n in (await session.execute(stmt)).all()}

@@ -191,6 +191,15 @@ class TaskRow(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
+    # Pacing (domain.policy): higher priority goes first when capacity is short.
+    priority: Mapped[int] = mapped_column(Integer, default=0, index=True)
+    policy: Mapped[dict[str, Any] | None] = mapped_column(CleanJSON, nullable=True)
+    # Set when the task starts, from the policy's deadline and delivery_deadline.
+    deadline_at: Mapped[datetime | None]
+    deliver_by: Mapped[datetime | None]
+    # Why the engine stopped the task early: deadline, max_errors or canary; None otherwise.
+    stop_reason: Mapped[str | None] = mapped_column(String(32))
+    rerun_of: Mapped[str | None] = mapped_column(String(36), index=True)
 
 
 class RunRow(Base):
@@ -213,6 +222,12 @@ class RunRow(Base):
     duration_ms: Mapped[int | None] = mapped_column(BigInteger)
     log_path: Mapped[str | None] = mapped_column(String(1024))
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # A retried run is superseded by its next attempt; a task counts only the latest attempts.
+    superseded: Mapped[bool] = mapped_column(Boolean, default=False)
+    # A retry waits for its backoff: not dispatched before this instant.
+    not_before: Mapped[datetime | None]
+    # Canary rollout: wave 0 runs first; wave 1 only once every wave-0 run succeeded.
+    wave: Mapped[int] = mapped_column(Integer, default=0)
 
 
 class TaskEventRow(Base):

@@ -1402,6 +1402,9 @@
       ["By", task.created_by],
       ["ID", task.id],
     ];
+    if (task.priority) items.splice(items.length - 1, 0, ["Priority", String(task.priority)]);
+    if (task.stop_reason) items.splice(items.length - 1, 0, ["Stopped by", task.stop_reason.replace("_", " ")]);
+    if (task.rerun_of) items.splice(items.length - 1, 0, ["Re-run of", h("a", { href: `#/tasks/${encodeURIComponent(task.rerun_of)}` }, task.rerun_of.slice(0, 8))]);
     meta.replaceChildren(...items.map(([k, v]) => h("div", null, h("dt", null, k), h("dd", { class: k === "ID" ? "mono" : undefined }, v))));
 
     const terminal = TERMINAL_TASK.has(task.status);
@@ -1780,11 +1783,9 @@
       return;
     }
     if (choice !== "ok") return;
-    const base = isNamed(task) ? task.name : "";
-    const body = { command: task.command, targets: { hosts }, timeout: task.timeout };
-    if (base) body.name = `${base} (re-run on failed)`.slice(0, 255);
     try {
-      const created = await api("/tasks", { method: "POST", body });
+      // The server picks the same hosts from the stored runs and keeps the task's policy.
+      const created = await api(`/tasks/${encodeURIComponent(task.id)}/rerun`, { method: "POST", body: { only: "unsuccessful" } });
       navigate(`/tasks/${encodeURIComponent(created.id)}`);
     } catch (e) {
       toast(`Not started: ${e.message}`);

@@ -41,10 +41,13 @@ class RemoteRunCreate(BaseModel):
         description="reach the script as environment variables PARAM_<NAME> and PARAMS_JSON",
     )  # fmt: skip
     priority: int = Field(
-        default=0, ge=-(2**31), le=2**31 - 1, description="stored; scheduling by it is pending"
+        default=0, ge=-1000, le=1000, description="higher runs first when workers are busy"
     )
     timeout: int | None = Field(default=None, gt=0, description="seconds; default from settings")
-    retry: Any = Field(default=None, description="stored as given; retries are pending")
+    retry: int | dict[str, Any] | None = Field(
+        default=None,
+        description="retries after a failure: a count, or {max_attempts, backoff_seconds, on}",
+    )
 
 
 class RemoteRunCreated(BaseModel):

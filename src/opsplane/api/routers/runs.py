@@ -46,7 +46,9 @@ async def run_log(
         run = (await queries.runs_by_id(session, [run_id])).get(run_id)
     if run is None:
         raise NotFound(f"run {run_id} not found")
-    path = Path(run.log_path) if run.log_path else engine.archive.path_for(run.task_id, run.id)
+    path = (
+        Path(run.log_path) if run.log_path else engine.archive.legacy_path_for(run.task_id, run.id)
+    )
     size = await asyncio.to_thread(_size, path)
     headers = {
         "Accept-Ranges": "bytes",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Query, Response, status
@@ -14,7 +15,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from opsplane.api.access import check_task_allowed
 from opsplane.api.auditing import AuditDep
 from opsplane.api.deps import Principal, get_engine, require, require_principal
-from opsplane.api.schemas import Items, Page, RunOut, TaskCreate, TaskOut
+from opsplane.api.schemas import Items, Page, RerunIn, RunOut, TaskCreate, TaskOut
 from opsplane.domain.errors import InvalidInput
 from opsplane.domain.states import TERMINAL_TASK_STATUSES, TaskStatus
 from opsplane.domain.targeting import Targets, normalize_names
@@ -74,6 +75,7 @@ async def create_task(
         created_by=principal.name,
         idempotency_key=idempotency_key,
         allowed_groups=principal.allowed_groups,
+        policy=body.policy(),
     )
     detail = {
         "kind": body.kind,
@@ -81,6 +83,7 @@ async def create_task(
         "name": audit.redact(body.name),
         "timeout": body.timeout,
         "start": body.start,
+        "policy": request.policy.to_json() if request.policy else None,
     }
     async with audit.failures(
         "task.create", targets=targets_summary(body.targets.model_dump()), detail=detail
@@ -122,6 +125,26 @@ async def start_task(
     return _out(task)
 
 
+@router.post("/{task_id}/rerun", status_code=status.HTTP_201_CREATED, response_model=TaskOut)
+async def rerun_task(
+    task_id: str, body: RerunIn, engine: EngineDep, principal: RunnerDep, audit: AuditDep
+) -> TaskOut:
+    """A new task with this ended task's spec and policy, over the hosts whose latest run
+    ended as ``only`` says (``failed`` includes lost runs); ``rerun_of`` links it back."""
+    detail = {"rerun_of": task_id, "only": body.only}
+    async with audit.failures("task.rerun", target=task_id, detail=detail):
+        # The record names the hosts the re-run resolved to.
+        hook = audit.task_hook("task.rerun", Targets(), detail)
+        task = await engine.tasks.rerun_task(
+            task_id,
+            body.only,
+            created_by=principal.name,
+            allowed_groups=principal.allowed_groups,
+            before_commit=hook,
+        )
+    return _out(task)
+
+
 @router.post("/{task_id}/cancel", status_code=status.HTTP_202_ACCEPTED, response_model=TaskOut)
 async def cancel_task(
     task_id: str, engine: EngineDep, principal: RunnerDep, audit: AuditDep
@@ -147,7 +170,11 @@ async def run_log(
 ) -> Response:
     """The whole archived output of one run (stdout and stderr in arrival order)."""
     run = await engine.tasks.get_run(task_id, run_id)
-    data = await engine.archive.read(engine.archive.path_for(run.task_id, run.id))
+    # The stored path: runs archived before the dated layout keep theirs.
+    path = (
+        Path(run.log_path) if run.log_path else engine.archive.legacy_path_for(run.task_id, run.id)
+    )
+    data = await engine.archive.read(path)
     return Response(content=data, media_type="text/plain; charset=utf-8")
 
 
