@@ -295,7 +295,7 @@ async def test_command_past_its_delivery_deadline_is_not_run(tmp_path: Path) -> 
         run_id = new_run_id()
         cp.send(command(run_id, f"touch {marker}", deliver_by=time.time() - 1))
         result = await cp.wait_for("command_result", run_id)
-        assert result.status == "canceled" and "delivery deadline" in result.error
+        assert result.status == "undeliverable" and "delivery deadline" in result.error
         assert not marker.exists()
 
 

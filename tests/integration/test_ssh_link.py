@@ -194,7 +194,7 @@ async def test_a_run_past_its_delivery_deadline_is_not_started(
     late = dataclasses.replace(envelope("run-late", "echo never"), deliver_by=time.time() - 1)
     await the_link.send_command("web-1", late)
     ended = await events.finished("run-late")
-    assert ended["run-late"].status == "canceled"
+    assert ended["run-late"].status == "undeliverable"
     assert "delivery deadline passed" in (ended["run-late"].error or "")
     assert [type(r) for r in events.of("run-late")] == [RunFinished]
 

@@ -245,7 +245,7 @@ class Agent:
         run = _Run(run_id=run_id, task_id=cmd.task_id, attempt=cmd.attempt)
         if cmd.deliver_by > 0 and time.time() > cmd.deliver_by:
             await self._report(
-                run, _synthetic(run, self._config, Outcome.CANCELED, DEADLINE_PASSED)
+                run, _synthetic(run, self._config, Outcome.UNDELIVERABLE, DEADLINE_PASSED)
             )
             return
         try:

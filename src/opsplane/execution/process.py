@@ -53,6 +53,8 @@ class Outcome(StrEnum):
     FAILED = "failed"
     TIMED_OUT = "timed_out"
     CANCELED = "canceled"
+    # Never started: the command reached its host after the delivery deadline (DESIGN §2).
+    UNDELIVERABLE = "undeliverable"
 
 
 @dataclass(frozen=True)

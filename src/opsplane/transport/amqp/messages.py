@@ -30,7 +30,8 @@ HEARTBEAT_QUEUE = "monitor.heartbeat"
 RESULT_BINDING = "result.#"
 HEARTBEAT_KEY = "heartbeat"
 RESULT_KEY_PREFIX = "result.node."
-FINAL_STATUSES = frozenset({"succeeded", "failed", "timed_out", "canceled"})
+# "undeliverable": the agent received the command after its delivery deadline and never ran it.
+FINAL_STATUSES = frozenset({"succeeded", "failed", "timed_out", "canceled", "undeliverable"})
 # A hello reconciles only runs dispatched at least this long before it arrived: later ones may
 # still sit in the agent's queue (a queue gives no ordering against the monitor exchange).
 RECONCILE_MARGIN = timedelta(seconds=5)

@@ -244,7 +244,7 @@ class SshLink(Link):
             return self._finished(
                 hostname,
                 command,
-                status=Outcome.CANCELED.value,
+                status=Outcome.UNDELIVERABLE.value,
                 error="delivery deadline passed before the command could be sent",
             )
         if command.upload is not None:
