@@ -45,6 +45,16 @@ class Settings(BaseSettings):
     grpc_allow_insecure: bool = False
     grpc_tls_cert: Path | None = None
     grpc_tls_key: Path | None = None
+    # TLS (docs/tls.md). Without grpc_tls_cert/key the gRPC endpoint serves <data_dir>/tls/
+    # server.pem once `opsplane keys init` made it. grpc_tls_client_ca: require client
+    # certificates signed by this CA (mutual TLS). tls_cert/tls_key: HTTPS for the API
+    # (`listen`). amqp_tls_*: the CA and client certificate for an amqps:// amqp_url.
+    grpc_tls_client_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    amqp_tls_ca: Path | None = None
+    amqp_tls_cert: Path | None = None
+    amqp_tls_key: Path | None = None
     # Agentless hosts (seed 000): host keys verified against known_hosts on every hop.
     ssh_known_hosts: Path | None = None
     ssh_trust_on_first_use: bool = False
@@ -84,6 +94,8 @@ class Settings(BaseSettings):
     ingest_batch_size: int = Field(default=1000, gt=0)
     ingest_linger: float = Field(default=0.0, ge=0)
     bootstrap_admin_token: str | None = None
+    # Refuse agents that never enrolled (opsplane agents token / opsplane agent --enroll).
+    require_enrollment: bool = False
     # Web logins last this many seconds, then the page asks for the password again.
     session_lifetime: float = Field(default=8 * 3600.0, gt=0)
     # The control plane's own host, which runs catalog scripts; distinct from any agent's name.
@@ -101,6 +113,9 @@ class Settings(BaseSettings):
     catalog_session_retention: float = Field(default=3600.0, ge=0)
     # Seed 003 (POST /tasks): scripts run only from these directories (docs/remoterun.md).
     script_dirs: list[Path] = Field(default_factory=list)
+    # Refuse seed-003 scripts without a pin in <data dir>/script-pins.yaml (`opsplane scripts
+    # approve`); pinned scripts are checked either way (docs/remoterun.md, "Pinning").
+    script_pins_required: bool = False
     # Secrets masked in run output before it is stored, archived or streamed; [] turns it off.
     redact_patterns: list[str] = Field(default_factory=lambda: list(DEFAULT_REDACT_PATTERNS))
     # Failure alerts (docs/alerts.md): webhooks POSTed when a task ends failed or timed_out.
@@ -151,6 +166,11 @@ class Settings(BaseSettings):
         """Directories whose files upload tasks may send; the data directory's uploads/ only,
         unless configured, so that an upload can never read the control plane's secrets."""
         return self.upload_roots or [self.data_dir / "uploads"]
+
+    @property
+    def secret_key_path(self) -> Path:
+        """The key that encrypts secret task parameters at rest (security/secrets.py)."""
+        return self.data_dir / "keys" / "secrets.key"
 
     @property
     def signing_key_path(self) -> Path:

@@ -133,3 +133,21 @@ def test_bad_pacing_options_are_refused_with_the_reason(fleet: Fleet) -> None:
     assert result.returncode != 0 and "max_errors" in result.stderr, result.stderr
     then_alone = opsplane(fleet, "run", "--all", "--then", "2", "--", "true")
     assert then_alone.returncode == 2 and "--canary" in then_alone.stderr
+
+
+def test_secret_env_reaches_the_command_from_the_callers_environment(fleet: Fleet) -> None:
+    os.environ["OPSPLANE_TEST_SECRET"] = "s3cret-value"
+    try:
+        result = opsplane(
+            fleet, "run", "--host", "db-1", "--env", "MODE=check",
+            "--secret-env", "OPSPLANE_TEST_SECRET", "--json", "--",
+            '[ "$OPSPLANE_TEST_SECRET" = s3cret-value ] && echo "match $MODE"',
+        )  # fmt: skip
+    finally:
+        del os.environ["OPSPLANE_TEST_SECRET"]
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["runs"][0]["stdout"] == "match check\n"
+    missing = opsplane(
+        fleet, "run", "--host", "db-1", "--secret-env", "NOT_SET_ANYWHERE", "--", "true"
+    )
+    assert missing.returncode == 2 and "--secret-env" in missing.stderr

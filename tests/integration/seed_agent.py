@@ -14,7 +14,9 @@ from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from opsplane.security.signing import public_key_text, sign
 
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 
@@ -35,6 +37,8 @@ class SeedAgent:
     hostname: str
     groups: tuple[str, ...] = ()
     control_plane_key: Ed25519PublicKey | None = None
+    # An enrolled agent signs what it sends (and names its key in heartbeats).
+    key: Ed25519PrivateKey | None = None
     received: list[dict[str, Any]] = field(default_factory=list)
     bad_signatures: int = 0
     _connection: AbstractRobustConnection | None = None
@@ -74,6 +78,9 @@ class SeedAgent:
             "hostname": self.hostname, "status": "online", "timestamp": int(time.time()),
             "cpu_usage": 0.5, "memory_usage": 0.7, "signature": "", "groups": list(self.groups),
         }  # fmt: skip
+        if self.key is not None:
+            body["public_key"] = public_key_text(self.key.public_key())
+            body["signature"] = sign(self.key, body)
         await self._monitor.publish(
             aio_pika.Message(json.dumps(body).encode()), routing_key="heartbeat"
         )
@@ -99,6 +106,8 @@ class SeedAgent:
             "stdout": stdout.decode(), "stderr": stderr.decode(),
             "timestamp": int(time.time()), "signature": "",
         }  # fmt: skip
+        if self.key is not None:
+            result["signature"] = sign(self.key, result)
         await self._results.publish(
             aio_pika.Message(
                 json.dumps(result).encode(), delivery_mode=aio_pika.DeliveryMode.PERSISTENT

@@ -322,6 +322,15 @@ def remote_pids(marker: str) -> list[int]:
     return [int(pid) for pid in result.stdout.split()]
 
 
+def wait_remote_process(marker: str, timeout: float = 10.0) -> list[int]:
+    """Wait (bounded) until a process of the test user matches ``marker``: the channel's exec
+    request is answered before sshd's child has exec'd the command."""
+    deadline = time.monotonic() + timeout
+    while not (pids := remote_pids(marker)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return pids
+
+
 def wait_no_remote_process(marker: str, timeout: float = 15.0) -> list[int]:
     """Wait (bounded) until no process of the test user matches ``marker``; returns the rest."""
     deadline = time.monotonic() + timeout

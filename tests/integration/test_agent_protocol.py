@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import random
 import time
@@ -16,11 +17,14 @@ import grpc
 import grpc.aio
 import psutil
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from opsplane.agent import Agent, AgentConfig, Spool
 from opsplane.agent.grpc_link import Backoff
+from opsplane.security.signing import parse_public_key, public_key_text, sign, verify
 from opsplane.transport.grpc import opsplane_pb2 as pb
 from opsplane.transport.grpc import opsplane_pb2_grpc as pb_grpc
+from opsplane.transport.grpc.convert import hello_claims, signed_fields
 
 WAIT = 5.0
 
@@ -367,3 +371,41 @@ def test_backoff_is_exponential_with_full_jitter() -> None:
     assert len(set(delays)) == len(delays)
     backoff.reset()
     assert backoff.next_delay() <= 0.5
+
+
+async def test_an_agent_with_a_pinned_key_runs_only_commands_signed_with_it(
+    tmp_path: Path,
+) -> None:
+    control_plane = Ed25519PrivateKey.generate()
+    stranger = Ed25519PrivateKey.generate()
+    pinned = public_key_text(control_plane.public_key())
+    cp = FakeControlPlane()
+    forged, stale, genuine = tmp_path / "forged", tmp_path / "stale", tmp_path / "genuine"
+
+    def signed(key: Ed25519PrivateKey, message: pb.CommandMessage) -> pb.CommandMessage:
+        content = message.command_content
+        content.sign = sign(key, signed_fields(content))
+        return message
+
+    async with serving(cp) as port:
+        config = dataclasses.replace(make_config(tmp_path, port), control_plane_key=pinned)
+        async with running(config):
+            hello = await cp.wait_for_hello()
+            # The hello proves the agent holds the key it presents.
+            claims = {**hello_claims(hello), "signature": hello.signature}
+            agent_key = parse_public_key(hello.public_key)
+            assert verify(agent_key, claims, "signature")
+            cp.send(signed(stranger, command(new_run_id(), f"touch {forged}")))
+            cp.send(command(new_run_id(), f"touch {forged}"))  # unsigned
+            old = command(new_run_id(), f"touch {stale}")
+            old.command_content.timestamp = time.time() - 3600
+            cp.send(signed(control_plane, old))
+            run_id = new_run_id()
+            cp.send(signed(control_plane, command(run_id, f"touch {genuine}")))
+            result = await cp.wait_for("command_result", run_id)
+            assert result.status == "succeeded" and genuine.exists()
+            # Its result is signed with its own key.
+            result_claims = {**signed_fields(result), "signature": result.signature}
+            assert verify(agent_key, result_claims, "signature")
+    assert not forged.exists() and not stale.exists()
+    assert [r.run_id for r in cp.of_kind("command_result")] == [run_id]

@@ -23,10 +23,10 @@ from opsplane.transport.ssh import HostKeyPolicy, SshEndpoint, SshExecutor, SshT
 from tests.integration.sshd import (
     HOST,
     SshLab,
-    remote_pids,
     sleep_marker,
     ssh_lab,
     wait_no_remote_process,
+    wait_remote_process,
 )
 
 pytestmark = pytest.mark.service("sshd")
@@ -237,7 +237,7 @@ async def test_a_cancelled_caller_takes_its_remote_command_down(
         executor.run(target(lab, "t3"), f"sleep {marker}", on_started=on_started)
     )
     await asyncio.wait_for(running.wait(), 10)
-    assert remote_pids(f"sleep {marker}")
+    assert wait_remote_process(f"sleep {marker}")
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task

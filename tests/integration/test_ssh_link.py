@@ -28,10 +28,10 @@ from opsplane.transport.ssh import HostKeyPolicy, SshEndpoint, SshExecutor, SshL
 from tests.integration.sshd import (
     HOST,
     SshLab,
-    remote_pids,
     sleep_marker,
     ssh_lab,
     wait_no_remote_process,
+    wait_remote_process,
 )
 
 pytestmark = pytest.mark.service("sshd")
@@ -207,7 +207,7 @@ async def test_timeout_and_cancel_stop_the_remote_commands(link: tuple[SshLink, 
     )
     await the_link.send_command("web-2", envelope("run-cancel", f"sleep {canceled}"))
     await events.started("run-cancel")
-    assert remote_pids(f"sleep {canceled}")
+    assert wait_remote_process(f"sleep {canceled}")
     await the_link.send_cancel("web-2", "task-1", "run-cancel", "operator asked")
     ended = await events.finished("run-slow", "run-cancel")
     assert (ended["run-slow"].status, ended["run-slow"].error) == (

@@ -26,7 +26,9 @@ from tests.e2e.fleet import free_port
 
 CATALOG = Path(__file__).parents[1] / "fixtures" / "catalog" / "catalog.yaml"
 # The only routes anyone may call. /metrics too while metrics_public is set (the default).
-PUBLIC = {"/healthz", "/readyz", "/api/v1/auth/login"}
+# Enrollment's credential is the one-time token in its body.
+PUBLIC = {"/healthz", "/readyz", "/api/v1/auth/login", "/api/v1/agents/enroll"}
+POST_ONLY = {"/api/v1/auth/login", "/api/v1/agents/enroll"}
 PUBLIC_METRICS = "/metrics"
 # POST routes a viewer may call: they only read, or end the caller's own web session.
 VIEWER_MAY_POST = {"/api/v1/auth/logout", "/async/query"}
@@ -47,6 +49,9 @@ PINNED = {
     ("POST", "/api/v1/tokens"): Permission.ADMIN,
     ("POST", "/api/v1/tokens/{token_id}/revoke"): Permission.ADMIN,
     ("GET", "/api/v1/audit"): Permission.ADMIN,
+    ("GET", "/api/v1/agents"): Permission.ADMIN,
+    ("POST", "/api/v1/agents/tokens"): Permission.ADMIN,
+    ("POST", "/api/v1/agents/{name}/revoke"): Permission.ADMIN,
     ("GET", "/api/v1/audit/verify"): Permission.ADMIN,
 }
 
@@ -143,7 +148,7 @@ async def test_every_route_refuses_anonymous_and_unknown_callers(tmp_path: Path)
             # A cookie that is no session is no login either.
             anonymous.cookies.set("opsplane_session", "forged")
             assert (await anonymous.get("/api/v1/hosts")).status_code == 401
-            for path in PUBLIC - {"/api/v1/auth/login"}:
+            for path in PUBLIC - POST_ONLY:
                 assert (await anonymous.get(path)).status_code == 200, path
 
 
@@ -227,3 +232,20 @@ async def test_metrics_need_a_token_when_not_configured_public(tmp_path: Path) -
     async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
         answer = await client.get("/metrics")
     assert answer.status_code == 401 and answer.headers["www-authenticate"].startswith("Bearer")
+
+
+async def test_numbers_out_of_range_are_refused_not_a_server_error(tmp_path: Path) -> None:
+    # Found by the fuzz pass (tests/fuzz): each was a 500 (an OverflowError) before.
+    async with served(tmp_path) as api, api.client(ADMIN_TOKEN) as admin:
+        paged = ("/api/v1/tasks", "/api/v1/audit", "/api/v1/hosts", "/api/v1/hosts/web-1/runs")
+        for path in paged:
+            answer = await admin.get(path, params={"page": 2**64})
+            assert answer.status_code == 422 and "page" in answer.text, f"{path}: {answer.text}"
+            last = await admin.get(path, params={"page": 1_000_000_000})
+            assert last.status_code == 200 and last.json()["items"] == [], f"{path}: {last.text}"
+        body = {"role": "viewer", "expires_in": 10**20}
+        answer = await admin.post("/api/v1/tokens", json=body)
+        assert answer.status_code == 422, answer.text
+        assert "expires_in is at most" in answer.json()["detail"], answer.text
+        body["expires_in"] = 100 * 365 * 24 * 3600
+        assert (await admin.post("/api/v1/tokens", json=body)).status_code == 201

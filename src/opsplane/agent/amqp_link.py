@@ -57,6 +57,7 @@ from opsplane.agent.grpc_link import Backoff, LinkHandler
 from opsplane.agent.spool import check_run_id
 from opsplane.domain.errors import InvalidInput
 from opsplane.security.signing import load_public_key, public_key_text, sign, verify
+from opsplane.security.tls import amqp_ssl_context
 from opsplane.transport.grpc import opsplane_pb2 as pb
 
 logger = logging.getLogger(__name__)
@@ -176,6 +177,9 @@ class AmqpLink:
         self._config = config
         self._url = config.amqp_url
         self._endpoint = mask_url(config.amqp_url)
+        self._ssl_context = amqp_ssl_context(
+            config.amqp_url, config.amqp_tls_ca, config.amqp_tls_cert, config.amqp_tls_key
+        )
         self._handler = handler
         self._key = signing_key
         self._control_plane_key = load_public_key(config.control_plane_key)
@@ -568,6 +572,7 @@ class AmqpLink:
             async with asyncio.timeout(SETUP_TIMEOUT):
                 connection = await aio_pika.connect(
                     self._url,
+                    ssl_context=self._ssl_context,
                     client_properties={"connection_name": f"opsplane-agent {self._config.name}"},
                 )
                 session = await self._set_up(connection)

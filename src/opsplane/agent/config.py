@@ -10,9 +10,11 @@ from pathlib import Path
 from typing import Final
 from urllib.parse import SplitResult, urlsplit
 
+from opsplane.agent.policy import CommandPolicy, resolve_run_as
 from opsplane.config import is_loopback, split_host_port
 from opsplane.domain.errors import ConfigError
 from opsplane.security.signing import load_public_key
+from opsplane.security.tls import amqp_ssl_context
 
 DEFAULT_SERVER: Final = "127.0.0.1:50051"
 _FALLBACK_VERSION: Final = "0.1.0"
@@ -89,6 +91,10 @@ class AgentConfig:
     and beats every ``heartbeat_interval`` seconds (there is no welcome to learn it from, so it
     must match the control plane's setting). ``amqp://`` is plaintext and follows the same
     loopback rule as gRPC; ``amqps://`` is TLS.
+
+    ``deny`` and ``allow`` are regular expressions over command text and ``run_as`` the user
+    commands run as (``agent/policy.py``, docs/agent-policy.md); all three are checked here,
+    so that a bad pattern or an unknown user stops the agent from starting.
     """
 
     server: str = DEFAULT_SERVER
@@ -99,6 +105,12 @@ class AgentConfig:
     tls_ca: Path | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    # TLS (docs/tls.md): the name the server's certificate is checked against, if not the
+    # host of ``server``; the CA and client certificate for an amqps:// ``amqp_url``.
+    tls_server_name: str | None = None
+    amqp_tls_ca: Path | None = None
+    amqp_tls_cert: Path | None = None
+    amqp_tls_key: Path | None = None
     allow_plaintext: bool = False
     reconnect_initial: float = 0.5
     reconnect_max: float = 30.0
@@ -109,6 +121,10 @@ class AgentConfig:
     control_plane_key: str | None = None
     replay_window: float = 300.0
     heartbeat_interval: float = 10.0
+    # Agent-side policy (issue 9).
+    deny: tuple[str, ...] = ()
+    allow: tuple[str, ...] = ()
+    run_as: str | None = None
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name or self.name in {".", ".."} or "\0" in self.name:
@@ -128,6 +144,13 @@ class AgentConfig:
             raise ConfigError("tls_cert and tls_key go together")
         if self.tls_cert is not None and self.tls_ca is None:
             raise ConfigError("a client certificate needs tls_ca as well")
+        if self.tls_server_name is not None and self.tls_ca is None:
+            raise ConfigError("tls_server_name needs tls_ca: it names the certificate to verify")
+        if self.amqp_tls_ca or self.amqp_tls_cert or self.amqp_tls_key:
+            # Builds the context once now: a missing file or a bad pairing fails at start.
+            amqp_ssl_context(
+                self.amqp_url or "", self.amqp_tls_ca, self.amqp_tls_cert, self.amqp_tls_key
+            )
         if not (0 < self.reconnect_initial <= self.reconnect_max) or not math.isfinite(
             self.reconnect_max
         ):
@@ -145,6 +168,17 @@ class AgentConfig:
             raise ConfigError(
                 f"heartbeat_interval must be positive seconds, got {self.heartbeat_interval}"
             )
+        self._check_policy()
+
+    def _check_policy(self) -> None:
+        # Lists (from YAML, say) become the tuples the type promises; a lone string is one
+        # pattern, not one pattern per character.
+        for key in ("deny", "allow"):
+            value = getattr(self, key)
+            object.__setattr__(self, key, (value,) if isinstance(value, str) else tuple(value))
+        CommandPolicy(self.deny, self.allow)
+        if self.run_as is not None:
+            resolve_run_as(self.run_as)
 
     def _check_amqp(self) -> None:
         assert self.amqp_url is not None

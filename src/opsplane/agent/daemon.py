@@ -6,6 +6,8 @@ Guarantees, resting on the spool (``spool.py``):
 * every result is kept on disk until the control plane acknowledges it, and re-sent on every
   reconnect until then;
 * a run outlives the stream it came on: a broken connection does not touch running commands;
+* what the agent's own policy (``policy.py``) refuses never starts, and the rest runs as its
+  ``run_as`` user;
 * nothing is left behind: on shutdown running commands are cancelled (their whole process
   group) and their results spooled; after a crash, leftovers of interrupted runs are killed at
   the next start and those runs abandoned (the control plane reports them ``lost``).
@@ -30,14 +32,23 @@ from datetime import timedelta
 from typing import Any, Final, Protocol
 
 import psutil
+from google.protobuf.message import Message
 
 from opsplane.agent.config import AgentConfig
 from opsplane.agent.grpc_link import GrpcLink
+from opsplane.agent.policy import CommandPolicy, resolve_run_as, working_dir
 from opsplane.agent.spool import Spool
 from opsplane.domain.errors import InvalidInput
-from opsplane.execution import Outcome, ProcessResult, ProcessRun, Stream
-from opsplane.security.signing import load_or_create_private_key, public_key_text
+from opsplane.execution import Identity, Outcome, ProcessResult, ProcessRun, Stream
+from opsplane.security.signing import (
+    load_or_create_private_key,
+    load_public_key,
+    public_key_text,
+    sign,
+    verify,
+)
 from opsplane.transport.grpc import opsplane_pb2 as pb
+from opsplane.transport.grpc.convert import hello_claims, signed_fields
 
 logger = logging.getLogger(__name__)
 
@@ -91,8 +102,18 @@ class Agent:
         key_path = config.state_dir / "agent.key"
         self._key, created = load_or_create_private_key(key_path)
         self._public_key = public_key_text(self._key.public_key())
+        # Pinned at enrollment (or given): commands over gRPC must be signed with it.
+        self._control_plane_key = (
+            load_public_key(config.control_plane_key) if config.control_plane_key else None
+        )
         if created:
             logger.info("created agent key %s (public key %s)", key_path, self._public_key)
+        self._policy = CommandPolicy(config.deny, config.allow)
+        self._run_as: Identity | None = None
+        self._cwd: str | None = None
+        if config.run_as is not None:
+            self._run_as = resolve_run_as(config.run_as)
+            self._cwd = working_dir(self._run_as)
         self._refusals_of: Callable[[], Counter[str]] = Counter
         self._link: _Link
         if config.amqp_url is None:
@@ -182,7 +203,7 @@ class Agent:
         except OSError as exc:
             logger.warning("cannot list recently finished runs: %s", exc)
             recent = []
-        return pb.Hello(
+        hello = pb.Hello(
             hostname=config.name,
             version=config.version,
             groups=list(config.groups),
@@ -194,6 +215,9 @@ class Agent:
             public_key=self._public_key,
             timestamp=time.time(),
         )
+        # Proves this agent holds the key it presents (an enrolled name is bound to its key).
+        hello.signature = sign(self._key, hello_claims(hello))
+        return hello
 
     def already_seen(self, run_id: str) -> bool:
         """Whether ``run_id`` was accepted here before (raises InvalidInput if not a run id)."""
@@ -202,7 +226,7 @@ class Agent:
     async def on_connected(self) -> None:
         """Re-send every result the control plane has not acknowledged yet."""
         for payload in self._spool.pending_results():
-            if not await self._link.send(_result_message(payload)):
+            if not await self._link.send(self._result_message(payload)):
                 return  # the stream broke again; the next welcome retries
 
     async def on_message(self, message: pb.CommandMessage) -> None:
@@ -220,10 +244,37 @@ class Agent:
 
     # -- commands ------------------------------------------------------------------------
 
+    def signature(self, message: Message) -> str:
+        """This agent's signature of a result or heartbeat it sends over gRPC."""
+        return sign(self._key, signed_fields(message))
+
+    def _result_message(self, payload: dict[str, Any]) -> pb.CommandMessage:
+        fields = {k: payload[k] for k in _RESULT_FIELDS if payload.get(k) is not None}
+        result = pb.CommandResult(**fields)
+        result.signature = self.signature(result)
+        return pb.CommandMessage(command_result=result)
+
+    def _command_refusal(self, cmd: pb.CommandContent) -> str | None:
+        """Why a command from the gRPC stream is refused: not signed with the pinned control
+        plane key, or outside the replay window. None: run it (and without a pinned key, as
+        agents that never enrolled do, nothing is checked)."""
+        if self._control_plane_key is None:
+            return None
+        if not verify(self._control_plane_key, {**signed_fields(cmd), "sign": cmd.sign}, "sign"):
+            return "it is not signed by the pinned control plane key"
+        skew = time.time() - cmd.timestamp
+        if abs(skew) > self._config.replay_window:
+            return f"its timestamp is {skew:+.0f}s off (window ±{self._config.replay_window:g}s)"
+        return None
+
     async def _on_command(self, cmd: pb.CommandContent) -> None:
         run_id = cmd.run_id
         if self._stopping:
             logger.info("shutting down; command for run %s not accepted", run_id)
+            return
+        refusal = self._command_refusal(cmd)
+        if refusal is not None:
+            logger.warning("refused the command for run %s: %s", run_id[:80], refusal)
             return
         try:
             accepted = self._spool.accept(
@@ -248,11 +299,18 @@ class Agent:
                 run, _synthetic(run, self._config, Outcome.UNDELIVERABLE, DEADLINE_PASSED)
             )
             return
+        refusal = self._policy.refusal(cmd.command)
+        if refusal is not None:
+            logger.warning("run %s (task %s) %s", run_id, cmd.task_id, refusal)
+            await self._report(run, _synthetic(run, self._config, Outcome.FAILED, refusal))
+            return
         try:
             run.process = ProcessRun(
                 cmd.command,
                 timeout=cmd.timeout or None,
                 env=dict(cmd.env),
+                cwd=self._cwd,
+                run_as=self._run_as,
                 kill_grace=self._config.kill_grace,
                 output_cap=self._config.output_cap,
                 on_started=lambda pid: self._on_started(run, pid),
@@ -272,7 +330,7 @@ class Agent:
             return
         payload = self._spool.pending_result(run_id)
         if payload is not None:
-            await self._link.send(_result_message(payload))
+            await self._link.send(self._result_message(payload))
             return
         logger.info("run %s was already handled here; duplicate command ignored", run_id)
 
@@ -314,7 +372,7 @@ class Agent:
     async def _report(self, run: _Run, payload: dict[str, Any]) -> None:
         """Spool the result (first: it must survive us), then send it if connected."""
         self._spool_result(run, payload)
-        await self._link.send(_result_message(payload))
+        await self._link.send(self._result_message(payload))
 
     def _spool_result(self, run: _Run, payload: dict[str, Any]) -> None:
         try:
@@ -485,11 +543,6 @@ _RESULT_FIELDS: Final = (
 )
 
 
-def _result_message(payload: dict[str, Any]) -> pb.CommandMessage:
-    fields = {k: payload[k] for k in _RESULT_FIELDS if payload.get(k) is not None}
-    return pb.CommandMessage(command_result=pb.CommandResult(**fields))
-
-
 def run_agent(config: AgentConfig) -> None:
     """Run an agent in the foreground until SIGTERM or SIGINT (the ``opsplane agent`` verb)."""
 
@@ -507,6 +560,14 @@ def run_agent(config: AgentConfig) -> None:
                 config.link,
                 config.state_dir,
             )
+            if config.deny or config.allow:
+                logger.info(
+                    "refusing commands by %d deny and %d allow patterns",
+                    len(config.deny),
+                    len(config.allow),
+                )
+            if config.run_as is not None:
+                logger.info("running commands as %s", config.run_as)
             await agent.run()
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT):

@@ -20,6 +20,7 @@ from typing import Any, Final, Protocol
 
 import grpc
 import grpc.aio
+from google.protobuf.message import Message
 
 from opsplane.agent import metrics
 from opsplane.agent.config import AgentConfig
@@ -58,6 +59,9 @@ class LinkHandler(Protocol):
 
     async def on_message(self, message: pb.CommandMessage) -> None:
         """A message from the control plane (other than the welcome)."""
+
+    def signature(self, message: Message) -> str:
+        """The agent's signature of a heartbeat or result it sends."""
 
 
 class Backoff:
@@ -245,6 +249,7 @@ class GrpcLink:
                 load=figures.get("load", 0.0),
                 disk_usage=figures.get("disk_usage", 0.0),
             )
+            beat.signature = self._handler.signature(beat)
             await self.send(pb.CommandMessage(heartbeat=beat))
             await asyncio.sleep(interval)
 
@@ -275,12 +280,19 @@ class GrpcLink:
         if config.tls_ca is None:
             return grpc.aio.insecure_channel(config.server, options=_CHANNEL_OPTIONS)
         if self._credentials is None:
+            # Only ``tls_ca`` is trusted, not the system's CAs: the agent pins the control
+            # plane's own CA (docs/tls.md).
             self._credentials = grpc.ssl_channel_credentials(
                 root_certificates=_read(config.tls_ca),
                 private_key=_read(config.tls_key) if config.tls_key else None,
                 certificate_chain=_read(config.tls_cert) if config.tls_cert else None,
             )
-        return grpc.aio.secure_channel(config.server, self._credentials, options=_CHANNEL_OPTIONS)
+        options = list(_CHANNEL_OPTIONS)
+        if config.tls_server_name:
+            # The certificate is checked for this name instead of the host dialed (an agent
+            # reaching the control plane by an address its certificate does not list).
+            options.append(("grpc.ssl_target_name_override", config.tls_server_name))
+        return grpc.aio.secure_channel(config.server, self._credentials, options=options)
 
 
 def _read(path: Path) -> bytes:

@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry
 from opsplane.api.deps import require_principal
 from opsplane.api.errors import install_error_handlers
 from opsplane.api.routers import (
+    agents,
     audit,
     auth,
     compat_catalog,
@@ -36,6 +37,7 @@ from opsplane.engine.metrics import EngineMetrics
 from opsplane.remoterun import RemoteRunService
 from opsplane.security.service import SecurityService
 from opsplane.security.signing import load_or_create_private_key
+from opsplane.security.tls import amqp_ssl_context, resolve_grpc_server_files
 from opsplane.transport.base import Link
 from opsplane.transport.grpc.server import GrpcLink
 from opsplane.transport.local import LocalLink
@@ -44,12 +46,21 @@ log = logging.getLogger(__name__)
 
 
 def build_engine(settings: Settings) -> Engine:
+    # The configured certificate, else the one `opsplane keys init` generated (docs/tls.md).
+    grpc_tls = resolve_grpc_server_files(
+        settings.grpc_tls_cert, settings.grpc_tls_key, settings.data_dir
+    )
+    key, created = load_or_create_private_key(settings.signing_key_path)
+    if created:
+        log.info("created the command signing key %s", settings.signing_key_path)
     grpc_link = GrpcLink(
         settings.grpc_listen,
         heartbeat_interval=settings.heartbeat_interval,
         allow_insecure=settings.grpc_allow_insecure,
-        tls_cert=settings.grpc_tls_cert,
-        tls_key=settings.grpc_tls_key,
+        tls_cert=grpc_tls[0] if grpc_tls else None,
+        tls_key=grpc_tls[1] if grpc_tls else None,
+        tls_client_ca=settings.grpc_tls_client_ca,
+        signing_key=key,
     )
     # The local host runs catalog scripts and the in-process catalog handlers (seed 004).
     local = LocalLink(settings.local_host, handlers=default_registry.link_handlers())
@@ -74,15 +85,18 @@ def build_engine(settings: Settings) -> Engine:
     if settings.amqp_url:
         from opsplane.transport.amqp.link import AmqpLink
 
-        key, created = load_or_create_private_key(settings.signing_key_path)
-        if created:
-            log.info("created the command signing key %s", settings.signing_key_path)
         links.append(
             AmqpLink(
                 settings.amqp_url,
                 signing_key=key,
                 heartbeat_interval=settings.heartbeat_interval,
                 offline_after_missed=settings.offline_after_missed,
+                ssl_context=amqp_ssl_context(
+                    settings.amqp_url,
+                    settings.amqp_tls_ca,
+                    settings.amqp_tls_cert,
+                    settings.amqp_tls_key,
+                ),
             )
         )
     return Engine(settings, links)
@@ -105,7 +119,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         the_engine.sessions,
         settings.alert_webhooks,
         fmt=settings.alert_format,
-        base_url=settings.public_url or f"http://{settings.listen}",
+        base_url=settings.public_url
+        or f"{'https' if settings.tls_cert else 'http'}://{settings.listen}",
         attempts=settings.alert_attempts,
         backoff=settings.alert_backoff,
         on_result=engine_metrics.alert_result,
@@ -155,6 +170,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     app.include_router(auth.router)
     app.include_router(users.router)
     app.include_router(tokens.router)
+    app.include_router(agents.router)
     app.include_router(audit.router)
     app.include_router(tasks.router)
     app.include_router(hosts.router)

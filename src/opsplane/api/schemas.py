@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
-from typing import Any, Generic, Literal, TypeVar
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi import Query
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from opsplane.domain.errors import InvalidInput
 from opsplane.domain.policy import TaskPolicy
 from opsplane.store.tables import HostRow, RunRow
 
 T = TypeVar("T")
+# Far beyond any real page, and small enough that the row offset fits a 64-bit integer (a
+# larger page reached the database as an out-of-range offset: a 500).
+MAX_PAGE = 1_000_000_000
+PageNumber = Annotated[int, Query(ge=1, le=MAX_PAGE)]
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 class TargetsIn(BaseModel):
@@ -73,6 +81,14 @@ class TaskCreate(BaseModel):
     name: str = Field(default="", max_length=255)
     description: str = Field(default="", max_length=10_000)
     start: bool = Field(default=True, description="false: create now, POST .../start later")
+    env: dict[str, str] = Field(
+        default_factory=dict, description="environment variables for the command"
+    )
+    secret_env: dict[str, str] = Field(
+        default_factory=dict,
+        description="environment variables whose values are secret: encrypted at rest, "
+        "never returned by the API, only names in the audit trail",
+    )
     priority: int = Field(
         default=0, description="higher goes first when capacity is short (-1000..1000)"
     )
@@ -93,6 +109,23 @@ class TaskCreate(BaseModel):
     deadline: int | None = Field(
         default=None, description="seconds the whole task may take from its start"
     )
+
+    @field_validator("env", "secret_env")
+    @classmethod
+    def _environment(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, text in value.items():
+            if not ENV_NAME.fullmatch(name):
+                raise ValueError(f"{name!r} is not an environment variable name")
+            if "\x00" in text:
+                raise ValueError(f"the value of {name} contains a NUL byte")
+        return value
+
+    def environment(self) -> tuple[dict[str, str], dict[str, str]]:
+        """(plain, secret) environment; a name in both is refused."""
+        both = set(self.env) & set(self.secret_env)
+        if both:
+            raise InvalidInput(f"env and secret_env both set {', '.join(sorted(both))}")
+        return self.env, self.secret_env
 
     def policy(self) -> TaskPolicy | None:
         """The task's pacing, or None when the body asks for none of it."""

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from opsplane.domain.errors import ConfigError, InvalidInput
 from opsplane.domain.tasks import MAX_TIMEOUT_SECONDS, ExecSpec
+from opsplane.remoterun.scripts import SCRIPT_PATH_ENV, parse_sha256
 
 if TYPE_CHECKING:
     from opsplane.catalog.handlers import HandlerRegistry
@@ -98,6 +99,8 @@ class ExternalTask(BaseModel):
     collected: bool
     # opsplane's addition: the run's execution timeout in seconds (default: the server's).
     timeout: int | None = Field(default=None, gt=0, le=MAX_TIMEOUT_SECONDS)
+    # opsplane's addition: the SHA-256 of the approved script file; a changed file is refused.
+    sha256: str | None = None
 
 
 # Body parsing -------------------------------------------------------------------------------
@@ -184,6 +187,24 @@ class ExternalEntry(CatalogEntry):
     args: tuple[str, ...]
     collected: bool
     collect_dir: Path
+    # The pinned SHA-256 of ``script_file`` (lower-case hex), or None.
+    sha256: str | None = None
+    # Set per call (``CatalogService``) for a pinned entry: the verified copy that runs in
+    # place of ``script_file``.
+    run_path: Path | None = None
+
+    @property
+    def script_file(self) -> Path | None:
+        """The file this entry runs (what ``sha256`` pins): the collected script, or an
+        absolute program path of a non-shell entry. None for an inline shell command or a
+        program looked up on ``$PATH``."""
+        if self.language in SHELL_LANGUAGES:
+            head = _split_first_word(self.executable)[0]
+            return self._collected_path(head) if self.collected else None
+        path = shlex.split(self.executable)[0]
+        if self.collected:
+            return self._collected_path(path)
+        return Path(path) if PurePosixPath(path).is_absolute() else None
 
     def parse_body(self, raw: bytes) -> tuple[str, ...]:
         return parse_string_array(raw)
@@ -204,18 +225,25 @@ class ExternalEntry(CatalogEntry):
         """
         if self.language in SHELL_LANGUAGES:
             head, rest = _split_first_word(self.executable)
-            if self.collected:
+            if self.run_path is not None:
+                head = shlex.quote(str(self.run_path))
+            elif self.collected:
                 head = shlex.quote(str(self._collected_path(head)))
             words = [head, rest] if rest else [head]
             return (self.language, "-c", " ".join([*words, *self.args, *body]))
         path, *extras = shlex.split(self.executable)
         program = str(self._collected_path(path)) if self.collected else path
+        if self.run_path is not None:
+            program = str(self.run_path)
         tail = (*extras, *self.args, *body)
         if self.language == "binary":
             return (program, *tail)
         return (self.language, program, *tail)
 
     def exec_spec(self, body: Any) -> ExecSpec:
+        if self.run_path is not None and self.script_file is not None:
+            # The script runs from its verified copy; this says where it came from.
+            return ExecSpec(argv=self.argv(body), env={SCRIPT_PATH_ENV: str(self.script_file)})
         return ExecSpec(argv=self.argv(body))
 
     def command_text(self, body: Any) -> str:
@@ -336,6 +364,7 @@ def _entry(index: int, item: Any, collect_dir: Path, source: str) -> ExternalEnt
     path = _executable_path(task, fail)
     if task.collected:
         _check_collected(task, path, collect_dir, fail)
+    sha256 = _check_pin(task, path, fail) if task.sha256 is not None else None
     return ExternalEntry(
         name=task.name,
         cluster_type=task.cluster_type,
@@ -346,7 +375,32 @@ def _entry(index: int, item: Any, collect_dir: Path, source: str) -> ExternalEnt
         args=tuple(task.args),
         collected=task.collected,
         collect_dir=collect_dir,
+        sha256=sha256,
     )
+
+
+def _check_pin(task: ExternalTask, path: str, fail: _Fail) -> str:
+    """The entry's pin in lower case, once it is one and pins a script file."""
+    try:
+        sha256 = parse_sha256(task.sha256)
+    except ValueError as e:
+        raise fail(f"sha256: {e}") from e
+    if task.collected:
+        return sha256
+    if task.language in SHELL_LANGUAGES:
+        raise fail(
+            f"sha256 pins a script file, but with language {task.language} and collected: "
+            "false the executable is an inline shell command; collect the script "
+            "(collected: true) or use language binary with its absolute path"
+        )
+    if not PurePosixPath(path).is_absolute():
+        raise fail(
+            f"sha256 pins a script file: with collected: false, executable {path!r} must be "
+            "an absolute path (not one looked up on $PATH or relative to the working directory)"
+        )
+    if not Path(path).is_file():
+        raise fail(f"executable {path!r} not found (its sha256 cannot be checked)")
+    return sha256
 
 
 def _executable_path(task: ExternalTask, fail: _Fail) -> str:
@@ -421,6 +475,8 @@ def describe_routes(entries: Iterable[CatalogEntry]) -> list[str]:
     for entry in entries:
         if isinstance(entry, ExternalEntry):
             what = f"{entry.language} {entry.executable}"
+            if entry.sha256 is not None:
+                what += f" (pinned sha256 {entry.sha256[:12]}…)"
         elif isinstance(entry, InternalEntry):
             what = f"in-process {entry.handler}"
         else:  # pragma: no cover - no other kinds

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from opsplane.catalog.logfile import RunRecord, TaskLogs
-from opsplane.catalog.registry import Catalog, CatalogEntry, describe_routes
+from opsplane.catalog.registry import Catalog, CatalogEntry, ExternalEntry, describe_routes
 from opsplane.domain.errors import Conflict, InvalidInput, NotFound, OpsplaneError
 from opsplane.domain.states import TERMINAL_TASK_STATUSES, RunStatus, TaskStatus
 from opsplane.domain.targeting import Targets
@@ -29,6 +30,7 @@ from opsplane.domain.tasks import TaskRequest
 from opsplane.engine.core import Engine
 from opsplane.engine.hub import Subscription
 from opsplane.engine.service import BeforeCommit
+from opsplane.remoterun.scripts import VERIFIED_DIR, VerifiedCopies, file_sha256, short_hash
 from opsplane.store.tables import RunRow
 
 log = logging.getLogger(__name__)
@@ -162,10 +164,13 @@ class CatalogService:
         self._sessions: dict[str, _Session] = {}
         self._watchers: set[asyncio.Task[None]] = set()
         self._cleanup: asyncio.Task[None] | None = None
+        # Pinned entries (``sha256``) run from copies verified at each call.
+        self._copies = VerifiedCopies(engine.settings.data_dir / VERIFIED_DIR)
 
     async def start(self) -> None:
         for line in describe_routes(self.catalog.entries):
             log.info("catalog route %s", line)
+        await asyncio.to_thread(self._warn_changed_pins)
         self._cleanup = asyncio.create_task(self._cleanup_loop(), name="catalog-cleanup")
 
     async def stop(self) -> None:
@@ -277,6 +282,46 @@ class CatalogService:
 
     # Internals --------------------------------------------------------------------------
 
+    def _warn_changed_pins(self) -> None:
+        """Say at start which pinned scripts would be refused. Not fatal: the other routes
+        still work, and each call of a changed one is refused with the reason."""
+        for entry in self.catalog.entries:
+            if not isinstance(entry, ExternalEntry) or entry.sha256 is None:
+                continue
+            assert entry.script_file is not None  # checked at load
+            try:
+                actual = file_sha256(entry.script_file)
+            except OSError as e:
+                log.warning(
+                    "catalog route %s: cannot read %s: %s", entry.sync_path, entry.script_file, e
+                )
+                continue
+            if actual != entry.sha256:
+                log.warning(
+                    "catalog route %s: %s changed since it was approved (sha256 %s, found %s); "
+                    "its calls will be refused",
+                    entry.sync_path,
+                    entry.script_file,
+                    short_hash(entry.sha256),
+                    short_hash(actual),
+                )
+
+    async def _verified(self, entry: CatalogEntry) -> CatalogEntry:
+        """A pinned entry bound to the verified copy of its script (``ScriptChanged`` when
+        the file's content is not the pinned one); any other entry as it is."""
+        if not isinstance(entry, ExternalEntry) or entry.sha256 is None:
+            return entry
+        source = entry.script_file
+        assert source is not None  # checked at load
+        copy = await asyncio.to_thread(
+            self._copies.verified,
+            source,
+            entry.sha256,
+            label=f"catalog task {entry.slug}/{entry.name}: script {source}",
+            hint="If the change is wanted, put its new sha256 in the catalog and restart.",
+        )
+        return dataclasses.replace(entry, run_path=copy)
+
     def _session(self, session_id: str) -> _Session:
         session = self._sessions.get(session_id)
         if session is None:
@@ -294,6 +339,8 @@ class CatalogService:
         allowed_groups: frozenset[str] | None = None,
         before_commit: BeforeCommit | None = None,
     ) -> _Session:
+        # A pinned script is checked before anything is created: a refusal runs nothing.
+        entry = await self._verified(entry)
         request = TaskRequest(
             command=entry.command_text(body),
             targets=Targets(hosts=(self.engine.settings.local_host,)),

@@ -259,10 +259,11 @@ class ApiClient:
         name: str | None = None,
         upload: tuple[str, str] | None = None,
         labels: Mapping[str, str] | None = None,
-        policy: Json | None = None,
+        extra: Json | None = None,
     ) -> Json:
+        """``extra``: more body fields (policy, environment)."""
         body: Json = {
-            **(policy or {}),
+            **(extra or {}),
             "command": command,
             "targets": {
                 "hosts": list(hosts or []),
@@ -369,6 +370,16 @@ class ApiClient:
 
     def revoke_token(self, token_id: str) -> Json:
         return self._json("POST", f"/tokens/{_seg(token_id)}/revoke")
+
+    def create_enrollment_token(self, body: Json) -> Json:
+        return self._json("POST", "/agents/tokens", body=body)
+
+    def list_agents(self) -> list[Json]:
+        items = self._json("GET", "/agents").get("items", [])
+        return [item for item in items if isinstance(item, dict)]
+
+    def revoke_agent(self, name: str) -> Json:
+        return self._json("POST", f"/agents/{_seg(name)}/revoke")
 
     def list_audit(self, params: Mapping[str, Any]) -> Json:
         return self._json("GET", "/audit", params=params)

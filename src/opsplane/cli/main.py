@@ -5,14 +5,17 @@ from __future__ import annotations
 import dataclasses
 import socket
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from opsplane.cli import audit, hosts, run, tasks, tokens, users
+from opsplane.cli import agents, audit, hosts, run, scripts, tasks, tokens, users
 from opsplane.cli.client import ClientOptions
 from opsplane.config import DEFAULT_GRPC_LISTEN, Settings, load_settings
 from opsplane.domain.errors import ConfigError
+
+if TYPE_CHECKING:
+    from opsplane.agent.config import AgentConfig
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -40,7 +43,9 @@ app.add_typer(hosts.app, name="hosts", help="List and inspect hosts")
 app.add_typer(tasks.app, name="tasks", help="List, inspect, cancel and follow tasks")
 app.add_typer(users.app, name="users", help="Add, list and change users (admin)")
 app.add_typer(tokens.app, name="tokens", help="Create, list and revoke API tokens (admin)")
+app.add_typer(agents.app, name="agents", help="Enroll, list and revoke agents (admin)")
 app.add_typer(audit.app, name="audit", help="Read, export and verify the audit trail (admin)")
+app.add_typer(scripts.app, name="scripts", help="Approve seed-003 scripts by content hash")
 
 ConfigOpt = Annotated[
     Path | None, typer.Option("--config", envvar="OPSPLANE_CONFIG_FILE", help="YAML settings file")
@@ -116,12 +121,18 @@ def server(
     catalog_logs_dir: CatalogLogsDirOpt = None,
     catalog_session_retention: CatalogRetentionOpt = None,
     script_dir: ScriptDirOpt = None,
+    tls_cert: Annotated[
+        Path | None, typer.Option(help="certificate (PEM): serve the API over HTTPS")
+    ] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="the HTTPS certificate's key")] = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Start the control plane: the REST API and the gRPC agent endpoint."""
     _start_control_plane(
         "server",
         verbose,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
         config_file=config,
         listen=listen,
         grpc_listen=grpc_listen,
@@ -189,8 +200,39 @@ def agent(
         Path | None,
         typer.Option(envvar="OPSPLANE_AGENT_STATE_DIR", help="durable spool of runs and results"),
     ] = None,
+    # TLS (issue 9, docs/tls.md).
     tls_ca: Annotated[
-        Path | None, typer.Option(help="CA certificate: connect with TLS, verifying the server")
+        Path | None,
+        typer.Option(
+            envvar="OPSPLANE_AGENT_TLS_CA",
+            help="CA certificate: connect with TLS, verifying the server against this CA only "
+            "(the control plane's <data dir>/tls/ca.pem)",
+        ),
+    ] = None,
+    tls_cert: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="OPSPLANE_AGENT_TLS_CERT",
+            help="client certificate for mutual TLS (opsplane keys client-cert NAME)",
+        ),
+    ] = None,
+    tls_key: Annotated[
+        Path | None,
+        typer.Option(envvar="OPSPLANE_AGENT_TLS_KEY", help="the client certificate's key"),
+    ] = None,
+    tls_server_name: Annotated[
+        str | None,
+        typer.Option(help="check the server's certificate for this name, not --server's host"),
+    ] = None,
+    amqp_tls_ca: Annotated[
+        Path | None,
+        typer.Option(help="CA that RabbitMQ's certificate must chain to (amqps://) [system CAs]"),
+    ] = None,
+    amqp_tls_cert: Annotated[
+        Path | None, typer.Option(help="client certificate for RabbitMQ (amqps://)")
+    ] = None,
+    amqp_tls_key: Annotated[
+        Path | None, typer.Option(help="the RabbitMQ client certificate's key")
     ] = None,
     allow_plaintext: Annotated[
         bool, typer.Option(help="allow plaintext to a non-loopback server (trusted networks)")
@@ -227,6 +269,50 @@ def agent(
             help="refuse RabbitMQ commands whose timestamp is further off than this (seconds)",
         ),
     ] = 300.0,
+    # Agent-side policy (issue 9, docs/agent-policy.md).
+    deny: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--deny",
+            metavar="PATTERN",
+            help="refuse commands this regular expression matches anywhere (repeatable)",
+        ),
+    ] = None,
+    allow: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allow",
+            metavar="PATTERN",
+            help="run only commands one of these regular expressions matches whole (repeatable)",
+        ),
+    ] = None,
+    run_as: Annotated[
+        str | None,
+        typer.Option(
+            "--run-as",
+            metavar="USER",
+            envvar="OPSPLANE_AGENT_RUN_AS",
+            help="run every command as this user (name or uid); needs the agent to be root",
+        ),
+    ] = None,
+    # Enrollment (issue 9, docs/security.md).
+    enroll_token: Annotated[
+        str | None,
+        typer.Option(
+            "--enroll",
+            metavar="TOKEN",
+            envvar="OPSPLANE_AGENT_ENROLL_TOKEN",
+            help="enroll once with this token (opsplane agents token), then run",
+        ),
+    ] = None,
+    api_url: Annotated[
+        str | None,
+        typer.Option(
+            "--api-url",
+            envvar="OPSPLANE_AGENT_API_URL",
+            help="the control plane's HTTP API, for --enroll (https with --tls-ca)",
+        ),
+    ] = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Start an agent: dial the control plane (or join RabbitMQ with --amqp-url), run what it
@@ -249,14 +335,24 @@ def agent(
             groups=tuple(group or ()),
             labels=labels,
             tls_ca=tls_ca,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            tls_server_name=tls_server_name or None,
+            amqp_tls_ca=amqp_tls_ca,
+            amqp_tls_cert=amqp_tls_cert,
+            amqp_tls_key=amqp_tls_key,
             allow_plaintext=allow_plaintext,
             amqp_url=amqp_url or None,
             control_plane_key=control_plane_key or None,
             heartbeat_interval=heartbeat_interval,
             replay_window=replay_window,
+            deny=tuple(deny or ()),
+            allow=tuple(allow or ()),
+            run_as=run_as or None,
         )
         if state_dir is not None:
             config = dataclasses.replace(config, state_dir=state_dir)
+        config = _with_enrollment(config, enroll_token, api_url, explicit_groups=bool(group))
     except ConfigError as e:
         typer.secho(f"error: {e}", fg="red", err=True)
         raise typer.Exit(2) from e
@@ -266,6 +362,40 @@ def agent(
     except ConfigError as e:  # e.g. an unreadable agent key or a state dir in use
         typer.secho(f"error: {e}", fg="red", err=True)
         raise typer.Exit(2) from e
+
+
+def _with_enrollment(
+    config: AgentConfig, token: str | None, api_url: str | None, *, explicit_groups: bool
+) -> AgentConfig:
+    """Enroll now (``--enroll``), or read an earlier enrollment from the state directory; an
+    enrolled agent takes its groups and the pinned control-plane key from it."""
+    from opsplane.agent.enroll import PINNED_KEY_FILE, enroll, enrolled
+
+    if token:
+        if not api_url:
+            raise ConfigError("--enroll needs --api-url: where the control plane's API listens")
+        enrollment = enroll(api_url, token, config.name, config.state_dir, ca=config.tls_ca)
+        typer.echo(
+            f"enrolled as {enrollment.name} for groups: {', '.join(enrollment.groups) or '-'}",
+            err=True,
+        )
+    else:
+        found = enrolled(config.state_dir)
+        if found is None:
+            return config
+        enrollment = found
+    if enrollment.name != config.name:
+        raise ConfigError(
+            f"{config.state_dir} holds the enrollment of {enrollment.name}, not {config.name}"
+        )
+    extra = set(config.groups) - set(enrollment.groups)
+    if explicit_groups and extra:
+        raise ConfigError(f"--group {', '.join(sorted(extra))}: not allowed by the enrollment")
+    return dataclasses.replace(
+        config,
+        groups=config.groups if explicit_groups else enrollment.groups,
+        control_plane_key=config.control_plane_key or str(config.state_dir / PINNED_KEY_FILE),
+    )
 
 
 @app.command()
@@ -340,21 +470,103 @@ def db_upgrade(
 
 
 keys_app = typer.Typer(no_args_is_help=True)
-app.add_typer(keys_app, name="keys", help="The control plane's command-signing key")
+app.add_typer(
+    keys_app, name="keys", help="The control plane's command-signing key and TLS certificates"
+)
 
 
 @keys_app.command("init")
-def keys_init(config: ConfigOpt = None, data_dir: DataDirOpt = None) -> None:
-    """Create the control plane's Ed25519 signing key (once) and print its public key, which
-    every RabbitMQ agent pins with --control-plane-key."""
+def keys_init(
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+    san: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--san",
+            metavar="NAME",
+            help="another DNS name or IP address agents reach the gRPC endpoint by (repeatable)",
+        ),
+    ] = None,
+    renew_server: Annotated[
+        bool,
+        typer.Option(help="issue a new gRPC server certificate (same CA: agents keep theirs)"),
+    ] = False,
+) -> None:
+    """Create, once, the control plane's Ed25519 signing key (its public key, printed, is what
+    RabbitMQ agents pin with --control-plane-key) and a small CA with a gRPC server
+    certificate under <data dir>/tls (docs/tls.md)."""
     from opsplane.security.signing import load_or_create_private_key, public_key_text
+    from opsplane.security.tls import TlsFiles, init_tls
 
     settings = _settings(config_file=config, data_dir=data_dir)
-    key, created = load_or_create_private_key(settings.signing_key_path)
+    try:
+        key, created = load_or_create_private_key(settings.signing_key_path)
+        tls = init_tls(
+            TlsFiles.of(settings.data_dir), extra_names=san or (), renew_server=renew_server
+        )
+    except ConfigError as e:
+        typer.secho(f"error: {e}", fg="red", err=True)
+        raise typer.Exit(2) from e
     verb = "created" if created else "already exists"
     typer.echo(f"signing key {verb}: {settings.signing_key_path}", err=True)
+    files = tls.files
+    typer.echo(
+        f"TLS CA {'created' if tls.ca_created else 'already exists'}: {files.ca_cert} "
+        f"(key {files.ca_key}, mode 0600)",
+        err=True,
+    )
+    typer.echo(
+        f"gRPC server certificate {'created' if tls.server_created else 'already exists'}: "
+        f"{files.server_cert}, valid until {tls.server_expires:%Y-%m-%d}, for "
+        f"{', '.join(tls.server_names)}",
+        err=True,
+    )
+    if tls.missing_names:
+        typer.secho(
+            f"  it lacks {', '.join(tls.missing_names)}: add with `opsplane keys init "
+            f"--renew-server{''.join(f' --san {n}' for n in tls.missing_names)}`",
+            fg="yellow",
+            err=True,
+        )
+    typer.echo(
+        "  the gRPC endpoint serves it unless grpc_tls_cert/grpc_tls_key are set (restart the "
+        f"server); copy {files.ca_cert} to each agent and start it with\n"
+        f"  opsplane agent --server HOST:PORT --tls-ca /path/to/ca.pem",
+        err=True,
+    )
     typer.echo(f"public key (also in {settings.signing_key_path.with_suffix('.pub')}):", err=True)
     typer.echo(public_key_text(key.public_key()))
+
+
+@keys_app.command("client-cert")
+def keys_client_cert(
+    name: Annotated[str, typer.Argument(help="the agent's name (its --name)")],
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+    overwrite: Annotated[
+        bool, typer.Option(help="replace an existing certificate of that name")
+    ] = False,
+) -> None:
+    """Issue a client certificate (1 year) for the agent NAME, signed by the control plane's CA,
+    for mutual TLS (grpc_tls_client_ca). The control plane accepts it only from an agent of that
+    name."""
+    from opsplane.security.tls import TlsFiles, issue_client_cert
+
+    settings = _settings(config_file=config, data_dir=data_dir)
+    files = TlsFiles.of(settings.data_dir)
+    try:
+        cert, key = issue_client_cert(files, name, overwrite=overwrite)
+    except ConfigError as e:
+        typer.secho(f"error: {e}", fg="red", err=True)
+        raise typer.Exit(2) from e
+    typer.echo(f"client certificate: {cert}", err=True)
+    typer.echo(f"key (mode 0600): {key}", err=True)
+    typer.echo(
+        f"copy both and {files.ca_cert} to the agent (keep the key 0600) and start it with\n"
+        f"  opsplane agent --name {name} --server HOST:PORT --tls-ca ca.pem "
+        f"--tls-cert {cert.name} --tls-key {key.name}",
+        err=True,
+    )
 
 
 def main() -> None:

@@ -20,8 +20,10 @@ from fastapi import FastAPI
 
 from opsplane.api.app import create_app
 from opsplane.config import Settings, split_host_port
+from opsplane.domain.errors import ConfigError
 from opsplane.engine.core import Engine
 from opsplane.security.service import SecurityService
+from opsplane.security.tls import TlsFiles
 
 DEMO_AGENTS = (("demo-1", "web"), ("demo-2", "web"), ("demo-3", "db"))
 
@@ -53,10 +55,14 @@ class _Server(uvicorn.Server):
 
 def _uvicorn_server(settings: Settings) -> _Server:
     host, port = split_host_port(settings.listen)
+    if (settings.tls_cert is None) != (settings.tls_key is None):
+        raise ConfigError("tls_cert and tls_key go together (HTTPS for the API)")
     app = create_app(settings)
+    # HTTPS when tls_cert/tls_key are set (docs/tls.md); uvicorn loads them at start.
     config = uvicorn.Config(
-        app, host=host, port=port, lifespan="on", log_config=None, access_log=False
-    )
+        app, host=host, port=port, lifespan="on", log_config=None, access_log=False,
+        ssl_certfile=settings.tls_cert, ssl_keyfile=settings.tls_key,
+    )  # fmt: skip
     return _Server(config, app.state.engine)
 
 
@@ -97,7 +103,7 @@ async def _demo(settings: Settings) -> None:
     await security.bootstrap(generate=False)
     credentials = await security.ensure_demo_admin()
     serving = asyncio.create_task(server.serve())
-    url = f"http://{settings.listen}"
+    url = f"{'https' if settings.tls_cert else 'http'}://{settings.listen}"
     if not await _wait_ready(url, serving):
         with contextlib.suppress(BaseException):
             await serving
@@ -129,7 +135,9 @@ async def _demo(settings: Settings) -> None:
 async def _wait_ready(url: str, serving: asyncio.Task[None], within: float = 30.0) -> bool:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + within
-    async with httpx.AsyncClient() as client:
+    # Our own listener, asked only whether it is up: its certificate (maybe for another name
+    # than the listen address) needs no check here.
+    async with httpx.AsyncClient(verify=False) as client:
         while loop.time() < deadline and not serving.done():
             with contextlib.suppress(httpx.HTTPError):
                 if (await client.get(f"{url}/readyz", timeout=2.0)).status_code == 200:
@@ -148,6 +156,10 @@ def _spawn_agent(settings: Settings, name: str, group: str) -> subprocess.Popen[
         "--label", "env=demo",
         "--state-dir", str(state_dir),
     ]  # fmt: skip
+    tls = TlsFiles.of(settings.data_dir)
+    if settings.grpc_tls_cert is None and tls.server_cert.exists():
+        # The endpoint serves the certificate `opsplane keys init` made (docs/tls.md).
+        argv += ["--tls-ca", str(tls.ca_cert)]
     return subprocess.Popen(argv, env=os.environ.copy())
 
 

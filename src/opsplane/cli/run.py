@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -154,6 +155,17 @@ def run_command(
         int | None,
         typer.Option("--deadline", min=1, help="Seconds the whole task may take.", **PACING),
     ] = None,
+    env: Annotated[
+        list[str] | None,
+        typer.Option("--env", "-e", help="NAME=VALUE for the command (repeatable)."),
+    ] = None,
+    secret_env: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--secret-env",
+            help="NAME=VALUE, or NAME to take $NAME from here: encrypted at rest, never shown.",
+        ),
+    ] = None,
     delivery_deadline: Annotated[
         int | None,
         typer.Option(
@@ -206,8 +218,33 @@ def run_command(
         name=name,
         as_json=as_json,
         labels=labels,
-        policy={key: value for key, value in pacing.items() if value is not None},
+        extra={
+            **{key: value for key, value in pacing.items() if value is not None},
+            "env": _assignments(ctx, env or [], "--env"),
+            "secret_env": _assignments(ctx, secret_env or [], "--secret-env", from_environ=True),
+        },
     )
+
+
+def _assignments(
+    ctx: typer.Context, items: list[str], option: str, *, from_environ: bool = False
+) -> dict[str, str]:
+    """``NAME=VALUE`` pairs; with ``from_environ``, a bare ``NAME`` takes this process's
+    ``$NAME``, so that a secret need not appear on a command line (or in ps)."""
+    values: dict[str, str] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep:
+            if not from_environ or name not in os.environ:
+                wanted = (
+                    "NAME=VALUE or NAME (set in your environment)"
+                    if from_environ
+                    else ("NAME=VALUE")
+                )
+                raise typer.BadParameter(f"{option} wants {wanted}, got {item!r}", ctx=ctx)
+            value = os.environ[name]
+        values[name] = value
+    return values
 
 
 def push_command(
@@ -270,7 +307,7 @@ def _submit_and_follow(
     as_json: bool,
     upload: tuple[str, str] | None = None,
     labels: dict[str, str] | None = None,
-    policy: Json | None = None,
+    extra: Json | None = None,
 ) -> None:
     submit_and_follow(
         ctx,
@@ -283,7 +320,7 @@ def _submit_and_follow(
             name=name,
             upload=upload,
             labels=labels,
-            policy=policy,
+            extra=extra,
         ),
         as_json=as_json,
     )

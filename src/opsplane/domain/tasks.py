@@ -21,6 +21,8 @@ class ExecSpec:
     handler: str | None = None
     args: tuple[str, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
+    # Environment values marked secret, encrypted (security/secrets.py): name -> ciphertext.
+    secret_env: dict[str, str] = field(default_factory=dict)
     cwd: str | None = None
     # Upload tasks: copy this file or directory of the control plane to remote_path.
     local_path: str | None = None
@@ -31,6 +33,8 @@ class ExecSpec:
 
     def to_json(self) -> dict[str, object]:
         extra: dict[str, object] = {"meta": dict(self.meta)} if self.meta else {}
+        if self.secret_env:
+            extra["secret_env"] = dict(self.secret_env)
         return {
             **extra,
             "local_path": self.local_path,
@@ -49,12 +53,14 @@ class ExecSpec:
         argv = data.get("argv")
         args = data.get("args") or []
         env = data.get("env") or {}
-        assert isinstance(args, list) and isinstance(env, dict)
+        secret_env = data.get("secret_env") or {}
+        assert isinstance(args, list) and isinstance(env, dict) and isinstance(secret_env, dict)
         return cls(
             argv=tuple(str(a) for a in argv) if isinstance(argv, list) else None,
             handler=str(data["handler"]) if data.get("handler") else None,
             args=tuple(str(a) for a in args),
             env={str(k): str(v) for k, v in env.items()},
+            secret_env={str(k): str(v) for k, v in secret_env.items()},
             cwd=str(data["cwd"]) if data.get("cwd") else None,
             local_path=str(data["local_path"]) if data.get("local_path") else None,
             remote_path=str(data["remote_path"]) if data.get("remote_path") else None,

@@ -13,13 +13,14 @@ and by total size; :class:`ArchivePruner` calls it periodically.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+
+from opsplane.engine.background import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -243,11 +244,8 @@ class ArchivePruner:
             self._task = asyncio.create_task(self._loop(), name="archive-pruner")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     async def run_once(self) -> PruneResult:
         result = await self._archive.prune()

@@ -9,7 +9,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections import Counter
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -27,11 +28,13 @@ from opsplane.engine.monitor import Monitor
 from opsplane.engine.scheduler import Scheduler
 from opsplane.engine.service import TaskService
 from opsplane.engine.sshapi import SshApi
+from opsplane.security.agents import AgentRegistry
+from opsplane.security.secrets import SecretBox
 from opsplane.store import queries
 from opsplane.store.database import create_engine, session_factory
 from opsplane.store.migrate import upgrade_to_head
-from opsplane.store.tables import TaskRow
-from opsplane.transport.base import AgentHello, HostReport, Link
+from opsplane.store.tables import AgentRow, TaskRow
+from opsplane.transport.base import AgentHello, AgentKey, HostReport, Link
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +64,8 @@ class Engine:
             linger=settings.ingest_linger,
             redactor=Redactor(settings.redact_patterns),
         )
-        self.dispatcher = Dispatcher(self.write, self.links)
+        self.secrets = SecretBox(settings.secret_key_path)
+        self.dispatcher = Dispatcher(self.write, self.links, secrets=self.secrets)
         self.scheduler = Scheduler(
             self.write,
             self.dispatcher,
@@ -95,6 +99,11 @@ class Engine:
             start_timeout=settings.start_timeout,
             silent_links=[n for n, link in self.links.items() if not link.liveness_by_heartbeat],
         )
+        self.agents = AgentRegistry(
+            self.sessions, self.write, require_enrollment=settings.require_enrollment
+        )
+        # Messages the links refused, by (link, reason): the metrics read them.
+        self.refused: Counter[tuple[str, str]] = Counter()
         self.ready = False
 
     @asynccontextmanager
@@ -122,6 +131,7 @@ class Engine:
             for name, link in self.links.items():
                 if link.liveness_by_heartbeat:
                     await queries.mark_all_hosts(changes.session, "offline", link=name)
+        await self.agents.load()
         await self.ingest.start()
         await self.archive_pruner.start()
         for link in self.links.values():
@@ -173,6 +183,23 @@ class Engine:
 
     async def report(self, report: HostReport) -> asyncio.Future[None]:
         return await self.ingest.report(report)
+
+    async def revoke_agent(self, name: str, *, revoked_by: str) -> AgentRow:
+        """Revoke an enrolled agent and drop its live connections."""
+        row = await self.agents.revoke(name, revoked_by=revoked_by)
+        for link in self.links.values():
+            await link.drop(name, f"agent {name} was revoked")
+        return row
+
+    def agent_refusal(self, hostname: str, public_key: str, groups: Iterable[str]) -> str | None:
+        return self.agents.refusal(hostname, public_key, groups)
+
+    def agent_key(self, hostname: str) -> AgentKey | None:
+        identity = self.agents.identity(hostname)
+        return AgentKey(identity.key, identity.revoked) if identity is not None else None
+
+    def message_refused(self, link: str, reason: str) -> None:
+        self.refused[(link, reason)] += 1
 
     async def handle_host_connection_change(
         self, hello_or_name: AgentHello | str, connected: bool, link: str = "grpc"

@@ -13,10 +13,11 @@ from collections.abc import Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field, replace
 
-from opsplane.domain.errors import TransportError
+from opsplane.domain.errors import ConfigError, TransportError
 from opsplane.domain.states import RunStatus
 from opsplane.domain.tasks import ExecSpec
 from opsplane.engine.changes import Changes
+from opsplane.security.secrets import SecretBox
 from opsplane.store import queries
 from opsplane.store.tables import HostRow, RunRow, TaskRow, utcnow
 from opsplane.transport.base import CommandEnvelope, Fanout, Link, UploadSpec
@@ -71,10 +72,12 @@ class Dispatcher:
         write: Callable[[], AbstractAsyncContextManager[Changes]],
         links: Mapping[str, Link],
         *,
+        secrets: SecretBox | None = None,
         max_in_flight_sends: int = 500,
     ) -> None:
         self._write = write
         self._links = links
+        self._secrets = secrets
         self._send_slots = asyncio.Semaphore(max_in_flight_sends)
 
     def mark_deliverable(
@@ -85,6 +88,12 @@ class Dispatcher:
         now = utcnow()
         spec = ExecSpec.from_json(task.spec)
         deliver_by = task.deliver_by.timestamp() if task.deliver_by is not None else None
+        try:
+            env = {**spec.env, **self._open_secrets(spec)}
+        except ConfigError as e:
+            for run in runs:
+                changes.move(run, RunStatus.UNDELIVERABLE, error=str(e))
+            return DispatchPlan()
         by_link: dict[str, list[Dispatch]] = {}
         for run in runs:
             host = hosts.get(run.host)
@@ -104,7 +113,7 @@ class Dispatcher:
                 timeout=task.timeout,
                 user=task.created_by,
                 deliver_by=deliver_by,
-                env=spec.env,
+                env=env,
                 argv=spec.argv,
                 handler=spec.handler,
                 args=spec.args,
@@ -121,6 +130,13 @@ class Dispatcher:
             else:
                 plan.unicast.extend(dispatches)
         return plan
+
+    def _open_secrets(self, spec: ExecSpec) -> dict[str, str]:
+        if not spec.secret_env:
+            return {}
+        if self._secrets is None:
+            raise ConfigError("the task has secret parameters but no secret key is configured")
+        return self._secrets.open(spec.secret_env)
 
     @staticmethod
     def _plan_fanout(

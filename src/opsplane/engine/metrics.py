@@ -26,7 +26,7 @@ from prometheus_client import (
     PlatformCollector,
     ProcessCollector,
 )
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -72,6 +72,14 @@ class _FleetCollector(Collector):
         self._metrics = metrics
 
     def collect(self) -> Iterator[Metric]:
+        refused = CounterMetricFamily(
+            "opsplane_messages_refused",
+            "Agent messages refused: bad_signature, stale, revoked, refused_agent",
+            labels=["link", "reason"],
+        )
+        for (link, reason), count in sorted(self._metrics.refused.items()):
+            refused.add_metric([link, reason], count)
+        yield refused
         snapshot = self._metrics.snapshot
         if snapshot is None:
             return  # the database did not answer: no value beats a stale one
@@ -109,6 +117,8 @@ class EngineMetrics:
         self.registry = registry
         self.snapshot: _FleetSnapshot | None = None
         self._engine = engine
+        # The engine's count of refused messages, read at each scrape.
+        self.refused = engine.refused
         self._fleet_links = sorted(n for n in engine.links if n != LOCAL_LINK)
         self._heartbeat_links = sorted(set(engine.links) - _NO_HEARTBEAT_LINKS)
         self.tasks_finished = Counter(

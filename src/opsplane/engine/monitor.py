@@ -4,7 +4,6 @@ become ``lost``; heartbeat history is pruned. Each pass is a bounded batch (DESI
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
@@ -13,6 +12,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import delete
 
 from opsplane.domain.states import IN_FLIGHT_RUN_STATUSES, RunStatus
+from opsplane.engine.background import cancel_and_wait
 from opsplane.engine.changes import Changes
 from opsplane.store import queries
 from opsplane.store.tables import HeartbeatRow, utcnow
@@ -52,11 +52,8 @@ class Monitor:
         self._task = asyncio.create_task(self._loop(), name="monitor")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     async def _loop(self) -> None:
         passes = 0

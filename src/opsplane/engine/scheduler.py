@@ -24,6 +24,7 @@ from opsplane.domain.ids import new_id
 from opsplane.domain.policy import ERROR_STATUSES, TaskPolicy
 from opsplane.domain.states import IN_FLIGHT_RUN_STATUSES, RunStatus, TaskStatus
 from opsplane.engine.archive import LogArchive
+from opsplane.engine.background import cancel_and_wait
 from opsplane.engine.changes import Changes, run_event_data
 from opsplane.engine.dispatcher import CancelOrder, Dispatcher, DispatchPlan
 from opsplane.store import queries
@@ -88,11 +89,8 @@ class Scheduler:
         self._task = asyncio.create_task(self._loop(), name="scheduler")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     async def _loop(self) -> None:
         # After a restart, agents get a moment to reconnect before waiting runs are judged

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from opsplane.execution.capture import DEFAULT_CAP, OutputCapture
+from opsplane.execution.identity import Identity
 from opsplane.execution.process import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_KILL_GRACE,
@@ -19,6 +20,7 @@ __all__ = [
     "DEFAULT_CAP",
     "DEFAULT_CHUNK_SIZE",
     "DEFAULT_KILL_GRACE",
+    "Identity",
     "Outcome",
     "OutputCallback",
     "OutputCapture",

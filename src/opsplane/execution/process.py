@@ -22,6 +22,7 @@ from typing import IO, Any, Literal
 
 from opsplane.domain.errors import InvalidInput
 from opsplane.execution.capture import DEFAULT_CAP, OutputCapture
+from opsplane.execution.identity import Identity
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +89,11 @@ class ProcessRun:
     as it arrives and handed to ``on_output`` in order per stream; a raising callback is
     logged and never stops the run.
 
+    With ``run_as`` the command runs as that user, with the user's own groups, and with
+    ``HOME``, ``USER`` and ``LOGNAME`` naming it (``env`` still has the last word): a small
+    helper switches user and then execs the command, keeping its pid and process group.
+    Switching to another user needs root: without it the run fails with exit code 126.
+
     When the leader exits, whatever else is left in its process group is killed: a run owns
     everything it started. A command meant to outlive its run must leave the group
     (``setsid``).
@@ -108,6 +114,7 @@ class ProcessRun:
         kill_grace: float = DEFAULT_KILL_GRACE,
         output_cap: int = DEFAULT_CAP,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
+        run_as: Identity | None = None,
     ) -> None:
         self._argv = _build_argv(argv_or_command, shell=shell)
         if timeout is not None and not (timeout > 0 and math.isfinite(timeout)):
@@ -118,6 +125,9 @@ class ProcessRun:
             raise InvalidInput(f"chunk_size must be a positive number of bytes, got {chunk_size}")
         self._timeout = timeout
         self._env = None if env is None else {**os.environ, **env}
+        if run_as is not None:
+            self._argv = run_as.argv_for(self._argv)
+            self._env = {**os.environ, **run_as.env(), **(env or {})}
         self._cwd = cwd
         self._on_output = on_output
         self._on_started = on_started

@@ -33,7 +33,7 @@ from opsplane.domain.targeting import Targets
 from opsplane.domain.tasks import ExecSpec, TaskRequest
 from opsplane.engine.core import Engine
 from opsplane.engine.hub import Subscription
-from opsplane.remoterun.scripts import ScriptDirs, params_env
+from opsplane.remoterun.scripts import SCRIPT_PATH_ENV, ScriptDirs, ScriptPins, params_env
 from opsplane.store import queries
 from opsplane.store.tables import RunRow, TaskRow
 
@@ -139,6 +139,10 @@ class RemoteRunService:
     def __init__(self, engine: Engine, script_dirs: Sequence[Path], *, poll: float = _POLL) -> None:
         self._engine = engine
         self.scripts = ScriptDirs(script_dirs)
+        settings = engine.settings
+        self.pins = ScriptPins(settings.data_dir, required=settings.script_pins_required)
+        if self.scripts:
+            self.pins.load()  # a broken pins file stops the start (ConfigError), not a request
         self._poll = poll
 
     async def submit(
@@ -154,9 +158,14 @@ class RemoteRunService:
                 "no script directory is configured: start the server with --script-dir DIR"
             )
         script = self.scripts.resolve(request.script_path)
+        env = params_env(request.params)
+        # A pinned script runs from its verified copy: the bytes checked are the bytes run.
+        approved = await asyncio.to_thread(self.pins.check, script, request.script_path)
+        if approved.sha256 is not None:
+            env[SCRIPT_PATH_ENV] = str(script)
         spec = ExecSpec(
-            argv=(str(script),),
-            env=params_env(request.params),
+            argv=(str(approved.path),),
+            env=env,
             cwd=str(script.parent),
             meta={
                 "api": API,
@@ -164,6 +173,7 @@ class RemoteRunService:
                 "params": dict(request.params),
                 "priority": request.priority,
                 "retry": request.retry,
+                "sha256": approved.sha256,
             },
         )
         task = TaskRequest(

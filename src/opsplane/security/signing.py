@@ -52,6 +52,16 @@ def public_key_text(key: Ed25519PublicKey) -> str:
     return base64.b64encode(raw).decode()
 
 
+def parse_public_key(text: str) -> Ed25519PublicKey:
+    """A public key sent over the network: raw 32 bytes in base64, nothing else (never a file
+    name: what a peer sends must not make the control plane read its disk)."""
+    try:
+        raw = base64.b64decode(text, validate=True)
+        return Ed25519PublicKey.from_public_bytes(raw)
+    except (binascii.Error, ValueError) as e:
+        raise ValueError(f"not a base64 Ed25519 public key: {e}") from e
+
+
 def load_public_key(value: str | Path) -> Ed25519PublicKey:
     """A public key from base64 text, or from a file holding base64 text or PEM."""
     text = str(value).strip()

@@ -429,7 +429,11 @@ async def tasks_past_deadline(session: AsyncSession, now: datetime, *, limit: in
     stmt = (
         select(TaskRow)
         .where(
-            TaskRow.status == "running", TaskRow.deadline_at < now, TaskRow.stop_reason.is_(None)
+            TaskRow.status == "running",
+            TaskRow.deadline_at < now,
+            # A task stopped by max_errors or its canary still has runs on hosts: the
+            # deadline ends those too.
+            or_(TaskRow.stop_reason.is_(None), TaskRow.stop_reason != "deadline"),
         )
         .limit(limit)
     )

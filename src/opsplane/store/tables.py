@@ -347,3 +347,38 @@ class AuditChainRow(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
     last_id: Mapped[int] = mapped_column(BigInteger)
     last_hash: Mapped[str] = mapped_column(String(64))
+
+
+# Agent enrollment (issue 9): one-time tokens, and the agents enrolled with them.
+
+
+class EnrollmentTokenRow(Base):
+    """A one-time enrollment token: only its SHA-256 is kept; ``used_at`` spends it."""
+
+    __tablename__ = "enrollment_tokens"
+    __table_args__ = MYSQL_TABLE
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    # The groups an agent enrolled with this token may be in (and no others).
+    groups: Mapped[list[str]] = mapped_column()
+    created_by: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime]
+    used_at: Mapped[datetime | None]
+    used_by: Mapped[str | None] = mapped_column(String(255))
+
+
+class AgentRow(Base):
+    """An enrolled agent: its Ed25519 public key and the groups its token allowed."""
+
+    __tablename__ = "agents"
+    __table_args__ = MYSQL_TABLE
+
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)
+    public_key: Mapped[str] = mapped_column(String(255))
+    groups: Mapped[list[str]] = mapped_column()
+    token_id: Mapped[str] = mapped_column(String(36))
+    enrolled_at: Mapped[datetime] = mapped_column(default=utcnow)
+    revoked_at: Mapped[datetime | None]
+    revoked_by: Mapped[str | None] = mapped_column(String(255))

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import abc
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, ClassVar, Literal, Protocol
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 Stream = Literal["stdout", "stderr"]
 
@@ -137,6 +139,27 @@ class LinkEvents(Protocol):
         """Queue a report; the future completes once its effect is durable."""
         ...
 
+    def agent_refusal(self, hostname: str, public_key: str, groups: Iterable[str]) -> str | None:
+        """Why an agent saying hello is refused (not enrolled when enrollment is required,
+        revoked, another key, groups it was not enrolled for), or None. The link has checked
+        that the agent holds ``public_key``."""
+        ...
+
+    def agent_key(self, hostname: str) -> AgentKey | None:
+        """The enrolled key that messages claiming to come from ``hostname`` must be signed
+        with, or None for an agent that never enrolled."""
+        ...
+
+    def message_refused(self, link: str, reason: str) -> None:
+        """Count a message refused for its signature, its age, or its sender."""
+        ...
+
+
+@dataclass(frozen=True)
+class AgentKey:
+    key: Ed25519PublicKey
+    revoked: bool
+
 
 @dataclass(frozen=True)
 class Fanout:
@@ -180,6 +203,10 @@ class Link(abc.ABC):
         ``spec`` may carry secrets that only live in memory; links whose hosts dial in have no
         inventory and ignore this.
         """
+
+    async def drop(self, hostname: str, reason: str) -> None:  # noqa: B027
+        """Close ``hostname``'s live connection, if this link holds one (a revoked agent).
+        Links that check every message against the agent's key need do nothing."""
 
     async def send_fanout(self, fanout: Fanout) -> None:
         """Deliver one message to a group or to all; raises like ``send_command``."""

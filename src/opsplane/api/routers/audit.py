@@ -11,7 +11,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
 
 from opsplane.api.deps import Principal, get_security, require
-from opsplane.api.schemas import Page
+from opsplane.api.schemas import Page, PageNumber
 from opsplane.api.security_schemas import AuditOut, AuditVerifyOut
 from opsplane.security.roles import Permission
 from opsplane.security.service import SecurityService
@@ -43,7 +43,7 @@ async def list_audit(
     ] = None,
     since: Annotated[datetime | None, Query(description="from this time (ISO 8601)")] = None,
     until: Annotated[datetime | None, Query(description="before this time (ISO 8601)")] = None,
-    page: Annotated[int, Query(ge=1)] = 1,
+    page: PageNumber = 1,
     size: Annotated[int, Query(ge=1, le=1000)] = 100,
     format: Annotated[
         Literal["json", "jsonl"], Query(description="jsonl: every match, oldest first")

@@ -15,6 +15,7 @@ from opsplane.api.schemas import (
     HostRunOut,
     Items,
     Page,
+    PageNumber,
     RunOut,
 )
 from opsplane.config import split_host_port
@@ -33,7 +34,7 @@ async def list_hosts(
     _principal: PrincipalDep,
     group: Annotated[str | None, Query(max_length=255)] = None,
     status: Annotated[Literal["online", "offline", "unknown"] | None, Query()] = None,
-    page: Annotated[int, Query(ge=1)] = 1,
+    page: PageNumber = 1,
     size: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> Page[HostOut]:
     rows, total = await engine.hosts.list_hosts(status=status, group=group, page=page, size=size)
@@ -98,7 +99,7 @@ async def host_runs(
     name: str,
     engine: EngineDep,
     _principal: PrincipalDep,
-    page: Annotated[int, Query(ge=1)] = 1,
+    page: PageNumber = 1,
     size: Annotated[int, Query(ge=1, le=500)] = 50,
 ) -> Page[HostRunOut]:
     """The host's recent runs, newest first."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -15,7 +16,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from opsplane.api.access import check_task_allowed
 from opsplane.api.auditing import AuditDep
 from opsplane.api.deps import Principal, get_engine, require, require_principal
-from opsplane.api.schemas import Items, Page, RerunIn, RunOut, TaskCreate, TaskOut
+from opsplane.api.schemas import Items, Page, PageNumber, RerunIn, RunOut, TaskCreate, TaskOut
 from opsplane.domain.errors import InvalidInput
 from opsplane.domain.states import TERMINAL_TASK_STATUSES, TaskStatus
 from opsplane.domain.targeting import Targets, normalize_names
@@ -58,11 +59,14 @@ async def create_task(
     )
     spec = None
     command = body.command
+    env, secret_env = body.environment()
     if body.kind == "upload":
         if body.upload is None:
             raise InvalidInput("an upload task needs upload: {local_path, remote_path}")
         spec = ExecSpec(local_path=body.upload.local_path, remote_path=body.upload.remote_path)
         command = f"upload {body.upload.local_path} -> {body.upload.remote_path}"
+    if env or secret_env:
+        spec = replace(spec or ExecSpec(), env=env, secret_env=engine.secrets.seal(secret_env))
     request = TaskRequest(
         kind=body.kind,
         spec=spec,
@@ -84,6 +88,9 @@ async def create_task(
         "timeout": body.timeout,
         "start": body.start,
         "policy": request.policy.to_json() if request.policy else None,
+        # Names only: values may be secret (and secret_env's always are).
+        "env": sorted(env),
+        "secret_env": sorted(secret_env),
     }
     async with audit.failures(
         "task.create", targets=targets_summary(body.targets.model_dump()), detail=detail
@@ -99,7 +106,7 @@ async def list_tasks(
     _principal: PrincipalDep,
     status_filter: Annotated[TaskStatus | None, Query(alias="status")] = None,
     name: Annotated[str | None, Query(max_length=255)] = None,
-    page: Annotated[int, Query(ge=1)] = 1,
+    page: PageNumber = 1,
     size: Annotated[int, Query(ge=1, le=500)] = 50,
 ) -> Page[TaskOut]:
     rows, total = await engine.tasks.list_tasks(

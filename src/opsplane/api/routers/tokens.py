@@ -12,11 +12,15 @@ from opsplane.api.auditing import AuditDep
 from opsplane.api.deps import Principal, get_security, require
 from opsplane.api.schemas import Items
 from opsplane.api.security_schemas import NewTokenOut, TokenCreate, TokenOut
+from opsplane.domain.errors import InvalidInput
 from opsplane.security.roles import Permission
 
 router = APIRouter(prefix="/api/v1/tokens", tags=["tokens"])
 
 AdminDep = Annotated[Principal, Depends(require(Permission.ADMIN))]
+# A century: longer than any token needs, and far inside the dates that can be stored (a
+# larger expires_in overflowed the date arithmetic: a 500). null still means never.
+MAX_LIFETIME_SECONDS = 100 * 365 * 24 * 3600
 
 
 @router.get("", response_model=Items[TokenOut])
@@ -38,6 +42,11 @@ async def create_token(
 ) -> NewTokenOut:
     """A new token, in ``token``: shown this once. It acts for ``user`` (default: the caller's
     user) and never has more role or groups than that user."""
+    if body.expires_in is not None and body.expires_in > MAX_LIFETIME_SECONDS:
+        raise InvalidInput(
+            f"expires_in is at most {MAX_LIFETIME_SECONDS} seconds (100 years), "
+            f"got {body.expires_in}; null for a token that never expires"
+        )
     expires_in = timedelta(seconds=body.expires_in) if body.expires_in is not None else None
     async with audit.failures("token.create", detail={"name": body.name, "role": body.role}):
         created = await get_security(request).create_token(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import ssl
 import time
 from datetime import UTC, datetime
 from typing import Any, ClassVar
@@ -25,13 +26,15 @@ from aio_pika.abc import (
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from opsplane.domain.errors import ConfigError, ConnectionLost, InvalidInput, NotConnected
-from opsplane.security.signing import sign
+from opsplane.security.signing import sign, verify
 from opsplane.transport.amqp import messages as m
 from opsplane.transport.base import CommandEnvelope, Fanout, HostReport, Link, LinkEvents
 
 log = logging.getLogger(__name__)
 
 PUBLISH_TIMEOUT = 10.0
+# A heartbeat older than this (or this far in the future) is a replay, or a clock to fix.
+HEARTBEAT_MAX_AGE = 300.0
 # A robust connection that is down or recovering fails a publish in any of these ways.
 _PUBLISH_FAILURES = (
     TimeoutError,
@@ -64,8 +67,12 @@ class AmqpLink(Link):
         heartbeat_interval: float,
         offline_after_missed: int,
         prefetch: int = 1000,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self._url = url
+        # For amqps:// (security/tls.py amqp_ssl_context); None: the system's CAs, or the
+        # URL's own ?cafile=…&certfile=…&keyfile=….
+        self._ssl_context = ssl_context
         self._key = signing_key
         self._fresh_for = heartbeat_interval * offline_after_missed
         self._prefetch = prefetch
@@ -77,7 +84,9 @@ class AmqpLink(Link):
     async def start(self, events: LinkEvents) -> None:
         self._events = events
         try:
-            self._connection = await aio_pika.connect_robust(self._url, timeout=10)
+            self._connection = await aio_pika.connect_robust(
+                self._url, timeout=10, ssl_context=self._ssl_context
+            )
         except (TimeoutError, OSError, aiormq.exceptions.AMQPError) as e:
             raise ConfigError(f"cannot reach RabbitMQ at {mask_url(self._url)}: {e}") from e
         publish = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
@@ -151,10 +160,15 @@ class AmqpLink(Link):
 
     async def _on_result(self, message: AbstractIncomingMessage) -> None:
         try:
-            report = m.result_report(m.decode(message.body), message.routing_key or "")
+            body = m.decode(message.body)
+            report = m.result_report(body, message.routing_key or "")
         except InvalidInput as e:
             log.warning("dropped a malformed result (routing key %s): %s", message.routing_key, e)
             await message.reject(requeue=False)
+            return
+        # Results may be old (spooled while the control plane was down): no age limit. A
+        # replayed result changes nothing, as a run ends once (its id is the replay guard).
+        if await self._refused(message, body, report.hostname, max_age=None):
             return
         await self._ack_when_durable(message, report)
 
@@ -171,10 +185,53 @@ class AmqpLink(Link):
         if events is None:
             await message.nack(requeue=True)
             return
+        if await self._refused(message, body, hello.hostname, max_age=HEARTBEAT_MAX_AGE):
+            return
+        refusal = events.agent_refusal(hello.hostname, hello.public_key, hello.groups)
+        if refusal is not None:
+            await self._refuse(message, "refused_agent", refusal)
+            return
         if hello.reconcile or not self.is_connected(hello.hostname):
             await events.host_connected(hello)
         self._last_seen[hello.hostname] = time.monotonic()
         await self._ack_when_durable(message, report)
+
+    async def _refused(
+        self,
+        message: AbstractIncomingMessage,
+        body: dict[str, Any],
+        hostname: str,
+        *,
+        max_age: float | None,
+    ) -> bool:
+        """Refuse (and count) a message whose claimed sender is enrolled but did not sign it,
+        was revoked, or (with ``max_age``) a heartbeat too old or from the future: a replay.
+        Messages of agents that never enrolled pass, unless enrollment is required (their
+        hello is refused then)."""
+        events = self._events
+        if events is None:
+            return False
+        agent = events.agent_key(hostname)
+        if agent is None:
+            return False
+        if agent.revoked:
+            await self._refuse(message, "revoked", f"{hostname} was revoked")
+            return True
+        if not verify(agent.key, body, "signature"):
+            await self._refuse(message, "bad_signature", f"not signed by {hostname}'s key")
+            return True
+        if max_age is not None:
+            sent = body.get("timestamp")
+            if not isinstance(sent, int | float) or abs(time.time() - sent) > max_age:
+                await self._refuse(message, "stale", f"{hostname}'s message is not recent")
+                return True
+        return False
+
+    async def _refuse(self, message: AbstractIncomingMessage, reason: str, why: str) -> None:
+        log.warning("refused a message on %s (%s): %s", self.name, reason, why)
+        if self._events is not None:
+            self._events.message_refused(self.name, reason)
+        await message.reject(requeue=False)
 
     async def _ack_when_durable(self, message: AbstractIncomingMessage, report: HostReport) -> None:
         events = self._events

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
+
+from google.protobuf import json_format
+from google.protobuf.message import Message
 
 from opsplane.transport.base import (
     AgentHello,
@@ -24,6 +28,25 @@ def _time(seconds: float) -> datetime | None:
 
 def _now_if_missing(seconds: float) -> datetime:
     return _time(seconds) or datetime.now(UTC)
+
+
+def signed_fields(message: Message) -> dict[str, Any]:
+    """What the signature of a command, result or heartbeat covers on gRPC: the message as
+    JSON (protobuf's own mapping, field names as in the .proto), less its signature field;
+    signed as DESIGN §3.3's canonical JSON."""
+    fields = json_format.MessageToDict(message, preserving_proto_field_name=True)
+    return {key: value for key, value in fields.items() if key not in ("sign", "signature")}
+
+
+def hello_claims(message: pb.Hello) -> dict[str, Any]:
+    """What a hello's signature covers: who the agent says it is, with which key and groups,
+    and when (a replayed hello is too old). Signed by the agent, checked by the server."""
+    return {
+        "hostname": message.hostname,
+        "public_key": message.public_key,
+        "groups": sorted(message.groups),
+        "timestamp": message.timestamp,
+    }
 
 
 def hello_from_pb(message: pb.Hello) -> AgentHello:

@@ -15,11 +15,14 @@ from pathlib import Path
 from typing import ClassVar
 
 import grpc
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from google.protobuf.message import Message
 from grpc import aio
 
 from opsplane.config import is_loopback, split_host_port
 from opsplane.domain.errors import ConfigError, ConnectionLost, InvalidInput, NotConnected
 from opsplane.domain.targeting import check_host_name
+from opsplane.security.signing import parse_public_key, sign, verify
 from opsplane.transport.base import CommandEnvelope, Link, LinkEvents, RunFinished
 from opsplane.transport.grpc import convert
 from opsplane.transport.grpc import opsplane_pb2 as pb
@@ -45,6 +48,10 @@ class _AgentStream:
     context: aio.ServicerContext[pb.CommandMessage, pb.CommandMessage]
     write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     closed: bool = False
+    # The RPC serving this stream: cancelled to drop the agent (revoked).
+    task: asyncio.Task[None] | None = None
+    # The key the agent proved in its hello: its results and heartbeats must be signed by it.
+    key: Ed25519PublicKey | None = None
 
     async def write(self, message: pb.CommandMessage) -> None:
         if self.closed:
@@ -68,12 +75,28 @@ class GrpcLink(Link, pb_grpc.CommandServiceServicer):  # type: ignore[misc]
         allow_insecure: bool = False,
         tls_cert: Path | None = None,
         tls_key: Path | None = None,
+        tls_client_ca: Path | None = None,
+        signing_key: Ed25519PrivateKey | None = None,
     ) -> None:
+        """Agents connect with TLS when ``tls_cert``/``tls_key`` are given, and must then
+        present a client certificate signed by ``tls_client_ca`` if that is given (mutual TLS),
+        whose common name or DNS name is the name the agent says hello with. Plaintext is
+        refused off loopback unless ``allow_insecure``."""
+        if (tls_cert is None) != (tls_key is None):
+            raise ConfigError("grpc_tls_cert and grpc_tls_key go together")
+        if tls_client_ca is not None and tls_cert is None:
+            raise ConfigError(
+                "grpc_tls_client_ca needs TLS: set grpc_tls_cert and grpc_tls_key, or run "
+                "`opsplane keys init`"
+            )
         self._listen = listen
         self._heartbeat_interval = heartbeat_interval
         self._allow_insecure = allow_insecure
         self._tls_cert = tls_cert
         self._tls_key = tls_key
+        self._tls_client_ca = tls_client_ca
+        # Signs every command (DESIGN §3.3); agents that pinned its public key verify it.
+        self._signing_key = signing_key
         self._server: aio.Server | None = None
         self._events: LinkEvents | None = None
         self._streams: dict[str, _AgentStream] = {}
@@ -87,10 +110,7 @@ class GrpcLink(Link, pb_grpc.CommandServiceServicer):  # type: ignore[misc]
         server = aio.server(options=KEEPALIVE_OPTIONS)
         pb_grpc.add_CommandServiceServicer_to_server(self, server)
         if self._tls_cert and self._tls_key:
-            credentials = grpc.ssl_server_credentials(
-                [(self._tls_key.read_bytes(), self._tls_cert.read_bytes())]
-            )
-            self.bound_port = server.add_secure_port(self._listen, credentials)
+            self.bound_port = server.add_secure_port(self._listen, self._server_credentials())
         elif is_loopback(host) or self._allow_insecure:
             self.bound_port = server.add_insecure_port(self._listen)
         else:
@@ -102,7 +122,28 @@ class GrpcLink(Link, pb_grpc.CommandServiceServicer):  # type: ignore[misc]
             raise ConfigError(f"cannot listen for agents on {self._listen}")
         await server.start()
         self._server = server
-        log.info("gRPC agent endpoint listening on %s", self._listen)
+        if self._tls_cert is None:
+            log.info("gRPC agent endpoint listening on %s (plaintext)", self._listen)
+        else:
+            log.info(
+                "gRPC agent endpoint listening on %s with TLS, serving %s%s",
+                self._listen,
+                self._tls_cert,
+                f"; client certificates required, signed by {self._tls_client_ca}"
+                if self._tls_client_ca
+                else "",
+            )
+
+    def _server_credentials(self) -> grpc.ServerCredentials:
+        assert self._tls_cert is not None and self._tls_key is not None
+        try:
+            pair = (self._tls_key.read_bytes(), self._tls_cert.read_bytes())
+            client_ca = self._tls_client_ca.read_bytes() if self._tls_client_ca else None
+        except OSError as e:
+            raise ConfigError(f"cannot read the gRPC TLS files: {e}") from e
+        return grpc.ssl_server_credentials(
+            [pair], root_certificates=client_ca, require_client_auth=client_ca is not None
+        )
 
     async def stop(self) -> None:
         # Streams closed by our own shutdown are not disconnections to record: the engine marks
@@ -119,11 +160,22 @@ class GrpcLink(Link, pb_grpc.CommandServiceServicer):  # type: ignore[misc]
         return stream is not None and not stream.closed
 
     async def send_command(self, hostname: str, command: CommandEnvelope) -> None:
-        await self._stream(hostname).write(convert.command_to_pb(command, time.time()))
+        message = convert.command_to_pb(command, time.time())
+        if self._signing_key is not None:
+            content = message.command_content
+            content.sign = sign(self._signing_key, convert.signed_fields(content))
+        await self._stream(hostname).write(message)
 
     async def send_cancel(self, hostname: str, task_id: str, run_id: str, reason: str) -> None:
         message = pb.CommandMessage(cancel=pb.Cancel(run_id=run_id, task_id=task_id, reason=reason))
         await self._stream(hostname).write(message)
+
+    async def drop(self, hostname: str, reason: str) -> None:
+        stream = self._streams.get(hostname)
+        if stream is not None and stream.task is not None:
+            log.info("dropping %s: %s", hostname, reason)
+            stream.closed = True
+            stream.task.cancel()
 
     def _stream(self, hostname: str) -> _AgentStream:
         stream = self._streams.get(hostname)
@@ -151,7 +203,32 @@ class GrpcLink(Link, pb_grpc.CommandServiceServicer):  # type: ignore[misc]
         except InvalidInput as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
             return
-        stream = _AgentStream(hello.hostname, context)
+        if self._tls_client_ca is not None:
+            names = _certificate_names(context)
+            if hello.hostname not in names:
+                log.warning(
+                    "refused an agent saying hello as %r with a certificate for %s",
+                    hello.hostname,
+                    ", ".join(sorted(names)) or "no name",
+                )
+                await context.abort(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"the client certificate is not issued to {hello.hostname!r}",
+                )
+                return
+        refused = _hello_refusal(first.hello, self._events)
+        if refused is not None:
+            reason, why = refused
+            log.warning("refused the hello of %r: %s", hello.hostname, why)
+            self._events.message_refused(self.name, reason)
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, why)
+            return
+        stream = _AgentStream(
+            hello.hostname,
+            context,
+            task=asyncio.current_task(),
+            key=parse_public_key(first.hello.public_key) if first.hello.public_key else None,
+        )
         previous = self._streams.get(hello.hostname)
         if previous is not None:
             # The agent reconnected before its old stream was noticed dead: the new one wins.
@@ -189,6 +266,10 @@ class GrpcLink(Link, pb_grpc.CommandServiceServicer):  # type: ignore[misc]
             if message is _EOF or not isinstance(message, pb.CommandMessage):
                 return
             kind = message.WhichOneof("message")
+            if kind in ("heartbeat", "command_result") and not self._signed_by_agent(
+                stream, getattr(message, kind)
+            ):
+                continue
             if kind == "heartbeat":
                 await self._events.report(convert.heartbeat_from_pb(host, message.heartbeat))
             elif kind == "started":
@@ -202,6 +283,21 @@ class GrpcLink(Link, pb_grpc.CommandServiceServicer):  # type: ignore[misc]
                 pass  # the agent got a command; the "started" report follows
             else:
                 log.warning("%s sent an unexpected %s message; ignored", host, kind)
+
+    def _signed_by_agent(self, stream: _AgentStream, message: Message) -> bool:
+        """Whether a result or heartbeat is signed by the key of the stream's hello (an agent
+        that presented no key, an older one, is not held to it)."""
+        if stream.key is None:
+            return True
+        signature = getattr(message, "signature", "")
+        if verify(
+            stream.key, {**convert.signed_fields(message), "signature": signature}, "signature"
+        ):
+            return True
+        log.warning("refused a %s from %s: bad signature", type(message).__name__, stream.hostname)
+        if self._events is not None:
+            self._events.message_refused(self.name, "bad_signature")
+        return False
 
     def _ack_when_durable(
         self, stream: _AgentStream, report: RunFinished, durable: asyncio.Future[None]
@@ -222,3 +318,37 @@ class GrpcLink(Link, pb_grpc.CommandServiceServicer):  # type: ignore[misc]
         task = asyncio.create_task(_ack())
         self._pending_acks.add(task)
         task.add_done_callback(self._pending_acks.discard)
+
+
+def _certificate_names(
+    context: aio.ServicerContext[pb.CommandMessage, pb.CommandMessage],
+) -> set[str]:
+    """The common name and DNS names of the verified client certificate on ``context``."""
+    auth = context.auth_context()
+    values = [
+        *auth.get("x509_common_name", []),
+        *auth.get("x509_subject_alternative_name", []),
+    ]
+    return {v.decode(errors="replace") if isinstance(v, bytes) else str(v) for v in values}
+
+
+# A hello older than this (or this far ahead) is refused: a replay, or a clock to fix.
+HELLO_MAX_AGE = 300.0
+
+
+def _hello_refusal(message: pb.Hello, events: LinkEvents) -> tuple[str, str] | None:
+    """(reason, why) when a hello is refused: a signature not made with the key it presents,
+    an old one, or an agent the control plane does not accept (not enrolled when enrollment is
+    required, revoked, another key than enrolled, groups it was not enrolled for)."""
+    if message.public_key:
+        try:
+            key = parse_public_key(message.public_key)
+        except ValueError as e:
+            return "bad_signature", f"the hello's public key: {e}"
+        claims = {**convert.hello_claims(message), "signature": message.signature}
+        if not verify(key, claims, "signature"):
+            return "bad_signature", "the hello is not signed by the key it presents"
+        if abs(time.time() - message.timestamp) > HELLO_MAX_AGE:
+            return "stale", "the hello is not recent: check the agent's clock"
+    refusal = events.agent_refusal(message.hostname, message.public_key, message.groups)
+    return ("refused_agent", refusal) if refusal is not None else None

@@ -22,7 +22,7 @@ import json
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict
 from datetime import datetime
 from typing import Any
@@ -41,6 +41,7 @@ from opsplane.transport.amqp import messages as m
 from opsplane.transport.amqp.link import PUBLISH_TIMEOUT, mask_url
 from opsplane.transport.base import (
     AgentHello,
+    AgentKey,
     CommandEnvelope,
     HostReport,
     RunFinished,
@@ -354,6 +355,18 @@ class SshWorker:
 
     async def host_disconnected(self, hostname: str, link: str) -> None:  # pragma: no cover
         pass
+
+    # SSH hosts have no agent, so no enrollment: the worker's reports are the control plane's.
+    def agent_refusal(
+        self, hostname: str, public_key: str, groups: Iterable[str]
+    ) -> str | None:  # pragma: no cover
+        return None
+
+    def agent_key(self, hostname: str) -> AgentKey | None:  # pragma: no cover
+        return None
+
+    def message_refused(self, link: str, reason: str) -> None:  # pragma: no cover
+        log.warning("refused a message on %s: %s", link, reason)
 
     async def report(self, report: HostReport) -> asyncio.Future[None]:
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()

@@ -1,0 +1,132 @@
+"""Agent enrollment: one-time tokens (admin), the enrollment itself (the token is the
+credential), the enrolled agents and their revocation (admin)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import datetime, timedelta
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request, status
+from pydantic import BaseModel, Field
+
+from opsplane.api.auditing import AuditDep
+from opsplane.api.deps import Principal, client_ip, get_engine, get_security, require
+from opsplane.api.schemas import Items
+from opsplane.domain.errors import OpsplaneError
+from opsplane.engine.core import Engine
+from opsplane.security.audit import FAILED, OK, AuditEntry
+from opsplane.security.roles import Permission
+from opsplane.security.signing import load_or_create_private_key, public_key_text
+from opsplane.store.tables import AgentRow
+
+router = APIRouter(prefix="/api/v1/agents", tags=["agents"])
+
+AdminDep = Annotated[Principal, Depends(require(Permission.ADMIN))]
+EngineDep = Annotated[Engine, Depends(get_engine)]
+MAX_TOKEN_LIFETIME = 30 * 86400
+
+
+class EnrollmentTokenCreate(BaseModel):
+    groups: list[str] = Field(default_factory=list, description="the groups the agent may join")
+    expires_in: int = Field(
+        default=86400, gt=0, le=MAX_TOKEN_LIFETIME, description="seconds the token stays usable"
+    )
+
+
+class EnrollmentTokenOut(BaseModel):
+    id: str
+    token: str = Field(description="shown this once: give it to one agent (--enroll)")
+    groups: list[str]
+    expires_at: datetime
+
+
+class EnrollIn(BaseModel):
+    token: str = Field(min_length=1, max_length=255)
+    name: str = Field(min_length=1, max_length=255, description="the agent's host name")
+    public_key: str = Field(min_length=1, max_length=255, description="Ed25519, raw, base64")
+
+
+class EnrolledOut(BaseModel):
+    name: str
+    groups: list[str]
+    control_plane_key: str = Field(description="the key commands are signed with: pin it")
+
+
+class AgentOut(BaseModel):
+    name: str
+    public_key: str
+    groups: list[str]
+    enrolled_at: datetime
+    revoked_at: datetime | None
+    revoked_by: str | None
+
+    @classmethod
+    def from_row(cls, row: AgentRow) -> AgentOut:
+        return cls(
+            name=row.name,
+            public_key=row.public_key,
+            groups=list(row.groups or ()),
+            enrolled_at=row.enrolled_at,
+            revoked_at=row.revoked_at,
+            revoked_by=row.revoked_by,
+        )
+
+
+@router.post("/tokens", status_code=status.HTTP_201_CREATED, response_model=EnrollmentTokenOut)
+async def create_enrollment_token(
+    body: EnrollmentTokenCreate, engine: EngineDep, principal: AdminDep, audit: AuditDep
+) -> EnrollmentTokenOut:
+    """A one-time token an agent enrolls with; the agent may join only ``groups``."""
+    detail = {"groups": body.groups, "expires_in": body.expires_in}
+    async with audit.failures("agent.token", detail=detail):
+        created = await engine.agents.create_token(
+            body.groups, created_by=principal.name, lifetime=timedelta(seconds=body.expires_in)
+        )
+        await audit.record("agent.token", target=created.token.id, detail=detail)
+    return EnrollmentTokenOut(
+        id=created.token.id,
+        token=created.secret,
+        groups=list(created.token.groups),
+        expires_at=created.token.expires_at,
+    )
+
+
+@router.post("/enroll", status_code=status.HTTP_201_CREATED, response_model=EnrolledOut)
+async def enroll(body: EnrollIn, request: Request, engine: EngineDep) -> EnrolledOut:
+    """Enroll an agent: the one-time token is the credential (no API token needed)."""
+    entry = AuditEntry(
+        actor=f"agent:{body.name}", role="agent", action="agent.enroll",
+        source_ip=client_ip(request), target=body.name,
+    )  # fmt: skip
+    security = get_security(request)
+    try:
+        row = await engine.agents.enroll(body.token, body.name, body.public_key)
+    except OpsplaneError as e:
+        await security.audit(replace(entry, outcome=FAILED, detail={"reason": str(e)}))
+        raise
+    await security.audit(replace(entry, outcome=OK, detail={"groups": row.groups}))
+    key, _ = load_or_create_private_key(engine.settings.signing_key_path)
+    return EnrolledOut(
+        name=row.name,
+        groups=list(row.groups),
+        control_plane_key=public_key_text(key.public_key()),
+    )
+
+
+@router.get("", response_model=Items[AgentOut])
+async def list_agents(engine: EngineDep, _principal: AdminDep) -> Items[AgentOut]:
+    return Items[AgentOut](
+        items=[AgentOut.from_row(row) for row in await engine.agents.list_agents()]
+    )
+
+
+@router.post("/{name}/revoke", response_model=AgentOut)
+async def revoke_agent(
+    name: str, engine: EngineDep, principal: AdminDep, audit: AuditDep
+) -> AgentOut:
+    """Revoke an agent: its connection and every message it signs are refused from now on."""
+    async with audit.failures("agent.revoke", target=name):
+        row = await engine.revoke_agent(name, revoked_by=principal.name)
+        await audit.record("agent.revoke", target=name)
+    return AgentOut.from_row(row)

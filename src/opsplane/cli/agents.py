@@ -1,0 +1,93 @@
+"""``opsplane agents``: enrollment tokens, enrolled agents, revocation (admin)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.table import Table
+from rich.text import Text
+
+from opsplane.cli.client import ApiClient, CliError, Json
+from opsplane.cli.output import dump_json, make_console, reporting_errors
+from opsplane.cli.run import client_options
+from opsplane.domain.errors import InvalidInput
+from opsplane.security.tokens import parse_duration
+
+app = typer.Typer(no_args_is_help=True, help="Enroll, list and revoke agents (admin).")
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+
+
+@app.command("token")
+def create_enrollment_token(
+    ctx: typer.Context,
+    group: Annotated[
+        list[str] | None,
+        typer.Option("--group", "-g", help="A group the agent may join (repeatable)."),
+    ] = None,
+    expires: Annotated[str, typer.Option("--expires", help="Lifetime: 24h, 90m, 7d.")] = "24h",
+    as_json: JsonOpt = False,
+) -> None:
+    """Create a one-time enrollment token and print it, once. The agent enrolled with it may
+    join only the given groups: opsplane agent --enroll TOKEN --api-url URL …"""
+    err = make_console(stderr=True)
+    with reporting_errors(err):
+        try:
+            lifetime = parse_duration(expires)
+        except InvalidInput as e:
+            raise CliError(f"--expires: {e}") from e
+        if lifetime is None:
+            raise CliError("--expires: an enrollment token must expire")
+        body: Json = {"groups": list(group or []), "expires_in": int(lifetime.total_seconds())}
+        with ApiClient(client_options(ctx)) as api:
+            created = api.create_enrollment_token(body)
+    if as_json:
+        typer.echo(dump_json(created))
+        return
+    groups = ", ".join(created.get("groups") or []) or "no groups"
+    err.print(
+        f"enrollment token for one agent ({groups}), usable until {created.get('expires_at')}. "
+        "It is shown this once:",
+        soft_wrap=True,
+    )
+    typer.echo(str(created.get("token")))
+
+
+@app.command("list")
+def list_agents(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+    """Enrolled agents, with their groups and whether they were revoked."""
+    err = make_console(stderr=True)
+    with reporting_errors(err), ApiClient(client_options(ctx)) as api:
+        agents = api.list_agents()
+    if as_json:
+        typer.echo(dump_json({"items": agents}))
+        return
+    if not agents:
+        err.print(Text("no enrolled agents", style="dim"))
+        return
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for column in ("NAME", "GROUPS", "ENROLLED", "STATUS", "KEY"):
+        table.add_column(column, no_wrap=column != "GROUPS")
+    for agent in agents:
+        revoked = agent.get("revoked_at")
+        table.add_row(
+            str(agent.get("name")),
+            ", ".join(agent.get("groups") or []) or "-",
+            str(agent.get("enrolled_at"))[:19].replace("T", " "),
+            Text("revoked", style="red") if revoked else Text("enrolled", style="green"),
+            str(agent.get("public_key"))[:12] + "…",
+        )
+    make_console().print(table)
+
+
+@app.command("revoke")
+def revoke_agent(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(metavar="NAME", help="The agent's name.")],
+) -> None:
+    """Revoke an agent: its connection and every message it signs are refused."""
+    err = make_console(stderr=True)
+    with reporting_errors(err), ApiClient(client_options(ctx)) as api:
+        agent = api.revoke_agent(name)
+    err.print(f"agent {agent.get('name')} revoked")
