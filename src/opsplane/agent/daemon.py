@@ -42,10 +42,8 @@ from opsplane.domain.errors import InvalidInput
 from opsplane.execution import Identity, Outcome, ProcessResult, ProcessRun, Stream
 from opsplane.security.signing import (
     load_or_create_private_key,
-    load_public_key,
     public_key_text,
     sign,
-    verify,
 )
 from opsplane.transport.grpc import opsplane_pb2 as pb
 from opsplane.transport.grpc.convert import hello_claims, signed_fields
@@ -102,10 +100,6 @@ class Agent:
         key_path = config.state_dir / "agent.key"
         self._key, created = load_or_create_private_key(key_path)
         self._public_key = public_key_text(self._key.public_key())
-        # Pinned at enrollment (or given): commands over gRPC must be signed with it.
-        self._control_plane_key = (
-            load_public_key(config.control_plane_key) if config.control_plane_key else None
-        )
         if created:
             logger.info("created agent key %s (public key %s)", key_path, self._public_key)
         self._policy = CommandPolicy(config.deny, config.allow)
@@ -254,27 +248,10 @@ class Agent:
         result.signature = self.signature(result)
         return pb.CommandMessage(command_result=result)
 
-    def _command_refusal(self, cmd: pb.CommandContent) -> str | None:
-        """Why a command from the gRPC stream is refused: not signed with the pinned control
-        plane key, or outside the replay window. None: run it (and without a pinned key, as
-        agents that never enrolled do, nothing is checked)."""
-        if self._control_plane_key is None:
-            return None
-        if not verify(self._control_plane_key, {**signed_fields(cmd), "sign": cmd.sign}, "sign"):
-            return "it is not signed by the pinned control plane key"
-        skew = time.time() - cmd.timestamp
-        if abs(skew) > self._config.replay_window:
-            return f"its timestamp is {skew:+.0f}s off (window ±{self._config.replay_window:g}s)"
-        return None
-
     async def _on_command(self, cmd: pb.CommandContent) -> None:
         run_id = cmd.run_id
         if self._stopping:
             logger.info("shutting down; command for run %s not accepted", run_id)
-            return
-        refusal = self._command_refusal(cmd)
-        if refusal is not None:
-            logger.warning("refused the command for run %s: %s", run_id[:80], refusal)
             return
         try:
             accepted = self._spool.accept(

@@ -24,8 +24,10 @@ from google.protobuf.message import Message
 
 from opsplane.agent import metrics
 from opsplane.agent.config import AgentConfig
+from opsplane.security.signing import load_public_key, verify
 from opsplane.transport.grpc import opsplane_pb2 as pb
 from opsplane.transport.grpc import opsplane_pb2_grpc as pb_grpc
+from opsplane.transport.grpc.convert import signed_fields
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +103,10 @@ class GrpcLink:
     ) -> None:
         self._config = config
         self._handler = handler
+        # Pinned at enrollment (or given): commands must then be signed with it.
+        self._control_plane_key = (
+            load_public_key(config.control_plane_key) if config.control_plane_key else None
+        )
         self._host_metrics = host_metrics
         self._backoff = Backoff(config.reconnect_initial, config.reconnect_max)
         self._call: grpc.aio.StreamStreamCall[pb.CommandMessage, pb.CommandMessage] | None = None
@@ -223,11 +229,33 @@ class GrpcLink:
                 message = await call.read()
                 if not isinstance(message, pb.CommandMessage):
                     return  # end of stream with status OK
+                if message.HasField("command_content"):
+                    refusal = self._command_refusal(message.command_content)
+                    if refusal is not None:
+                        logger.warning(
+                            "refused the command for run %s: %s",
+                            message.command_content.run_id[:80],
+                            refusal,
+                        )
+                        continue
                 await self._handler.on_message(message)
         finally:
             for helper in helpers:
                 helper.cancel()
             await asyncio.wait(helpers)
+
+    def _command_refusal(self, cmd: pb.CommandContent) -> str | None:
+        """Why a command is refused: not signed with the pinned control plane key, or outside
+        the replay window. None: hand it on (without a pinned key, as for agents that never
+        enrolled, nothing is checked; the spool refuses a run id seen before either way)."""
+        if self._control_plane_key is None:
+            return None
+        if not verify(self._control_plane_key, {**signed_fields(cmd), "sign": cmd.sign}, "sign"):
+            return "it is not signed by the pinned control plane key"
+        skew = time.time() - cmd.timestamp
+        if abs(skew) > self._config.replay_window:
+            return f"its timestamp is {skew:+.0f}s off (window ±{self._config.replay_window:g}s)"
+        return None
 
     async def _on_connected(self) -> None:
         try:
