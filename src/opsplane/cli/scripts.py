@@ -8,13 +8,15 @@ settings (``--config``, ``--data-dir``, ``--script-dir``, as the server takes th
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from opsplane.config import Settings, load_settings
 from opsplane.domain.errors import ConfigError, OpsplaneError
-from opsplane.remoterun.scripts import ScriptDirs, ScriptPins, file_sha256
+
+if TYPE_CHECKING:
+    from opsplane.remoterun.scripts import ScriptDirs, ScriptPins
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -54,6 +56,10 @@ def _settings(
 
 
 def _dirs(settings: Settings) -> ScriptDirs:
+    # Imported when used: the server side of scripts is slow to import, and `opsplane`'s
+    # other verbs need none of it.
+    from opsplane.remoterun.scripts import ScriptDirs
+
     try:
         dirs = ScriptDirs(settings.script_dirs)
     except ConfigError as e:
@@ -77,8 +83,16 @@ def _resolve(dirs: ScriptDirs, given: str) -> Path:
         raise _fail(str(e), 1) from e
 
 
+def _pins(settings: Settings) -> ScriptPins:
+    from opsplane.remoterun.scripts import ScriptPins
+
+    return ScriptPins(settings.data_dir)
+
+
 def _pin_key(settings: Settings, given: str) -> str:
     """The pins-file key of a script that may be gone or no longer runnable."""
+    from opsplane.remoterun.scripts import ScriptDirs
+
     try:
         dirs = ScriptDirs(settings.script_dirs)
         local = Path(given).expanduser()
@@ -100,7 +114,7 @@ def approve(
     settings = _settings(config, data_dir, script_dir)
     dirs = _dirs(settings)
     scripts = [_resolve(dirs, given) for given in paths]
-    pins = ScriptPins(settings.data_dir)
+    pins = _pins(settings)
     try:
         done = pins.approve(scripts)
     except (ConfigError, OSError) as e:
@@ -127,7 +141,7 @@ def revoke(
     """Remove the pins of these scripts (named as for approve, or by the path list shows).
     With script_pins_required they are then refused; without, they run unchecked."""
     settings = _settings(config, data_dir, script_dir)
-    pins = ScriptPins(settings.data_dir)
+    pins = _pins(settings)
     keys = [_pin_key(settings, given) for given in paths]
     try:
         removed = pins.revoke(keys)
@@ -143,8 +157,10 @@ def revoke(
 def list_pins(config: ConfigOpt = None, data_dir: DataDirOpt = None) -> None:
     """Every pinned script with its state: ok, changed (refused until approved again) or
     missing. Exits 1 when any is not ok."""
+    from opsplane.remoterun.scripts import file_sha256
+
     settings = _settings(config, data_dir, None)
-    pins = ScriptPins(settings.data_dir)
+    pins = _pins(settings)
     try:
         entries = pins.load()
     except ConfigError as e:
