@@ -69,6 +69,8 @@ def main() -> None:
         **os.environ,
         "OPSPLANE_BOOTSTRAP_ADMIN_TOKEN": token,
         "OPSPLANE_HEARTBEAT_INTERVAL": "2",
+        # The bench's agents do not enroll: it measures the broker path, not enrollment.
+        "OPSPLANE_REQUIRE_ENROLLMENT": "false",
     }
     http, grpc = _free_port(), _free_port()
     processes: list[subprocess.Popen[bytes]] = []

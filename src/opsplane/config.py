@@ -94,8 +94,10 @@ class Settings(BaseSettings):
     ingest_batch_size: int = Field(default=1000, gt=0)
     ingest_linger: float = Field(default=0.0, ge=0)
     bootstrap_admin_token: str | None = None
-    # Refuse agents that never enrolled (opsplane agents token / opsplane agent --enroll).
-    require_enrollment: bool = False
+    # Refuse agents that never enrolled (opsplane agents token / opsplane agent --enroll): an
+    # agent that chose its own groups would receive those groups' commands. Off only for
+    # agents that cannot enroll (a minimal seed-002 agent) on a trusted network.
+    require_enrollment: bool = True
     # Web logins last this many seconds, then the page asks for the password again.
     session_lifetime: float = Field(default=8 * 3600.0, gt=0)
     # The control plane's own host, which runs catalog scripts; distinct from any agent's name.

@@ -60,8 +60,14 @@ class Fleet:
     http_port: int = field(default_factory=free_port)
     grpc_port: int = field(default_factory=free_port)
     server: subprocess.Popen[bytes] | None = None
-    # Settings for this fleet's control plane beyond child_env()'s (OPSPLANE_* variables).
+    # Settings for this fleet's control plane beyond child_env()'s (OPSPLANE_* variables). The
+    # fleet's agents do not enroll (tests/e2e/test_enrollment.py covers enrollment), so the
+    # control plane accepts agents that never enrolled unless a test asks otherwise.
     server_env: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.server_env = {"OPSPLANE_REQUIRE_ENROLLMENT": "false", **self.server_env}
+
     agents: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     @property

@@ -92,15 +92,17 @@ async def test_expired_wrong_and_reused_names_are_refused(engine: Engine) -> Non
     assert engine.agents.refusal("db-1", new_key, []) is None
 
 
-async def test_enrollment_can_be_required(tmp_path: Path) -> None:
-    settings = load_settings(data_dir=tmp_path, require_enrollment=True)
-    the_engine = Engine(settings, [])
-    await the_engine.start()
-    try:
-        refusal = the_engine.agents.refusal("stranger", "", [])
-        assert refusal is not None and "--enroll" in refusal
-    finally:
-        await the_engine.stop()
+async def test_enrollment_is_required_unless_turned_off(tmp_path: Path) -> None:
+    for required in (True, False):
+        settings = load_settings(data_dir=tmp_path / str(required), require_enrollment=required)
+        the_engine = Engine(settings, [])
+        await the_engine.start()
+        try:
+            refusal = the_engine.agents.refusal("stranger", "", [])
+            assert (refusal is not None and "--enroll" in refusal) is required
+        finally:
+            await the_engine.stop()
+    assert load_settings(data_dir=tmp_path).require_enrollment  # the default
 
 
 # Over RabbitMQ ---------------------------------------------------------------------------
@@ -259,6 +261,7 @@ async def test_grpc_hellos_and_reports_must_be_signed_by_the_enrolled_key(tmp_pa
             (pb.Hello(**{**_fields(_hello("g-1", key, ["web"])), "signature": sign(other, {})}),
              "bad_signature"),
             (_hello("g-1", key, ["web", "db"]), "refused_agent"),
+            (_replayed(_hello("g-1", key, ["web"]), key), "stale"),
         ):  # fmt: skip
             before = engine.refused[("grpc", reason)]
             channel, _call, answer = await _say_hello(address, hello)
@@ -290,3 +293,10 @@ def _fields(hello: pb.Hello) -> dict[str, object]:
         "hostname": hello.hostname, "groups": list(hello.groups),
         "public_key": hello.public_key, "timestamp": hello.timestamp,
     }  # fmt: skip
+
+
+def _replayed(hello: pb.Hello, key: Ed25519PrivateKey) -> pb.Hello:
+    """A genuine hello, as an eavesdropper would replay it ten minutes later."""
+    hello.timestamp -= 600
+    hello.signature = sign(key, hello_claims(hello))
+    return hello

@@ -26,7 +26,8 @@ pytestmark = pytest.mark.service("rabbitmq")
 @pytest.fixture
 async def engine(tmp_path: Path) -> AsyncIterator[Engine]:
     await purge_shared_queues()
-    settings = load_settings(data_dir=tmp_path, heartbeat_interval=1.0)
+    # Seed-002 agents know nothing of enrollment.
+    settings = load_settings(data_dir=tmp_path, heartbeat_interval=1.0, require_enrollment=False)
     key, _ = load_or_create_private_key(settings.signing_key_path)
     link = AmqpLink(AMQP_URL, signing_key=key, heartbeat_interval=1.0, offline_after_missed=3)
     the_engine = Engine(settings, [link])

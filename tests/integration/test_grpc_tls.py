@@ -50,6 +50,7 @@ async def control_plane(tmp_path: Path, *, client_ca: Path | None = None) -> Asy
         grpc_listen=f"127.0.0.1:{_free_port()}",
         heartbeat_interval=1.0,
         grpc_tls_client_ca=client_ca,
+        require_enrollment=False,  # TLS is the subject here (test_enrollment.py: enrollment)
     )
     engine = build_engine(settings)
     await engine.start()

@@ -66,6 +66,7 @@ async def plane(lab: SshLab, tmp_path: Path) -> AsyncIterator[Plane]:
     await purge_shared_queues()
     await _purge_work()
     settings = load_settings(data_dir=tmp_path, heartbeat_interval=1.0, ssh_workers=True)
+    assert settings.require_enrollment  # SSH hosts have no agent to enroll: never refused
     key, _ = load_or_create_private_key(settings.signing_key_path)
     amqp = AmqpLink(AMQP_URL, signing_key=key, heartbeat_interval=1.0, offline_after_missed=3)
     known = lab.known_hosts(tmp_path / "known_hosts", lab.daemons.values())

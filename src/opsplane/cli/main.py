@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import socket
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 
@@ -13,9 +13,6 @@ from opsplane.cli import agents, audit, hosts, run, scripts, tasks, tokens, user
 from opsplane.cli.client import ClientOptions
 from opsplane.config import DEFAULT_GRPC_LISTEN, Settings, load_settings
 from opsplane.domain.errors import ConfigError
-
-if TYPE_CHECKING:
-    from opsplane.agent.config import AgentConfig
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -317,7 +314,7 @@ def agent(
 ) -> None:
     """Start an agent: dial the control plane (or join RabbitMQ with --amqp-url), run what it
     sends, stream results back."""
-    from opsplane.agent.config import AgentConfig
+    from opsplane.agent.config import AgentConfig, default_state_dir
     from opsplane.agent.daemon import run_agent
     from opsplane.cli.processes import configure_logging
 
@@ -328,11 +325,20 @@ def agent(
             typer.secho(f"error: --label wants KEY=VALUE, got {item!r}", fg="red", err=True)
             raise typer.Exit(2)
         labels[key] = value
+    agent_name = name or socket.gethostname()
     try:
+        groups, pinned_key = _enrollment(
+            agent_name,
+            state_dir or default_state_dir(agent_name),
+            enroll_token,
+            api_url,
+            groups=tuple(group or ()),
+            ca=tls_ca,
+        )
         config = AgentConfig(
             server=server_address,
-            name=name or socket.gethostname(),
-            groups=tuple(group or ()),
+            name=agent_name,
+            groups=groups,
             labels=labels,
             tls_ca=tls_ca,
             tls_cert=tls_cert,
@@ -343,7 +349,7 @@ def agent(
             amqp_tls_key=amqp_tls_key,
             allow_plaintext=allow_plaintext,
             amqp_url=amqp_url or None,
-            control_plane_key=control_plane_key or None,
+            control_plane_key=control_plane_key or pinned_key,
             heartbeat_interval=heartbeat_interval,
             replay_window=replay_window,
             deny=tuple(deny or ()),
@@ -352,7 +358,6 @@ def agent(
         )
         if state_dir is not None:
             config = dataclasses.replace(config, state_dir=state_dir)
-        config = _with_enrollment(config, enroll_token, api_url, explicit_groups=bool(group))
     except ConfigError as e:
         typer.secho(f"error: {e}", fg="red", err=True)
         raise typer.Exit(2) from e
@@ -364,38 +369,39 @@ def agent(
         raise typer.Exit(2) from e
 
 
-def _with_enrollment(
-    config: AgentConfig, token: str | None, api_url: str | None, *, explicit_groups: bool
-) -> AgentConfig:
-    """Enroll now (``--enroll``), or read an earlier enrollment from the state directory; an
-    enrolled agent takes its groups and the pinned control-plane key from it."""
+def _enrollment(
+    name: str,
+    state_dir: Path,
+    token: str | None,
+    api_url: str | None,
+    *,
+    groups: tuple[str, ...],
+    ca: Path | None,
+) -> tuple[tuple[str, ...], str | None]:
+    """The agent's groups and pinned control-plane key: enroll now (``--enroll``), or read an
+    earlier enrollment from the state directory; without either, the given groups and no key.
+    An enrolled agent takes its token's groups; asking for others is refused."""
     from opsplane.agent.enroll import PINNED_KEY_FILE, enroll, enrolled
 
     if token:
         if not api_url:
             raise ConfigError("--enroll needs --api-url: where the control plane's API listens")
-        enrollment = enroll(api_url, token, config.name, config.state_dir, ca=config.tls_ca)
+        enrollment = enroll(api_url, token, name, state_dir, ca=ca)
         typer.echo(
             f"enrolled as {enrollment.name} for groups: {', '.join(enrollment.groups) or '-'}",
             err=True,
         )
     else:
-        found = enrolled(config.state_dir)
+        found = enrolled(state_dir)
         if found is None:
-            return config
+            return groups, None
         enrollment = found
-    if enrollment.name != config.name:
-        raise ConfigError(
-            f"{config.state_dir} holds the enrollment of {enrollment.name}, not {config.name}"
-        )
-    extra = set(config.groups) - set(enrollment.groups)
-    if explicit_groups and extra:
+    if enrollment.name != name:
+        raise ConfigError(f"{state_dir} holds the enrollment of {enrollment.name}, not {name}")
+    extra = set(groups) - set(enrollment.groups)
+    if extra:
         raise ConfigError(f"--group {', '.join(sorted(extra))}: not allowed by the enrollment")
-    return dataclasses.replace(
-        config,
-        groups=config.groups if explicit_groups else enrollment.groups,
-        control_plane_key=config.control_plane_key or str(config.state_dir / PINNED_KEY_FILE),
-    )
+    return groups or enrollment.groups, str(state_dir / PINNED_KEY_FILE)
 
 
 @app.command()

@@ -108,7 +108,12 @@ async def _demo(settings: Settings) -> None:
         with contextlib.suppress(BaseException):
             await serving
         raise typer.Exit(1)
-    agents = [_spawn_agent(settings, name, group) for name, group in DEMO_AGENTS]
+    agents = [
+        _spawn_agent(
+            settings, name, group, await _enrollment(server.engine, settings, name, group), url
+        )
+        for name, group in DEMO_AGENTS
+    ]
     server.agents = agents
     typer.echo(
         f"\nopsplane demo is running\n"
@@ -146,8 +151,24 @@ async def _wait_ready(url: str, serving: asyncio.Task[None], within: float = 30.
     return False
 
 
-def _spawn_agent(settings: Settings, name: str, group: str) -> subprocess.Popen[bytes]:
-    state_dir = Path(settings.data_dir) / "agents" / name
+def _agent_state_dir(settings: Settings, name: str) -> Path:
+    return Path(settings.data_dir) / "agents" / name
+
+
+async def _enrollment(engine: Engine, settings: Settings, name: str, group: str) -> str | None:
+    """A one-time token for a demo agent that has not enrolled yet (None: it has)."""
+    from opsplane.agent.enroll import enrolled
+
+    if enrolled(_agent_state_dir(settings, name)) is not None:
+        return None
+    created = await engine.agents.create_token([group], created_by="demo")
+    return created.secret
+
+
+def _spawn_agent(
+    settings: Settings, name: str, group: str, token: str | None, api_url: str
+) -> subprocess.Popen[bytes]:
+    state_dir = _agent_state_dir(settings, name)
     argv = [
         sys.executable, "-m", "opsplane", "agent",
         "--server", settings.grpc_listen,
@@ -160,6 +181,9 @@ def _spawn_agent(settings: Settings, name: str, group: str) -> subprocess.Popen[
     if settings.grpc_tls_cert is None and tls.server_cert.exists():
         # The endpoint serves the certificate `opsplane keys init` made (docs/tls.md).
         argv += ["--tls-ca", str(tls.ca_cert)]
+    if token is not None:
+        # Demo agents enroll like any other (docs/security.md), on their first start.
+        argv += ["--enroll", token, "--api-url", api_url]
     return subprocess.Popen(argv, env=os.environ.copy())
 
 

@@ -62,7 +62,7 @@ class AgentRegistry:
         sessions: async_sessionmaker[AsyncSession],
         write: Write,
         *,
-        require_enrollment: bool = False,
+        require_enrollment: bool = True,
     ) -> None:
         self._sessions = sessions
         self._write = write
