@@ -6,6 +6,7 @@ refused; a revoked agent is dropped and cannot come back."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 from collections.abc import Iterator
 
@@ -106,4 +107,8 @@ def test_another_key_under_an_enrolled_name_and_a_revoked_agent_are_refused(
     wait_for(lambda: "agent enr-app-1 was revoked" in fleet.server_log(), 20, "reconnects refused")
     with fleet.client() as client:
         metrics = client.get("/metrics").text
+        audit = client.get("/api/v1/audit", params={"format": "jsonl"}).text.splitlines()
     assert 'opsplane_messages_refused_total{link="grpc",reason="refused_agent"}' in metrics
+    actions = {(r["action"], r["outcome"]) for r in map(json.loads, audit)
+               if r["target"] == "enr-app-1" or r["action"] == "agent.token"}  # fmt: skip
+    assert {("agent.token", "ok"), ("agent.enroll", "ok"), ("agent.revoke", "ok")} <= actions
