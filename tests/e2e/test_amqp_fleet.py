@@ -43,7 +43,7 @@ def mq(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AmqpFleet]:
     fleet.suffix = uuid.uuid4().hex[:6]
     # The broker-loss test cuts every connection: under load, agents may take several seconds
     # to come back, and 3 s of grace would give their runs up as lost before they report.
-    fleet.server_env = {"OPSPLANE_LOST_GRACE": "60"}
+    fleet.server_env["OPSPLANE_LOST_GRACE"] = "60"
     try:
         fleet.start_server("--amqp-url", AMQP_URL)
         fleet.start_mq_agent("mq-1", "web")
