@@ -69,7 +69,6 @@ class Engine:
         self.scheduler = Scheduler(
             self.write,
             self.dispatcher,
-            self.links,
             self.archive,
             max_running=settings.max_running_runs,
             max_per_host=settings.max_runs_per_host,

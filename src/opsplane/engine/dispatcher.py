@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field, replace
+
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from opsplane.domain.errors import ConfigError, TransportError
 from opsplane.domain.states import RunStatus
@@ -80,11 +82,22 @@ class Dispatcher:
         self._secrets = secrets
         self._send_slots = asyncio.Semaphore(max_in_flight_sends)
 
+    @staticmethod
+    def link_name(host: str, hosts: Mapping[str, HostRow]) -> str:
+        """The link ``host`` is reached by (a host not yet in the store is an agent's)."""
+        row = hosts.get(host)
+        return row.link if row is not None else "grpc"
+
+    def reachable(self, host: str, hosts: Mapping[str, HostRow]) -> bool:
+        """Whether a run sent to ``host`` now has a live connection to travel."""
+        link = self._links.get(self.link_name(host, hosts))
+        return link is not None and link.is_connected(host)
+
     def mark_deliverable(
         self, changes: Changes, task: TaskRow, runs: list[RunRow], hosts: Mapping[str, HostRow]
     ) -> DispatchPlan:
-        """Within the caller's transaction: runs whose host is reachable become ``dispatched``,
-        the others ``undeliverable``. Returns what to send once the transaction commits."""
+        """Within the caller's transaction: ``runs``, whose hosts are ``reachable``, become
+        ``dispatched``. Returns what to send once the transaction commits."""
         now = utcnow()
         spec = ExecSpec.from_json(task.spec)
         deliver_by = task.deliver_by.timestamp() if task.deliver_by is not None else None
@@ -96,13 +109,7 @@ class Dispatcher:
             return DispatchPlan()
         by_link: dict[str, list[Dispatch]] = {}
         for run in runs:
-            host = hosts.get(run.host)
-            link_name = host.link if host is not None else "grpc"
-            link = self._links.get(link_name)
-            if link is None or not link.is_connected(run.host):
-                error = f"host offline: {run.host} has no live {link_name} connection"
-                changes.move(run, RunStatus.UNDELIVERABLE, error=error)
-                continue
+            link_name = self.link_name(run.host, hosts)
             # A delayed run's "waiting for the host" note is history once it is sent.
             changes.move(run, RunStatus.DISPATCHED, dispatched_at=now, error=None)
             envelope = CommandEnvelope(
@@ -184,6 +191,17 @@ class Dispatcher:
             runs = await queries.runs_by_id(changes.session, failed)
             for run_id, run in runs.items():
                 changes.move(run, RunStatus.UNDELIVERABLE, error=failed[run_id])
+
+    @staticmethod
+    async def cancel_orders(
+        session: AsyncSession, runs: Sequence[RunRow], reason_of: Callable[[RunRow], str]
+    ) -> list[CancelOrder]:
+        """Within the caller's transaction: the cancels to send for ``runs`` once it commits."""
+        links = await queries.links_of_hosts(session, {run.host for run in runs})
+        return [
+            CancelOrder(run.host, links.get(run.host, "grpc"), run.task_id, run.id, reason_of(run))
+            for run in runs
+        ]
 
     async def send_cancels(self, orders: list[CancelOrder]) -> None:
         """Ask hosts to stop runs. An unreachable host is not an error here: the monitor ends

@@ -28,8 +28,7 @@ from opsplane.engine.background import cancel_and_wait
 from opsplane.engine.changes import Changes, run_event_data
 from opsplane.engine.dispatcher import CancelOrder, Dispatcher, DispatchPlan
 from opsplane.store import queries
-from opsplane.store.tables import HostRow, RunRow, TaskRow, utcnow
-from opsplane.transport.base import Link
+from opsplane.store.tables import RunRow, TaskRow, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +55,6 @@ class Scheduler:
         self,
         write: Callable[[], AbstractAsyncContextManager[Changes]],
         dispatcher: Dispatcher,
-        links: Mapping[str, Link],
         archive: LogArchive,
         *,
         max_running: int = 0,
@@ -69,7 +67,6 @@ class Scheduler:
     ) -> None:
         self._write = write
         self._dispatcher = dispatcher
-        self._links = links
         self._archive = archive
         self._max_running = max_running
         self._max_per_host = max_per_host
@@ -169,8 +166,9 @@ class Scheduler:
         per_host = await queries.in_flight_by_host(session, limited)
         chosen: dict[str, list[RunRow]] = {}
         for run, task in rows:
-            if not self._host_connected(run.host, hosts):
-                self._hold_or_drop(changes, run, task, now)
+            if not self._dispatcher.reachable(run.host, hosts):
+                link_name = self._dispatcher.link_name(run.host, hosts)
+                self._hold_or_drop(changes, run, task, now, link_name)
                 continue
             policy = policies[task.id]
             if policy.paced:
@@ -194,13 +192,10 @@ class Scheduler:
             plan.extend(self._dispatcher.mark_deliverable(changes, by_id[tid], runs, hosts))
         return plan
 
-    def _host_connected(self, name: str, hosts: Mapping[str, HostRow]) -> bool:
-        host = hosts.get(name)
-        link = self._links.get(host.link if host is not None else "grpc")
-        return link is not None and link.is_connected(name)
-
     @staticmethod
-    def _hold_or_drop(changes: Changes, run: RunRow, task: TaskRow, now: datetime) -> None:
+    def _hold_or_drop(
+        changes: Changes, run: RunRow, task: TaskRow, now: datetime, link_name: str
+    ) -> None:
         """An offline host's run waits until the delivery deadline, if the task has one."""
         if task.deliver_by is not None and now < task.deliver_by:
             if run.status == RunStatus.PENDING:
@@ -208,9 +203,9 @@ class Scheduler:
                 changes.move(run, RunStatus.DELAYED, error=f"waiting for {run.host} until {until}")
             return
         if run.status == RunStatus.DELAYED:
-            error = f"delivery deadline passed: {run.host} did not come back in time"
+            error = _past_delivery(run)
         else:
-            error = f"host offline: {run.host} has no live connection"
+            error = f"host offline: {run.host} has no live {link_name} connection"
         changes.move(run, RunStatus.UNDELIVERABLE, error=error)
 
     # Deadlines -----------------------------------------------------------------------------
@@ -221,15 +216,13 @@ class Scheduler:
         session = changes.session
         now = utcnow()
         for run in await queries.delayed_runs_past_delivery(session, now, limit=self._batch):
-            error = f"delivery deadline passed: {run.host} did not come back in time"
-            changes.move(run, RunStatus.UNDELIVERABLE, error=error)
+            changes.move(run, RunStatus.UNDELIVERABLE, error=_past_delivery(run))
         expired = await queries.tasks_past_deadline(session, now, limit=100)
         if not expired:
             return []
         runs = await queries.latest_runs_in(
             session, [task.id for task in expired], [*WAITING, *IN_FLIGHT_RUN_STATUSES]
         )
-        links = await queries.links_of_hosts(session, {run.host for run in runs})
         reasons: dict[str, str] = {}
         for task in expired:
             task.stop_reason = "deadline"
@@ -237,16 +230,17 @@ class Scheduler:
             reasons[task.id] = f"task deadline of {seconds}s passed"
             changes.touch(task.id)
             log.info("task %s passed its deadline; ending its unfinished runs", task.id)
-        cancels: list[CancelOrder] = []
+        in_flight: list[RunRow] = []
         for run in runs:
             reason = reasons[run.task_id]
             if run.status in WAITING:
                 changes.move(run, RunStatus.CANCELED, error=f"{reason} before the run was sent")
                 continue
             changes.move(run, RunStatus.TIMED_OUT, error=reason)
-            link = links.get(run.host, "grpc")
-            cancels.append(CancelOrder(run.host, link, run.task_id, run.id, reason))
-        return cancels
+            in_flight.append(run)
+        return await self._dispatcher.cancel_orders(
+            session, in_flight, lambda run: reasons[run.task_id]
+        )
 
     # When runs end -------------------------------------------------------------------------
 
@@ -321,6 +315,10 @@ class Scheduler:
             changes.move(run, RunStatus.CANCELED, error=reason)
         changes.touch(task.id)
         log.info("task %s stopped: %s", task.id, reason)
+
+
+def _past_delivery(run: RunRow) -> str:
+    return f"delivery deadline passed: {run.host} did not come back in time"
 
 
 def _wave_open(task_id: str, wave: int, waves: Mapping[tuple[str, int], dict[str, int]]) -> bool:

@@ -28,7 +28,7 @@ from opsplane.domain.targeting import HostRef, Targets, resolve_targets
 from opsplane.domain.tasks import ExecSpec, TaskRequest
 from opsplane.engine.archive import LogArchive
 from opsplane.engine.changes import Changes, task_view
-from opsplane.engine.dispatcher import CancelOrder, Dispatcher, DispatchPlan
+from opsplane.engine.dispatcher import Dispatcher, DispatchPlan
 from opsplane.engine.ingest import Ingest
 from opsplane.engine.scheduler import Scheduler, assign_waves, start_clocks
 from opsplane.store import queries
@@ -256,14 +256,11 @@ class TaskService:
             for run in runs:
                 if run.status in (RunStatus.PENDING, RunStatus.DELAYED):
                     changes.move(run, RunStatus.CANCELED, error=reason)
-            links = await queries.links_of_hosts(changes.session, {run.host for run in in_flight})
+            cancels = await self._dispatcher.cancel_orders(
+                changes.session, in_flight, lambda _run: reason
+            )
             changes.touch(task_id)
-        await self._dispatcher.send_cancels(
-            [
-                CancelOrder(run.host, links.get(run.host, "grpc"), task_id, run.id, reason)
-                for run in in_flight
-            ]
-        )
+        await self._dispatcher.send_cancels(cancels)
         return await self.get_task(task_id)
 
     async def get_task(self, task_id: str) -> TaskRow:
