@@ -1,4 +1,5 @@
-"""Task policy parsing: every bad field is refused with a message naming it."""
+"""Task policy parsing: every bad field is refused with a message naming it; environment
+variable names, one rule for every place that takes them."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import pytest
 from opsplane.domain.errors import InvalidInput
 from opsplane.domain.policy import Limit, Retries, TaskPolicy
 from opsplane.domain.states import RunStatus, TaskStatus, task_outcome
+from opsplane.domain.tasks import is_env_name
+from opsplane.transport.ssh.sessions import remote_command
 
 
 def test_limits_are_numbers_or_percentages_of_the_targets() -> None:
@@ -70,3 +73,16 @@ def test_a_task_past_its_deadline_ends_timed_out_unless_the_operator_canceled_it
     )
     assert task_outcome(counts, cancel_requested=True, deadline_passed=True) == TaskStatus.CANCELED
     assert task_outcome(counts, cancel_requested=False) == TaskStatus.FAILED
+
+
+@pytest.mark.parametrize("name", ["PATH", "_x", "DB_HOST2"])
+def test_environment_names_that_are_names(name: str) -> None:
+    assert is_env_name(name)
+
+
+@pytest.mark.parametrize("name", ["", "2X", "A-B", "A B", "A\n", "A=1", "Ä"])
+def test_anything_else_is_not_an_environment_name_anywhere(name: str) -> None:
+    assert not is_env_name(name)
+    # The SSH link exports names into a shell: a name with a newline would start a command.
+    with pytest.raises(ValueError, match="invalid environment variable name"):
+        remote_command("true", env={name: "x"})

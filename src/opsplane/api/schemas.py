@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from datetime import datetime
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
@@ -11,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from opsplane.domain.errors import InvalidInput
 from opsplane.domain.policy import TaskPolicy
+from opsplane.domain.tasks import is_env_name
 from opsplane.store.tables import HostRow, RunRow
 
 T = TypeVar("T")
@@ -18,7 +18,6 @@ T = TypeVar("T")
 # larger page reached the database as an out-of-range offset: a 500).
 MAX_PAGE = 1_000_000_000
 PageNumber = Annotated[int, Query(ge=1, le=MAX_PAGE)]
-ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 class TargetsIn(BaseModel):
@@ -114,7 +113,7 @@ class TaskCreate(BaseModel):
     @classmethod
     def _environment(cls, value: dict[str, str]) -> dict[str, str]:
         for name, text in value.items():
-            if not ENV_NAME.fullmatch(name):
+            if not is_env_name(name):
                 raise ValueError(f"{name!r} is not an environment variable name")
             if "\x00" in text:
                 raise ValueError(f"the value of {name} contains a NUL byte")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from opsplane.domain.errors import InvalidInput
@@ -9,6 +10,13 @@ from opsplane.domain.policy import TaskPolicy
 from opsplane.domain.targeting import Targets
 
 MAX_TIMEOUT_SECONDS = 7 * 24 * 3600
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def is_env_name(name: str) -> bool:
+    """Whether ``name`` can be an environment variable's name: letters, digits and ``_``, not
+    starting with a digit. Names reach shells (``export NAME=…`` over SSH), so nothing else."""
+    return _ENV_NAME.fullmatch(name) is not None
 
 
 @dataclass(frozen=True)

@@ -34,11 +34,11 @@ from typing import IO
 import yaml
 
 from opsplane.domain.errors import ConfigError, Conflict, InvalidInput, NotFound, OpsplaneError
+from opsplane.domain.tasks import is_env_name
 
 MAX_PATH = 4096
 MAX_PARAMS = 256
 MAX_PARAMS_BYTES = 128 * 1024
-_PARAM_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 PARAM_PREFIX = "PARAM_"
 PARAMS_JSON = "PARAMS_JSON"
 
@@ -146,7 +146,7 @@ def params_env(params: Mapping[str, object]) -> dict[str, str]:
         raise InvalidInput(f"at most {MAX_PARAMS} params")
     env: dict[str, str] = {}
     for name, value in params.items():
-        if not _PARAM_NAME.match(name):
+        if not is_env_name(name):
             raise InvalidInput(
                 f"param name {name!r} must be letters, digits and _, not starting with a digit"
             )

@@ -15,16 +15,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 import shlex
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Final
 
 import asyncssh
 
+from opsplane.domain.tasks import is_env_name
 from opsplane.execution import Stream
 
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # Reading pauses while this much output waits for the consumer, and resumes below the other.
 _PAUSE_ABOVE = 1024 * 1024
 _RESUME_BELOW = 256 * 1024
@@ -113,7 +112,7 @@ def remote_command(
     """
     lines = []
     for name, value in (env or {}).items():
-        if not _ENV_NAME.match(name):
+        if not is_env_name(name):
             raise ValueError(f"invalid environment variable name {name!r}")
         lines.append(f"export {name}={shlex.quote(value)}")
     if cwd:
