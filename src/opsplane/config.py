@@ -21,6 +21,7 @@ from pydantic_settings import (
 
 from opsplane.domain.errors import ConfigError, InvalidInput
 from opsplane.domain.redaction import DEFAULT_REDACT_PATTERNS, Redactor
+from opsplane.execution.environment import check_passthrough
 
 DEFAULT_LISTEN = "127.0.0.1:8000"
 DEFAULT_GRPC_LISTEN = "127.0.0.1:50051"
@@ -129,6 +130,10 @@ class Settings(BaseSettings):
     public_url: str | None = None
     # /metrics without authentication (Prometheus scrapers usually carry no token).
     metrics_public: bool = True
+    # Variables of the control plane's environment that catalog and seed-003 scripts inherit,
+    # beyond PATH, HOME, LANG, LC_*, TZ… (names, or prefixes ending in '*'; never OPSPLANE_*):
+    # docs/security.md, "What commands inherit".
+    env_passthrough: list[str] = Field(default_factory=list)
 
     @field_validator("listen", "grpc_listen")
     @classmethod
@@ -144,6 +149,14 @@ class Settings(BaseSettings):
         except InvalidInput as e:
             raise ValueError(str(e)) from e
         return value
+
+    @field_validator("env_passthrough")
+    @classmethod
+    def _passthrough(cls, value: list[str]) -> list[str]:
+        try:
+            return list(check_passthrough(value))
+        except InvalidInput as e:
+            raise ValueError(str(e)) from e
 
     @field_validator("alert_webhooks")
     @classmethod

@@ -63,7 +63,11 @@ def build_engine(settings: Settings) -> Engine:
         signing_key=key,
     )
     # The local host runs catalog scripts and the in-process catalog handlers (seed 004).
-    local = LocalLink(settings.local_host, handlers=default_registry.link_handlers())
+    local = LocalLink(
+        settings.local_host,
+        handlers=default_registry.link_handlers(),
+        env_passthrough=settings.env_passthrough,
+    )
     links: list[Link] = [grpc_link, local]
     try:
         from opsplane.transport.ssh import HostKeyPolicy, SshExecutor, SshLink
