@@ -221,11 +221,11 @@ class ChainVerifier:
         does not cover), and the checkpoints whose record never came."""
         if past_head:
             self.report.past_head = len(past_head)
+            head = "" if head_id is None else f" (record {head_id})"
             self._problem(
                 past_head[0],
                 f"{_records(past_head[0], past_head[-1])} ({len(past_head)}) past the chain "
-                f"head (record {head_id}): appended without moving the head, or the head was "
-                "moved back",
+                f"head{head}: appended without moving the head, or the head was moved back",
             )
         for record_id, anchors in sorted(self._anchors.items()):
             for anchor in anchors:
