@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -125,6 +126,7 @@ async def test_a_record_chained_on_after_the_head_is_reported(
 
 
 async def test_a_truncation_with_the_head_moved_back_is_caught_by_a_checkpoint(
+    caplog: pytest.LogCaptureFixture,
     engine: Engine,
     security: SecurityService,
     database_url: str,
@@ -134,7 +136,8 @@ async def test_a_truncation_with_the_head_moved_back_is_caught_by_a_checkpoint(
 ) -> None:
     path = tmp_path / "audit-checkpoints.jsonl"
     await _append(security, RECORDS)
-    written = await _writer(security, key, path).checkpoint()
+    writer = _writer(security, key, path)
+    written = await writer.checkpoint()
     assert written is not None and written["id"] == RECORDS
     status, printed = _cli_verify(
         database_url, "--checkpoint", str(path), "--public-key", str(public_key_file)
@@ -146,6 +149,11 @@ async def test_a_truncation_with_the_head_moved_back_is_caught_by_a_checkpoint(
         await connection.execute(delete(AuditRow).where(AuditRow.id > RECORDS - 2))
     await _set_head(engine, RECORDS - 2, await _hash_of(engine, RECORDS - 2))
     assert (await security.verify_audit()).ok
+    # The control plane notices at its next round; the checkpoint it then writes of the
+    # shortened trail does not make the earlier one go away.
+    with caplog.at_level(logging.ERROR, logger="opsplane.security.checkpoints"):
+        assert await writer.checkpoint() is not None
+    assert "behind or differs from the last checkpoint" in caplog.text
 
     status, printed = _cli_verify(
         database_url, "--checkpoint", str(path), "--public-key", str(public_key_file)

@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_TYPE: Final = "opsplane.audit.checkpoint"
 CHECKPOINT_VERSION: Final = 1
+# How long the checkpoint taken at stop may take.
+_STOP_LIMIT: Final = 5.0
 # Enough to find the last line of the file without reading all of it.
 _TAIL_BYTES: Final = 8192
 
@@ -208,9 +210,12 @@ class CheckpointWriter:
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
         self._task = None
-        # The last word: what was appended since the last round is anchored too.
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.checkpoint(), self._timeout)
+        # The last word: what was appended since the last round is anchored too (bounded:
+        # a database that went away must not hold the shutdown).
+        try:
+            await asyncio.wait_for(self.checkpoint(), _STOP_LIMIT)
+        except Exception as e:
+            log.warning("no audit checkpoint at stop: %s", e or type(e).__name__)
         if self._client is not None:
             await self._client.aclose()
             self._client = None
