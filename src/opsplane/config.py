@@ -21,6 +21,7 @@ from pydantic_settings import (
 
 from opsplane.domain.errors import ConfigError, InvalidInput
 from opsplane.domain.redaction import DEFAULT_REDACT_PATTERNS, Redactor
+from opsplane.execution.environment import check_passthrough
 
 DEFAULT_LISTEN = "127.0.0.1:8000"
 DEFAULT_GRPC_LISTEN = "127.0.0.1:50051"
@@ -129,6 +130,16 @@ class Settings(BaseSettings):
     public_url: str | None = None
     # /metrics without authentication (Prometheus scrapers usually carry no token).
     metrics_public: bool = True
+    # Signed checkpoints of the audit trail's head (docs/security.md, "Audit checkpoints"):
+    # appended to this file (default <data dir>/audit-checkpoints.jsonl) every interval
+    # seconds while the trail grows (0: none), and POSTed to these webhooks.
+    audit_checkpoint_file: Path | None = None
+    audit_checkpoint_interval: float = Field(default=300.0, ge=0)
+    audit_checkpoint_webhooks: list[str] = Field(default_factory=list)
+    # Variables of the control plane's environment that catalog and seed-003 scripts inherit,
+    # beyond PATH, HOME, LANG, LC_*, TZ… (names, or prefixes ending in '*'; never OPSPLANE_*):
+    # docs/security.md, "What commands inherit".
+    env_passthrough: list[str] = Field(default_factory=list)
 
     @field_validator("listen", "grpc_listen")
     @classmethod
@@ -145,12 +156,20 @@ class Settings(BaseSettings):
             raise ValueError(str(e)) from e
         return value
 
-    @field_validator("alert_webhooks")
+    @field_validator("env_passthrough")
+    @classmethod
+    def _passthrough(cls, value: list[str]) -> list[str]:
+        try:
+            return list(check_passthrough(value))
+        except InvalidInput as e:
+            raise ValueError(str(e)) from e
+
+    @field_validator("alert_webhooks", "audit_checkpoint_webhooks")
     @classmethod
     def _http_urls(cls, value: list[str]) -> list[str]:
         for url in value:
             if not url.startswith(("http://", "https://")):
-                raise ValueError(f"an alert webhook must be an http:// or https:// URL: {url!r}")
+                raise ValueError(f"a webhook must be an http:// or https:// URL: {url!r}")
         return value
 
     @property
@@ -173,6 +192,11 @@ class Settings(BaseSettings):
     def secret_key_path(self) -> Path:
         """The key that encrypts secret task parameters at rest (security/secrets.py)."""
         return self.data_dir / "keys" / "secrets.key"
+
+    @property
+    def effective_audit_checkpoint_file(self) -> Path:
+        """Where signed checkpoints of the audit head go (security/checkpoints.py)."""
+        return self.audit_checkpoint_file or self.data_dir / "audit-checkpoints.jsonl"
 
     @property
     def signing_key_path(self) -> Path:

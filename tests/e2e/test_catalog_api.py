@@ -20,7 +20,7 @@ import pytest
 
 from opsplane.api.app import create_app
 from opsplane.config import load_settings
-from tests.auth import ADMIN_HEADERS
+from tests.auth import ADMIN_HEADERS, ADMIN_TOKEN
 from tests.e2e.conftest import processes_with
 from tests.e2e.fleet import child_env, free_port, wait_for
 
@@ -114,6 +114,17 @@ def test_sync_runs_the_seeds_example_and_answers_with_the_envelope(server: Serve
     assert counted == (200, {"code": 0, "data": "counted to 2", "msg": ""})
     log = (server.data_dir / "logs" / "demo1.log").read_text()
     assert "POST /sync/tendb-cluster/demo1" in log and "stdout| hello aaa bbb 123 456" in log
+
+
+def test_a_catalog_script_never_sees_the_bootstrap_admin_token(server: Server) -> None:
+    # Issue 14, hole 4: the seed's demo1 runs `sh -c "echo hello aaa bbb <body…>"`, so a body
+    # naming a variable reads it from the environment the server gives its scripts.
+    body = b'["[$OPSPLANE_BOOTSTRAP_ADMIN_TOKEN]", "[$PATH]"]'
+    with server.client() as client:
+        status, answer = _post(client, "/sync/tendb-cluster/demo1", body)
+    assert status == 200 and answer["code"] == 0, answer
+    assert answer["data"] == f"hello aaa bbb [] [{os.environ['PATH']}]"
+    assert ADMIN_TOKEN not in answer["data"]
 
 
 def test_async_session_is_queried_and_is_a_task_in_the_api(server: Server) -> None:

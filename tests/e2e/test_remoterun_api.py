@@ -61,6 +61,7 @@ def scripts(tmp_path_factory: pytest.TempPathFactory) -> Path:
     _script(scripts / "tools" / "echo_params.sh", '#!/bin/sh\nprintf "%s|" "$PARAM_X" "$PARAM_Y"\n')
     _script(scripts / "sleeper.sh", "#!/bin/sh\nsleep 30\n")
     _script(scripts / "fails.sh", "#!/bin/sh\necho broken >&2\nexit 3\n")
+    _script(scripts / "show_env.sh", "#!/bin/sh\nenv\n")
     _script(scripts / "not_executable.sh", "#!/bin/sh\necho no\n", mode=0o644)
     _script(scripts / "world_writable.sh", "#!/bin/sh\necho no\n", mode=0o757)
     _script(outside / "evil.sh", "#!/bin/sh\necho escaped\n")
@@ -72,7 +73,13 @@ def scripts(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def fleet(scripts: Path) -> Iterator[Fleet]:
-    the_fleet = Fleet(scripts.parent / "fleet")
+    # A variable the control plane lets through to scripts (env_passthrough), and one it does not.
+    server_env = {
+        "OPSPLANE_ENV_PASSTHROUGH": '["CORP_*"]',
+        "CORP_PROXY": "http://proxy.corp:3128",
+        "DB_PASSWORD": "not-for-scripts",
+    }
+    the_fleet = Fleet(scripts.parent / "fleet", server_env=server_env)
     the_fleet.root.mkdir()
     try:
         the_fleet.start_server("--script-dir", str(scripts))
@@ -257,6 +264,21 @@ def test_seed_statuses_for_failure_and_timeout_and_unknown_ids(fleet: Fleet) -> 
         assert client.get("/tasks/nope/logs").status_code == 404
         bad_cursor = client.get(f"/tasks/{slow}/logs", headers={"Last-Event-ID": "x"})
     assert bad_cursor.status_code == 422 and "Last-Event-ID" in bad_cursor.json()["detail"]
+
+
+def test_a_script_never_sees_the_control_planes_tokens(fleet: Fleet) -> None:
+    # Issue 14, hole 4: the server holds OPSPLANE_BOOTSTRAP_ADMIN_TOKEN (tests.e2e.fleet).
+    task_id = _submit(fleet, {"script_path": "show_env.sh", "params": {"who": "me"}})
+    assert _wait_seed_done(fleet, task_id)["status"] == "success"
+    with fleet.client() as client:
+        (run,) = client.get(f"/api/v1/tasks/{task_id}/runs").json()["items"]
+    lines = set(run["stdout"].splitlines())
+    assert ADMIN_TOKEN not in run["stdout"]
+    assert "not-for-scripts" not in run["stdout"]
+    assert not any(line.startswith("OPSPLANE_") for line in lines)
+    assert {"PARAM_WHO=me", "CORP_PROXY=http://proxy.corp:3128", f"PATH={os.environ['PATH']}"} <= (
+        lines
+    )
 
 
 def test_an_idempotency_key_returns_the_first_task(fleet: Fleet) -> None:

@@ -45,6 +45,8 @@ async def _client(tmp_path: Path, **settings: Any) -> AsyncIterator[httpx.AsyncC
             data_dir=tmp_path / "data",
             grpc_listen=f"127.0.0.1:{free_port()}",
             bootstrap_admin_token=ADMIN_TOKEN,
+            # Scripts inherit only allowed variables of the control plane's environment.
+            env_passthrough=["MARKS"],
             **settings,
         )
     )

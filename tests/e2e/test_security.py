@@ -74,6 +74,14 @@ def test_an_operator_token_limited_to_web_cannot_run_on_db_and_an_admin_can(
     assert any(r["action"] == "token.revoke" and r["target"] == token_id for r in records)
     verified = opsplane(fleet, "audit", "verify")
     assert verified.returncode == 0 and "intact" in verified.stdout, verified.stderr
+    # Held to the signed checkpoint the server wrote at start (issue 14, hole 5).
+    anchored = opsplane(
+        fleet, "audit", "verify",
+        "--checkpoint", str(fleet.data_dir / "audit-checkpoints.jsonl"),
+        "--public-key", str(fleet.data_dir / "keys" / "control-plane.pub"),
+    )  # fmt: skip
+    assert anchored.returncode == 0, anchored.stdout + anchored.stderr
+    assert "checkpoint(s) match" in anchored.stdout
     # No secret ever reaches the server's log.
     log = (fleet.root / "server.log").read_text(errors="replace")
     assert ADMIN_TOKEN not in log and token not in log and "bootstrap admin API token" in log

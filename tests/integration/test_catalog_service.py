@@ -60,7 +60,11 @@ def _extra_entries(collect: Path) -> list[ExternalEntry]:
 
 @pytest.fixture
 async def engine(tmp_path: Path) -> AsyncIterator[Engine]:
-    link = LocalLink(HOST, _registry().link_handlers(), kill_grace=2.0)
+    # Seed 004: the parent's environment passes to children, through the allow-list
+    # (docs/catalog.md): CATALOG_FIXTURE_* is allowed here as env_passthrough would.
+    link = LocalLink(
+        HOST, _registry().link_handlers(), kill_grace=2.0, env_passthrough=("CATALOG_FIXTURE_*",)
+    )
     the_engine = Engine(load_settings(data_dir=tmp_path / "data"), [link])
     await the_engine.start()
     try:
@@ -137,7 +141,7 @@ async def test_sync_of_a_failing_script_answers_code_1_with_the_last_stderr_line
 async def test_every_language_really_runs(
     service: CatalogService, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # The parent's environment reaches the child.
+    # The parent's environment reaches the child, what the allow-list lets through of it.
     monkeypatch.setenv("CATALOG_FIXTURE_VAR", "from-the-parent")
     python = await _sync(service, "sqlsvr", "demopython", b'["a b"]')
     assert (python.code, python.data, python.msg) == (

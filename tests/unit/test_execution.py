@@ -311,17 +311,20 @@ async def test_large_output_keeps_head_and_tail_and_is_marked_truncated() -> Non
     assert len(recorder.joined("stdout")) == total
 
 
-async def test_env_is_laid_over_the_parent_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("OPSPLANE_TEST_INHERITED", "from-parent")
-    monkeypatch.setenv("OPSPLANE_TEST_OVERRIDDEN", "from-parent")
+async def test_env_is_laid_over_the_allowed_part_of_the_parent_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("TZ", "from-parent")
+    monkeypatch.setenv("LC_TEST_OVERRIDDEN", "from-parent")
+    monkeypatch.setenv("OPSPLANE_TEST_INHERITED", "never-passed")
 
     result = await run_command(
-        'echo "$OPSPLANE_TEST_INHERITED $OPSPLANE_TEST_OVERRIDDEN $OPSPLANE_TEST_ADDED"',
+        'echo "$TZ $LC_TEST_OVERRIDDEN $OPSPLANE_TEST_ADDED/$OPSPLANE_TEST_INHERITED"',
         timeout=WAIT,
-        env={"OPSPLANE_TEST_OVERRIDDEN": "from-run", "OPSPLANE_TEST_ADDED": "added"},
+        env={"LC_TEST_OVERRIDDEN": "from-run", "OPSPLANE_TEST_ADDED": "added"},
     )
 
-    assert result.stdout == "from-parent from-run added\n"
+    assert result.stdout == "from-parent from-run added/\n"
 
 
 async def test_the_command_runs_in_the_given_working_directory(tmp_path: Path) -> None:

@@ -12,7 +12,8 @@ from urllib.parse import SplitResult, urlsplit
 
 from opsplane.agent.policy import CommandPolicy, resolve_run_as
 from opsplane.config import is_loopback, split_host_port
-from opsplane.domain.errors import ConfigError
+from opsplane.domain.errors import ConfigError, InvalidInput
+from opsplane.execution.environment import check_passthrough
 from opsplane.security.signing import load_public_key
 from opsplane.security.tls import amqp_ssl_context
 
@@ -125,6 +126,10 @@ class AgentConfig:
     deny: tuple[str, ...] = ()
     allow: tuple[str, ...] = ()
     run_as: str | None = None
+    # Variables of the agent's own environment that commands inherit beyond PATH, HOME,
+    # LANG, LC_*, TZ… (names, or prefixes ending in '*'; never OPSPLANE_*): the agent's
+    # environment may hold OPSPLANE_TOKEN and other credentials (docs/security.md).
+    env_passthrough: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name or self.name in {".", ".."} or "\0" in self.name:
@@ -177,6 +182,12 @@ class AgentConfig:
             value = getattr(self, key)
             object.__setattr__(self, key, (value,) if isinstance(value, str) else tuple(value))
         CommandPolicy(self.deny, self.allow)
+        value = self.env_passthrough
+        names = (value,) if isinstance(value, str) else tuple(value)
+        try:
+            object.__setattr__(self, "env_passthrough", check_passthrough(names))
+        except InvalidInput as e:
+            raise ConfigError(str(e)) from e
         if self.run_as is not None:
             resolve_run_as(self.run_as)
 

@@ -288,6 +288,7 @@ class Agent:
                 env=dict(cmd.env),
                 cwd=self._cwd,
                 run_as=self._run_as,
+                env_passthrough=self._config.env_passthrough,
                 kill_grace=self._config.kill_grace,
                 output_cap=self._config.output_cap,
                 on_started=lambda pid: self._on_started(run, pid),

@@ -35,9 +35,11 @@ from opsplane.engine.alerts import AlertSender
 from opsplane.engine.core import Engine
 from opsplane.engine.metrics import EngineMetrics
 from opsplane.remoterun import RemoteRunService
+from opsplane.security.checkpoints import CheckpointWriter
 from opsplane.security.service import SecurityService
 from opsplane.security.signing import load_or_create_private_key
 from opsplane.security.tls import amqp_ssl_context, resolve_grpc_server_files
+from opsplane.store.tables import utcnow
 from opsplane.transport.base import Link
 from opsplane.transport.grpc.server import GrpcLink
 from opsplane.transport.local import LocalLink
@@ -63,7 +65,11 @@ def build_engine(settings: Settings) -> Engine:
         signing_key=key,
     )
     # The local host runs catalog scripts and the in-process catalog handlers (seed 004).
-    local = LocalLink(settings.local_host, handlers=default_registry.link_handlers())
+    local = LocalLink(
+        settings.local_host,
+        handlers=default_registry.link_handlers(),
+        env_passthrough=settings.env_passthrough,
+    )
     links: list[Link] = [grpc_link, local]
     try:
         from opsplane.transport.ssh import HostKeyPolicy, SshExecutor, SshLink
@@ -134,12 +140,23 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         session_lifetime=settings.session_lifetime,
     )
 
+    # Signed checkpoints of the audit head, outside the database (docs/security.md).
+    checkpoints = CheckpointWriter(
+        security.audit_head,
+        load_or_create_private_key(settings.signing_key_path)[0],
+        settings.effective_audit_checkpoint_file,
+        interval=settings.audit_checkpoint_interval,
+        webhooks=settings.audit_checkpoint_webhooks,
+        clock=utcnow,
+    )
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await the_engine.start()
         try:
             # Users and tokens need the migrated database; no request is served before this.
             await security.bootstrap()
+            await checkpoints.start()
             await alerts.start()
             the_engine.hub.add_listener(alerts.observe)
             await catalog_service.start()
@@ -150,6 +167,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         finally:
             the_engine.hub.remove_listener(alerts.observe)
             await alerts.stop()
+            await checkpoints.stop()
             await the_engine.stop()
 
     app = FastAPI(
@@ -164,6 +182,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     app.state.alerts = alerts
     app.state.remoterun = remoterun
     app.state.security = security
+    app.state.audit_checkpoints = checkpoints
     app.state.redactor = Redactor(settings.redact_patterns)
     install_error_handlers(app)
     app.include_router(health.router)

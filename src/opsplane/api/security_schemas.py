@@ -161,3 +161,5 @@ class AuditVerifyOut(BaseModel):
     problems: list[str]
     last_id: int
     last_hash: str
+    past_head: int = Field(description="records stored beyond the chain head")
+    checkpoints: int = Field(description="signed checkpoints the trail was held to")

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from rich.table import Table
 from rich.text import Text
 
@@ -22,6 +23,8 @@ from opsplane.cli.output import dump_json, make_console, print_error, reporting_
 from opsplane.cli.run import client_options
 from opsplane.domain.errors import ConfigError
 from opsplane.security.audit import ChainReport, ChainVerifier
+from opsplane.security.checkpoints import load_checkpoints
+from opsplane.security.signing import load_public_key
 
 app = typer.Typer(no_args_is_help=True, help="Read, export and verify the audit trail (admin).")
 
@@ -120,23 +123,102 @@ def verify_audit(
     file: Annotated[
         Path | None, typer.Option("--file", help="An export (opsplane audit export > FILE).")
     ] = None,
+    checkpoint: Annotated[
+        Path | None,
+        typer.Option(
+            "--checkpoint",
+            help="Signed checkpoints (<data dir>/audit-checkpoints.jsonl, or a copy): every one "
+            "must verify, and the trail must hold each checkpointed record unchanged.",
+        ),
+    ] = None,
+    public_key: Annotated[
+        str | None,
+        typer.Option(
+            "--public-key",
+            help="The control plane's public key (base64 or a file) the checkpoints must be "
+            "signed with [<data dir>/keys/control-plane.pub with --data-dir or --config].",
+        ),
+    ] = None,
 ) -> None:
-    """Recompute the hash chain and say which record was edited or deleted. Exit 0 when the
-    trail is intact, 1 when it is not."""
+    """Recompute the hash chain and say which record was edited or deleted, which records lie
+    past the chain head, and (--checkpoint) which signed checkpoint the trail no longer
+    matches. Exit 0 when the trail is intact, 1 when it is not."""
     err = make_console(stderr=True)
     with reporting_errors(err):
+        verifier = ChainVerifier()
+        if checkpoint is not None:
+            verifier = _checkpointed_verifier(
+                checkpoint, _pinned_key(public_key, data_dir, config, database_url)
+            )
         if file is not None:
-            report = _verify_file(file)
+            report = _verify_file(file, verifier)
         elif database_url or data_dir or config:
-            report = asyncio.run(_verify_database(database_url, data_dir, config))
+            report = asyncio.run(_verify_database(database_url, data_dir, config, verifier))
         else:
             with ApiClient(client_options(ctx)) as api, api.audit_export({}) as export:
-                verifier = ChainVerifier()
-                for line in export.lines:
-                    if line.strip():
-                        verifier.feed(_record(line))
-                report = verifier.finish(export.head_id, export.head_hash)
+                report = _verify_lines(export.lines, verifier, export.head_id, export.head_hash)
     _print_report(report)
+
+
+def _pinned_key(
+    value: str | None, data_dir: Path | None, config: Path | None, database_url: str | None
+) -> Ed25519PublicKey | None:
+    """The key checkpoints must be signed with: --public-key, else the control plane's own
+    public key file when its data directory is known; None: the checkpoints' own key."""
+    try:
+        if value:
+            return load_public_key(value)
+        if data_dir or config:
+            from opsplane.config import load_settings
+
+            settings = load_settings(
+                database_url=database_url, data_dir=data_dir, config_file=config
+            )
+            path = settings.signing_key_path.with_suffix(".pub")
+            if path.is_file():
+                return load_public_key(path)
+    except ConfigError as e:
+        raise CliError(str(e)) from e
+    return None
+
+
+def _checkpointed_verifier(path: Path, key: Ed25519PublicKey | None) -> ChainVerifier:
+    try:
+        found = load_checkpoints(path, key)
+    except (OSError, UnicodeDecodeError) as e:
+        raise CliError(f"cannot read {path}: {e}") from e
+    if found.key_from_file:
+        make_console(stderr=True).print(
+            Text(
+                f"checkpoint signatures checked with the key the file carries ({found.key}); "
+                "pass --public-key to pin the control plane's",
+                style="yellow",
+            ),
+            soft_wrap=True,
+        )
+    if not found.anchors and not found.problems:
+        raise CliError(f"{path} holds no checkpoint")
+    verifier = ChainVerifier(found.anchors)
+    for problem in found.problems:
+        verifier.problem(0, problem)
+    return verifier
+
+
+def _verify_lines(
+    lines: Iterable[str], verifier: ChainVerifier, head_id: int | None, head_hash: str | None
+) -> ChainReport:
+    """Feed an export's lines; those marked ``past_head`` (or beyond ``head_id``) are records
+    the chain head does not vouch for, reported as such rather than chained on."""
+    past: list[int] = []
+    for line in lines:
+        if not line.strip():
+            continue
+        record = _record(line)
+        if record.get("past_head") or (head_id is not None and int(record["id"]) > head_id):
+            past.append(int(record["id"]))
+        else:
+            verifier.feed(record)
+    return verifier.finish(head_id, head_hash, past)
 
 
 def _record(line: str) -> dict[str, Any]:
@@ -149,24 +231,21 @@ def _record(line: str) -> dict[str, Any]:
     return record
 
 
-def _verify_file(path: Path) -> ChainReport:
-    verifier = ChainVerifier()
+def _verify_file(path: Path, verifier: ChainVerifier) -> ChainReport:
     try:
         with path.open(encoding="utf-8") as lines:
-            for line in lines:
-                if line.strip():
-                    verifier.feed(_record(line))
+            # A file carries no chain head: records deleted from its end cannot be told,
+            # unless a checkpoint names them.
+            return _verify_lines(lines, verifier, None, None)
     except OSError as e:
         raise CliError(f"cannot read {path}: {e}") from e
-    # A file carries no chain head: records deleted from its end cannot be told.
-    return verifier.finish(None, None)
 
 
 async def _verify_database(
-    database_url: str | None, data_dir: Path | None, config: Path | None
+    database_url: str | None, data_dir: Path | None, config: Path | None, verifier: ChainVerifier
 ) -> ChainReport:
     from opsplane.config import load_settings
-    from opsplane.security.service import export_document
+    from opsplane.security.service import AUDIT_BATCH, export_document
     from opsplane.store import security_queries as sq
     from opsplane.store.database import create_engine, session_factory
 
@@ -175,7 +254,6 @@ async def _verify_database(
         engine = create_engine(settings.effective_database_url)
     except ConfigError as e:
         raise CliError(str(e)) from e
-    verifier = ChainVerifier()
     sessions = session_factory(engine)
     try:
         async with sessions() as session:
@@ -184,27 +262,30 @@ async def _verify_database(
         after = 0
         while after < head_id:
             async with sessions() as session:
-                rows = await sq.audit_after(session, after, 1000)
+                rows = await sq.audit_after(session, after, AUDIT_BATCH)
             for row in rows:
                 if row.id <= head_id:
                     verifier.feed(export_document(row))
-            if len(rows) < 1000:
+            if len(rows) < AUDIT_BATCH:
                 break
             after = rows[-1].id
+        async with sessions() as session:
+            past = [row.id for row in await sq.audit_past_head(session, AUDIT_BATCH)]
     except Exception as e:  # an unreachable database, or one without the audit tables
         raise CliError(f"cannot read the audit trail from the database: {e}") from e
     finally:
         await engine.dispose()
-    return verifier.finish(head_id, head_hash)
+    return verifier.finish(head_id, head_hash, past)
 
 
 def _print_report(report: ChainReport) -> None:
     out = make_console()
     err = make_console(stderr=True)
     if report.ok:
+        anchored = f"; {report.checkpoints} checkpoint(s) match" if report.checkpoints else ""
         out.print(
             f"audit trail intact: {report.checked} records, head {report.last_id} "
-            f"{report.last_hash[:16]}…",
+            f"{report.last_hash[:16]}…{anchored}",
             soft_wrap=True,
         )
         return

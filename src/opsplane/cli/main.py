@@ -292,6 +292,15 @@ def agent(
             help="run every command as this user (name or uid); needs the agent to be root",
         ),
     ] = None,
+    env_passthrough: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--env-passthrough",
+            metavar="NAME",
+            help="also pass this variable of the agent's environment to commands (a name, or "
+            "a prefix ending in '*'; repeatable; never OPSPLANE_*)",
+        ),
+    ] = None,
     # Enrollment (issue 9, docs/security.md).
     enroll_token: Annotated[
         str | None,
@@ -355,6 +364,7 @@ def agent(
             deny=tuple(deny or ()),
             allow=tuple(allow or ()),
             run_as=run_as or None,
+            env_passthrough=tuple(env_passthrough or ()),
         )
         if state_dir is not None:
             config = dataclasses.replace(config, state_dir=state_dir)

@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 _NO_HEARTBEAT_LINKS = frozenset({LOCAL_LINK, "ssh"})
 HOST_STATUSES = ("online", "offline", "unknown")
 ALERT_RESULTS = ("sent", "failed", "dropped")
+# Why an enrollment was refused: a bad token, a bad request, a name taken, anything else.
+ENROLL_REFUSALS = ("unauthenticated", "invalid", "conflict", "other")
 # Run ids whose dispatch time is remembered for the start latency; beyond this the oldest go
 # (a run that never reports is forgotten rather than kept forever).
 _MAX_DISPATCHED = 200_000
@@ -146,6 +148,12 @@ class EngineMetrics:
             "opsplane_alerts_sent", "Alert deliveries to webhooks, by result",
             ["result"], registry=registry,
         )  # fmt: skip
+        # Anonymous enrollment attempts that failed: counted, never audited under the name
+        # the caller chose (docs/security.md).
+        self.enrollments_refused = Counter(
+            "opsplane_enrollments_refused", "Agent enrollments refused, by reason",
+            ["reason"], registry=registry,
+        )  # fmt: skip
         queue_depth = Gauge(
             "opsplane_ingest_queue_depth", "Host reports waiting to be written",
             registry=registry,
@@ -160,6 +168,8 @@ class EngineMetrics:
                 self.runs_finished.labels(run_status.value, link)
         for result in ALERT_RESULTS:
             self.alerts_sent.labels(result)
+        for reason in ENROLL_REFUSALS:
+            self.enrollments_refused.labels(reason)
         ProcessCollector(registry=registry)
         PlatformCollector(registry=registry)
         registry.register(_FleetCollector(self))

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 from opsplane.execution.capture import DEFAULT_CAP, OutputCapture
+from opsplane.execution.environment import (
+    DEFAULT_PASSTHROUGH,
+    check_passthrough,
+    child_environment,
+)
 from opsplane.execution.identity import Identity
 from opsplane.execution.process import (
     DEFAULT_CHUNK_SIZE,
@@ -20,6 +25,7 @@ __all__ = [
     "DEFAULT_CAP",
     "DEFAULT_CHUNK_SIZE",
     "DEFAULT_KILL_GRACE",
+    "DEFAULT_PASSTHROUGH",
     "Identity",
     "Outcome",
     "OutputCallback",
@@ -28,5 +34,7 @@ __all__ = [
     "ProcessRun",
     "StartedCallback",
     "Stream",
+    "check_passthrough",
+    "child_environment",
     "run_command",
 ]

@@ -22,6 +22,7 @@ from typing import IO, Any, Literal
 
 from opsplane.domain.errors import InvalidInput
 from opsplane.execution.capture import DEFAULT_CAP, OutputCapture
+from opsplane.execution.environment import child_environment
 from opsplane.execution.identity import Identity
 
 logger = logging.getLogger(__name__)
@@ -85,9 +86,11 @@ class ProcessRun:
 
     With ``shell=True`` the command string runs through ``/bin/sh -c``, because operators
     type shell on purpose; with ``shell=False`` an argv list runs directly and nothing in it
-    is interpreted. ``env`` is laid over the parent's environment. Output is read in chunks
-    as it arrives and handed to ``on_output`` in order per stream; a raising callback is
-    logged and never stops the run.
+    is interpreted. The command's environment is ``env`` laid over an allow-list of the
+    parent's (``execution/environment.py``: ``PATH``, ``HOME``, locale…, plus the names in
+    ``env_passthrough``), never the whole of it: the parent holds opsplane's tokens. Output
+    is read in chunks as it arrives and handed to ``on_output`` in order per stream; a
+    raising callback is logged and never stops the run.
 
     With ``run_as`` the command runs as that user, with the user's own groups, and with
     ``HOME``, ``USER`` and ``LOGNAME`` naming it (``env`` still has the last word): a small
@@ -115,6 +118,7 @@ class ProcessRun:
         output_cap: int = DEFAULT_CAP,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         run_as: Identity | None = None,
+        env_passthrough: Sequence[str] = (),
     ) -> None:
         self._argv = _build_argv(argv_or_command, shell=shell)
         if timeout is not None and not (timeout > 0 and math.isfinite(timeout)):
@@ -124,10 +128,11 @@ class ProcessRun:
         if chunk_size <= 0:
             raise InvalidInput(f"chunk_size must be a positive number of bytes, got {chunk_size}")
         self._timeout = timeout
-        self._env = None if env is None else {**os.environ, **env}
         if run_as is not None:
             self._argv = run_as.argv_for(self._argv)
-            self._env = {**os.environ, **run_as.env(), **(env or {})}
+        self._env = child_environment(
+            env, passthrough=env_passthrough, identity_env=run_as.env() if run_as else None
+        )
         self._cwd = cwd
         self._on_output = on_output
         self._on_started = on_started

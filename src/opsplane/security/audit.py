@@ -10,13 +10,20 @@ end is caught against the chain head (the last id and hash, kept in a row of its
 
 The JSON export (``GET /api/v1/audit?format=jsonl``) is exactly these documents plus ``hash``
 and ``prev_hash``, so anyone can verify an export with this module alone.
+
+The head lives in the same database as the records, so whoever can write one can write the
+other: a record chained on after the head, the end cut off with the head moved back, or a
+whole new chain all look intact to the chain alone. Two checks reach further: records stored
+past the head are reported (``past_head``), and signed checkpoints kept outside the database
+(``security/checkpoints.py``) each vouch for one record's hash at one id, so a later trail
+that lacks that record, or holds another one there, is caught.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -105,16 +112,28 @@ def targets_summary(
     return summary
 
 
+@dataclass(frozen=True)
+class Anchor:
+    """What a verified checkpoint vouches for: record ``id`` had ``hash`` at ``at``."""
+
+    id: int
+    hash: str
+    at: str
+
+
 @dataclass
 class ChainReport:
     """The verdict on a trail: ``ok``, how many records were checked, the problems found (each
-    naming the record ids), and the first bad id."""
+    naming the record ids), the first bad id, how many records lie past the head and how many
+    checkpoints the trail was held to."""
 
     checked: int = 0
     problems: list[str] = field(default_factory=list)
     first_bad_id: int | None = None
     last_id: int = 0
     last_hash: str = GENESIS
+    past_head: int = 0
+    checkpoints: int = 0
 
     @property
     def ok(self) -> bool:
@@ -128,23 +147,37 @@ class ChainReport:
             "problems": self.problems,
             "last_id": self.last_id,
             "last_hash": self.last_hash,
+            "past_head": self.past_head,
+            "checkpoints": self.checkpoints,
         }
 
 
 class ChainVerifier:
     """Feed it every record in id order (documents with ``hash`` and ``prev_hash``), then
     ``finish`` with the chain head. Each problem is reported once, where it is: after a broken
-    record the check continues from the record's stored hash, so one edit is one problem."""
+    record the check continues from the record's stored hash, so one edit is one problem.
 
-    def __init__(self) -> None:
+    ``anchors`` (verified checkpoints) must each find their record, with their hash: since
+    every hash covers the one before, a matching record also proves that nothing before it
+    changed."""
+
+    def __init__(self, anchors: Iterable[Anchor] = ()) -> None:
         self.report = ChainReport()
         self._prev_hash = GENESIS
         self._prev_id = 0
+        self._anchors: dict[int, list[Anchor]] = {}
+        for anchor in anchors:
+            self._anchors.setdefault(anchor.id, []).append(anchor)
+            self.report.checkpoints += 1
 
     def _problem(self, record_id: int, text: str) -> None:
-        if self.report.first_bad_id is None:
+        if self.report.first_bad_id is None or record_id < self.report.first_bad_id:
             self.report.first_bad_id = record_id
         self.report.problems.append(text)
+
+    def problem(self, record_id: int, text: str) -> None:
+        """Report a problem found outside the chain (a checkpoint file's, say)."""
+        self._problem(record_id, text)
 
     def feed(self, doc: Mapping[str, Any]) -> None:
         record_id = int(doc["id"])
@@ -167,14 +200,42 @@ class ChainVerifier:
             self._problem(
                 record_id, f"record {record_id} was edited: it no longer matches its hash"
             )
+        for anchor in self._anchors.pop(record_id, ()):
+            if anchor.hash != stored_hash:
+                self._problem(
+                    record_id,
+                    f"record {record_id} is not the one the checkpoint of {anchor.at} signed: "
+                    f"the trail was rewritten up to record {record_id} (or the record replaced)",
+                )
         self.report.checked += 1
         self._prev_id = record_id
         self._prev_hash = stored_hash
         self.report.last_id = record_id
         self.report.last_hash = stored_hash
 
-    def finish(self, head_id: int | None, head_hash: str | None) -> ChainReport:
-        """Compare the end of the trail with the chain head (None: no head to compare with)."""
+    def finish(
+        self, head_id: int | None, head_hash: str | None, past_head: Sequence[int] = ()
+    ) -> ChainReport:
+        """Compare the end of the trail with the chain head (None: no head to compare with),
+        report ``past_head`` (ids of records stored beyond the head, which the chain head
+        does not cover), and the checkpoints whose record never came."""
+        if past_head:
+            self.report.past_head = len(past_head)
+            head = "" if head_id is None else f" (record {head_id})"
+            self._problem(
+                past_head[0],
+                f"{_records(past_head[0], past_head[-1])} ({len(past_head)}) past the chain "
+                f"head{head}: appended without moving the head, or the head was moved back",
+            )
+        for record_id, anchors in sorted(self._anchors.items()):
+            for anchor in anchors:
+                self._problem(
+                    record_id,
+                    f"record {record_id}, signed in the checkpoint of {anchor.at}, is missing: "
+                    f"the chain ends at record {self._prev_id}, so records were removed from the "
+                    "end (and the head moved back)",
+                )
+        self._anchors.clear()
         if head_id is not None and head_id > self._prev_id:
             missing = _records(self._prev_id + 1, head_id)
             self._problem(self._prev_id + 1, f"{missing} missing: deleted from the end")
@@ -189,12 +250,17 @@ class ChainVerifier:
 
 
 def verify_chain(
-    docs: Iterable[Mapping[str, Any]], head_id: int | None = None, head_hash: str | None = None
+    docs: Iterable[Mapping[str, Any]],
+    head_id: int | None = None,
+    head_hash: str | None = None,
+    *,
+    anchors: Iterable[Anchor] = (),
+    past_head: Sequence[int] = (),
 ) -> ChainReport:
-    verifier = ChainVerifier()
+    verifier = ChainVerifier(anchors)
     for doc in docs:
         verifier.feed(doc)
-    return verifier.finish(head_id, head_hash)
+    return verifier.finish(head_id, head_hash, past_head)
 
 
 def _records(first: int, last: int) -> str:

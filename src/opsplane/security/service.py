@@ -665,13 +665,22 @@ class SecurityService:
                 return
             after = rows[-1].id
 
+    async def audit_past_head(self) -> list[dict[str, Any]]:
+        """Records stored beyond the chain head (the first ``AUDIT_BATCH``), as export
+        documents marked ``"past_head": true``: the chain head does not vouch for them."""
+        async with self._sessions() as session:
+            rows = await sq.audit_past_head(session, AUDIT_BATCH)
+        return [{**export_document(row), "past_head": True} for row in rows]
+
     async def verify_audit(self) -> ChainReport:
-        """Recompute the whole chain up to the head as it is now."""
+        """Recompute the whole chain up to the head as it is now, and report records stored
+        past the head."""
         head_id, head_hash = await self.audit_head()
         verifier = ChainVerifier()
         async for doc in self.export_audit(up_to=head_id):
             verifier.feed(doc)
-        return verifier.finish(head_id, head_hash or None)
+        past = [int(doc["id"]) for doc in await self.audit_past_head()]
+        return verifier.finish(head_id, head_hash or None, past)
 
     # Internals --------------------------------------------------------------------------
 

@@ -175,6 +175,20 @@ async def audit_head(session: AsyncSession) -> tuple[int, str] | None:
     return None if head is None else (head.last_id, head.last_hash)
 
 
+async def audit_past_head(session: AsyncSession, limit: int) -> list[AuditRow]:
+    """Records stored beyond the chain head, which the head does not vouch for: appended
+    without the head, or left behind when the head was moved back. One statement, so the
+    head and the records are read at one moment: a record appended meanwhile moves the head
+    in its own transaction and is never taken for one of these."""
+    head_id = (
+        select(func.coalesce(func.max(AuditChainRow.last_id), 0))
+        .where(AuditChainRow.id == CHAIN_HEAD_ID)
+        .scalar_subquery()
+    )
+    stmt = select(AuditRow).where(AuditRow.id > head_id).order_by(AuditRow.id).limit(limit)
+    return list((await session.execute(stmt)).scalars())
+
+
 def _audit_filter(
     stmt: Select[AuditRow],
     *,

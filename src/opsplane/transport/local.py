@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, ClassVar
@@ -59,8 +59,12 @@ class LocalLink(Link):
         handlers: Mapping[str, Handler] | None = None,
         *,
         kill_grace: float = 5.0,
+        env_passthrough: Sequence[str] = (),
     ) -> None:
         self.hostname = hostname
+        # Scripts inherit only an allow-list of the control plane's environment, which holds
+        # the bootstrap token and the database URL (execution/environment.py).
+        self._env_passthrough = tuple(env_passthrough)
         self._handlers = dict(handlers or {})
         self._kill_grace = kill_grace
         self._events: LinkEvents | None = None
@@ -135,6 +139,7 @@ class LocalLink(Link):
                 RunStarted(self.hostname, command.run_id, datetime.now(UTC))
             ),
             kill_grace=self._kill_grace,
+            env_passthrough=self._env_passthrough,
         )
         self._processes[command.run_id] = process
         try:

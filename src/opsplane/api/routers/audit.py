@@ -52,7 +52,9 @@ async def list_audit(
     """Records, newest first, by actor, action and time. ``format=jsonl`` exports every match
     in chain order, one JSON object a line, with both hashes: ``opsplane audit verify`` (or
     ``opsplane.security.audit.verify_chain``) checks an unfiltered export. The headers
-    ``X-Audit-Head-Id`` and ``X-Audit-Head-Hash`` give the chain head at the time of export."""
+    ``X-Audit-Head-Id`` and ``X-Audit-Head-Hash`` give the chain head at the time of export.
+    An unfiltered export ends with the records stored past the head, if any, each marked
+    ``"past_head": true``: the head does not vouch for them, and verify reports them."""
     security = get_security(request)
     if format == "jsonl":
         head_id, head_hash = await security.audit_head()
@@ -84,6 +86,9 @@ async def _jsonl(
         up_to=head_id, actor=actor, action=action, since=since, until=until
     ):
         yield json.dumps(doc, ensure_ascii=False, separators=(",", ":")) + "\n"
+    if not (actor or action or since or until):
+        for doc in await security.audit_past_head():
+            yield json.dumps(doc, ensure_ascii=False, separators=(",", ":")) + "\n"
 
 
 @router.get("/verify", response_model=AuditVerifyOut)
