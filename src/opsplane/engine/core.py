@@ -97,6 +97,7 @@ class Engine:
             lost_grace=settings.lost_grace,
             start_timeout=settings.start_timeout,
             silent_links=[n for n, link in self.links.items() if not link.liveness_by_heartbeat],
+            held_links=[n for n, link in self.links.items() if link.executes_here],
         )
         self.agents = AgentRegistry(
             self.sessions, self.write, require_enrollment=settings.require_enrollment

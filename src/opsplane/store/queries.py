@@ -93,14 +93,15 @@ async def runs_in_status(
 
 
 async def runs_dispatched_before(
-    session: AsyncSession, before: datetime, *, limit: int
+    session: AsyncSession, before: datetime, *, limit: int, exclude_links: Sequence[str] = ()
 ) -> list[RunRow]:
-    """Runs sent to a host before ``before`` that the host has not reported starting."""
-    stmt = (
-        select(RunRow)
-        .where(RunRow.status == "dispatched", RunRow.dispatched_at < before)
-        .limit(limit)
-    )
+    """Runs sent to a host before ``before`` that the host has not reported starting, except
+    those of hosts reached by ``exclude_links``."""
+    stmt = select(RunRow).where(RunRow.status == "dispatched", RunRow.dispatched_at < before)
+    if exclude_links:
+        held = select(HostRow.name).where(HostRow.link.in_(list(exclude_links)))
+        stmt = stmt.where(RunRow.host.not_in(held))
+    stmt = stmt.limit(limit)
     return list((await session.execute(stmt)).scalars())
 
 

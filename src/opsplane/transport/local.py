@@ -53,6 +53,10 @@ class LocalLink(Link):
     name: ClassVar[str] = LOCAL_LINK
     liveness_by_heartbeat: ClassVar[bool] = False
 
+    @property
+    def executes_here(self) -> bool:
+        return True
+
     def __init__(
         self,
         hostname: str,

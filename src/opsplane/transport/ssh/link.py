@@ -115,6 +115,11 @@ class SshLink(Link):
             self.upsert_target(target_from_spec(hostname, spec))
 
     @property
+    def executes_here(self) -> bool:
+        # With workers, runs wait in the broker's ssh.work queue, outside this process.
+        return self.work_queue is None
+
+    @property
     def targets(self) -> Mapping[str, SshTarget]:
         return dict(self._targets)
 

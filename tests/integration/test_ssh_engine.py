@@ -1,0 +1,102 @@
+"""SSH runs through the engine with real sshd: queued on the link is not undelivered (issue 13
+defect 4), and runs a previous control plane was executing end after a restart (defect 5)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from opsplane.config import load_settings
+from opsplane.domain.inventory import SshHostRequest
+from opsplane.domain.policy import Retries, TaskPolicy
+from opsplane.domain.states import RunStatus, TaskStatus
+from opsplane.domain.targeting import Targets
+from opsplane.domain.tasks import TaskRequest
+from opsplane.engine.core import Engine
+from opsplane.transport.ssh import HostKeyPolicy, SshExecutor, SshLink
+from tests.integration.sshd import HOST, SshLab, ssh_lab
+
+pytestmark = pytest.mark.service("sshd")
+
+TARGETS = ("q-1", "q-2", "q-3", "q-4")
+START_TIMEOUT = 1.0
+SLEEP = 1.5
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[SshLab]:
+    with ssh_lab() as the_lab:
+        the_lab.start(list(TARGETS))
+        yield the_lab
+
+
+@dataclass
+class Plane:
+    engine: Engine
+    hosts: tuple[str, ...]
+    root: Path
+
+
+async def _plane(lab: SshLab, root: Path, names: tuple[str, ...], *, register: bool) -> Engine:
+    settings = load_settings(
+        data_dir=root, heartbeat_interval=1.0, start_timeout=START_TIMEOUT, lost_grace=1.0
+    )
+    known = lab.known_hosts(root / "known_hosts", lab.daemons.values())
+    # One slot: every run but the first waits on the control plane, far past start_timeout.
+    executor = SshExecutor(HostKeyPolicy(known), max_parallel=1, kill_grace=1.0)
+    engine = Engine(settings, [SshLink(executor)])
+    await engine.start()
+    if register:
+        for daemon, name in zip(TARGETS, names, strict=True):
+            await engine.hosts.register_ssh_host(
+                SshHostRequest(
+                    name=name,
+                    address=HOST,
+                    port=lab.daemons[daemon].port,
+                    user=lab.user.name,
+                    key_file=str(lab.client_key_path),
+                )
+            )
+    return engine
+
+
+@pytest.fixture
+async def plane(lab: SshLab, tmp_path: Path) -> AsyncIterator[Plane]:
+    suffix = uuid.uuid4().hex[:8]
+    names = tuple(f"{daemon}-{suffix}" for daemon in TARGETS)
+    engine = await _plane(lab, tmp_path, names, register=True)
+    try:
+        yield Plane(engine, names, tmp_path)
+    finally:
+        with contextlib.suppress(Exception):
+            await engine.stop()
+
+
+async def test_runs_waiting_for_an_ssh_slot_are_not_undeliverable_and_run_once(
+    plane: Plane, lab: SshLab
+) -> None:
+    effects = lab.user.home / f"effects-{uuid.uuid4().hex}"
+    # Retries on undeliverable: a run wrongly declared undeliverable would also run again.
+    policy = TaskPolicy(retries=Retries(max_attempts=3, on=frozenset({RunStatus.UNDELIVERABLE})))
+    task = await plane.engine.tasks.create_task(
+        TaskRequest(
+            command=f"echo $(cat /proc/sys/kernel/random/uuid) >> {effects}; sleep {SLEEP}",
+            targets=Targets(hosts=plane.hosts),
+            timeout=30,
+            policy=policy,
+        )
+    )
+    # Four runs one after another behind one slot: about 4 times SLEEP, bounded generously.
+    async with asyncio.timeout(60):
+        done = await plane.engine.wait_task(task.id)
+    runs = await plane.engine.tasks.list_runs(task.id)
+    assert {r.host: r.status for r in runs} == dict.fromkeys(plane.hosts, RunStatus.SUCCEEDED)
+    assert done.status == TaskStatus.SUCCEEDED
+    # Each host executed the command exactly once.
+    assert len(effects.read_text().split()) == len(plane.hosts)
