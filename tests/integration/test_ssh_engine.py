@@ -100,3 +100,32 @@ async def test_runs_waiting_for_an_ssh_slot_are_not_undeliverable_and_run_once(
     assert done.status == TaskStatus.SUCCEEDED
     # Each host executed the command exactly once.
     assert len(effects.read_text().split()) == len(plane.hosts)
+
+
+async def test_ssh_runs_cut_short_by_a_stop_end_lost_at_the_next_start(
+    lab: SshLab, tmp_path: Path
+) -> None:
+    suffix = uuid.uuid4().hex[:8]
+    names = tuple(f"{daemon}-{suffix}" for daemon in TARGETS)
+    engine = await _plane(lab, tmp_path, names, register=True)
+    try:
+        task = await engine.tasks.create_task(
+            TaskRequest(command="sleep 30", targets=Targets(hosts=names[:1]), timeout=60)
+        )
+        for _ in range(150):  # 15 s at most
+            if (await engine.tasks.list_runs(task.id))[0].status == RunStatus.RUNNING:
+                break
+            await asyncio.sleep(0.1)
+    finally:
+        # The link kills the remote command and reports nothing, as if the process had died.
+        await engine.stop()
+    restarted = await _plane(lab, tmp_path, names, register=False)
+    try:
+        (run,) = await restarted.tasks.list_runs(task.id)
+        assert run.status == RunStatus.LOST
+        assert run.error is not None and "restarted" in run.error
+        async with asyncio.timeout(10):
+            done = await restarted.wait_task(task.id)
+        assert done.status == TaskStatus.FAILED
+    finally:
+        await restarted.stop()

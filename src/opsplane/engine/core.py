@@ -25,6 +25,7 @@ from opsplane.engine.hosts import HostService
 from opsplane.engine.hub import EventHub
 from opsplane.engine.ingest import Ingest
 from opsplane.engine.monitor import Monitor
+from opsplane.engine.recovery import settle_interrupted_runs
 from opsplane.engine.scheduler import Scheduler
 from opsplane.engine.service import TaskService
 from opsplane.engine.sshapi import SshApi
@@ -131,6 +132,10 @@ class Engine:
             for name, link in self.links.items():
                 if link.liveness_by_heartbeat:
                     await queries.mark_all_hosts(changes.session, "offline", link=name)
+            # Runs this process's predecessor executed itself can never report: they end now.
+            await settle_interrupted_runs(
+                changes, [name for name, link in self.links.items() if link.executes_here]
+            )
         await self.agents.load()
         await self.ingest.start()
         await self.archive_pruner.start()

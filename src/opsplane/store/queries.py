@@ -105,6 +105,20 @@ async def runs_dispatched_before(
     return list((await session.execute(stmt)).scalars())
 
 
+async def runs_on_links(
+    session: AsyncSession, statuses: Iterable[str], links: Sequence[str], *, limit: int
+) -> list[RunRow]:
+    """Runs in ``statuses`` on hosts reached by one of ``links``."""
+    hosts = select(HostRow.name).where(HostRow.link.in_(list(links)))
+    stmt = (
+        select(RunRow)
+        .where(RunRow.status.in_(list(statuses)), RunRow.host.in_(hosts))
+        .order_by(RunRow.id)
+        .limit(limit)
+    )
+    return list((await session.execute(stmt)).scalars())
+
+
 async def run_status_counts(
     session: AsyncSession, task_ids: Iterable[str]
 ) -> dict[str, dict[str, int]]:
