@@ -9,6 +9,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,6 +20,7 @@ from opsplane.domain.states import RunStatus, TaskStatus
 from opsplane.domain.targeting import Targets
 from opsplane.domain.tasks import TaskRequest
 from opsplane.engine.core import Engine
+from opsplane.engine.sshapi import AdhocEndpoint, AdhocRequest
 from opsplane.transport.ssh import HostKeyPolicy, SshExecutor, SshLink
 from tests.integration.sshd import HOST, SshLab, ssh_lab
 
@@ -129,3 +131,81 @@ async def test_ssh_runs_cut_short_by_a_stop_end_lost_at_the_next_start(
         assert done.status == TaskStatus.FAILED
     finally:
         await restarted.stop()
+
+
+def _files_holding(root: Path, pattern: str, needle: bytes) -> list[Path]:
+    return [path for path in root.glob(pattern) if needle in path.read_bytes()]
+
+
+async def _result_when_done(engine: Engine, task_id: str) -> dict[str, Any]:
+    for _ in range(300):  # 30 s at most
+        answer = await engine.ssh_api.result(task_id)
+        if answer["status"] != "PENDING":
+            return answer
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"seed 000 task {task_id} still PENDING")
+
+
+async def _restart_mid_sequence(
+    lab: SshLab, root: Path, endpoint: AdhocEndpoint, effects: Path
+) -> tuple[str, Engine]:
+    """Submit three commands, stop the control plane while the first runs, start it again."""
+    engine = await _plane(lab, root, (), register=False)
+    try:
+        task_id = await engine.ssh_api.submit(
+            AdhocRequest(
+                targets=[endpoint],
+                commands=["sleep 30", f"echo two >> {effects}", f"echo three >> {effects}"],
+                timeout=60,
+            )
+        )
+        for _ in range(150):  # 15 s at most
+            if (await engine.tasks.list_runs(task_id))[0].status == RunStatus.RUNNING:
+                break
+            await asyncio.sleep(0.1)
+    finally:
+        await engine.stop()
+    return task_id, await _plane(lab, root, (), register=False)
+
+
+async def test_a_seed_000_sequence_goes_on_after_a_restart(lab: SshLab, tmp_path: Path) -> None:
+    effects = lab.user.home / f"sequence-{uuid.uuid4().hex}"
+    endpoint = AdhocEndpoint(
+        HOST, lab.daemons["q-1"].port, lab.user.name, key_file=str(lab.client_key_path)
+    )
+    task_id, restarted = await _restart_mid_sequence(lab, tmp_path, endpoint, effects)
+    try:
+        answer = await _result_when_done(restarted, task_id)
+    finally:
+        await restarted.stop()
+    by_command = {r["command"]: r for r in answer["results"]}
+    assert answer["status"] == "FAILURE"  # the first command was cut short
+    assert by_command["sleep 30"]["success"] is False
+    assert "restarted" in by_command["sleep 30"]["error"]
+    assert by_command[f"echo two >> {effects}"]["success"] is True
+    assert by_command[f"echo three >> {effects}"]["success"] is True
+    assert effects.read_text() == "two\nthree\n"
+
+
+async def test_a_seed_000_sequence_with_an_inline_key_fails_clearly_after_a_restart(
+    lab: SshLab, tmp_path: Path
+) -> None:
+    effects = lab.user.home / f"sequence-{uuid.uuid4().hex}"
+    endpoint = AdhocEndpoint(
+        HOST, lab.daemons["q-2"].port, lab.user.name,
+        private_key=lab.client_key_path.read_text(),
+    )  # fmt: skip
+    task_id, restarted = await _restart_mid_sequence(lab, tmp_path, endpoint, effects)
+    try:
+        answer = await _result_when_done(restarted, task_id)
+    finally:
+        await restarted.stop()
+    assert answer["status"] == "FAILURE"
+    rest = [r for r in answer["results"] if r["command"] != "sleep 30"]
+    assert len(rest) == 2
+    for entry in rest:
+        assert entry["success"] is False
+        assert "passwords or private keys are never stored" in entry["error"]
+    assert not effects.exists()
+    # The key itself is nowhere in the database.
+    assert not _files_holding(tmp_path, "opsplane.db*", b"PRIVATE KEY")  # the WAL too

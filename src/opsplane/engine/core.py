@@ -90,7 +90,7 @@ class Engine:
         self.hosts = HostService(
             self.sessions, self.write, self.links, group_bastions=settings.ssh_group_bastions
         )
-        self.ssh_api = SshApi(self.hosts, self.tasks, self.wait_task)
+        self.ssh_api = SshApi(self.hosts, self.tasks, self.wait_task, self.write, self.sessions)
         self.monitor = Monitor(
             self.write,
             heartbeat_interval=settings.heartbeat_interval,
@@ -146,6 +146,8 @@ class Engine:
         # Recovery: runs a previous process created but never sent are waiting runs like any
         # other; the scheduler's first pass, a heartbeat interval after start, sends them.
         await self.scheduler.start()
+        # Seed-000 requests whose later commands a previous process had not started yet.
+        await self.ssh_api.start()
         self.ready = True
 
     async def stop(self) -> None:

@@ -10,7 +10,14 @@ from typing import Any, NamedTuple
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from opsplane.store.tables import HeartbeatRow, HostRow, RunRow, TaskEventRow, TaskRow
+from opsplane.store.tables import (
+    HeartbeatRow,
+    HostRow,
+    RunRow,
+    SshSequenceRow,
+    TaskEventRow,
+    TaskRow,
+)
 
 
 async def get_task(
@@ -477,3 +484,23 @@ async def waiting_run_counts(session: AsyncSession) -> dict[str, int]:
         .group_by(RunRow.status)
     )
     return {status: int(n) for status, n in (await session.execute(stmt)).all()}
+
+
+async def open_ssh_sequences(session: AsyncSession, limit: int = 10_000) -> list[SshSequenceRow]:
+    """Seed-000 command sequences not yet done, oldest first."""
+    stmt = (
+        select(SshSequenceRow)
+        .where(SshSequenceRow.done.is_(False))
+        .order_by(SshSequenceRow.created_at)
+        .limit(limit)
+    )
+    return list((await session.execute(stmt)).scalars())
+
+
+async def end_ssh_sequence(session: AsyncSession, sequence_id: str, error: str | None) -> None:
+    """Mark a sequence done; ``error`` says why its remaining commands will never run."""
+    await session.execute(
+        update(SshSequenceRow)
+        .where(SshSequenceRow.id == sequence_id)
+        .values(done=True, error=error)
+    )
