@@ -48,6 +48,28 @@ async def list_tasks(
     return list((await session.execute(page)).scalars()), total
 
 
+async def tasks_named(
+    session: AsyncSession,
+    prefix: str,
+    *,
+    terminal: Iterable[str],
+    ended_after: datetime,
+    limit: int,
+) -> list[TaskRow]:
+    """Tasks whose name starts with ``prefix``, unfinished or ended after ``ended_after``,
+    oldest first."""
+    stmt = (
+        select(TaskRow)
+        .where(
+            TaskRow.name.startswith(prefix, autoescape=True),
+            or_(TaskRow.status.not_in(list(terminal)), TaskRow.finished_at >= ended_after),
+        )
+        .order_by(TaskRow.created_at, TaskRow.id)
+        .limit(limit)
+    )
+    return list((await session.execute(stmt)).scalars())
+
+
 async def runs_of_task(session: AsyncSession, task_id: str) -> list[RunRow]:
     stmt = select(RunRow).where(RunRow.task_id == task_id).order_by(RunRow.host, RunRow.attempt)
     return list((await session.execute(stmt)).scalars())
