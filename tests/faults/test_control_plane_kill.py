@@ -1,6 +1,10 @@
 """Fault scenario 2 (issue 13): the control plane is killed with SIGKILL in the middle of a
-fan-out — gRPC agents, SSH hosts and a seed-003 script running on the control plane itself — and
-restarted on the same data directory and ports.
+fan-out — gRPC agents, RabbitMQ agents, SSH hosts and a seed-003 script running on the control
+plane itself — and restarted on the same data directory and ports.
+
+The RabbitMQ side uses a virtual host of its own, created for the test and deleted after: the
+queue names are a public contract (DESIGN §3.2), so two control planes on one virtual host
+would share ``cmd.result``, and the broker is shared with other test runs.
 
 What must hold: the control plane's own script dies with it (no orphan, ``setsid`` children
 included: the warden, ``execution/warden.py``); after the restart every run reaches a terminal
@@ -10,7 +14,10 @@ itself end ``lost``); and nothing ran twice (each command appends its tag to a s
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -25,9 +32,10 @@ from tests.e2e.fleet import Fleet, wait_for
 from tests.e2e.test_cli import opsplane
 from tests.integration.sshd import SshLab, remote_pids, sleep_marker, ssh_lab
 
-pytestmark = pytest.mark.service("sshd")
+pytestmark = [pytest.mark.service("sshd"), pytest.mark.service("rabbitmq")]
 
 AGENTS = ("kill-a1", "kill-a2")
+MQ_AGENTS = ("kill-m1", "kill-m2")
 SSH_TARGETS = ("kill-s1", "kill-s2")
 # The warden's grace (LocalLink kill_grace, 5 s) plus room for a loaded machine.
 ORPHAN_BOUND = 15.0
@@ -48,8 +56,33 @@ class Plane:
     server_args: tuple[str, ...]
 
 
+def _rabbitmqctl(*args: str) -> None:
+    result = subprocess.run(
+        ["rabbitmqctl", *args], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+
+
+@contextlib.contextmanager
+def private_vhost() -> Iterator[str]:
+    """An AMQP URL on a virtual host of this test's own (deleted after)."""
+    vhost = f"opsplane-test-{uuid.uuid4().hex[:12]}"
+    _rabbitmqctl("add_vhost", vhost)
+    try:
+        _rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+        yield f"amqp://guest:guest@127.0.0.1:5672/{vhost}"
+    finally:
+        _rabbitmqctl("delete_vhost", vhost)
+
+
 @pytest.fixture
-def plane(lab: SshLab, tmp_path: Path) -> Iterator[Plane]:
+def amqp_url() -> Iterator[str]:
+    with private_vhost() as url:
+        yield url
+
+
+@pytest.fixture
+def plane(lab: SshLab, tmp_path: Path, amqp_url: str) -> Iterator[Plane]:
     scripts = tmp_path / "scripts"
     scripts.mkdir()
     # Records its execution, then leaves a child in its group and one that escaped it.
@@ -67,12 +100,22 @@ def plane(lab: SshLab, tmp_path: Path) -> Iterator[Plane]:
     )
     the_fleet = Fleet(tmp_path / "fleet", server_env={"OPSPLANE_LOST_GRACE": "120"})
     the_fleet.root.mkdir()
-    args = ("--config", str(config), "--script-dir", str(scripts))
+    args = ("--config", str(config), "--script-dir", str(scripts), "--amqp-url", amqp_url)
     the_fleet.start_server(*args)
     try:
         for name in AGENTS:
             the_fleet.start_agent(name, "kill")
-        the_fleet.wait_online(*AGENTS)
+        key = the_fleet.data_dir / "keys" / "control-plane.pub"
+        for name in MQ_AGENTS:
+            the_fleet.start_agent(
+                name,
+                "kill",
+                extra_args=(
+                    "--amqp-url", amqp_url, "--control-plane-key", str(key),
+                    "--heartbeat-interval", "1",
+                ),
+            )  # fmt: skip
+        the_fleet.wait_online(*AGENTS, *MQ_AGENTS, timeout=30)
         for name in SSH_TARGETS:
             result = opsplane(
                 the_fleet, "hosts", "add", name,
@@ -127,7 +170,7 @@ def test_control_plane_kill_mid_fan_out_leaves_no_orphan_and_nothing_forever_or_
     def everything_running() -> bool:
         runs = [*fleet.runs(ssh_task).values(), *fleet.runs(agent_task).values()]
         return (
-            len(runs) == len(SSH_TARGETS) + len(AGENTS)
+            len(runs) == len(SSH_TARGETS) + len(AGENTS) + len(MQ_AGENTS)
             and all(r["status"] == "running" for r in runs)
             and len(processes_with(escaped)) == 1
             and len(processes_with(in_group)) == 1
@@ -165,7 +208,8 @@ def test_control_plane_kill_mid_fan_out_leaves_no_orphan_and_nothing_forever_or_
         fleet.wait_task_done(task_id, timeout=RECOVERY_BOUND)
 
     agent_runs = fleet.runs(agent_task)
-    assert {h: r["status"] for h, r in agent_runs.items()} == dict.fromkeys(AGENTS, "succeeded")
+    agents = (*AGENTS, *MQ_AGENTS)
+    assert {h: r["status"] for h, r in agent_runs.items()} == dict.fromkeys(agents, "succeeded")
     ssh_runs = fleet.runs(ssh_task)
     assert {h: r["status"] for h, r in ssh_runs.items()} == dict.fromkeys(SSH_TARGETS, "lost")
     (script_run,) = fleet.runs(script_task).values()
@@ -175,10 +219,17 @@ def test_control_plane_kill_mid_fan_out_leaves_no_orphan_and_nothing_forever_or_
     time.sleep(2)  # a scheduler pass or two: nothing is sent again
     assert _lines(local_effects) == [tag]
     assert _lines(remote_effects) == [tag] * len(SSH_TARGETS)
-    for name in AGENTS:
+    for name in agents:
         assert _lines(fleet.root / "work" / name / f"executions-{tag}") == [tag], name
+    # Not guaranteed yet: sshd does not end a command without a terminal when its connection
+    # drops, so the SSH hosts' commands run on until they end by themselves.
+    remote_orphans = remote_pids(remote)
+    for pid in remote_orphans:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     print(
-        f"\ncontrol plane kill: lost 0, duplicated 0, orphans 0 after {orphans_gone_after:.1f}s,"
-        f" every run terminal {recovered_after:.1f}s after the restart;"
-        f" remote SSH commands still running: {len(remote_pids(remote))}"
+        f"\ncontrol plane kill: results lost 0, duplicated 0, local orphans 0"
+        f" ({orphans_gone_after:.1f}s after the kill), every run terminal"
+        f" {recovered_after:.1f}s after the restart; remote SSH processes left running:"
+        f" {len(remote_orphans)}"
     )
