@@ -15,7 +15,6 @@ itself end ``lost``); and nothing ran twice (each command appends its tag to a s
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import subprocess
 import time
@@ -30,7 +29,7 @@ import pytest
 from tests.e2e.conftest import processes_with
 from tests.e2e.fleet import Fleet, wait_for
 from tests.e2e.test_cli import opsplane
-from tests.integration.sshd import SshLab, remote_pids, sleep_marker, ssh_lab
+from tests.integration.sshd import SshLab, sleep_marker, ssh_lab, wait_no_remote_process
 
 pytestmark = [pytest.mark.service("sshd"), pytest.mark.service("rabbitmq")]
 
@@ -183,12 +182,14 @@ def test_control_plane_kill_mid_fan_out_leaves_no_orphan_and_nothing_forever_or_
     fleet.server.send_signal(signal.SIGKILL)
     assert fleet.server.wait(timeout=20) == -signal.SIGKILL
 
-    # The control plane's script died with it, the child that escaped its group too.
+    # The control plane's script died with it, the child that escaped its group too; and the
+    # SSH hosts' commands ended with their connections (the remote guard).
     wait_for(
         lambda: not processes_with(in_group) and not processes_with(escaped),
         ORPHAN_BOUND,
         "the control plane's script processes to be gone",
     )
+    assert wait_no_remote_process(remote, ORPHAN_BOUND) == []
     orphans_gone_after = time.monotonic() - killed_at
 
     restarted_at = time.monotonic()
@@ -221,15 +222,8 @@ def test_control_plane_kill_mid_fan_out_leaves_no_orphan_and_nothing_forever_or_
     assert _lines(remote_effects) == [tag] * len(SSH_TARGETS)
     for name in agents:
         assert _lines(fleet.root / "work" / name / f"executions-{tag}") == [tag], name
-    # Not guaranteed yet: sshd does not end a command without a terminal when its connection
-    # drops, so the SSH hosts' commands run on until they end by themselves.
-    remote_orphans = remote_pids(remote)
-    for pid in remote_orphans:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
     print(
-        f"\ncontrol plane kill: results lost 0, duplicated 0, local orphans 0"
-        f" ({orphans_gone_after:.1f}s after the kill), every run terminal"
-        f" {recovered_after:.1f}s after the restart; remote SSH processes left running:"
-        f" {len(remote_orphans)}"
+        f"\ncontrol plane kill: results lost 0, duplicated 0, orphans 0 (local and remote,"
+        f" {orphans_gone_after:.1f}s after the kill), every run terminal"
+        f" {recovered_after:.1f}s after the restart"
     )

@@ -249,7 +249,8 @@ class SshExecutor:
         loop = asyncio.get_running_loop()
         started_at = datetime.now(UTC)
         began = time.monotonic()
-        chan.write_eof()  # nothing on stdin: a command reading it must not wait forever
+        # No EOF on stdin: the command reads /dev/null, and the channel's stdin stays open
+        # until the channel closes, which is what the remote guard watches (remote_command).
         timers: list[asyncio.TimerHandle] = []
         watcher: asyncio.Task[None] | None = None
         stopped_by: Outcome | None = None
