@@ -2,9 +2,7 @@
 fan-out — gRPC agents, RabbitMQ agents, SSH hosts and a seed-003 script running on the control
 plane itself — and restarted on the same data directory and ports.
 
-The RabbitMQ side uses a virtual host of its own, created for the test and deleted after: the
-queue names are a public contract (DESIGN §3.2), so two control planes on one virtual host
-would share ``cmd.result``, and the broker is shared with other test runs.
+The RabbitMQ side uses a virtual host of its own (tests/integration/vhosts.py).
 
 What must hold: the control plane's own script dies with it (no orphan, ``setsid`` children
 included: the warden, ``execution/warden.py``); after the restart every run reaches a terminal
@@ -14,9 +12,7 @@ itself end ``lost``); and nothing ran twice (each command appends its tag to a s
 
 from __future__ import annotations
 
-import contextlib
 import signal
-import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -30,6 +26,7 @@ from tests.e2e.conftest import processes_with
 from tests.e2e.fleet import Fleet, wait_for
 from tests.e2e.test_cli import opsplane
 from tests.integration.sshd import SshLab, sleep_marker, ssh_lab, wait_no_remote_process
+from tests.integration.vhosts import private_vhost
 
 pytestmark = [pytest.mark.service("sshd"), pytest.mark.service("rabbitmq")]
 
@@ -53,25 +50,6 @@ def lab() -> Iterator[SshLab]:
 class Plane:
     fleet: Fleet
     server_args: tuple[str, ...]
-
-
-def _rabbitmqctl(*args: str) -> None:
-    result = subprocess.run(
-        ["rabbitmqctl", *args], capture_output=True, text=True, timeout=60, check=False
-    )
-    assert result.returncode == 0, result.stderr
-
-
-@contextlib.contextmanager
-def private_vhost() -> Iterator[str]:
-    """An AMQP URL on a virtual host of this test's own (deleted after)."""
-    vhost = f"opsplane-test-{uuid.uuid4().hex[:12]}"
-    _rabbitmqctl("add_vhost", vhost)
-    try:
-        _rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
-        yield f"amqp://guest:guest@127.0.0.1:5672/{vhost}"
-    finally:
-        _rabbitmqctl("delete_vhost", vhost)
 
 
 @pytest.fixture
