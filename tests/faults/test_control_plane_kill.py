@@ -170,6 +170,13 @@ def test_control_plane_kill_mid_fan_out_leaves_no_orphan_and_nothing_forever_or_
     assert wait_no_remote_process(remote, ORPHAN_BOUND) == []
     orphans_gone_after = time.monotonic() - killed_at
 
+    # The agents' commands end while nobody listens: their results are spooled.
+    agents = (*AGENTS, *MQ_AGENTS)
+    wait_for(
+        lambda: all(_lines(fleet.root / "work" / n / f"executions-{tag}") for n in agents),
+        15,
+        "the agents' commands to end while the control plane is down",
+    )
     restarted_at = time.monotonic()
     fleet.start_server(*plane.server_args)
 
@@ -187,7 +194,6 @@ def test_control_plane_kill_mid_fan_out_leaves_no_orphan_and_nothing_forever_or_
         fleet.wait_task_done(task_id, timeout=RECOVERY_BOUND)
 
     agent_runs = fleet.runs(agent_task)
-    agents = (*AGENTS, *MQ_AGENTS)
     assert {h: r["status"] for h, r in agent_runs.items()} == dict.fromkeys(agents, "succeeded")
     ssh_runs = fleet.runs(ssh_task)
     assert {h: r["status"] for h, r in ssh_runs.items()} == dict.fromkeys(SSH_TARGETS, "lost")
