@@ -111,12 +111,15 @@ class Warden:
 
     ``start()`` spawns it; ``watch(pid)`` right after starting a run's leader, ``release(pid)``
     once the run is over; ``stop()`` lets it exit (it kills whatever is still watched, which
-    after a clean stop is nothing). Linux only (``/proc``); elsewhere it does nothing.
+    after a clean stop is nothing). Linux only (``/proc``); elsewhere it does nothing. A warden
+    killed by someone is noticed at the next ``watch``/``release`` and replaced once, the new
+    one watching what is watched then.
     """
 
     def __init__(self, grace: float = 2.0) -> None:
         self._grace = grace
         self._process: subprocess.Popen[bytes] | None = None
+        self._watched: set[int] = set()
         self._failed = False
 
     @property
@@ -134,9 +137,11 @@ class Warden:
         )
 
     def watch(self, pid: int) -> None:
+        self._watched.add(pid)
         self._send(f"+{pid}\n")
 
     def release(self, pid: int) -> None:
+        self._watched.discard(pid)
         self._send(f"-{pid}\n")
 
     def stop(self) -> None:
@@ -161,6 +166,20 @@ class Warden:
             process.stdin.write(line.encode())
             process.stdin.flush()
         except OSError as e:
-            if not self._failed:
-                self._failed = True
-                log.error("the process warden is gone (%s): runs may outlive this process", e)
+            if self._failed:
+                return
+            # Killed by someone: a new warden takes over what is watched now, once.
+            self._failed = True
+            log.error("the process warden is gone (%s); starting another", e)
+            with contextlib.suppress(OSError):
+                process.stdin.close()
+            with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+                process.wait(timeout=1)
+            self._process = None
+            try:
+                self.start()
+            except OSError:
+                log.exception("could not start a new warden: runs may outlive this process")
+                return
+            for pid in self._watched:
+                self._send(f"+{pid}\n")
