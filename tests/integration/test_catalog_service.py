@@ -275,3 +275,38 @@ async def test_each_task_logs_one_record_per_run_to_its_own_file(
     assert datetime.fromisoformat(stamp).tzinfo is not None
     demo1 = await asyncio.to_thread((tmp_path / "logs" / "demo1.log").read_text)
     assert demo1.count("=== ") == 1
+
+
+async def test_async_sessions_are_answered_after_a_restart(tmp_path: Path) -> None:
+    marker = f"49.{os.getpid()}"
+
+    async def plane() -> tuple[Engine, CatalogService]:
+        link = LocalLink(HOST, _registry().link_handlers(), kill_grace=2.0)
+        engine = Engine(load_settings(data_dir=tmp_path / "data"), [link])
+        await engine.start()
+        service = CatalogService(engine, _catalog(), logs_dir=tmp_path / "logs", retention=60)
+        await service.start()
+        return engine, service
+
+    engine, service = await plane()
+    try:
+        done = await service.run_async(service.entry("tendb-cluster", "demo1"), ())
+        await _eventually(lambda: service.query(done).done)
+        cut = await service.run_async(service.entry("tendb-cluster", "sleeper"), (marker,))
+        await _eventually(lambda: len(_processes_with(marker)) >= 3)
+        await _sync(service, "tendb-cluster", "demo1")  # not a session, before or after
+    finally:
+        # The link kills the script and reports nothing, as if the process had died.
+        await service.stop()
+        await engine.stop()
+
+    engine, service = await plane()
+    try:
+        assert [view.id for view in service.query_all()] == [done, cut]
+        assert (service.query(done).message, service.query(done).error) == ("hello aaa bbb", "")
+        restarted = service.query(cut)
+        assert restarted.done and "restarted" in restarted.error
+        assert not _processes_with(marker)
+    finally:
+        await service.stop()
+        await engine.stop()

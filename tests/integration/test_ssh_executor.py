@@ -15,11 +15,13 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import asyncssh
 import pytest
 
 from opsplane.domain.errors import InvalidInput
 from opsplane.execution import Outcome
 from opsplane.transport.ssh import HostKeyPolicy, SshEndpoint, SshExecutor, SshTarget
+from opsplane.transport.ssh.sessions import remote_command, start_command
 from tests.integration.sshd import (
     HOST,
     SshLab,
@@ -242,6 +244,29 @@ async def test_a_cancelled_caller_takes_its_remote_command_down(
     with pytest.raises(asyncio.CancelledError):
         await task
     assert wait_no_remote_process(f"sleep {marker}") == []
+
+
+async def test_a_remote_command_ends_when_its_connection_drops(
+    lab: SshLab, known_hosts: Path
+) -> None:
+    # Issue 13 defect 5: sshd leaves a command without a terminal running when the client
+    # vanishes (a control plane killed with kill -9); the remote guard ends it.
+    marker = sleep_marker()
+    daemon = lab.daemons["t3"]
+    conn = await asyncssh.connect(
+        HOST,
+        port=daemon.port,
+        username=lab.user.name,
+        client_keys=[str(lab.client_key_path)],
+        known_hosts=str(known_hosts),
+    )
+    try:
+        await start_command(remote_command(f"sleep {marker}; echo done"))(conn)
+        assert wait_remote_process(f"sleep {marker}")
+    finally:
+        conn.abort()  # the TCP connection closes, nothing more is said
+    # In a thread: the loop must run for the aborted socket to be closed.
+    assert await asyncio.to_thread(wait_no_remote_process, f"sleep {marker}") == []
 
 
 # -- failures stay per host --------------------------------------------------------------

@@ -22,6 +22,7 @@ from opsplane.engine.core import Engine
 from opsplane.security.signing import load_or_create_private_key
 from opsplane.transport.amqp.link import AmqpLink
 from opsplane.transport.ssh import HostKeyPolicy, SshExecutor, SshLink
+from opsplane.transport.ssh.link import worker_start_window
 from opsplane.transport.ssh.worker import WORK_QUEUE, SshWorker, WorkQueue
 from tests.integration.seed_agent import AMQP_URL, purge_shared_queues
 from tests.integration.sshd import (
@@ -32,6 +33,7 @@ from tests.integration.sshd import (
     ssh_lab,
     wait_no_remote_process,
 )
+from tests.integration.vhosts import private_vhost
 
 pytestmark = [pytest.mark.service("rabbitmq"), pytest.mark.service("sshd")]
 
@@ -139,3 +141,63 @@ async def test_a_cancel_reaches_the_worker_running_the_run(plane: Plane) -> None
     assert done.status == TaskStatus.CANCELED and run.status == RunStatus.CANCELED
     # The worker killed the remote command.
     assert wait_no_remote_process(marker) == []
+
+
+async def test_a_run_waiting_in_the_broker_past_start_timeout_is_never_started(
+    lab: SshLab, tmp_path: Path
+) -> None:
+    # Issue 13 defect 4 with workers: runs waiting in ssh.work are ended undeliverable by the
+    # engine's start_timeout; the worker must then refuse them, not run them late.
+    start_timeout = 1.0
+    effects = lab.user.home / f"effects-{uuid.uuid4().hex}"
+    with private_vhost() as url:
+        settings = load_settings(
+            data_dir=tmp_path, heartbeat_interval=1.0, ssh_workers=True,
+            start_timeout=start_timeout,
+        )  # fmt: skip
+        key, _ = load_or_create_private_key(settings.signing_key_path)
+        amqp = AmqpLink(url, signing_key=key, heartbeat_interval=1.0, offline_after_missed=3)
+        known = lab.known_hosts(tmp_path / "known_hosts", lab.daemons.values())
+        ssh = SshLink(
+            SshExecutor(HostKeyPolicy(known)),
+            work_queue=WorkQueue(url),
+            worker_start_within=worker_start_window(start_timeout),
+        )
+        # One run at a time: the others wait in the broker far past start_timeout.
+        worker = SshWorker(url, SshExecutor(HostKeyPolicy(known)), concurrency=1)
+        engine = Engine(settings, [amqp, ssh])
+        await engine.start()
+        await worker.start()
+        try:
+            name = f"target-1-{uuid.uuid4().hex[:8]}"
+            await engine.hosts.register_ssh_host(
+                SshHostRequest(
+                    name=name, address=HOST, port=lab.daemons["target-1"].port,
+                    user=lab.user.name, key_file=str(lab.client_key_path),
+                )
+            )  # fmt: skip
+            tasks = [
+                await engine.tasks.create_task(
+                    TaskRequest(
+                        command=f"echo x >> {effects}; sleep 2",
+                        targets=Targets(hosts=(name,)),
+                        timeout=30,
+                    )
+                )
+                for _ in range(3)
+            ]
+            async with asyncio.timeout(30):
+                for task in tasks:
+                    await engine.wait_task(task.id)
+            # The queued runs' refusals come back after the engine's verdict: let them land.
+            await asyncio.sleep(3)
+            statuses = sorted(
+                [(await engine.tasks.list_runs(t.id))[0].status for t in tasks], reverse=True
+            )
+        finally:
+            with contextlib.suppress(Exception):
+                await worker.stop()
+            await engine.stop()
+    assert statuses == [RunStatus.UNDELIVERABLE, RunStatus.UNDELIVERABLE, RunStatus.SUCCEEDED]
+    # Only the run that started executed.
+    assert effects.read_text() == "x\n"

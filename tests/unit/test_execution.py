@@ -436,6 +436,50 @@ async def test_cancel_mid_run_reports_canceled_and_leaves_no_orphans(sleep_arg: 
     assert await _survivors(sleep_arg) == []
 
 
+async def test_a_timeout_kills_children_that_left_the_process_group(sleep_arg: str) -> None:
+    # Issue 13 fault scenario 7: setsid puts the second sleep outside the group killpg reaches.
+    result = await run_command(
+        f"sleep {sleep_arg} & setsid sleep {sleep_arg} & wait", timeout=0.5, kill_grace=0.5
+    )
+
+    assert result.outcome is Outcome.TIMED_OUT
+    assert await _survivors(sleep_arg) == []
+
+
+async def test_cancel_kills_children_that_left_the_process_group(sleep_arg: str) -> None:
+    recorder = Recorder(wait_for=b"ready")
+    run = ProcessRun(
+        f"setsid sh -c 'setsid sleep {sleep_arg} & wait' & echo ready; wait",
+        timeout=None,
+        kill_grace=0.5,
+        on_output=recorder,
+    )
+    task = asyncio.create_task(run.run())
+    await asyncio.wait_for(recorder.seen.wait(), WAIT)
+    await asyncio.sleep(0.2)  # the grandchild's setsid has happened
+    run.cancel()
+    result = await asyncio.wait_for(task, WAIT)
+
+    assert result.outcome is Outcome.CANCELED
+    assert await _survivors(sleep_arg) == []
+
+
+async def test_cancelling_the_task_kills_children_that_left_the_process_group(
+    sleep_arg: str,
+) -> None:
+    recorder = Recorder(wait_for=b"ready")
+    task = asyncio.create_task(
+        run_command(f"setsid sleep {sleep_arg} & echo ready; wait", on_output=recorder)
+    )
+    await asyncio.wait_for(recorder.seen.wait(), WAIT)
+    await asyncio.sleep(0.2)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 3.0)
+
+    assert await _survivors(sleep_arg) == []
+
+
 async def test_cancel_before_run_returns_canceled_without_starting_anything() -> None:
     run = ProcessRun("echo should-not-run", timeout=None)
     run.cancel()

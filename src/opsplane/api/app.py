@@ -73,6 +73,7 @@ def build_engine(settings: Settings) -> Engine:
     links: list[Link] = [grpc_link, local]
     try:
         from opsplane.transport.ssh import HostKeyPolicy, SshExecutor, SshLink
+        from opsplane.transport.ssh.link import worker_start_window
     except ImportError:
         log.info("SSH link unavailable (pip install 'opsplane[ssh]')")
     else:
@@ -87,7 +88,13 @@ def build_engine(settings: Settings) -> Engine:
             from opsplane.transport.ssh.worker import WorkQueue
 
             work_queue = WorkQueue(settings.amqp_url)
-        links.append(SshLink(executor, work_queue=work_queue))
+        links.append(
+            SshLink(
+                executor,
+                work_queue=work_queue,
+                worker_start_within=worker_start_window(settings.start_timeout),
+            )
+        )
     if settings.amqp_url:
         from opsplane.transport.amqp.link import AmqpLink
 

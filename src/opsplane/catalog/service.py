@@ -4,9 +4,11 @@ Every call is an ordinary opsplane script task aimed at the control plane's own 
 link): it is in the database, visible in ``/api/v1/tasks``, its output archived, its timeout
 and cancel handled by the engine. The session id of an async call is that task's id.
 
-What is only in this process's memory is the seed's session table: the sessions that
-``/async/query`` lists (running ones, and finished ones until the retention passes). After a
-restart the table starts empty; the tasks themselves stay in the database.
+The seed's session table — the sessions that ``/async/query`` lists: running ones, and finished
+ones until the retention passes — is a view of those tasks: at start it is rebuilt from the
+async calls' tasks (named ``catalog /async/…``) that are unfinished or ended within the
+retention, so a restart forgets no session. A session cut short by the restart ends with its
+run (``lost``, engine/recovery.py).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +33,7 @@ from opsplane.engine.core import Engine
 from opsplane.engine.hub import Subscription
 from opsplane.engine.service import BeforeCommit
 from opsplane.remoterun.scripts import VERIFIED_DIR, VerifiedCopies, file_sha256, short_hash
-from opsplane.store.tables import RunRow
+from opsplane.store.tables import RunRow, TaskRow, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,8 @@ _MAX_LINE = 4096
 # Backstop poll of a watched task when no event arrives (the hub may drop a slow subscriber).
 _POLL = 1.0
 KILLED = "killed by /async/kill"
+# A catalog call's task is named after its route: how a restart finds the async sessions.
+_TASK_PREFIX = "catalog "
 
 
 class UnknownRoute(NotFound):
@@ -171,6 +175,7 @@ class CatalogService:
         for line in describe_routes(self.catalog.entries):
             log.info("catalog route %s", line)
         await asyncio.to_thread(self._warn_changed_pins)
+        await self._restore_sessions()
         self._cleanup = asyncio.create_task(self._cleanup_loop(), name="catalog-cleanup")
 
     async def stop(self) -> None:
@@ -322,6 +327,36 @@ class CatalogService:
         )
         return dataclasses.replace(entry, run_path=copy)
 
+    async def _restore_sessions(self) -> None:
+        """Rebuild the session table from the tasks of async calls made before this start."""
+        routes = {entry.async_path: entry for entry in self.catalog.entries}
+        since = utcnow() - timedelta(seconds=self.retention)
+        for task in await self.engine.tasks.tasks_named(
+            _TASK_PREFIX + "/async/", ended_after=since
+        ):
+            entry = routes.get(task.name.removeprefix(_TASK_PREFIX))
+            if entry is None or task.id in self._sessions:
+                continue  # a route no longer in the catalog
+            session = _Session(task.id, entry, entry.async_path, task.created_at.astimezone(), True)
+            self._sessions[task.id] = session
+            if task.status in TERMINAL_TASK_STATUSES:
+                await self._settle_restored(session, task)
+            else:
+                self._watch_in_background(session)
+        if self._sessions:
+            log.info("catalog: %d sessions restored from the database", len(self._sessions))
+
+    async def _settle_restored(self, session: _Session, task: TaskRow) -> None:
+        runs = await self.engine.tasks.list_runs(task.id)
+        run = runs[0] if runs else None
+        # Whether /async/kill asked for it is not kept: a cancel reads as one.
+        result, error = _outcome(task.status, run, killed=False)
+        self._settle(session, result, error)
+        if task.finished_at is not None:
+            # The retention counts from the task's end, not from this start.
+            age = max(0.0, (utcnow() - task.finished_at).total_seconds())
+            session.ended_at = time.monotonic() - age
+
     def _session(self, session_id: str) -> _Session:
         session = self._sessions.get(session_id)
         if session is None:
@@ -345,7 +380,7 @@ class CatalogService:
             command=entry.command_text(body),
             targets=Targets(hosts=(self.engine.settings.local_host,)),
             timeout=entry.timeout,
-            name=f"catalog {route}",
+            name=f"{_TASK_PREFIX}{route}",
             description=f"seed 004 catalog call POST {route}",
             created_by=created_by,
             allowed_groups=allowed_groups,
@@ -362,10 +397,13 @@ class CatalogService:
         session = _Session(task.id, entry, route, start_at, listed)
         if listed:
             self._sessions[session.id] = session
-        watcher = asyncio.create_task(self._watch(session), name=f"catalog-session-{task.id}")
+        self._watch_in_background(session)
+        return session
+
+    def _watch_in_background(self, session: _Session) -> None:
+        watcher = asyncio.create_task(self._watch(session), name=f"catalog-session-{session.id}")
         self._watchers.add(watcher)
         watcher.add_done_callback(self._watchers.discard)
-        return session
 
     async def _watch(self, session: _Session) -> None:
         """Follow the task's live output until it ends, then settle the session."""

@@ -25,6 +25,7 @@ from opsplane.engine.hosts import HostService
 from opsplane.engine.hub import EventHub
 from opsplane.engine.ingest import Ingest
 from opsplane.engine.monitor import Monitor
+from opsplane.engine.recovery import settle_interrupted_runs
 from opsplane.engine.scheduler import Scheduler
 from opsplane.engine.service import TaskService
 from opsplane.engine.sshapi import SshApi
@@ -89,7 +90,7 @@ class Engine:
         self.hosts = HostService(
             self.sessions, self.write, self.links, group_bastions=settings.ssh_group_bastions
         )
-        self.ssh_api = SshApi(self.hosts, self.tasks, self.wait_task)
+        self.ssh_api = SshApi(self.hosts, self.tasks, self.wait_task, self.write, self.sessions)
         self.monitor = Monitor(
             self.write,
             heartbeat_interval=settings.heartbeat_interval,
@@ -97,6 +98,7 @@ class Engine:
             lost_grace=settings.lost_grace,
             start_timeout=settings.start_timeout,
             silent_links=[n for n, link in self.links.items() if not link.liveness_by_heartbeat],
+            held_links=[n for n, link in self.links.items() if link.executes_here],
         )
         self.agents = AgentRegistry(
             self.sessions, self.write, require_enrollment=settings.require_enrollment
@@ -130,6 +132,10 @@ class Engine:
             for name, link in self.links.items():
                 if link.liveness_by_heartbeat:
                     await queries.mark_all_hosts(changes.session, "offline", link=name)
+            # Runs this process's predecessor executed itself can never report: they end now.
+            await settle_interrupted_runs(
+                changes, [name for name, link in self.links.items() if link.executes_here]
+            )
         await self.agents.load()
         await self.ingest.start()
         await self.archive_pruner.start()
@@ -140,6 +146,8 @@ class Engine:
         # Recovery: runs a previous process created but never sent are waiting runs like any
         # other; the scheduler's first pass, a heartbeat interval after start, sends them.
         await self.scheduler.start()
+        # Seed-000 requests whose later commands a previous process had not started yet.
+        await self.ssh_api.start()
         self.ready = True
 
     async def stop(self) -> None:

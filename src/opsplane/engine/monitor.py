@@ -30,11 +30,15 @@ class Monitor:
         lost_grace: float,
         start_timeout: float,
         silent_links: Sequence[str] = (),
+        held_links: Sequence[str] = (),
         history_retention: timedelta = timedelta(days=1),
         batch: int = 1000,
     ) -> None:
         self._write = write
         self._silent_links = tuple(silent_links)
+        # Links whose runs wait in this process for a slot (Link.executes_here): waiting
+        # there is not undelivered, and the link reports every run's end itself.
+        self._held_links = tuple(held_links)
         self._silence_limit = timedelta(seconds=heartbeat_interval * offline_after_missed)
         self._lost_grace = timedelta(seconds=lost_grace)
         self._start_timeout = timedelta(seconds=start_timeout)
@@ -93,7 +97,10 @@ class Monitor:
                     )
             unstarted = (
                 await queries.runs_dispatched_before(
-                    changes.session, now - self._start_timeout, limit=self._batch
+                    changes.session,
+                    now - self._start_timeout,
+                    limit=self._batch,
+                    exclude_links=self._held_links,
                 )
                 if self._since_start(now) >= self._start_timeout
                 else []

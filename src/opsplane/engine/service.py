@@ -7,6 +7,7 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import asdict
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -280,6 +281,19 @@ class TaskService:
         async with self._sessions() as session:
             return await queries.list_tasks(
                 session, status=status, name=name, offset=(page - 1) * size, limit=size
+            )
+
+    async def tasks_named(
+        self, prefix: str, *, ended_after: datetime, limit: int = 10_000
+    ) -> list[TaskRow]:
+        """Tasks whose name starts with ``prefix``, unfinished or ended after ``ended_after``."""
+        async with self._sessions() as session:
+            return await queries.tasks_named(
+                session,
+                prefix,
+                terminal=[status.value for status in TERMINAL_TASK_STATUSES],
+                ended_after=ended_after,
+                limit=limit,
             )
 
     async def list_runs(self, task_id: str) -> list[RunRow]:

@@ -5,17 +5,26 @@ Each request's targets become SSH hosts (group ``adhoc``; passwords and keys giv
 in the link's memory, never in the store). Commands run one after another, each as an ordinary
 task, so the seed's order of commands holds on every server; the seed's task id is the first
 task's id, and the others are found by idempotency key ``sshapi:<id>:<n>``.
+
+A request with several commands is also a row of ``ssh_sequences`` (written with its first
+task), so that a restarted control plane goes on with the commands not yet started. One that
+needed a password or private key given inline cannot: those are never stored. Its remaining
+commands are then answered ``FAILURE`` with the reason, per server.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from opsplane.domain.errors import InvalidInput, NotFound
 from opsplane.domain.ids import new_id
@@ -23,12 +32,18 @@ from opsplane.domain.inventory import SshHostRequest
 from opsplane.domain.states import TERMINAL_TASK_STATUSES, RunStatus
 from opsplane.domain.targeting import Targets
 from opsplane.domain.tasks import ExecSpec, TaskRequest
+from opsplane.engine.changes import Changes
 from opsplane.engine.hosts import HostService
 from opsplane.engine.service import TaskService
-from opsplane.store.tables import TaskRow
+from opsplane.store import queries
+from opsplane.store.tables import SshSequenceRow, TaskRow
 
 log = logging.getLogger(__name__)
 ADHOC_GROUP = "adhoc"
+SECRETS_LOST = (
+    "not run: the control plane restarted before this command, and the request's passwords "
+    "or private keys are never stored, so it could not go on; send the request again"
+)
 
 
 @dataclass(frozen=True)
@@ -62,11 +77,37 @@ class SshApi:
         hosts: HostService,
         tasks: TaskService,
         wait_task: Callable[[str], Awaitable[TaskRow]],
+        write: Callable[[], AbstractAsyncContextManager[Changes]],
+        sessions: async_sessionmaker[AsyncSession],
     ) -> None:
         self._hosts = hosts
         self._tasks = tasks
         self._wait_task = wait_task
+        self._write = write
+        self._sessions = sessions
         self._sequences: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        """Go on with the sequences a previous process left unfinished."""
+        async with self._sessions() as session:
+            rows = await queries.open_ssh_sequences(session)
+        for row in rows:
+            if row.needs_secrets:
+                async with self._write() as changes:
+                    await queries.end_ssh_sequence(changes.session, row.id, SECRETS_LOST)
+                log.warning(
+                    "seed 000 request %s: remaining commands given up: %s",
+                    row.id,
+                    "its passwords or keys were only in the previous process's memory",
+                )
+                continue
+            log.info("seed 000 request %s: going on after a restart", row.id)
+            self._spawn(_Sequence.of(row))
+
+    def _spawn(self, sequence: _Sequence) -> None:
+        task = asyncio.create_task(self._run_rest(sequence), name=f"sshapi-{sequence.id}")
+        self._sequences.add(task)
+        task.add_done_callback(self._sequences.discard)
 
     async def stop(self) -> None:
         for sequence in list(self._sequences):
@@ -82,59 +123,62 @@ class SshApi:
             raise InvalidInput("commands must list at least one command")
         names = [await self._register(target, request.proxy) for target in request.targets]
         key_base = f"sshapi:{new_id()}"
-        steps: list[TaskRequest] = []
         if request.upload is not None:
             local, remote = request.upload
-            steps.append(
-                self._step(request, names, f"upload {local} -> {remote}", key_base, 0, 1, "upload",
-                           ExecSpec(local_path=local, remote_path=remote))
-            )  # fmt: skip
-        else:
-            commands = [c for c in request.commands if c.strip()]
-            steps = [
-                self._step(request, names, command, key_base, i, len(commands), "command", None)
-                for i, command in enumerate(commands)
-            ]
-        first = await self._tasks.create_task(steps[0])
-        if len(steps) > 1:
-            sequence = asyncio.create_task(self._run_rest(first.id, steps[1:]))
-            self._sequences.add(sequence)
-            sequence.add_done_callback(self._sequences.discard)
-        return first.id
-
-    @staticmethod
-    def _step(
-        request: AdhocRequest,
-        names: list[str],
-        command: str,
-        key_base: str,
-        index: int,
-        count: int,
-        kind: str,
-        spec: ExecSpec | None,
-    ) -> TaskRequest:
-        meta = json.dumps({"api": "seed000", "index": index, "count": count})
-        return TaskRequest(
-            command=command,
-            targets=Targets(hosts=tuple(names)),
-            timeout=request.timeout,
-            name=f"ssh api {command}"[:255],
-            description=meta,
-            created_by=request.created_by,
-            idempotency_key=f"{key_base}:{index}",
-            kind=kind,
-            spec=spec,
+            spec = ExecSpec(local_path=local, remote_path=remote)
+            sequence = _Sequence("", key_base, (f"upload {local} -> {remote}",), tuple(names),
+                                 request.timeout, request.created_by)  # fmt: skip
+            return (await self._tasks.create_task(sequence.step(0, "upload", spec))).id
+        commands = tuple(c for c in request.commands if c.strip())
+        sequence = _Sequence(
+            "", key_base, commands, tuple(names), request.timeout, request.created_by
+        )
+        needs_secrets = any(
+            e.password or e.private_key for e in (*request.targets, request.proxy) if e is not None
         )
 
-    async def _run_rest(self, first_id: str, rest: list[TaskRequest]) -> None:
-        previous = first_id
-        for step in rest:
-            await self._wait_task(previous)
-            try:
-                previous = (await self._tasks.create_task(step)).id
-            except Exception:
-                log.exception("seed 000 request %s: could not start a command", first_id)
-                return
+        async def remember(session: AsyncSession, task: TaskRow, _hosts: list[str]) -> None:
+            # In the first command's transaction: a restart finds the rest of the request.
+            session.add(
+                SshSequenceRow(
+                    id=task.id,
+                    key_base=key_base,
+                    commands=list(commands),
+                    hosts=list(names),
+                    timeout=request.timeout,
+                    created_by=request.created_by,
+                    needs_secrets=needs_secrets,
+                    done=False,
+                )
+            )
+
+        first = await self._tasks.create_task(
+            sequence.step(0), before_commit=remember if len(commands) > 1 else None
+        )
+        if len(commands) > 1:
+            self._spawn(dataclasses.replace(sequence, id=first.id))
+        return first.id
+
+    async def _run_rest(self, sequence: _Sequence) -> None:
+        previous = sequence.id
+        for index in range(1, len(sequence.commands)):
+            step = sequence.step(index)
+            assert step.idempotency_key is not None
+            created = await self._tasks.find_by_idempotency_key(step.idempotency_key)
+            if created is None:
+                await self._wait_task(previous)
+                try:
+                    created = await self._tasks.create_task(step)
+                except Exception as e:
+                    log.exception("seed 000 request %s: could not start a command", sequence.id)
+                    async with self._write() as changes:
+                        await queries.end_ssh_sequence(
+                            changes.session, sequence.id, f"not run: could not start: {e}"
+                        )
+                    return
+            previous = created.id
+        async with self._write() as changes:
+            await queries.end_ssh_sequence(changes.session, sequence.id, None)
 
     async def _register(self, target: AdhocEndpoint, proxy: AdhocEndpoint | None) -> str:
         secrets: dict[str, str] = {}
@@ -174,11 +218,19 @@ class SshApi:
         if meta is None or first.idempotency_key is None:
             raise NotFound(f"task {task_id} is not a seed 000 SSH task")
         base = first.idempotency_key.rsplit(":", 1)[0]
+        row: SshSequenceRow | None = None
+        if int(meta["count"]) > 1:
+            async with self._sessions() as session:
+                row = await session.get(SshSequenceRow, task_id)
         tasks = [first]
+        given_up: list[str] = []  # commands that will never run (row.error says why)
         for index in range(1, int(meta["count"])):
             step = await self._tasks.find_by_idempotency_key(f"{base}:{index}")
             if step is None:
-                return {"task_id": task_id, "status": "PENDING"}
+                if row is None or row.error is None:
+                    return {"task_id": task_id, "status": "PENDING"}
+                given_up.append(row.commands[index])
+                continue
             tasks.append(step)
         if any(task.status not in TERMINAL_TASK_STATUSES for task in tasks):
             return {"task_id": task_id, "status": "PENDING"}
@@ -197,8 +249,47 @@ class SshApi:
                 else:
                     entry.update(command=task.command, stdout=run.stdout, stderr=run.stderr)
                 results.append(entry)
+        for command in given_up:
+            assert row is not None and row.error is not None
+            results += [
+                {"host": host, "success": False, "error": row.error, "exit_code": None,
+                 "command": command, "stdout": "", "stderr": ""}
+                for host in row.hosts
+            ]  # fmt: skip
         status = "SUCCESS" if all(r["success"] for r in results) else "FAILURE"
         return {"task_id": task_id, "status": status, "results": results}
+
+
+@dataclass(frozen=True)
+class _Sequence:
+    """The commands of one request, and what each of their tasks is created with."""
+
+    id: str  # the first command's task id ("" until it exists)
+    key_base: str
+    commands: tuple[str, ...]
+    hosts: tuple[str, ...]
+    timeout: int | None
+    created_by: str
+
+    @classmethod
+    def of(cls, row: SshSequenceRow) -> _Sequence:
+        return cls(row.id, row.key_base, tuple(row.commands), tuple(row.hosts), row.timeout,
+                   row.created_by)  # fmt: skip
+
+    def step(self, index: int, kind: str = "command", spec: ExecSpec | None = None) -> TaskRequest:
+        command = self.commands[index]
+        meta = json.dumps({"api": "seed000", "index": index, "count": len(self.commands)})
+        return TaskRequest(
+            command=command,
+            targets=Targets(hosts=self.hosts),
+            timeout=self.timeout,
+            name=f"ssh api {command}"[:255],
+            description=meta,
+            created_by=self.created_by,
+            idempotency_key=f"{self.key_base}:{index}",
+            kind=kind,
+            spec=spec,
+        )
 
 
 def _meta(description: str) -> dict[str, Any] | None:

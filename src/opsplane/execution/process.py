@@ -20,6 +20,8 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import IO, Any, Literal
 
+import psutil
+
 from opsplane.domain.errors import InvalidInput
 from opsplane.execution.capture import DEFAULT_CAP, OutputCapture
 from opsplane.execution.environment import child_environment
@@ -98,8 +100,12 @@ class ProcessRun:
     Switching to another user needs root: without it the run fails with exit code 126.
 
     When the leader exits, whatever else is left in its process group is killed: a run owns
-    everything it started. A command meant to outlive its run must leave the group
-    (``setsid``).
+    everything it started. A command meant to outlive a run that ends on its own must leave
+    the group (``setsid``). A run that is timed out or canceled ends its whole tree, those
+    escapees included: the leader's descendants are listed (``psutil``, by parent pid) before
+    each signal, so a child that called ``setsid`` is found through its parent. Only a
+    descendant whose parent chain was already broken (its parent exited first) and that left
+    the group can escape a timeout: that is a deliberate daemon.
 
     A ``ProcessRun`` runs once.
     """
@@ -141,6 +147,8 @@ class ProcessRun:
         self._capture = OutputCapture(output_cap)
 
         self._pid: int | None = None
+        # Descendants found outside the leader's process group, kept for the final SIGKILL.
+        self._escapees: dict[int, psutil.Process] = {}
         self._ran = False
         self._cancel_requested = False
         self._cancel_event = asyncio.Event()
@@ -232,10 +240,10 @@ class ProcessRun:
             await self._drain(pumps)
         except asyncio.CancelledError:
             # The awaiting task is going away and cannot wait out a grace period: kill now.
-            self._signal_group(signal.SIGKILL)
+            self._signal_tree(signal.SIGKILL)
             with contextlib.suppress(asyncio.CancelledError):  # a second cancel cuts it short
                 await asyncio.wait({leader_exit}, timeout=_REAP_ON_CANCEL)
-            self._signal_group(signal.SIGKILL)
+            self._signal_tree(signal.SIGKILL)
             raise
         finally:
             for task in (*pumps, leader_exit):
@@ -280,11 +288,13 @@ class ProcessRun:
             return None
         reason = Outcome.CANCELED if self._cancel_requested else Outcome.TIMED_OUT
         logger.info("stopping pid %s: %s", self._pid, reason)
-        self._signal_group(signal.SIGTERM)
+        self._signal_tree(signal.SIGTERM)
         await asyncio.wait({leader_exit}, timeout=self._kill_grace)
         if not leader_exit.done():
-            self._signal_group(signal.SIGKILL)
+            self._signal_tree(signal.SIGKILL)
             await leader_exit
+        # Escapees that outlived the leader's grace go now; the group goes after the drain.
+        self._signal_tree(signal.SIGKILL)
         return reason
 
     async def _pump(self, stream: Stream, reader: asyncio.StreamReader) -> None:
@@ -332,6 +342,37 @@ class ProcessRun:
                     self._pid,
                 )
                 return
+
+    def _signal_tree(self, sig: signal.Signals) -> None:
+        """Signal the process group and every descendant that left it (see the class doc)."""
+        self._find_escapees()
+        self._signal_group(sig)
+        for process in list(self._escapees.values()):
+            try:
+                # psutil checks the pid still names the process it listed (no recycled pid).
+                process.send_signal(sig)
+            except psutil.Error:
+                del self._escapees[process.pid]
+
+    def _find_escapees(self) -> None:
+        if self._pid is None:
+            return
+        # The leader's descendants, and those of escapees already known (the leader may be
+        # gone, or the escapee's own children may have left its group too).
+        roots = [self._pid, *self._escapees]
+        for root in roots:
+            try:
+                descendants = psutil.Process(root).children(recursive=True)
+            except psutil.Error:
+                continue
+            for process in descendants:
+                if process.pid in self._escapees:
+                    continue
+                try:
+                    if os.getpgid(process.pid) != self._pid:
+                        self._escapees[process.pid] = process
+                except OSError:
+                    pass  # already gone
 
     def _signal_group(self, sig: signal.Signals) -> None:
         if self._pid is None:

@@ -10,7 +10,14 @@ from typing import Any, NamedTuple
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from opsplane.store.tables import HeartbeatRow, HostRow, RunRow, TaskEventRow, TaskRow
+from opsplane.store.tables import (
+    HeartbeatRow,
+    HostRow,
+    RunRow,
+    SshSequenceRow,
+    TaskEventRow,
+    TaskRow,
+)
 
 
 async def get_task(
@@ -39,6 +46,28 @@ async def list_tasks(
     total = (await session.execute(select(func.count()).select_from(stmt.subquery()))).scalar_one()
     page = stmt.order_by(TaskRow.created_at.desc(), TaskRow.id.desc()).offset(offset).limit(limit)
     return list((await session.execute(page)).scalars()), total
+
+
+async def tasks_named(
+    session: AsyncSession,
+    prefix: str,
+    *,
+    terminal: Iterable[str],
+    ended_after: datetime,
+    limit: int,
+) -> list[TaskRow]:
+    """Tasks whose name starts with ``prefix``, unfinished or ended after ``ended_after``,
+    oldest first."""
+    stmt = (
+        select(TaskRow)
+        .where(
+            TaskRow.name.startswith(prefix, autoescape=True),
+            or_(TaskRow.status.not_in(list(terminal)), TaskRow.finished_at >= ended_after),
+        )
+        .order_by(TaskRow.created_at, TaskRow.id)
+        .limit(limit)
+    )
+    return list((await session.execute(stmt)).scalars())
 
 
 async def runs_of_task(session: AsyncSession, task_id: str) -> list[RunRow]:
@@ -93,12 +122,27 @@ async def runs_in_status(
 
 
 async def runs_dispatched_before(
-    session: AsyncSession, before: datetime, *, limit: int
+    session: AsyncSession, before: datetime, *, limit: int, exclude_links: Sequence[str] = ()
 ) -> list[RunRow]:
-    """Runs sent to a host before ``before`` that the host has not reported starting."""
+    """Runs sent to a host before ``before`` that the host has not reported starting, except
+    those of hosts reached by ``exclude_links``."""
+    stmt = select(RunRow).where(RunRow.status == "dispatched", RunRow.dispatched_at < before)
+    if exclude_links:
+        held = select(HostRow.name).where(HostRow.link.in_(list(exclude_links)))
+        stmt = stmt.where(RunRow.host.not_in(held))
+    stmt = stmt.limit(limit)
+    return list((await session.execute(stmt)).scalars())
+
+
+async def runs_on_links(
+    session: AsyncSession, statuses: Iterable[str], links: Sequence[str], *, limit: int
+) -> list[RunRow]:
+    """Runs in ``statuses`` on hosts reached by one of ``links``."""
+    hosts = select(HostRow.name).where(HostRow.link.in_(list(links)))
     stmt = (
         select(RunRow)
-        .where(RunRow.status == "dispatched", RunRow.dispatched_at < before)
+        .where(RunRow.status.in_(list(statuses)), RunRow.host.in_(hosts))
+        .order_by(RunRow.id)
         .limit(limit)
     )
     return list((await session.execute(stmt)).scalars())
@@ -462,3 +506,23 @@ async def waiting_run_counts(session: AsyncSession) -> dict[str, int]:
         .group_by(RunRow.status)
     )
     return {status: int(n) for status, n in (await session.execute(stmt)).all()}
+
+
+async def open_ssh_sequences(session: AsyncSession, limit: int = 10_000) -> list[SshSequenceRow]:
+    """Seed-000 command sequences not yet done, oldest first."""
+    stmt = (
+        select(SshSequenceRow)
+        .where(SshSequenceRow.done.is_(False))
+        .order_by(SshSequenceRow.created_at)
+        .limit(limit)
+    )
+    return list((await session.execute(stmt)).scalars())
+
+
+async def end_ssh_sequence(session: AsyncSession, sequence_id: str, error: str | None) -> None:
+    """Mark a sequence done; ``error`` says why its remaining commands will never run."""
+    await session.execute(
+        update(SshSequenceRow)
+        .where(SshSequenceRow.id == sequence_id)
+        .values(done=True, error=error)
+    )

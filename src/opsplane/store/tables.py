@@ -382,3 +382,26 @@ class AgentRow(Base):
     enrolled_at: Mapped[datetime] = mapped_column(default=utcnow)
     revoked_at: Mapped[datetime | None]
     revoked_by: Mapped[str | None] = mapped_column(String(255))
+
+
+class SshSequenceRow(Base):
+    """A seed-000 request with several commands (``engine/sshapi.py``): what the engine needs
+    to go on with its remaining commands after a restart. Each command is a task of its own
+    with the idempotency key ``<key_base>:<index>``; ``id`` is the first one's id. Passwords
+    and private keys given in the request are never stored: ``needs_secrets`` says that the
+    remaining commands cannot run once this process is gone."""
+
+    __tablename__ = "ssh_sequences"
+    __table_args__ = MYSQL_TABLE
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    key_base: Mapped[str] = mapped_column(String(255))
+    commands: Mapped[list[str]] = mapped_column()
+    hosts: Mapped[list[str]] = mapped_column()
+    timeout: Mapped[int | None] = mapped_column(Integer)
+    created_by: Mapped[str] = mapped_column(String(255))
+    needs_secrets: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Every command has its task (or the rest were given up: ``error`` says why).
+    done: Mapped[bool] = mapped_column(Boolean, default=False, index=True)
+    error: Mapped[str | None] = mapped_column(CleanText)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -181,6 +181,15 @@ class Link(abc.ABC):
     # hosts reachable by definition: the control plane's own, and agentless inventory hosts.
     liveness_by_heartbeat: ClassVar[bool] = True
 
+    @property
+    def executes_here(self) -> bool:
+        """Whether this link's runs execute in this process (the control plane's own host,
+        SSH without workers). A run handed to such a link may wait there for a free slot, but
+        it is never lost in transit: the link reports how it ended while this process lives,
+        so the start timeout does not apply to it; and whatever this process was running when
+        it died ended with it, so recovery settles such runs at the next start."""
+        return False
+
     @abc.abstractmethod
     async def start(self, events: LinkEvents) -> None:
         """Begin accepting hosts and reporting to ``events``."""

@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 
 from opsplane.domain.errors import NotConnected
 from opsplane.execution import Outcome, OutputCapture, ProcessRun
+from opsplane.execution.warden import Warden
 from opsplane.transport.base import (
     LOCAL_LINK,
     AgentHello,
@@ -53,6 +54,10 @@ class LocalLink(Link):
     name: ClassVar[str] = LOCAL_LINK
     liveness_by_heartbeat: ClassVar[bool] = False
 
+    @property
+    def executes_here(self) -> bool:
+        return True
+
     def __init__(
         self,
         hostname: str,
@@ -67,6 +72,8 @@ class LocalLink(Link):
         self._env_passthrough = tuple(env_passthrough)
         self._handlers = dict(handlers or {})
         self._kill_grace = kill_grace
+        # Kills this link's processes if the control plane dies without stopping them.
+        self._warden = Warden(grace=kill_grace)
         self._events: LinkEvents | None = None
         self._processes: dict[str, ProcessRun] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
@@ -75,6 +82,7 @@ class LocalLink(Link):
         self._handler_tasks: dict[str, asyncio.Task[int]] = {}
 
     async def start(self, events: LinkEvents) -> None:
+        await asyncio.to_thread(self._warden.start)
         self._events = events
         await events.host_connected(
             AgentHello(hostname=self.hostname, link=self.name, groups=("control-plane",))
@@ -88,6 +96,7 @@ class LocalLink(Link):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._events = None
+        await asyncio.to_thread(self._warden.stop)
 
     def is_connected(self, hostname: str) -> bool:
         return self._events is not None and hostname == self.hostname
@@ -128,6 +137,11 @@ class LocalLink(Link):
         if command.handler is not None:
             await self._run_handler(command, emit)
             return
+
+        async def started(pid: int) -> None:
+            self._warden.watch(pid)
+            await self._report(RunStarted(self.hostname, command.run_id, datetime.now(UTC)))
+
         process = ProcessRun(
             list(command.argv) if command.argv is not None else command.command,
             shell=command.argv is None,
@@ -135,9 +149,7 @@ class LocalLink(Link):
             env=command.env,
             cwd=command.cwd,
             on_output=emit,
-            on_started=lambda _pid: self._report(
-                RunStarted(self.hostname, command.run_id, datetime.now(UTC))
-            ),
+            on_started=started,
             kill_grace=self._kill_grace,
             env_passthrough=self._env_passthrough,
         )
@@ -146,6 +158,8 @@ class LocalLink(Link):
             result = await process.run()
         finally:
             self._processes.pop(command.run_id, None)
+            if process.pid is not None:
+                self._warden.release(process.pid)
         await self._report(
             RunFinished(
                 hostname=self.hostname,

@@ -171,8 +171,12 @@ class SshExecutor:
         on_output: OutputCallback | None = None,
         on_started: StartedCallback | None = None,
         cancel: asyncio.Event | None = None,
+        start_by: float | None = None,
     ) -> SshResult:
         """Run ``command`` on ``target`` and return how it ended; never raises for the host.
+
+        ``start_by`` (a ``time.time()``): a run that got its slot later never starts and ends
+        ``undeliverable`` — whoever gave the deadline may already have declared it so.
 
         Output reaches ``on_output(stream, chunk)`` as it arrives; ``on_started(at)`` is
         awaited once the server accepted the command. ``timeout`` (seconds, None = none)
@@ -189,6 +193,9 @@ class SshExecutor:
         if cancel is not None and cancel.is_set():
             return _finished(Outcome.CANCELED, None, capture, "canceled", None)
         async with self._slots:
+            if start_by is not None and time.time() > start_by:
+                error = "not started: its start deadline passed while it waited for a slot"
+                return _finished(Outcome.UNDELIVERABLE, None, capture, error, None)
             try:
                 lease, (chan, session) = await self._open(target, cancel, start_command(line))
             except _Canceled:
@@ -249,7 +256,8 @@ class SshExecutor:
         loop = asyncio.get_running_loop()
         started_at = datetime.now(UTC)
         began = time.monotonic()
-        chan.write_eof()  # nothing on stdin: a command reading it must not wait forever
+        # No EOF on stdin: the command reads /dev/null, and the channel's stdin stays open
+        # until the channel closes, which is what the remote guard watches (remote_command).
         timers: list[asyncio.TimerHandle] = []
         watcher: asyncio.Task[None] | None = None
         stopped_by: Outcome | None = None

@@ -11,6 +11,7 @@ other failure of the run. Each run executes in a task of its own and reports ``R
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import shlex
 import time
@@ -44,6 +45,13 @@ _Started = Callable[[datetime], Awaitable[None]]
 
 
 _SECRET_FIELDS = ("password", "private_key", "passphrase")
+
+
+def worker_start_window(start_timeout: float) -> float:
+    """How long after its dispatch an SSH worker may still start a run: the engine's
+    ``start_timeout`` less a margin (a fifth, at most 5 s) for the worker's "started" report to
+    reach the engine before the engine's own verdict."""
+    return start_timeout - min(5.0, start_timeout / 5)
 
 
 def target_from_spec(name: str, spec: Mapping[str, Any]) -> SshTarget:
@@ -81,9 +89,14 @@ class SshLink(Link):
         *,
         stop_grace: float = 5.0,
         work_queue: WorkQueue | None = None,
+        worker_start_within: float | None = None,
     ) -> None:
         self.executor = executor
         self.work_queue = work_queue
+        # With workers: how long after its dispatch a worker may still start a run. Shorter than
+        # the engine's start_timeout, which ends a run still waiting in the broker after it as
+        # undeliverable: the worker must never start a run that may already be called so.
+        self._worker_start_within = worker_start_within
         self._targets: dict[str, SshTarget] = dict(targets or {})
         self._stop_grace = stop_grace
         self._events: LinkEvents | None = None
@@ -113,6 +126,11 @@ class SshLink(Link):
             self.remove_target(hostname)
         else:
             self.upsert_target(target_from_spec(hostname, spec))
+
+    @property
+    def executes_here(self) -> bool:
+        # With workers, runs wait in the broker's ssh.work queue, outside this process.
+        return self.work_queue is None
 
     @property
     def targets(self) -> Mapping[str, SshTarget]:
@@ -150,6 +168,10 @@ class SshLink(Link):
         if self._events is None or target is None:
             raise NotConnected(f"{hostname} is not a known SSH target")
         if self.work_queue is not None:
+            if self._worker_start_within is not None:
+                cutoff = time.time() + self._worker_start_within
+                if command.deliver_by is None or command.deliver_by > cutoff:
+                    command = dataclasses.replace(command, deliver_by=cutoff)
             await self.work_queue.publish_work(hostname, target, command)
             return
         run_id = command.run_id
@@ -268,6 +290,7 @@ class SshLink(Link):
             on_output=emit,
             on_started=started,
             cancel=cancel,
+            start_by=command.deliver_by,
         )
         return RunFinished(
             hostname=hostname,

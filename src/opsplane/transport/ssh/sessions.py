@@ -101,16 +101,32 @@ def start_command(
     return start
 
 
+# The first lines of every remote command: a guard that kills the command's process group
+# (``kill -9 0``) once the channel's stdin reaches end of file. The client never sends EOF, so
+# that happens when the channel closes or the connection drops: a control plane that died (even
+# by ``kill -9``) does not leave its commands running on the targets, which sshd would do for a
+# command without a terminal. The guard is started by a subshell that exits at once, so it is
+# no job of the command's shell (a ``wait`` there does not wait for it); it keeps only the
+# channel's stdin, so it holds no output open. The command itself reads /dev/null, as before.
+_GUARD = (
+    "exec 3<&0 0</dev/null\n"
+    "( { while read -r _; do :; done; kill -9 0; } <&3 >/dev/null 2>&1 & )\n"
+    "exec 3<&-"
+)
+
+
 def remote_command(
     command: str, env: Mapping[str, str] | None = None, cwd: str | None = None
 ) -> str:
-    """The command line sent to the server: ``env`` exported and ``cwd`` entered first.
+    """The command line sent to the server: the guard (see ``_GUARD``), then ``env``
+    exported and ``cwd`` entered, then the command.
 
     Environment goes in the command line rather than in SSH ``env`` requests, which sshd
     silently drops unless ``AcceptEnv`` lists them. Needs a POSIX login shell (sh, bash,
-    dash, zsh, ksh) on the target, which sshd runs the command with.
+    dash, zsh, ksh) on the target, which sshd runs the command with. The channel's stdin must
+    stay open while the command runs (the guard ends the command at its end of file).
     """
-    lines = []
+    lines = [_GUARD]
     for name, value in (env or {}).items():
         if not is_env_name(name):
             raise ValueError(f"invalid environment variable name {name!r}")
