@@ -99,7 +99,10 @@ class Engine:
             silent_links=[n for n, link in self.links.items() if not link.liveness_by_heartbeat],
         )
         self.agents = AgentRegistry(
-            self.sessions, self.write, require_enrollment=settings.require_enrollment
+            self.sessions,
+            self.write,
+            require_enrollment=settings.require_enrollment,
+            reserved_names=(settings.local_host,),
         )
         # Messages the links refused, by (link, reason): the metrics read them.
         self.refused: Counter[tuple[str, str]] = Counter()
@@ -173,7 +176,16 @@ class Engine:
     # LinkEvents -------------------------------------------------------------------------
 
     async def host_connected(self, hello: AgentHello) -> None:
-        await self.hosts.host_connected(hello)
+        # Only an agent that proved its enrolled key may move its host to another agent link
+        # (an agent moved from gRPC to RabbitMQ); see HostService.host_connected.
+        identity = self.agents.identity(hello.hostname)
+        enrolled = (
+            identity is not None
+            and not identity.revoked
+            and bool(hello.public_key)
+            and identity.public_key == hello.public_key
+        )
+        await self.hosts.host_connected(hello, enrolled=enrolled)
         # Runs delayed for this host may go now.
         self.scheduler.wake()
 
