@@ -29,7 +29,7 @@ from opsplane.security.signing import load_or_create_private_key, public_key_tex
 from opsplane.transport.amqp.link import AmqpLink
 from opsplane.transport.grpc import opsplane_pb2 as pb
 from opsplane.transport.grpc import opsplane_pb2_grpc as pb_grpc
-from opsplane.transport.grpc.convert import hello_claims, signed_fields
+from opsplane.transport.grpc.convert import CHALLENGE_KEY, hello_claims, signed_fields
 from opsplane.transport.grpc.server import GrpcLink
 from tests.e2e.fleet import free_port
 from tests.integration.seed_agent import AMQP_URL, SeedAgent, purge_shared_queues
@@ -226,19 +226,32 @@ async def test_signed_messages_of_enrolled_agents_pass_and_forgeries_are_refused
 # Over gRPC --------------------------------------------------------------------------------
 
 
-def _hello(name: str, key: Ed25519PrivateKey, groups: list[str], **fields: object) -> pb.Hello:
+def _hello(
+    name: str, key: Ed25519PrivateKey, groups: list[str], challenge: str = "", **fields: object
+) -> pb.Hello:
     hello = pb.Hello(
-        hostname=name, groups=groups, public_key=_public(key), timestamp=time.time(), **fields
+        hostname=name,
+        groups=groups,
+        public_key=_public(key),
+        timestamp=time.time(),
+        challenge=challenge,
+        **fields,
     )
     hello.signature = sign(key, hello_claims(hello))
     return hello
 
 
-async def _say_hello(address: str, hello: pb.Hello) -> tuple[grpc.aio.Channel, Any, Any]:
-    """The channel, the call and the first answer (or the status code the call ended with)."""
+HelloFor = Callable[[str], pb.Hello]
+
+
+async def _say_hello(address: str, hello_for: HelloFor) -> tuple[grpc.aio.Channel, Any, Any]:
+    """Open a stream, answer its challenge with ``hello_for(challenge)``: the channel, the call
+    and the first answer (or the status code the call ended with)."""
     channel = grpc.aio.insecure_channel(address)
     call = pb_grpc.CommandServiceStub(channel).ConnectForCommands()
-    await call.write(pb.CommandMessage(hello=hello))
+    challenge = (await call.initial_metadata()).get(CHALLENGE_KEY)
+    assert isinstance(challenge, str) and len(challenge) >= 16
+    await call.write(pb.CommandMessage(hello=hello_for(challenge)))
     try:
         return channel, call, await call.read()
     except grpc.aio.AioRpcError as e:
@@ -255,21 +268,24 @@ async def test_grpc_hellos_and_reports_must_be_signed_by_the_enrolled_key(tmp_pa
     await engine.agents.enroll(token.secret, "g-1", _public(key))
     try:
         # Refused hellos: another key under the enrolled name; a signature by another key;
-        # groups the token did not allow.
-        for hello, reason in (
-            (_hello("g-1", other, ["web"]), "refused_agent"),
-            (pb.Hello(**{**_fields(_hello("g-1", key, ["web"])), "signature": sign(other, {})}),
-             "bad_signature"),
-            (_hello("g-1", key, ["web", "db"]), "refused_agent"),
-            (_replayed(_hello("g-1", key, ["web"]), key), "stale"),
-        ):  # fmt: skip
+        # groups the token did not allow; an old one; one answering another challenge.
+        refused: list[tuple[HelloFor, str]] = [
+            (lambda c: _hello("g-1", other, ["web"], c), "refused_agent"),
+            (lambda c: pb.Hello(**{**_fields(_hello("g-1", key, ["web"], c)),
+                                   "signature": sign(other, {})}), "bad_signature"),
+            (lambda c: _hello("g-1", key, ["web", "db"], c), "refused_agent"),
+            (lambda c: _replayed(_hello("g-1", key, ["web"], c), key), "stale"),
+            (lambda c: _hello("g-1", key, ["web"], "an-earlier-challenge"), "replay"),
+            (lambda c: _hello("g-1", key, ["web"]), "replay"),
+        ]  # fmt: skip
+        for hello_for, reason in refused:
             before = engine.refused[("grpc", reason)]
-            channel, _call, answer = await _say_hello(address, hello)
+            channel, _call, answer = await _say_hello(address, hello_for)
             assert answer == grpc.StatusCode.PERMISSION_DENIED
             assert engine.refused[("grpc", reason)] == before + 1
             await channel.close()
 
-        channel, call, welcome = await _say_hello(address, _hello("g-1", key, ["web"]))
+        channel, call, welcome = await _say_hello(address, lambda c: _hello("g-1", key, ["web"], c))
         assert welcome.HasField("welcome")
         forged = pb.Heartbeat(hostname="g-1", timestamp=time.time(), cpu_usage=99.0)
         forged.signature = sign(other, signed_fields(forged))
@@ -292,6 +308,7 @@ def _fields(hello: pb.Hello) -> dict[str, object]:
     return {
         "hostname": hello.hostname, "groups": list(hello.groups),
         "public_key": hello.public_key, "timestamp": hello.timestamp,
+        "challenge": hello.challenge,
     }  # fmt: skip
 
 
