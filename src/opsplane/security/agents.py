@@ -39,7 +39,7 @@ from opsplane.security.signing import parse_public_key
 from opsplane.security.tokens import new_token, secret_hash
 from opsplane.store import queries
 from opsplane.store.tables import AgentRow, EnrollmentTokenRow, HostRow, utcnow
-from opsplane.transport.base import AGENT_LINKS
+from opsplane.transport.base import AGENT_LINKS, LOCAL_LINK
 
 log = logging.getLogger(__name__)
 
@@ -146,9 +146,10 @@ class AgentRegistry:
     def _check_not_inventory(self, name: str, host: HostRow | None) -> None:
         """Conflict if ``name`` belongs to a host no agent may become: the control plane's own,
         or an inventory (SSH) host."""
-        if name in self._reserved or (host is not None and host.link not in AGENT_LINKS):
-            what = "the control plane's own host" if host is None else f"a {host.link} host"
-            raise Conflict(f"{name} is {what}: no agent may enroll under its name")
+        if name in self._reserved or (host is not None and host.link == LOCAL_LINK):
+            raise Conflict(f"{name} is the control plane's own host: no agent may enroll as it")
+        if host is not None and host.link not in AGENT_LINKS:
+            raise Conflict(f"{name} is an {host.link} host: no agent may enroll under its name")
 
     async def enroll(self, secret: str, name: str, public_key: str) -> AgentRow:
         """Register ``name`` with ``public_key`` and the token's groups, spending the token.
