@@ -22,6 +22,7 @@ from opsplane.transport.grpc import opsplane_pb2 as pb
 from opsplane.transport.grpc import opsplane_pb2_grpc as pb_grpc
 from opsplane.transport.grpc.convert import CHALLENGE_KEY
 from tests.e2e.fleet import Fleet, running_fleet, wait_for
+from tests.e2e.test_cli import opsplane
 from tests.e2e.wiretap import WireTap, grpc_messages, replay_raw
 
 SSH_HOST = "ssh-db-9"
@@ -91,7 +92,9 @@ def test_an_enrollment_token_cannot_take_the_control_plane_or_an_ssh_host(fleet:
 
 
 def test_a_token_bound_to_a_name_enrolls_that_name_only(fleet: Fleet) -> None:
-    token = _token(fleet, "web", name="atk-web-7")
+    made = opsplane(fleet, "agents", "token", "--group", "web", "--name", "atk-web-7")
+    assert made.returncode == 0 and "named atk-web-7" in made.stderr, made.stderr
+    token = made.stdout.strip()
     status, detail = _enroll(fleet, token, "atk-web-8")
     assert status == 403 and "atk-web-7" in detail, detail
     assert _enroll(fleet, token, "atk-web-7")[0] == 201

@@ -20,13 +20,14 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from opsplane.config import load_settings
-from opsplane.domain.errors import Conflict, InvalidInput, Unauthenticated
+from opsplane.domain.errors import Conflict, Forbidden, InvalidInput, Unauthenticated
 from opsplane.domain.states import TaskStatus
 from opsplane.domain.targeting import Targets
 from opsplane.domain.tasks import TaskRequest
 from opsplane.engine.core import Engine
 from opsplane.security.signing import load_or_create_private_key, public_key_text, sign
 from opsplane.transport.amqp.link import AmqpLink
+from opsplane.transport.base import AgentHello
 from opsplane.transport.grpc import opsplane_pb2 as pb
 from opsplane.transport.grpc import opsplane_pb2_grpc as pb_grpc
 from opsplane.transport.grpc.convert import CHALLENGE_KEY, hello_claims, signed_fields
@@ -90,6 +91,59 @@ async def test_expired_wrong_and_reused_names_are_refused(engine: Engine) -> Non
     new_key = _public(Ed25519PrivateKey.generate())
     await engine.agents.enroll(second.secret, "db-1", new_key)
     assert engine.agents.refusal("db-1", new_key, []) is None
+
+
+async def test_a_token_takes_only_a_free_name_or_the_one_it_was_issued_for(
+    engine: Engine,
+) -> None:
+    """Issue 14 §1: enrollment cannot take over a host of the inventory."""
+    key = _public(Ed25519PrivateKey.generate())
+    await engine.hosts.host_connected(AgentHello(hostname="control-plane", link="local"))
+    await engine.hosts.host_connected(AgentHello(hostname="agent-1", link="grpc", groups=("a",)))
+    # (An SSH host, as the store holds it; the SSH link's inventory does not matter here.)
+    await engine.hosts.host_connected(AgentHello(hostname="ssh-1", link="ssh", groups=("db",)))
+    token = await engine.agents.create_token(["web"], created_by="admin")
+    for name, error, text in (
+        ("control-plane", Conflict, "control plane's own host"),
+        ("ssh-1", Conflict, "an ssh host"),
+        ("agent-1", Conflict, "--name agent-1"),
+    ):
+        with pytest.raises(error, match=text):
+            await engine.agents.enroll(token.secret, name, key)
+    # None of that spent the token.
+    assert (await engine.agents.enroll(token.secret, "web-1", key)).groups == ["web"]
+
+    bound = await engine.agents.create_token(["a"], created_by="admin", name="agent-1")
+    assert bound.token.name == "agent-1"
+    with pytest.raises(Forbidden, match="issued for 'agent-1'"):
+        await engine.agents.enroll(bound.secret, "web-2", key)
+    await engine.agents.enroll(bound.secret, "agent-1", key)
+    for name in ("control-plane", "ssh-1"):
+        with pytest.raises(Conflict, match="no agent may enroll"):
+            await engine.agents.create_token([], created_by="admin", name=name)
+
+
+async def test_a_hello_never_moves_another_links_host(engine: Engine) -> None:
+    """Issue 14 §1: a hello cannot make an SSH host, the control plane's host, or (unless it
+    proves that name's enrolled key) another agent link's host its own."""
+    key = _public(Ed25519PrivateKey.generate())
+    await engine.hosts.host_connected(AgentHello(hostname="control-plane", link="local"))
+    await engine.hosts.host_connected(AgentHello(hostname="ssh-1", link="ssh", groups=("db",)))
+    await engine.hosts.host_connected(AgentHello(hostname="moved-1", link="grpc"))
+    await engine.hosts.host_connected(AgentHello(hostname="other-1", link="grpc"))
+    for name in ("control-plane", "ssh-1", "other-1"):
+        with pytest.raises(Conflict, match="cannot take it over"):
+            await engine.host_connected(AgentHello(hostname=name, link="amqp", public_key=key))
+    assert (await engine.hosts.get_host("ssh-1")).link == "ssh"
+    assert (await engine.hosts.get_host("ssh-1")).groups == ["db"]
+    assert engine.agents.refusal("control-plane", key, []) is not None
+    # The enrolled agent of a name, proving its key, may move to another agent link.
+    token = await engine.agents.create_token([], created_by="admin", name="moved-1")
+    await engine.agents.enroll(token.secret, "moved-1", key)
+    await engine.host_connected(AgentHello(hostname="moved-1", link="amqp", public_key=key))
+    assert (await engine.hosts.get_host("moved-1")).link == "amqp"
+    # The control plane's own link always has its host back.
+    await engine.hosts.host_connected(AgentHello(hostname="control-plane", link="local"))
 
 
 async def test_enrollment_is_required_unless_turned_off(tmp_path: Path) -> None:
