@@ -215,6 +215,10 @@ class GrpcLink:
         """Wait for the server's challenge, say hello answering it, wait for the welcome;
         returns the heartbeat interval the welcome asks for."""
         metadata = await asyncio.wait_for(call.initial_metadata(), WELCOME_TIMEOUT)
+        if call.done():
+            # It failed before the server said anything (unreachable, TLS refused): say why.
+            code, details = await call.code(), await call.details()
+            raise _StreamClosed(f"{code.name}: {details}")
         challenge = metadata.get(CHALLENGE_KEY) if metadata is not None else None
         hello = self._handler.hello(challenge if isinstance(challenge, str) else "")
         await call.write(pb.CommandMessage(hello=hello))
