@@ -277,6 +277,29 @@ async def test_signed_messages_of_enrolled_agents_pass_and_forgeries_are_refused
         await agent.stop()
 
 
+@pytest.mark.service("rabbitmq")
+async def test_a_rabbitmq_hello_never_takes_over_an_ssh_host(tmp_path: Path) -> None:
+    """Issue 14 §1 on RabbitMQ: with enrollment not required, a heartbeat naming an SSH host
+    is refused (refused_agent), and the host keeps its link and groups."""
+    await purge_shared_queues()
+    settings = load_settings(data_dir=tmp_path, heartbeat_interval=1.0, require_enrollment=False)
+    key, _ = load_or_create_private_key(settings.signing_key_path)
+    link = AmqpLink(AMQP_URL, signing_key=key, heartbeat_interval=1.0, offline_after_missed=3)
+    engine = Engine(settings, [link])
+    await engine.start()
+    try:
+        name = f"ssh-{uuid.uuid4().hex[:8]}"
+        await engine.hosts.host_connected(AgentHello(hostname=name, link="ssh", groups=("db",)))
+        beat = {"hostname": name, "status": "online", "timestamp": time.time(), "hello": True,
+                "cpu_usage": 1.0, "memory_usage": 1.0, "groups": ["web"]}  # fmt: skip
+        await _publish("sys_monitor_exchange", "heartbeat", beat)
+        await _eventually_refused(engine, "refused_agent", 1)
+        host = await engine.hosts.get_host(name)
+        assert (host.link, host.groups) == ("ssh", ["db"])
+    finally:
+        await engine.stop()
+
+
 # Over gRPC --------------------------------------------------------------------------------
 
 

@@ -10,7 +10,7 @@ from datetime import datetime
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from opsplane.domain.errors import ConfigError, Conflict, NotFound
+from opsplane.domain.errors import ConfigError, Conflict, NameTaken, NotFound
 from opsplane.domain.inventory import SshHostRequest
 from opsplane.domain.states import IN_FLIGHT_RUN_STATUSES, RunStatus
 from opsplane.engine.changes import Changes
@@ -46,7 +46,7 @@ class HostService:
         A run the control plane thinks is on the host, but which the agent neither runs nor
         holds a result for, will never report: it ends now rather than after a timeout.
 
-        An agent never takes over a host of another link (Conflict): not an SSH host, not the
+        An agent never takes over a host of another link (NameTaken): not an SSH host, not the
         control plane's own, and not another agent link's host unless it is ``enrolled`` (it
         proved the enrolled key of that name: the same agent, moved to another link).
         """
@@ -61,7 +61,7 @@ class HostService:
                 and hello.link in AGENT_LINKS
                 and (host.link not in AGENT_LINKS or not enrolled)
             ):
-                raise Conflict(
+                raise NameTaken(
                     f"{hello.hostname} is a {host.link} host: an agent on {hello.link} "
                     "cannot take it over"
                 )

@@ -27,9 +27,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from opsplane.domain.errors import (
     ConfigError,
-    Conflict,
     ConnectionLost,
     InvalidInput,
+    NameTaken,
     NotConnected,
 )
 from opsplane.security.signing import sign, verify
@@ -205,7 +205,7 @@ class AmqpLink(Link):
         if hello.reconcile or not self.is_connected(hello.hostname):
             try:
                 await events.host_connected(hello)
-            except Conflict as e:
+            except NameTaken as e:
                 # The name is another link's host (SSH, the control plane's own).
                 await self._refuse(message, "refused_agent", str(e))
                 return

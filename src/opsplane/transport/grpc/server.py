@@ -23,9 +23,9 @@ from grpc import aio
 from opsplane.config import is_loopback, split_host_port
 from opsplane.domain.errors import (
     ConfigError,
-    Conflict,
     ConnectionLost,
     InvalidInput,
+    NameTaken,
     NotConnected,
 )
 from opsplane.domain.targeting import check_host_name
@@ -243,7 +243,7 @@ class GrpcLink(Link, pb_grpc.CommandServiceServicer):  # type: ignore[misc]
         )
         try:
             await self._events.host_connected(hello)
-        except Conflict as e:
+        except NameTaken as e:
             # The name is another link's host (SSH, the control plane's own): not an agent's.
             log.warning("refused the hello of %r: %s", hello.hostname, e)
             self._events.message_refused(self.name, "refused_agent")
