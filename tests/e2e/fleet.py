@@ -120,12 +120,14 @@ class Fleet:
         *groups: str,
         workdir: Path | None = None,
         extra_args: tuple[str, ...] = (),
+        server: str | None = None,
     ) -> subprocess.Popen[bytes]:
+        """Start an agent dialing the control plane (or ``server``: a proxy in between)."""
         cwd = workdir or (self.root / "work" / name)
         cwd.mkdir(parents=True, exist_ok=True)
         argv = [
             sys.executable, "-m", "opsplane", "agent",
-            "--server", self.grpc, "--name", name,
+            "--server", server or self.grpc, "--name", name,
             "--state-dir", str(self.root / "agents" / name),
         ]  # fmt: skip
         for group in groups:

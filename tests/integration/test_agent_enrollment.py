@@ -20,16 +20,17 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from opsplane.config import load_settings
-from opsplane.domain.errors import Conflict, InvalidInput, Unauthenticated
+from opsplane.domain.errors import Conflict, Forbidden, InvalidInput, Unauthenticated
 from opsplane.domain.states import TaskStatus
 from opsplane.domain.targeting import Targets
 from opsplane.domain.tasks import TaskRequest
 from opsplane.engine.core import Engine
 from opsplane.security.signing import load_or_create_private_key, public_key_text, sign
 from opsplane.transport.amqp.link import AmqpLink
+from opsplane.transport.base import AgentHello
 from opsplane.transport.grpc import opsplane_pb2 as pb
 from opsplane.transport.grpc import opsplane_pb2_grpc as pb_grpc
-from opsplane.transport.grpc.convert import hello_claims, signed_fields
+from opsplane.transport.grpc.convert import CHALLENGE_KEY, hello_claims, signed_fields
 from opsplane.transport.grpc.server import GrpcLink
 from tests.e2e.fleet import free_port
 from tests.integration.seed_agent import AMQP_URL, SeedAgent, purge_shared_queues
@@ -90,6 +91,59 @@ async def test_expired_wrong_and_reused_names_are_refused(engine: Engine) -> Non
     new_key = _public(Ed25519PrivateKey.generate())
     await engine.agents.enroll(second.secret, "db-1", new_key)
     assert engine.agents.refusal("db-1", new_key, []) is None
+
+
+async def test_a_token_takes_only_a_free_name_or_the_one_it_was_issued_for(
+    engine: Engine,
+) -> None:
+    """Issue 14 §1: enrollment cannot take over a host of the inventory."""
+    key = _public(Ed25519PrivateKey.generate())
+    await engine.hosts.host_connected(AgentHello(hostname="control-plane", link="local"))
+    await engine.hosts.host_connected(AgentHello(hostname="agent-1", link="grpc", groups=("a",)))
+    # (An SSH host, as the store holds it; the SSH link's inventory does not matter here.)
+    await engine.hosts.host_connected(AgentHello(hostname="ssh-1", link="ssh", groups=("db",)))
+    token = await engine.agents.create_token(["web"], created_by="admin")
+    for name, error, text in (
+        ("control-plane", Conflict, "control plane's own host"),
+        ("ssh-1", Conflict, "an ssh host"),
+        ("agent-1", Conflict, "--name agent-1"),
+    ):
+        with pytest.raises(error, match=text):
+            await engine.agents.enroll(token.secret, name, key)
+    # None of that spent the token.
+    assert (await engine.agents.enroll(token.secret, "web-1", key)).groups == ["web"]
+
+    bound = await engine.agents.create_token(["a"], created_by="admin", name="agent-1")
+    assert bound.token.name == "agent-1"
+    with pytest.raises(Forbidden, match="issued for 'agent-1'"):
+        await engine.agents.enroll(bound.secret, "web-2", key)
+    await engine.agents.enroll(bound.secret, "agent-1", key)
+    for name in ("control-plane", "ssh-1"):
+        with pytest.raises(Conflict, match="no agent may enroll"):
+            await engine.agents.create_token([], created_by="admin", name=name)
+
+
+async def test_a_hello_never_moves_another_links_host(engine: Engine) -> None:
+    """Issue 14 §1: a hello cannot make an SSH host, the control plane's host, or (unless it
+    proves that name's enrolled key) another agent link's host its own."""
+    key = _public(Ed25519PrivateKey.generate())
+    await engine.hosts.host_connected(AgentHello(hostname="control-plane", link="local"))
+    await engine.hosts.host_connected(AgentHello(hostname="ssh-1", link="ssh", groups=("db",)))
+    await engine.hosts.host_connected(AgentHello(hostname="moved-1", link="grpc"))
+    await engine.hosts.host_connected(AgentHello(hostname="other-1", link="grpc"))
+    for name in ("control-plane", "ssh-1", "other-1"):
+        with pytest.raises(Conflict, match="cannot take it over"):
+            await engine.host_connected(AgentHello(hostname=name, link="amqp", public_key=key))
+    assert (await engine.hosts.get_host("ssh-1")).link == "ssh"
+    assert (await engine.hosts.get_host("ssh-1")).groups == ["db"]
+    assert engine.agents.refusal("control-plane", key, []) is not None
+    # The enrolled agent of a name, proving its key, may move to another agent link.
+    token = await engine.agents.create_token([], created_by="admin", name="moved-1")
+    await engine.agents.enroll(token.secret, "moved-1", key)
+    await engine.host_connected(AgentHello(hostname="moved-1", link="amqp", public_key=key))
+    assert (await engine.hosts.get_host("moved-1")).link == "amqp"
+    # The control plane's own link always has its host back.
+    await engine.hosts.host_connected(AgentHello(hostname="control-plane", link="local"))
 
 
 async def test_enrollment_is_required_unless_turned_off(tmp_path: Path) -> None:
@@ -223,22 +277,58 @@ async def test_signed_messages_of_enrolled_agents_pass_and_forgeries_are_refused
         await agent.stop()
 
 
+@pytest.mark.service("rabbitmq")
+async def test_a_rabbitmq_hello_never_takes_over_an_ssh_host(tmp_path: Path) -> None:
+    """Issue 14 §1 on RabbitMQ: with enrollment not required, a heartbeat naming an SSH host
+    is refused (refused_agent), and the host keeps its link and groups."""
+    await purge_shared_queues()
+    settings = load_settings(data_dir=tmp_path, heartbeat_interval=1.0, require_enrollment=False)
+    key, _ = load_or_create_private_key(settings.signing_key_path)
+    link = AmqpLink(AMQP_URL, signing_key=key, heartbeat_interval=1.0, offline_after_missed=3)
+    engine = Engine(settings, [link])
+    await engine.start()
+    try:
+        name = f"ssh-{uuid.uuid4().hex[:8]}"
+        await engine.hosts.host_connected(AgentHello(hostname=name, link="ssh", groups=("db",)))
+        beat = {"hostname": name, "status": "online", "timestamp": time.time(), "hello": True,
+                "cpu_usage": 1.0, "memory_usage": 1.0, "groups": ["web"]}  # fmt: skip
+        await _publish("sys_monitor_exchange", "heartbeat", beat)
+        await _eventually_refused(engine, "refused_agent", 1)
+        host = await engine.hosts.get_host(name)
+        assert (host.link, host.groups) == ("ssh", ["db"])
+    finally:
+        await engine.stop()
+
+
 # Over gRPC --------------------------------------------------------------------------------
 
 
-def _hello(name: str, key: Ed25519PrivateKey, groups: list[str], **fields: object) -> pb.Hello:
+def _hello(
+    name: str, key: Ed25519PrivateKey, groups: list[str], challenge: str = "", **fields: object
+) -> pb.Hello:
     hello = pb.Hello(
-        hostname=name, groups=groups, public_key=_public(key), timestamp=time.time(), **fields
+        hostname=name,
+        groups=groups,
+        public_key=_public(key),
+        timestamp=time.time(),
+        challenge=challenge,
+        **fields,
     )
     hello.signature = sign(key, hello_claims(hello))
     return hello
 
 
-async def _say_hello(address: str, hello: pb.Hello) -> tuple[grpc.aio.Channel, Any, Any]:
-    """The channel, the call and the first answer (or the status code the call ended with)."""
+HelloFor = Callable[[str], pb.Hello]
+
+
+async def _say_hello(address: str, hello_for: HelloFor) -> tuple[grpc.aio.Channel, Any, Any]:
+    """Open a stream, answer its challenge with ``hello_for(challenge)``: the channel, the call
+    and the first answer (or the status code the call ended with)."""
     channel = grpc.aio.insecure_channel(address)
     call = pb_grpc.CommandServiceStub(channel).ConnectForCommands()
-    await call.write(pb.CommandMessage(hello=hello))
+    challenge = (await call.initial_metadata()).get(CHALLENGE_KEY)
+    assert isinstance(challenge, str) and len(challenge) >= 16
+    await call.write(pb.CommandMessage(hello=hello_for(challenge)))
     try:
         return channel, call, await call.read()
     except grpc.aio.AioRpcError as e:
@@ -255,21 +345,24 @@ async def test_grpc_hellos_and_reports_must_be_signed_by_the_enrolled_key(tmp_pa
     await engine.agents.enroll(token.secret, "g-1", _public(key))
     try:
         # Refused hellos: another key under the enrolled name; a signature by another key;
-        # groups the token did not allow.
-        for hello, reason in (
-            (_hello("g-1", other, ["web"]), "refused_agent"),
-            (pb.Hello(**{**_fields(_hello("g-1", key, ["web"])), "signature": sign(other, {})}),
-             "bad_signature"),
-            (_hello("g-1", key, ["web", "db"]), "refused_agent"),
-            (_replayed(_hello("g-1", key, ["web"]), key), "stale"),
-        ):  # fmt: skip
+        # groups the token did not allow; an old one; one answering another challenge.
+        refused: list[tuple[HelloFor, str]] = [
+            (lambda c: _hello("g-1", other, ["web"], c), "refused_agent"),
+            (lambda c: pb.Hello(**{**_fields(_hello("g-1", key, ["web"], c)),
+                                   "signature": sign(other, {})}), "bad_signature"),
+            (lambda c: _hello("g-1", key, ["web", "db"], c), "refused_agent"),
+            (lambda c: _replayed(_hello("g-1", key, ["web"], c), key), "stale"),
+            (lambda c: _hello("g-1", key, ["web"], "an-earlier-challenge"), "replay"),
+            (lambda c: _hello("g-1", key, ["web"]), "replay"),
+        ]  # fmt: skip
+        for hello_for, reason in refused:
             before = engine.refused[("grpc", reason)]
-            channel, _call, answer = await _say_hello(address, hello)
+            channel, _call, answer = await _say_hello(address, hello_for)
             assert answer == grpc.StatusCode.PERMISSION_DENIED
             assert engine.refused[("grpc", reason)] == before + 1
             await channel.close()
 
-        channel, call, welcome = await _say_hello(address, _hello("g-1", key, ["web"]))
+        channel, call, welcome = await _say_hello(address, lambda c: _hello("g-1", key, ["web"], c))
         assert welcome.HasField("welcome")
         forged = pb.Heartbeat(hostname="g-1", timestamp=time.time(), cpu_usage=99.0)
         forged.signature = sign(other, signed_fields(forged))
@@ -292,6 +385,7 @@ def _fields(hello: pb.Hello) -> dict[str, object]:
     return {
         "hostname": hello.hostname, "groups": list(hello.groups),
         "public_key": hello.public_key, "timestamp": hello.timestamp,
+        "challenge": hello.challenge,
     }  # fmt: skip
 
 

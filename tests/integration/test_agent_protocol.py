@@ -24,7 +24,7 @@ from opsplane.agent.grpc_link import Backoff
 from opsplane.security.signing import parse_public_key, public_key_text, sign, verify
 from opsplane.transport.grpc import opsplane_pb2 as pb
 from opsplane.transport.grpc import opsplane_pb2_grpc as pb_grpc
-from opsplane.transport.grpc.convert import hello_claims, signed_fields
+from opsplane.transport.grpc.convert import CHALLENGE_KEY, hello_claims, signed_fields
 
 WAIT = 5.0
 
@@ -39,6 +39,8 @@ class FakeControlPlane(pb_grpc.CommandServiceServicer):  # type: ignore[misc]
         self._outbox: asyncio.Queue[pb.CommandMessage] = asyncio.Queue()
 
     async def ConnectForCommands(self, request_iterator: Any, context: Any) -> None:
+        # As the control plane does: a nonce first, which the agent's hello must sign.
+        await context.send_initial_metadata(((CHALLENGE_KEY, f"challenge-{len(self.hellos)}"),))
         first = await context.read()
         assert first.WhichOneof("message") == "hello"
         self.hellos.append(first.hello)
@@ -150,6 +152,8 @@ async def running(config: AgentConfig) -> AsyncIterator[tuple[Agent, asyncio.Tas
 
 
 def command(run_id: str, text: str, **fields: Any) -> pb.CommandMessage:
+    """A command for the agent of ``make_config`` (its signed target), unless ``target``."""
+    fields.setdefault("target", "test-host")
     content = pb.CommandContent(
         task_id="task-1", run_id=run_id, attempt=1, command=text, timestamp=time.time(), **fields
     )
@@ -408,4 +412,35 @@ async def test_an_agent_with_a_pinned_key_runs_only_commands_signed_with_it(
             result_claims = {**signed_fields(result), "signature": result.signature}
             assert verify(agent_key, result_claims, "signature")
     assert not forged.exists() and not stale.exists()
+    assert [r.run_id for r in cp.of_kind("command_result")] == [run_id]
+
+
+async def test_a_command_signed_for_another_host_is_refused_and_counted(tmp_path: Path) -> None:
+    """Issue 14 §2: a rogue control plane (the project's own stubs) replays to this agent a
+    command genuinely signed by the control plane for host ``web-a``: refused, counted, never
+    run; a cancel cannot smuggle it either. The hello answered the server's challenge."""
+    control_plane = Ed25519PrivateKey.generate()
+    pinned = public_key_text(control_plane.public_key())
+    cp = FakeControlPlane()
+    replayed, own = tmp_path / "replayed", tmp_path / "own"
+
+    def signed(message: pb.CommandMessage) -> pb.CommandMessage:
+        content = message.command_content
+        content.sign = sign(control_plane, signed_fields(content))
+        return message
+
+    async with serving(cp) as port:
+        config = dataclasses.replace(make_config(tmp_path, port), control_plane_key=pinned)
+        async with running(config) as (agent, _):
+            hello = await cp.wait_for_hello()
+            assert hello.challenge == "challenge-0"
+            captured = signed(command(new_run_id(), f"touch {replayed}", target="web-a"))
+            cp.send(captured)
+            cp.send(signed(command(new_run_id(), f"touch {replayed}", target="")))
+            run_id = new_run_id()
+            cp.send(signed(command(run_id, f"touch {own}")))
+            result = await cp.wait_for("command_result", run_id)
+            assert result.status == "succeeded" and own.exists()
+            assert agent.refusals["wrong_target"] == 2
+    assert not replayed.exists()
     assert [r.run_id for r in cp.of_kind("command_result")] == [run_id]

@@ -17,6 +17,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -32,6 +33,8 @@ from opsplane.agent.amqp_link import AmqpLink, _Session
 from opsplane.agent.config import mask_url
 from opsplane.domain.errors import ConfigError
 from opsplane.security.signing import load_public_key, public_key_text, sign, verify
+from opsplane.transport.amqp import messages
+from opsplane.transport.base import CommandEnvelope
 from opsplane.transport.grpc import opsplane_pb2 as pb
 
 pytestmark = pytest.mark.service("rabbitmq")
@@ -128,7 +131,10 @@ class ControlPlane:
         await self._commands.publish(message, routing_key)
 
     def command(self, text: str, run_id: str | None = None, **fields: Any) -> dict[str, Any]:
+        """A command as the control plane signs it: for this host (with ``run_id``), else for
+        ``all`` (a fan-out with ``run_ids``) unless ``target`` says otherwise."""
         body: dict[str, Any] = {
+            "target": self.host if run_id is not None else "all",
             "type": "command",
             "task_id": f"task-{suffix()}",
             "attempt": 1,
@@ -306,13 +312,21 @@ async def test_unicast_group_and_broadcast_each_run_once(tmp_path: Path) -> None
         )
         await cp.publish(
             f"cmd.group.web-{cp.host}",
-            cp.command("echo group", run_ids={cp.host: group, "some-other-host": new_run_id()}),
+            cp.command(
+                "echo group",
+                run_ids={cp.host: group, "some-other-host": new_run_id()},
+                target=f"group:web-{cp.host}",
+            ),
         )
         await cp.publish("cmd.all", cp.command("echo all", run_ids={cp.host: broadcast}))
         # A group command for other hosts only (this one joined later): not ours to run.
         await cp.publish(
             f"cmd.group.eu-{cp.host}",
-            cp.command(f"touch {marker}", run_ids={"some-other-host": elsewhere}),
+            cp.command(
+                f"touch {marker}",
+                run_ids={"some-other-host": elsewhere},
+                target=f"group:eu-{cp.host}",
+            ),
         )
 
         result = await cp.wait_for("result", unicast)
@@ -412,7 +426,9 @@ async def test_bad_commands_are_refused_counted_and_never_run(
         for reason in ("unsigned", "bad_signature", "stale", "replay"):
             assert refusals[reason] >= 1, refusals
         assert refusals["malformed"] >= 2  # the unknown type and the non-JSON body
-        assert set(refusals) == {"unsigned", "bad_signature", "stale", "replay", "malformed"}
+        assert set(refusals) == {
+            "unsigned", "bad_signature", "stale", "replay", "malformed", "wrong_target"
+        }  # fmt: skip
 
         warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
         for reason, name in (("unsigned", "unsigned"), ("bad_signature", "forged")):
@@ -421,6 +437,39 @@ async def test_bad_commands_are_refused_counted_and_never_run(
         assert any("(replay)" in w and replayed["run_id"] in w for w in warnings)
         # The text of a refused command is not logged above DEBUG.
         assert not any(secret in r.getMessage() for r in caplog.records if r.levelno > 10)
+
+
+async def test_a_command_signed_for_another_host_is_refused_in_this_hosts_queue(
+    tmp_path: Path,
+) -> None:
+    """Issue 14 §2: a command the control plane signed for host A (its own body builder and
+    key), read off the wire and published straight into host B's queue, is refused by B and
+    counted; so is a group command republished to a host outside that group. B still runs
+    what is addressed to it."""
+    async with control_plane() as cp, running(make_config(tmp_path, cp)) as agent:
+        await cp.wait_for_hello()
+        node = f"cmd.node.{cp.host}"
+        marker = tmp_path / "taken-over"
+        envelope = CommandEnvelope(
+            task_id=f"task-{suffix()}", run_id=new_run_id(), attempt=1,
+            command=f"touch {marker}", timeout=30, user="admin",
+        )  # fmt: skip
+        for_a = messages.command_body(envelope, time.time(), target=f"a-{cp.host}")
+        await cp.publish(node, for_a)
+        # A fan-out for a group this host is not in, naming this host's run all the same.
+        for_db = messages.command_body(
+            replace(envelope, run_id=""),
+            time.time(),
+            target=f"group:db-{cp.host}",
+            run_ids={cp.host: new_run_id()},
+        )
+        await cp.publish(node, for_db)
+        own = new_run_id()
+        await cp.publish(node, cp.command("true", own))
+        await cp.wait_for("result", own)
+        await wait_until(lambda: agent.refusals["wrong_target"] == 2)
+        assert not marker.exists()
+        assert [m["run_id"] for m in cp.results if m.get("type") == "result"] == [own]
 
 
 async def test_cancel_stops_a_running_command(tmp_path: Path) -> None:
@@ -432,6 +481,7 @@ async def test_cancel_stops_a_running_command(tmp_path: Path) -> None:
         started = await cp.wait_for("started", run_id)
         cancel = {
             "type": "cancel",
+            "target": cp.host,
             "task_id": body["task_id"],
             "run_id": run_id,
             "reason": "operator",

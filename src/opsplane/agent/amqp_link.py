@@ -58,6 +58,7 @@ from opsplane.agent.spool import check_run_id
 from opsplane.domain.errors import InvalidInput
 from opsplane.security.signing import load_public_key, public_key_text, sign, verify
 from opsplane.security.tls import amqp_ssl_context
+from opsplane.transport.amqp.messages import ALL_TARGET, group_target
 from opsplane.transport.grpc import opsplane_pb2 as pb
 
 logger = logging.getLogger(__name__)
@@ -87,7 +88,8 @@ BAD_SIGNATURE: Final = "bad_signature"
 STALE: Final = "stale"
 REPLAY: Final = "replay"
 MALFORMED: Final = "malformed"
-REFUSAL_REASONS: Final = (UNSIGNED, BAD_SIGNATURE, STALE, REPLAY, MALFORMED)
+WRONG_TARGET: Final = "wrong_target"
+REFUSAL_REASONS: Final = (UNSIGNED, BAD_SIGNATURE, STALE, REPLAY, MALFORMED, WRONG_TARGET)
 
 # What an ordinary broker or network failure raises (aio-pika's own list, minus the
 # RuntimeError catch-all, which would hide our bugs).
@@ -466,6 +468,7 @@ class AmqpLink:
         kind = data.get("type", "command")
         if kind not in ("command", "cancel"):
             raise _Refused(MALFORMED, f"{what} has an unknown type {str(kind)[:40]!r}")
+        self._check_target(data, what)
         run_id = self._own_run_id(data, what)
         if run_id is None:
             return None
@@ -499,6 +502,21 @@ class AmqpLink:
             self._attempts.clear()
         self._attempts[run_id] = content.attempt
         return pb.CommandMessage(command_content=content)
+
+    def _check_target(self, data: Mapping[str, Any], what: str) -> None:
+        """Refuse a command addressed (in its signed ``target``) to another host: one sent
+        to a single host (``run_id``) names that host; a fan-out (``run_ids``) names ``all``
+        or a group of this host's. A captured command published into this host's queue is
+        therefore refused, whatever its signature."""
+        target = data.get("target")
+        config = self._config
+        if data.get("run_id") is not None:
+            allowed = {config.name}
+        else:
+            allowed = {ALL_TARGET, *(group_target(g) for g in config.groups)}
+        if not isinstance(target, str) or target not in allowed:
+            shown = str(target)[:80] if target is not None else "nobody"
+            raise _Refused(WRONG_TARGET, f"{what} is addressed to {shown!r}, not to this host")
 
     def _own_run_id(self, data: Mapping[str, Any], what: str) -> str | None:
         """This host's run id: ``run_id``, else ``run_ids[name]``; None if there is none."""

@@ -108,10 +108,12 @@ class Agent:
         if config.run_as is not None:
             self._run_as = resolve_run_as(config.run_as)
             self._cwd = working_dir(self._run_as)
-        self._refusals_of: Callable[[], Counter[str]] = Counter
+        self._refusals_of: Callable[[], Counter[str]]
         self._link: _Link
         if config.amqp_url is None:
-            self._link = GrpcLink(config, self)
+            grpc_link = GrpcLink(config, self)
+            self._refusals_of = lambda: grpc_link.refusals
+            self._link = grpc_link
         else:
             # Imported here: aio-pika is an optional extra, not needed by gRPC agents.
             from opsplane.agent.amqp_link import AmqpLink
@@ -147,7 +149,7 @@ class Agent:
 
     @property
     def refusals(self) -> Counter[str]:
-        """Commands refused so far, by reason (a copy; always empty on gRPC)."""
+        """Commands refused so far, by reason (a copy)."""
         return Counter(self._refusals_of())
 
     def request_stop(self) -> None:
@@ -184,8 +186,9 @@ class Agent:
 
     # -- LinkHandler ---------------------------------------------------------------------
 
-    def hello(self) -> pb.Hello:
-        """The ``pb.Hello`` this agent opens every stream (or AMQP connection) with.
+    def hello(self, challenge: str = "") -> pb.Hello:
+        """The ``pb.Hello`` this agent opens every stream (or AMQP connection) with; on gRPC
+        its signature covers the server's ``challenge`` for that stream.
 
         ``finished_run_ids`` holds the results about to be re-sent and, for
         :data:`RECENTLY_FINISHED`, results already acknowledged (see there why).
@@ -208,8 +211,10 @@ class Agent:
             abandoned_run_ids=self._abandoned,
             public_key=self._public_key,
             timestamp=time.time(),
+            challenge=challenge,
         )
-        # Proves this agent holds the key it presents (an enrolled name is bound to its key).
+        # Proves this agent holds the key it presents (an enrolled name is bound to its key),
+        # now: the challenge is fresh for each stream.
         hello.signature = sign(self._key, hello_claims(hello))
         return hello
 

@@ -14,6 +14,7 @@ import asyncio
 import logging
 import random
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final, Protocol
@@ -27,11 +28,16 @@ from opsplane.agent.config import AgentConfig
 from opsplane.security.signing import load_public_key, verify
 from opsplane.transport.grpc import opsplane_pb2 as pb
 from opsplane.transport.grpc import opsplane_pb2_grpc as pb_grpc
-from opsplane.transport.grpc.convert import signed_fields
+from opsplane.transport.grpc.convert import CHALLENGE_KEY, signed_fields
 
 logger = logging.getLogger(__name__)
 
 WELCOME_TIMEOUT: Final = 10.0
+# Why commands are refused (counted by reason, as on the RabbitMQ link).
+BAD_SIGNATURE: Final = "bad_signature"
+STALE: Final = "stale"
+WRONG_TARGET: Final = "wrong_target"
+REFUSAL_REASONS: Final = (BAD_SIGNATURE, STALE, WRONG_TARGET)
 DEFAULT_HEARTBEAT_INTERVAL: Final = 10.0
 # Live output is best effort: a stream too congested to take a chunk within this long drops
 # output (the result keeps head and tail) instead of stalling the command on its pipe.
@@ -53,8 +59,8 @@ _CHANNEL_OPTIONS: Final[list[tuple[str, Any]]] = [
 class LinkHandler(Protocol):
     """What the link asks of the daemon."""
 
-    def hello(self) -> pb.Hello:
-        """The hello to open a stream with."""
+    def hello(self, challenge: str = "") -> pb.Hello:
+        """The hello to open a stream with, answering the server's ``challenge``."""
 
     async def on_connected(self) -> None:
         """The control plane welcomed us; the link now carries messages."""
@@ -115,6 +121,12 @@ class GrpcLink:
         self._credentials: grpc.ChannelCredentials | None = None
         # Whether the latest attempt got as far as the welcome (then backoff starts afresh).
         self._last_attempt_welcomed = False
+        self._refusals: Counter[str] = Counter(dict.fromkeys(REFUSAL_REASONS, 0))
+
+    @property
+    def refusals(self) -> Counter[str]:
+        """Commands refused so far, by reason (a copy)."""
+        return Counter(self._refusals)
 
     @property
     def connected(self) -> bool:
@@ -200,8 +212,16 @@ class GrpcLink:
     async def _handshake(
         self, call: grpc.aio.StreamStreamCall[pb.CommandMessage, pb.CommandMessage]
     ) -> float:
-        """Say hello, wait for the welcome; returns the heartbeat interval it asks for."""
-        await call.write(pb.CommandMessage(hello=self._handler.hello()))
+        """Wait for the server's challenge, say hello answering it, wait for the welcome;
+        returns the heartbeat interval the welcome asks for."""
+        metadata = await asyncio.wait_for(call.initial_metadata(), WELCOME_TIMEOUT)
+        if call.done():
+            # It failed before the server said anything (unreachable, TLS refused): say why.
+            code, details = await call.code(), await call.details()
+            raise _StreamClosed(f"{code.name}: {details}")
+        challenge = metadata.get(CHALLENGE_KEY) if metadata is not None else None
+        hello = self._handler.hello(challenge if isinstance(challenge, str) else "")
+        await call.write(pb.CommandMessage(hello=hello))
         first = await asyncio.wait_for(call.read(), WELCOME_TIMEOUT)
         if not isinstance(first, pb.CommandMessage):
             raise _StreamClosed("the control plane closed the stream before welcoming us")
@@ -232,10 +252,13 @@ class GrpcLink:
                 if message.HasField("command_content"):
                     refusal = self._command_refusal(message.command_content)
                     if refusal is not None:
+                        reason, why = refusal
+                        self._refusals[reason] += 1
                         logger.warning(
-                            "refused the command for run %s: %s",
+                            "refused the command for run %s (%s): %s",
                             message.command_content.run_id[:80],
-                            refusal,
+                            reason,
+                            why,
                         )
                         continue
                 await self._handler.on_message(message)
@@ -244,17 +267,21 @@ class GrpcLink:
                 helper.cancel()
             await asyncio.wait(helpers)
 
-    def _command_refusal(self, cmd: pb.CommandContent) -> str | None:
-        """Why a command is refused: not signed with the pinned control plane key, or outside
-        the replay window. None: hand it on (without a pinned key, as for agents that never
-        enrolled, nothing is checked; the spool refuses a run id seen before either way)."""
+    def _command_refusal(self, cmd: pb.CommandContent) -> tuple[str, str] | None:
+        """(reason, why) a command is refused: not signed with the pinned control plane key,
+        addressed to another host (its signed ``target``), or outside the replay window.
+        None: hand it on (without a pinned key, as for agents that never enrolled, nothing is
+        checked; the spool refuses a run id seen before either way)."""
         if self._control_plane_key is None:
             return None
         if not verify(self._control_plane_key, {**signed_fields(cmd), "sign": cmd.sign}, "sign"):
-            return "it is not signed by the pinned control plane key"
+            return BAD_SIGNATURE, "it is not signed by the pinned control plane key"
+        if cmd.target != self._config.name:
+            return WRONG_TARGET, f"it is addressed to {cmd.target[:80]!r}, not to this host"
         skew = time.time() - cmd.timestamp
         if abs(skew) > self._config.replay_window:
-            return f"its timestamp is {skew:+.0f}s off (window ±{self._config.replay_window:g}s)"
+            window = self._config.replay_window
+            return STALE, f"its timestamp is {skew:+.0f}s off (window ±{window:g}s)"
         return None
 
     async def _on_connected(self) -> None:

@@ -27,10 +27,19 @@ def create_enrollment_token(
         typer.Option("--group", "-g", help="A group the agent may join (repeatable)."),
     ] = None,
     expires: Annotated[str, typer.Option("--expires", help="Lifetime: 24h, 90m, 7d.")] = "24h",
+    name: Annotated[
+        str | None,
+        typer.Option(
+            "--name",
+            help="The one host name the agent may enroll as (needed for a name already in "
+            "the inventory, e.g. to re-enroll a revoked agent).",
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Create a one-time enrollment token and print it, once. The agent enrolled with it may
-    join only the given groups: opsplane agent --enroll TOKEN --api-url URL …"""
+    join only the given groups, and with --name only as that host (without it, only under a
+    name not yet in the inventory): opsplane agent --enroll TOKEN --api-url URL …"""
     err = make_console(stderr=True)
     with reporting_errors(err):
         try:
@@ -40,14 +49,18 @@ def create_enrollment_token(
         if lifetime is None:
             raise CliError("--expires: an enrollment token must expire")
         body: Json = {"groups": list(group or []), "expires_in": int(lifetime.total_seconds())}
+        if name is not None:
+            body["name"] = name
         with ApiClient(client_options(ctx)) as api:
             created = api.create_enrollment_token(body)
     if as_json:
         typer.echo(dump_json(created))
         return
     groups = ", ".join(created.get("groups") or []) or "no groups"
+    bound = f" named {created['name']}" if created.get("name") else ""
     err.print(
-        f"enrollment token for one agent ({groups}), usable until {created.get('expires_at')}. "
+        f"enrollment token for one agent{bound} ({groups}), usable until "
+        f"{created.get('expires_at')}. "
         "It is shown this once:",
         soft_wrap=True,
     )

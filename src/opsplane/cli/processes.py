@@ -161,7 +161,9 @@ async def _enrollment(engine: Engine, settings: Settings, name: str, group: str)
 
     if enrolled(_agent_state_dir(settings, name)) is not None:
         return None
-    created = await engine.agents.create_token([group], created_by="demo")
+    # Bound to the agent's name: the demo's host may already be in the inventory (an earlier
+    # demo in this data directory), and then only a token issued for its name enrolls it.
+    created = await engine.agents.create_token([group], created_by="demo", name=name)
     return created.secret
 
 

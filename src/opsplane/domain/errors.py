@@ -32,6 +32,11 @@ class Unauthenticated(OpsplaneError):
     """The caller is not known: no credentials, or wrong, expired or revoked ones (HTTP 401)."""
 
 
+class NameTaken(Conflict):
+    """A host name claimed by an agent belongs to another link's host (an SSH host, the
+    control plane's own): the agent is refused, the host left as it is."""
+
+
 class InvalidTransition(Conflict):
     """A state machine was asked for a move it does not allow."""
 

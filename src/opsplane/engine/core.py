@@ -101,7 +101,10 @@ class Engine:
             held_links=[n for n, link in self.links.items() if link.executes_here],
         )
         self.agents = AgentRegistry(
-            self.sessions, self.write, require_enrollment=settings.require_enrollment
+            self.sessions,
+            self.write,
+            require_enrollment=settings.require_enrollment,
+            reserved_names=(settings.local_host,),
         )
         # Messages the links refused, by (link, reason): the metrics read them.
         self.refused: Counter[tuple[str, str]] = Counter()
@@ -181,7 +184,16 @@ class Engine:
     # LinkEvents -------------------------------------------------------------------------
 
     async def host_connected(self, hello: AgentHello) -> None:
-        await self.hosts.host_connected(hello)
+        # Only an agent that proved its enrolled key may move its host to another agent link
+        # (an agent moved from gRPC to RabbitMQ); see HostService.host_connected.
+        identity = self.agents.identity(hello.hostname)
+        enrolled = (
+            identity is not None
+            and not identity.revoked
+            and bool(hello.public_key)
+            and identity.public_key == hello.public_key
+        )
+        await self.hosts.host_connected(hello, enrolled=enrolled)
         # Runs delayed for this host may go now.
         self.scheduler.wake()
 

@@ -10,13 +10,13 @@ from datetime import datetime
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from opsplane.domain.errors import ConfigError, Conflict, NotFound
+from opsplane.domain.errors import ConfigError, Conflict, NameTaken, NotFound
 from opsplane.domain.inventory import SshHostRequest
 from opsplane.domain.states import IN_FLIGHT_RUN_STATUSES, RunStatus
 from opsplane.engine.changes import Changes
 from opsplane.store import queries
 from opsplane.store.tables import HeartbeatRow, HostRow, RunRow, TaskRow, utcnow
-from opsplane.transport.base import LOCAL_LINK, SSH_LINK, AgentHello, Link
+from opsplane.transport.base import AGENT_LINKS, LOCAL_LINK, SSH_LINK, AgentHello, Link
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +40,15 @@ class HostService:
         self._links = links
         self._group_bastions = dict(group_bastions or {})
 
-    async def host_connected(self, hello: AgentHello) -> None:
+    async def host_connected(self, hello: AgentHello, *, enrolled: bool = False) -> None:
         """Register the host and reconcile its in-flight runs with what the agent reports.
 
         A run the control plane thinks is on the host, but which the agent neither runs nor
         holds a result for, will never report: it ends now rather than after a timeout.
+
+        An agent never takes over a host of another link (NameTaken): not an SSH host, not the
+        control plane's own, and not another agent link's host unless it is ``enrolled`` (it
+        proved the enrolled key of that name: the same agent, moved to another link).
         """
         now = utcnow()
         async with self._write() as changes:
@@ -52,6 +56,15 @@ class HostService:
             if host is None:
                 host = HostRow(name=hello.hostname, created_at=now)
                 changes.session.add(host)
+            elif (
+                host.link != hello.link
+                and hello.link in AGENT_LINKS
+                and (host.link not in AGENT_LINKS or not enrolled)
+            ):
+                raise NameTaken(
+                    f"{hello.hostname} is a {host.link} host: an agent on {hello.link} "
+                    "cannot take it over"
+                )
             host.link = hello.link
             host.groups = list(hello.groups)
             host.labels = dict(hello.labels)

@@ -76,7 +76,7 @@ class _FleetCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         refused = CounterMetricFamily(
             "opsplane_messages_refused",
-            "Agent messages refused: bad_signature, stale, revoked, refused_agent",
+            "Agent messages refused: bad_signature, stale, replay, revoked, refused_agent",
             labels=["link", "reason"],
         )
         for (link, reason), count in sorted(self._metrics.refused.items()):

@@ -1,8 +1,12 @@
 """Agent enrollment and identity: which agents may connect, with which key and which groups.
 
 An operator creates a one-time enrollment token limited to some groups (``opsplane agents
-token --group web``). An agent enrolls once with it: it sends its name and its Ed25519 public
-key, and is registered with the token's groups; the token is spent. From then on:
+token --group web``), and optionally to one host name (``--name web-7``). An agent enrolls once
+with it: it sends its name and its Ed25519 public key, and is registered with the token's
+groups; the token is spent. The name must be free in the inventory (no host of that name: not
+an SSH host, not the control plane's own, not another agent's), or the one the token was issued
+for (which may name an agent's host, to re-enroll it; never an SSH host or the control plane).
+From then on:
 
 - a hello must present the enrolled key (and prove it holds it: the link checks the hello's
   signature) and may claim only the enrolled groups;
@@ -27,13 +31,15 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from opsplane.domain.errors import Conflict, InvalidInput, NotFound, Unauthenticated
+from opsplane.domain.errors import Conflict, Forbidden, InvalidInput, NotFound, Unauthenticated
 from opsplane.domain.ids import new_id
 from opsplane.domain.targeting import check_host_name, normalize_names
 from opsplane.security.service import Write
 from opsplane.security.signing import parse_public_key
 from opsplane.security.tokens import new_token, secret_hash
-from opsplane.store.tables import AgentRow, EnrollmentTokenRow, utcnow
+from opsplane.store import queries
+from opsplane.store.tables import AgentRow, EnrollmentTokenRow, HostRow, utcnow
+from opsplane.transport.base import AGENT_LINKS, LOCAL_LINK
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +69,13 @@ class AgentRegistry:
         write: Write,
         *,
         require_enrollment: bool = True,
+        reserved_names: Iterable[str] = (),
     ) -> None:
         self._sessions = sessions
         self._write = write
         self.require_enrollment = require_enrollment
+        # Names no agent may take: the control plane's own host.
+        self._reserved = frozenset(reserved_names)
         self._identities: dict[str, AgentIdentity] = {}
 
     async def load(self) -> None:
@@ -83,6 +92,8 @@ class AgentRegistry:
     def refusal(self, name: str, public_key: str, groups: Iterable[str]) -> str | None:
         """Why an agent saying hello as ``name`` with this key and these groups is refused,
         or None when it may connect. The link has checked that it holds ``public_key``."""
+        if name in self._reserved:
+            return f"{name} is the control plane's own host, not an agent's"
         identity = self._identities.get(name)
         if identity is None:
             if self.require_enrollment:
@@ -100,12 +111,20 @@ class AgentRegistry:
     # What operators do -----------------------------------------------------------------
 
     async def create_token(
-        self, groups: Iterable[str], *, created_by: str, lifetime: timedelta | None = None
+        self,
+        groups: Iterable[str],
+        *,
+        created_by: str,
+        lifetime: timedelta | None = None,
+        name: str | None = None,
     ) -> NewEnrollmentToken:
+        """A one-time token for an agent in ``groups``; with ``name``, for that host only."""
         names = normalize_names(list(groups), "group")
         lifetime = lifetime or DEFAULT_TOKEN_LIFETIME
         if lifetime <= timedelta(0):
             raise InvalidInput("an enrollment token must expire in the future")
+        if name is not None:
+            check_host_name(name)
         secret = ENROLL_PREFIX + new_token().removeprefix("ops_")
         row = EnrollmentTokenRow(
             id=new_id(),
@@ -114,15 +133,30 @@ class AgentRegistry:
             created_by=created_by,
             created_at=utcnow(),
             expires_at=utcnow() + lifetime,
+            name=name,
         )
         async with self._write() as changes:
             session = changes.session
+            if name is not None:
+                # Refused now rather than when the agent tries: the admin is here to read it.
+                self._check_not_inventory(name, await queries.get_host(session, name))
             session.add(row)
         return NewEnrollmentToken(row, secret)
 
+    def _check_not_inventory(self, name: str, host: HostRow | None) -> None:
+        """Conflict if ``name`` belongs to a host no agent may become: the control plane's own,
+        or an inventory (SSH) host."""
+        if name in self._reserved or (host is not None and host.link == LOCAL_LINK):
+            raise Conflict(f"{name} is the control plane's own host: no agent may enroll as it")
+        if host is not None and host.link not in AGENT_LINKS:
+            raise Conflict(f"{name} is an {host.link} host: no agent may enroll under its name")
+
     async def enroll(self, secret: str, name: str, public_key: str) -> AgentRow:
         """Register ``name`` with ``public_key`` and the token's groups, spending the token.
-        A spent, expired or unknown token is refused (401) without saying which."""
+        A spent, expired or unknown token is refused (401) without saying which; a token
+        issued for another name is refused (403); a name that is not free in the inventory
+        (409) unless the token was issued for it, and never the control plane's or an SSH
+        host's. A refused enrollment leaves the token unspent."""
         check_host_name(name)
         try:
             parse_public_key(public_key)
@@ -140,6 +174,15 @@ class AgentRegistry:
             ).scalar_one_or_none()
             if token is None or token.used_at is not None or token.expires_at <= now:
                 raise Unauthenticated("the enrollment token is unknown, spent or expired")
+            if token.name is not None and token.name != name:
+                raise Forbidden(f"this enrollment token was issued for {token.name!r} only")
+            host = await queries.get_host(session, name)
+            self._check_not_inventory(name, host)
+            if host is not None and token.name != name:
+                raise Conflict(
+                    f"host {name} is already in the inventory: enroll it with a token issued "
+                    f"for its name (opsplane agents token --name {name})"
+                )
             existing = await session.get(AgentRow, name)
             if existing is not None and existing.revoked_at is None:
                 raise Conflict(f"agent {name} is already enrolled; revoke it first to re-enroll")

@@ -367,6 +367,8 @@ class EnrollmentTokenRow(Base):
     expires_at: Mapped[datetime]
     used_at: Mapped[datetime | None]
     used_by: Mapped[str | None] = mapped_column(String(255))
+    # The one host name an agent enrolled with this token may take; None: any free name.
+    name: Mapped[str | None] = mapped_column(String(255))
 
 
 class AgentRow(Base):

@@ -19,6 +19,8 @@ Stream = Literal["stdout", "stderr"]
 
 # The link of the control plane's own host, which runs catalog scripts (transport/local.py).
 LOCAL_LINK = "local"
+# Links whose hosts run an agent that registers itself (the others are the inventory's).
+AGENT_LINKS = frozenset({"grpc", "amqp"})
 # The link of agentless hosts, reached over SSH (transport/ssh).
 SSH_LINK = "ssh"
 

@@ -37,12 +37,19 @@ class EnrollmentTokenCreate(BaseModel):
     expires_in: int = Field(
         default=86400, gt=0, le=MAX_TOKEN_LIFETIME, description="seconds the token stays usable"
     )
+    name: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=255,
+        description="the one host name the agent may enroll as (without it: any free name)",
+    )
 
 
 class EnrollmentTokenOut(BaseModel):
     id: str
     token: str = Field(description="shown this once: give it to one agent (--enroll)")
     groups: list[str]
+    name: str | None = Field(default=None, description="the host name it is bound to, if any")
     expires_at: datetime
 
 
@@ -82,17 +89,22 @@ class AgentOut(BaseModel):
 async def create_enrollment_token(
     body: EnrollmentTokenCreate, engine: EngineDep, principal: AdminDep, audit: AuditDep
 ) -> EnrollmentTokenOut:
-    """A one-time token an agent enrolls with; the agent may join only ``groups``."""
-    detail = {"groups": body.groups, "expires_in": body.expires_in}
+    """A one-time token an agent enrolls with; the agent may join only ``groups``, and with
+    ``name`` only as that host."""
+    detail = {"groups": body.groups, "expires_in": body.expires_in, "name": body.name}
     async with audit.failures("agent.token", detail=detail):
         created = await engine.agents.create_token(
-            body.groups, created_by=principal.name, lifetime=timedelta(seconds=body.expires_in)
+            body.groups,
+            created_by=principal.name,
+            lifetime=timedelta(seconds=body.expires_in),
+            name=body.name,
         )
         await audit.record("agent.token", target=created.token.id, detail=detail)
     return EnrollmentTokenOut(
         id=created.token.id,
         token=created.secret,
         groups=list(created.token.groups),
+        name=created.token.name,
         expires_at=created.token.expires_at,
     )
 

@@ -25,7 +25,13 @@ from aio_pika.abc import (
 )
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from opsplane.domain.errors import ConfigError, ConnectionLost, InvalidInput, NotConnected
+from opsplane.domain.errors import (
+    ConfigError,
+    ConnectionLost,
+    InvalidInput,
+    NameTaken,
+    NotConnected,
+)
 from opsplane.security.signing import sign, verify
 from opsplane.transport.amqp import messages as m
 from opsplane.transport.base import CommandEnvelope, Fanout, HostReport, Link, LinkEvents
@@ -121,16 +127,21 @@ class AmqpLink(Link):
         return seen is not None and time.monotonic() - seen < self._fresh_for
 
     async def send_command(self, hostname: str, command: CommandEnvelope) -> None:
-        await self._publish(m.node_key(hostname), m.command_body(command, time.time()))
+        body = m.command_body(command, time.time(), target=hostname)
+        await self._publish(m.node_key(hostname), body)
 
     async def send_fanout(self, fanout: Fanout) -> None:
-        key = m.group_key(fanout.group) if fanout.group else m.BROADCAST_KEY
-        body = m.command_body(fanout.envelope, time.time(), run_ids=fanout.run_ids)
+        if fanout.group:
+            key, target = m.group_key(fanout.group), m.group_target(fanout.group)
+        else:
+            key, target = m.BROADCAST_KEY, m.ALL_TARGET
+        body = m.command_body(fanout.envelope, time.time(), target=target, run_ids=fanout.run_ids)
         await self._publish(key, body)
 
     async def send_cancel(self, hostname: str, task_id: str, run_id: str, reason: str) -> None:
         await self._publish(
-            m.node_key(hostname), m.cancel_body(task_id, run_id, reason, time.time())
+            m.node_key(hostname),
+            m.cancel_body(task_id, run_id, reason, time.time(), target=hostname),
         )
 
     async def _publish(self, routing_key: str, body: dict[str, Any]) -> None:
@@ -192,7 +203,12 @@ class AmqpLink(Link):
             await self._refuse(message, "refused_agent", refusal)
             return
         if hello.reconcile or not self.is_connected(hello.hostname):
-            await events.host_connected(hello)
+            try:
+                await events.host_connected(hello)
+            except NameTaken as e:
+                # The name is another link's host (SSH, the control plane's own).
+                await self._refuse(message, "refused_agent", str(e))
+                return
         self._last_seen[hello.hostname] = time.monotonic()
         await self._ack_when_durable(message, report)
 

@@ -47,13 +47,30 @@ def group_key(group: str) -> str:
 
 BROADCAST_KEY = "cmd.all"
 
+# Whom a command is addressed to, inside its signed body: a host's name (unicast, with
+# ``run_id``), or ``group:<name>`` / ``all`` (fan-out, with ``run_ids`` naming each host's run).
+# An agent refuses a command not addressed to it, so a captured command cannot be replayed
+# into another host's queue.
+ALL_TARGET = "all"
+GROUP_TARGET_PREFIX = "group:"
+
+
+def group_target(group: str) -> str:
+    return GROUP_TARGET_PREFIX + group
+
 
 def command_body(
-    envelope: CommandEnvelope, now: float, run_ids: Mapping[str, str] | None = None
+    envelope: CommandEnvelope,
+    now: float,
+    *,
+    target: str,
+    run_ids: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """A command as published; unicast carries ``run_id``, fan-out ``run_ids``."""
+    """A command as published; unicast carries ``run_id``, fan-out ``run_ids``, both the
+    ``target`` they are addressed to."""
     body: dict[str, Any] = {
         "type": "command",
+        "target": target,
         "task_id": envelope.task_id,
         "attempt": envelope.attempt,
         "command": envelope.command,
@@ -70,14 +87,20 @@ def command_body(
     return body
 
 
-def cancel_body(task_id: str, run_id: str, reason: str, now: float) -> dict[str, Any]:
-    return {
+def cancel_body(
+    task_id: str, run_id: str, reason: str, now: float, *, target: str | None = None
+) -> dict[str, Any]:
+    """A cancel; ``target`` (the host) for those an agent receives and checks."""
+    body: dict[str, Any] = {
         "type": "cancel",
         "task_id": task_id,
         "run_id": run_id,
         "reason": reason,
         "timestamp": now,
     }
+    if target is not None:
+        body["target"] = target
+    return body
 
 
 def decode(body: bytes) -> dict[str, Any]:

@@ -20,6 +20,9 @@ from opsplane.transport.base import (
 from opsplane.transport.grpc import opsplane_pb2 as pb
 
 LINK_NAME = "grpc"
+# The server opens each stream with a fresh nonce under this initial-metadata key; the hello's
+# signature covers it (``hello_claims``), so a captured hello cannot open another stream.
+CHALLENGE_KEY = "opsplane-challenge"
 
 
 def _time(seconds: float) -> datetime | None:
@@ -40,12 +43,14 @@ def signed_fields(message: Message) -> dict[str, Any]:
 
 def hello_claims(message: pb.Hello) -> dict[str, Any]:
     """What a hello's signature covers: who the agent says it is, with which key and groups,
-    and when (a replayed hello is too old). Signed by the agent, checked by the server."""
+    when, and the nonce the server sent on this stream (``challenge``): a hello captured on
+    one stream answers no other. Signed by the agent, checked by the server."""
     return {
         "hostname": message.hostname,
         "public_key": message.public_key,
         "groups": sorted(message.groups),
         "timestamp": message.timestamp,
+        "challenge": message.challenge,
     }
 
 
@@ -105,7 +110,9 @@ def result_from_pb(hostname: str, message: pb.CommandResult) -> RunFinished:
     )
 
 
-def command_to_pb(envelope: CommandEnvelope, now: float) -> pb.CommandMessage:
+def command_to_pb(envelope: CommandEnvelope, now: float, target: str) -> pb.CommandMessage:
+    """A command for host ``target``. The target is part of what the control plane signs, so
+    a command captured on its way to one host is refused by every other (DESIGN §3.3)."""
     return pb.CommandMessage(
         command_content=pb.CommandContent(
             task_id=envelope.task_id,
@@ -117,5 +124,6 @@ def command_to_pb(envelope: CommandEnvelope, now: float) -> pb.CommandMessage:
             user=envelope.user,
             timestamp=now,
             deliver_by=envelope.deliver_by or 0.0,
+            target=target,
         )
     )

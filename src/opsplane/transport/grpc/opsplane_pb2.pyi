@@ -29,7 +29,7 @@ class CommandMessage(_message.Message):
     def __init__(self, command_content: _Optional[_Union[CommandContent, _Mapping]] = ..., command_result: _Optional[_Union[CommandResult, _Mapping]] = ..., hello: _Optional[_Union[Hello, _Mapping]] = ..., welcome: _Optional[_Union[Welcome, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., output: _Optional[_Union[OutputChunk, _Mapping]] = ..., started: _Optional[_Union[Started, _Mapping]] = ..., cancel: _Optional[_Union[Cancel, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ...) -> None: ...
 
 class CommandContent(_message.Message):
-    __slots__ = ("task_id", "run_id", "attempt", "command", "parameters", "timeout", "env", "user", "timestamp", "sign", "deliver_by")
+    __slots__ = ("task_id", "run_id", "attempt", "command", "parameters", "timeout", "env", "user", "timestamp", "sign", "deliver_by", "target")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -48,6 +48,7 @@ class CommandContent(_message.Message):
     TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
     SIGN_FIELD_NUMBER: _ClassVar[int]
     DELIVER_BY_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     run_id: str
     attempt: int
@@ -59,7 +60,8 @@ class CommandContent(_message.Message):
     timestamp: float
     sign: str
     deliver_by: float
-    def __init__(self, task_id: _Optional[str] = ..., run_id: _Optional[str] = ..., attempt: _Optional[int] = ..., command: _Optional[str] = ..., parameters: _Optional[str] = ..., timeout: _Optional[int] = ..., env: _Optional[_Mapping[str, str]] = ..., user: _Optional[str] = ..., timestamp: _Optional[float] = ..., sign: _Optional[str] = ..., deliver_by: _Optional[float] = ...) -> None: ...
+    target: str
+    def __init__(self, task_id: _Optional[str] = ..., run_id: _Optional[str] = ..., attempt: _Optional[int] = ..., command: _Optional[str] = ..., parameters: _Optional[str] = ..., timeout: _Optional[int] = ..., env: _Optional[_Mapping[str, str]] = ..., user: _Optional[str] = ..., timestamp: _Optional[float] = ..., sign: _Optional[str] = ..., deliver_by: _Optional[float] = ..., target: _Optional[str] = ...) -> None: ...
 
 class CommandResult(_message.Message):
     __slots__ = ("task_id", "run_id", "attempt", "status", "exit_code", "stdout", "stderr", "truncated", "error", "started_at", "finished_at", "duration_ms", "timestamp", "signature", "hostname")
@@ -96,7 +98,7 @@ class CommandResult(_message.Message):
     def __init__(self, task_id: _Optional[str] = ..., run_id: _Optional[str] = ..., attempt: _Optional[int] = ..., status: _Optional[str] = ..., exit_code: _Optional[int] = ..., stdout: _Optional[str] = ..., stderr: _Optional[str] = ..., truncated: _Optional[bool] = ..., error: _Optional[str] = ..., started_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., duration_ms: _Optional[int] = ..., timestamp: _Optional[float] = ..., signature: _Optional[str] = ..., hostname: _Optional[str] = ...) -> None: ...
 
 class Hello(_message.Message):
-    __slots__ = ("hostname", "version", "groups", "labels", "os", "running_run_ids", "finished_run_ids", "public_key", "timestamp", "signature", "abandoned_run_ids")
+    __slots__ = ("hostname", "version", "groups", "labels", "os", "running_run_ids", "finished_run_ids", "public_key", "timestamp", "signature", "abandoned_run_ids", "challenge")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -115,6 +117,7 @@ class Hello(_message.Message):
     TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     ABANDONED_RUN_IDS_FIELD_NUMBER: _ClassVar[int]
+    CHALLENGE_FIELD_NUMBER: _ClassVar[int]
     hostname: str
     version: str
     groups: _containers.RepeatedScalarFieldContainer[str]
@@ -126,7 +129,8 @@ class Hello(_message.Message):
     timestamp: float
     signature: str
     abandoned_run_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, hostname: _Optional[str] = ..., version: _Optional[str] = ..., groups: _Optional[_Iterable[str]] = ..., labels: _Optional[_Mapping[str, str]] = ..., os: _Optional[str] = ..., running_run_ids: _Optional[_Iterable[str]] = ..., finished_run_ids: _Optional[_Iterable[str]] = ..., public_key: _Optional[str] = ..., timestamp: _Optional[float] = ..., signature: _Optional[str] = ..., abandoned_run_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    challenge: str
+    def __init__(self, hostname: _Optional[str] = ..., version: _Optional[str] = ..., groups: _Optional[_Iterable[str]] = ..., labels: _Optional[_Mapping[str, str]] = ..., os: _Optional[str] = ..., running_run_ids: _Optional[_Iterable[str]] = ..., finished_run_ids: _Optional[_Iterable[str]] = ..., public_key: _Optional[str] = ..., timestamp: _Optional[float] = ..., signature: _Optional[str] = ..., abandoned_run_ids: _Optional[_Iterable[str]] = ..., challenge: _Optional[str] = ...) -> None: ...
 
 class Welcome(_message.Message):
     __slots__ = ("heartbeat_interval_seconds", "server_version", "public_key")

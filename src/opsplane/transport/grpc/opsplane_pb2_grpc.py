@@ -46,7 +46,8 @@ class CommandServiceServicer:
 
     def ConnectForCommands(self, request_iterator, context):
         """An agent dials the control plane and keeps this stream open; commands flow down, results,
-        output and heartbeats flow up.
+        output and heartbeats flow up. The server first sends a fresh nonce in the initial metadata
+        key "opsplane-challenge"; the agent's hello carries it in its signed claims.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

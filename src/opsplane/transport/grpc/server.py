@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,13 @@ from google.protobuf.message import Message
 from grpc import aio
 
 from opsplane.config import is_loopback, split_host_port
-from opsplane.domain.errors import ConfigError, ConnectionLost, InvalidInput, NotConnected
+from opsplane.domain.errors import (
+    ConfigError,
+    ConnectionLost,
+    InvalidInput,
+    NameTaken,
+    NotConnected,
+)
 from opsplane.domain.targeting import check_host_name
 from opsplane.security.signing import parse_public_key, sign, verify
 from opsplane.transport.base import CommandEnvelope, Link, LinkEvents, RunFinished
@@ -160,7 +167,7 @@ class GrpcLink(Link, pb_grpc.CommandServiceServicer):  # type: ignore[misc]
         return stream is not None and not stream.closed
 
     async def send_command(self, hostname: str, command: CommandEnvelope) -> None:
-        message = convert.command_to_pb(command, time.time())
+        message = convert.command_to_pb(command, time.time(), target=hostname)
         if self._signing_key is not None:
             content = message.command_content
             content.sign = sign(self._signing_key, convert.signed_fields(content))
@@ -189,7 +196,12 @@ class GrpcLink(Link, pb_grpc.CommandServiceServicer):  # type: ignore[misc]
         context: aio.ServicerContext[pb.CommandMessage, pb.CommandMessage],
     ) -> None:
         assert self._events is not None
+        # A fresh nonce per stream, sent before anything is read: the hello must sign it, so
+        # a hello captured on the wire opens no other stream. It costs one round trip and no
+        # state beyond this coroutine (nothing in the database before the welcome).
+        challenge = secrets.token_urlsafe(18)
         try:
+            await context.send_initial_metadata(((convert.CHALLENGE_KEY, challenge),))
             first = await asyncio.wait_for(context.read(), HELLO_TIMEOUT)
         except TimeoutError:
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "no hello within 10 s")
@@ -216,7 +228,7 @@ class GrpcLink(Link, pb_grpc.CommandServiceServicer):  # type: ignore[misc]
                     f"the client certificate is not issued to {hello.hostname!r}",
                 )
                 return
-        refused = _hello_refusal(first.hello, self._events)
+        refused = _hello_refusal(first.hello, self._events, challenge)
         if refused is not None:
             reason, why = refused
             log.warning("refused the hello of %r: %s", hello.hostname, why)
@@ -229,11 +241,19 @@ class GrpcLink(Link, pb_grpc.CommandServiceServicer):  # type: ignore[misc]
             task=asyncio.current_task(),
             key=parse_public_key(first.hello.public_key) if first.hello.public_key else None,
         )
+        try:
+            await self._events.host_connected(hello)
+        except NameTaken as e:
+            # The name is another link's host (SSH, the control plane's own): not an agent's.
+            log.warning("refused the hello of %r: %s", hello.hostname, e)
+            self._events.message_refused(self.name, "refused_agent")
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(e))
+            return
         previous = self._streams.get(hello.hostname)
         if previous is not None:
-            # The agent reconnected before its old stream was noticed dead: the new one wins.
+            # The agent reconnected before its old stream was noticed dead: the new one wins
+            # (it proved its key on a fresh challenge, so it is the agent, not a replay).
             previous.closed = True
-        await self._events.host_connected(hello)
         self._streams[hello.hostname] = stream
         try:
             await stream.write(
@@ -336,10 +356,11 @@ def _certificate_names(
 HELLO_MAX_AGE = 300.0
 
 
-def _hello_refusal(message: pb.Hello, events: LinkEvents) -> tuple[str, str] | None:
+def _hello_refusal(message: pb.Hello, events: LinkEvents, challenge: str) -> tuple[str, str] | None:
     """(reason, why) when a hello is refused: a signature not made with the key it presents,
-    an old one, or an agent the control plane does not accept (not enrolled when enrollment is
-    required, revoked, another key than enrolled, groups it was not enrolled for)."""
+    one that answers another stream's challenge (a replay), an old one, or an agent the control
+    plane does not accept (not enrolled when enrollment is required, revoked, another key than
+    enrolled, groups it was not enrolled for)."""
     if message.public_key:
         try:
             key = parse_public_key(message.public_key)
@@ -348,6 +369,8 @@ def _hello_refusal(message: pb.Hello, events: LinkEvents) -> tuple[str, str] | N
         claims = {**convert.hello_claims(message), "signature": message.signature}
         if not verify(key, claims, "signature"):
             return "bad_signature", "the hello is not signed by the key it presents"
+        if message.challenge != challenge:
+            return "replay", "the hello does not answer this stream's challenge (a replay?)"
         if abs(time.time() - message.timestamp) > HELLO_MAX_AGE:
             return "stale", "the hello is not recent: check the agent's clock"
     refusal = events.agent_refusal(message.hostname, message.public_key, message.groups)
