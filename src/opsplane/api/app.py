@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry
 
 from opsplane.api.deps import require_principal
 from opsplane.api.errors import install_error_handlers
+from opsplane.api.middleware import AuthenticateFirst
 from opsplane.api.routers import (
     agents,
     audit,
@@ -157,6 +158,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         version="0.1.0",
         description="Remote-execution control plane",
         lifespan=lifespan,
+        # A longer body is a 413 as the route reads it (docs/operations.md, "Request limits").
+        max_body_size=settings.max_request_bytes,
     )
     app.state.engine = the_engine
     app.state.catalog_service = catalog_service
@@ -166,6 +169,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     app.state.security = security
     app.state.redactor = Redactor(settings.redact_patterns)
     install_error_handlers(app)
+    app.add_middleware(AuthenticateFirst)
     app.include_router(health.router)
     app.include_router(auth.router)
     app.include_router(users.router)
