@@ -135,6 +135,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         session_lifetime=settings.session_lifetime,
     )
 
+    engine_metrics.watch_logins(security.login_throttle)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await the_engine.start()

@@ -22,10 +22,12 @@ from opsplane.domain.errors import (
     OpsplaneError,
     Unauthenticated,
 )
+from opsplane.security.throttle import LoginThrottled
 
 log = logging.getLogger(__name__)
 
 _STATUS: list[tuple[type[OpsplaneError], int]] = [
+    (LoginThrottled, 429),
     (Unauthenticated, 401),
     (Forbidden, 403),
     (NotFound, 404),
@@ -89,6 +91,8 @@ def install_error_handlers(app: FastAPI) -> None:
         assert isinstance(exc, OpsplaneError)
         status = status_of(exc)
         headers = CHALLENGE if status == 401 else None
+        if isinstance(exc, LoginThrottled):
+            headers = {"Retry-After": str(exc.retry_after)}
         if getattr(request.state, "envelope_errors", False):
             # Seed 004's routes answer every error in the seed's envelope, refusals included.
             body = {"code": 1, "data": "", "msg": str(exc)}
