@@ -90,3 +90,14 @@ def test_opsplane_tokens_are_masked_by_default() -> None:
     # Not a token: too short, or part of a longer name.
     for text in ("ops_short", "my_ops_" + "a" * 43, "ops_" + "a" * 44):
         assert redactor.text(text) == text
+
+
+def test_case_and_non_ascii_text_are_kept_around_a_mask() -> None:
+    redactor = Redactor(DEFAULT_REDACT_PATTERNS)
+    for line in (
+        "İstanbul DB_PASSWORD=Hunter2 Ünïcode",
+        "AUTHORIZATION: BEARER AbCdEf123456 ß",
+        "HTTPS://Deploy:S3cr3t@Host/ İİ TOKEN: X",
+    ):
+        assert redactor.text(line) == WHOLE.text(line) != line
+        assert redactor.data(line.encode()) == WHOLE.data(line.encode())

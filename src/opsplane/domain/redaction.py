@@ -65,8 +65,10 @@ WINDOW = 16 * 1024
 OVERLAP = 1024
 
 
-def _mask_match(match: re.Match[AnyStr], mask: AnyStr) -> AnyStr:
-    whole = match.group(0)
+def _mask_match(match: re.Match[AnyStr], mask: AnyStr, value: AnyStr) -> AnyStr:
+    """The text of ``match`` in ``value`` (what was matched may be its lower-cased copy), its
+    groups masked, or all of it when the pattern has none."""
+    whole = value[match.start() : match.end()]
     if match.re.groups == 0:
         return mask
     origin = match.start()
@@ -113,12 +115,15 @@ def _sub(
     mask: AnyStr,
     window: int,
     next_trigger: _NextTrigger[AnyStr] | None = None,
+    subject: AnyStr | None = None,
 ) -> AnyStr:
     """``pattern.sub`` masking its matches in ``value``, matched ``window`` at a time; with
-    ``next_trigger``, only the windows around a trigger are matched."""
+    ``next_trigger``, only the windows around a trigger are matched. ``subject``: what the
+    pattern is matched against when not ``value`` itself (its lower-cased copy)."""
     size = len(value)
-    if next_trigger is None and size <= window:
-        return pattern.sub(lambda m: _mask_match(m, mask), value)
+    if next_trigger is None and size <= window and subject is None:
+        return pattern.sub(lambda m: _mask_match(m, mask, value), value)
+    subject = value if subject is None else subject
     pieces: list[AnyStr] = []
     done = 0  # value[:done] is in pieces
     start = 0  # the window is value[start:start + window]
@@ -132,13 +137,13 @@ def _sub(
         restart: int | None = None
         # pos/endpos rather than a slice: no copy, and a lookbehind or \b at the window's
         # start still sees the character before it.
-        for match in pattern.finditer(value, start, end):
+        for match in pattern.finditer(subject, start, end):
             if end < size and match.start() >= end - OVERLAP:
                 break  # what follows the window may change it: the next window starts here
             if end < size and match.end() == end and match.start() > start:
                 restart = match.start()  # it may go on past the window: match it again
                 break
-            pieces += (value[done : match.start()], _mask_match(match, mask))
+            pieces += (value[done : match.start()], _mask_match(match, mask, value))
             done = match.end()
         if end == size:
             break
@@ -164,14 +169,20 @@ class Redactor:
         self._window = window
         self._mask = mask
         self._mask_bytes = mask.encode()
-        self._text: list[tuple[re.Pattern[str], tuple[str, ...]]] = []
-        self._bytes: list[tuple[re.Pattern[bytes], tuple[bytes, ...]]] = []
+        # (pattern, triggers, matched against the lower-cased input)
+        self._text: list[tuple[re.Pattern[str], tuple[str, ...], bool]] = []
+        self._bytes: list[tuple[re.Pattern[bytes], tuple[bytes, ...], bool]] = []
         for pattern in self.patterns:
             triggers = _TRIGGERS.get(pattern, ())
+            # A default pattern that ignores case is matched, case-sensitive, against the
+            # lower-cased input (its literals are lower-case): the engine then skips positions
+            # that cannot start a match instead of trying each one, about twice as fast.
+            lowered = bool(triggers) and pattern.startswith("(?i)")
+            source = pattern.removeprefix("(?i)") if lowered else pattern
             try:
-                self._text.append((re.compile(pattern), triggers))
+                self._text.append((re.compile(source), triggers, lowered))
                 self._bytes.append(
-                    (re.compile(pattern.encode()), tuple(t.encode() for t in triggers))
+                    (re.compile(source.encode()), tuple(t.encode() for t in triggers), lowered)
                 )
             except (re.error, UnicodeEncodeError) as e:
                 raise InvalidInput(
@@ -191,18 +202,19 @@ class Redactor:
 
     def _apply(
         self,
-        compiled: list[tuple[re.Pattern[AnyStr], tuple[AnyStr, ...]]],
+        compiled: list[tuple[re.Pattern[AnyStr], tuple[AnyStr, ...], bool]],
         value: AnyStr,
         mask: AnyStr,
         lower: Callable[[AnyStr], AnyStr],
     ) -> AnyStr:
         lowered: AnyStr | None = None  # of ``value``, shared by the patterns until one masks
-        for pattern, triggers in compiled:
+        for pattern, triggers, on_lowered in compiled:
             next_trigger = None
             if triggers:
                 lowered = lower(value) if lowered is None else lowered
                 next_trigger = _NextTrigger(lowered, triggers)
-            redacted = _sub(pattern, value, mask, self._window, next_trigger)
+            subject = lowered if on_lowered else None
+            redacted = _sub(pattern, value, mask, self._window, next_trigger, subject)
             if redacted is not value:
                 value, lowered = redacted, None
         return value
