@@ -40,7 +40,6 @@ class AuthenticateFirst:
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
-        self._needs: dict[int, bool] = {}  # by id of the route object: routes live as long
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -54,17 +53,12 @@ class AuthenticateFirst:
                 checked = True
                 # The router put the matched route in this very scope before the route ran.
                 route = scope.get("route")
-                if route is not None and self._route_needs_caller(route):
+                # Walked each time (a dozen dependencies): nothing cached to go stale.
+                if route is not None and _needs_caller(route):
                     await _authenticate(Request(scope))
             return await receive()
 
         await self.app(scope, receive_after_authentication, send)
-
-    def _route_needs_caller(self, route: Any) -> bool:
-        needs = self._needs.get(id(route))
-        if needs is None:
-            needs = self._needs[id(route)] = _needs_caller(route)
-        return needs
 
 
 async def _authenticate(request: Request) -> None:
