@@ -85,6 +85,24 @@ def _mask_match(match: re.Match[AnyStr], mask: AnyStr, value: AnyStr) -> AnyStr:
     return mask[:0].join(pieces)
 
 
+def _mask_into(
+    pieces: list[AnyStr], match: re.Match[AnyStr], mask: AnyStr, value: AnyStr, done: int
+) -> int:
+    """``_mask_match`` written straight into ``pieces`` (``value[:done]`` already there): the
+    text up to each masked group, then the mask. Returns the new ``done``; what follows the
+    last group is left for the next piece."""
+    if match.re.groups == 0:
+        pieces += (value[done : match.start()], mask)
+        return match.end()
+    for index in range(1, match.re.groups + 1):
+        start, end = match.span(index)
+        if start < 0 or start < done:  # group did not take part, or nested
+            continue
+        pieces += (value[done:start], mask)
+        done = end
+    return done
+
+
 class _NextTrigger(Generic[AnyStr]):
     """Where the next trigger begins in a lower-cased copy of the input, at or after a position.
     Positions asked for only grow, so each trigger's text is searched once over the input."""
@@ -126,6 +144,7 @@ def _sub(
     subject = value if subject is None else subject
     pieces: list[AnyStr] = []
     done = 0  # value[:done] is in pieces
+    scanned = 0  # where the last match ended: the next one starts at or after it
     start = 0  # the window is value[start:start + window]
     while True:
         if next_trigger is not None:
@@ -143,11 +162,11 @@ def _sub(
             if end < size and match.end() == end and match.start() > start:
                 restart = match.start()  # it may go on past the window: match it again
                 break
-            pieces += (value[done : match.start()], _mask_match(match, mask, value))
-            done = match.end()
+            done = _mask_into(pieces, match, mask, value, done)
+            scanned = match.end()
         if end == size:
             break
-        start = max(end - OVERLAP if restart is None else restart, done)
+        start = max(end - OVERLAP if restart is None else restart, scanned)
     if not pieces:
         return value
     pieces.append(value[done:])
