@@ -158,3 +158,20 @@ async def test_too_many_targets_are_a_short_422(tmp_path: Path) -> None:
         answer = await client.post("/api/v1/tasks", json=body, headers=ADMIN_HEADERS)
         assert answer.status_code == 422
         assert answer.json()["detail"].endswith("and 9,990 more")
+
+
+async def test_a_store_failure_while_authenticating_is_not_blamed_on_the_body(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sqlalchemy.exc import OperationalError
+
+    async with _api(tmp_path) as (app, client):
+
+        async def unreachable(*_args: Any) -> Any:
+            raise OperationalError("SELECT", {}, Exception("database went away"))
+
+        monkeypatch.setattr(app.state.security, "authenticate_token", unreachable)
+        body = {"command": "true", "targets": {"hosts": ["web-1"]}}
+        # Not FastAPI's 400 "error parsing the body": the store's error, as on any route.
+        with pytest.raises(OperationalError):
+            await client.post("/api/v1/tasks", json=body, headers=ADMIN_HEADERS)

@@ -70,3 +70,7 @@ async def _authenticate(request: Request) -> None:
         # envelope.
         status = status_of(e)
         raise HTTPException(status, str(e), CHALLENGE if status == 401 else None) from e
+    except Exception:
+        # The store did not answer. Raised here, FastAPI would turn it into a 400 about the
+        # body; the route's own dependency asks again and fails as any route does.
+        return
