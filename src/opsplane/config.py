@@ -99,6 +99,9 @@ class Settings(BaseSettings):
     # agent that chose its own groups would receive those groups' commands. Off only for
     # agents that cannot enroll (a minimal seed-002 agent) on a trusted network.
     require_enrollment: bool = True
+    # A request body longer than this is refused with 413 before it is parsed
+    # (docs/operations.md, "Request limits").
+    max_request_bytes: int = Field(default=2 * 1024 * 1024, ge=64 * 1024)
     # Web logins last this many seconds, then the page asks for the password again.
     session_lifetime: float = Field(default=8 * 3600.0, gt=0)
     # The control plane's own host, which runs catalog scripts; distinct from any agent's name.

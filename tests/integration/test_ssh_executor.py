@@ -497,6 +497,45 @@ async def test_single_file_upload_into_a_directory_and_to_a_path(
     assert missing.status is Outcome.FAILED and "cannot read" in (missing.error or "")
 
 
+async def test_uploads_never_create_or_follow_a_symbolic_link_on_the_target(
+    lab: SshLab, executor: SshExecutor, tmp_path: Path
+) -> None:
+    # Issue 14: links were recreated on the target, then chmod-ed through.
+    outside = tmp_path / "outside.txt"
+    outside.write_text("not yours\n")
+    source = tmp_path / "tree"
+    source.mkdir()
+    (source / "inside.txt").write_text("inside\n")
+    (source / "alias").symlink_to(source / "inside.txt")  # stays inside: copied as a file
+    (source / "escape").symlink_to(outside)  # leads outside: refused
+    planted = source / "planted"
+    planted.write_text("new\n")
+    planted.chmod(0o777)
+    remote = lab.user_dir("upload-links")
+    victim = lab.user_dir("upload-victim") / "victim.txt"
+    victim.write_text("precious\n")
+    os.chown(victim, lab.user.uid, lab.user.gid)
+    victim.chmod(0o600)
+    (remote / "planted").symlink_to(victim)  # a link waiting on the target
+    os.lchown(remote / "planted", lab.user.uid, lab.user.gid)
+
+    result = await executor.upload(target(lab, "t3"), source, str(remote))
+
+    assert sorted(result.uploaded) == [
+        f"{remote}/alias",
+        f"{remote}/inside.txt",
+        f"{remote}/planted",
+    ]
+    assert [path for path, _ in result.failed] == [f"{remote}/escape"]
+    assert "outside the uploaded directory" in result.failed[0][1]
+    for name in ("alias", "planted"):
+        assert not (remote / name).is_symlink(), name
+    assert (remote / "alias").read_text() == "inside\n"
+    assert (remote / "planted").read_text() == "new\n"
+    assert victim.read_text() == "precious\n" and victim.stat().st_mode & 0o777 == 0o600
+    assert not (remote / "escape").exists()
+
+
 def _closed_port() -> int:
     import socket
 

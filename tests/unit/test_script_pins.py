@@ -197,3 +197,37 @@ def test_a_sha256_that_pins_no_script_file_refuses_the_catalog(
     with pytest.raises(CatalogError, match="entry #1 \\('pinned'\\)") as caught:
         _load(tmp_path, **{"sha256": _sha(V1), **fields})
     assert reason in str(caught.value)
+
+
+def test_a_script_path_with_a_trailing_slash_is_refused(tmp_path: Path) -> None:
+    from opsplane.remoterun.scripts import ScriptDirs
+
+    scripts = tmp_path / "scripts"
+    scripts.mkdir()
+    _script(scripts / "ok.sh")
+    dirs = ScriptDirs([scripts])
+    assert dirs.resolve("ok.sh") == (scripts / "ok.sh").resolve()
+    for spelling in ("ok.sh/", "/scripts/ok.sh/", f"{scripts}/ok.sh/", "ok.sh//"):
+        with pytest.raises(ScriptRefused, match="ends with '/'"):
+            dirs.resolve(spelling)
+
+
+def test_a_hard_link_into_the_script_directory_runs_only_when_pinned(tmp_path: Path) -> None:
+    from opsplane.remoterun.scripts import ScriptDirs
+
+    scripts = tmp_path / "scripts"
+    scripts.mkdir()
+    elsewhere = _script(tmp_path / "writable-by-someone-else.sh")
+    os.link(elsewhere, scripts / "linked.sh")
+    script = ScriptDirs([scripts]).resolve("linked.sh")
+    pins = ScriptPins(tmp_path / "data")
+    with pytest.raises(ScriptRefused, match="2 hard links") as refused:
+        pins.check(script, "linked.sh")
+    assert "opsplane scripts approve" in str(refused.value)
+    pins.approve([script])
+    approved = pins.check(script, "linked.sh")
+    assert approved.sha256 == _sha(V1) and approved.path != script  # the verified copy runs
+    # Changed through its other name: the pin catches it.
+    elsewhere.write_bytes(V2)
+    with pytest.raises(ScriptChanged):
+        pins.check(script, "linked.sh")

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from opsplane.domain.errors import InvalidInput
@@ -83,3 +85,28 @@ def test_labels_select_hosts_carrying_every_given_label() -> None:
     assert resolve_targets(Targets(labels={"tier": "back"}, hosts=("a",)), fleet) == ["a", "c"]
     with pytest.raises(InvalidInput, match=r"no host carries all of the labels dc=z"):
         resolve_targets(Targets(labels={"dc": "z"}), fleet)
+
+
+def test_a_hundred_thousand_names_are_normalized_in_linear_time() -> None:
+    # De-duplicating with a list took 73 s for 100,000 names, on the event loop.
+    names = [f"host-{i}" for i in range(100_000)] * 2
+    started = time.process_time()
+    assert len(normalize_names(names, "host")) == 100_000
+    assert time.process_time() - started < 5  # well under a second on an idle core
+
+
+def test_many_groups_over_a_big_fleet_resolve_in_one_pass() -> None:
+    fleet = [HostRef(f"h-{i}", (f"g-{i % 1000}",)) for i in range(100_000)]
+    groups = tuple(f"g-{i}" for i in range(1000))
+    started = time.process_time()
+    assert len(resolve_targets(Targets(groups=groups), fleet)) == 100_000
+    assert time.process_time() - started < 5  # one scan per group took minutes
+
+
+def test_an_unknown_name_error_names_a_few_not_all() -> None:
+    missing = tuple(f"nope-{i:06}" for i in range(50_000))
+    with pytest.raises(InvalidInput) as error:
+        resolve_targets(Targets(hosts=missing), FLEET)
+    message = str(error.value)
+    assert message.startswith("unknown host(s): nope-000000, nope-000001")
+    assert message.endswith("and 49,990 more") and len(message) < 1000

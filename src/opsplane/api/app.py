@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry
 
 from opsplane.api.deps import require_principal
 from opsplane.api.errors import install_error_handlers
+from opsplane.api.middleware import AuthenticateFirst
 from opsplane.api.routers import (
     agents,
     audit,
@@ -156,6 +157,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         webhooks=settings.audit_checkpoint_webhooks,
         clock=utcnow,
     )
+    engine_metrics.watch_logins(security.login_throttle)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -182,6 +184,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         version="0.1.0",
         description="Remote-execution control plane",
         lifespan=lifespan,
+        # A longer body is a 413 as the route reads it (docs/operations.md, "Request limits").
+        max_body_size=settings.max_request_bytes,
     )
     app.state.engine = the_engine
     app.state.catalog_service = catalog_service
@@ -192,6 +196,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     app.state.audit_checkpoints = checkpoints
     app.state.redactor = Redactor(settings.redact_patterns)
     install_error_handlers(app)
+    app.add_middleware(AuthenticateFirst)
     app.include_router(health.router)
     app.include_router(auth.router)
     app.include_router(users.router)

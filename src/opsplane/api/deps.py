@@ -76,7 +76,11 @@ def client_ip(request: Request) -> str | None:
 async def authenticate(request: Request) -> Principal:
     """Who is calling: a Bearer token, else the session cookie; Unauthenticated (401)
     otherwise. Resolved once per request (FastAPI caches it) and kept in
-    ``request.state.principal``."""
+    ``request.state.principal``; a request authenticated before its body was read
+    (``api.middleware.AuthenticateFirst``) is not authenticated twice."""
+    known: Principal | None = getattr(request.state, "principal", None)
+    if known is not None:
+        return known
     security = get_security(request)
     header = request.headers.get("authorization")
     if header is not None:

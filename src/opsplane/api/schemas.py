@@ -6,7 +6,7 @@ from datetime import datetime
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from fastapi import Query
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 from opsplane.domain.errors import InvalidInput
 from opsplane.domain.policy import TaskPolicy
@@ -20,13 +20,32 @@ MAX_PAGE = 1_000_000_000
 PageNumber = Annotated[int, Query(ge=1, le=MAX_PAGE)]
 
 
+# Request bounds (docs/operations.md, "Request limits"): far above real use, low enough that
+# one request cannot keep the event loop busy for long. A larger fleet is aimed at by group,
+# label or all=true, not by listing ten thousand names.
+MAX_HOSTS = 10_000
+MAX_GROUPS = 1_000
+MAX_LABELS = 100
+MAX_ENV = 1_000
+# Linux refuses an environment string longer than 128 KiB (MAX_ARG_STRLEN) at exec.
+MAX_ENV_VALUE = 128 * 1024
+Name = Annotated[str, StringConstraints(max_length=255)]
+LabelMap = Annotated[dict[Name, Name], Field(max_length=MAX_LABELS)]
+EnvMap = Annotated[
+    dict[Name, Annotated[str, StringConstraints(max_length=MAX_ENV_VALUE)]],
+    Field(max_length=MAX_ENV),
+]
+
+
 class TargetsIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    hosts: list[str] = Field(default_factory=list, description="host names")
-    groups: list[str] = Field(default_factory=list, description="group names")
+    hosts: list[Name] = Field(default_factory=list, max_length=MAX_HOSTS, description="host names")
+    groups: list[Name] = Field(
+        default_factory=list, max_length=MAX_GROUPS, description="group names"
+    )
     all: bool = Field(default=False, description="every known host")
-    labels: dict[str, str] = Field(
+    labels: LabelMap = Field(
         default_factory=dict, description="hosts carrying every one of these key=value labels"
     )
 
@@ -80,10 +99,8 @@ class TaskCreate(BaseModel):
     name: str = Field(default="", max_length=255)
     description: str = Field(default="", max_length=10_000)
     start: bool = Field(default=True, description="false: create now, POST .../start later")
-    env: dict[str, str] = Field(
-        default_factory=dict, description="environment variables for the command"
-    )
-    secret_env: dict[str, str] = Field(
+    env: EnvMap = Field(default_factory=dict, description="environment variables for the command")
+    secret_env: EnvMap = Field(
         default_factory=dict,
         description="environment variables whose values are secret: encrypted at rest, "
         "never returned by the API, only names in the audit trail",
@@ -156,8 +173,8 @@ class HostCreate(BaseModel):
     key_file: str | None = Field(default=None, max_length=4096)
     bastion: str = Field(default="", max_length=2048, description="ops@edge:22[,ops@inner]")
     bastion_key_file: str | None = Field(default=None, max_length=4096)
-    groups: list[str] = Field(default_factory=list)
-    labels: dict[str, str] = Field(default_factory=dict)
+    groups: list[Name] = Field(default_factory=list, max_length=MAX_GROUPS)
+    labels: LabelMap = Field(default_factory=dict)
 
 
 class Counts(BaseModel):

@@ -46,13 +46,23 @@ def resolve_targets(targets: Targets, known: Iterable[HostRef]) -> list[str]:
         chosen.update(by_name)
     missing = [name for name in targets.hosts if name not in by_name]
     if missing:
-        raise InvalidInput(f"unknown host(s): {', '.join(sorted(missing))}")
+        raise InvalidInput(f"unknown host(s): {names_excerpt(sorted(missing))}")
     chosen.update(targets.hosts)
-    for group in targets.groups:
-        members = [h.name for h in hosts if group in h.groups]
-        if not members:
-            raise InvalidInput(f"unknown group (no host is a member): {group}")
-        chosen.update(members)
+    if targets.groups:
+        # One pass over the fleet for every group asked for (not one per group).
+        by_group: dict[str, list[str]] = {group: [] for group in targets.groups}
+        for host in hosts:
+            for group in host.groups:
+                members = by_group.get(group)
+                if members is not None:
+                    members.append(host.name)
+        empty = [group for group, members in by_group.items() if not members]
+        if empty:
+            raise InvalidInput(
+                f"unknown group (no host is a member): {names_excerpt(sorted(empty))}"
+            )
+        for members in by_group.values():
+            chosen.update(members)
     if targets.labels:
         labelled = [
             h.name for h in hosts if all(h.labels.get(k) == v for k, v in targets.labels.items())
@@ -78,12 +88,19 @@ def check_host_name(name: str) -> str:
 
 
 def normalize_names(names: Sequence[str], what: str) -> tuple[str, ...]:
-    """Strip and de-duplicate names, rejecting blanks."""
-    cleaned: list[str] = []
+    """Strip and de-duplicate names (first occurrence kept, in order), rejecting blanks."""
+    cleaned: dict[str, None] = {}
     for name in names:
         stripped = name.strip()
         if not stripped:
             raise InvalidInput(f"{what} names must not be blank")
-        if stripped not in cleaned:
-            cleaned.append(stripped)
+        cleaned[stripped] = None
     return tuple(cleaned)
+
+
+def names_excerpt(names: Sequence[str], limit: int = 10) -> str:
+    """``a, b, c`` — at most ``limit`` names, then how many more: an error message names a
+    few, never echoes a hundred thousand back."""
+    shown = ", ".join(name if len(name) <= 64 else name[:64] + "…" for name in names[:limit])
+    more = len(names) - limit
+    return f"{shown} and {more:,} more" if more > 0 else shown

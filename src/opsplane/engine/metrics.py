@@ -17,6 +17,7 @@ import time
 from collections import Counter as Tally
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from prometheus_client import (
     CollectorRegistry,
@@ -112,6 +113,32 @@ class _FleetCollector(Collector):
         yield ages
 
 
+class LoginCounts(Protocol):
+    """What ``security.throttle.LoginThrottle`` counts (the engine does not import security)."""
+
+    failures: int
+    throttled: int
+    delay_seconds: float
+
+
+class _LoginCollector(Collector):
+    def __init__(self, counts: LoginCounts) -> None:
+        self._counts = counts
+
+    def collect(self) -> Iterator[Metric]:
+        for name, text, value in (
+            ("opsplane_login_failures", "Failed web logins (wrong name or password)",
+             self._counts.failures),
+            ("opsplane_login_throttled", "Login attempts refused with 429 while held",
+             self._counts.throttled),
+            ("opsplane_login_delay_seconds", "Seconds of login holds imposed after failures",
+             self._counts.delay_seconds),
+        ):  # fmt: skip
+            family = CounterMetricFamily(name, text)
+            family.add_metric([], value)
+            yield family
+
+
 class EngineMetrics:
     """The metrics of one engine in ``registry``. ``refresh()`` before each scrape."""
 
@@ -182,6 +209,10 @@ class EngineMetrics:
         self._links_since = time.monotonic()
         engine.hub.add_listener(self.observe)
         engine.ingest.batch_observers.append(self.ingest_batch.observe)
+
+    def watch_logins(self, counts: LoginCounts) -> None:
+        """Export the login throttle's counters (docs/security.md)."""
+        self.registry.register(_LoginCollector(counts))
 
     def close(self) -> None:
         self._engine.hub.remove_listener(self.observe)

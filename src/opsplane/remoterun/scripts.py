@@ -5,7 +5,9 @@ spellings: the file's absolute path (``/srv/scripts/backup.sh``), the directory'
 the root (``/scripts/backup.sh`` for a directory ``/srv/scripts``, the seed's own spelling), or
 a path relative to the directories, tried in order (``backup.sh``). Whatever the spelling, the
 file must really be inside that directory once symbolic links are followed, be a regular file,
-be executable, and not be writable by everyone. ``..`` is refused outright.
+be executable, and not be writable by everyone. ``..`` and a trailing ``/`` are refused
+outright; a file with more than one hard link runs only when pinned (its other name may be
+outside the directory, writable by someone else).
 
 Pinning (docs/remoterun.md, docs/catalog.md): a script may be pinned to the SHA-256 of its
 approved content. A pinned script never runs in place: its bytes are read once, hashed while
@@ -83,6 +85,9 @@ class ScriptDirs:
             raise ScriptRefused(f"script_path must have 1 to {MAX_PATH} characters")
         if "\x00" in script_path:
             raise ScriptRefused("script_path must not contain NUL")
+        if script_path.endswith("/"):
+            # PurePosixPath drops it, and open() would then take the file: name a file as one.
+            raise ScriptRefused(f"script_path {script_path!r} ends with '/': name a file")
         pure = PurePosixPath(script_path)
         if ".." in pure.parts:
             raise ScriptRefused("script_path must not contain '..'")
@@ -343,6 +348,14 @@ class ScriptPins:
                 raise ScriptNotApproved(
                     f"script {given!r} is not approved and script_pins_required is on; it was "
                     f"not run. Approve it with `{approve}`"
+                )
+            links = script.stat().st_nlink
+            if links > 1:
+                # Another name of the same file may live outside the script directory, where
+                # whoever can write it changes what runs here. A pin runs a verified copy.
+                raise ScriptRefused(
+                    f"script {given!r} has {links} hard links (it can be changed through a name "
+                    f"outside the script directory); it was not run. Pin it with `{approve}`"
                 )
             return Approved(script)
         copy = self.copies.verified(

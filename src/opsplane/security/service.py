@@ -42,6 +42,7 @@ from opsplane.security.roles import (
     parse_role,
     role_at_least,
 )
+from opsplane.security.throttle import LoginThrottle
 from opsplane.security.tokens import (
     MIN_BOOTSTRAP_LENGTH,
     new_secret,
@@ -166,6 +167,8 @@ class SecurityService:
         self._clock = clock
         self._hashing = asyncio.Semaphore(HASHING_AT_ONCE)
         self._touched: dict[str, float] = {}
+        # Failed logins slow the next try of that name and that address (security.throttle).
+        self.login_throttle = LoginThrottle()
 
     # Start-up ---------------------------------------------------------------------------
 
@@ -341,12 +344,15 @@ class SecurityService:
 
     async def login(self, name: str, password: str, source_ip: str | None) -> Login:
         """Open a web session; Unauthenticated (and an audit record) on a wrong name or
-        password, which are never told apart."""
+        password, which are never told apart. ``LoginThrottled`` (429), with nothing checked,
+        while recent failures of the name or the address hold them (security.throttle)."""
+        self.login_throttle.check(name, source_ip)
         async with self._sessions() as session:
             user = await sq.user_by_name(session, name)
         encoded = user.password_hash if user is not None and not user.disabled else None
         ok = await self._verify(encoded, password)
         if not ok or user is None:
+            self.login_throttle.failed(name, source_ip)
             await self.audit(
                 AuditEntry(
                     actor=name,
@@ -389,6 +395,7 @@ class SecurityService:
                 ),
                 now,
             )
+        self.login_throttle.succeeded(name, source_ip)
         return Login(secret, csrf, expires_at, principal)
 
     async def logout(self, caller: Caller) -> None:

@@ -3,9 +3,13 @@
 A directory's contents land in the remote path (created with its parents, like ``rsync -r
 local/ remote``), every subdirectory created as needed; a directory that cannot be created
 fails the files below it. A file lands at the remote path, or inside it when that is an
-existing directory or ends with ``/``. Permission bits are copied, times are not. Symbolic
-links to files are copied as files; links to directories are not followed (they may point
-anywhere, even to a parent).
+existing directory or ends with ``/``. Permission bits are copied, times are not.
+
+No symbolic link is ever created on the target, and none is followed there: a link in the tree
+to a file inside the uploaded directory is copied as that file; a link that leads outside it,
+or to a directory, is refused (a per-file failure), since it may point anywhere (``/etc``, a
+parent, a loop). A link found at a destination on the target is replaced by the file, never
+written or ``chmod``-ed through (that would change whatever it points to).
 """
 
 from __future__ import annotations
@@ -67,6 +71,7 @@ def plan_upload(local: Path) -> UploadPlan:
         return UploadPlan((local, info.st_mode & 0o777), [], [], [])
     if not stat.S_ISDIR(info.st_mode):
         raise OSError(0, "not a regular file or a directory", str(local))
+    inside = local.resolve()
     directories: list[str] = []
     files: list[tuple[Path, str, int]] = []
     problems: list[tuple[str, str]] = []
@@ -86,9 +91,16 @@ def plan_upload(local: Path) -> UploadPlan:
             relative = name if relative_root == "." else f"{relative_root}/{name}"
             path = base / name
             try:
+                if path.is_symlink():
+                    path = path.resolve(strict=True)
+                    if not path.is_relative_to(inside):
+                        problems.append(
+                            (relative, "symbolic link to outside the uploaded directory, refused")
+                        )
+                        continue
                 mode = path.stat().st_mode
-            except OSError as e:
-                problems.append((relative, f"cannot read: {e.strerror or e}"))
+            except (OSError, RuntimeError) as e:  # RuntimeError: a loop of links
+                problems.append((relative, f"cannot read: {getattr(e, 'strerror', None) or e}"))
                 continue
             if not stat.S_ISREG(mode):
                 problems.append((relative, "not a regular file"))
@@ -182,8 +194,27 @@ async def _isdir(sftp: asyncssh.SFTPClient, path: str) -> bool:
 async def _put(sftp: asyncssh.SFTPClient, source: Path, mode: int, destination: str) -> str | None:
     """Copy one file and set its permission bits; None on success, else why not."""
     try:
-        await sftp.put(str(source), destination)
+        await _unlink_if_symlink(sftp, destination)
+        # follow_symlinks: a local link (a single file given as one) is sent as its file, never
+        # recreated on the target.
+        await sftp.put(str(source), destination, follow_symlinks=True)
+        if await _is_symlink(sftp, destination):  # put there while we copied
+            return "the destination became a symbolic link during the copy; not chmod-ed"
         await sftp.chmod(destination, mode)
     except (asyncssh.Error, OSError) as e:
         return error_reason(e)
     return None
+
+
+async def _is_symlink(sftp: asyncssh.SFTPClient, path: str) -> bool:
+    try:
+        attrs = await sftp.lstat(path)
+    except asyncssh.SFTPNoSuchFile:
+        return False
+    return attrs.permissions is not None and stat.S_ISLNK(attrs.permissions)
+
+
+async def _unlink_if_symlink(sftp: asyncssh.SFTPClient, path: str) -> None:
+    """A link at the destination is removed (not followed): the file takes its place."""
+    if await _is_symlink(sftp, path):
+        await sftp.remove(path)
