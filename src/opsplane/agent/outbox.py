@@ -56,7 +56,7 @@ def utf8_cut(data: bytes) -> int:
         byte = data[size - back]
         if byte & 0xC0 == 0x80:
             continue  # a continuation byte: look further back for the lead
-        if byte >= 0xC0:
+        if 0xC0 <= byte < 0xF8:  # a lead byte (0xF8 and up never are)
             needed = 2 if byte < 0xE0 else 3 if byte < 0xF0 else 4
             return size - back if needed > back else size
         return size
