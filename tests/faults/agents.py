@@ -4,6 +4,7 @@ loopback (tests/e2e/fleet.py), agents optionally reaching it through a TCP proxy
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -66,6 +67,46 @@ class FaultFleet(Fleet):
         assert response.status_code == 200, response.text
         return list(response.json()["items"])
 
+    def events(self, task_id: str) -> list[tuple[str, dict[str, Any]]]:
+        """A finished task's events (kind, data) from its SSE stream, which ends after the
+        task's terminal event."""
+        found: list[tuple[str, dict[str, Any]]] = []
+        kind = ""
+        with (
+            self.client() as client,
+            client.stream("GET", f"/api/v1/tasks/{task_id}/events", timeout=20.0) as response,
+        ):
+            for line in response.iter_lines():
+                if line.startswith("event:"):
+                    kind = line.partition(":")[2].strip()
+                elif line.startswith("data:"):
+                    found.append((kind, json.loads(line.partition(":")[2])))
+        return found
+
+    def results_stored(self, task_id: str, run_id: str) -> int:
+        """How many times a run of a finished task changed to a terminal status."""
+        return sum(
+            1
+            for kind, data in self.events(task_id)
+            if kind == "run" and data.get("run_id") == run_id and data["status"] in TERMINAL_RUNS
+        )
+
+    def spool_record(self, name: str, run_id: str) -> dict[str, Any] | None:
+        """Agent ``name``'s spool record of a run not yet acknowledged, if any."""
+        path = self.root / "agents" / name / "runs" / f"{run_id}.json"
+        try:
+            return dict(json.loads(path.read_text()))
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def spool_done(self, name: str, run_id: str) -> dict[str, Any] | None:
+        """Agent ``name``'s done marker of a run (acknowledged or abandoned), if any."""
+        path = self.root / "agents" / name / "done" / f"{run_id}.json"
+        try:
+            return dict(json.loads(path.read_text()))
+        except (FileNotFoundError, ValueError):
+            return None
+
     def create(self, body: dict[str, Any]) -> dict[str, Any]:
         with self.client() as client:
             response = client.post("/api/v1/tasks", json=body)
@@ -84,11 +125,22 @@ def fault_fleet(root: Path, server_env: dict[str, str] | None = None) -> Iterato
         fleet.start_server()
         yield fleet
     finally:
-        # A stopped agent cannot act on SIGTERM: let it go on first.
-        for process in fleet.agents.values():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(process.pid, signal.SIGCONT)
+        for name in list(fleet.agents):
+            end_process(fleet.agents.pop(name))
         fleet.stop()
+
+
+def end_process(process: subprocess.Popen[bytes], grace: float = 20.0) -> None:
+    """SIGTERM (after SIGCONT: a stopped process cannot act on it), then SIGKILL."""
+    if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(process.pid, signal.SIGCONT)
+            process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            process.kill()
+    process.wait(timeout=grace)
 
 
 def wait_run_status(
