@@ -48,7 +48,7 @@ def test_an_agent_cut_off_without_a_fin_is_offline_its_run_lost_and_a_late_resul
     name = "cut-" + ("stop" if cut == "sigstop" else "proxy")
     with running_proxy("127.0.0.1", fleet.grpc_port) as proxy:
         process = fleet.start_agent_at(name, proxy.address)
-        fleet.wait_online(name)
+        fleet.wait_online(name, timeout=60)
         marker = uuid.uuid4().hex[:8]
         task = fleet.create(
             {

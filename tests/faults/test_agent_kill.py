@@ -81,7 +81,7 @@ def test_agent_killed_before_the_ack_sends_its_spooled_result_again_and_never_re
 ) -> None:
     with running_proxy("127.0.0.1", fleet.grpc_port) as proxy:
         fleet.start_agent_at("kill-grpc", proxy.address)
-        fleet.wait_online("kill-grpc")
+        fleet.wait_online("kill-grpc", timeout=60)
         _kill_with_a_result_unacknowledged(
             fleet, proxy, "kill-grpc", lambda: fleet.start_agent_at("kill-grpc", proxy.address)
         )
@@ -92,7 +92,7 @@ def test_agent_killed_between_the_commands_end_and_the_spool_write_never_reruns(
 ) -> None:
     name = "kill-window"
     fleet.start_agent_at(name)
-    fleet.wait_online(name)
+    fleet.wait_online(name, timeout=60)
     marker = uuid.uuid4().hex
     effects = fleet.work_dir(name) / "side-effects"
     # The command's parent is the agent: it dies right after the side effect, before it can

@@ -68,7 +68,7 @@ def test_output_printed_while_the_grpc_connection_is_cut_is_archived_whole(
 ) -> None:
     with running_proxy("127.0.0.1", fleet.grpc_port) as proxy:
         fleet.start_agent_at("gap-grpc", proxy.address)
-        fleet.wait_online("gap-grpc")
+        fleet.wait_online("gap-grpc", timeout=60)
         marker = uuid.uuid4().hex[:8]
         command, expected = printing(marker, lines=60, width=100, pause=0.1)
         task_id = _start_and_wait_for_output(fleet, "gap-grpc", command)
@@ -86,7 +86,7 @@ def test_output_held_back_by_a_stalled_grpc_connection_is_archived_whole(
     # short: long lines are slow to redact, issue 13 defect 1, which is not this test's point.)
     with running_proxy("127.0.0.1", fleet.grpc_port) as proxy:
         fleet.start_agent_at("gap-stall", proxy.address)
-        fleet.wait_online("gap-stall")
+        fleet.wait_online("gap-stall", timeout=60)
         marker = uuid.uuid4().hex[:8]
         command, expected = printing(marker, lines=100, width=200, pause=0.08)
         task_id = _start_and_wait_for_output(fleet, "gap-stall", command)
@@ -101,7 +101,7 @@ def test_a_chunk_sent_twice_is_archived_once(fleet: FaultFleet) -> None:
     arrived and sends it again; the archive still holds every line once."""
     with running_proxy("127.0.0.1", fleet.grpc_port) as proxy:
         fleet.start_agent_at("gap-twice", proxy.address)
-        fleet.wait_online("gap-twice")
+        fleet.wait_online("gap-twice", timeout=60)
         marker = uuid.uuid4().hex[:8]
         command, expected = printing(marker, lines=40, width=50, pause=0.1)
         task_id = _start_and_wait_for_output(fleet, "gap-twice", command)

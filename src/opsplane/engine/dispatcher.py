@@ -91,13 +91,7 @@ class Dispatcher:
     def reachable(self, host: str, hosts: Mapping[str, HostRow]) -> bool:
         """Whether a run sent to ``host`` now has a live connection to travel."""
         link = self._links.get(self.link_name(host, hosts))
-        if link is None or not link.is_connected(host):
-            return False
-        # A connection can look open to a peer that stopped answering without closing it (a
-        # frozen agent, a cut cable: no FIN). The monitor's verdict from missed heartbeats
-        # wins until the host is heard again; a run sent now would only be lost.
-        row = hosts.get(host)
-        return not (link.liveness_by_heartbeat and row is not None and row.status == "offline")
+        return link is not None and link.is_connected(host)
 
     def mark_deliverable(
         self, changes: Changes, task: TaskRow, runs: list[RunRow], hosts: Mapping[str, HostRow]
