@@ -67,7 +67,7 @@ def test_mixed_load_with_agents_coming_and_going_keeps_memory_and_fds_flat(
         tasks: list[str] = []
         samples: list[tuple[float, int, int]] = []
         churn: dict[str, int] = {}
-        refused = 0
+        refused: dict[str, int] = {}
         started = time.monotonic()
         end = started + MINUTES * 60
         next_task = next_churn = next_sample = started
@@ -81,8 +81,8 @@ def test_mixed_load_with_agents_coming_and_going_keeps_memory_and_fds_flat(
                     next_sample += SAMPLE_EVERY
                 if now >= next_task:
                     task_id = _create(client, rng)
-                    if task_id is None:
-                        refused += 1
+                    if task_id.startswith("!"):
+                        refused[task_id[1:]] = refused.get(task_id[1:], 0) + 1
                     else:
                         tasks.append(task_id)
                     next_task += TASK_EVERY
@@ -99,7 +99,8 @@ def test_mixed_load_with_agents_coming_and_going_keeps_memory_and_fds_flat(
 
     report = _figures(samples)
     print(
-        f"\nsoak {MINUTES:g} min: {len(tasks)} tasks ({refused} refused), agent events {churn}, "
+        f"\nsoak {MINUTES:g} min: {len(tasks)} tasks (not created: {refused or 'none'}), "
+        f"agent events {churn}, "
         f"stuck {len(stuck)}; control plane RSS {report['rss_warm'] / 2**20:.1f} MiB after "
         f"warm-up → {report['rss_end'] / 2**20:.1f} MiB at the end "
         f"(growth {report['rss_growth'] / 2**20:+.1f} MiB), open fds {report['fds_warm']} → "
@@ -112,7 +113,8 @@ def test_mixed_load_with_agents_coming_and_going_keeps_memory_and_fds_flat(
     assert report["fds_end"] <= report["fds_warm"] + 16, samples
 
 
-def _create(client: httpx.Client, rng: random.Random) -> str | None:
+def _create(client: httpx.Client, rng: random.Random) -> str:
+    """A new task's id, or why none was created (an HTTP status or error name)."""
     command, extra = rng.choice(COMMANDS)
     targets: dict[str, Any] = (
         {"groups": ["soak"]} if rng.random() < 0.3 else {"hosts": [rng.choice([*AGENTS, PROXIED])]}
@@ -120,9 +122,9 @@ def _create(client: httpx.Client, rng: random.Random) -> str | None:
     body = {"command": command, "targets": targets, **extra}
     try:
         response = client.post("/api/v1/tasks", json=body)
-    except httpx.HTTPError:
-        return None
-    return str(response.json()["id"]) if response.status_code == 201 else None
+    except httpx.HTTPError as e:
+        return f"!{type(e).__name__}"
+    return str(response.json()["id"]) if response.status_code == 201 else f"!{response.status_code}"
 
 
 def _churn(
