@@ -12,8 +12,9 @@ output, on the same connection, so the archive is whole when the result lands.
 The journals of all runs together are bounded by ``output_spool_bytes``: output that does not
 fit is not numbered and not sent, only counted, and the run's output carries a line
 ``[opsplane: N bytes of output lost …]`` where it was (docs/reliability.md). In memory the
-agent keeps an index entry per kept chunk and at most three bytes of a character split across
-two reads (so that every chunk is whole UTF-8 text for the RabbitMQ link, which sends text).
+agent keeps 8 bytes per kept chunk (where its record starts) and at most three bytes of a
+character split across two reads (so that every chunk is whole UTF-8 text for the RabbitMQ
+link, which sends text).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import contextlib
 import logging
 import os
 import struct
+from array import array
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Final, Protocol
@@ -75,8 +77,9 @@ class OutputJournal:
         self._dir = Path(directory)
         self._dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._limit = limit
-        # run id → (stream, offset of the data, length) per chunk
-        self._index: dict[str, list[tuple[Stream, int, int]]] = {}
+        # run id → where each chunk's record starts: 8 bytes per chunk in memory, the rest
+        # (stream, length, data) is read back from the record's header when it is sent.
+        self._index: dict[str, array[int]] = {}
         self._sizes: dict[str, int] = {}
         self._fds: dict[str, int] = {}
         self.total = 0
@@ -94,7 +97,7 @@ class OutputJournal:
             except OSError as exc:
                 logger.warning("cannot read the output journal %s: %s", path, exc)
                 continue
-            entries: list[tuple[Stream, int, int]] = []
+            entries: array[int] = array("Q")
             offset = 0
             # A record cut short by a crash ends the journal; it was never sent as a whole.
             while offset + _HEADER.size <= len(data):
@@ -106,7 +109,7 @@ class OutputJournal:
                     or start + length > len(data)
                 ):
                     break
-                entries.append((_CODE_STREAM[code], start, length))
+                entries.append(offset)
                 offset = start + length
             self._index[path.stem] = entries
             self._sizes[path.stem] = offset
@@ -124,7 +127,7 @@ class OutputJournal:
         record = _HEADER.size + len(data)
         if not force and self.total + record > self._limit:
             return 0
-        entries = self._index.setdefault(run_id, [])
+        entries = self._index.setdefault(run_id, array("Q"))
         seq = len(entries) + 1
         offset = self._sizes.get(run_id, 0)
         try:
@@ -138,7 +141,7 @@ class OutputJournal:
         except OSError as exc:
             logger.error("cannot keep output of run %s: %s", run_id, exc)
             return 0
-        entries.append((stream, offset + _HEADER.size, len(data)))
+        entries.append(offset)
         self._sizes[run_id] = offset + record
         self.total += record
         return seq
@@ -149,15 +152,19 @@ class OutputJournal:
         entries = self._index.get(run_id)
         if entries is None or not 0 < seq <= len(entries):
             return None
-        stream, offset, length = entries[seq - 1]
         try:
             with open(self._path(run_id), "rb") as handle:
-                handle.seek(offset)
+                handle.seek(entries[seq - 1])
+                header = handle.read(_HEADER.size)
+                if len(header) < _HEADER.size:
+                    return None
+                _, code, length = _HEADER.unpack(header)
                 data = handle.read(length)
         except OSError as exc:
             logger.error("cannot read back output of run %s: %s", run_id, exc)
             return None
-        return (stream, data) if len(data) == length else None
+        stream = _CODE_STREAM.get(code)
+        return (stream, data) if stream is not None and len(data) == length else None
 
     def seal(self, run_id: str) -> None:
         """The run printed its last: sync its journal and close the file."""
