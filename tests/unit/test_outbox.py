@@ -96,15 +96,18 @@ async def test_confirmed_output_is_not_sent_again(tmp_path: Path) -> None:
     assert link.sent == [(1, b"a\n"), (2, b"b\n")]
 
 
-async def test_output_that_does_not_fit_is_marked_lost(tmp_path: Path) -> None:
+async def test_output_beyond_the_spool_is_sent_once_and_then_only_counted(
+    tmp_path: Path,
+) -> None:
     link = FakeLink()
     link.connected = False
-    journal = OutputJournal(tmp_path, 40)
+    journal = OutputJournal(tmp_path, 32)  # room for one small chunk and one placeholder
     output = RunOutput(RUN, "task", journal, link, Connections())
     output.add("stdout", b"kept\n")
-    output.add("stdout", b"y" * 100)
-    output.add("stdout", b"z" * 10)
+    output.add("stdout", b"y" * 100)  # not kept: a placeholder, the data held to send once
+    output.add("stdout", b"z" * 10)  # neither kept nor recorded: counted as lost
     output.end()
     link.connected = True
     assert await output.drain()
-    assert link.sent == [(1, b"kept\n"), (2, lost_marker(110))]
+    assert link.sent == [(1, b"kept\n"), (2, b"y" * 100), (3, lost_marker(10))]
+    assert journal.read(RUN, 2) == ("stdout", None)

@@ -9,12 +9,13 @@ chunk not known to have arrived is sent again, and the control plane drops the o
 already placed (``runs.output_seq``, engine/ingest.py). A run's result is sent only after its
 output, on the same connection, so the archive is whole when the result lands.
 
-The journals of all runs together are bounded by ``output_spool_bytes``: output that does not
-fit is not numbered and not sent, only counted, and the run's output carries a line
-``[opsplane: N bytes of output lost …]`` where it was (docs/reliability.md). In memory the
-agent keeps 8 bytes per kept chunk (where its record starts) and at most three bytes of a
-character split across two reads (so that every chunk is whole UTF-8 text for the RabbitMQ
-link, which sends text).
+The journals of all runs together are bounded by ``output_spool_bytes``. A chunk that does not
+fit is recorded by a placeholder (its number and size) and sent once from memory, best effort,
+never again; when not even placeholders fit, output is only counted and the run's output
+carries ``[opsplane: N bytes of output lost …]`` where it was (docs/reliability.md). In memory
+the agent keeps 8 bytes per chunk (where its record starts), at most :data:`LIVE_MAX` of
+unkept chunks per run, and at most three bytes of a character split across two reads (so that
+every chunk is whole UTF-8 text for the RabbitMQ link, which sends text).
 """
 
 from __future__ import annotations
@@ -40,6 +41,12 @@ _STREAM_CODE: Final[dict[str, int]] = {"stdout": 1, "stderr": 2}
 _CODE_STREAM: Final[dict[int, Stream]] = {1: "stdout", 2: "stderr"}
 # A send that failed while the link still looked connected is retried after this long.
 _RETRY_DELAY: Final = 1.0
+# A chunk that does not fit in the journal is recorded as a placeholder (its header only,
+# flagged so) and sent once from memory, best effort, if its sender gets to it while at most
+# this much of such output waits per run; placeholders may use this share of the limit more.
+_UNKEPT: Final = 0x80
+LIVE_MAX: Final = 1024 * 1024
+_PLACEHOLDER_SHARE: Final = 8
 
 
 def lost_marker(lost: int) -> bytes:
@@ -103,14 +110,15 @@ class OutputJournal:
             while offset + _HEADER.size <= len(data):
                 seq, code, length = _HEADER.unpack_from(data, offset)
                 start = offset + _HEADER.size
+                end = start + length if not code & _UNKEPT else start
                 if (
                     seq != len(entries) + 1
-                    or code not in _CODE_STREAM
-                    or start + length > len(data)
+                    or code & ~_UNKEPT not in _CODE_STREAM
+                    or end > len(data)
                 ):
                     break
                 entries.append(offset)
-                offset = start + length
+                offset = end
             self._index[path.stem] = entries
             self._sizes[path.stem] = offset
             self.total += offset
@@ -131,13 +139,7 @@ class OutputJournal:
         seq = len(entries) + 1
         offset = self._sizes.get(run_id, 0)
         try:
-            fd = self._fds.get(run_id)
-            if fd is None:
-                fd = os.open(
-                    self._path(run_id), os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600
-                )
-                self._fds[run_id] = fd
-            _write_all(fd, _HEADER.pack(seq, _STREAM_CODE[stream], len(data)) + data)
+            _write_all(self._fd(run_id), _HEADER.pack(seq, _STREAM_CODE[stream], len(data)) + data)
         except OSError as exc:
             logger.error("cannot keep output of run %s: %s", run_id, exc)
             return 0
@@ -146,8 +148,28 @@ class OutputJournal:
         self.total += record
         return seq
 
-    def read(self, run_id: str, seq: int) -> tuple[Stream, bytes] | None:
-        """Chunk ``seq`` of the run, or None if it is not (or no longer) kept."""
+    def append_unkept(self, run_id: str, stream: Stream, length: int) -> int:
+        """Record that the run's next chunk (``length`` bytes) is not kept here, and return
+        its seq; 0 when even that does not fit."""
+        run_id = run_id.lower()
+        if self.total + _HEADER.size > self._limit + self._limit // _PLACEHOLDER_SHARE:
+            return 0
+        entries = self._index.setdefault(run_id, array("Q"))
+        seq = len(entries) + 1
+        offset = self._sizes.get(run_id, 0)
+        try:
+            _write_all(self._fd(run_id), _HEADER.pack(seq, _STREAM_CODE[stream] | _UNKEPT, length))
+        except OSError as exc:
+            logger.error("cannot record output of run %s: %s", run_id, exc)
+            return 0
+        entries.append(offset)
+        self._sizes[run_id] = offset + _HEADER.size
+        self.total += _HEADER.size
+        return seq
+
+    def read(self, run_id: str, seq: int) -> tuple[Stream, bytes | None] | None:
+        """Chunk ``seq`` of the run (its data None if it was not kept), or None if there is
+        no such chunk or it cannot be read."""
         run_id = run_id.lower()
         entries = self._index.get(run_id)
         if entries is None or not 0 < seq <= len(entries):
@@ -159,12 +181,14 @@ class OutputJournal:
                 if len(header) < _HEADER.size:
                     return None
                 _, code, length = _HEADER.unpack(header)
-                data = handle.read(length)
+                data = handle.read(length) if not code & _UNKEPT else None
         except OSError as exc:
             logger.error("cannot read back output of run %s: %s", run_id, exc)
             return None
-        stream = _CODE_STREAM.get(code)
-        return (stream, data) if stream is not None and len(data) == length else None
+        stream = _CODE_STREAM.get(code & ~_UNKEPT)
+        if stream is None or (data is not None and len(data) != length):
+            return None
+        return stream, data
 
     def seal(self, run_id: str) -> None:
         """The run printed its last: sync its journal and close the file."""
@@ -186,6 +210,13 @@ class OutputJournal:
         self.total -= self._sizes.pop(run_id, 0)
         with contextlib.suppress(OSError):
             self._path(run_id).unlink(missing_ok=True)
+
+    def _fd(self, run_id: str) -> int:
+        fd = self._fds.get(run_id)
+        if fd is None:
+            flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
+            fd = self._fds[run_id] = os.open(self._path(run_id), flags, 0o600)
+        return fd
 
     def _path(self, run_id: str) -> Path:
         return self._dir / f"{run_id.lower()}.out"
@@ -250,6 +281,8 @@ class RunOutput:
         self._generation = connections.generation
         self._carry: dict[Stream, bytes] = {}
         self.lost = 0  # bytes that did not fit, not yet marked
+        self._live: dict[int, bytes] = {}  # chunks not kept in the journal, to send once
+        self._live_bytes = 0
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -269,12 +302,21 @@ class RunOutput:
     def _keep(self, stream: Stream, data: bytes) -> None:
         if self.lost and self._journal.append(self.run_id, "stderr", lost_marker(self.lost)):
             self.lost = 0
-        if self.lost or not self._journal.append(self.run_id, stream, data):
-            if not self.lost:
-                logger.warning("output spool full: output of run %s is being lost", self.run_id)
-            self.lost += len(data)
-            return
-        self._wake.set()
+        if not self.lost:
+            if self._journal.append(self.run_id, stream, data):
+                self._wake.set()
+                return
+            # The spool is full: sent once if possible, not again after a reconnect (the
+            # control plane marks what then never arrived).
+            seq = self._journal.append_unkept(self.run_id, stream, len(data))
+            if seq:
+                if self._live_bytes + len(data) <= LIVE_MAX:
+                    self._live[seq] = data
+                    self._live_bytes += len(data)
+                self._wake.set()
+                return
+            logger.warning("output spool full: output of run %s is being lost", self.run_id)
+        self.lost += len(data)
 
     def wake(self) -> None:
         """Look again: the link reconnected."""
@@ -330,7 +372,13 @@ class RunOutput:
                     # Unreadable (the disk failed under us): the control plane marks the gap.
                     self._next += 1
                     continue
-                stream, data = chunk
+                stream, kept = chunk
+                data = kept if kept is not None else self._live.pop(self._next, None)
+                if data is None:
+                    self._next += 1  # not kept, and already sent (or never could be)
+                    continue
+                if kept is None:
+                    self._live_bytes -= len(data)
                 message = pb.CommandMessage(
                     output=pb.OutputChunk(
                         run_id=self.run_id,
