@@ -281,7 +281,9 @@ class RunOutput:
         self._generation = connections.generation
         self._carry: dict[Stream, bytes] = {}
         self.lost = 0  # bytes that did not fit, not yet marked
-        self._live: dict[int, bytes] = {}  # chunks not kept in the journal, to send once
+        # Chunks not sent yet, by seq: those not kept in the journal (their only copy), and
+        # fresh ones that are (no read-back for the first send); at most LIVE_MAX of them.
+        self._live: dict[int, tuple[Stream, bytes]] = {}
         self._live_bytes = 0
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
@@ -303,20 +305,25 @@ class RunOutput:
         if self.lost and self._journal.append(self.run_id, "stderr", lost_marker(self.lost)):
             self.lost = 0
         if not self.lost:
-            if self._journal.append(self.run_id, stream, data):
+            seq = self._journal.append(self.run_id, stream, data)
+            if seq:
+                self._hold(seq, stream, data)
                 self._wake.set()
                 return
             # The spool is full: sent once if possible, not again after a reconnect (the
             # control plane marks what then never arrived).
             seq = self._journal.append_unkept(self.run_id, stream, len(data))
             if seq:
-                if self._live_bytes + len(data) <= LIVE_MAX:
-                    self._live[seq] = data
-                    self._live_bytes += len(data)
+                self._hold(seq, stream, data)
                 self._wake.set()
                 return
             logger.warning("output spool full: output of run %s is being lost", self.run_id)
         self.lost += len(data)
+
+    def _hold(self, seq: int, stream: Stream, data: bytes) -> None:
+        if self._live_bytes + len(data) <= LIVE_MAX:
+            self._live[seq] = (stream, data)
+            self._live_bytes += len(data)
 
     def wake(self) -> None:
         """Look again: the link reconnected."""
@@ -367,18 +374,20 @@ class RunOutput:
                     return True
                 if not self._link.connected:
                     return False
-                chunk = self._journal.read(self.run_id, self._next)
-                if chunk is None:
-                    # Unreadable (the disk failed under us): the control plane marks the gap.
-                    self._next += 1
-                    continue
-                stream, kept = chunk
-                data = kept if kept is not None else self._live.pop(self._next, None)
-                if data is None:
-                    self._next += 1  # not kept, and already sent (or never could be)
-                    continue
-                if kept is None:
+                held = self._live.pop(self._next, None)
+                if held is not None:
+                    stream, data = held
                     self._live_bytes -= len(data)
+                else:
+                    chunk = self._journal.read(self.run_id, self._next)
+                    kept = None if chunk is None else chunk[1]
+                    if chunk is None or kept is None:
+                        # Not kept and already sent (or never could be), or unreadable (the
+                        # disk failed under us): if it never arrived, the control plane
+                        # marks the gap.
+                        self._next += 1
+                        continue
+                    stream, data = chunk[0], kept
                 message = pb.CommandMessage(
                     output=pb.OutputChunk(
                         run_id=self.run_id,
