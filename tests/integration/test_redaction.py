@@ -126,8 +126,9 @@ def _finished(run_id: str, stdout: str, error: str | None = None) -> RunFinished
 
 
 async def _output(engine: Engine, run_id: str, *chunks: bytes, stream: str = "stdout") -> None:
-    for seq, chunk in enumerate(chunks):
-        await (await engine.report(RunOutput("web-1", run_id, stream, seq, chunk)))  # type: ignore[arg-type]
+    # Unnumbered (seq 0): placed as they come, whichever call they are sent by.
+    for chunk in chunks:
+        await (await engine.report(RunOutput("web-1", run_id, stream, 0, chunk)))  # type: ignore[arg-type]
 
 
 async def _stored_output(engine: Engine, task_id: str) -> str:

@@ -21,7 +21,6 @@ anyway, and one loop that does it all is easier to get right than restore hooks.
 from __future__ import annotations
 
 import asyncio
-import codecs
 import contextlib
 import json
 import logging
@@ -193,7 +192,6 @@ class AmqpLink:
         self._session: _Session | None = None
         self._stalled: asyncio.Future[bool] | None = None
         self._attempts: dict[str, int] = {}
-        self._decoders: dict[tuple[str, str], codecs.IncrementalDecoder] = {}
         self._queue_name = f"cmd.node.{config.name}"
         self._result_key = f"result.node.{config.name}"
         self._last_attempt_connected = False
@@ -203,6 +201,11 @@ class AmqpLink:
     def connected(self) -> bool:
         """Whether a connection is up and the hello went out on it."""
         return self._session is not None
+
+    @property
+    def confirms_delivery(self) -> bool:
+        """True: a message is sent once the broker confirms it (it is then durable there)."""
+        return True
 
     @property
     def refusals(self) -> Counter[str]:
@@ -257,8 +260,6 @@ class AmqpLink:
         if kind == "command_result":
             r = message.command_result
             self._attempts.pop(r.run_id, None)
-            for stream in ("stdout", "stderr"):
-                self._decoders.pop((r.run_id, stream), None)
             body = {
                 "type": "result",
                 "task_id": r.task_id,
@@ -301,22 +302,14 @@ class AmqpLink:
                 "hostname": name,
                 "stream": o.stream,
                 "seq": o.seq,
-                "data": self._decode(o.run_id, o.stream, o.data),
+                # The daemon cuts chunks between characters (agent/outbox.py): each one
+                # decodes alone, the same when it is re-sent.
+                "data": o.data.decode("utf-8", "replace"),
                 "timestamp": time.time(),
             }
             return body, o.run_id
         logger.debug("nothing to publish for a %s message on RabbitMQ", kind)
         return None, ""
-
-    def _decode(self, run_id: str, stream: str, data: bytes) -> str:
-        # Incremental, so that a character split across two chunks is not replaced twice.
-        key = (run_id, stream)
-        decoder = self._decoders.get(key)
-        if decoder is None:
-            if len(self._decoders) >= _MAX_TRACKED_RUNS:
-                self._decoders.clear()
-            decoder = self._decoders[key] = codecs.getincrementaldecoder("utf-8")("replace")
-        return decoder.decode(data)
 
     async def _publish(
         self,

@@ -117,6 +117,8 @@ class AgentConfig:
     reconnect_max: float = 30.0
     kill_grace: float = 5.0
     output_cap: int = 64 * 1024
+    # Output kept on disk until the control plane has it, all runs together (agent/outbox.py).
+    output_spool_bytes: int = 256 * 1024 * 1024
     version: str = field(default_factory=agent_version)
     amqp_url: str | None = None
     control_plane_key: str | None = None
@@ -167,6 +169,10 @@ class AgentConfig:
             raise ConfigError(f"kill_grace must be zero or more seconds, got {self.kill_grace}")
         if self.output_cap <= 0:
             raise ConfigError(f"output_cap must be a positive byte count, got {self.output_cap}")
+        if self.output_spool_bytes <= 0:
+            raise ConfigError(
+                f"output_spool_bytes must be a positive byte count, got {self.output_spool_bytes}"
+            )
         if not (self.replay_window > 0 and math.isfinite(self.replay_window)):
             raise ConfigError(f"replay_window must be positive seconds, got {self.replay_window}")
         if not (self.heartbeat_interval > 0 and math.isfinite(self.heartbeat_interval)):

@@ -5,6 +5,8 @@ Guarantees, resting on the spool (``spool.py``):
 * a command is executed at most once per run id, across reconnects, redeliveries and restarts;
 * every result is kept on disk until the control plane acknowledges it, and re-sent on every
   reconnect until then;
+* so is the output of a run (``outbox.py``, up to ``output_spool_bytes``): sent in order,
+  re-sent after a reconnect, and always before the run's result;
 * a run outlives the stream it came on: a broken connection does not touch running commands;
 * what the agent's own policy (``policy.py``) refuses never starts, and the rest runs as its
   ``run_as`` user;
@@ -36,6 +38,7 @@ from google.protobuf.message import Message
 
 from opsplane.agent.config import AgentConfig
 from opsplane.agent.grpc_link import GrpcLink
+from opsplane.agent.outbox import Connections, OutputJournal, RunOutput
 from opsplane.agent.policy import CommandPolicy, resolve_run_as, working_dir
 from opsplane.agent.spool import Spool
 from opsplane.domain.errors import InvalidInput
@@ -73,6 +76,9 @@ class _Link(Protocol):
     @property
     def connected(self) -> bool: ...
 
+    @property
+    def confirms_delivery(self) -> bool: ...
+
     async def send(self, message: pb.CommandMessage, *, droppable: bool = False) -> bool: ...
 
     async def run(self) -> None: ...
@@ -87,7 +93,7 @@ class _Run:
     attempt: int
     process: ProcessRun | None = None
     task: asyncio.Task[None] | None = None
-    seq: int = 0
+    output: RunOutput | None = None
 
 
 class Agent:
@@ -96,6 +102,10 @@ class Agent:
     def __init__(self, config: AgentConfig) -> None:
         self._config = config
         self._spool = Spool(config.state_dir)
+        self._journal = OutputJournal(config.state_dir / "output", config.output_spool_bytes)
+        self._connections = Connections()
+        # Output of runs running, or finished with a result not yet acknowledged.
+        self._outputs: dict[str, RunOutput] = {}
         # The agent's own identity: it signs results and heartbeats (DESIGN §3.3).
         key_path = config.state_dir / "agent.key"
         self._key, created = load_or_create_private_key(key_path)
@@ -168,6 +178,7 @@ class Agent:
         self._spool.lock()
         try:
             self._reap_interrupted()
+            self._load_outputs()
             # Also those of an earlier crash that a predecessor may not have got to report.
             self._abandoned = self._spool.recently_abandoned(ABANDONED_RETENTION)
             self._prune()
@@ -223,10 +234,21 @@ class Agent:
         return self._spool.seen(run_id)
 
     async def on_connected(self) -> None:
-        """Re-send every result the control plane has not acknowledged yet."""
+        """Re-send the output and results the control plane may not have yet."""
+        self._connections.reconnected()
+        for run in self._running.values():
+            if run.output is not None:
+                run.output.wake()
         for payload in self._spool.pending_results():
-            if not await self._link.send(self._result_message(payload)):
+            if not await self._send_result(payload):
                 return  # the stream broke again; the next welcome retries
+
+    async def _send_result(self, payload: dict[str, Any]) -> bool:
+        """Send a finished run's result, after whatever of its output may not have arrived."""
+        output = self._outputs.get(str(payload.get("run_id", "")))
+        if output is not None and not await output.drain():
+            return False
+        return await self._link.send(self._result_message(payload))
 
     async def on_message(self, message: pb.CommandMessage) -> None:
         """Act on one message from the control plane."""
@@ -302,6 +324,9 @@ class Agent:
         except InvalidInput as exc:
             await self._report(run, _synthetic(run, self._config, Outcome.FAILED, str(exc)))
             return
+        run.output = self._outputs[run_id] = RunOutput(
+            run_id, cmd.task_id, self._journal, self._link, self._connections
+        )
         self._running[run_id] = run
         run.task = asyncio.create_task(self._execute(run), name=f"run-{run_id}")
         logger.info("run %s (task %s) started", run_id, run.task_id)
@@ -313,7 +338,7 @@ class Agent:
             return
         payload = self._spool.pending_result(run_id)
         if payload is not None:
-            await self._link.send(self._result_message(payload))
+            await self._send_result(payload)
             return
         logger.info("run %s was already handled here; duplicate command ignored", run_id)
 
@@ -330,8 +355,15 @@ class Agent:
             self._spool.acknowledge(run_id)
         except InvalidInput:
             logger.warning("result ack with an invalid run id %r ignored", run_id[:80])
+            return
         except OSError as exc:
             logger.error("cannot record the ack of run %s: %s", run_id, exc)
+            return
+        # The result came after the output: the control plane has both.
+        output = self._outputs.pop(run_id, None)
+        if output is not None:
+            output.cancel()
+            self._journal.discard(run_id)
 
     async def _execute(self, run: _Run) -> None:
         assert run.process is not None
@@ -340,6 +372,8 @@ class Agent:
             payload = _payload(run, self._config, result)
         except asyncio.CancelledError:
             # Cut short on shutdown: ProcessRun killed the group before re-raising.
+            if run.output is not None:
+                run.output.end()
             self._spool_result(
                 run, _synthetic(run, self._config, Outcome.CANCELED, "the agent stopped")
             )
@@ -353,9 +387,12 @@ class Agent:
         await self._report(run, payload)
 
     async def _report(self, run: _Run, payload: dict[str, Any]) -> None:
-        """Spool the result (first: it must survive us), then send it if connected."""
+        """Spool the result (first: it must survive us), then send it if connected, after
+        the run's output."""
+        if run.output is not None:
+            run.output.end()
         self._spool_result(run, payload)
-        await self._link.send(self._result_message(payload))
+        await self._send_result(payload)
 
     def _spool_result(self, run: _Run, payload: dict[str, Any]) -> None:
         try:
@@ -378,12 +415,9 @@ class Agent:
         await self._link.send(pb.CommandMessage(started=started))
 
     async def _on_output(self, run: _Run, stream: Stream, data: bytes) -> None:
-        # Numbered even when dropped, so that the control plane can see the gap.
-        run.seq += 1
-        chunk = pb.OutputChunk(
-            run_id=run.run_id, task_id=run.task_id, stream=stream, seq=run.seq, data=data
-        )
-        await self._link.send(pb.CommandMessage(output=chunk), droppable=True)
+        # Kept and queued at once: sending is the run's output task's job (outbox.py).
+        if run.output is not None:
+            run.output.add(stream, data)
 
     async def _send_ack(self, run_id: str) -> None:
         await self._link.send(pb.CommandMessage(ack=pb.Ack(run_id=run_id, kind="command")))
@@ -404,6 +438,22 @@ class Agent:
                 run.run_id,
                 run.task_id,
             )
+
+    def _load_outputs(self) -> None:
+        """Output of runs whose results wait to be re-sent goes before them; the rest of
+        the journals (acknowledged or abandoned runs) is dropped."""
+        pending = {str(r.get("run_id", "")): r for r in self._spool.pending_results()}
+        self._journal.load(pending)
+        for run_id, payload in pending.items():
+            if self._journal.last_seq(run_id.lower()):
+                self._outputs[run_id] = RunOutput(
+                    run_id.lower(),
+                    str(payload.get("task_id", "")),
+                    self._journal,
+                    self._link,
+                    self._connections,
+                    finished=True,
+                )
 
     def _prune(self) -> None:
         self._last_prune = time.monotonic()
@@ -437,6 +487,8 @@ class Agent:
                 for task in pending:
                     task.cancel()
                 await asyncio.wait(pending, timeout=_SHUTDOWN_SLACK)
+        for output in self._outputs.values():
+            output.cancel()
         if not link_task.done():
             link_task.cancel()
             await asyncio.wait({link_task})

@@ -39,8 +39,7 @@ STALE: Final = "stale"
 WRONG_TARGET: Final = "wrong_target"
 REFUSAL_REASONS: Final = (BAD_SIGNATURE, STALE, WRONG_TARGET)
 DEFAULT_HEARTBEAT_INTERVAL: Final = 10.0
-# Live output is best effort: a stream too congested to take a chunk within this long drops
-# output (the result keeps head and tail) instead of stalling the command on its pipe.
+# A droppable message is given up when the stream does not take it within this long.
 OUTPUT_SEND_TIMEOUT: Final = 5.0
 
 _CHANNEL_OPTIONS: Final[list[tuple[str, Any]]] = [
@@ -132,6 +131,11 @@ class GrpcLink:
     def connected(self) -> bool:
         """Whether a welcomed stream is open right now."""
         return self._call is not None
+
+    @property
+    def confirms_delivery(self) -> bool:
+        """False: a written message may still be lost with the stream (nothing acks output)."""
+        return False
 
     async def send(self, message: pb.CommandMessage, *, droppable: bool = False) -> bool:
         """Write ``message`` on the open stream; False if it could not be (no stream, broken).

@@ -258,6 +258,15 @@ def agent(
             help="seconds between heartbeats on RabbitMQ; must match the control plane's",
         ),
     ] = 10.0,
+    output_spool_bytes: Annotated[
+        int,
+        typer.Option(
+            "--output-spool-bytes",
+            envvar="OPSPLANE_AGENT_OUTPUT_SPOOL_BYTES",
+            help="disk kept for output not yet delivered, all runs together; beyond it output "
+            "is lost (and marked so)",
+        ),
+    ] = 256 * 1024 * 1024,
     replay_window: Annotated[
         float,
         typer.Option(
@@ -361,6 +370,7 @@ def agent(
             control_plane_key=control_plane_key or pinned_key,
             heartbeat_interval=heartbeat_interval,
             replay_window=replay_window,
+            output_spool_bytes=output_spool_bytes,
             deny=tuple(deny or ()),
             allow=tuple(allow or ()),
             run_as=run_as or None,

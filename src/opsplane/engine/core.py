@@ -99,6 +99,7 @@ class Engine:
             start_timeout=settings.start_timeout,
             silent_links=[n for n, link in self.links.items() if not link.liveness_by_heartbeat],
             held_links=[n for n, link in self.links.items() if link.executes_here],
+            on_silent=self._drop_silent,
         )
         self.agents = AgentRegistry(
             self.sessions,
@@ -202,6 +203,17 @@ class Engine:
 
     async def report(self, report: HostReport) -> asyncio.Future[None]:
         return await self.ingest.report(report)
+
+    async def _drop_silent(self, hosts: list[tuple[str, str]]) -> None:
+        """Close the connections of hosts the monitor found silent. A stream can look open to
+        a peer that stopped answering without closing it (a frozen agent, a cut cable: no
+        FIN); left open, it would still count as a way to reach the host, and a run sent on
+        it (a retry of the run it lost) would be lost as well. The agent, if it comes back,
+        reconnects and says hello."""
+        for name, link_name in hosts:
+            link = self.links.get(link_name)
+            if link is not None:
+                await link.drop(name, "no heartbeat: the host is offline")
 
     async def revoke_agent(self, name: str, *, revoked_by: str) -> AgentRow:
         """Revoke an enrolled agent and drop its live connections."""

@@ -6,6 +6,14 @@ Output is redacted here, the one place it enters (seed 003's log masking): befor
 event, a line of the archive, or the run row. Live output is redacted line by line; the part
 after a stream's last line break is held back briefly (``hold_for``) so that a secret split
 across two chunks is matched whole.
+
+Output chunks carry ``seq`` (per run, from 1): a chunk at or below ``runs.output_seq`` was
+placed before (an agent re-sends its spooled output after a reconnect) and is dropped; one
+that comes early (a gap before it) waits here until the gap is filled, so that the archive
+holds the output in the order it was printed. A gap that cannot be filled — the run's result
+arrived, or too much waits behind it — is written as :func:`gap_marker` and the rest follows
+(docs/reliability.md). Chunks without a number (``seq`` 0, agents that do not count) are
+placed as they come.
 """
 
 from __future__ import annotations
@@ -43,6 +51,17 @@ WriteContext = Callable[[], AbstractAsyncContextManager[Changes]]
 _Item = tuple[HostReport, asyncio.Future[None]]
 _Chunks = list[tuple[Path, bytes]]
 _STREAMS: tuple[Stream, ...] = ("stdout", "stderr")
+# Early chunks (a gap before them) kept per run while the gap may still be filled, and runs
+# with early chunks at once; past either bound the gap is given up (written as lost).
+EARLY_MAX_CHUNKS = 256
+EARLY_MAX_BYTES = 4 * 1024 * 1024
+EARLY_MAX_RUNS = 1000
+_Early = dict[int, tuple[Stream, bytes]]
+
+
+def gap_marker(missing: int) -> bytes:
+    """What the archive holds where ``missing`` output chunks never arrived."""
+    return f"[opsplane: output lost here: {missing} chunk(s) never arrived]\n".encode()
 
 
 class _Held:
@@ -85,6 +104,8 @@ class Ingest:
         self._hold_for = hold_for
         # Oldest first: a part re-held after a release moves to the end.
         self._held: dict[tuple[str, str], _Held] = {}
+        # Per run: chunks that arrived before one they follow (by seq), oldest run first.
+        self._early: dict[str, _Early] = {}
         # Observers of each batch's size (metrics); called before the batch is written.
         self.batch_observers: list[Callable[[int], None]] = []
         # Batches begun and batches whose output is in the archive, for ``archived()``.
@@ -234,6 +255,20 @@ class Ingest:
 
         self._undo["held", *key] = restore
 
+    def _remember_early(self, run_id: str) -> None:
+        if self._undo is None or ("early", run_id, "") in self._undo:
+            return
+        kept = self._early.get(run_id)
+        copy = None if kept is None else dict(kept)
+
+        def restore() -> None:
+            if copy is None:
+                self._early.pop(run_id, None)
+            else:
+                self._early[run_id] = dict(copy)
+
+        self._undo["early", run_id, ""] = restore
+
     def _remember_decoder(self, key: tuple[str, str]) -> None:
         if self._undo is None or ("decoder", *key) in self._undo:
             return
@@ -320,13 +355,18 @@ class Ingest:
             return []
         if isinstance(report, RunOutput):
             if run.status not in (RunStatus.DISPATCHED, RunStatus.RUNNING):
+                # Late output of a run that ended (lost, canceled, or re-sent after its
+                # result was stored) stays out: a terminal run's log does not change.
                 return []
-            data = self._complete_lines(run, report.stream, report.data)
-            return self._output(
-                changes, run.task_id, run.id, run.host, report.stream, data, run.log_path
-            )
-        # The run's last words, held for a line break that will not come, go before its end.
+            return self._place(changes, run, self._in_order(run, report))
+        # Chunks still waiting for a gap to be filled go in now, with the gap marked.
         chunks: _Chunks = []
+        self._remember_early(run.id)
+        if run.status in (RunStatus.DISPATCHED, RunStatus.RUNNING):
+            chunks += self._place(changes, run, self._release_early(run, give_up=True))
+        else:
+            self._early.pop(run.id, None)
+        # The run's last words, held for a line break that will not come, go before its end.
         for stream in _STREAMS:
             self._remember_held((run.id, stream))
             self._remember_decoder((run.id, stream))
@@ -351,6 +391,70 @@ class Ingest:
             duration_ms=report.duration_ms,
         )
         return chunks
+
+    def _place(self, changes: Changes, run: RunRow, parts: list[tuple[Stream, bytes]]) -> _Chunks:
+        chunks: _Chunks = []
+        for stream, data in parts:
+            ready = self._complete_lines(run, stream, data)
+            chunks += self._output(
+                changes, run.task_id, run.id, run.host, stream, ready, run.log_path
+            )
+        return chunks
+
+    def _in_order(self, run: RunRow, report: RunOutput) -> list[tuple[Stream, bytes]]:
+        """The output to place now for ``report``: nothing for a chunk placed before (a
+        re-send) or one that came early (kept until the chunks before it arrive); the chunk
+        and any early ones it makes contiguous otherwise."""
+        seq = report.seq
+        if seq <= 0:
+            return [(report.stream, report.data)]
+        placed = run.output_seq or 0
+        if seq <= placed:
+            return []
+        self._remember_early(run.id)
+        if seq > placed + 1:
+            early = self._early.get(run.id)
+            if early is None:
+                if len(self._early) >= EARLY_MAX_RUNS:
+                    # Runs that ended without a result (lost) leave theirs behind: the oldest
+                    # go, so that this memory stays bounded.
+                    oldest = next(iter(self._early))
+                    self._remember_early(oldest)
+                    del self._early[oldest]
+                    log.warning("gave up waiting for missing output of run %s", oldest)
+                early = self._early[run.id] = {}
+            early.setdefault(seq, (report.stream, report.data))
+            if (
+                len(early) <= EARLY_MAX_CHUNKS
+                and sum(len(data) for _, data in early.values()) <= EARLY_MAX_BYTES
+            ):
+                return []
+            return self._release_early(run, give_up=True)
+        run.output_seq = seq
+        return [(report.stream, report.data), *self._release_early(run, give_up=False)]
+
+    def _release_early(self, run: RunRow, *, give_up: bool) -> list[tuple[Stream, bytes]]:
+        """Early chunks of ``run`` that now follow what was placed; with ``give_up``, all of
+        them, a marker standing in for each gap (``run.output_seq`` advances past them)."""
+        early = self._early.pop(run.id, None)
+        if not early:
+            return []
+        parts: list[tuple[Stream, bytes]] = []
+        placed = run.output_seq or 0
+        for seq in sorted(early):
+            if seq <= placed:
+                continue
+            if seq > placed + 1:
+                if not give_up:
+                    self._early[run.id] = {s: c for s, c in early.items() if s >= seq}
+                    break
+                missing = seq - placed - 1
+                log.warning("run %s: %d output chunk(s) before #%d lost", run.id, missing, seq)
+                parts.append(("stderr", gap_marker(missing)))
+            parts.append(early[seq])
+            placed = seq
+        run.output_seq = placed
+        return parts
 
     def _complete_lines(self, run: RunRow, stream: Stream, data: bytes) -> bytes:
         """``data`` redacted, less the incomplete last line, which is held (and redacted later,

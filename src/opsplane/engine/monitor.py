@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime, timedelta
 
@@ -33,8 +33,11 @@ class Monitor:
         held_links: Sequence[str] = (),
         history_retention: timedelta = timedelta(days=1),
         batch: int = 1000,
+        on_silent: Callable[[list[tuple[str, str]]], Awaitable[None]] | None = None,
     ) -> None:
         self._write = write
+        # Told (after the commit) which hosts just went offline for silence, with their links.
+        self._on_silent = on_silent
         self._silent_links = tuple(silent_links)
         # Links whose runs wait in this process for a slot (Link.executes_here): waiting
         # there is not undelivered, and the link reports every run's end itself.
@@ -71,6 +74,7 @@ class Monitor:
 
     async def check_once(self, *, prune: bool = False) -> None:
         now = utcnow()
+        silent: list[tuple[str, str]] = []
         async with self._write() as changes:
             # Hosts of silent links send no heartbeats: silence says nothing about them.
             for host in await queries.stale_online_hosts(
@@ -78,6 +82,7 @@ class Monitor:
             ):
                 host.status = "offline"
                 changes.host_changed(host.name)
+                silent.append((host.name, host.link))
                 log.info("host %s is offline: no heartbeat since %s", host.name, host.last_seen_at)
             gone = (
                 await queries.offline_hosts_seen_before(changes.session, now - self._lost_grace)
@@ -113,6 +118,8 @@ class Monitor:
                 await changes.session.execute(
                     delete(HeartbeatRow).where(HeartbeatRow.at < now - self._history_retention)
                 )
+        if silent and self._on_silent is not None:
+            await self._on_silent(silent)
 
     def _since_start(self, now: datetime) -> timedelta:
         """How long this monitor has been watching (forever, for a monitor never started)."""

@@ -228,6 +228,9 @@ class RunRow(Base):
     not_before: Mapped[datetime | None]
     # Canary rollout: wave 0 runs first; wave 1 only once every wave-0 run succeeded.
     wave: Mapped[int] = mapped_column(Integer, default=0)
+    # The ``seq`` of the last output chunk placed in the archive (0: none, or an agent that
+    # does not number its chunks): a chunk re-sent after a reconnect is recognised by it.
+    output_seq: Mapped[int] = mapped_column(BigInteger, default=0)
 
 
 class TaskEventRow(Base):

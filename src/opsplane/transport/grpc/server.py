@@ -59,6 +59,8 @@ class _AgentStream:
     task: asyncio.Task[None] | None = None
     # The key the agent proved in its hello: its results and heartbeats must be signed by it.
     key: Ed25519PublicKey | None = None
+    # Why the control plane dropped this stream (``GrpcLink.drop``), if it did.
+    dropped: str = ""
 
     async def write(self, message: pb.CommandMessage) -> None:
         if self.closed:
@@ -182,6 +184,7 @@ class GrpcLink(Link, pb_grpc.CommandServiceServicer):  # type: ignore[misc]
         if stream is not None and stream.task is not None:
             log.info("dropping %s: %s", hostname, reason)
             stream.closed = True
+            stream.dropped = reason
             stream.task.cancel()
 
     def _stream(self, hostname: str) -> _AgentStream:
@@ -267,6 +270,16 @@ class GrpcLink(Link, pb_grpc.CommandServiceServicer):  # type: ignore[misc]
             await self._read_loop(stream)
         except ConnectionLost:
             pass
+        except asyncio.CancelledError:
+            # Dropped (revoked, or silent past the heartbeat limit): the RPC must end with a
+            # status, or an agent that only stopped answering (frozen, cut off without a FIN)
+            # would find its stream still open when it comes back and never say hello again.
+            task = asyncio.current_task()
+            if not stream.dropped or self._stopping or task is None or task.cancelling() > 1:
+                raise
+            task.uncancel()
+            context.set_code(grpc.StatusCode.UNAVAILABLE)
+            context.set_details(stream.dropped)
         finally:
             stream.closed = True
             if self._streams.get(hello.hostname) is stream:
