@@ -25,6 +25,7 @@ from opsplane.engine.hosts import HostService
 from opsplane.engine.hub import EventHub
 from opsplane.engine.ingest import Ingest
 from opsplane.engine.monitor import Monitor
+from opsplane.engine.retention import Retention
 from opsplane.engine.scheduler import Scheduler
 from opsplane.engine.service import TaskService
 from opsplane.engine.sshapi import SshApi
@@ -34,7 +35,7 @@ from opsplane.store import queries
 from opsplane.store.database import create_engine, session_factory
 from opsplane.store.migrate import upgrade_to_head
 from opsplane.store.tables import AgentRow, TaskRow
-from opsplane.transport.base import AgentHello, AgentKey, HostReport, Link
+from opsplane.transport.base import LOCAL_LINK, SSH_LINK, AgentHello, AgentKey, HostReport, Link
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,8 @@ class Engine:
             batch_size=settings.ingest_batch_size,
             linger=settings.ingest_linger,
             redactor=Redactor(settings.redact_patterns),
+            event_output_cap=settings.event_output_cap,
+            output_cap=settings.output_cap,
         )
         self.secrets = SecretBox(settings.secret_key_path)
         self.dispatcher = Dispatcher(self.write, self.links, secrets=self.secrets)
@@ -97,6 +100,14 @@ class Engine:
             lost_grace=settings.lost_grace,
             start_timeout=settings.start_timeout,
             silent_links=[n for n, link in self.links.items() if not link.liveness_by_heartbeat],
+        )
+        self.retention = Retention(
+            self.write,
+            event_retention_days=settings.event_retention_days,
+            host_retention_days=settings.host_retention_days,
+            # Inventory hosts are registered by an operator, not by a connecting agent.
+            keep_links=(SSH_LINK, LOCAL_LINK),
+            interval=settings.retention_interval,
         )
         self.agents = AgentRegistry(
             self.sessions, self.write, require_enrollment=settings.require_enrollment
@@ -137,6 +148,7 @@ class Engine:
             await link.start(self)
         await self.hosts.load_inventory()
         await self.monitor.start()
+        await self.retention.start()
         # Recovery: runs a previous process created but never sent are waiting runs like any
         # other; the scheduler's first pass, a heartbeat interval after start, sends them.
         await self.scheduler.start()
@@ -149,6 +161,7 @@ class Engine:
         for link in self.links.values():
             await link.stop()
         await self.monitor.stop()
+        await self.retention.stop()
         await self.archive_pruner.stop()
         await self.ingest.stop()
         await self.db.dispose()

@@ -24,7 +24,7 @@ from opsplane.domain.states import TERMINAL_TASK_STATUSES, RunStatus
 from opsplane.domain.targeting import Targets
 from opsplane.domain.tasks import ExecSpec, TaskRequest
 from opsplane.engine.hosts import HostService
-from opsplane.engine.service import TaskService
+from opsplane.engine.service import BeforeCommit, TaskService
 from opsplane.store.tables import TaskRow
 
 log = logging.getLogger(__name__)
@@ -74,8 +74,11 @@ class SshApi:
             with contextlib.suppress(asyncio.CancelledError):
                 await sequence
 
-    async def submit(self, request: AdhocRequest) -> str:
-        """Register the targets, start the first command (or the upload); returns the id."""
+    async def submit(
+        self, request: AdhocRequest, *, before_commit: BeforeCommit | None = None
+    ) -> str:
+        """Register the targets, start the first command (or the upload); returns the id.
+        ``before_commit`` runs in the transaction creating the first task (its audit record)."""
         if not request.targets:
             raise InvalidInput("targets must list at least one server")
         if request.upload is None and not [c for c in request.commands if c.strip()]:
@@ -95,7 +98,7 @@ class SshApi:
                 self._step(request, names, command, key_base, i, len(commands), "command", None)
                 for i, command in enumerate(commands)
             ]
-        first = await self._tasks.create_task(steps[0])
+        first = await self._tasks.create_task(steps[0], before_commit=before_commit)
         if len(steps) > 1:
             sequence = asyncio.create_task(self._run_rest(first.id, steps[1:]))
             self._sequences.add(sequence)
