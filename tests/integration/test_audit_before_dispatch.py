@@ -18,6 +18,7 @@ from opsplane.api.app import create_app
 from opsplane.config import load_settings
 from opsplane.engine.core import Engine
 from opsplane.store.tables import AuditRow
+from opsplane.transport.base import AgentHello
 from tests.auth import ADMIN_HEADERS, ADMIN_TOKEN
 from tests.e2e.fleet import free_port
 
@@ -130,3 +131,26 @@ async def test_refused_input_is_recorded_as_rejected_not_as_an_internal_error(
     error = record.detail["error"]
     assert error.startswith("invalid input:") and "internal error" not in error
     assert "ppppp" not in error and len(error) < 2000
+
+
+async def test_removing_a_host_is_admin_only_audited_and_refused_for_a_connected_agent(
+    tmp_path: Path,
+) -> None:
+    async with _api(tmp_path) as (app, client):
+        engine: Engine = app.state.engine
+        await engine.host_connected(AgentHello(hostname="old-1", link="grpc", groups=("web",)))
+        refused = await client.delete("/api/v1/hosts/old-1", headers=ADMIN_HEADERS)
+        assert refused.status_code == 409 and "stop (or revoke)" in refused.text
+        await engine.host_disconnected("old-1", "grpc")
+        removed = await client.delete("/api/v1/hosts/old-1", headers=ADMIN_HEADERS)
+        assert removed.status_code == 204, removed.text
+        assert (await client.get("/api/v1/hosts/old-1", headers=ADMIN_HEADERS)).status_code == 404
+        again = await client.delete("/api/v1/hosts/old-1", headers=ADMIN_HEADERS)
+        assert again.status_code == 404
+        records = [r for r in await _records(engine) if r.action == "host.remove"]
+    assert [(r.target, r.outcome) for r in records] == [
+        ("old-1", "rejected"),
+        ("old-1", "ok"),
+        ("old-1", "rejected"),
+    ]
+    assert records[1].detail["link"] == "grpc"
