@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -29,8 +30,23 @@ CHUNK = 64 * 1024
 
 @pytest.fixture
 async def engine(tmp_path: Path) -> AsyncIterator[Engine]:
+    """On SQLite, the embedded default (where the bound-parameter limit bit)."""
+    async with _engine(tmp_path, None) as the_engine:
+        yield the_engine
+
+
+@pytest.fixture
+async def any_engine(tmp_path: Path, database_url: str) -> AsyncIterator[Engine]:
+    """On every database backend."""
+    async with _engine(tmp_path, database_url) as the_engine:
+        yield the_engine
+
+
+@asynccontextmanager
+async def _engine(tmp_path: Path, database_url: str | None) -> AsyncIterator[Engine]:
     link = MemoryLink()
     settings = load_settings(
+        database_url=database_url,
         data_dir=tmp_path,
         heartbeat_interval=1.0,
         lost_grace=2.0,
@@ -104,6 +120,11 @@ async def test_twenty_mib_of_output_keeps_a_bounded_head_in_the_database_and_all
     seen = "".join(str(e.data.get("data", "")) for e in live if e.kind == "output")
     assert len(seen) == total and seen[: len(line)] == line.decode()
     assert any(not e.durable for e in live)
+    # On the SSE stream a live-only event carries no id: Last-Event-ID stays on stored events.
+    from opsplane.api.routers.tasks import _sse
+
+    assert _sse(next(e for e in live if not e.durable)).id is None
+    assert _sse(live[0]).id == str(live[0].id)
 
     # The archive keeps the whole; the row keeps a head and a tail.
     ended = await engine.tasks.get_run(task.id, run.id)
@@ -131,40 +152,40 @@ async def _events_of(engine: Engine, task_id: str) -> int:
 
 
 async def test_events_of_tasks_ended_past_the_retention_are_pruned_in_bounded_batches(
-    engine: Engine,
+    any_engine: Engine,
 ) -> None:
     tasks = []
     for _ in range(3):
-        task = await engine.tasks.create_task(
+        task = await any_engine.tasks.create_task(
             TaskRequest(command="true", targets=Targets(hosts=("web-1",)))
         )
-        (run,) = await engine.tasks.list_runs(task.id)
+        (run,) = await any_engine.tasks.list_runs(task.id)
         now = datetime.now(UTC)
         for seq in range(5):
-            await (await engine.report(RunOutput("web-1", run.id, "stdout", seq, b"line\n")))
+            await (await any_engine.report(RunOutput("web-1", run.id, "stdout", seq, b"line\n")))
         await (
-            await engine.report(
+            await any_engine.report(
                 RunFinished("web-1", run.id, "succeeded", 0, "", "", False, None, now, now, 1)
             )
         )
         tasks.append(task.id)
     old, recent, running_long = tasks
-    await _age_task(engine, old, 8)
-    await _age_task(engine, recent, 6)
-    before = {t: await _events_of(engine, t) for t in tasks}
+    await _age_task(any_engine, old, 8)
+    await _age_task(any_engine, recent, 6)
+    before = {t: await _events_of(any_engine, t) for t in tasks}
     assert all(n > 5 for n in before.values())
 
-    engine.retention._batch = 3  # several small batches, each its own transaction
-    result = await engine.retention.run_once()
+    any_engine.retention._batch = 3  # several small batches, each its own transaction
+    result = await any_engine.retention.run_once()
     assert result.events == before[old] and result.complete
-    assert await _events_of(engine, old) == 0
-    assert await _events_of(engine, recent) == before[recent]
-    assert await _events_of(engine, running_long) == before[running_long]
+    assert await _events_of(any_engine, old) == 0
+    assert await _events_of(any_engine, recent) == before[recent]
+    assert await _events_of(any_engine, running_long) == before[running_long]
 
     # The SSE replay of a pruned task still ends, with the task's final state.
     from opsplane.api.routers.tasks import _event_stream
 
-    events = [e async for e in _event_stream(engine, old, 0)]
+    events = [e async for e in _event_stream(any_engine, old, 0)]
     assert len(events) == 1 and events[0].event == "task" and '"succeeded"' in events[0].data
 
 
@@ -211,21 +232,21 @@ async def test_the_monitor_copes_with_forty_thousand_offline_hosts(engine: Engin
     assert statements and max(n for _, n in statements) < 100, max(n for _, n in statements)
 
 
-async def test_hosts_gone_past_the_retention_are_forgotten_unless_busy(engine: Engine) -> None:
+async def test_hosts_gone_past_the_retention_are_forgotten_unless_busy(any_engine: Engine) -> None:
     long_ago = datetime.now(UTC) - timedelta(days=40)
-    await _bulk_hosts(engine, 2_500, long_ago)
+    await _bulk_hosts(any_engine, 2_500, long_ago)
     # One of them still has a run waiting for it: kept until that run ends.
-    async with engine.write() as changes:
+    async with any_engine.write() as changes:
         await changes.session.execute(
             update(HostRow).where(HostRow.name == "gone-000007").values(groups=["keep"])
         )
         changes.session.add(HeartbeatRow(host="gone-000001", at=long_ago))
-    await engine.tasks.create_task(
+    await any_engine.tasks.create_task(
         TaskRequest(command="true", targets=Targets(groups=("keep",)), start=False)
     )
-    result = await engine.retention.run_once()
+    result = await any_engine.retention.run_once()
     assert result.hosts == 2_499
-    async with engine.sessions() as session:
+    async with any_engine.sessions() as session:
         names = set((await session.execute(select(HostRow.name))).scalars())
         beats = (await session.execute(select(func.count()).select_from(HeartbeatRow))).scalar()
     assert "gone-000007" in names and "web-1" in names and "gone-000001" not in names
@@ -233,24 +254,24 @@ async def test_hosts_gone_past_the_retention_are_forgotten_unless_busy(engine: E
 
 
 async def test_removing_a_host_refuses_a_connected_agent_and_a_host_with_runs_in_flight(
-    engine: Engine,
+    any_engine: Engine,
 ) -> None:
     with pytest.raises(Conflict, match="connected"):
-        await engine.hosts.remove_host("web-1")
+        await any_engine.hosts.remove_host("web-1")
     long_ago = datetime.now(UTC) - timedelta(days=1)
-    await _bulk_hosts(engine, 2, long_ago)
-    async with engine.write() as changes:
+    await _bulk_hosts(any_engine, 2, long_ago)
+    async with any_engine.write() as changes:
         await changes.session.execute(
             update(HostRow).where(HostRow.name == "gone-000000").values(groups=["g"])
         )
-    await engine.tasks.create_task(
+    await any_engine.tasks.create_task(
         TaskRequest(command="true", targets=Targets(groups=("g",)), start=False)
     )
     with pytest.raises(Conflict, match="waiting or in flight"):
-        await engine.hosts.remove_host("gone-000000")
-    removed = await engine.hosts.remove_host("gone-000001")
+        await any_engine.hosts.remove_host("gone-000000")
+    removed = await any_engine.hosts.remove_host("gone-000001")
     assert removed.name == "gone-000001"
-    async with engine.sessions() as session:
+    async with any_engine.sessions() as session:
         names = set((await session.execute(select(HostRow.name))).scalars())
         runs = (await session.execute(select(func.count()).select_from(RunRow))).scalar()
     assert names == {"web-1", "gone-000000"} and runs == 1
