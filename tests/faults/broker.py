@@ -5,12 +5,15 @@ of that vhost, never into anyone else's (no ``close_all_connections``)."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+
+_CONNECTION_NAME = re.compile(r'\{"connection_name","([^"]*)"\}')
 
 
 def rabbitmqctl(*args: str, timeout: float = 60) -> str:
@@ -33,14 +36,15 @@ class PrivateVhost:
         return f"amqp://guest:guest@127.0.0.1:5672/{self.name}"
 
     def connections(self) -> list[tuple[str, str]]:
-        """(pid, name) of every client connection to this vhost."""
+        """(pid, connection_name the client gave, or "") of every connection to this vhost."""
         listing = rabbitmqctl("list_connections", "-q", "--no-table-headers", "vhost", "pid",
-                              "name")  # fmt: skip
+                              "client_properties")  # fmt: skip
         found = []
         for line in listing.splitlines():
             parts = line.split("\t")
             if len(parts) == 3 and parts[0] == self.name:
-                found.append((parts[1], parts[2]))
+                named = _CONNECTION_NAME.search(parts[2])
+                found.append((parts[1], named.group(1) if named else ""))
         return found
 
     def close_connections(self, reason: str) -> int:

@@ -97,6 +97,9 @@ def test_connections_closed_with_500_runs_in_flight_lose_and_repeat_nothing(
         wait_for(all_running, 60, "every run to be running")
         # The fault: every connection of this test's vhost (control plane and agents) closed
         # by the broker at once, with the runs in flight.
+        names = sorted(name for _pid, name in vhost.connections())
+        assert sum(n.startswith("opsplane-control-plane ") for n in names) == 1, names
+        assert sum(n.startswith("opsplane-agent mq-") for n in names) == AGENTS, names
         closed = vhost.close_connections("opsplane fault test: connections closed")
         cut_at = time.monotonic()
         print(f"\nfault 1: {TASKS} tasks created and cut after {cut_at - created_at:.1f} s")
