@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import pwd
+import shutil
 import socket
+import subprocess
 from collections.abc import Callable
+from typing import NoReturn
 
 import pytest
 
@@ -22,6 +27,14 @@ def services_required() -> bool:
     )
 
 
+def unavailable(message: str) -> NoReturn:
+    """The one answer to "something this test needs is missing here": skip on a laptop, fail
+    under ``CI=true`` (or ``OPSPLANE_REQUIRE_SERVICES=1``), where every test must run."""
+    if services_required():
+        pytest.fail(f"{message} (required: CI=true or OPSPLANE_REQUIRE_SERVICES=1)")
+    pytest.skip(message)
+
+
 def _reachable(host: str, port: int) -> bool:
     try:
         with socket.create_connection((host, port), timeout=1.0):
@@ -37,8 +50,48 @@ def _sshd_problem() -> str | None:
     return sshd_problem()
 
 
-# Services the tests start themselves: a check that returns why it cannot run here, or None.
-LOCAL_SERVICES: dict[str, Callable[[], str | None]] = {"sshd": _sshd_problem}
+def _root_problem() -> str | None:
+    return None if os.geteuid() == 0 else "switching users needs root"
+
+
+def _nobody_problem() -> str | None:
+    try:
+        pwd.getpwnam("nobody")
+    except KeyError:
+        return "no user 'nobody' on this host"
+    return None
+
+
+@functools.cache
+def _rabbitmqctl_problem() -> str | None:
+    """rabbitmqctl must reach the broker's node (as root, or with its Erlang cookie)."""
+    rabbitmqctl = shutil.which("rabbitmqctl")
+    if rabbitmqctl is None:
+        return "rabbitmqctl is not installed"
+    try:
+        done = subprocess.run(
+            [rabbitmqctl, "list_connections", "-q", "name"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"rabbitmqctl cannot talk to the broker here: {e}"
+    if done.returncode != 0:
+        first = (done.stderr.strip().splitlines() or ["?"])[0]
+        return f"rabbitmqctl cannot talk to the broker here: {first}"
+    return None
+
+
+# What the tests need beyond the network services: a check that returns why it is missing
+# here, or None. Used as ``@pytest.mark.service("sshd")`` like the network services.
+LOCAL_SERVICES: dict[str, Callable[[], str | None]] = {
+    "sshd": _sshd_problem,
+    "rabbitmqctl": _rabbitmqctl_problem,
+    "root": _root_problem,
+    "nobody": _nobody_problem,
+}
 
 
 def _problem(name: str) -> str | None:
@@ -53,6 +106,4 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         name = marker.args[0]
         message = _problem(name)
         if message is not None:
-            if services_required():
-                pytest.fail(f"{message} (required: CI=true or OPSPLANE_REQUIRE_SERVICES=1)")
-            pytest.skip(message)
+            unavailable(message)

@@ -92,6 +92,15 @@ class Settings(BaseSettings):
     log_retention_bytes: int = Field(default=0, ge=0)
     # Seconds between two retention passes over the archive.
     log_prune_interval: float = Field(default=3600.0, gt=0)
+    # Database retention (docs/operations.md, "Database retention"). Output events kept per run
+    # and stream for the live stream's replay; the rest is published live only (the archive and
+    # the run's head and tail keep it). Task events of ended tasks are deleted after
+    # event_retention_days (0 keeps them); hosts offline for host_retention_days are forgotten
+    # (0, the default, keeps them). retention_interval: seconds between two passes.
+    event_output_cap: int = Field(default=64 * 1024, gt=0)
+    event_retention_days: float = Field(default=30, ge=0)
+    host_retention_days: float = Field(default=0, ge=0)
+    retention_interval: float = Field(default=600.0, gt=0)
     ingest_batch_size: int = Field(default=1000, gt=0)
     ingest_linger: float = Field(default=0.0, ge=0)
     bootstrap_admin_token: str | None = None

@@ -3,22 +3,27 @@ them in the same tasks. Real broker, real processes."""
 
 from __future__ import annotations
 
-import asyncio
-import subprocess
 import uuid
 from collections.abc import Iterator
 
 import pytest
 
 from tests.e2e.fleet import Fleet, wait_for
-from tests.integration.seed_agent import purge_shared_queues
+from tests.faults.broker import PrivateVhost, private_vhost
 
-pytestmark = pytest.mark.service("rabbitmq")
+pytestmark = [pytest.mark.service("rabbitmq"), pytest.mark.service("rabbitmqctl")]
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 
 
 class AmqpFleet(Fleet):
     suffix: str = ""
+    # A vhost of this module's own: the broker is shared, and its connections are the only
+    # ones the broker-loss test may close.
+    vhost: PrivateVhost | None = None
+
+    @property
+    def amqp_url(self) -> str:
+        return self.vhost.url if self.vhost is not None else AMQP_URL
 
     def name(self, base: str) -> str:
         return f"{base}-{self.suffix}"
@@ -27,7 +32,7 @@ class AmqpFleet(Fleet):
         key = self.data_dir / "keys" / "control-plane.pub"
         args = (
             "--amqp-url",
-            AMQP_URL,
+            self.amqp_url,
             "--control-plane-key",
             str(key),
             "--heartbeat-interval",
@@ -38,14 +43,19 @@ class AmqpFleet(Fleet):
 
 @pytest.fixture(scope="module")
 def mq(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AmqpFleet]:
-    asyncio.run(purge_shared_queues())
+    with private_vhost("opsplane-e2e") as vhost:
+        yield from _mq(tmp_path_factory, vhost)
+
+
+def _mq(tmp_path_factory: pytest.TempPathFactory, vhost: PrivateVhost) -> Iterator[AmqpFleet]:
     fleet = AmqpFleet(tmp_path_factory.mktemp("amqp-fleet"))
+    fleet.vhost = vhost
     fleet.suffix = uuid.uuid4().hex[:6]
     # The broker-loss test cuts every connection: under load, agents may take several seconds
     # to come back, and 3 s of grace would give their runs up as lost before they report.
     fleet.server_env["OPSPLANE_LOST_GRACE"] = "60"
     try:
-        fleet.start_server("--amqp-url", AMQP_URL)
+        fleet.start_server("--amqp-url", fleet.amqp_url)
         fleet.start_mq_agent("mq-1", "web")
         fleet.start_mq_agent("mq-2", "web")
         fleet.start_agent(fleet.name("grpc-1"), fleet.name("web"))
@@ -87,11 +97,9 @@ def test_broker_connections_killed_mid_run_lose_nothing_and_run_nothing_twice(
     counter = mq.root / "work" / host / "executions"
     task = mq.create_task("echo x >> executions; sleep 3; echo finished", hosts=[host])
     wait_for(lambda: mq.runs(task["id"])[host]["status"] == "running", 15, "run started")
-    closed = subprocess.run(
-        ["rabbitmqctl", "close_all_connections", "opsplane test: broker connection loss"],
-        capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
-    assert closed.returncode == 0, closed.stderr
+    # Every connection of this fleet (its vhost), and only those: the broker is shared.
+    assert mq.vhost is not None
+    assert mq.vhost.close_connections("opsplane test: broker connection loss") >= 3
     done = mq.wait_task_done(task["id"], timeout=60)
     run = mq.runs(task["id"])[host]
     assert (done["status"], run["status"], run["stdout"]) == (

@@ -151,3 +151,14 @@ def test_secret_env_reaches_the_command_from_the_callers_environment(fleet: Flee
         fleet, "run", "--host", "db-1", "--secret-env", "NOT_SET_ANYWHERE", "--", "true"
     )
     assert missing.returncode == 2 and "--secret-env" in missing.stderr
+
+
+def test_hosts_remove_forgets_several_hosts_and_says_why_it_kept_the_others(fleet: Fleet) -> None:
+    added = opsplane(fleet, "hosts", "add", "cli-rm-ssh", "--ssh", "ops@127.0.0.1:2")
+    assert added.returncode == 0, added.stderr
+    removed = opsplane(fleet, "hosts", "remove", "cli-rm-ssh", "no-such-host", "web-1")
+    assert removed.returncode == 2, removed
+    assert removed.stdout.strip() == "removed cli-rm-ssh"
+    assert "no-such-host: host no-such-host not found" in removed.stderr
+    assert "web-1" in removed.stderr and "stop (or revoke) its agent" in removed.stderr
+    assert fleet.host("cli-rm-ssh") is None and fleet.host_status("web-1") == "online"

@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import asyncssh
-import pytest
+
+from tests.conftest import unavailable
 
 SSHD = Path("/usr/sbin/sshd")
 TEST_USER = "opsplane-sshtest"
@@ -55,11 +56,8 @@ def sshd_problem() -> str | None:
 def require_sshd() -> None:
     """Skip the test when sshd cannot run here; fail it under CI=true instead."""
     problem = sshd_problem()
-    if problem is None:
-        return
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"{problem} (required under CI=true)")
-    pytest.skip(problem)
+    if problem is not None:
+        unavailable(problem)
 
 
 @dataclass(frozen=True)

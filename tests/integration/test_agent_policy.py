@@ -20,6 +20,7 @@ import pytest
 
 from opsplane.agent import AgentConfig
 from opsplane.execution import Identity, Outcome, ProcessRun
+from tests.conftest import unavailable
 from tests.integration.test_agent_protocol import (
     FakeControlPlane,
     command,
@@ -38,10 +39,10 @@ def _nobody() -> pwd.struct_passwd:
     try:
         return pwd.getpwnam("nobody")
     except KeyError:
-        pytest.skip("no user 'nobody' on this host")
+        unavailable("no user 'nobody' on this host")
 
 
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root")
+needs_root = pytest.mark.service("root")
 
 
 def _config(tmp_path: Path, port: int, **fields: object) -> AgentConfig:

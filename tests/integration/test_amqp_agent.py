@@ -551,10 +551,10 @@ async def test_a_result_finished_during_an_outage_is_delivered_once_after_it(
     assert "guest:guest" not in caplog.text and "guest:******" in caplog.text
 
 
+@pytest.mark.service("rabbitmqctl")
 async def test_reconnects_after_the_broker_closes_the_connection(tmp_path: Path) -> None:
     rabbitmqctl = shutil.which("rabbitmqctl")
-    if rabbitmqctl is None:
-        pytest.skip("rabbitmqctl is not available")
+    assert rabbitmqctl is not None
     async with control_plane() as cp, running(make_config(tmp_path, cp)) as agent:
         await cp.wait_for_hello()
         done = new_run_id()
@@ -564,8 +564,7 @@ async def test_reconnects_after_the_broker_closes_the_connection(tmp_path: Path)
         # Close exactly this agent's connection, by its name, from the broker's side.
         listing = await _run(rabbitmqctl, "list_connections", "-q", "--no-table-headers",
                              "pid", "client_properties")  # fmt: skip
-        if listing is None:
-            pytest.skip("rabbitmqctl cannot talk to the broker here")
+        assert listing is not None, "rabbitmqctl list_connections failed"
         pids = [
             line.split("\t", 1)[0]
             for line in listing.splitlines()

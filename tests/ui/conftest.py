@@ -15,7 +15,7 @@ from typing import Any, NoReturn
 import httpx
 import pytest
 
-from tests.conftest import services_required
+from tests.conftest import services_required, unavailable
 from tests.e2e.fleet import Fleet, running_fleet
 
 try:
@@ -84,9 +84,7 @@ def browser() -> Iterator[Browser]:
 
 
 def _cannot_run(message: str) -> NoReturn:
-    if services_required():
-        pytest.fail(f"{message} (required: CI=true)")
-    pytest.skip(message)
+    unavailable(message)
 
 
 @pytest.fixture(scope="module")

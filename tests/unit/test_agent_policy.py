@@ -13,6 +13,7 @@ from opsplane.agent import AgentConfig
 from opsplane.agent.policy import CommandPolicy, command_text, resolve_run_as, working_dir
 from opsplane.domain.errors import ConfigError
 from opsplane.execution import Identity
+from tests.conftest import unavailable
 
 RM_ROOT = r"rm\s+-rf\s+/"
 
@@ -137,7 +138,7 @@ def test_without_root_run_as_may_only_name_the_agents_own_user(
     try:
         nobody = pwd.getpwnam("nobody")
     except KeyError:
-        pytest.skip("no user 'nobody' on this host")
+        unavailable("no user 'nobody' on this host")
     monkeypatch.setattr(os, "geteuid", lambda: nobody.pw_uid)
     with pytest.raises(ConfigError, match="run_as '0' needs the agent to run as root"):
         resolve_run_as("0")

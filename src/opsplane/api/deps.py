@@ -19,10 +19,12 @@ Routes that change state and write no audit record of their own get a generic on
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Annotated, Any
 
 from fastapi import Depends, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
 
 from opsplane.domain.errors import (
     Conflict,
@@ -154,7 +156,7 @@ async def require_principal(
         return
     try:
         yield principal
-    except (OpsplaneError, HTTPException) as e:
+    except (OpsplaneError, HTTPException, RequestValidationError, ValidationError) as e:
         if not getattr(request.state, "audited", False):
             await _record(request, principal, outcome_of(e), {"error": _message(e)})
         raise
@@ -178,13 +180,27 @@ def outcome_of(error: BaseException) -> str:
         )
     if isinstance(error, InvalidInput | NotFound | Conflict):
         return REJECTED
+    if isinstance(error, RequestValidationError | ValidationError):
+        return REJECTED  # refused input (a 422), not a failure of the control plane
     return FAILED
 
 
 def _message(error: BaseException) -> str:
     if isinstance(error, HTTPException):
         return str(error.detail)
+    if isinstance(error, RequestValidationError | ValidationError):
+        return _invalid_input(error.errors())
     return str(error)
+
+
+def _invalid_input(errors: Sequence[Any]) -> str:
+    """Where the input was wrong and why, without the input itself (it may be huge or secret)."""
+    parts = []
+    for error in list(errors)[:5]:
+        where = ".".join(str(part) for part in error.get("loc", ()))
+        parts.append(f"{where}: {str(error.get('msg', 'invalid'))[:200]}")
+    more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
+    return "invalid input: " + "; ".join(parts) + more
 
 
 def _declared(request: Request) -> Permission | None:

@@ -1,4 +1,5 @@
-"""``opsplane hosts``: list the fleet; ``opsplane hosts show NAME``: one host in detail."""
+"""``opsplane hosts``: list the fleet; ``show NAME``: one host in detail; ``add``/``import``:
+agentless hosts; ``remove NAME...``: forget hosts."""
 
 from __future__ import annotations
 
@@ -126,15 +127,28 @@ def add_host(
 
 
 @app.command("remove")
-def remove_host(
+def remove_hosts(
     ctx: typer.Context,
-    name: Annotated[str, typer.Argument(metavar="NAME", help="The SSH host to forget.")],
+    names: Annotated[list[str], typer.Argument(metavar="NAME...", help="The hosts to forget.")],
 ) -> None:
-    """Forget an SSH host."""
+    """Forget hosts (admin): their rows and heartbeat history; their past runs stay. A connected
+    agent, or a host with runs waiting or in flight, is refused: stop or revoke the agent, or
+    cancel those tasks, first. An agent that connects later registers again."""
     err = make_console(stderr=True)
+    failed = 0
     with reporting_errors(err), ApiClient(client_options(ctx)) as api:
-        api.remove_host(name)
-    typer.echo(f"removed {name}")
+        for name in names:
+            try:
+                api.remove_host(name)
+            except ApiError as e:
+                if e.status_code >= 500 or e.status_code in (401, 403):
+                    raise
+                err.print(f"{name}: {e}")
+                failed += 1
+                continue
+            typer.echo(f"removed {name}")
+    if failed:
+        raise typer.Exit(2)
 
 
 @app.command("import")

@@ -30,12 +30,16 @@ COUNT_KEYS = tuple(status.value for status in RunStatus)
 
 @dataclass(frozen=True)
 class TaskEvent:
-    """A durable event as subscribers see it."""
+    """An event as subscribers see it. A durable event has its row's id; a live-only one (output
+    past what the database keeps of a run, see ``Ingest``) was never stored and cannot be
+    replayed: its ``id`` is that of the durable event before it in its transaction, 0 if none,
+    and says nothing about duplicates."""
 
     id: int
     task_id: str
     kind: str
     data: dict[str, Any]
+    durable: bool = True
 
 
 def run_event_data(run: RunRow) -> dict[str, Any]:
@@ -101,7 +105,8 @@ class Changes:
 
     def __init__(self, session: AsyncSession, on_runs_ended: RunsEnded | None = None) -> None:
         self.session = session
-        self._event_rows: list[TaskEventRow] = []
+        # In order: rows to store, and live-only events published but never stored.
+        self._event_rows: list[TaskEventRow | TaskEvent] = []
         self._touched: set[str] = set()
         self._ended: list[RunRow] = []
         self._on_runs_ended = on_runs_ended
@@ -134,8 +139,18 @@ class Changes:
         return True
 
     def add_event(
-        self, task_id: str, kind: str, data: dict[str, Any], run_id: str | None = None
+        self,
+        task_id: str,
+        kind: str,
+        data: dict[str, Any],
+        run_id: str | None = None,
+        *,
+        durable: bool = True,
     ) -> None:
+        """Record an event; ``durable=False`` only publishes it live, after the commit."""
+        if not durable:
+            self._event_rows.append(TaskEvent(0, task_id, kind, data, durable=False))
+            return
         row = TaskEventRow(
             task_id=task_id, run_id=run_id, kind=kind, data=data, created_at=utcnow()
         )
@@ -176,4 +191,12 @@ class Changes:
 
     @property
     def events(self) -> list[TaskEvent]:
-        return [TaskEvent(r.id, r.task_id, r.kind, r.data) for r in self._event_rows]
+        events: list[TaskEvent] = []
+        last_id = 0
+        for item in self._event_rows:
+            if isinstance(item, TaskEvent):
+                events.append(TaskEvent(last_id, item.task_id, item.kind, item.data, False))
+            else:
+                last_id = item.id
+                events.append(TaskEvent(item.id, item.task_id, item.kind, item.data))
+        return events

@@ -26,6 +26,7 @@ from opsplane.engine.hub import EventHub
 from opsplane.engine.ingest import Ingest
 from opsplane.engine.monitor import Monitor
 from opsplane.engine.recovery import settle_interrupted_runs
+from opsplane.engine.retention import Retention
 from opsplane.engine.scheduler import Scheduler
 from opsplane.engine.service import TaskService
 from opsplane.engine.sshapi import SshApi
@@ -35,7 +36,7 @@ from opsplane.store import queries
 from opsplane.store.database import create_engine, session_factory
 from opsplane.store.migrate import upgrade_to_head
 from opsplane.store.tables import AgentRow, TaskRow
-from opsplane.transport.base import AgentHello, AgentKey, HostReport, Link
+from opsplane.transport.base import LOCAL_LINK, SSH_LINK, AgentHello, AgentKey, HostReport, Link
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,8 @@ class Engine:
             batch_size=settings.ingest_batch_size,
             linger=settings.ingest_linger,
             redactor=Redactor(settings.redact_patterns),
+            event_output_cap=settings.event_output_cap,
+            output_cap=settings.output_cap,
         )
         self.secrets = SecretBox(settings.secret_key_path)
         self.dispatcher = Dispatcher(self.write, self.links, secrets=self.secrets)
@@ -100,6 +103,14 @@ class Engine:
             silent_links=[n for n, link in self.links.items() if not link.liveness_by_heartbeat],
             held_links=[n for n, link in self.links.items() if link.executes_here],
             on_silent=self._drop_silent,
+        )
+        self.retention = Retention(
+            self.write,
+            event_retention_days=settings.event_retention_days,
+            host_retention_days=settings.host_retention_days,
+            # Inventory hosts are registered by an operator, not by a connecting agent.
+            keep_links=(SSH_LINK, LOCAL_LINK),
+            interval=settings.retention_interval,
         )
         self.agents = AgentRegistry(
             self.sessions,
@@ -147,6 +158,7 @@ class Engine:
             await link.start(self)
         await self.hosts.load_inventory()
         await self.monitor.start()
+        await self.retention.start()
         # Recovery: runs a previous process created but never sent are waiting runs like any
         # other; the scheduler's first pass, a heartbeat interval after start, sends them.
         await self.scheduler.start()
@@ -161,6 +173,7 @@ class Engine:
         for link in self.links.values():
             await link.stop()
         await self.monitor.stop()
+        await self.retention.stop()
         await self.archive_pruner.stop()
         await self.ingest.stop()
         await self.db.dispose()

@@ -152,20 +152,37 @@ class HostService:
         link.update_inventory(request.name, request.for_link())
         return host
 
-    async def remove_host(self, name: str) -> None:
-        """Forget an SSH host. Agents register themselves, so their hosts cannot be removed
-        while they could reconnect; they are refused here."""
+    async def remove_host(self, name: str) -> HostRow:
+        """Forget a host: its row and heartbeat history (its runs stay, as history).
+
+        Refused (Conflict) for the control plane's own host, for an agent that is connected
+        (it would only register again: stop or revoke it first), and for a host with runs
+        waiting or in flight (cancel them or let them end: a removed host's runs could never
+        be reconciled). An agent that connects after its host was removed registers anew."""
         async with self._write() as changes:
             host = await queries.get_host(changes.session, name)
             if host is None:
                 raise NotFound(f"host {name} not found")
-            if host.link != SSH_LINK:
-                raise Conflict(f"{name} is a {host.link} host: stop its agent instead")
-            await changes.session.delete(host)
+            if host.link == LOCAL_LINK:
+                raise Conflict(f"{name} is the control plane's own host")
+            link = self._links.get(host.link)
+            connected = link is not None and link.is_connected(name)
+            if host.link != SSH_LINK and (host.status == "online" or connected):
+                raise Conflict(
+                    f"{name} is connected over {host.link}: stop (or revoke) its agent first"
+                )
+            busy = await queries.busy_runs_of_host(changes.session, name)
+            if busy:
+                raise Conflict(
+                    f"{name} has {busy} run(s) waiting or in flight: "
+                    "cancel their tasks or let them end first"
+                )
+            await queries.delete_hosts(changes.session, [name])
             changes.host_changed(name)
-        link = self._links.get(SSH_LINK)
-        if link is not None:
-            link.update_inventory(name, None)
+        if host.link == SSH_LINK and (ssh_link := self._links.get(SSH_LINK)) is not None:
+            ssh_link.update_inventory(name, None)
+        log.info("host %s (%s) removed", name, host.link)
+        return host
 
     async def load_inventory(self) -> None:
         """Tell the links about the inventory hosts the store holds (at start-up)."""

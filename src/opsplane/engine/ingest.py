@@ -14,6 +14,11 @@ holds the output in the order it was printed. A gap that cannot be filled — th
 arrived, or too much waits behind it — is written as :func:`gap_marker` and the rest follows
 (docs/reliability.md). Chunks without a number (``seq`` 0, agents that do not count) are
 placed as they come.
+
+What the database keeps of output is bounded (DESIGN §2): the first ``event_output_cap`` bytes
+of each run's stream become durable ``output`` events, then one durable marker (``capped``,
+with where the whole log is); output past it is published live only. The archive keeps all of
+it, and the run row keeps the head and the tail (``output_cap`` bytes each).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from opsplane.domain.redaction import LineBuffer, Redactor
 from opsplane.domain.states import RunStatus
 from opsplane.engine.archive import LogArchive
 from opsplane.engine.changes import Changes
+from opsplane.execution.capture import DEFAULT_CAP, OutputCapture
 from opsplane.store import queries
 from opsplane.store.tables import HeartbeatRow, RunRow
 from opsplane.transport.base import (
@@ -62,6 +68,12 @@ _Early = dict[int, tuple[Stream, bytes]]
 def gap_marker(missing: int) -> bytes:
     """What the archive holds where ``missing`` output chunks never arrived."""
     return f"[opsplane: output lost here: {missing} chunk(s) never arrived]\n".encode()
+# Streams whose stored output bytes are counted: beyond this, the oldest are forgotten (a run
+# that never ended, lost with its host); a forgotten one may store another cap's worth.
+_MAX_COUNTED_STREAMS = 100_000
+# A run row's output passes as the host capped it as long as it is within twice the cap, plus
+# room for the host's truncation marker; anything longer is cut to head and tail again.
+_MARKER_ROOM = 128
 
 
 class _Held:
@@ -89,6 +101,8 @@ class Ingest:
         retry_for: float = 30.0,
         redactor: Redactor | None = None,
         hold_for: float = 0.5,
+        event_output_cap: int = 64 * 1024,
+        output_cap: int = DEFAULT_CAP,
     ) -> None:
         self._write = write
         self._archive = archive
@@ -102,6 +116,10 @@ class Ingest:
         self._last_history: dict[str, datetime] = {}
         self._redactor = redactor or Redactor(())
         self._hold_for = hold_for
+        self._event_output_cap = event_output_cap
+        self._output_cap = output_cap
+        # Bytes of output stored as events so far, per (run id, stream); oldest first.
+        self._stored: dict[tuple[str, str], int] = {}
         # Oldest first: a part re-held after a release moves to the end.
         self._held: dict[tuple[str, str], _Held] = {}
         # Per run: chunks that arrived before one they follow (by seq), oldest run first.
@@ -287,6 +305,19 @@ class Ingest:
 
         self._undo["decoder", *key] = restore
 
+    def _remember_stored(self, key: tuple[str, str]) -> None:
+        if self._undo is None or ("stored", *key) in self._undo:
+            return
+        count = self._stored.get(key)
+
+        def restore() -> None:
+            if count is None:
+                self._stored.pop(key, None)
+            else:
+                self._stored[key] = count
+
+        self._undo["stored", *key] = restore
+
     def _release_held(self, release_all: bool) -> list[tuple[_Held, bytes]]:
         """Held lines older than ``hold_for`` (all of them with ``release_all``), redacted."""
         now = time.monotonic()
@@ -377,14 +408,18 @@ class Ingest:
                     changes, run.task_id, run.id, run.host, stream, data, run.log_path
                 )
             self._decoders.pop((run.id, stream), None)
+            self._remember_stored((run.id, stream))
+            self._stored.pop((run.id, stream), None)
         redact = self._redactor.text
+        stdout, cut_stdout = self._bounded(report.stdout)
+        stderr, cut_stderr = self._bounded(report.stderr)
         changes.move(
             run,
             RunStatus(report.status),
             exit_code=report.exit_code,
-            stdout=redact(report.stdout),
-            stderr=redact(report.stderr),
-            truncated=report.truncated,
+            stdout=redact(stdout),
+            stderr=redact(stderr),
+            truncated=report.truncated or cut_stdout or cut_stderr,
             error=redact(report.error) if report.error else None,
             started_at=run.started_at or report.started_at,
             finished_at=report.finished_at,
@@ -490,9 +525,54 @@ class Ingest:
         if not data:
             return []
         text = self._decode(run_id, stream, data)
-        event = {"run_id": run_id, "host": host, "stream": stream, "data": text}
-        changes.add_event(task_id, "output", event, run_id=run_id)
+        key = (run_id, stream)
+        self._remember_stored(key)
+        stored = self._stored.pop(key, 0)
+        room = self._event_output_cap - stored
+        durable, live = text, ""
+        if len(text) > room // 4:  # cheap: a character is at most 4 bytes
+            encoded = text.encode()
+            if len(encoded) > room:
+                # Cut at a character boundary: the stored part is whole characters.
+                durable = encoded[: max(room, 0)].decode(errors="ignore")
+                live = text[len(durable) :]
+            stored += len(durable.encode()) if live else len(encoded)
+        else:
+            stored += len(text.encode())
+        if durable:
+            event = {"run_id": run_id, "host": host, "stream": stream, "data": durable}
+            changes.add_event(task_id, "output", event, run_id=run_id)
+        if live:
+            if stored <= self._event_output_cap:
+                # The first output past the cap: a durable marker that says where the rest is.
+                stored = self._event_output_cap + 1
+                marker = {
+                    "run_id": run_id,
+                    "host": host,
+                    "stream": stream,
+                    "data": "",
+                    "capped": True,
+                    "log": f"/api/v1/tasks/{task_id}/runs/{run_id}/log",
+                }
+                changes.add_event(task_id, "output", marker, run_id=run_id)
+            event = {"run_id": run_id, "host": host, "stream": stream, "data": live}
+            changes.add_event(task_id, "output", event, run_id=run_id, durable=False)
+        self._stored[key] = stored
+        while len(self._stored) > _MAX_COUNTED_STREAMS:
+            del self._stored[next(iter(self._stored))]
         return [(Path(log_path), data)] if log_path else []
+
+    def _bounded(self, text: str) -> tuple[str, bool]:
+        """``text`` cut to its head and tail (``output_cap`` bytes each) when a host sent more
+        than it should have; whether it was cut."""
+        if len(text) <= 2 * self._output_cap // 4:
+            return text, False
+        encoded = text.encode(errors="replace")
+        if len(encoded) <= 2 * self._output_cap + _MARKER_ROOM:
+            return text, False
+        capture = OutputCapture(self._output_cap)
+        capture.feed("out", encoded)
+        return capture.text("out"), True
 
     def _decode(self, run_id: str, stream: str, data: bytes) -> str:
         # Chunks are not aligned to characters; one decoder per stream keeps a multi-byte

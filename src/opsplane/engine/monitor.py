@@ -76,30 +76,35 @@ class Monitor:
         now = utcnow()
         silent: list[tuple[str, str]] = []
         async with self._write() as changes:
+            # Work in proportion to what changed, never to the fleet: the hosts that crossed
+            # the silence limit since the last pass (marked offline, so not found again), and
+            # the runs in flight on hosts gone past the grace period, each a bounded batch.
             # Hosts of silent links send no heartbeats: silence says nothing about them.
             for host in await queries.stale_online_hosts(
-                changes.session, now - self._silence_limit, exclude_links=self._silent_links
+                changes.session,
+                now - self._silence_limit,
+                exclude_links=self._silent_links,
+                limit=self._batch,
             ):
                 host.status = "offline"
                 changes.host_changed(host.name)
                 silent.append((host.name, host.link))
                 log.info("host %s is offline: no heartbeat since %s", host.name, host.last_seen_at)
-            gone = (
-                await queries.offline_hosts_seen_before(changes.session, now - self._lost_grace)
+            runs = (
+                await queries.runs_on_hosts_gone_since(
+                    changes.session,
+                    now - self._lost_grace,
+                    IN_FLIGHT_RUN_STATUSES,
+                    limit=self._batch,
+                )
                 if self._since_start(now) >= self._lost_grace
                 else []
             )
-            if gone:
-                runs = await queries.runs_in_status(
-                    changes.session, IN_FLIGHT_RUN_STATUSES, hosts=gone, limit=self._batch
+            grace = int(self._lost_grace.total_seconds())
+            for run in runs:
+                changes.move(
+                    run, RunStatus.LOST, error=f"host {run.host} unreachable for more than {grace}s"
                 )
-                grace = int(self._lost_grace.total_seconds())
-                for run in runs:
-                    changes.move(
-                        run,
-                        RunStatus.LOST,
-                        error=f"host {run.host} unreachable for more than {grace}s",
-                    )
             unstarted = (
                 await queries.runs_dispatched_before(
                     changes.session,

@@ -34,7 +34,7 @@ from opsplane.domain.targeting import Targets
 from opsplane.domain.tasks import ExecSpec, TaskRequest
 from opsplane.engine.changes import Changes
 from opsplane.engine.hosts import HostService
-from opsplane.engine.service import TaskService
+from opsplane.engine.service import BeforeCommit, TaskService
 from opsplane.store import queries
 from opsplane.store.tables import SshSequenceRow, TaskRow
 
@@ -115,8 +115,11 @@ class SshApi:
             with contextlib.suppress(asyncio.CancelledError):
                 await sequence
 
-    async def submit(self, request: AdhocRequest) -> str:
-        """Register the targets, start the first command (or the upload); returns the id."""
+    async def submit(
+        self, request: AdhocRequest, *, before_commit: BeforeCommit | None = None
+    ) -> str:
+        """Register the targets, start the first command (or the upload); returns the id.
+        ``before_commit`` runs in the transaction creating the first task (its audit record)."""
         if not request.targets:
             raise InvalidInput("targets must list at least one server")
         if request.upload is None and not [c for c in request.commands if c.strip()]:
@@ -128,7 +131,10 @@ class SshApi:
             spec = ExecSpec(local_path=local, remote_path=remote)
             sequence = _Sequence("", key_base, (f"upload {local} -> {remote}",), tuple(names),
                                  request.timeout, request.created_by)  # fmt: skip
-            return (await self._tasks.create_task(sequence.step(0, "upload", spec))).id
+            first = await self._tasks.create_task(
+                sequence.step(0, "upload", spec), before_commit=before_commit
+            )
+            return first.id
         commands = tuple(c for c in request.commands if c.strip())
         sequence = _Sequence(
             "", key_base, commands, tuple(names), request.timeout, request.created_by
@@ -137,7 +143,11 @@ class SshApi:
             e.password or e.private_key for e in (*request.targets, request.proxy) if e is not None
         )
 
-        async def remember(session: AsyncSession, task: TaskRow, _hosts: list[str]) -> None:
+        async def remember(session: AsyncSession, task: TaskRow, hosts: list[str]) -> None:
+            if before_commit is not None:
+                await before_commit(session, task, hosts)
+            if len(commands) < 2:
+                return
             # In the first command's transaction: a restart finds the rest of the request.
             session.add(
                 SshSequenceRow(
@@ -152,9 +162,7 @@ class SshApi:
                 )
             )
 
-        first = await self._tasks.create_task(
-            sequence.step(0), before_commit=remember if len(commands) > 1 else None
-        )
+        first = await self._tasks.create_task(sequence.step(0), before_commit=remember)
         if len(commands) > 1:
             self._spawn(dataclasses.replace(sequence, id=first.id))
         return first.id

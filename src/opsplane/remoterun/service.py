@@ -33,6 +33,7 @@ from opsplane.domain.targeting import Targets
 from opsplane.domain.tasks import ExecSpec, TaskRequest
 from opsplane.engine.core import Engine
 from opsplane.engine.hub import Subscription
+from opsplane.engine.service import BeforeCommit
 from opsplane.remoterun.scripts import SCRIPT_PATH_ENV, ScriptDirs, ScriptPins, params_env
 from opsplane.store import queries
 from opsplane.store.tables import RunRow, TaskRow
@@ -151,8 +152,10 @@ class RemoteRunService:
         *,
         created_by: str = "anonymous",
         idempotency_key: str | None = None,
+        before_commit: BeforeCommit | None = None,
     ) -> TaskRow:
-        """Create the task: the script as argv (no shell), params as environment variables."""
+        """Create the task: the script as argv (no shell), params as environment variables.
+        ``before_commit`` runs in the creating transaction (the API's audit record)."""
         if not self.scripts:
             raise RemoteRunDisabled(
                 "no script directory is configured: start the server with --script-dir DIR"
@@ -187,7 +190,7 @@ class RemoteRunService:
             kind="script",
             spec=spec,
         )
-        return await self._engine.tasks.create_task(task)
+        return await self._engine.tasks.create_task(task, before_commit=before_commit)
 
     async def view(self, task_id: str) -> dict[str, Any]:
         """A task as the seed's table shows it (plus when it ran and how it ended)."""

@@ -7,7 +7,7 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any, NamedTuple
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from opsplane.store.tables import (
@@ -267,20 +267,108 @@ async def list_hosts(
 
 
 async def stale_online_hosts(
-    session: AsyncSession, seen_before: datetime, *, exclude_links: Sequence[str] = ()
+    session: AsyncSession,
+    seen_before: datetime,
+    *,
+    exclude_links: Sequence[str] = (),
+    limit: int | None = None,
 ) -> list[HostRow]:
+    """Online hosts last seen before ``seen_before``: the hosts that crossed the silence limit
+    since they were last marked (index on status and last_seen_at)."""
     stmt = select(HostRow).where(HostRow.status == "online", HostRow.last_seen_at < seen_before)
     if exclude_links:
         stmt = stmt.where(HostRow.link.not_in(list(exclude_links)))
+    if limit is not None:
+        stmt = stmt.limit(limit)
     return list((await session.execute(stmt)).scalars())
 
 
-async def offline_hosts_seen_before(session: AsyncSession, seen_before: datetime) -> list[str]:
-    stmt = select(HostRow.name).where(
+def _gone_since(seen_before: datetime) -> Any:
+    """Hosts not online and not heard from since ``seen_before`` (or never)."""
+    return and_(
         HostRow.status != "online",
-        (HostRow.last_seen_at < seen_before) | HostRow.last_seen_at.is_(None),
+        or_(HostRow.last_seen_at < seen_before, HostRow.last_seen_at.is_(None)),
+    )
+
+
+async def runs_on_hosts_gone_since(
+    session: AsyncSession, seen_before: datetime, statuses: Iterable[str], *, limit: int
+) -> list[RunRow]:
+    """Runs in ``statuses`` on hosts gone since ``seen_before``: one join, driven by the runs,
+    so its cost follows the runs in flight, not the number of hosts ever seen."""
+    stmt = (
+        select(RunRow)
+        .join(HostRow, HostRow.name == RunRow.host)
+        .where(RunRow.status.in_(list(statuses)), _gone_since(seen_before))
+        .limit(limit)
     )
     return list((await session.execute(stmt)).scalars())
+
+
+async def hosts_gone_since(
+    session: AsyncSession, seen_before: datetime, *, exclude_links: Sequence[str], limit: int
+) -> list[str]:
+    """Names of hosts gone since ``seen_before`` with no run waiting or in flight: what a host
+    retention pass may forget."""
+    busy = (
+        select(RunRow.id)
+        .where(
+            RunRow.host == HostRow.name,
+            RunRow.status.in_(("pending", "delayed", "dispatched", "running")),
+        )
+        .exists()
+    )
+    stmt = (
+        select(HostRow.name)
+        .where(
+            _gone_since(seen_before),
+            or_(HostRow.last_seen_at.is_not(None), HostRow.created_at < seen_before),
+            HostRow.link.not_in(list(exclude_links)),
+            ~busy,
+        )
+        .order_by(HostRow.name)
+        .limit(limit)
+    )
+    return list((await session.execute(stmt)).scalars())
+
+
+async def delete_hosts(session: AsyncSession, names: Sequence[str]) -> None:
+    """Hosts and their heartbeat history (runs keep the host's name as history)."""
+    if names:
+        await session.execute(delete(HeartbeatRow).where(HeartbeatRow.host.in_(list(names))))
+        await session.execute(delete(HostRow).where(HostRow.name.in_(list(names))))
+
+
+async def busy_runs_of_host(session: AsyncSession, host: str) -> int:
+    """Runs of ``host`` waiting to be sent or in flight."""
+    stmt = (
+        select(func.count())
+        .select_from(RunRow)
+        .where(
+            RunRow.host == host,
+            RunRow.status.in_(("pending", "delayed", "dispatched", "running")),
+        )
+    )
+    return int((await session.execute(stmt)).scalar_one())
+
+
+async def prunable_event_ids(
+    session: AsyncSession, ended_before: datetime, limit: int
+) -> list[int]:
+    """Ids of events of tasks that ended before ``ended_before``, oldest first."""
+    stmt = (
+        select(TaskEventRow.id)
+        .join(TaskRow, TaskRow.id == TaskEventRow.task_id)
+        .where(TaskEventRow.created_at < ended_before, TaskRow.finished_at < ended_before)
+        .order_by(TaskEventRow.id)
+        .limit(limit)
+    )
+    return list((await session.execute(stmt)).scalars())
+
+
+async def delete_events(session: AsyncSession, ids: Sequence[int]) -> None:
+    if ids:
+        await session.execute(delete(TaskEventRow).where(TaskEventRow.id.in_(list(ids))))
 
 
 async def mark_all_hosts(session: AsyncSession, status: str, *, link: str) -> None:

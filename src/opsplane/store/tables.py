@@ -146,7 +146,8 @@ class Base(DeclarativeBase):
 
 class HostRow(Base):
     __tablename__ = "hosts"
-    __table_args__ = MYSQL_TABLE
+    # The monitor finds the hosts that crossed a silence limit by status and last_seen_at.
+    __table_args__ = (Index("ix_hosts_status_last_seen_at", "status", "last_seen_at"), MYSQL_TABLE)
 
     name: Mapped[str] = mapped_column(String(255), primary_key=True)
     link: Mapped[str] = mapped_column(String(16), default="grpc")
@@ -237,7 +238,8 @@ class TaskEventRow(Base):
     """What the SSE stream of a task replays: run state changes, output chunks, task changes."""
 
     __tablename__ = "task_events"
-    __table_args__ = MYSQL_TABLE
+    # The event retention walks old events by created_at.
+    __table_args__ = (Index("ix_task_events_created_at", "created_at"), MYSQL_TABLE)
 
     id: Mapped[int] = mapped_column(EventId, primary_key=True, autoincrement=True)
     task_id: Mapped[str] = mapped_column(String(36), index=True)

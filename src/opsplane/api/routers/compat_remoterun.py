@@ -12,7 +12,9 @@ from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, s
 from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
+from opsplane.api.auditing import AuditDep
 from opsplane.api.deps import Principal, require_principal
+from opsplane.domain.targeting import Targets
 from opsplane.remoterun import (
     LogEnd,
     RemoteRunDisabled,
@@ -85,6 +87,7 @@ async def submit(
     body: RemoteRunCreate,
     service: ServiceDep,
     principal: PrincipalDep,
+    audit: AuditDep,
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
 ) -> RemoteRunCreated:
     """Run a server-side script now; answers with the task id at once."""
@@ -95,12 +98,27 @@ async def submit(
         timeout=body.timeout,
         retry=body.retry,
     )
-    try:
-        task = await service.submit(
-            request, created_by=principal.name, idempotency_key=idempotency_key
-        )
-    except RemoteRunDisabled as e:
-        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(e)) from e
+    # Parameter names only: their values may be secrets.
+    detail = {
+        "api": "seed003",
+        "kind": "script",
+        "script_path": audit.redact(body.script_path),
+        "params": sorted(request.params),
+        "priority": body.priority,
+        "timeout": body.timeout,
+    }
+    # The record is written in the transaction that creates the task: durable before it runs.
+    async with audit.failures("task.create", detail=detail):
+        hook = audit.task_hook("task.create", Targets(), detail)
+        try:
+            task = await service.submit(
+                request,
+                created_by=principal.name,
+                idempotency_key=idempotency_key,
+                before_commit=hook,
+            )
+        except RemoteRunDisabled as e:
+            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(e)) from e
     return RemoteRunCreated(id=task.id)
 
 

@@ -13,11 +13,14 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request, status
 from pydantic import BaseModel, ConfigDict, Field
 
+from opsplane.api.auditing import Audit, AuditDep
 from opsplane.api.deps import Principal, get_engine, require_principal
 from opsplane.config import Settings
 from opsplane.domain.errors import InvalidInput
+from opsplane.domain.targeting import Targets
 from opsplane.engine.core import Engine
 from opsplane.engine.sshapi import AdhocEndpoint, AdhocRequest
+from opsplane.security.audit import targets_summary
 
 router = APIRouter(tags=["seed 000 (SSH API)"])
 
@@ -110,13 +113,33 @@ def _request(body: _ProxyFields, settings: Settings, principal: Principal) -> di
     }
 
 
+async def _submit(
+    engine: Engine, audit: Audit, adhoc: AdhocRequest, detail: dict[str, Any]
+) -> TaskIdOut:
+    """Submit with the audit record written in the transaction that creates the (first) task,
+    so that it is durable before anything is dispatched (api/auditing.py)."""
+    targets = [t.name for t in adhoc.targets]
+    detail = {
+        **detail,
+        "api": "seed000",
+        "timeout": adhoc.timeout,
+        "proxy": adhoc.proxy.name if adhoc.proxy is not None else None,
+    }
+    async with audit.failures(
+        "task.create", targets=targets_summary({"hosts": targets}), detail=detail
+    ):
+        hook = audit.task_hook("task.create", Targets(hosts=tuple(targets)), detail)
+        task_id = await engine.ssh_api.submit(adhoc, before_commit=hook)
+    return TaskIdOut(task_id=task_id)
+
+
 @router.post("/api/ssh/task", status_code=status.HTTP_201_CREATED, response_model=TaskIdOut)
 async def create_ssh_task(
-    body: SshTaskIn, request: Request, engine: EngineDep, principal: PrincipalDep
+    body: SshTaskIn, request: Request, engine: EngineDep, principal: PrincipalDep, audit: AuditDep
 ) -> TaskIdOut:
     fields = _request(body, request.app.state.engine.settings, principal)
-    task_id = await engine.ssh_api.submit(AdhocRequest(commands=body.commands, **fields))
-    return TaskIdOut(task_id=task_id)
+    detail = {"kind": "command", "commands": [audit.redact(c) for c in body.commands]}
+    return await _submit(engine, audit, AdhocRequest(commands=body.commands, **fields), detail)
 
 
 @router.get("/api/ssh/task/{task_id}")
@@ -126,12 +149,16 @@ async def get_ssh_task(task_id: str, engine: EngineDep, _principal: PrincipalDep
 
 @router.post("/api/upload/task", status_code=status.HTTP_201_CREATED, response_model=TaskIdOut)
 async def create_upload_task(
-    body: UploadTaskIn, request: Request, engine: EngineDep, principal: PrincipalDep
+    body: UploadTaskIn,
+    request: Request,
+    engine: EngineDep,
+    principal: PrincipalDep,
+    audit: AuditDep,
 ) -> TaskIdOut:
     fields = _request(body, request.app.state.engine.settings, principal)
     upload = (body.local_path, body.remote_path)
-    task_id = await engine.ssh_api.submit(AdhocRequest(upload=upload, **fields))
-    return TaskIdOut(task_id=task_id)
+    detail = {"kind": "upload", "local_path": body.local_path, "remote_path": body.remote_path}
+    return await _submit(engine, audit, AdhocRequest(upload=upload, **fields), detail)
 
 
 @router.get("/api/upload/task/{task_id}")

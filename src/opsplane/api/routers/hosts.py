@@ -7,7 +7,8 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query, status
 
-from opsplane.api.deps import Principal, get_engine, require_principal
+from opsplane.api.auditing import AuditDep
+from opsplane.api.deps import Principal, get_engine, require, require_principal
 from opsplane.api.schemas import (
     HeartbeatOut,
     HostCreate,
@@ -21,11 +22,13 @@ from opsplane.api.schemas import (
 from opsplane.config import split_host_port
 from opsplane.domain.inventory import SshHostRequest
 from opsplane.engine.core import Engine
+from opsplane.security.roles import Permission
 
 router = APIRouter(prefix="/api/v1/hosts", tags=["hosts"])
 
 EngineDep = Annotated[Engine, Depends(get_engine)]
 PrincipalDep = Annotated[Principal, Depends(require_principal)]
+AdminDep = Annotated[Principal, Depends(require(Permission.ADMIN))]
 
 
 @router.get("", response_model=Page[HostOut])
@@ -63,9 +66,12 @@ async def add_ssh_host(body: HostCreate, engine: EngineDep, _principal: Principa
 
 
 @router.delete("/{name}", status_code=status.HTTP_204_NO_CONTENT)
-async def remove_host(name: str, engine: EngineDep, _principal: PrincipalDep) -> None:
-    """Forget an SSH host (agents register themselves and cannot be removed here)."""
-    await engine.hosts.remove_host(name)
+async def remove_host(name: str, engine: EngineDep, _admin: AdminDep, audit: AuditDep) -> None:
+    """Forget a host (admin). 409 for a connected agent (stop or revoke it first) and for a
+    host with runs waiting or in flight; its past runs stay as history."""
+    async with audit.failures("host.remove", target=name):
+        host = await engine.hosts.remove_host(name)
+        await audit.record("host.remove", target=name, detail={"link": host.link})
 
 
 def _split_port(address_port: str) -> tuple[str, int]:

@@ -213,7 +213,13 @@ async def task_events(
 
 
 def _sse(event: TaskEvent) -> ServerSentEvent:
-    return ServerSentEvent(id=str(event.id), event=event.kind, data=json.dumps(event.data))
+    # A live-only event (output past what the database keeps) has no id of its own: sent
+    # without one, it leaves the client's Last-Event-ID at the last durable event.
+    return ServerSentEvent(
+        id=str(event.id) if event.durable else None,
+        event=event.kind,
+        data=json.dumps(event.data),
+    )
 
 
 def _ends_stream(event: TaskEvent) -> bool:
@@ -225,6 +231,7 @@ async def _event_stream(engine: Engine, task_id: str, after: int) -> AsyncIterat
     # are skipped by id if the history already held them.
     subscription = engine.hub.subscribe(task_id)
     try:
+        task = await engine.tasks.get_task(task_id)
         sent = after
         while True:
             async with engine.sessions() as session:
@@ -237,10 +244,20 @@ async def _event_stream(engine: Engine, task_id: str, after: int) -> AsyncIterat
                     return
             if len(rows) < HISTORY_PAGE:
                 break
+        if task.status in TERMINAL_TASK_STATUSES:
+            # It had ended before the history was read, yet the history holds no terminal
+            # event: the event retention pruned it. Say how the task ended and stop, rather
+            # than wait for an event that will not come.
+            yield ServerSentEvent(event="task", data=json.dumps(task_view(task)))
+            return
         while not subscription.overflowed.is_set():
             try:
                 event = await asyncio.wait_for(subscription.queue.get(), timeout=5.0)
             except TimeoutError:
+                continue
+            if not event.durable:
+                # Never in the history, so never a duplicate of it.
+                yield _sse(event)
                 continue
             if event.id <= sent:
                 continue

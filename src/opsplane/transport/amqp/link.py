@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import socket
 import ssl
 import time
 from datetime import UTC, datetime
@@ -91,7 +92,14 @@ class AmqpLink(Link):
         self._events = events
         try:
             self._connection = await aio_pika.connect_robust(
-                self._url, timeout=10, ssl_context=self._ssl_context
+                self._url,
+                timeout=10,
+                ssl_context=self._ssl_context,
+                # Named as the agents' are ("opsplane-agent <name>"), so that an operator (or a
+                # fault test) can tell the connections apart in `rabbitmqctl list_connections`.
+                client_properties={
+                    "connection_name": f"opsplane-control-plane {socket.gethostname()}"
+                },
             )
         except (TimeoutError, OSError, aiormq.exceptions.AMQPError) as e:
             raise ConfigError(f"cannot reach RabbitMQ at {mask_url(self._url)}: {e}") from e
