@@ -68,6 +68,8 @@ _Early = dict[int, tuple[Stream, bytes]]
 def gap_marker(missing: int) -> bytes:
     """What the archive holds where ``missing`` output chunks never arrived."""
     return f"[opsplane: output lost here: {missing} chunk(s) never arrived]\n".encode()
+
+
 # Streams whose stored output bytes are counted: beyond this, the oldest are forgotten (a run
 # that never ended, lost with its host); a forgotten one may store another cap's worth.
 _MAX_COUNTED_STREAMS = 100_000
