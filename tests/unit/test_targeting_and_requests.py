@@ -83,3 +83,16 @@ def test_labels_select_hosts_carrying_every_given_label() -> None:
     assert resolve_targets(Targets(labels={"tier": "back"}, hosts=("a",)), fleet) == ["a", "c"]
     with pytest.raises(InvalidInput, match=r"no host carries all of the labels dc=z"):
         resolve_targets(Targets(labels={"dc": "z"}), fleet)
+
+
+def test_adhoc_hosts_are_selected_by_their_name_only() -> None:
+    # Issue 16 item 8: a seed-000 request's targets never join `all`, a group or a label.
+    fleet = [
+        HostRef("web-1", ("web",), {"tier": "front"}),
+        HostRef("ops@10.0.0.9:22", ("adhoc",), {"tier": "front"}, adhoc=True),
+    ]
+    assert resolve_targets(Targets(all=True), fleet) == ["web-1"]
+    assert resolve_targets(Targets(labels={"tier": "front"}), fleet) == ["web-1"]
+    assert resolve_targets(Targets(hosts=("ops@10.0.0.9:22",)), fleet) == ["ops@10.0.0.9:22"]
+    with pytest.raises(InvalidInput, match="selected by name only"):
+        resolve_targets(Targets(groups=("adhoc",)), fleet)
