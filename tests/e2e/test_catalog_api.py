@@ -3,6 +3,7 @@ exactly as the seed's clients see them."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -17,12 +18,16 @@ from typing import Any
 import httpx
 import psutil
 import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.pool import NullPool
 
 from opsplane.api.app import create_app
 from opsplane.config import load_settings
 from tests.auth import ADMIN_HEADERS, ADMIN_TOKEN
 from tests.e2e.conftest import processes_with
 from tests.e2e.fleet import child_env, free_port, wait_for
+from tests.integration.databases import throwaway_database
 
 ROOT = Path(__file__).parents[2]
 CATALOG = ROOT / "tests" / "fixtures" / "catalog" / "catalog.yaml"
@@ -135,21 +140,24 @@ def test_async_session_is_queried_and_is_a_task_in_the_api(server: Server) -> No
 
         def finished() -> dict[str, Any] | None:
             _, answer = _post(client, "/async/query", b'{"session_id": "%s"}' % session_id.encode())
-            return answer if answer["data"]["done"] else None
+            return answer if answer["data"][0]["done"] else None
 
         one = wait_for(finished, 15, "the session to be done")
         assert one["code"] == 0 and one["msg"] == ""
-        assert one["data"] == {
-            "id": session_id,
-            "message": "hello aaa bbb x",
-            "error": "",
-            "done": True,
-            "start_at": one["data"]["start_at"],
-        }
-        assert datetime.fromisoformat(one["data"]["start_at"]).tzinfo is not None
+        # A list, as the seed's upstream answers, holding that one session.
+        assert one["data"] == [
+            {
+                "id": session_id,
+                "message": "hello aaa bbb x",
+                "error": "",
+                "done": True,
+                "start_at": one["data"][0]["start_at"],
+            }
+        ]
+        assert datetime.fromisoformat(one["data"][0]["start_at"]).tzinfo is not None
         # No body: every session.
         status, every = _post(client, "/async/query")
-        assert status == 200 and every["code"] == 0 and one["data"] in every["data"]
+        assert status == 200 and every["code"] == 0 and one["data"][0] in every["data"]
         task = client.get(f"/api/v1/tasks/{session_id}").json()
         assert task["kind"] == "script" and task["status"] == "succeeded"
 
@@ -165,7 +173,7 @@ def test_kill_ends_the_process_group_and_the_session_says_so(server: Server) -> 
         assert status == 200 and killed["code"] == 0, killed
         assert killed["data"]["done"] is True and "killed" in killed["data"]["error"]
         _, queried = _post(client, "/async/query", body)
-        assert queried["data"]["error"] == killed["data"]["error"]
+        assert queried["data"][0]["error"] == killed["data"]["error"]
     wait_for(lambda: not _alive(marker), 15, "no sleeper process left")
 
 
@@ -186,7 +194,6 @@ def _alive(marker: str) -> list[psutil.Process]:
         ("/sync/tendb-cluster/demo1", b"not json", 400, "body is not valid JSON"),
         ("/sync/tendb-cluster/demo1", b'{"a": 1}', 422, "JSON array of strings"),
         ("/async/tendb-cluster/demo1", b"[1, 2]", 422, "JSON array of strings"),
-        ("/async/query", b'{"session_id": "nope"}', 404, "no session 'nope'"),
         ("/async/query", b"[", 400, "body is not valid JSON"),
         ("/async/kill", b"", 422, "body must name the session"),
         ("/async/kill", b'{"session_id": "nope"}', 404, "no session 'nope'"),
@@ -225,3 +232,96 @@ async def test_every_catalog_route_refuses_anonymous_callers_in_the_seeds_envelo
         assert answer.status_code == 401, answer.request.url
         assert answer.headers["www-authenticate"].startswith("Bearer")
         assert answer.json()["code"] == 1 and "authentication required" in answer.json()["msg"]
+
+
+# Seed 004's own example entry, with the language its prose allows besides sh: ``shell``.
+SEED_CATALOG = """\
+- name: demo1
+  cluster_type: TendbCluster
+  language: shell
+  executable: echo hello
+  args: ["aaa", "bbb"]
+  collected: false
+"""
+
+
+@pytest.mark.service("mariadb")
+async def test_a_celery_service_deployment_starts_opsplane_and_the_seeds_curl_calls_work(
+    tmp_path: Path,
+) -> None:
+    # The seed's deployment, unchanged but for the program's name: its flags and CS_*
+    # variables, its result database on MariaDB, its catalog with `language: shell`.
+    async with throwaway_database("mariadb", tmp_path) as url:
+        await asyncio.to_thread(_seed_deployment, tmp_path, url.rsplit("/", 1)[1])
+        # Everything went to the seed's database: the call is a task there.
+        engine = create_async_engine(url, poolclass=NullPool)
+        try:
+            async with engine.connect() as connection:
+                names = set((await connection.execute(text("SELECT name FROM tasks"))).scalars())
+        finally:
+            await engine.dispose()
+    assert "catalog /sync/tendb-cluster/demo1" in names, names
+
+
+def _seed_deployment(tmp_path: Path, database: str) -> None:
+    catalog = tmp_path / "e.yaml"
+    catalog.write_text(SEED_CATALOG)
+    port = free_port()
+    argv = [
+        sys.executable, "-m", "opsplane", "catalog-service", "run",
+        "--address", f"127.0.0.1:{port}", "--no-log-console",
+        "--db-address", "127.0.0.1:3306", "--db-name", database,
+    ]  # fmt: skip
+    env = child_env(
+        CS_EXTERNAL_TASK=str(catalog),
+        CS_DB_USER="root",
+        OPSPLANE_DATA_DIR=str(tmp_path / "data"),
+        OPSPLANE_GRPC_LISTEN=f"127.0.0.1:{free_port()}",
+    )
+    log_path = tmp_path / "server.log"
+    with log_path.open("ab") as log:
+        process = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        with httpx.Client(base_url=base, timeout=30.0, headers=ADMIN_HEADERS) as client:
+
+            def ready() -> bool:
+                assert process.poll() is None, log_path.read_text()
+                with contextlib.suppress(httpx.HTTPError):
+                    return client.get("/readyz").status_code == 200
+                return False
+
+            wait_for(ready, 60, "the catalog service to be ready")
+            # curl -XPOST http://localhost/tendb-cluster/demo1 -d '["123", "456"]'
+            short = _post(client, "/tendb-cluster/demo1", b'["123", "456"]')
+            assert short == (200, {"code": 0, "data": "hello aaa bbb 123 456", "msg": ""})
+            assert _post(client, "/sync/tendb-cluster/demo1", b'["123", "456"]') == short
+            # The short URL answers only for catalog entries, and never for other routes.
+            missing = _post(client, "/tendb-cluster/nope", b"[]")
+            assert missing[0] == 404 and missing[1]["code"] == 1, missing
+            assert client.get("/list").json()["code"] == 0
+            # /async/query answers a list: one session, all of them, or none.
+            _, started = _post(client, "/async/tendb-cluster/demo1", b'["x"]')
+            session_id = started["data"]
+            body = b'{"session_id": "%s"}' % session_id.encode()
+
+            def done() -> dict[str, Any] | None:
+                answer = _post(client, "/async/query", body)[1]
+                return answer if answer["data"] and answer["data"][0]["done"] else None
+
+            one = wait_for(done, 15, "the session to be done")
+            assert [s["id"] for s in one["data"]] == [session_id]
+            assert one["data"][0]["message"] == "hello aaa bbb x"
+            unknown = _post(client, "/async/query", b'{"session_id": "no-such-session"}')
+            assert unknown == (200, {"code": 0, "data": [], "msg": ""})
+            # What opsplane does not share with the seed: no anonymous caller.
+            assert httpx.post(f"{base}/tendb-cluster/demo1", content=b"[]").status_code == 401
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    output = log_path.read_text()
+    assert "warning: --no-log-console" in output and "Traceback" not in output, output

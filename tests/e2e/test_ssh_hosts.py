@@ -143,6 +143,13 @@ def test_seed_000_ssh_and_upload_api(fleet: Fleet, lab: SshLab) -> None:
     by_command = {(r["command"], r["exit_code"], r["success"]) for r in answer["results"]}
     assert by_command == {("echo one", 0, True), ("exit 3", 3, False)}
     assert len(answer["results"]) == 4 and all(r["host"] for r in answer["results"])
+    # The request's targets are ad hoc: `opsplane hosts` lists them only with --adhoc.
+    adhoc = {r["host"] for r in answer["results"]}
+    listed = opsplane(fleet, "hosts", "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert not adhoc & {h["name"] for h in json.loads(listed.stdout)["items"]}
+    every = json.loads(opsplane(fleet, "hosts", "--adhoc", "--json").stdout)["items"]
+    assert {h["name"] for h in every if h["adhoc"]} >= adhoc
 
     (fleet.root / "uploads" / "one.txt").write_text("1")
     remote = f"{lab.user.home}/up-{uuid.uuid4().hex[:8]}"

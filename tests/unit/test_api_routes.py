@@ -41,6 +41,7 @@ PINNED = {
     ("POST", "/sync/{cluster_type}/{name}"): Permission.RUN,
     ("POST", "/async/{cluster_type}/{name}"): Permission.RUN,
     ("POST", "/async/kill"): Permission.RUN,
+    ("POST", "/{cluster_type}/{name}"): Permission.RUN,
     ("GET", "/api/v1/users"): Permission.ADMIN,
     ("POST", "/api/v1/users"): Permission.ADMIN,
     ("GET", "/api/v1/users/{name}"): Permission.ADMIN,

@@ -80,6 +80,12 @@ def test_sh_and_bash_pass_args_and_body_to_the_shell_unquoted_as_the_seed_does(
     assert bash.argv() == ("bash", "-c", "echo $BASH_VERSION")
 
 
+def test_language_shell_runs_like_sh_as_the_seeds_prose_says(tmp_path: Path) -> None:
+    # Seed 004: "值为 sh, shell 时会以 sh -c $Executable $Args 方式执行".
+    entry = _entry(tmp_path, language="shell")
+    assert entry.argv(["123", "456"]) == ("sh", "-c", "echo hello aaa bbb 123 456")
+
+
 def test_collected_sh_script_runs_by_its_path_under_collect(tmp_path: Path, collect: Path) -> None:
     entry = _entry(tmp_path, executable="s.sh  -v", args=["x"], collected=True)
     assert entry.argv(["y"]) == ("sh", "-c", f"{collect / 's.sh'} -v x y")
@@ -140,7 +146,8 @@ def test_the_fixture_catalog_loads(tmp_path: Path) -> None:
     [
         (
             {"language": "ruby"},
-            "language must be one of python, python2, python3, perl, sh, bash, binary, got 'ruby'",
+            "language must be one of python, python2, python3, perl, sh, shell, bash, binary, "
+            "got 'ruby'",
         ),
         ({"collected": None}, "collected is required (true or false)"),
         ({"executable": ""}, "executable"),

@@ -110,3 +110,16 @@ def test_an_unknown_name_error_names_a_few_not_all() -> None:
     message = str(error.value)
     assert message.startswith("unknown host(s): nope-000000, nope-000001")
     assert message.endswith("and 49,990 more") and len(message) < 1000
+
+
+def test_adhoc_hosts_are_selected_by_their_name_only() -> None:
+    # Issue 16 item 8: a seed-000 request's targets never join `all`, a group or a label.
+    fleet = [
+        HostRef("web-1", ("web",), {"tier": "front"}),
+        HostRef("ops@10.0.0.9:22", ("adhoc",), {"tier": "front"}, adhoc=True),
+    ]
+    assert resolve_targets(Targets(all=True), fleet) == ["web-1"]
+    assert resolve_targets(Targets(labels={"tier": "front"}), fleet) == ["web-1"]
+    assert resolve_targets(Targets(hosts=("ops@10.0.0.9:22",)), fleet) == ["ops@10.0.0.9:22"]
+    with pytest.raises(InvalidInput, match="selected by name only"):
+        resolve_targets(Targets(groups=("adhoc",)), fleet)

@@ -215,5 +215,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     # Scrapers usually carry no token: /metrics is public unless metrics_public is false.
     metrics_auth = [] if settings.metrics_public else [Depends(require_principal)]
     app.include_router(metrics.router, dependencies=metrics_auth)
+    # Seed 004's short URL POST /{cluster-type}/{name}: after every other route, so that it
+    # never answers in place of one (compat_catalog.short_router).
+    app.include_router(compat_catalog.short_router)
     mount_web(app)
     return app

@@ -274,6 +274,8 @@ class HostOut(BaseModel):
     agent_version: str | None
     os: str | None
     ssh: dict[str, Any] | None = None
+    # An SSH target a seed-000 request brought: selected by its name only.
+    adhoc: bool = False
 
     @classmethod
     def from_row(cls, row: HostRow) -> HostOut:
@@ -292,6 +294,7 @@ class HostOut(BaseModel):
             agent_version=row.agent_version,
             os=row.os,
             ssh=row.ssh,
+            adhoc=bool(row.adhoc),
         )
 
 

@@ -29,9 +29,13 @@ from opsplane.remoterun.scripts import SCRIPT_PATH_ENV, parse_sha256
 if TYPE_CHECKING:
     from opsplane.catalog.handlers import HandlerRegistry
 
-Language = Literal["python", "python2", "python3", "perl", "sh", "bash", "binary"]
+# ``shell`` is not in the seed's validation tag but its prose says "sh, shell" run as
+# ``sh -c``: accepted, and run exactly like ``sh``.
+Language = Literal["python", "python2", "python3", "perl", "sh", "shell", "bash", "binary"]
 LANGUAGES: tuple[str, ...] = get_args(Language)
-SHELL_LANGUAGES = frozenset({"sh", "bash"})
+SHELL_LANGUAGES = frozenset({"sh", "shell", "bash"})
+# The shell a shell language runs: ``shell`` is ``sh``.
+_SHELLS = {"sh": "sh", "shell": "sh", "bash": "bash"}
 
 # A name is a path segment of the routes and the stem of ``logs/<name>.log``: nothing in it may
 # reach another directory or need escaping in a URL.
@@ -212,7 +216,7 @@ class ExternalEntry(CatalogEntry):
     def argv(self, body: Sequence[str] = ()) -> tuple[str, ...]:
         """The argv of a call with ``body`` as the extra arguments (the seed's rules).
 
-        - ``sh``/``bash``: ``[language, "-c", "<executable> <args…> <body…>"]``, all joined
+        - ``sh``/``shell``/``bash``: ``[sh|bash, "-c", "<executable> <args…> <body…>"]``, joined
           with single spaces into one shell string. The executable string is kept as written
           (it is shell); ``args`` and the body are NOT quoted: they reach the shell as text,
           exactly as the seed does. Only a path resolved under ``collect/`` is quoted, since
@@ -230,7 +234,7 @@ class ExternalEntry(CatalogEntry):
             elif self.collected:
                 head = shlex.quote(str(self._collected_path(head)))
             words = [head, rest] if rest else [head]
-            return (self.language, "-c", " ".join([*words, *self.args, *body]))
+            return (_SHELLS[self.language], "-c", " ".join([*words, *self.args, *body]))
         path, *extras = shlex.split(self.executable)
         program = str(self._collected_path(path)) if self.collected else path
         if self.run_path is not None:

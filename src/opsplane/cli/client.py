@@ -317,18 +317,27 @@ class ApiClient:
         status: str | None = None,
         page: int = 1,
         size: int = 100,
+        adhoc: bool = False,
     ) -> Json:
-        params = {"group": group, "status": status, "page": page, "size": size}
+        params: dict[str, Any] = {"group": group, "status": status, "page": page, "size": size}
+        if adhoc:
+            params["adhoc"] = "true"
         return self._json("GET", "/hosts", params=params)
 
     def list_all_hosts(
-        self, *, group: str | None = None, status: str | None = None, size: int = 100
+        self,
+        *,
+        group: str | None = None,
+        status: str | None = None,
+        size: int = 100,
+        adhoc: bool = False,
     ) -> list[Json]:
-        """Every host matching the filters, following the pages."""
+        """Every host matching the filters, following the pages (with ``adhoc``, seed-000's
+        ad-hoc SSH targets too)."""
         hosts: list[Json] = []
         page = 1
         while True:
-            result = self.list_hosts(group=group, status=status, page=page, size=size)
+            result = self.list_hosts(group=group, status=status, page=page, size=size, adhoc=adhoc)
             items = [h for h in result.get("items", []) if isinstance(h, dict)]
             hosts.extend(items)
             total = result.get("total")

@@ -48,14 +48,25 @@ def list_hosts(
         typer.Option("--status", help="Only hosts with this status.", case_sensitive=False),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the hosts as JSON.")] = False,
+    adhoc: Annotated[
+        bool,
+        typer.Option(
+            "--adhoc", help="Also the ad-hoc SSH targets of seed-000 requests (group adhoc)."
+        ),
+    ] = False,
 ) -> None:
-    """List the hosts: status, link, groups, CPU, memory, load and when each was last seen."""
+    """List the hosts: status, link, groups, CPU, memory, load and when each was last seen.
+
+    Ad-hoc SSH targets that seed-000 requests brought are not inventory hosts: shown with
+    --adhoc only."""
     if ctx.invoked_subcommand is not None:
         return
     out = make_console()
     err = make_console(stderr=True)
     with reporting_errors(err), ApiClient(client_options(ctx)) as api:
-        hosts = api.list_all_hosts(group=group, status=status.value if status else None)
+        hosts = api.list_all_hosts(
+            group=group, status=status.value if status else None, adhoc=adhoc
+        )
     if as_json:
         typer.echo(dump_json({"items": hosts, "total": len(hosts)}))
         return

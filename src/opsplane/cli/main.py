@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from opsplane.cli import agents, audit, hosts, run, scripts, tasks, tokens, users
+from opsplane.cli import agents, audit, catalog_service, hosts, run, scripts, tasks, tokens, users
 from opsplane.cli.client import ClientOptions
 from opsplane.config import DEFAULT_GRPC_LISTEN, Settings, load_settings
 from opsplane.domain.errors import ConfigError
@@ -43,6 +43,11 @@ app.add_typer(tokens.app, name="tokens", help="Create, list and revoke API token
 app.add_typer(agents.app, name="agents", help="Enroll, list and revoke agents (admin)")
 app.add_typer(audit.app, name="audit", help="Read, export and verify the audit trail (admin)")
 app.add_typer(scripts.app, name="scripts", help="Approve seed-003 scripts by content hash")
+app.add_typer(
+    catalog_service.app,
+    name="catalog-service",
+    help="Seed 004's celery-service: `run` takes its flags and CS_* variables",
+)
 
 ConfigOpt = Annotated[
     Path | None, typer.Option("--config", envvar="OPSPLANE_CONFIG_FILE", help="YAML settings file")
@@ -82,7 +87,7 @@ ScriptDirOpt = Annotated[
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")]
 
 
-def _settings(**flags: object) -> Settings:
+def settings_or_exit(**flags: object) -> Settings:
     try:
         return load_settings(**flags)
     except ConfigError as e:
@@ -90,10 +95,11 @@ def _settings(**flags: object) -> Settings:
         raise typer.Exit(2) from e
 
 
-def _start_control_plane(mode: str, verbose: bool, **flags: object) -> None:
+def start_control_plane(mode: str, verbose: bool, **flags: object) -> None:
+    """Build the settings from ``flags`` (None: not given) and run the server or the demo."""
     from opsplane.cli import processes
 
-    settings = _settings(**flags)
+    settings = settings_or_exit(**flags)
     processes.configure_logging(verbose)
     try:
         if mode == "demo":
@@ -125,7 +131,7 @@ def server(
     verbose: VerboseOpt = False,
 ) -> None:
     """Start the control plane: the REST API and the gRPC agent endpoint."""
-    _start_control_plane(
+    start_control_plane(
         "server",
         verbose,
         tls_cert=tls_cert,
@@ -161,7 +167,7 @@ def demo(
 ) -> None:
     """Start the control plane on SQLite plus three local agents: demo-1, demo-2 (group web)
     and demo-3 (group db). Ctrl-C stops everything."""
-    _start_control_plane(
+    start_control_plane(
         "demo",
         verbose,
         config_file=config,
@@ -476,7 +482,7 @@ def db_upgrade(
     from opsplane.store.database import create_engine, masked_url
     from opsplane.store.migrate import upgrade_to_head
 
-    settings = _settings(config_file=config, data_dir=data_dir, database_url=database_url)
+    settings = settings_or_exit(config_file=config, data_dir=data_dir, database_url=database_url)
     url = settings.effective_database_url
 
     async def _upgrade() -> None:
@@ -524,7 +530,7 @@ def keys_init(
     from opsplane.security.signing import load_or_create_private_key, public_key_text
     from opsplane.security.tls import TlsFiles, init_tls
 
-    settings = _settings(config_file=config, data_dir=data_dir)
+    settings = settings_or_exit(config_file=config, data_dir=data_dir)
     try:
         key, created = load_or_create_private_key(settings.signing_key_path)
         tls = init_tls(
@@ -578,7 +584,7 @@ def keys_client_cert(
     name."""
     from opsplane.security.tls import TlsFiles, issue_client_cert
 
-    settings = _settings(config_file=config, data_dir=data_dir)
+    settings = settings_or_exit(config_file=config, data_dir=data_dir)
     files = TlsFiles.of(settings.data_dir)
     try:
         cert, key = issue_client_cert(files, name, overwrite=overwrite)

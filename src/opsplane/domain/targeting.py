@@ -24,26 +24,37 @@ class Targets:
 
 @dataclass(frozen=True)
 class HostRef:
-    """What targeting needs to know of a host."""
+    """What targeting needs to know of a host. ``adhoc``: an SSH target a seed-000 request
+    brought, not an inventory host: only its name selects it."""
 
     name: str
     groups: tuple[str, ...] = field(default=())
     labels: Mapping[str, str] = field(default_factory=dict)
+    adhoc: bool = False
+
+
+_ADHOC_HINT = (
+    " (only ad-hoc SSH targets of seed-000 requests match, and those are selected by name "
+    "only: name them, or add them to the inventory with `opsplane hosts add`)"
+)
 
 
 def resolve_targets(targets: Targets, known: Iterable[HostRef]) -> list[str]:
     """Host names selected by ``targets``, sorted, each once.
 
     Unknown host names and groups with no member are errors, so that a typo never turns into a
-    silently smaller fleet.
+    silently smaller fleet. Ad-hoc hosts are selected by their name only: never by ``all``, a
+    group or a label, so that a target somebody once sent a seed-000 request to does not
+    become part of every later fleet-wide task.
     """
     if targets.is_empty():
         raise InvalidInput("targets select nothing: give hosts, groups, labels, or all=true")
-    hosts = list(known)
-    by_name = {h.name: h for h in hosts}
+    known = list(known)
+    by_name = {h.name: h for h in known}
+    inventory = [h for h in known if not h.adhoc]
     chosen: set[str] = set()
     if targets.all:
-        chosen.update(by_name)
+        chosen.update(h.name for h in inventory)
     missing = [name for name in targets.hosts if name not in by_name]
     if missing:
         raise InvalidInput(f"unknown host(s): {names_excerpt(sorted(missing))}")
@@ -51,25 +62,28 @@ def resolve_targets(targets: Targets, known: Iterable[HostRef]) -> list[str]:
     if targets.groups:
         # One pass over the fleet for every group asked for (not one per group).
         by_group: dict[str, list[str]] = {group: [] for group in targets.groups}
-        for host in hosts:
+        for host in inventory:
             for group in host.groups:
                 members = by_group.get(group)
                 if members is not None:
                     members.append(host.name)
-        empty = [group for group, members in by_group.items() if not members]
+        empty = sorted(group for group, members in by_group.items() if not members)
         if empty:
-            raise InvalidInput(
-                f"unknown group (no host is a member): {names_excerpt(sorted(empty))}"
-            )
+            adhoc_groups = {group for h in known if h.adhoc for group in h.groups}
+            hint = _ADHOC_HINT if adhoc_groups.intersection(empty) else ""
+            raise InvalidInput(f"unknown group (no host is a member): {names_excerpt(empty)}{hint}")
         for members in by_group.values():
             chosen.update(members)
     if targets.labels:
-        labelled = [
-            h.name for h in hosts if all(h.labels.get(k) == v for k, v in targets.labels.items())
-        ]
+
+        def carries(host: HostRef) -> bool:
+            return all(host.labels.get(k) == v for k, v in targets.labels.items())
+
+        labelled = [h.name for h in inventory if carries(h)]
         if not labelled:
             wanted = ", ".join(f"{k}={v}" for k, v in sorted(targets.labels.items()))
-            raise InvalidInput(f"no host carries all of the labels {wanted}")
+            hint = _ADHOC_HINT if any(carries(h) for h in known) else ""
+            raise InvalidInput(f"no host carries all of the labels {wanted}{hint}")
         chosen.update(labelled)
     if not chosen:
         raise InvalidInput("targets match no host: the fleet is empty")

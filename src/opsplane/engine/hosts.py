@@ -121,8 +121,14 @@ class HostService:
             raise NotFound(f"host {name} not found")
         return host
 
-    async def register_ssh_host(self, request: SshHostRequest) -> HostRow:
-        """Add or update an agentless host; secrets go to the link only, never the store."""
+    async def register_ssh_host(self, request: SshHostRequest, *, adhoc: bool = False) -> HostRow:
+        """Add or update an agentless host; secrets go to the link only, never the store.
+
+        ``adhoc``: a target a seed-000 request brought (engine/sshapi.py). A new host is then
+        flagged ad hoc (selected by name only, domain/targeting.py); an inventory host of that
+        name stays one — its groups and labels are kept, the request's connection details
+        apply. An operator's registration (``adhoc`` false) makes any host an inventory host.
+        """
         request = request.validated()
         if not request.bastions:
             # A host without its own jump chain takes the first of its groups' defaults.
@@ -140,10 +146,12 @@ class HostService:
                     f"{request.name} is a {host.link} host; it cannot become an SSH host"
                 )
             if host is None:
-                host = HostRow(name=request.name, link=SSH_LINK, created_at=utcnow())
+                host = HostRow(name=request.name, link=SSH_LINK, adhoc=adhoc, created_at=utcnow())
                 changes.session.add(host)
-            host.groups = list(request.groups)
-            host.labels = dict(request.labels)
+            if not adhoc or host.adhoc:
+                host.groups = list(request.groups)
+                host.labels = dict(request.labels)
+                host.adhoc = adhoc
             host.ssh = request.stored()
             # Agentless hosts have no heartbeat: reachable means "known"; a failed connect
             # is that run's result.
@@ -214,7 +222,9 @@ class HostService:
     async def fleet_summary(self) -> dict[str, int]:
         """Hosts by status and the number of running tasks, for dashboards."""
         async with self._sessions() as session:
-            by_status = await queries.host_status_counts(session, exclude_link=LOCAL_LINK)
+            by_status = await queries.host_status_counts(
+                session, exclude_link=LOCAL_LINK, include_adhoc=False
+            )
             running = await queries.count_tasks(session, "running")
         summary = {status: by_status.get(status, 0) for status in ("online", "offline", "unknown")}
         summary["total"] = sum(by_status.values())
@@ -222,10 +232,17 @@ class HostService:
         return summary
 
     async def list_hosts(
-        self, *, status: str | None, group: str | None, page: int, size: int
+        self,
+        *,
+        status: str | None,
+        group: str | None,
+        page: int,
+        size: int,
+        include_adhoc: bool = False,
     ) -> tuple[list[HostRow], int]:
         async with self._sessions() as session:
-            # The control plane's own host runs catalog scripts; it is not part of the fleet.
+            # The control plane's own host runs catalog scripts; it is not part of the fleet,
+            # and neither are seed-000's ad-hoc targets unless asked for.
             return await queries.list_hosts(
                 session,
                 status=status,
@@ -233,4 +250,5 @@ class HostService:
                 offset=(page - 1) * size,
                 limit=size,
                 exclude_link=LOCAL_LINK,
+                include_adhoc=include_adhoc,
             )

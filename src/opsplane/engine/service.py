@@ -98,7 +98,10 @@ class TaskService:
                     # The control plane's own host runs catalog scripts only: an operator's
                     # shell command never lands on the control plane by targeting.
                     hosts = [h for h in hosts if h.link != LOCAL_LINK]
-                refs = [HostRef(h.name, tuple(h.groups or ()), h.labels or {}) for h in hosts]
+                refs = [
+                    HostRef(h.name, tuple(h.groups or ()), h.labels or {}, adhoc=bool(h.adhoc))
+                    for h in hosts
+                ]
                 names = resolve_targets(request.targets, refs)
                 chosen = set(names)
                 check_hosts_allowed(request.allowed_groups, [r for r in refs if r.name in chosen])

@@ -1,10 +1,12 @@
 """Seed 000's API on top of the engine: ad-hoc SSH targets behind a bastion, commands or an
 upload, a task id at once, per-server results later.
 
-Each request's targets become SSH hosts (group ``adhoc``; passwords and keys given inline stay
-in the link's memory, never in the store). Commands run one after another, each as an ordinary
-task, so the seed's order of commands holds on every server; the seed's task id is the first
-task's id, and the others are found by idempotency key ``sshapi:<id>:<n>``.
+Each request's targets become SSH hosts (group ``adhoc``, flagged ad hoc: selected by their
+name only, never by ``all``, a group or a label, until an operator adds them to the inventory;
+passwords and keys given inline stay in the link's memory, never in the store). Commands run
+one after another, each as an ordinary task, so the seed's order of commands holds on every
+server; the seed's task id is the first task's id, and the others are found by idempotency key
+``sshapi:<id>:<n>``.
 
 A request with several commands is also a row of ``ssh_sequences`` (written with its first
 task), so that a restarted control plane goes on with the commands not yet started. One that
@@ -215,7 +217,8 @@ class SshApi:
                 groups=(ADHOC_GROUP,),
                 labels={"registered_by": "seed000-api"},
                 secrets=secrets,
-            )
+            ),
+            adhoc=True,
         )
         return host.name
 

@@ -7,7 +7,7 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any, NamedTuple
 
-from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy import and_, delete, false, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from opsplane.store.tables import (
@@ -195,11 +195,13 @@ async def known_host_names(session: AsyncSession, names: Iterable[str]) -> set[s
 
 
 async def host_status_counts(
-    session: AsyncSession, *, exclude_link: str | None = None
+    session: AsyncSession, *, exclude_link: str | None = None, include_adhoc: bool = True
 ) -> dict[str, int]:
     stmt = select(HostRow.status, func.count()).group_by(HostRow.status)
     if exclude_link:
         stmt = stmt.where(HostRow.link != exclude_link)
+    if not include_adhoc:
+        stmt = stmt.where(HostRow.adhoc == false())
     return {status: count for status, count in await session.execute(stmt)}
 
 
@@ -252,10 +254,13 @@ async def list_hosts(
     offset: int,
     limit: int,
     exclude_link: str | None = None,
+    include_adhoc: bool = True,
 ) -> tuple[list[HostRow], int]:
     stmt = select(HostRow)
     if exclude_link:
         stmt = stmt.where(HostRow.link != exclude_link)
+    if not include_adhoc:
+        stmt = stmt.where(HostRow.adhoc == false())
     if status:
         stmt = stmt.where(HostRow.status == status)
     rows = list((await session.execute(stmt.order_by(HostRow.name))).scalars())

@@ -18,6 +18,7 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
+    false,
 )
 from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import Dialect
@@ -166,6 +167,10 @@ class HostRow(Base):
     # Agentless hosts (link "ssh"): address, port, user, key_file, bastions (a ProxyJump-style
     # chain). Never a secret: passwords live only in memory for the request that brought them.
     ssh: Mapped[dict[str, Any] | None] = mapped_column(CleanJSON, nullable=True)
+    # An SSH target that a seed-000 request brought (group "adhoc"), not an inventory host:
+    # `all`, groups and labels never select it, only its name does; `opsplane hosts` hides it
+    # unless asked. An operator's registration of the same name clears it.
+    adhoc: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 

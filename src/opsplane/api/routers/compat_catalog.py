@@ -21,7 +21,7 @@ from opsplane.api.access import check_task_allowed
 from opsplane.api.auditing import Audit, AuditDep
 from opsplane.api.deps import Principal, get_engine, require, require_principal
 from opsplane.catalog.registry import BodyError, CatalogEntry
-from opsplane.catalog.service import CatalogService, CatalogUnavailable
+from opsplane.catalog.service import CatalogService, CatalogUnavailable, UnknownSession
 from opsplane.domain.errors import Forbidden, InvalidInput, NotFound, OpsplaneError
 from opsplane.domain.targeting import Targets
 from opsplane.engine.service import BeforeCommit
@@ -159,13 +159,18 @@ def _hook(
 
 @router.post("/async/query", openapi_extra=_SESSION_BODY)
 async def query_sessions(request: Request, _principal: ReaderDep) -> JSONResponse:
-    """``{"session_id": "…"}``: that session; no body (or no ``session_id``): all sessions."""
+    """``{"session_id": "…"}``: a list of that one session; no body (or no ``session_id``): a
+    list of all sessions. ``data`` is always a list, as the seed's upstream answers: an unknown
+    (or already cleaned up) session is an empty list, not an error."""
     try:
         service = _service(request)
         session_id = _session_id(await request.body(), required=False)
         if session_id is None:
             return envelope([view.to_json() for view in service.query_all()])
-        return envelope(service.query(session_id).to_json())
+        try:
+            return envelope([service.query(session_id).to_json()])
+        except UnknownSession:
+            return envelope([])
     except OpsplaneError as e:
         return _failure(e)
 
@@ -194,6 +199,23 @@ async def run_async(
 ) -> JSONResponse:
     """Start the task; ``data`` is its session id (also its opsplane task id)."""
     return await _run("async", cluster_type, name, request, principal, audit)
+
+
+# The seed's short URL, ``POST /{cluster-type}/{name}`` (its curl example calls
+# ``/tendb-cluster/demo1``), as an alias of ``/sync/…``. A pattern of two free segments at the
+# root would match any two-segment path, so it lives on its own router that the app includes
+# after every other one (api/app.py), it takes POST only, and a pair that is not a catalog
+# entry is a 404: it can never answer in place of another route. Same dependencies as the
+# catalog's own routes (the same list object, so a change to one is a change to both).
+short_router = APIRouter(tags=["catalog (seed 004)"], dependencies=router.dependencies)
+
+
+@short_router.post("/{cluster_type}/{name}", openapi_extra=_ANY_JSON_BODY)
+async def run_short(
+    cluster_type: str, name: str, request: Request, principal: RunnerDep, audit: AuditDep
+) -> JSONResponse:
+    """The seed's short URL of an entry: exactly ``POST /sync/{cluster-type}/{name}``."""
+    return await _run("sync", cluster_type, name, request, principal, audit)
 
 
 def _session_id(raw: bytes, *, required: bool) -> str | None:

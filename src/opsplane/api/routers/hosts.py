@@ -39,8 +39,15 @@ async def list_hosts(
     status: Annotated[Literal["online", "offline", "unknown"] | None, Query()] = None,
     page: PageNumber = 1,
     size: Annotated[int, Query(ge=1, le=1000)] = 100,
+    adhoc: Annotated[
+        bool, Query(description="also the ad-hoc SSH targets of seed-000 requests")
+    ] = False,
 ) -> Page[HostOut]:
-    rows, total = await engine.hosts.list_hosts(status=status, group=group, page=page, size=size)
+    """The inventory: every host but the control plane's own and, unless ``adhoc``, the
+    ad-hoc SSH targets that seed-000 requests brought."""
+    rows, total = await engine.hosts.list_hosts(
+        status=status, group=group, page=page, size=size, include_adhoc=adhoc
+    )
     return Page[HostOut](
         items=[HostOut.from_row(r) for r in rows], total=total, page=page, size=size
     )
