@@ -93,6 +93,9 @@ class Settings(BaseSettings):
     log_prune_interval: float = Field(default=3600.0, gt=0)
     ingest_batch_size: int = Field(default=1000, gt=0)
     ingest_linger: float = Field(default=0.0, ge=0)
+    # Bytes of host reports (mostly output) queued for ingest at most; past it, links wait
+    # (backpressure) and hosts keep what they have not been acknowledged (docs/reliability.md).
+    ingest_queue_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
     bootstrap_admin_token: str | None = None
     # Refuse agents that never enrolled (opsplane agents token / opsplane agent --enroll): an
     # agent that chose its own groups would receive those groups' commands. Off only for

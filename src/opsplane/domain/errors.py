@@ -56,3 +56,8 @@ class ConnectionLost(TransportError):
 
 class ConfigError(OpsplaneError):
     """Settings are missing or inconsistent; the process refuses to start."""
+
+
+class ReportRejected(OpsplaneError):
+    """Ingest could not apply a host's report (a value the database refuses, or a bug); the
+    other reports of its batch were written. Not retried: the link refuses the message."""

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from opsplane.engine.background import cancel_and_wait
+from opsplane.engine.background import Supervised
 
 log = logging.getLogger(__name__)
 
@@ -237,15 +237,14 @@ class ArchivePruner:
     def __init__(self, archive: LogArchive, *, interval: float = 3600.0) -> None:
         self._archive = archive
         self._interval = interval
-        self._task: asyncio.Task[None] | None = None
+        self.loop = Supervised("archive-pruner", self._loop)
 
     async def start(self) -> None:
-        if self._task is None and not self._archive.retains_all:
-            self._task = asyncio.create_task(self._loop(), name="archive-pruner")
+        if not self._archive.retains_all:
+            self.loop.start()
 
     async def stop(self) -> None:
-        await cancel_and_wait(self._task)
-        self._task = None
+        await self.loop.stop()
 
     async def run_once(self) -> PruneResult:
         result = await self._archive.prune()

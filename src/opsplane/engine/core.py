@@ -13,12 +13,15 @@ from collections import Counter
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from opsplane.config import Settings
+from opsplane.domain.errors import InvalidInput, ReportRejected
 from opsplane.domain.redaction import Redactor
 from opsplane.domain.states import TERMINAL_TASK_STATUSES
 from opsplane.engine.archive import ArchivePruner, LogArchive
+from opsplane.engine.background import Loops
 from opsplane.engine.changes import Changes
 from opsplane.engine.dispatcher import Dispatcher
 from opsplane.engine.hosts import HostService
@@ -34,7 +37,7 @@ from opsplane.store import queries
 from opsplane.store.database import create_engine, session_factory
 from opsplane.store.migrate import upgrade_to_head
 from opsplane.store.tables import AgentRow, TaskRow
-from opsplane.transport.base import AgentHello, AgentKey, HostReport, Link
+from opsplane.transport.base import AgentHello, AgentKey, HostReport, Link, check_report
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +66,9 @@ class Engine:
             batch_size=settings.ingest_batch_size,
             linger=settings.ingest_linger,
             redactor=Redactor(settings.redact_patterns),
+            max_queue_bytes=settings.ingest_queue_bytes,
+            probe=self.ping_database,
+            on_rejected=lambda _why: self.message_refused("ingest", "unprocessable"),
         )
         self.secrets = SecretBox(settings.secret_key_path)
         self.dispatcher = Dispatcher(self.write, self.links, secrets=self.secrets)
@@ -103,7 +109,17 @@ class Engine:
         )
         # Messages the links refused, by (link, reason): the metrics read them.
         self.refused: Counter[tuple[str, str]] = Counter()
+        # Every long-lived loop, supervised (restarted with backoff); /readyz reports them.
+        self.loops = Loops()
+        for loop in (self.ingest.loop, self.monitor.loop, self.scheduler.loop):
+            self.loops.add(loop)
+        self.loops.add(self.archive_pruner.loop)
         self.ready = False
+
+    async def ping_database(self) -> None:
+        """Raises unless the database answers a trivial query."""
+        async with self.sessions() as session:
+            await session.execute(text("SELECT 1"))
 
     @asynccontextmanager
     async def write(self) -> AsyncIterator[Changes]:
@@ -181,6 +197,16 @@ class Engine:
         await self.hosts.host_disconnected(hostname, link)
 
     async def report(self, report: HostReport) -> asyncio.Future[None]:
+        # The links check what hosts send (and count refusals by link); this guards ingest
+        # against a report built wrong by any link, ours included.
+        try:
+            check_report(report)
+        except InvalidInput as e:
+            log.warning("refused a report from %s: %s", report.hostname, e)
+            self.message_refused("engine", "malformed")
+            refused: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            refused.set_exception(ReportRejected(str(e)))
+            return refused
         return await self.ingest.report(report)
 
     async def revoke_agent(self, name: str, *, revoked_by: str) -> AgentRow:

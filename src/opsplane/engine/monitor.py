@@ -12,7 +12,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import delete
 
 from opsplane.domain.states import IN_FLIGHT_RUN_STATUSES, RunStatus
-from opsplane.engine.background import cancel_and_wait
+from opsplane.engine.background import Supervised
 from opsplane.engine.changes import Changes
 from opsplane.store import queries
 from opsplane.store.tables import HeartbeatRow, utcnow
@@ -41,7 +41,9 @@ class Monitor:
         self._history_retention = history_retention
         self._batch = batch
         self._tick = max(0.2, min(1.0, heartbeat_interval / 4))
-        self._task: asyncio.Task[None] | None = None
+        self.loop = Supervised("monitor", self._loop)
+        # Set by a failed pass: the next pass starts the clocks again (see ``_loop``).
+        self._blind = False
         # Nobody could be heard while the control plane was down: grace periods and start
         # timeouts count from this process's start at the earliest, or a restart after a long
         # outage would end every run before its agent had a chance to reconnect and report.
@@ -49,29 +51,40 @@ class Monitor:
 
     async def start(self) -> None:
         self.started_at = utcnow()
-        self._task = asyncio.create_task(self._loop(), name="monitor")
+        self.loop.start()
 
     async def stop(self) -> None:
-        await cancel_and_wait(self._task)
-        self._task = None
+        await self.loop.stop()
 
     async def _loop(self) -> None:
         passes = 0
         while True:
             await asyncio.sleep(self._tick)
+            if self._blind:
+                # The database was unreachable: no heartbeat could be written meanwhile, and
+                # those queued in ingest are not written yet. Silence is judged from now on,
+                # as after a start, or every host would go offline and its runs be lost.
+                self.started_at = utcnow()
             try:
                 await self.check_once(prune=passes % 600 == 0)
+                self._blind = False
             except Exception:
                 log.exception("monitor pass failed; retrying on the next tick")
+                self._blind = True
             passes += 1
 
     async def check_once(self, *, prune: bool = False) -> None:
         now = utcnow()
         async with self._write() as changes:
             # Hosts of silent links send no heartbeats: silence says nothing about them.
-            for host in await queries.stale_online_hosts(
-                changes.session, now - self._silence_limit, exclude_links=self._silent_links
-            ):
+            stale = (
+                await queries.stale_online_hosts(
+                    changes.session, now - self._silence_limit, exclude_links=self._silent_links
+                )
+                if self._since_start(now) >= self._silence_limit
+                else []
+            )
+            for host in stale:
                 host.status = "offline"
                 changes.host_changed(host.name)
                 log.info("host %s is offline: no heartbeat since %s", host.name, host.last_seen_at)
