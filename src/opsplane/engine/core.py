@@ -103,6 +103,7 @@ class Engine:
             lost_grace=settings.lost_grace,
             start_timeout=settings.start_timeout,
             silent_links=[n for n, link in self.links.items() if not link.liveness_by_heartbeat],
+            hearing=lambda: not self.ingest.paused,
         )
         self.agents = AgentRegistry(
             self.sessions, self.write, require_enrollment=settings.require_enrollment

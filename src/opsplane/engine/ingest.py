@@ -57,7 +57,7 @@ _STREAMS: tuple[Stream, ...] = ("stdout", "stderr")
 # Redaction of more than this many bytes (or characters) at once runs in a worker thread.
 REDACT_IN_THREAD_ABOVE = 64 * 1024
 # Retries of a batch while the database is unreachable: backoff from the first to the last.
-_RETRY_FIRST, _RETRY_MAX = 0.1, 5.0
+_RETRY_FIRST, _RETRY_MAX = 0.1, 2.0
 # A batch failing as "unavailable" this many times in a row while ``probe`` answers is not an
 # outage but a report the database refuses that way: it is written report by report.
 _UNAVAILABLE_BUT_UP = 5

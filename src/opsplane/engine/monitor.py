@@ -32,8 +32,12 @@ class Monitor:
         silent_links: Sequence[str] = (),
         history_retention: timedelta = timedelta(days=1),
         batch: int = 1000,
+        hearing: Callable[[], bool] = lambda: True,
     ) -> None:
+        """``hearing`` says whether heartbeats are being written now (False while ingest is
+        paused because the database is unreachable)."""
         self._write = write
+        self._hearing = hearing
         self._silent_links = tuple(silent_links)
         self._silence_limit = timedelta(seconds=heartbeat_interval * offline_after_missed)
         self._lost_grace = timedelta(seconds=lost_grace)
@@ -60,10 +64,13 @@ class Monitor:
         passes = 0
         while True:
             await asyncio.sleep(self._tick)
+            if not self._hearing():
+                self._blind = True
+                continue
             if self._blind:
                 # The database was unreachable: no heartbeat could be written meanwhile, and
-                # those queued in ingest are not written yet. Silence is judged from now on,
-                # as after a start, or every host would go offline and its runs be lost.
+                # those queued in ingest may not be written yet. Silence is judged from now
+                # on, as after a start, or every host would go offline and its runs be lost.
                 self.started_at = utcnow()
             try:
                 await self.check_once(prune=passes % 600 == 0)
