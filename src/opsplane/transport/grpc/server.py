@@ -16,7 +16,7 @@ from typing import ClassVar
 
 import grpc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 from grpc import aio
 
 from opsplane.config import is_loopback, split_host_port
@@ -199,6 +199,9 @@ class GrpcLink(Link, pb_grpc.CommandServiceServicer):  # type: ignore[misc]
         except TimeoutError:
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "no hello within 10 s")
             return
+        except DecodeError:
+            await self._refuse_undecodable(context, "-")
+            return
         if first is _EOF or not isinstance(first, pb.CommandMessage) or not first.HasField("hello"):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message must be hello")
             return
@@ -268,6 +271,9 @@ class GrpcLink(Link, pb_grpc.CommandServiceServicer):  # type: ignore[misc]
                 message = await stream.context.read()
             except (aio.AioRpcError, asyncio.InvalidStateError):
                 return
+            except DecodeError:
+                await self._refuse_undecodable(stream.context, host)
+                return
             if message is _EOF or not isinstance(message, pb.CommandMessage):
                 return
             kind = message.WhichOneof("message")
@@ -292,6 +298,13 @@ class GrpcLink(Link, pb_grpc.CommandServiceServicer):  # type: ignore[misc]
             except InvalidInput as e:
                 # Not acknowledged: an agent of ours never sends this; a rogue gets nothing.
                 self._refuse(host, "malformed", f"{kind}: {e}")
+
+    async def _refuse_undecodable(
+        self, context: aio.ServicerContext[pb.CommandMessage, pb.CommandMessage], host: str
+    ) -> None:
+        """Bytes that are not a message of the protocol: the stream cannot go on."""
+        self._refuse(host, "malformed", "not a CommandMessage (undecodable protobuf)")
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "not a CommandMessage")
 
     def _refuse(self, host: str, reason: str, why: str) -> None:
         log.warning("refused a message from %s (%s): %s", host, reason, why)
