@@ -91,6 +91,8 @@ class Settings(BaseSettings):
     log_retention_bytes: int = Field(default=0, ge=0)
     # Seconds between two retention passes over the archive.
     log_prune_interval: float = Field(default=3600.0, gt=0)
+    # The most one run's log keeps (0: no cap); the cut is marked in the log.
+    archive_max_bytes_per_run: int = Field(default=1024**3, ge=0)
     ingest_batch_size: int = Field(default=1000, gt=0)
     ingest_linger: float = Field(default=0.0, ge=0)
     # Bytes of host reports (mostly output) queued for ingest at most; past it, links wait

@@ -55,6 +55,7 @@ class Engine:
             settings.logs_dir,
             retention_days=settings.log_retention_days,
             retention_bytes=settings.log_retention_bytes,
+            max_bytes_per_run=settings.archive_max_bytes_per_run,
         )
         self.archive_pruner = ArchivePruner(self.archive, interval=settings.log_prune_interval)
         # One writer at a time within this instance: SQLite has one writer anyway, and on a
