@@ -30,7 +30,7 @@ from contextlib import AbstractAsyncContextManager
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from opsplane.domain.errors import ReportRejected
+from opsplane.domain.errors import ReportNotWritten, ReportRejected
 from opsplane.domain.redaction import LineBuffer, Redactor
 from opsplane.domain.states import RunStatus
 from opsplane.engine.archive import LogArchive
@@ -167,7 +167,8 @@ class Ingest:
 
     async def report(self, report: HostReport) -> asyncio.Future[None]:
         """Queue ``report``; waits while the queue is full (backpressure on the link). The
-        future completes once the report is durable, or fails with ``ReportRejected``."""
+        future completes once the report is durable, or fails with ``ReportRejected`` (the
+        report cannot be applied) or ``ReportNotWritten`` (ingest stopped first)."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         size = _size(report)
         async with self._room:
@@ -197,7 +198,7 @@ class Ingest:
         batch, self._current = self._current, []
         for _, future in batch:
             if not future.done():
-                future.set_exception(ReportRejected(why))
+                future.set_exception(ReportNotWritten(why))
             self._queue.task_done()
 
     async def _loop(self) -> None:
