@@ -177,3 +177,34 @@ async def test_readyz_names_a_background_loop_that_is_down(tmp_path: Path) -> No
             finally:
                 await loop.stop()
             assert (await client.get("/readyz")).status_code == 200
+
+
+async def test_a_heartbeat_does_not_wait_behind_queued_run_reports(
+    tmp_path: Path, database_url: str, link: MemoryLink
+) -> None:
+    settings = load_settings(
+        data_dir=tmp_path, database_url=database_url, heartbeat_interval=30.0, ingest_batch_size=10
+    )
+    engine = Engine(settings, [link])
+    await engine.start()
+    try:
+        await link.connect("web-1", ["web"])
+        await link.connect("web-2", ["web"])
+        _, runs = await _two_runs(engine)
+        done: list[str] = []
+        futures = []
+        # The database is busy (another writer holds the lock) while output piles up.
+        async with engine._write_lock:
+            for seq in range(200):
+                output = RunOutput("web-1", runs["web-1"], "stdout", seq, b"line\n")
+                future = await engine.report(output)
+                future.add_done_callback(lambda _f: done.append("output"))
+                futures.append(future)
+            beat = await engine.report(HeartbeatReport("web-2", datetime.now(UTC), 3.0, 4.0))
+            beat.add_done_callback(lambda _f: done.append("heartbeat"))
+        await asyncio.wait_for(asyncio.gather(beat, *futures), WAIT)
+        # Written with the first batches, not after the 200 reports queued before it.
+        assert done.index("heartbeat") <= 20, done.index("heartbeat")
+        assert (await engine.hosts.get_host("web-2")).cpu_usage == 3.0
+    finally:
+        await engine.stop()

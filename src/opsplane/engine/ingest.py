@@ -52,6 +52,8 @@ log = logging.getLogger(__name__)
 
 WriteContext = Callable[[], AbstractAsyncContextManager[Changes]]
 _Item = tuple[HostReport, asyncio.Future[None]]
+# Heartbeats waiting, latest per host, with the futures of every beat it stands for.
+_Beats = list[tuple[HeartbeatReport, list[asyncio.Future[None]]]]
 _Chunks = list[tuple[Path, bytes]]
 _STREAMS: tuple[Stream, ...] = ("stdout", "stderr")
 # Redaction of more than this many bytes (or characters) at once runs in a worker thread.
@@ -116,6 +118,11 @@ class Ingest:
         self._on_rejected = on_rejected or (lambda _reason: None)
         # The batch being written, failed by ``_crashed`` if the loop dies under it.
         self._current: list[_Item] = []
+        # Heartbeats never queue behind run reports (DESIGN §5): they wait here, latest per
+        # host (bounded by the fleet), and go with the next batch, however full the queue.
+        self._beats: dict[str, tuple[HeartbeatReport, list[asyncio.Future[None]]]] = {}
+        self._beats_due = asyncio.Event()
+        self._current_beats: _Beats = []
         self.loop = Supervised("ingest", self._loop, on_crash=self._crashed)
         #: Whether the last write failed because the database was unreachable (until one
         #: succeeds): ingest is paused, the queue applies backpressure.
@@ -160,7 +167,7 @@ class Ingest:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._queue.join(), drain_seconds)
         await self.loop.stop()
-        if self._held:
+        if self._held or self._beats:
             # Incomplete last lines of runs still going: into the archive, not lost.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._flush_with_retry([], release_all=True), drain_seconds)
@@ -170,6 +177,11 @@ class Ingest:
         future completes once the report is durable, or fails with ``ReportRejected`` (the
         report cannot be applied) or ``ReportNotWritten`` (ingest stopped first)."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if isinstance(report, HeartbeatReport):
+            _, futures = self._beats.pop(report.hostname, (report, []))
+            self._beats[report.hostname] = (report, [*futures, future])
+            self._beats_due.set()
+            return future
         size = _size(report)
         async with self._room:
             # One report larger than the whole budget still goes, alone.
@@ -196,10 +208,13 @@ class Ingest:
         """The loop ended under a batch: its reports fail, so that links refuse or resend
         them, rather than wait for an answer that would never come."""
         batch, self._current = self._current, []
+        beats, self._current_beats = self._current_beats, []
         for _, future in batch:
             if not future.done():
                 future.set_exception(ReportNotWritten(why))
             self._queue.task_done()
+        for _, futures in beats:
+            _fail(futures, ReportNotWritten(why))
 
     async def _loop(self) -> None:
         # Group commit: a batch is whatever queued up while the previous one was being written,
@@ -209,8 +224,13 @@ class Ingest:
         while True:
             first = await self._next_report()
             if first is None:
-                # A held line waited long enough: release it, with or without company.
-                await self._flush_with_retry([])
+                # Heartbeats, or a held line that waited long enough: written at once, with or
+                # without company.
+                try:
+                    await self._flush_with_retry([])
+                except asyncio.CancelledError:
+                    self._abandon("ingest stopped before the heartbeat was written")
+                    raise
                 continue
             batch = self._current = [first]
             if self._linger > 0:
@@ -235,19 +255,35 @@ class Ingest:
                 self._queue.task_done()
 
     async def _next_report(self) -> _Item | None:
-        """The next report, or None when the oldest held line is due for release first."""
-        if not self._held:
-            item = await self._queue.get()
-        else:
+        """The next report, or None when heartbeats wait or the oldest held line is due."""
+        if self._beats:
+            return None
+        wait: float | None = None
+        if self._held:
             oldest = next(iter(self._held.values()))
             wait = oldest.since + self._hold_for - time.monotonic()
             if wait <= 0:
                 return None
-            try:
-                item = await asyncio.wait_for(self._queue.get(), wait)
-            except TimeoutError:
-                return None
-        return await self._took(item)
+        if not self._queue.empty():
+            return await self._took(self._queue.get_nowait())
+        # Idle: wait for a report, a heartbeat, or the held line's time.
+        self._beats_due.clear()
+        getter = asyncio.ensure_future(self._queue.get())
+        beat = asyncio.ensure_future(self._beats_due.wait())
+        try:
+            await asyncio.wait({getter, beat}, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            beat.cancel()
+            if not getter.done():
+                getter.cancel()  # takes nothing from the queue
+        if getter.done() and not getter.cancelled():
+            return await self._took(getter.result())
+        return None
+
+    def _take_beats(self) -> _Beats:
+        beats = list(self._beats.values())
+        self._beats.clear()
+        return beats
 
     async def _flush_with_retry(self, batch: list[_Item], *, release_all: bool = False) -> None:
         self._begun += 1
@@ -259,10 +295,12 @@ class Ingest:
                 self._archived_cond.notify_all()
 
     async def _write_and_archive(self, batch: list[_Item], release_all: bool) -> None:
-        # Held lines are taken once, outside the retries: a failed write must not lose them.
+        # Held lines and heartbeats are taken once, outside the retries: a failed write must
+        # not lose them.
         released = await self._release_held(release_all)
+        beats = self._current_beats = self._take_beats()
         try:
-            chunks = await self._write_retrying(batch, released)
+            chunks = await self._write_retrying(batch, released, beats)
         except Exception as e:
             # Not an outage: something in the batch. Each report alone, so one fails alone.
             log.warning(
@@ -271,19 +309,25 @@ class Ingest:
                 type(e).__name__,
                 e,
             )
-            chunks = await self._write_alone([], released) if released else []
+            chunks = await self._write_alone([], released, beats) if released or beats else []
             for item in batch:
                 chunks += await self._write_alone([item], [])
+        else:
+            _succeed(beats)
+        self._current_beats = []
         await self._archive_append(chunks)
         for _, future in batch:
             if not future.done():
                 future.set_result(None)
 
     async def _write_alone(
-        self, items: list[_Item], released: list[tuple[_Held, bytes]]
+        self, items: list[_Item], released: list[tuple[_Held, bytes]], beats: _Beats | None = None
     ) -> _Chunks:
+        beats = beats or []
         try:
-            return await self._write_retrying(items, released)
+            chunks = await self._write_retrying(items, released, beats)
+            _succeed(beats)
+            return chunks
         except Exception as e:
             what = type(items[0][0]).__name__ if items else "held output"
             host = items[0][0].hostname if items else "-"
@@ -293,10 +337,12 @@ class Ingest:
             for _, future in items:
                 if not future.done():
                     future.set_exception(ReportRejected(f"{type(e).__name__}: {e}"))
+            for _, futures in beats:
+                _fail(futures, ReportRejected(f"{type(e).__name__}: {e}"))
             return []
 
     async def _write_retrying(
-        self, batch: list[_Item], released: list[tuple[_Held, bytes]]
+        self, batch: list[_Item], released: list[tuple[_Held, bytes]], beats: _Beats
     ) -> _Chunks:
         """Write, retrying with backoff for as long as the database is unreachable; any other
         error is raised (with the memory of held lines and decoders as before the attempt)."""
@@ -305,7 +351,7 @@ class Ingest:
         while True:
             self._undo = {}
             try:
-                chunks = await self._flush(batch, released)
+                chunks = await self._flush(batch, released, beats)
                 if self.paused:
                     log.info("ingest: the database is back; writing again")
                 self.paused = False
@@ -411,19 +457,23 @@ class Ingest:
             released.append((held, held.buffer.flush()))
         return [(held, await self._redact_data(data)) for held, data in released]
 
-    async def _flush(self, batch: list[_Item], released: list[tuple[_Held, bytes]]) -> _Chunks:
+    async def _flush(
+        self, batch: list[_Item], released: list[tuple[_Held, bytes]], beats: _Beats
+    ) -> _Chunks:
         chunks: _Chunks = []
         async with self._write() as changes:
             for held, data in released:
                 chunks += self._output(
                     changes, held.task_id, held.run_id, held.host, held.stream, data, held.log_path
                 )
-            if not batch:
-                return chunks
             reports = [report for report, _ in batch]
             await self._apply_heartbeats(
-                changes, [r for r in reports if isinstance(r, HeartbeatReport)]
+                changes,
+                [beat for beat, _ in beats]
+                + [r for r in reports if isinstance(r, HeartbeatReport)],
             )
+            if not batch:
+                return chunks
             run_reports = [r for r in reports if not isinstance(r, HeartbeatReport)]
             find = await self._run_finder(changes, run_reports)
             for report in run_reports:
@@ -585,3 +635,16 @@ class Ingest:
         known = await queries.known_host_names(changes.session, latest)
         await queries.bulk_update_hosts(changes.session, [v for v in values if v["name"] in known])
         changes.hosts_changed |= known
+
+
+def _succeed(beats: _Beats) -> None:
+    for _, futures in beats:
+        for future in futures:
+            if not future.done():
+                future.set_result(None)
+
+
+def _fail(futures: list[asyncio.Future[None]], error: Exception) -> None:
+    for future in futures:
+        if not future.done():
+            future.set_exception(error)
