@@ -92,7 +92,16 @@ def _archived(fleet: Fleet, run: dict[str, Any]) -> bytes:
 
 
 def test_output_abuse_keeps_the_control_plane_responsive_and_bounded(tmp_path: Path) -> None:
-    fleet = Fleet(tmp_path, server_env={"OPSPLANE_ARCHIVE_MAX_BYTES_PER_RUN": str(ARCHIVE_CAP)})
+    fleet = Fleet(
+        tmp_path,
+        server_env={
+            "OPSPLANE_ARCHIVE_MAX_BYTES_PER_RUN": str(ARCHIVE_CAP),
+            # Tests beat every second; a flood on a loaded 2-core machine may delay a beat a
+            # few seconds (the default interval is 10 s, offline after 30 s).
+            "OPSPLANE_OFFLINE_AFTER_MISSED": "10",
+            "OPSPLANE_LOST_GRACE": "30",
+        },
+    )
     try:
         fleet.start_server()
         fleet.start_agent(AGENT)

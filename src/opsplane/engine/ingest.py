@@ -56,6 +56,9 @@ _Item = tuple[HostReport, asyncio.Future[None]]
 _Beats = list[tuple[HeartbeatReport, list[asyncio.Future[None]]]]
 _Chunks = list[tuple[Path, bytes]]
 _STREAMS: tuple[Stream, ...] = ("stdout", "stderr")
+# A batch holds at most this much output, so that one transaction stays short and the
+# heartbeats that wait for the next one wait briefly (batch_size bounds the count).
+MAX_BATCH_BYTES = 2 * 1024 * 1024
 # Redaction of more than this many bytes (or characters) at once runs in a worker thread.
 REDACT_IN_THREAD_ABOVE = 64 * 1024
 # Retries of a batch while the database is unreachable: backoff from the first to the last.
@@ -233,16 +236,25 @@ class Ingest:
                     raise
                 continue
             batch = self._current = [first]
+            size = _size(first[0])
             if self._linger > 0:
                 deadline = loop.time() + self._linger
-                while len(batch) < self._batch_size and (remaining := deadline - loop.time()) > 0:
+                while (
+                    len(batch) < self._batch_size
+                    and size < MAX_BATCH_BYTES
+                    and (remaining := deadline - loop.time()) > 0
+                ):
                     try:
                         item = await asyncio.wait_for(self._queue.get(), remaining)
                     except TimeoutError:
                         break
                     batch.append(await self._took(item))
-            while len(batch) < self._batch_size and not self._queue.empty():
-                batch.append(await self._took(self._queue.get_nowait()))
+                    size += _size(item[0])
+            while len(batch) < self._batch_size and size < MAX_BATCH_BYTES:
+                if self._queue.empty():
+                    break
+                batch.append(item := await self._took(self._queue.get_nowait()))
+                size += _size(item[0])
             for observe in self.batch_observers:
                 observe(len(batch))
             try:
