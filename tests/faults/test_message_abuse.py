@@ -332,3 +332,7 @@ async def test_metrics_name_the_refusals(tmp_path: Path) -> None:
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
             metrics = (await client.get("/metrics")).text
         assert _refused(metrics)[("amqp", "malformed")] == 1.0
+        assert 'opsplane_background_loop_down{loop="ingest"} 0.0' in metrics
+        assert 'opsplane_background_loop_restarts_total{loop="ingest"} 0.0' in metrics
+        assert "opsplane_ingest_paused 0.0" in metrics
+        assert "opsplane_archive_write_failures_total 0.0" in metrics
