@@ -81,7 +81,7 @@ def _outage(fleet: Fleet, proxy: Any) -> None:
     fleet.start_server()
     for name in AGENTS:
         fleet.start_agent(name, "dbout")
-    fleet.wait_online(*AGENTS, timeout=30)
+    fleet.wait_online(*AGENTS, timeout=90)
     assert fleet.server is not None
     server = psutil.Process(fleet.server.pid)
 
