@@ -60,7 +60,7 @@ _STREAMS: tuple[Stream, ...] = ("stdout", "stderr")
 # heartbeats that wait for the next one wait briefly (batch_size bounds the count).
 MAX_BATCH_BYTES = 2 * 1024 * 1024
 # Redaction of more than this many bytes (or characters) at once runs in a worker thread.
-REDACT_IN_THREAD_ABOVE = 64 * 1024
+REDACT_IN_THREAD_ABOVE = 8 * 1024
 # Retries of a batch while the database is unreachable: backoff from the first to the last.
 _RETRY_FIRST, _RETRY_MAX = 0.1, 2.0
 # A batch failing as "unavailable" this many times in a row while ``probe`` answers is not an
