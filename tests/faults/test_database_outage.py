@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import time
 import uuid
 from collections import Counter
@@ -25,6 +26,7 @@ import httpx
 import psutil
 import pytest
 
+from opsplane.store.database import UNACKNOWLEDGED_TIMEOUT, create_engine
 from tests.e2e.fleet import Fleet, wait_for
 from tests.faults.tcp_proxy import proxy_to
 from tests.integration.databases import SERVER_URLS, server_params, throwaway_database
@@ -179,3 +181,26 @@ def _outage(fleet: Fleet, proxy: Any) -> None:
         )
     )
     assert (lost, duplicated) == (0, 0)
+
+
+@pytest.mark.parametrize("backend", server_params())
+async def test_database_connections_give_up_on_a_silent_network(
+    backend: str, tmp_path: Path
+) -> None:
+    """A dead network (no reset, no answer) must not hang a request for the kernel's ~15
+    minutes: data the server does not acknowledge ends the connection (TCP_USER_TIMEOUT). The
+    proxy cannot drop acknowledged bytes, so the setting itself is checked here."""
+    option = getattr(socket, "TCP_USER_TIMEOUT", None)
+    if option is None:
+        pytest.skip("TCP_USER_TIMEOUT is Linux-only")
+    async with throwaway_database(backend, tmp_path) as url:
+        engine = create_engine(url)
+        try:
+            async with engine.connect() as connection:
+                raw = await connection.get_raw_connection()
+                transport = raw.driver_connection._transport  # type: ignore[union-attr]
+                sock = transport.get_extra_info("socket")
+                bound = sock.getsockopt(socket.IPPROTO_TCP, option)
+        finally:
+            await engine.dispose()
+    assert bound == int(UNACKNOWLEDGED_TIMEOUT * 1000)

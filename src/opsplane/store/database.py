@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import re
+import socket
 from typing import Any
 
 from sqlalchemy import URL, event, make_url
@@ -13,6 +15,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async
 from sqlalchemy.ext.asyncio import AsyncSession as AsyncSession
 
 from opsplane.domain.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 # The async driver opsplane installs for each backend, and the extra that brings it.
 _DRIVERS = {
@@ -35,6 +39,12 @@ POOL_TIMEOUT = 10.0
 # proxy); recycling after an hour stays under any sensible setting. Pre-ping catches the rest.
 MYSQL_POOL_RECYCLE = 3600
 CONNECT_TIMEOUT = 10.0
+# A server that stops answering without closing the connection (a dead network, a blackholed
+# firewall) would hang a statement until the kernel gives up, some 15 minutes. Data the server
+# has not acknowledged within this many seconds ends the connection instead (TCP_USER_TIMEOUT,
+# Linux): the request gets 503 and ingest waits. A long statement on a live server is not
+# affected: its bytes are acknowledged at once, however long the answer takes.
+UNACKNOWLEDGED_TIMEOUT = 15.0
 
 
 def create_engine(url: str) -> AsyncEngine:
@@ -112,9 +122,25 @@ def _connect_or_operational_error(
     # unreachable, where asyncmy raises its OperationalError: one kind of error for both, so
     # that callers tell "the database is gone" from a bug the same way (is_unavailable).
     try:
-        return dialect.connect(*cargs, **cparams)
+        connection = dialect.connect(*cargs, **cparams)
     except OSError as e:
         raise dialect.loaded_dbapi.OperationalError(f"cannot connect: {e}") from e
+    _bound_unacknowledged(connection)
+    return connection
+
+
+def _bound_unacknowledged(connection: Any) -> None:
+    """Set TCP_USER_TIMEOUT on the connection's socket, where the platform and the driver
+    allow (asyncpg and asyncmy both keep their asyncio transport as ``_transport``)."""
+    option = getattr(socket, "TCP_USER_TIMEOUT", None)
+    transport = getattr(getattr(connection, "driver_connection", None), "_transport", None)
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if option is None or sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, option, int(UNACKNOWLEDGED_TIMEOUT * 1000))
+    except OSError as e:
+        log.debug("cannot bound unacknowledged data on the database connection: %s", e)
 
 
 def masked_url(url: str | URL) -> str:
