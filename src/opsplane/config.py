@@ -101,8 +101,13 @@ class Settings(BaseSettings):
     event_retention_days: float = Field(default=30, ge=0)
     host_retention_days: float = Field(default=0, ge=0)
     retention_interval: float = Field(default=600.0, gt=0)
+    # The most one run's log keeps (0: no cap); the cut is marked in the log.
+    archive_max_bytes_per_run: int = Field(default=1024**3, ge=0)
     ingest_batch_size: int = Field(default=1000, gt=0)
     ingest_linger: float = Field(default=0.0, ge=0)
+    # Bytes of host reports (mostly output) queued for ingest at most; past it, links wait
+    # (backpressure) and hosts keep what they have not been acknowledged (docs/reliability.md).
+    ingest_queue_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
     bootstrap_admin_token: str | None = None
     # Refuse agents that never enrolled (opsplane agents token / opsplane agent --enroll): an
     # agent that chose its own groups would receive those groups' commands. Off only for

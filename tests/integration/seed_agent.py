@@ -41,10 +41,12 @@ class SeedAgent:
     key: Ed25519PrivateKey | None = None
     received: list[dict[str, Any]] = field(default_factory=list)
     bad_signatures: int = 0
+    # The broker (and virtual host) to use.
+    url: str = AMQP_URL
     _connection: AbstractRobustConnection | None = None
 
     async def start(self) -> None:
-        self._connection = await aio_pika.connect_robust(AMQP_URL)
+        self._connection = await aio_pika.connect_robust(self.url)
         channel = await self._connection.channel()
         commands = await channel.declare_exchange("sys_cmd_exchange", "topic", durable=True)
         self._results = await channel.declare_exchange("sys_result_exchange", "topic", durable=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from opsplane.engine.archive import ArchivePruner, LogArchive, PruneResult
+from opsplane.engine.archive import ArchivePruner, LogArchive, PruneResult, cap_marker
 
 NOW = datetime(2025, 6, 15, 12, 0, tzinfo=UTC)
 DAY = 86400.0
@@ -39,6 +39,20 @@ def test_a_run_log_goes_under_its_tasks_creation_date_in_utc(tmp_path: Path) -> 
         tmp_path / "2025/03/04/t1/r1.log"
     )
     assert archive.legacy_path_for("t1", "r1") == tmp_path / "t1/r1.log"
+
+
+async def test_a_run_log_is_cut_at_the_cap_and_the_cut_is_marked_once(tmp_path: Path) -> None:
+    archive = LogArchive(tmp_path, max_bytes_per_run=10)
+    path = archive.path_for("t1", "r1", NOW)
+    other = archive.path_for("t1", "r2", NOW)
+    await archive.append([(path, b"12345678")])
+    await archive.append([(path, b"abcd"), (path, b"efgh"), (other, b"fine")])
+    await archive.append([(path, b"more and more")])
+    assert await archive.read(path) == b"12345678ab" + cap_marker(10)
+    assert await archive.read(other) == b"fine"
+    # A new archive (a restarted control plane) goes on from the file.
+    await LogArchive(tmp_path, max_bytes_per_run=10).append([(path, b"again")])
+    assert await archive.read(path) == b"12345678ab" + cap_marker(10)
 
 
 async def test_appended_output_lands_in_the_dated_file(tmp_path: Path) -> None:

@@ -126,6 +126,18 @@ def test_capture_matches_head_plus_tail_for_any_chunking() -> None:
         assert capture.truncated == (len(data) > 2 * cap)
 
 
+def test_a_character_cut_at_either_end_of_the_gap_is_dropped_not_garbled() -> None:
+    printed = ("\u00e9\u20ac\U0001f600" * 50).encode()
+    for cap in range(5, 30):
+        capture = OutputCapture(cap=cap)
+        capture.feed("stdout", printed)
+        text = capture.text("stdout")
+        assert "\ufffd" not in text, (cap, text)
+        head, rest = text.split("\n... [")
+        dropped, tail = rest.split(" bytes truncated] ...\n")
+        assert len(head.encode()) + int(dropped) + len(tail.encode()) == len(printed)
+
+
 def test_capture_keeps_streams_apart() -> None:
     capture = OutputCapture(cap=4)
     capture.feed("stdout", b"out")

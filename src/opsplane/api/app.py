@@ -10,7 +10,7 @@ from fastapi import Depends, FastAPI
 from prometheus_client import CollectorRegistry
 
 from opsplane.api.deps import require_principal
-from opsplane.api.errors import install_error_handlers
+from opsplane.api.errors import install_database_error_handler, install_error_handlers
 from opsplane.api.middleware import AuthenticateFirst
 from opsplane.api.routers import (
     agents,
@@ -139,6 +139,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         backoff=settings.alert_backoff,
         on_result=engine_metrics.alert_result,
     )
+    the_engine.loops.add(alerts.loop)
     remoterun = RemoteRunService(the_engine, settings.script_dirs)
     security = SecurityService(
         the_engine.sessions,
@@ -197,6 +198,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     app.state.redactor = Redactor(settings.redact_patterns)
     install_error_handlers(app)
     app.add_middleware(AuthenticateFirst)
+    install_database_error_handler(app)
     app.include_router(health.router)
     app.include_router(auth.router)
     app.include_router(users.router)

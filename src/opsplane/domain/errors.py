@@ -61,3 +61,13 @@ class ConnectionLost(TransportError):
 
 class ConfigError(OpsplaneError):
     """Settings are missing or inconsistent; the process refuses to start."""
+
+
+class ReportRejected(OpsplaneError):
+    """Ingest could not apply a host's report (a value the database refuses, or a bug); the
+    other reports of its batch were written. Not retried: the link refuses the message."""
+
+
+class ReportNotWritten(OpsplaneError):
+    """Ingest stopped (or failed as a whole) before it wrote a host's report: nothing is wrong
+    with the report; the link leaves it unacknowledged, to be sent again."""

@@ -21,6 +21,7 @@ import httpx
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from opsplane.domain.states import RunStatus, TaskStatus
+from opsplane.engine.background import Supervised
 from opsplane.engine.changes import TaskEvent, counts_view
 from opsplane.engine.hub import RecentIds
 from opsplane.store import queries
@@ -92,30 +93,27 @@ class AlertSender:
         self._queue: asyncio.Queue[str] = asyncio.Queue(queue_size)
         self._seen = RecentIds()
         self._client: httpx.AsyncClient | None = None
-        self._worker: asyncio.Task[None] | None = None
+        self.loop = Supervised("alerts", self._loop)
 
     async def start(self) -> None:
-        if not self.webhooks or self._worker is not None:
+        if not self.webhooks or self.loop.running:
             return
         self._client = httpx.AsyncClient(timeout=self._timeout)
-        self._worker = asyncio.create_task(self._loop(), name="alerts")
+        self.loop.start()
 
     async def stop(self, drain_seconds: float = 5.0) -> None:
-        if self._worker is None:
+        if not self.loop.running:
             return
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._queue.join(), drain_seconds)
-        self._worker.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._worker
-        self._worker = None
+        await self.loop.stop()
         if self._client is not None:
             await self._client.aclose()
             self._client = None
 
     def observe(self, events: list[TaskEvent]) -> None:
         """Hub listener: queue each task that just ended failed or timed out (once)."""
-        if self._worker is None:
+        if not self.loop.running:
             return
         for event in events:
             if event.kind != "task" or event.data.get("status") not in ALERTING_STATUSES:

@@ -7,7 +7,9 @@ and a day of tasks is one directory to back up or drop. Runs archived before thi
 (``runs.log_path``), so both layouts are read the same way.
 
 Retention (docs/operations.md, *Log archive*): :meth:`LogArchive.prune` drops run logs by age
-and by total size; :class:`ArchivePruner` calls it periodically.
+and by total size; :class:`ArchivePruner` calls it periodically. One run's log is capped at
+``max_bytes_per_run`` (setting ``archive_max_bytes_per_run``): a command printing without end
+fills the disk no faster than the cap, and the cut is marked in the log itself.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from opsplane.engine.background import cancel_and_wait
+from opsplane.engine.background import Supervised
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +34,11 @@ LIVE_GRACE = 600.0
 MAX_REMOVALS_PER_PASS = 10_000
 
 _APPEND_ATTEMPTS = 3
+
+
+def cap_marker(cap: int) -> bytes:
+    """What ends a run log cut at ``cap`` bytes."""
+    return f"\n[opsplane: archive capped at {cap} bytes; the rest is not kept]\n".encode()
 
 
 @dataclass(frozen=True)
@@ -68,8 +75,10 @@ class LogArchive:
         retention_bytes: int = 0,
         live_grace: float = LIVE_GRACE,
         max_removals: int = MAX_REMOVALS_PER_PASS,
+        max_bytes_per_run: int = 0,
     ) -> None:
         self.logs_dir = logs_dir
+        self.max_bytes_per_run = max_bytes_per_run
         self.retention_days = retention_days
         self.retention_bytes = retention_bytes
         self.live_grace = live_grace
@@ -91,13 +100,14 @@ class LogArchive:
         if chunks:
             await asyncio.to_thread(self._append, chunks)
 
-    @staticmethod
-    def _append(chunks: list[tuple[Path, bytes]]) -> None:
+    def _append(self, chunks: list[tuple[Path, bytes]]) -> None:
         by_path: defaultdict[Path, list[bytes]] = defaultdict(list)
         for path, data in chunks:
             by_path[path].append(data)
         for path, parts in by_path.items():
-            data = b"".join(parts)
+            data = self._within_cap(path, b"".join(parts))
+            if not data:
+                continue
             # A prune pass may remove the (then empty) directory between mkdir and open.
             for attempt in range(_APPEND_ATTEMPTS):
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -108,6 +118,22 @@ class LogArchive:
                 except FileNotFoundError:
                     if attempt == _APPEND_ATTEMPTS - 1:
                         raise
+
+    def _within_cap(self, path: Path, data: bytes) -> bytes:
+        """``data``, cut where the run's log reaches the cap (and then marked). The file's
+        size is the state: a restarted control plane caps the same way."""
+        cap = self.max_bytes_per_run
+        if cap <= 0:
+            return data
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            size = 0
+        if size >= cap:
+            return b""  # cut and marked already
+        if size + len(data) <= cap:
+            return data
+        return data[: cap - size] + cap_marker(cap)
 
     async def read(self, path: Path) -> bytes:
         def _read() -> bytes:
@@ -237,15 +263,14 @@ class ArchivePruner:
     def __init__(self, archive: LogArchive, *, interval: float = 3600.0) -> None:
         self._archive = archive
         self._interval = interval
-        self._task: asyncio.Task[None] | None = None
+        self.loop = Supervised("archive-pruner", self._loop)
 
     async def start(self) -> None:
-        if self._task is None and not self._archive.retains_all:
-            self._task = asyncio.create_task(self._loop(), name="archive-pruner")
+        if not self._archive.retains_all:
+            self.loop.start()
 
     async def stop(self) -> None:
-        await cancel_and_wait(self._task)
-        self._task = None
+        await self.loop.stop()
 
     async def run_once(self) -> PruneResult:
         result = await self._archive.prune()

@@ -13,12 +13,15 @@ from collections import Counter
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from opsplane.config import Settings
+from opsplane.domain.errors import InvalidInput, ReportRejected
 from opsplane.domain.redaction import Redactor
 from opsplane.domain.states import TERMINAL_TASK_STATUSES
 from opsplane.engine.archive import ArchivePruner, LogArchive
+from opsplane.engine.background import Loops
 from opsplane.engine.changes import Changes
 from opsplane.engine.dispatcher import Dispatcher
 from opsplane.engine.hosts import HostService
@@ -36,7 +39,15 @@ from opsplane.store import queries
 from opsplane.store.database import create_engine, session_factory
 from opsplane.store.migrate import upgrade_to_head
 from opsplane.store.tables import AgentRow, TaskRow
-from opsplane.transport.base import LOCAL_LINK, SSH_LINK, AgentHello, AgentKey, HostReport, Link
+from opsplane.transport.base import (
+    LOCAL_LINK,
+    SSH_LINK,
+    AgentHello,
+    AgentKey,
+    HostReport,
+    Link,
+    check_report,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +65,7 @@ class Engine:
             settings.logs_dir,
             retention_days=settings.log_retention_days,
             retention_bytes=settings.log_retention_bytes,
+            max_bytes_per_run=settings.archive_max_bytes_per_run,
         )
         self.archive_pruner = ArchivePruner(self.archive, interval=settings.log_prune_interval)
         # One writer at a time within this instance: SQLite has one writer anyway, and on a
@@ -67,6 +79,9 @@ class Engine:
             redactor=Redactor(settings.redact_patterns),
             event_output_cap=settings.event_output_cap,
             output_cap=settings.output_cap,
+            max_queue_bytes=settings.ingest_queue_bytes,
+            probe=self.ping_database,
+            on_rejected=lambda _why: self.message_refused("ingest", "unprocessable"),
         )
         self.secrets = SecretBox(settings.secret_key_path)
         self.dispatcher = Dispatcher(self.write, self.links, secrets=self.secrets)
@@ -103,6 +118,7 @@ class Engine:
             silent_links=[n for n, link in self.links.items() if not link.liveness_by_heartbeat],
             held_links=[n for n, link in self.links.items() if link.executes_here],
             on_silent=self._drop_silent,
+            hearing=lambda: not self.ingest.paused,
         )
         self.retention = Retention(
             self.write,
@@ -120,7 +136,18 @@ class Engine:
         )
         # Messages the links refused, by (link, reason): the metrics read them.
         self.refused: Counter[tuple[str, str]] = Counter()
+        # Every long-lived loop, supervised (restarted with backoff); /readyz reports them.
+        self.loops = Loops()
+        for loop in (self.ingest.loop, self.monitor.loop, self.scheduler.loop):
+            self.loops.add(loop)
+        self.loops.add(self.archive_pruner.loop)
+        self.loops.add(self.retention.loop)
         self.ready = False
+
+    async def ping_database(self) -> None:
+        """Raises unless the database answers a trivial query."""
+        async with self.sessions() as session:
+            await session.execute(text("SELECT 1"))
 
     @asynccontextmanager
     async def write(self) -> AsyncIterator[Changes]:
@@ -215,6 +242,16 @@ class Engine:
         await self.hosts.host_disconnected(hostname, link)
 
     async def report(self, report: HostReport) -> asyncio.Future[None]:
+        # The links check what hosts send (and count refusals by link); this guards ingest
+        # against a report built wrong by any link, ours included.
+        try:
+            check_report(report)
+        except InvalidInput as e:
+            log.warning("refused a report from %s: %s", report.hostname, e)
+            self.message_refused("engine", "malformed")
+            refused: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            refused.set_exception(ReportRejected(str(e)))
+            return refused
         return await self.ingest.report(report)
 
     async def _drop_silent(self, hosts: list[tuple[str, str]]) -> None:

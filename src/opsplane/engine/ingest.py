@@ -5,7 +5,8 @@ so a link acknowledges a result to its host only after the database has it.
 Output is redacted here, the one place it enters (seed 003's log masking): before it becomes an
 event, a line of the archive, or the run row. Live output is redacted line by line; the part
 after a stream's last line break is held back briefly (``hold_for``) so that a secret split
-across two chunks is matched whole.
+across two chunks is matched whole. Large pieces are redacted in a worker thread, so that a
+flood of output never holds the event loop (API, gRPC, heartbeats) for long.
 
 Output chunks carry ``seq`` (per run, from 1): a chunk at or below ``runs.output_seq`` was
 placed before (an agent re-sends its spooled output after a reconnect) and is dropped; one
@@ -19,6 +20,15 @@ What the database keeps of output is bounded (DESIGN §2): the first ``event_out
 of each run's stream become durable ``output`` events, then one durable marker (``capped``,
 with where the whole log is); output past it is published live only. The archive keeps all of
 it, and the run row keeps the head and the tail (``output_cap`` bytes each).
+
+Failures (docs/reliability.md): while the database is unreachable a batch is retried with
+backoff for as long as it takes, and the bounded queue (``max_queue`` reports,
+``max_queue_bytes``) makes the links wait, so hosts keep their unacknowledged results and send
+them again. Any other failure of a batch is a report the database or ingest cannot take: the
+batch is written again report by report, and only the offender fails (its future gets
+``ReportRejected``; the link refuses the message). A failure to append to the archive (disk
+full) is logged and counted; the database effect stands and the report is acknowledged. The
+loop itself runs under ``background.Supervised``: should it crash all the same, it restarts.
 """
 
 from __future__ import annotations
@@ -28,19 +38,20 @@ import codecs
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from sqlalchemy.exc import SQLAlchemyError
-
+from opsplane.domain.errors import ReportNotWritten, ReportRejected
 from opsplane.domain.redaction import LineBuffer, Redactor
 from opsplane.domain.states import RunStatus
 from opsplane.engine.archive import LogArchive
+from opsplane.engine.background import Supervised
 from opsplane.engine.changes import Changes
 from opsplane.execution.capture import DEFAULT_CAP, OutputCapture
 from opsplane.store import queries
+from opsplane.store.database import is_unavailable
 from opsplane.store.tables import HeartbeatRow, RunRow
 from opsplane.transport.base import (
     HeartbeatReport,
@@ -55,6 +66,8 @@ log = logging.getLogger(__name__)
 
 WriteContext = Callable[[], AbstractAsyncContextManager[Changes]]
 _Item = tuple[HostReport, asyncio.Future[None]]
+# Heartbeats waiting, latest per host, with the futures of every beat it stands for.
+_Beats = list[tuple[HeartbeatReport, list[asyncio.Future[None]]]]
 _Chunks = list[tuple[Path, bytes]]
 _STREAMS: tuple[Stream, ...] = ("stdout", "stderr")
 # Early chunks (a gap before them) kept per run while the gap may still be filled, and runs
@@ -76,6 +89,27 @@ _MAX_COUNTED_STREAMS = 100_000
 # A run row's output passes as the host capped it as long as it is within twice the cap, plus
 # room for the host's truncation marker; anything longer is cut to head and tail again.
 _MARKER_ROOM = 128
+
+
+# A batch holds at most this much output, so that one transaction stays short and the
+# heartbeats that wait for the next one wait briefly (batch_size bounds the count).
+MAX_BATCH_BYTES = 2 * 1024 * 1024
+# Redaction of more than this many bytes (or characters) at once runs in a worker thread.
+REDACT_IN_THREAD_ABOVE = 8 * 1024
+# Retries of a batch while the database is unreachable: backoff from the first to the last.
+_RETRY_FIRST, _RETRY_MAX = 0.1, 2.0
+# A batch failing as "unavailable" this many times in a row while ``probe`` answers is not an
+# outage but a report the database refuses that way: it is written report by report.
+_UNAVAILABLE_BUT_UP = 5
+
+
+def _size(report: HostReport) -> int:
+    """About what a queued report holds in memory, for the queue's byte budget."""
+    if isinstance(report, RunOutput):
+        return 200 + len(report.data)
+    if isinstance(report, RunFinished):
+        return 300 + len(report.stdout) + len(report.stderr) + len(report.error or "")
+    return 200
 
 
 class _Held:
@@ -100,20 +134,41 @@ class Ingest:
         batch_size: int,
         linger: float,
         history_every: timedelta = timedelta(seconds=60),
-        retry_for: float = 30.0,
         redactor: Redactor | None = None,
         hold_for: float = 0.5,
         event_output_cap: int = 64 * 1024,
         output_cap: int = DEFAULT_CAP,
+        max_queue_bytes: int = 64 * 1024 * 1024,
+        probe: Callable[[], Awaitable[None]] | None = None,
+        on_rejected: Callable[[str], None] | None = None,
     ) -> None:
+        """``probe`` checks that the database answers (it raises otherwise); ``on_rejected``
+        is told why each report that failed alone failed (metrics)."""
         self._write = write
         self._archive = archive
         self._batch_size = batch_size
         self._linger = linger
         self._history_every = history_every
-        self._retry_for = retry_for
         self._queue: asyncio.Queue[_Item] = asyncio.Queue(maxsize=batch_size * 20)
-        self._task: asyncio.Task[None] | None = None
+        # Bytes held by queued reports; ``report`` waits while the budget is spent.
+        self._max_queue_bytes = max_queue_bytes
+        self._queued_bytes = 0
+        self._room = asyncio.Condition()
+        self._probe = probe
+        self._on_rejected = on_rejected or (lambda _reason: None)
+        # The batch being written, failed by ``_crashed`` if the loop dies under it.
+        self._current: list[_Item] = []
+        # Heartbeats never queue behind run reports (DESIGN §5): they wait here, latest per
+        # host (bounded by the fleet), and go with the next batch, however full the queue.
+        self._beats: dict[str, tuple[HeartbeatReport, list[asyncio.Future[None]]]] = {}
+        self._beats_due = asyncio.Event()
+        self._current_beats: _Beats = []
+        self.loop = Supervised("ingest", self._loop, on_crash=self._crashed)
+        #: Whether the last write failed because the database was unreachable (until one
+        #: succeeds): ingest is paused, the queue applies backpressure.
+        self.paused = False
+        #: Appends to the archive that failed (their database effect stands).
+        self.archive_failures = 0
         self._decoders: dict[tuple[str, str], codecs.IncrementalDecoder] = {}
         self._last_history: dict[str, datetime] = {}
         self._redactor = redactor or Redactor(())
@@ -149,27 +204,63 @@ class Ingest:
             await self._archived_cond.wait_for(lambda: self._archived_count >= target)
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._loop(), name="ingest")
+        self.loop.start()
 
     async def stop(self, drain_seconds: float = 5.0) -> None:
         """Write what is queued (bounded by ``drain_seconds``), then stop."""
-        if self._task is None:
+        if not self.loop.running:
             return
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._queue.join(), drain_seconds)
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
-        self._task = None
-        if self._held:
+        await self.loop.stop()
+        if self._held or self._beats:
             # Incomplete last lines of runs still going: into the archive, not lost.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._flush_with_retry([], release_all=True), drain_seconds)
 
     async def report(self, report: HostReport) -> asyncio.Future[None]:
+        """Queue ``report``; waits while the queue is full (backpressure on the link). The
+        future completes once the report is durable, or fails with ``ReportRejected`` (the
+        report cannot be applied) or ``ReportNotWritten`` (ingest stopped first)."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if isinstance(report, HeartbeatReport):
+            _, futures = self._beats.pop(report.hostname, (report, []))
+            self._beats[report.hostname] = (report, [*futures, future])
+            self._beats_due.set()
+            return future
+        size = _size(report)
+        async with self._room:
+            # One report larger than the whole budget still goes, alone.
+            await self._room.wait_for(
+                lambda: (
+                    self._queued_bytes == 0 or self._queued_bytes + size <= self._max_queue_bytes
+                )
+            )
+            self._queued_bytes += size
         await self._queue.put((report, future))
         return future
+
+    async def _took(self, item: _Item) -> _Item:
+        """Bookkeeping of a report taken from the queue: its bytes leave the budget."""
+        self._queued_bytes -= _size(item[0])
+        async with self._room:
+            self._room.notify_all()
+        return item
+
+    def _crashed(self, error: BaseException) -> None:
+        self._abandon(f"ingest failed: {type(error).__name__}: {error}")
+
+    def _abandon(self, why: str) -> None:
+        """The loop ended under a batch: its reports fail, so that links refuse or resend
+        them, rather than wait for an answer that would never come."""
+        batch, self._current = self._current, []
+        beats, self._current_beats = self._current_beats, []
+        for _, future in batch:
+            if not future.done():
+                future.set_exception(ReportNotWritten(why))
+            self._queue.task_done()
+        for _, futures in beats:
+            _fail(futures, ReportNotWritten(why))
 
     async def _loop(self) -> None:
         # Group commit: a batch is whatever queued up while the previous one was being written,
@@ -179,39 +270,75 @@ class Ingest:
         while True:
             first = await self._next_report()
             if first is None:
-                # A held line waited long enough: release it, with or without company.
-                await self._flush_with_retry([])
+                # Heartbeats, or a held line that waited long enough: written at once, with or
+                # without company.
+                try:
+                    await self._flush_with_retry([])
+                except asyncio.CancelledError:
+                    self._abandon("ingest stopped before the heartbeat was written")
+                    raise
                 continue
-            batch = [first]
+            batch = self._current = [first]
+            size = _size(first[0])
             if self._linger > 0:
                 deadline = loop.time() + self._linger
-                while len(batch) < self._batch_size and (remaining := deadline - loop.time()) > 0:
+                while (
+                    len(batch) < self._batch_size
+                    and size < MAX_BATCH_BYTES
+                    and (remaining := deadline - loop.time()) > 0
+                ):
                     try:
-                        batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+                        item = await asyncio.wait_for(self._queue.get(), remaining)
                     except TimeoutError:
                         break
-            while len(batch) < self._batch_size and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
+                    batch.append(await self._took(item))
+                    size += _size(item[0])
+            while len(batch) < self._batch_size and size < MAX_BATCH_BYTES:
+                if self._queue.empty():
+                    break
+                batch.append(item := await self._took(self._queue.get_nowait()))
+                size += _size(item[0])
             for observe in self.batch_observers:
                 observe(len(batch))
             try:
                 await self._flush_with_retry(batch)
-            finally:
-                for _ in batch:
-                    self._queue.task_done()
+            except asyncio.CancelledError:
+                self._abandon("ingest stopped before the report was written")
+                raise
+            self._current = []
+            for _ in batch:
+                self._queue.task_done()
 
     async def _next_report(self) -> _Item | None:
-        """The next report, or None when the oldest held line is due for release first."""
-        if not self._held:
-            return await self._queue.get()
-        oldest = next(iter(self._held.values()))
-        wait = oldest.since + self._hold_for - time.monotonic()
-        if wait <= 0:
+        """The next report, or None when heartbeats wait or the oldest held line is due."""
+        if self._beats:
             return None
+        wait: float | None = None
+        if self._held:
+            oldest = next(iter(self._held.values()))
+            wait = oldest.since + self._hold_for - time.monotonic()
+            if wait <= 0:
+                return None
+        if not self._queue.empty():
+            return await self._took(self._queue.get_nowait())
+        # Idle: wait for a report, a heartbeat, or the held line's time.
+        self._beats_due.clear()
+        getter = asyncio.ensure_future(self._queue.get())
+        beat = asyncio.ensure_future(self._beats_due.wait())
         try:
-            return await asyncio.wait_for(self._queue.get(), wait)
-        except TimeoutError:
-            return None
+            await asyncio.wait({getter, beat}, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            beat.cancel()
+            if not getter.done():
+                getter.cancel()  # takes nothing from the queue
+        if getter.done() and not getter.cancelled():
+            return await self._took(getter.result())
+        return None
+
+    def _take_beats(self) -> _Beats:
+        beats = list(self._beats.values())
+        self._beats.clear()
+        return beats
 
     async def _flush_with_retry(self, batch: list[_Item], *, release_all: bool = False) -> None:
         self._begun += 1
@@ -223,33 +350,114 @@ class Ingest:
                 self._archived_cond.notify_all()
 
     async def _write_and_archive(self, batch: list[_Item], release_all: bool) -> None:
-        loop = asyncio.get_running_loop()
-        give_up_at = loop.time() + self._retry_for
-        delay = 0.1
-        # Held lines are taken once, outside the retries: a failed write must not lose them.
-        released = self._release_held(release_all)
-        while True:
-            self._undo = {}
-            try:
-                chunks = await self._flush(batch, released)
-                break
-            except SQLAlchemyError as e:
-                self._roll_back_memory()
-                if loop.time() + delay > give_up_at:
-                    log.error("ingest gave up on a batch of %d reports: %s", len(batch), e)
-                    for _, future in batch:
-                        if not future.done():
-                            future.set_exception(e)
-                    return
-                log.warning("ingest write failed, retrying in %.1fs: %s", delay, e)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-            finally:
-                self._undo = None
-        await self._archive.append(chunks)
+        # Held lines and heartbeats are taken once, outside the retries: a failed write must
+        # not lose them.
+        released = await self._release_held(release_all)
+        beats = self._current_beats = self._take_beats()
+        try:
+            chunks = await self._write_retrying(batch, released, beats)
+        except Exception as e:
+            # Not an outage: something in the batch. Each report alone, so one fails alone.
+            log.warning(
+                "ingest: a batch of %d reports failed (%s: %s); writing them one by one",
+                len(batch),
+                type(e).__name__,
+                e,
+            )
+            chunks = await self._write_alone([], released, beats) if released or beats else []
+            for item in batch:
+                chunks += await self._write_alone([item], [])
+        else:
+            _succeed(beats)
+        self._current_beats = []
+        await self._archive_append(chunks)
         for _, future in batch:
             if not future.done():
                 future.set_result(None)
+
+    async def _write_alone(
+        self, items: list[_Item], released: list[tuple[_Held, bytes]], beats: _Beats | None = None
+    ) -> _Chunks:
+        beats = beats or []
+        try:
+            chunks = await self._write_retrying(items, released, beats)
+            _succeed(beats)
+            return chunks
+        except Exception as e:
+            what = type(items[0][0]).__name__ if items else "held output"
+            host = items[0][0].hostname if items else "-"
+            log.error("ingest rejected a %s from %s: %s: %s", what, host, type(e).__name__, e,
+                      exc_info=e)  # fmt: skip
+            self._on_rejected(type(e).__name__)
+            for _, future in items:
+                if not future.done():
+                    future.set_exception(ReportRejected(f"{type(e).__name__}: {e}"))
+            for _, futures in beats:
+                _fail(futures, ReportRejected(f"{type(e).__name__}: {e}"))
+            return []
+
+    async def _write_retrying(
+        self, batch: list[_Item], released: list[tuple[_Held, bytes]], beats: _Beats
+    ) -> _Chunks:
+        """Write, retrying with backoff for as long as the database is unreachable; any other
+        error is raised (with the memory of held lines and decoders as before the attempt)."""
+        delay = _RETRY_FIRST
+        up_but_failing = 0
+        while True:
+            self._undo = {}
+            try:
+                chunks = await self._flush(batch, released, beats)
+                if self.paused:
+                    log.info("ingest: the database is back; writing again")
+                self.paused = False
+                return chunks
+            except Exception as e:
+                self._roll_back_memory()
+                if not is_unavailable(e):
+                    raise
+                if await self._database_answers():
+                    up_but_failing += 1
+                    if up_but_failing >= _UNAVAILABLE_BUT_UP:
+                        raise
+                if not self.paused:
+                    log.warning("ingest paused: the database is unavailable: %s", e)
+                self.paused = True
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _RETRY_MAX)
+            finally:
+                self._undo = None
+
+    async def _database_answers(self) -> bool:
+        if self._probe is None:
+            return False
+        try:
+            await self._probe()
+        except Exception:
+            return False
+        return True
+
+    async def _archive_append(self, chunks: _Chunks) -> None:
+        try:
+            await self._archive.append(chunks)
+        except OSError as e:
+            # The database has the output (head and tail in the row, events) and the result:
+            # acknowledged all the same, as holding the report back would not free the disk.
+            self.archive_failures += 1
+            log.error("log archive: %d chunks not appended: %s", len(chunks), e)
+
+    async def _redact_data(self, data: bytes) -> bytes:
+        if not data or not self._redactor.enabled:
+            return data
+        if len(data) > REDACT_IN_THREAD_ABOVE:
+            return await asyncio.to_thread(self._redactor.data, data)
+        return self._redactor.data(data)
+
+    async def _redact_text(self, text: str) -> str:
+        if not text or not self._redactor.enabled:
+            return text
+        if len(text) > REDACT_IN_THREAD_ABOVE:
+            return await asyncio.to_thread(self._redactor.text, text)
+        return self._redactor.text(text)
 
     def _roll_back_memory(self) -> None:
         for restore in reversed(list((self._undo or {}).values())):
@@ -320,7 +528,7 @@ class Ingest:
 
         self._undo["stored", *key] = restore
 
-    def _release_held(self, release_all: bool) -> list[tuple[_Held, bytes]]:
+    async def _release_held(self, release_all: bool) -> list[tuple[_Held, bytes]]:
         """Held lines older than ``hold_for`` (all of them with ``release_all``), redacted."""
         now = time.monotonic()
         released: list[tuple[_Held, bytes]] = []
@@ -328,22 +536,26 @@ class Ingest:
             if not release_all and now - held.since < self._hold_for:
                 break  # oldest first: the rest are younger
             del self._held[key]
-            released.append((held, self._redactor.data(held.buffer.flush())))
-        return released
+            released.append((held, held.buffer.flush()))
+        return [(held, await self._redact_data(data)) for held, data in released]
 
-    async def _flush(self, batch: list[_Item], released: list[tuple[_Held, bytes]]) -> _Chunks:
+    async def _flush(
+        self, batch: list[_Item], released: list[tuple[_Held, bytes]], beats: _Beats
+    ) -> _Chunks:
         chunks: _Chunks = []
         async with self._write() as changes:
             for held, data in released:
                 chunks += self._output(
                     changes, held.task_id, held.run_id, held.host, held.stream, data, held.log_path
                 )
-            if not batch:
-                return chunks
             reports = [report for report, _ in batch]
             await self._apply_heartbeats(
-                changes, [r for r in reports if isinstance(r, HeartbeatReport)]
+                changes,
+                [beat for beat, _ in beats]
+                + [r for r in reports if isinstance(r, HeartbeatReport)],
             )
+            if not batch:
+                return chunks
             run_reports = [r for r in reports if not isinstance(r, HeartbeatReport)]
             find = await self._run_finder(changes, run_reports)
             for report in run_reports:
@@ -356,7 +568,7 @@ class Ingest:
                         report.task_id,
                     )
                     continue
-                chunks += self._apply_run_report(changes, run, report)
+                chunks += await self._apply_run_report(changes, run, report)
         return chunks
 
     @staticmethod
@@ -380,7 +592,7 @@ class Ingest:
 
         return find
 
-    def _apply_run_report(
+    async def _apply_run_report(
         self, changes: Changes, run: RunRow, report: RunStarted | RunOutput | RunFinished
     ) -> _Chunks:
         if isinstance(report, RunStarted):
@@ -391,12 +603,12 @@ class Ingest:
                 # Late output of a run that ended (lost, canceled, or re-sent after its
                 # result was stored) stays out: a terminal run's log does not change.
                 return []
-            return self._place(changes, run, self._in_order(run, report))
+            return await self._place(changes, run, self._in_order(run, report))
         # Chunks still waiting for a gap to be filled go in now, with the gap marked.
         chunks: _Chunks = []
         self._remember_early(run.id)
         if run.status in (RunStatus.DISPATCHED, RunStatus.RUNNING):
-            chunks += self._place(changes, run, self._release_early(run, give_up=True))
+            chunks += await self._place(changes, run, self._release_early(run, give_up=True))
         else:
             self._early.pop(run.id, None)
         # The run's last words, held for a line break that will not come, go before its end.
@@ -405,34 +617,36 @@ class Ingest:
             self._remember_decoder((run.id, stream))
             held = self._held.pop((run.id, stream), None)
             if held is not None:
-                data = self._redactor.data(held.buffer.flush())
+                data = await self._redact_data(held.buffer.flush())
                 chunks += self._output(
                     changes, run.task_id, run.id, run.host, stream, data, run.log_path
                 )
             self._decoders.pop((run.id, stream), None)
             self._remember_stored((run.id, stream))
             self._stored.pop((run.id, stream), None)
-        redact = self._redactor.text
+        redact = self._redact_text
         stdout, cut_stdout = self._bounded(report.stdout)
         stderr, cut_stderr = self._bounded(report.stderr)
         changes.move(
             run,
             RunStatus(report.status),
             exit_code=report.exit_code,
-            stdout=redact(stdout),
-            stderr=redact(stderr),
+            stdout=await redact(stdout),
+            stderr=await redact(stderr),
             truncated=report.truncated or cut_stdout or cut_stderr,
-            error=redact(report.error) if report.error else None,
+            error=await redact(report.error) if report.error else None,
             started_at=run.started_at or report.started_at,
             finished_at=report.finished_at,
             duration_ms=report.duration_ms,
         )
         return chunks
 
-    def _place(self, changes: Changes, run: RunRow, parts: list[tuple[Stream, bytes]]) -> _Chunks:
+    async def _place(
+        self, changes: Changes, run: RunRow, parts: list[tuple[Stream, bytes]]
+    ) -> _Chunks:
         chunks: _Chunks = []
         for stream, data in parts:
-            ready = self._complete_lines(run, stream, data)
+            ready = await self._redact_data(self._complete_lines(run, stream, data))
             chunks += self._output(
                 changes, run.task_id, run.id, run.host, stream, ready, run.log_path
             )
@@ -494,8 +708,8 @@ class Ingest:
         return parts
 
     def _complete_lines(self, run: RunRow, stream: Stream, data: bytes) -> bytes:
-        """``data`` redacted, less the incomplete last line, which is held (and redacted later,
-        whole). Without patterns, output passes at once, unchanged."""
+        """``data`` less the incomplete last line, which is held (and redacted later, whole);
+        the caller redacts what is returned. Without patterns, output passes at once."""
         if not self._redactor.enabled:
             return data
         key = (run.id, stream)
@@ -512,7 +726,7 @@ class Ingest:
             self._held.pop(key, None)
             held.since = time.monotonic()
             self._held[key] = held
-        return self._redactor.data(ready) if ready else b""
+        return ready
 
     def _output(
         self,
@@ -623,3 +837,16 @@ class Ingest:
         known = await queries.known_host_names(changes.session, latest)
         await queries.bulk_update_hosts(changes.session, [v for v in values if v["name"] in known])
         changes.hosts_changed |= known
+
+
+def _succeed(beats: _Beats) -> None:
+    for _, futures in beats:
+        for future in futures:
+            if not future.done():
+                future.set_result(None)
+
+
+def _fail(futures: list[asyncio.Future[None]], error: Exception) -> None:
+    for future in futures:
+        if not future.done():
+            future.set_exception(error)

@@ -77,12 +77,38 @@ class _FleetCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         refused = CounterMetricFamily(
             "opsplane_messages_refused",
-            "Agent messages refused: bad_signature, stale, replay, revoked, refused_agent",
+            "Agent messages refused: bad_signature, stale, replay, revoked, refused_agent, "
+            "wrong_target, malformed, unexpected; link ingest: unprocessable",
             labels=["link", "reason"],
         )
         for (link, reason), count in sorted(self._metrics.refused.items()):
             refused.add_metric([link, reason], count)
         yield refused
+        engine = self._metrics.engine
+        restarts = CounterMetricFamily(
+            "opsplane_background_loop_restarts",
+            "Times a background loop failed and was started again (docs/architecture.md)",
+            labels=["loop"],
+        )
+        down = GaugeMetricFamily(
+            "opsplane_background_loop_down", "1 while a background loop is restarting",
+            labels=["loop"],
+        )  # fmt: skip
+        for loop in engine.loops:
+            restarts.add_metric([loop.name], loop.restarts)
+            down.add_metric([loop.name], 1 if loop.state == "restarting" else 0)
+        yield restarts
+        yield down
+        yield GaugeMetricFamily(
+            "opsplane_ingest_paused",
+            "1 while ingest waits for the database to come back",
+            value=1 if engine.ingest.paused else 0,
+        )
+        yield CounterMetricFamily(
+            "opsplane_archive_write_failures",
+            "Appends to the run log archive that failed (their database effect stands)",
+            value=engine.ingest.archive_failures,
+        )
         snapshot = self._metrics.snapshot
         if snapshot is None:
             return  # the database did not answer: no value beats a stale one
@@ -213,6 +239,10 @@ class EngineMetrics:
     def watch_logins(self, counts: LoginCounts) -> None:
         """Export the login throttle's counters (docs/security.md)."""
         self.registry.register(_LoginCollector(counts))
+
+    @property
+    def engine(self) -> Engine:
+        return self._engine
 
     def close(self) -> None:
         self._engine.hub.remove_listener(self.observe)

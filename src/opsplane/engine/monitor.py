@@ -12,7 +12,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import delete
 
 from opsplane.domain.states import IN_FLIGHT_RUN_STATUSES, RunStatus
-from opsplane.engine.background import cancel_and_wait
+from opsplane.engine.background import Supervised
 from opsplane.engine.changes import Changes
 from opsplane.store import queries
 from opsplane.store.tables import HeartbeatRow, utcnow
@@ -34,10 +34,14 @@ class Monitor:
         history_retention: timedelta = timedelta(days=1),
         batch: int = 1000,
         on_silent: Callable[[list[tuple[str, str]]], Awaitable[None]] | None = None,
+        hearing: Callable[[], bool] = lambda: True,
     ) -> None:
+        """``hearing`` says whether heartbeats are being written now (False while ingest is
+        paused because the database is unreachable)."""
         self._write = write
         # Told (after the commit) which hosts just went offline for silence, with their links.
         self._on_silent = on_silent
+        self._hearing = hearing
         self._silent_links = tuple(silent_links)
         # Links whose runs wait in this process for a slot (Link.executes_here): waiting
         # there is not undelivered, and the link reports every run's end itself.
@@ -48,7 +52,9 @@ class Monitor:
         self._history_retention = history_retention
         self._batch = batch
         self._tick = max(0.2, min(1.0, heartbeat_interval / 4))
-        self._task: asyncio.Task[None] | None = None
+        self.loop = Supervised("monitor", self._loop)
+        # Set by a failed pass: the next pass starts the clocks again (see ``_loop``).
+        self._blind = False
         # Nobody could be heard while the control plane was down: grace periods and start
         # timeouts count from this process's start at the earliest, or a restart after a long
         # outage would end every run before its agent had a chance to reconnect and report.
@@ -56,20 +62,29 @@ class Monitor:
 
     async def start(self) -> None:
         self.started_at = utcnow()
-        self._task = asyncio.create_task(self._loop(), name="monitor")
+        self.loop.start()
 
     async def stop(self) -> None:
-        await cancel_and_wait(self._task)
-        self._task = None
+        await self.loop.stop()
 
     async def _loop(self) -> None:
         passes = 0
         while True:
             await asyncio.sleep(self._tick)
+            if not self._hearing():
+                self._blind = True
+                continue
+            if self._blind:
+                # The database was unreachable: no heartbeat could be written meanwhile, and
+                # those queued in ingest may not be written yet. Silence is judged from now
+                # on, as after a start, or every host would go offline and its runs be lost.
+                self.started_at = utcnow()
             try:
                 await self.check_once(prune=passes % 600 == 0)
+                self._blind = False
             except Exception:
                 log.exception("monitor pass failed; retrying on the next tick")
+                self._blind = True
             passes += 1
 
     async def check_once(self, *, prune: bool = False) -> None:
@@ -80,12 +95,17 @@ class Monitor:
             # the silence limit since the last pass (marked offline, so not found again), and
             # the runs in flight on hosts gone past the grace period, each a bounded batch.
             # Hosts of silent links send no heartbeats: silence says nothing about them.
-            for host in await queries.stale_online_hosts(
-                changes.session,
-                now - self._silence_limit,
-                exclude_links=self._silent_links,
-                limit=self._batch,
-            ):
+            stale = (
+                await queries.stale_online_hosts(
+                    changes.session,
+                    now - self._silence_limit,
+                    exclude_links=self._silent_links,
+                    limit=self._batch,
+                )
+                if self._since_start(now) >= self._silence_limit
+                else []
+            )
+            for host in stale:
                 host.status = "offline"
                 changes.host_changed(host.name)
                 silent.append((host.name, host.link))

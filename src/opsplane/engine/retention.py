@@ -15,7 +15,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from opsplane.engine.background import cancel_and_wait
+from opsplane.engine.background import Supervised
 from opsplane.engine.changes import Changes
 from opsplane.store import queries
 from opsplane.store.tables import utcnow
@@ -61,19 +61,18 @@ class Retention:
         self._interval = interval
         self._batch = batch
         self._max_batches = max_batches
-        self._task: asyncio.Task[None] | None = None
+        self.loop = Supervised("retention", self._loop)
 
     @property
     def retains_all(self) -> bool:
         return self._event_days <= 0 and self._host_days <= 0
 
     async def start(self) -> None:
-        if self._task is None and not self.retains_all:
-            self._task = asyncio.create_task(self._loop(), name="retention")
+        if not self.retains_all:
+            self.loop.start()
 
     async def stop(self) -> None:
-        await cancel_and_wait(self._task)
-        self._task = None
+        await self.loop.stop()
 
     async def run_once(self, now: datetime | None = None) -> RetentionResult:
         moment = now or utcnow()

@@ -24,7 +24,7 @@ from opsplane.domain.ids import new_id
 from opsplane.domain.policy import ERROR_STATUSES, TaskPolicy
 from opsplane.domain.states import IN_FLIGHT_RUN_STATUSES, RunStatus, TaskStatus
 from opsplane.engine.archive import LogArchive
-from opsplane.engine.background import cancel_and_wait
+from opsplane.engine.background import Supervised
 from opsplane.engine.changes import Changes, run_event_data
 from opsplane.engine.dispatcher import CancelOrder, Dispatcher, DispatchPlan
 from opsplane.store import queries
@@ -77,22 +77,25 @@ class Scheduler:
         self._batch = batch
         self._max_tasks = max_tasks
         self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._waited_start_delay = False
+        self.loop = Supervised("scheduler", self._loop)
 
     def wake(self) -> None:
         self._wake.set()
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._loop(), name="scheduler")
+        self.loop.start()
 
     async def stop(self) -> None:
-        await cancel_and_wait(self._task)
-        self._task = None
+        await self.loop.stop()
 
     async def _loop(self) -> None:
         # After a restart, agents get a moment to reconnect before waiting runs are judged
-        # against who is connected (recovery: runs a previous process never sent).
-        await asyncio.sleep(self._start_delay)
+        # against who is connected (recovery: runs a previous process never sent). Once per
+        # process: a loop restarted after a failure goes on at once.
+        if not self._waited_start_delay:
+            await asyncio.sleep(self._start_delay)
+            self._waited_start_delay = True
         while True:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self._tick):

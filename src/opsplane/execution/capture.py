@@ -91,9 +91,12 @@ class OutputCapture:
             stranded < min(_MAX_STRANDED_CONTINUATION, len(tail)) and tail[stranded] & 0xC0 == 0x80
         ):
             stranded += 1
+        # Likewise the head's last character, begun but not finished within the head.
+        head = bytes(buf.head)
+        kept = _complete_prefix(head)
         return (
-            bytes(buf.head).decode("utf-8", errors="replace")
-            + f"\n... [{dropped + stranded} bytes truncated] ...\n"
+            head[:kept].decode("utf-8", errors="replace")
+            + f"\n... [{dropped + stranded + len(head) - kept} bytes truncated] ...\n"
             + tail[stranded:].decode("utf-8", errors="replace")
         )
 
@@ -106,3 +109,22 @@ class OutputCapture:
         """How many bytes were fed to ``stream`` in all, kept or not."""
         buf = self._buffers.get(stream)
         return 0 if buf is None else buf.total
+
+
+def _complete_prefix(data: bytes) -> int:
+    """The length of ``data`` less a UTF-8 character begun in its last 3 bytes and not
+    finished (invalid bytes are left to the decoder)."""
+    for back in range(1, min(_MAX_STRANDED_CONTINUATION, len(data)) + 1):
+        byte = data[-back]
+        if byte & 0xC0 == 0x80:
+            continue  # a continuation byte: its lead is further back
+        if byte >= 0xF0:
+            needed = 4
+        elif byte >= 0xE0:
+            needed = 3
+        elif byte >= 0xC0:
+            needed = 2
+        else:
+            return len(data)  # ASCII: nothing begun
+        return len(data) - back if back < needed else len(data)
+    return len(data)

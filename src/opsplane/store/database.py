@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 import re
+import socket
 from typing import Any
 
 from sqlalchemy import URL, event, make_url
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine.interfaces import Dialect
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlalchemy.ext.asyncio import AsyncSession as AsyncSession
 
 from opsplane.domain.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 # The async driver opsplane installs for each backend, and the extra that brings it.
 _DRIVERS = {
@@ -26,11 +32,19 @@ _SERVERS = ("postgresql", "mysql", "mariadb")
 # reads and the live streams. Sized in docs/operations.md against the server's max_connections.
 POOL_SIZE = 5
 MAX_OVERFLOW = 10
-POOL_TIMEOUT = 30.0
+# How long a request waits for a pooled connection before it is answered 503 (database
+# unavailable, api/errors.py) rather than hanging while the server is gone.
+POOL_TIMEOUT = 10.0
 # MySQL closes connections idle past wait_timeout (8 h by default, often far less behind a
 # proxy); recycling after an hour stays under any sensible setting. Pre-ping catches the rest.
 MYSQL_POOL_RECYCLE = 3600
 CONNECT_TIMEOUT = 10.0
+# A server that stops answering without closing the connection (a dead network, a blackholed
+# firewall) would hang a statement until the kernel gives up, some 15 minutes. Data the server
+# has not acknowledged within this many seconds ends the connection instead (TCP_USER_TIMEOUT,
+# Linux): the request gets 503 and ingest waits. A long statement on a live server is not
+# affected: its bytes are acknowledged at once, however long the answer takes.
+UNACKNOWLEDGED_TIMEOUT = 15.0
 
 
 def create_engine(url: str) -> AsyncEngine:
@@ -83,7 +97,50 @@ def create_engine(url: str) -> AsyncEngine:
         raise ConfigError(f"bad database URL {masked_url(parsed)}: {e}") from e
     if engine.dialect.name == "sqlite":
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+    else:
+        event.listen(engine.sync_engine, "do_connect", _connect_or_operational_error)
     return engine
+
+
+def is_unavailable(error: BaseException) -> bool:
+    """Whether ``error`` says the database cannot be reached now (refused, lost or timed-out
+    connections, an exhausted pool, a server shutting down), rather than that a statement or
+    a value is wrong: the first passes when the server returns, the second never does."""
+    if isinstance(error, sa_exc.TimeoutError | sa_exc.DisconnectionError):
+        return True
+    if isinstance(error, sa_exc.DBAPIError):
+        return error.connection_invalidated or isinstance(
+            error, sa_exc.OperationalError | sa_exc.InterfaceError
+        )
+    return False
+
+
+def _connect_or_operational_error(
+    dialect: Dialect, _record: Any, cargs: tuple[Any, ...], cparams: dict[str, Any]
+) -> Any:
+    # asyncpg raises a bare ConnectionRefusedError (or TimeoutError) when the server is
+    # unreachable, where asyncmy raises its OperationalError: one kind of error for both, so
+    # that callers tell "the database is gone" from a bug the same way (is_unavailable).
+    try:
+        connection = dialect.connect(*cargs, **cparams)
+    except OSError as e:
+        raise dialect.loaded_dbapi.OperationalError(f"cannot connect: {e}") from e
+    _bound_unacknowledged(connection)
+    return connection
+
+
+def _bound_unacknowledged(connection: Any) -> None:
+    """Set TCP_USER_TIMEOUT on the connection's socket, where the platform and the driver
+    allow (asyncpg and asyncmy both keep their asyncio transport as ``_transport``)."""
+    option = getattr(socket, "TCP_USER_TIMEOUT", None)
+    transport = getattr(getattr(connection, "driver_connection", None), "_transport", None)
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if option is None or sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, option, int(UNACKNOWLEDGED_TIMEOUT * 1000))
+    except OSError as e:
+        log.debug("cannot bound unacknowledged data on the database connection: %s", e)
 
 
 def masked_url(url: str | URL) -> str:

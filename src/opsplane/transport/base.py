@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
-from typing import Any, ClassVar, Literal, Protocol
+from datetime import UTC, datetime
+from typing import Any, ClassVar, Literal, Protocol, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from opsplane.domain.errors import InvalidInput
 
 Stream = Literal["stdout", "stderr"]
 
@@ -127,6 +130,105 @@ class RunFinished:
 
 HostReport = HeartbeatReport | RunStarted | RunOutput | RunFinished
 
+# The statuses a host may end a run with. "undeliverable": the agent received the command after
+# its delivery deadline and never ran it.
+FINAL_STATUSES = frozenset({"succeeded", "failed", "timed_out", "canceled", "undeliverable"})
+STREAMS = frozenset({"stdout", "stderr"})
+_INT32 = 2**31
+_INT64 = 2**63
+# Run and task ids are UUIDs; anything much longer is not an id of ours.
+_MAX_ID = 64
+# A final result carries the head and tail of each stream (64 KiB each by default, the agent's
+# output_cap). Far more is not an agent of ours; the bound keeps a row within MySQL's
+# MEDIUMTEXT (16 MiB) whatever the characters.
+MAX_RESULT_TEXT = 4_000_000
+
+
+def timestamp(seconds: float) -> datetime | None:
+    """Seconds since the epoch as an aware datetime; None for 0 or less (not given).
+    InvalidInput for what is no time at all (NaN, infinite, past year 9999)."""
+    if not math.isfinite(seconds):
+        raise InvalidInput(f"not a time: {seconds!r}")
+    if seconds <= 0:
+        return None
+    try:
+        return datetime.fromtimestamp(seconds, UTC)
+    except (OverflowError, ValueError, OSError) as e:
+        raise InvalidInput(f"not a time: {seconds!r}") from e
+
+
+_Report = TypeVar("_Report", bound=HostReport)
+
+
+def check_report(report: _Report) -> _Report:
+    """``report`` when the engine can take it, else InvalidInput saying why: every link checks
+    what a host sent before it goes to ingest (a wrong status, type or missing field is the
+    sender's problem, refused and counted at the edge, never an error in ingest)."""
+    if not isinstance(report.hostname, str) or not report.hostname:
+        raise InvalidInput("a report needs its host's name")
+    if isinstance(report, HeartbeatReport):
+        _check_time(report.at, "at")
+        for name in ("cpu_usage", "memory_usage", "load", "disk_usage"):
+            value = getattr(report, name)
+            if value is not None and not _is_finite_number(value):
+                raise InvalidInput(f"{name} must be a finite number")
+        return report
+    if not isinstance(report, RunStarted | RunOutput | RunFinished):
+        raise InvalidInput(f"unknown report {type(report).__name__}")
+    _check_id(report.run_id, "run_id")
+    _check_id(report.task_id, "task_id")
+    if not report.run_id and not report.task_id:
+        raise InvalidInput("a run report needs run_id or task_id")
+    _check_int(report.attempt, "attempt", 1, _INT32)
+    if isinstance(report, RunStarted):
+        _check_time(report.started_at, "started_at")
+    elif isinstance(report, RunOutput):
+        if report.stream not in STREAMS:
+            raise InvalidInput(f"unknown output stream {report.stream!r}")
+        _check_int(report.seq, "seq", 0, _INT64)
+        if not isinstance(report.data, bytes):
+            raise InvalidInput("output data must be bytes")
+    else:
+        if report.status not in FINAL_STATUSES:
+            raise InvalidInput(f"unknown result status {report.status!r}")
+        _check_int(report.exit_code, "exit_code", -_INT32, _INT32)
+        _check_int(report.duration_ms, "duration_ms", 0, _INT64)
+        for name in ("stdout", "stderr", "error"):
+            value = getattr(report, name)
+            if value is not None and not isinstance(value, str):
+                raise InvalidInput(f"{name} must be text")
+            if value is not None and len(value) > MAX_RESULT_TEXT:
+                raise InvalidInput(f"{name} is longer than {MAX_RESULT_TEXT} characters")
+        if not isinstance(report.truncated, bool):
+            raise InvalidInput("truncated must be true or false")
+        if report.started_at is not None:
+            _check_time(report.started_at, "started_at")
+        _check_time(report.finished_at, "finished_at")
+    return report
+
+
+def _is_finite_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_id(value: object, name: str) -> None:
+    if value is None:
+        return
+    if not isinstance(value, str) or len(value) > _MAX_ID:
+        raise InvalidInput(f"{name} must be an id of at most {_MAX_ID} characters")
+
+
+def _check_int(value: object, name: str, low: int, high: int) -> None:
+    if value is None:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value < high:
+        raise InvalidInput(f"{name} must be a whole number from {low} to {high - 1}")
+
+
+def _check_time(value: object, name: str) -> None:
+    if not isinstance(value, datetime) or value.tzinfo is None:
+        raise InvalidInput(f"{name} must be a time with a zone")
+
 
 class LinkEvents(Protocol):
     """What a link tells the engine. Implemented by ``opsplane.engine``."""
@@ -153,7 +255,9 @@ class LinkEvents(Protocol):
         ...
 
     def message_refused(self, link: str, reason: str) -> None:
-        """Count a message refused for its signature, its age, or its sender."""
+        """Count a message refused for its signature, its age, its sender, or its content
+        (``malformed``: not a message of the protocol, a wrong type, value or missing field;
+        ``too_large``; ``unexpected``: a kind of message the control plane does not take)."""
         ...
 
 

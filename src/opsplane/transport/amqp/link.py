@@ -32,6 +32,7 @@ from opsplane.domain.errors import (
     InvalidInput,
     NameTaken,
     NotConnected,
+    ReportRejected,
 )
 from opsplane.security.signing import sign, verify
 from opsplane.transport.amqp import messages as m
@@ -182,8 +183,7 @@ class AmqpLink(Link):
             body = m.decode(message.body)
             report = m.result_report(body, message.routing_key or "")
         except InvalidInput as e:
-            log.warning("dropped a malformed result (routing key %s): %s", message.routing_key, e)
-            await message.reject(requeue=False)
+            await self._refuse(message, "malformed", f"result ({message.routing_key}): {e}")
             return
         # Results may be old (spooled while the control plane was down): no age limit. A
         # replayed result changes nothing, as a run ends once (its id is the replay guard).
@@ -197,8 +197,7 @@ class AmqpLink(Link):
             report = m.heartbeat_report(body)
             hello = m.heartbeat_hello(body, datetime.now(UTC))
         except InvalidInput as e:
-            log.warning("dropped a malformed heartbeat: %s", e)
-            await message.reject(requeue=False)
+            await self._refuse(message, "malformed", f"heartbeat: {e}")
             return
         events = self._events
         if events is None:
@@ -264,6 +263,11 @@ class AmqpLink(Link):
             return
         try:
             await (await events.report(report))
+        except ReportRejected as e:
+            # Ingest could not apply it (counted there); redelivered, it would fail again.
+            log.warning("report from %s rejected by ingest, dropped: %s", report.hostname, e)
+            await message.reject(requeue=False)
+            return
         except Exception as e:
             # Not durable: back to the queue, to be written when the database is back.
             log.warning("report from %s not stored, requeued: %s", report.hostname, e)

@@ -19,6 +19,8 @@ from opsplane.transport.base import (
     RunOutput,
     RunStarted,
     Stream,
+    check_report,
+    timestamp,
 )
 
 LINK_NAME = "amqp"
@@ -30,8 +32,9 @@ HEARTBEAT_QUEUE = "monitor.heartbeat"
 RESULT_BINDING = "result.#"
 HEARTBEAT_KEY = "heartbeat"
 RESULT_KEY_PREFIX = "result.node."
-# "undeliverable": the agent received the command after its delivery deadline and never ran it.
-FINAL_STATUSES = frozenset({"succeeded", "failed", "timed_out", "canceled", "undeliverable"})
+# A result or heartbeat body larger than this is refused unread (a result carries the head and
+# tail of each stream, 64 KiB each by default).
+MAX_BODY_BYTES = 16 * 1024 * 1024
 # A hello reconciles only runs dispatched at least this long before it arrived: later ones may
 # still sit in the agent's queue (a queue gives no ordering against the monitor exchange).
 RECONCILE_MARGIN = timedelta(seconds=5)
@@ -104,6 +107,8 @@ def cancel_body(
 
 
 def decode(body: bytes) -> dict[str, Any]:
+    if len(body) > MAX_BODY_BYTES:
+        raise InvalidInput(f"a message of {len(body)} bytes, more than {MAX_BODY_BYTES}")
     try:
         message = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -138,7 +143,7 @@ def _int(message: Mapping[str, Any], key: str) -> int | None:
 
 def _time(message: Mapping[str, Any], key: str) -> datetime | None:
     value = _number(message, key)
-    return datetime.fromtimestamp(value, UTC) if value and value > 0 else None
+    return timestamp(value) if value is not None else None
 
 
 def _names(message: Mapping[str, Any], key: str) -> tuple[str, ...]:
@@ -169,30 +174,31 @@ def result_report(message: Mapping[str, Any], routing_key: str) -> HostReport:
     attempt = _int(message, "attempt")
     if kind == "started":
         started = _time(message, "started_at") or datetime.now(UTC)
-        return RunStarted(host, run_id, started, task_id=task_id, attempt=attempt)
+        return check_report(RunStarted(host, run_id, started, task_id=task_id, attempt=attempt))
     if kind == "output":
-        stream: Stream = "stderr" if _text(message, "stream") == "stderr" else "stdout"
+        stream: Stream = _text(message, "stream", "stdout") or "stdout"  # type: ignore[assignment]
         data = _text(message, "data").encode()
-        return RunOutput(
-            host, run_id, stream, _int(message, "seq") or 0, data, task_id=task_id, attempt=attempt
-        )
+        seq = _int(message, "seq") or 0
+        output = RunOutput(host, run_id, stream, seq, data, task_id=task_id, attempt=attempt)
+        return check_report(output)
     if kind != "result":
         raise InvalidInput(f"unknown result type {kind!r}")
     exit_code = _int(message, "exit_code")
     status = _text(message, "status")
     if not status:
         status = "succeeded" if exit_code == 0 else "failed"
-    if status not in FINAL_STATUSES:
-        raise InvalidInput(f"unknown result status {status!r}")
     error = _text(message, "error") or (None if status == "succeeded" else f"exit code {exit_code}")
-    return RunFinished(
+    truncated = message.get("truncated") or False
+    if not isinstance(truncated, bool):
+        raise InvalidInput("truncated must be true or false")
+    result = RunFinished(
         hostname=host,
         run_id=run_id,
         status=status,
         exit_code=exit_code,
         stdout=_text(message, "stdout"),
         stderr=_text(message, "stderr"),
-        truncated=bool(message.get("truncated", False)),
+        truncated=truncated,
         error=error,
         started_at=_time(message, "started_at"),
         finished_at=_time(message, "finished_at") or datetime.now(UTC),
@@ -200,10 +206,11 @@ def result_report(message: Mapping[str, Any], routing_key: str) -> HostReport:
         task_id=task_id,
         attempt=attempt,
     )
+    return check_report(result)
 
 
 def heartbeat_report(message: Mapping[str, Any]) -> HeartbeatReport:
-    return HeartbeatReport(
+    report = HeartbeatReport(
         hostname=hostname_of(message, ""),
         # The control plane's clock decides liveness; an agent's clock may be off.
         at=datetime.now(UTC),
@@ -212,6 +219,7 @@ def heartbeat_report(message: Mapping[str, Any]) -> HeartbeatReport:
         load=_number(message, "load"),
         disk_usage=_number(message, "disk_usage"),
     )
+    return check_report(report)
 
 
 def heartbeat_hello(message: Mapping[str, Any], now: datetime) -> AgentHello:

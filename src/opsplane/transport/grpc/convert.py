@@ -16,6 +16,8 @@ from opsplane.transport.base import (
     RunOutput,
     RunStarted,
     Stream,
+    check_report,
+    timestamp,
 )
 from opsplane.transport.grpc import opsplane_pb2 as pb
 
@@ -26,7 +28,7 @@ CHALLENGE_KEY = "opsplane-challenge"
 
 
 def _time(seconds: float) -> datetime | None:
-    return datetime.fromtimestamp(seconds, UTC) if seconds > 0 else None
+    return timestamp(seconds)
 
 
 def _now_if_missing(seconds: float) -> datetime:
@@ -69,8 +71,11 @@ def hello_from_pb(message: pb.Hello) -> AgentHello:
     )
 
 
+# The report conversions raise InvalidInput for what the engine cannot take (check_report).
+
+
 def heartbeat_from_pb(hostname: str, message: pb.Heartbeat) -> HeartbeatReport:
-    return HeartbeatReport(
+    report = HeartbeatReport(
         hostname=hostname,
         # The control plane's clock decides liveness; an agent's clock may be off.
         at=datetime.now(UTC),
@@ -79,23 +84,33 @@ def heartbeat_from_pb(hostname: str, message: pb.Heartbeat) -> HeartbeatReport:
         load=message.load,
         disk_usage=message.disk_usage,
     )
+    return check_report(report)
 
 
 def started_from_pb(hostname: str, message: pb.Started) -> RunStarted:
-    return RunStarted(
-        hostname=hostname, run_id=message.run_id, started_at=_now_if_missing(message.started_at)
+    report = RunStarted(
+        hostname=hostname,
+        run_id=message.run_id or None,
+        started_at=_now_if_missing(message.started_at),
     )
+    return check_report(report)
 
 
 def output_from_pb(hostname: str, message: pb.OutputChunk) -> RunOutput:
-    stream: Stream = "stderr" if message.stream == "stderr" else "stdout"
-    return RunOutput(
-        hostname=hostname, run_id=message.run_id, stream=stream, seq=message.seq, data=message.data
+    # An empty stream name is the proto default: stdout. Any other name is not ours.
+    stream: Stream = message.stream or "stdout"  # type: ignore[assignment]
+    report = RunOutput(
+        hostname=hostname,
+        run_id=message.run_id or None,
+        stream=stream,
+        seq=message.seq,
+        data=message.data,
     )
+    return check_report(report)
 
 
 def result_from_pb(hostname: str, message: pb.CommandResult) -> RunFinished:
-    return RunFinished(
+    report = RunFinished(
         hostname=hostname,
         run_id=message.run_id,
         status=message.status,
@@ -108,6 +123,7 @@ def result_from_pb(hostname: str, message: pb.CommandResult) -> RunFinished:
         finished_at=_now_if_missing(message.finished_at),
         duration_ms=message.duration_ms or None,
     )
+    return check_report(report)
 
 
 def command_to_pb(envelope: CommandEnvelope, now: float, target: str) -> pb.CommandMessage:

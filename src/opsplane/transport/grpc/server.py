@@ -17,7 +17,7 @@ from typing import ClassVar
 
 import grpc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 from grpc import aio
 
 from opsplane.config import is_loopback, split_host_port
@@ -40,12 +40,17 @@ log = logging.getLogger(__name__)
 _EOF: object = aio.EOF  # type: ignore[attr-defined]  # missing from grpc-stubs
 
 HELLO_TIMEOUT = 10.0
+# The largest message either way. An agent's largest is a result: the head and tail of each
+# stream (64 KiB each by default); a larger message ends the stream (RESOURCE_EXHAUSTED) before
+# it is read into memory, and the agent reconnects.
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 KEEPALIVE_OPTIONS = [
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
 ]
 
 
@@ -209,6 +214,9 @@ class GrpcLink(Link, pb_grpc.CommandServiceServicer):  # type: ignore[misc]
         except TimeoutError:
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "no hello within 10 s")
             return
+        except DecodeError:
+            await self._refuse_undecodable(context, "-")
+            return
         if first is _EOF or not isinstance(first, pb.CommandMessage) or not first.HasField("hello"):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message must be hello")
             return
@@ -296,6 +304,9 @@ class GrpcLink(Link, pb_grpc.CommandServiceServicer):  # type: ignore[misc]
                 message = await stream.context.read()
             except (aio.AioRpcError, asyncio.InvalidStateError):
                 return
+            except DecodeError:
+                await self._refuse_undecodable(stream.context, host)
+                return
             if message is _EOF or not isinstance(message, pb.CommandMessage):
                 return
             kind = message.WhichOneof("message")
@@ -303,19 +314,35 @@ class GrpcLink(Link, pb_grpc.CommandServiceServicer):  # type: ignore[misc]
                 stream, getattr(message, kind)
             ):
                 continue
-            if kind == "heartbeat":
-                await self._events.report(convert.heartbeat_from_pb(host, message.heartbeat))
-            elif kind == "started":
-                await self._events.report(convert.started_from_pb(host, message.started))
-            elif kind == "output":
-                await self._events.report(convert.output_from_pb(host, message.output))
-            elif kind == "command_result":
-                result = convert.result_from_pb(host, message.command_result)
-                self._ack_when_durable(stream, result, await self._events.report(result))
-            elif kind == "ack":
-                pass  # the agent got a command; the "started" report follows
-            else:
-                log.warning("%s sent an unexpected %s message; ignored", host, kind)
+            try:
+                if kind == "heartbeat":
+                    await self._events.report(convert.heartbeat_from_pb(host, message.heartbeat))
+                elif kind == "started":
+                    await self._events.report(convert.started_from_pb(host, message.started))
+                elif kind == "output":
+                    await self._events.report(convert.output_from_pb(host, message.output))
+                elif kind == "command_result":
+                    result = convert.result_from_pb(host, message.command_result)
+                    self._ack_when_durable(stream, result, await self._events.report(result))
+                elif kind == "ack":
+                    pass  # the agent got a command; the "started" report follows
+                else:
+                    self._refuse(host, "unexpected", f"a {kind or 'empty'} message")
+            except InvalidInput as e:
+                # Not acknowledged: an agent of ours never sends this; a rogue gets nothing.
+                self._refuse(host, "malformed", f"{kind}: {e}")
+
+    async def _refuse_undecodable(
+        self, context: aio.ServicerContext[pb.CommandMessage, pb.CommandMessage], host: str
+    ) -> None:
+        """Bytes that are not a message of the protocol: the stream cannot go on."""
+        self._refuse(host, "malformed", "not a CommandMessage (undecodable protobuf)")
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "not a CommandMessage")
+
+    def _refuse(self, host: str, reason: str, why: str) -> None:
+        log.warning("refused a message from %s (%s): %s", host, reason, why)
+        if self._events is not None:
+            self._events.message_refused(self.name, reason)
 
     def _signed_by_agent(self, stream: _AgentStream, message: Message) -> bool:
         """Whether a result or heartbeat is signed by the key of the stream's hello (an agent
