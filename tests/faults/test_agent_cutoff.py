@@ -21,7 +21,7 @@ import pytest
 
 from tests.e2e.fleet import wait_for
 from tests.faults.agents import FaultFleet, fault_fleet
-from tests.faults.proxy_h3 import running_proxy
+from tests.faults.proxy import running_proxy
 
 HEARTBEAT = 1.0  # tests/e2e/fleet.py child_env: OPSPLANE_HEARTBEAT_INTERVAL
 GRACE = 3.0

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.fleet import Fleet, wait_for
-from tests.faults.broker import PrivateVhost, private_vhost, rabbitmqctl
 from tests.integration.test_amqp_agent import control_plane, make_config, new_run_id, running
+from tests.rabbitmq import PrivateVhost, rabbitmqctl
 
 DEADLINE = 3
 
@@ -63,12 +63,6 @@ def test_a_grpc_agent_away_past_the_delivery_deadline_never_runs_the_command(
     fleet.start_agent("dd-grpc", "dd")
     fleet.wait_online("dd-grpc")
     _away_past_the_deadline(fleet, "dd-grpc", [])
-
-
-@pytest.fixture
-def vhost() -> Iterator[PrivateVhost]:
-    with private_vhost("opsplane-deadline") as the_vhost:
-        yield the_vhost
 
 
 @pytest.mark.service("rabbitmq")

@@ -2,7 +2,7 @@
 
 Guarantee: every run reaches a terminal state within a bounded time; no command runs twice
 (each appends its own token to a side-effect file on its host); each result is stored once.
-Real control plane, real agents, real broker (in a private vhost: see ``broker.py``)."""
+Real control plane, real agents, real broker (in a private vhost: see tests/rabbitmq.py)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from tests.e2e.fleet import Fleet, wait_for
-from tests.faults.broker import PrivateVhost, private_vhost
+from tests.rabbitmq import PrivateVhost
 
 pytestmark = [pytest.mark.service("rabbitmq"), pytest.mark.service("rabbitmqctl")]
 
@@ -37,12 +37,6 @@ class MqFleet(Fleet):
         key = self.data_dir / "keys" / "control-plane.pub"
         args = ("--amqp-url", url, "--control-plane-key", str(key), "--heartbeat-interval", "1")
         self.start_agent(name, group, extra_args=args)
-
-
-@pytest.fixture
-def vhost() -> Iterator[PrivateVhost]:
-    with private_vhost() as the_vhost:
-        yield the_vhost
 
 
 @pytest.fixture

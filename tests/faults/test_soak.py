@@ -25,7 +25,7 @@ import httpx
 import pytest
 
 from tests.faults.agents import FaultFleet, end_process, fault_fleet, rss_and_fds, sleep_until
-from tests.faults.proxy_h3 import running_proxy
+from tests.faults.proxy import TcpProxy, running_proxy
 
 MINUTES = float(os.environ.get("OPSPLANE_SOAK_MINUTES", "30"))
 TERMINAL_TASKS = {"succeeded", "failed", "canceled", "timed_out"}
@@ -128,7 +128,7 @@ def _create(client: httpx.Client, rng: random.Random) -> str:
 
 
 def _churn(
-    fleet: FaultFleet, proxy: Any, rng: random.Random, down: dict[str, tuple[float, str]]
+    fleet: FaultFleet, proxy: TcpProxy, rng: random.Random, down: dict[str, tuple[float, str]]
 ) -> str:
     """One agent event: stopped, killed, frozen, or (the proxied one) cut off."""
     candidates = [name for name in (*AGENTS, PROXIED) if name not in down]
@@ -151,7 +151,7 @@ def _churn(
 
 
 def _bring_back(
-    fleet: FaultFleet, proxy: Any, down: dict[str, tuple[float, str]], now: float
+    fleet: FaultFleet, proxy: TcpProxy, down: dict[str, tuple[float, str]], now: float
 ) -> None:
     for name, (back, kind) in list(down.items()):
         if back > now:
