@@ -20,7 +20,13 @@ import pytest
 
 from tests import rabbitmq
 from tests.e2e.fleet import wait_for
-from tests.faults.agents import FaultFleet, fault_fleet, lines_of, wait_run_status
+from tests.faults.agents import (
+    FaultFleet,
+    agent_behind_proxy,
+    fault_fleet,
+    lines_of,
+    wait_run_status,
+)
 from tests.faults.proxy import TcpProxy, running_proxy
 from tests.rabbitmq import PrivateVhost
 
@@ -79,11 +85,9 @@ def _kill_with_a_result_unacknowledged(
 def test_agent_killed_before_the_ack_sends_its_spooled_result_again_and_never_reruns(
     fleet: FaultFleet,
 ) -> None:
-    with running_proxy("127.0.0.1", fleet.grpc_port) as proxy:
-        fleet.start_agent_at("kill-grpc", proxy.address)
-        fleet.wait_online("kill-grpc", timeout=60)
+    with agent_behind_proxy(fleet, "kill-grpc") as proxy:
         _kill_with_a_result_unacknowledged(
-            fleet, proxy, "kill-grpc", lambda: fleet.start_agent_at("kill-grpc", proxy.address)
+            fleet, proxy, "kill-grpc", lambda: fleet.start_agent("kill-grpc", server=proxy.address)
         )
 
 
@@ -91,7 +95,7 @@ def test_agent_killed_between_the_commands_end_and_the_spool_write_never_reruns(
     fleet: FaultFleet,
 ) -> None:
     name = "kill-window"
-    fleet.start_agent_at(name)
+    fleet.start_agent(name)
     fleet.wait_online(name, timeout=60)
     marker = uuid.uuid4().hex
     effects = fleet.work_dir(name) / "side-effects"
@@ -101,7 +105,7 @@ def test_agent_killed_between_the_commands_end_and_the_spool_write_never_reruns(
     agent = fleet.agents.pop(name)
     assert agent.wait(timeout=30) == -signal.SIGKILL
     run = fleet.runs(task["id"])[name]
-    fleet.start_agent_at(name)
+    fleet.start_agent(name)
     done = fleet.wait_task_done(task["id"], timeout=60)
     stored = fleet.runs(task["id"])[name]
     assert (done["status"], stored["status"]) == ("failed", "lost"), stored
@@ -121,12 +125,10 @@ def test_rabbitmq_agent_killed_before_the_confirm_sends_its_result_again_and_nev
         fault_fleet(tmp_path, {**PATIENT, "OPSPLANE_AMQP_URL": vhost.url}) as fleet,
         running_proxy(rabbitmq.HOST, rabbitmq.PORT) as proxy,
     ):
-        key = fleet.data_dir / "keys" / "control-plane.pub"
         proxied = vhost.url_at(proxy.port)
-        args = ("--amqp-url", proxied, "--control-plane-key", str(key), "--heartbeat-interval", "1")
         name = "kill-amqp"
-        fleet.start_agent_at(name, None, extra_args=args)
+        fleet.start_amqp_agent(name, proxied)
         fleet.wait_online(name, timeout=30)
         _kill_with_a_result_unacknowledged(
-            fleet, proxy, name, lambda: fleet.start_agent_at(name, None, extra_args=args)
+            fleet, proxy, name, lambda: fleet.start_amqp_agent(name, proxied)
         )

@@ -82,16 +82,8 @@ def plane(lab: SshLab, tmp_path: Path, amqp_url: str) -> Iterator[Plane]:
     try:
         for name in AGENTS:
             the_fleet.start_agent(name, "kill")
-        key = the_fleet.data_dir / "keys" / "control-plane.pub"
         for name in MQ_AGENTS:
-            the_fleet.start_agent(
-                name,
-                "kill",
-                extra_args=(
-                    "--amqp-url", amqp_url, "--control-plane-key", str(key),
-                    "--heartbeat-interval", "1",
-                ),
-            )  # fmt: skip
+            the_fleet.start_amqp_agent(name, amqp_url, "kill")
         the_fleet.wait_online(*AGENTS, *MQ_AGENTS, timeout=30)
         for name in SSH_TARGETS:
             result = opsplane(

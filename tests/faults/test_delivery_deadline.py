@@ -20,7 +20,7 @@ from tests.rabbitmq import PrivateVhost, rabbitmqctl
 DEADLINE = 3
 
 
-def _away_past_the_deadline(fleet: Fleet, host: str, restart: list[str]) -> None:
+def _away_past_the_deadline(fleet: Fleet, host: str, restart: tuple[str, ...]) -> None:
     """Stop the host's agent, give it a task with a short delivery deadline, wait past the
     deadline, bring the agent back: the command must not run."""
     fleet.stop_agent(host)
@@ -37,7 +37,7 @@ def _away_past_the_deadline(fleet: Fleet, host: str, restart: list[str]) -> None
         run = next(iter(fleet.runs(task_id).values()))
         assert run["status"] in ("pending", "delayed"), run
         done = fleet.wait_task_done(task_id, timeout=DEADLINE + 20)
-    fleet.start_agent(host, "dd", extra_args=tuple(restart))
+    fleet.start_agent(host, "dd", extra_args=restart)
     fleet.wait_online(host, timeout=30)
     time.sleep(2)  # room for a wrongly late delivery to run
     run = next(iter(fleet.runs(task_id).values()))
@@ -72,9 +72,8 @@ def test_a_rabbitmq_agent_away_past_the_delivery_deadline_never_runs_the_command
     fleet: Fleet, vhost: PrivateVhost
 ) -> None:
     fleet.start_server("--amqp-url", vhost.url)
-    key = fleet.data_dir / "keys" / "control-plane.pub"
-    args = ["--amqp-url", vhost.url, "--control-plane-key", str(key), "--heartbeat-interval", "1"]
-    fleet.start_agent("dd-mq", "dd", extra_args=tuple(args))
+    args = fleet.amqp_agent_args(vhost.url)
+    fleet.start_agent("dd-mq", "dd", extra_args=args)
     fleet.wait_online("dd-mq")
     queue = "cmd.node.dd-mq"
 

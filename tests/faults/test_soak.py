@@ -59,8 +59,8 @@ def test_mixed_load_with_agents_coming_and_going_keeps_memory_and_fds_flat(
     env = {"OPSPLANE_LOST_GRACE": "5"}
     with fault_fleet(tmp_path, env) as fleet, running_proxy("127.0.0.1", fleet.grpc_port) as proxy:
         for name in AGENTS:
-            fleet.start_agent_at(name, None, "soak")
-        fleet.start_agent_at(PROXIED, proxy.address, "soak")
+            fleet.start_agent(name, "soak")
+        fleet.start_agent(PROXIED, "soak", server=proxy.address)
         fleet.wait_online(*AGENTS, PROXIED, timeout=60)
         assert fleet.server is not None
         pid = fleet.server.pid
@@ -163,7 +163,7 @@ def _bring_back(
             os.kill(fleet.agents[name].pid, signal.SIGCONT)
         else:
             end_process(fleet.agents.pop(name))  # waits for a SIGTERM to be done with
-            fleet.start_agent_at(name, None, "soak")
+            fleet.start_agent(name, "soak")
 
 
 def _unfinished(fleet: FaultFleet, tasks: list[str], timeout: float) -> list[str]:
