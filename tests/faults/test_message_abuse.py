@@ -41,6 +41,7 @@ from opsplane.transport.grpc import opsplane_pb2 as pb
 from opsplane.transport.grpc import opsplane_pb2_grpc as pb_grpc
 from opsplane.transport.grpc.server import MAX_MESSAGE_BYTES
 from tests.e2e.fleet import Fleet, wait_for
+from tests.integration.apps import running_engine
 from tests.integration.seed_agent import SeedAgent
 from tests.rabbitmq import PrivateVhost
 
@@ -216,12 +217,8 @@ async def test_amqp_abuse_is_refused_and_counted_and_ingest_goes_on(
     settings = load_settings(data_dir=tmp_path, heartbeat_interval=1.0, require_enrollment=False)
     key, _ = load_or_create_private_key(settings.signing_key_path)
     link = AmqpLink(url, signing_key=key, heartbeat_interval=1.0, offline_after_missed=3)
-    engine = Engine(settings, [link])
-    await engine.start()
-    try:
+    async with running_engine(settings, [link]) as engine:
         await _abuse_amqp(engine, url)
-    finally:
-        await engine.stop()
 
 
 async def _abuse_amqp(engine: Engine, url: str) -> None:
