@@ -121,8 +121,10 @@ class Fleet:
         workdir: Path | None = None,
         extra_args: tuple[str, ...] = (),
         server: str | None = None,
+        env: dict[str, str] | None = None,
     ) -> subprocess.Popen[bytes]:
-        """Start an agent dialing the control plane (or ``server``: a proxy in between)."""
+        """Start an agent dialing the control plane (or ``server``: a proxy in between), with
+        ``env`` added to its environment."""
         cwd = workdir or (self.root / "work" / name)
         cwd.mkdir(parents=True, exist_ok=True)
         argv = [
@@ -135,10 +137,27 @@ class Fleet:
         argv += extra_args
         with (self.root / f"agent-{name}.log").open("ab") as log:
             process = subprocess.Popen(
-                argv, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env=child_env()
+                argv, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env=child_env(**(env or {}))
             )
         self.agents[name] = process
         return process
+
+    def amqp_agent_args(self, amqp_url: str) -> tuple[str, ...]:
+        """The arguments of an agent on RabbitMQ at ``amqp_url`` that trusts this control
+        plane's signing key."""
+        key = self.data_dir / "keys" / "control-plane.pub"
+        return (
+            "--amqp-url",
+            amqp_url,
+            "--control-plane-key",
+            str(key),
+            "--heartbeat-interval",
+            "1",
+        )
+
+    def start_amqp_agent(self, name: str, amqp_url: str, *groups: str) -> subprocess.Popen[bytes]:
+        """Start an agent on RabbitMQ at ``amqp_url`` (a broker, or a proxy in front of it)."""
+        return self.start_agent(name, *groups, extra_args=self.amqp_agent_args(amqp_url))
 
     def host(self, name: str) -> dict[str, Any] | None:
         """The host as the API shows it; None while unknown or while the API is not up."""

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.e2e.fleet import Fleet, wait_for
-from tests.faults.broker import PrivateVhost, private_vhost
+from tests.rabbitmq import PrivateVhost, private_vhost
 
 pytestmark = [pytest.mark.service("rabbitmq"), pytest.mark.service("rabbitmqctl")]
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
@@ -29,16 +29,7 @@ class AmqpFleet(Fleet):
         return f"{base}-{self.suffix}"
 
     def start_mq_agent(self, base: str, group: str) -> None:
-        key = self.data_dir / "keys" / "control-plane.pub"
-        args = (
-            "--amqp-url",
-            self.amqp_url,
-            "--control-plane-key",
-            str(key),
-            "--heartbeat-interval",
-            "1",
-        )
-        self.start_agent(self.name(base), self.name(group), extra_args=args)
+        self.start_amqp_agent(self.name(base), self.amqp_url, self.name(group))
 
 
 @pytest.fixture(scope="module")

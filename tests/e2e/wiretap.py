@@ -1,99 +1,56 @@
 """A logging TCP proxy for capture-and-replay attacks, and just enough HTTP/2 to read a gRPC
 message out of what it captured.
 
-The proxy listens on loopback, relays every connection to ``target`` and records what each
-client sent: what an eavesdropper on a plaintext link would have. It runs its own asyncio loop
-in a thread, so that synchronous end-to-end tests can use it next to real processes.
+The proxy (the fault tests' :class:`~tests.faults.proxy.TcpProxy`, with a capture hook) listens
+on loopback, relays every connection to ``target`` and records what each client sent: what an
+eavesdropper on a plaintext link would have.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import socket
 import threading
 import time
 from dataclasses import dataclass
+
+from tests.faults.proxy import TcpProxy
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 _DATA, _PADDED = 0, 0x8
 
 
 class WireTap:
-    """Relays ``127.0.0.1:port`` to ``target``; ``captured[i]`` is what connection ``i``'s
+    """Relays ``127.0.0.1:port`` to ``target``; ``captured()[i]`` is what connection ``i``'s
     client sent so far."""
 
     def __init__(self, target: tuple[str, int]) -> None:
-        self._target = target
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._server: asyncio.Server | None = None
-        self._transports: set[asyncio.BaseTransport] = set()
         self._lock = threading.Lock()
-        self._captured: list[bytearray] = []
-        self.port = 0
+        self._captured: dict[int, bytearray] = {}
+        self._proxy = TcpProxy(*target, on_client_bytes=self._record)
 
     def start(self) -> WireTap:
-        self._thread.start()
-        future = asyncio.run_coroutine_threadsafe(self._start(), self._loop)
-        self.port = future.result(timeout=10)
+        self._proxy.start()
         return self
 
     @property
+    def port(self) -> int:
+        return self._proxy.port
+
+    @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return self._proxy.address
 
     def captured(self) -> list[bytes]:
+        """One entry per connection accepted so far (empty for one that sent nothing yet)."""
         with self._lock:
-            return [bytes(c) for c in self._captured]
+            return [bytes(self._captured.get(i, b"")) for i in range(self._proxy.accepted)]
 
     def stop(self) -> None:
-        asyncio.run_coroutine_threadsafe(self._stop(), self._loop).result(timeout=10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=10)
-        self._loop.close()
+        self._proxy.stop()
 
-    async def _start(self) -> int:
-        self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
-        return int(self._server.sockets[0].getsockname()[1])
-
-    async def _stop(self) -> None:
-        for transport in list(self._transports):
-            transport.abort()
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-
-    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def _record(self, connection: int, data: bytes) -> None:
         with self._lock:
-            log = bytearray()
-            self._captured.append(log)
-        try:
-            up_reader, up_writer = await asyncio.open_connection(*self._target)
-        except OSError:
-            writer.transport.abort()
-            return
-        pair = {writer.transport, up_writer.transport}
-        self._transports |= pair
-
-        async def pump(
-            source: asyncio.StreamReader, sink: asyncio.StreamWriter, into: bytearray | None
-        ) -> None:
-            with contextlib.suppress(OSError):
-                while data := await source.read(65536):
-                    if into is not None:
-                        with self._lock:
-                            into.extend(data)
-                    sink.write(data)
-                    await sink.drain()
-            sink.transport.abort()
-
-        try:
-            await asyncio.gather(pump(reader, up_writer, log), pump(up_reader, writer, None))
-        finally:
-            self._transports -= pair
-            for transport in pair:
-                transport.abort()
+            self._captured.setdefault(connection, bytearray()).extend(data)
 
 
 @dataclass(frozen=True)

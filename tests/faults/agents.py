@@ -1,5 +1,6 @@
 """Process helpers for the fault tests: a control plane and agents as real processes on
-loopback (tests/e2e/fleet.py), agents optionally reaching it through a TCP proxy."""
+loopback (tests/e2e/fleet.py), agents optionally reaching it through a TCP proxy
+(tests/faults/proxy.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,39 +16,14 @@ from typing import Any
 
 import psutil
 
-from tests.e2e.fleet import Fleet, child_env, wait_for
+from tests.e2e.fleet import Fleet, wait_for
+from tests.faults.proxy import TcpProxy, running_proxy
 
 TERMINAL_RUNS = frozenset({"succeeded", "failed", "timed_out", "canceled", "undeliverable", "lost"})
 
 
 class FaultFleet(Fleet):
-    """A fleet whose agents may dial another address than the control plane's (a proxy)."""
-
-    def start_agent_at(
-        self,
-        name: str,
-        server: str | None = None,
-        *groups: str,
-        extra_args: tuple[str, ...] = (),
-        env: dict[str, str] | None = None,
-    ) -> subprocess.Popen[bytes]:
-        """Start agent ``name`` dialing ``server`` (default: the control plane itself)."""
-        cwd = self.root / "work" / name
-        cwd.mkdir(parents=True, exist_ok=True)
-        argv = [
-            sys.executable, "-m", "opsplane", "agent",
-            "--server", server or self.grpc, "--name", name,
-            "--state-dir", str(self.root / "agents" / name),
-        ]  # fmt: skip
-        for group in groups:
-            argv += ["--group", group]
-        argv += extra_args
-        with (self.root / f"agent-{name}.log").open("ab") as log:
-            process = subprocess.Popen(
-                argv, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env=child_env(**(env or {}))
-            )
-        self.agents[name] = process
-        return process
+    """A fleet with the fault tests' views of runs, spools and logs."""
 
     def work_dir(self, name: str) -> Path:
         return self.root / "work" / name
@@ -128,6 +103,15 @@ def fault_fleet(root: Path, server_env: dict[str, str] | None = None) -> Iterato
         for name in list(fleet.agents):
             end_process(fleet.agents.pop(name))
         fleet.stop()
+
+
+@contextlib.contextmanager
+def agent_behind_proxy(fleet: Fleet, name: str, *groups: str) -> Iterator[TcpProxy]:
+    """Agent ``name`` online, dialing the control plane through a proxy the test can cut."""
+    with running_proxy("127.0.0.1", fleet.grpc_port) as proxy:
+        fleet.start_agent(name, *groups, server=proxy.address)
+        fleet.wait_online(name, timeout=60)
+        yield proxy
 
 
 def end_process(process: subprocess.Popen[bytes], grace: float = 20.0) -> None:

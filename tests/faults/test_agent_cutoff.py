@@ -20,8 +20,7 @@ from typing import Any
 import pytest
 
 from tests.e2e.fleet import wait_for
-from tests.faults.agents import FaultFleet, fault_fleet
-from tests.faults.proxy_h3 import running_proxy
+from tests.faults.agents import FaultFleet, agent_behind_proxy, fault_fleet
 
 HEARTBEAT = 1.0  # tests/e2e/fleet.py child_env: OPSPLANE_HEARTBEAT_INTERVAL
 GRACE = 3.0
@@ -46,9 +45,8 @@ def test_an_agent_cut_off_without_a_fin_is_offline_its_run_lost_and_a_late_resul
     fleet: FaultFleet, cut: str
 ) -> None:
     name = "cut-" + ("stop" if cut == "sigstop" else "proxy")
-    with running_proxy("127.0.0.1", fleet.grpc_port) as proxy:
-        process = fleet.start_agent_at(name, proxy.address)
-        fleet.wait_online(name, timeout=60)
+    with agent_behind_proxy(fleet, name) as proxy:
+        process = fleet.agents[name]
         marker = uuid.uuid4().hex[:8]
         task = fleet.create(
             {

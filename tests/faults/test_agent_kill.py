@@ -11,7 +11,6 @@ appends a marker of its own, shows how many times it ran.
 from __future__ import annotations
 
 import signal
-import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -19,13 +18,20 @@ from pathlib import Path
 
 import pytest
 
+from tests import rabbitmq
 from tests.e2e.fleet import wait_for
-from tests.faults.agents import FaultFleet, fault_fleet, lines_of, wait_run_status
-from tests.faults.proxy_h3 import TcpProxy, running_proxy
+from tests.faults.agents import (
+    FaultFleet,
+    agent_behind_proxy,
+    fault_fleet,
+    lines_of,
+    wait_run_status,
+)
+from tests.faults.proxy import TcpProxy, running_proxy
+from tests.rabbitmq import PrivateVhost
 
 # Restarts, not timers, must decide how the runs end.
 PATIENT = {"OPSPLANE_LOST_GRACE": "120"}
-AMQP_HOST, AMQP_PORT = "127.0.0.1", 5672
 
 
 @pytest.fixture
@@ -79,11 +85,9 @@ def _kill_with_a_result_unacknowledged(
 def test_agent_killed_before_the_ack_sends_its_spooled_result_again_and_never_reruns(
     fleet: FaultFleet,
 ) -> None:
-    with running_proxy("127.0.0.1", fleet.grpc_port) as proxy:
-        fleet.start_agent_at("kill-grpc", proxy.address)
-        fleet.wait_online("kill-grpc", timeout=60)
+    with agent_behind_proxy(fleet, "kill-grpc") as proxy:
         _kill_with_a_result_unacknowledged(
-            fleet, proxy, "kill-grpc", lambda: fleet.start_agent_at("kill-grpc", proxy.address)
+            fleet, proxy, "kill-grpc", lambda: fleet.start_agent("kill-grpc", server=proxy.address)
         )
 
 
@@ -91,7 +95,7 @@ def test_agent_killed_between_the_commands_end_and_the_spool_write_never_reruns(
     fleet: FaultFleet,
 ) -> None:
     name = "kill-window"
-    fleet.start_agent_at(name)
+    fleet.start_agent(name)
     fleet.wait_online(name, timeout=60)
     marker = uuid.uuid4().hex
     effects = fleet.work_dir(name) / "side-effects"
@@ -101,7 +105,7 @@ def test_agent_killed_between_the_commands_end_and_the_spool_write_never_reruns(
     agent = fleet.agents.pop(name)
     assert agent.wait(timeout=30) == -signal.SIGKILL
     run = fleet.runs(task["id"])[name]
-    fleet.start_agent_at(name)
+    fleet.start_agent(name)
     done = fleet.wait_task_done(task["id"], timeout=60)
     stored = fleet.runs(task["id"])[name]
     assert (done["status"], stored["status"]) == ("failed", "lost"), stored
@@ -113,39 +117,18 @@ def test_agent_killed_between_the_commands_end_and_the_spool_write_never_reruns(
 # -- RabbitMQ -------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def vhost() -> Iterator[str]:
-    name = f"opsplane-faults-{uuid.uuid4().hex[:10]}"
-    _rabbitmqctl("add_vhost", name)
-    try:
-        _rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
-        yield name
-    finally:
-        _rabbitmqctl("delete_vhost", name)
-
-
-def _rabbitmqctl(*args: str) -> None:
-    done = subprocess.run(
-        ["rabbitmqctl", *args], capture_output=True, text=True, timeout=60, check=False
-    )
-    assert done.returncode == 0, done.stderr
-
-
 @pytest.mark.service("rabbitmq")
 def test_rabbitmq_agent_killed_before_the_confirm_sends_its_result_again_and_never_reruns(
-    tmp_path: Path, vhost: str
+    tmp_path: Path, vhost: PrivateVhost
 ) -> None:
-    url = f"amqp://guest:guest@{AMQP_HOST}:{AMQP_PORT}/{vhost}"
     with (
-        fault_fleet(tmp_path, {**PATIENT, "OPSPLANE_AMQP_URL": url}) as fleet,
-        running_proxy(AMQP_HOST, AMQP_PORT) as proxy,
+        fault_fleet(tmp_path, {**PATIENT, "OPSPLANE_AMQP_URL": vhost.url}) as fleet,
+        running_proxy(rabbitmq.HOST, rabbitmq.PORT) as proxy,
     ):
-        key = fleet.data_dir / "keys" / "control-plane.pub"
-        proxied = f"amqp://guest:guest@127.0.0.1:{proxy.port}/{vhost}"
-        args = ("--amqp-url", proxied, "--control-plane-key", str(key), "--heartbeat-interval", "1")
+        proxied = vhost.url_at(proxy.port)
         name = "kill-amqp"
-        fleet.start_agent_at(name, None, extra_args=args)
+        fleet.start_amqp_agent(name, proxied)
         fleet.wait_online(name, timeout=30)
         _kill_with_a_result_unacknowledged(
-            fleet, proxy, name, lambda: fleet.start_agent_at(name, None, extra_args=args)
+            fleet, proxy, name, lambda: fleet.start_amqp_agent(name, proxied)
         )

@@ -2,7 +2,7 @@
 fan-out — gRPC agents, RabbitMQ agents, SSH hosts and a seed-003 script running on the control
 plane itself — and restarted on the same data directory and ports.
 
-The RabbitMQ side uses a virtual host of its own (tests/integration/vhosts.py).
+The RabbitMQ side uses a virtual host of its own (tests/rabbitmq.py).
 
 What must hold: the control plane's own script dies with it (no orphan, ``setsid`` children
 included: the warden, ``execution/warden.py``); after the restart every run reaches a terminal
@@ -26,7 +26,7 @@ from tests.e2e.conftest import processes_with
 from tests.e2e.fleet import Fleet, wait_for
 from tests.e2e.test_cli import opsplane
 from tests.integration.sshd import SshLab, sleep_marker, ssh_lab, wait_no_remote_process
-from tests.integration.vhosts import private_vhost
+from tests.rabbitmq import private_vhost
 
 pytestmark = [pytest.mark.service("sshd"), pytest.mark.service("rabbitmq")]
 
@@ -54,8 +54,8 @@ class Plane:
 
 @pytest.fixture
 def amqp_url() -> Iterator[str]:
-    with private_vhost() as url:
-        yield url
+    with private_vhost() as vhost:
+        yield vhost.url
 
 
 @pytest.fixture
@@ -82,16 +82,8 @@ def plane(lab: SshLab, tmp_path: Path, amqp_url: str) -> Iterator[Plane]:
     try:
         for name in AGENTS:
             the_fleet.start_agent(name, "kill")
-        key = the_fleet.data_dir / "keys" / "control-plane.pub"
         for name in MQ_AGENTS:
-            the_fleet.start_agent(
-                name,
-                "kill",
-                extra_args=(
-                    "--amqp-url", amqp_url, "--control-plane-key", str(key),
-                    "--heartbeat-interval", "1",
-                ),
-            )  # fmt: skip
+            the_fleet.start_amqp_agent(name, amqp_url, "kill")
         the_fleet.wait_online(*AGENTS, *MQ_AGENTS, timeout=30)
         for name in SSH_TARGETS:
             result = opsplane(

@@ -28,7 +28,7 @@ import pytest
 
 from opsplane.store.database import UNACKNOWLEDGED_TIMEOUT, create_engine
 from tests.e2e.fleet import Fleet, wait_for
-from tests.faults.tcp_proxy import proxy_to
+from tests.faults.proxy import TcpProxy, running_proxy
 from tests.integration.databases import SERVER_URLS, server_params, throwaway_database
 
 OUTAGE = float(os.environ.get("OPSPLANE_FAULT_OUTAGE", "12"))
@@ -64,7 +64,7 @@ async def test_database_outage_pauses_ingest_and_loses_nothing(
 ) -> None:
     async with throwaway_database(backend, tmp_path, migrated=True) as url:
         database = url.rsplit("/", 1)[1]
-        with proxy_to("127.0.0.1", _server_port(backend)) as proxy:
+        with running_proxy("127.0.0.1", _server_port(backend)) as proxy:
             fleet = Fleet(
                 tmp_path,
                 server_env={
@@ -79,7 +79,7 @@ async def test_database_outage_pauses_ingest_and_loses_nothing(
                 fleet.stop()
 
 
-def _outage(fleet: Fleet, proxy: Any) -> None:
+def _outage(fleet: Fleet, proxy: TcpProxy) -> None:
     fleet.start_server()
     for name in AGENTS:
         fleet.start_agent(name, "dbout")
@@ -104,7 +104,7 @@ def _outage(fleet: Fleet, proxy: Any) -> None:
     )
 
     rss_before = server.memory_info().rss
-    proxy.cut("refuse")
+    proxy.cut(rst=True, refuse=True)
     cut_at = time.monotonic()
     answers: list[tuple[str, float, int, str]] = []
     rss_peak = rss_before
@@ -122,7 +122,7 @@ def _outage(fleet: Fleet, proxy: Any) -> None:
                 answers.append((f"{method} {path}", took, response.status_code, response.text))
             rss_peak = max(rss_peak, server.memory_info().rss)
             time.sleep(1.0)
-    proxy.restore()
+    proxy.resume()
     restored_at = time.monotonic()
 
     for what, took, status, text in answers:

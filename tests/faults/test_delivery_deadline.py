@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.fleet import Fleet, wait_for
-from tests.faults.broker import PrivateVhost, private_vhost, rabbitmqctl
 from tests.integration.test_amqp_agent import control_plane, make_config, new_run_id, running
+from tests.rabbitmq import PrivateVhost, rabbitmqctl
 
 DEADLINE = 3
 
 
-def _away_past_the_deadline(fleet: Fleet, host: str, restart: list[str]) -> None:
+def _away_past_the_deadline(fleet: Fleet, host: str, restart: tuple[str, ...]) -> None:
     """Stop the host's agent, give it a task with a short delivery deadline, wait past the
     deadline, bring the agent back: the command must not run."""
     fleet.stop_agent(host)
@@ -37,7 +37,7 @@ def _away_past_the_deadline(fleet: Fleet, host: str, restart: list[str]) -> None
         run = next(iter(fleet.runs(task_id).values()))
         assert run["status"] in ("pending", "delayed"), run
         done = fleet.wait_task_done(task_id, timeout=DEADLINE + 20)
-    fleet.start_agent(host, "dd", extra_args=tuple(restart))
+    fleet.start_agent(host, "dd", extra_args=restart)
     fleet.wait_online(host, timeout=30)
     time.sleep(2)  # room for a wrongly late delivery to run
     run = next(iter(fleet.runs(task_id).values()))
@@ -65,12 +65,6 @@ def test_a_grpc_agent_away_past_the_delivery_deadline_never_runs_the_command(
     _away_past_the_deadline(fleet, "dd-grpc", [])
 
 
-@pytest.fixture
-def vhost() -> Iterator[PrivateVhost]:
-    with private_vhost("opsplane-deadline") as the_vhost:
-        yield the_vhost
-
-
 @pytest.mark.service("rabbitmq")
 @pytest.mark.service("rabbitmqctl")
 @pytest.mark.timeout(180)
@@ -78,9 +72,8 @@ def test_a_rabbitmq_agent_away_past_the_delivery_deadline_never_runs_the_command
     fleet: Fleet, vhost: PrivateVhost
 ) -> None:
     fleet.start_server("--amqp-url", vhost.url)
-    key = fleet.data_dir / "keys" / "control-plane.pub"
-    args = ["--amqp-url", vhost.url, "--control-plane-key", str(key), "--heartbeat-interval", "1"]
-    fleet.start_agent("dd-mq", "dd", extra_args=tuple(args))
+    args = fleet.amqp_agent_args(vhost.url)
+    fleet.start_agent("dd-mq", "dd", extra_args=args)
     fleet.wait_online("dd-mq")
     queue = "cmd.node.dd-mq"
 

@@ -16,12 +16,10 @@ import asyncio
 import contextlib
 import json
 import math
-import os
 import re
-import shutil
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,9 +40,10 @@ from opsplane.transport.amqp.link import AmqpLink
 from opsplane.transport.grpc import opsplane_pb2 as pb
 from opsplane.transport.grpc import opsplane_pb2_grpc as pb_grpc
 from opsplane.transport.grpc.server import MAX_MESSAGE_BYTES
-from tests.conftest import services_required
 from tests.e2e.fleet import Fleet, wait_for
+from tests.integration.apps import running_engine
 from tests.integration.seed_agent import SeedAgent
+from tests.rabbitmq import PrivateVhost
 
 pytestmark = pytest.mark.timeout(240)
 WAIT = 20.0
@@ -177,31 +176,6 @@ async def test_grpc_abuse_is_refused_and_counted_and_ingest_goes_on(tmp_path: Pa
 # RabbitMQ ---------------------------------------------------------------------------------
 
 
-async def _rabbitmqctl(*args: str) -> None:
-    process = await asyncio.create_subprocess_exec(
-        "rabbitmqctl", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
-    )
-    out, _ = await asyncio.wait_for(process.communicate(), 60)
-    if process.returncode != 0:
-        raise RuntimeError(f"rabbitmqctl {' '.join(args)}: {out.decode(errors='replace')}")
-
-
-@contextlib.asynccontextmanager
-async def _throwaway_vhost() -> AsyncIterator[str]:
-    """A RabbitMQ virtual host of this test's own (the link's queue names are fixed)."""
-    if shutil.which("rabbitmqctl") is None or (os.geteuid() != 0 and not services_required()):
-        if services_required():
-            pytest.fail("rabbitmqctl is needed to create a virtual host")
-        pytest.skip("rabbitmqctl is not available")
-    name = f"opsplane-abuse-{uuid.uuid4().hex[:10]}"
-    await _rabbitmqctl("add_vhost", name)
-    try:
-        await _rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
-        yield f"amqp://guest:guest@127.0.0.1:5672/{name}"
-    finally:
-        await _rabbitmqctl("delete_vhost", name)
-
-
 _AMQP_RESULTS_MALFORMED: list[bytes] = [
     b"not json",
     b"\xff\xfe\x00 not utf-8",
@@ -234,19 +208,17 @@ _AMQP_HEARTBEATS_MALFORMED: list[bytes] = [
 
 
 @pytest.mark.service("rabbitmq")
-async def test_amqp_abuse_is_refused_and_counted_and_ingest_goes_on(tmp_path: Path) -> None:
-    async with _throwaway_vhost() as url:
-        settings = load_settings(
-            data_dir=tmp_path, heartbeat_interval=1.0, require_enrollment=False
-        )
-        key, _ = load_or_create_private_key(settings.signing_key_path)
-        link = AmqpLink(url, signing_key=key, heartbeat_interval=1.0, offline_after_missed=3)
-        engine = Engine(settings, [link])
-        await engine.start()
-        try:
-            await _abuse_amqp(engine, url)
-        finally:
-            await engine.stop()
+@pytest.mark.service("rabbitmqctl")
+async def test_amqp_abuse_is_refused_and_counted_and_ingest_goes_on(
+    tmp_path: Path, vhost: PrivateVhost
+) -> None:
+    # A virtual host of this test's own: the link's queue names are fixed.
+    url = vhost.url
+    settings = load_settings(data_dir=tmp_path, heartbeat_interval=1.0, require_enrollment=False)
+    key, _ = load_or_create_private_key(settings.signing_key_path)
+    link = AmqpLink(url, signing_key=key, heartbeat_interval=1.0, offline_after_missed=3)
+    async with running_engine(settings, [link]) as engine:
+        await _abuse_amqp(engine, url)
 
 
 async def _abuse_amqp(engine: Engine, url: str) -> None:

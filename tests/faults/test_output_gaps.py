@@ -9,7 +9,6 @@ prints. The archived log must then be byte-identical to what the command printed
 
 from __future__ import annotations
 
-import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -17,13 +16,14 @@ from pathlib import Path
 
 import pytest
 
+from tests import rabbitmq
 from tests.e2e.fleet import wait_for
-from tests.faults.agents import FaultFleet, fault_fleet, wait_run_status
-from tests.faults.proxy_h3 import TcpProxy, running_proxy
+from tests.faults.agents import FaultFleet, agent_behind_proxy, fault_fleet, wait_run_status
+from tests.faults.proxy import running_proxy
+from tests.rabbitmq import PrivateVhost
 
 # The agent's connection is cut for several seconds: its runs must outlive that.
 PATIENT = {"OPSPLANE_LOST_GRACE": "120"}
-AMQP_HOST, AMQP_PORT = "127.0.0.1", 5672
 
 
 def printing(marker: str, lines: int, width: int, pause: float) -> tuple[str, bytes]:
@@ -66,9 +66,7 @@ def _check_whole(fleet: FaultFleet, task_id: str, host: str, expected: bytes, si
 def test_output_printed_while_the_grpc_connection_is_cut_is_archived_whole(
     fleet: FaultFleet,
 ) -> None:
-    with running_proxy("127.0.0.1", fleet.grpc_port) as proxy:
-        fleet.start_agent_at("gap-grpc", proxy.address)
-        fleet.wait_online("gap-grpc", timeout=60)
+    with agent_behind_proxy(fleet, "gap-grpc") as proxy:
         marker = uuid.uuid4().hex[:8]
         command, expected = printing(marker, lines=60, width=100, pause=0.1)
         task_id = _start_and_wait_for_output(fleet, "gap-grpc", command)
@@ -84,9 +82,7 @@ def test_output_held_back_by_a_stalled_grpc_connection_is_archived_whole(
 ) -> None:
     # Stalled longer than the 5 s after which the agent used to give output up. (Lines stay
     # short: long lines are slow to redact, issue 13 defect 1, which is not this test's point.)
-    with running_proxy("127.0.0.1", fleet.grpc_port) as proxy:
-        fleet.start_agent_at("gap-stall", proxy.address)
-        fleet.wait_online("gap-stall", timeout=60)
+    with agent_behind_proxy(fleet, "gap-stall") as proxy:
         marker = uuid.uuid4().hex[:8]
         command, expected = printing(marker, lines=100, width=200, pause=0.08)
         task_id = _start_and_wait_for_output(fleet, "gap-stall", command)
@@ -99,9 +95,7 @@ def test_output_held_back_by_a_stalled_grpc_connection_is_archived_whole(
 def test_a_chunk_sent_twice_is_archived_once(fleet: FaultFleet) -> None:
     """A connection cut right after output went out: the agent cannot know whether it
     arrived and sends it again; the archive still holds every line once."""
-    with running_proxy("127.0.0.1", fleet.grpc_port) as proxy:
-        fleet.start_agent_at("gap-twice", proxy.address)
-        fleet.wait_online("gap-twice", timeout=60)
+    with agent_behind_proxy(fleet, "gap-twice") as proxy:
         marker = uuid.uuid4().hex[:8]
         command, expected = printing(marker, lines=40, width=50, pause=0.1)
         task_id = _start_and_wait_for_output(fleet, "gap-twice", command)
@@ -115,42 +109,15 @@ def test_a_chunk_sent_twice_is_archived_once(fleet: FaultFleet) -> None:
 # -- RabbitMQ -------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def vhost() -> Iterator[str]:
-    """A RabbitMQ virtual host of this test's own: its control plane and agents share the
-    broker with other tests without sharing queues."""
-    name = f"opsplane-faults-{uuid.uuid4().hex[:10]}"
-    _rabbitmqctl("add_vhost", name)
-    try:
-        _rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
-        yield name
-    finally:
-        _rabbitmqctl("delete_vhost", name)
-
-
-def _rabbitmqctl(*args: str) -> None:
-    done = subprocess.run(
-        ["rabbitmqctl", *args], capture_output=True, text=True, timeout=60, check=False
-    )
-    assert done.returncode == 0, done.stderr
-
-
-def start_amqp_agent(fleet: FaultFleet, name: str, proxy: TcpProxy, vhost: str) -> None:
-    key = fleet.data_dir / "keys" / "control-plane.pub"
-    url = f"amqp://guest:guest@127.0.0.1:{proxy.port}/{vhost}"
-    args = ("--amqp-url", url, "--control-plane-key", str(key), "--heartbeat-interval", "1")
-    fleet.start_agent_at(name, None, extra_args=args)
-
-
 @pytest.mark.service("rabbitmq")
 def test_output_printed_while_the_rabbitmq_connection_is_cut_is_archived_whole(
-    tmp_path: Path, vhost: str
+    tmp_path: Path, vhost: PrivateVhost
 ) -> None:
     with (
-        fault_fleet(tmp_path, {**PATIENT, "OPSPLANE_AMQP_URL": _url(vhost)}) as fleet,
-        running_proxy(AMQP_HOST, AMQP_PORT) as proxy,
+        fault_fleet(tmp_path, {**PATIENT, "OPSPLANE_AMQP_URL": vhost.url}) as fleet,
+        running_proxy(rabbitmq.HOST, rabbitmq.PORT) as proxy,
     ):
-        start_amqp_agent(fleet, "gap-amqp", proxy, vhost)
+        fleet.start_amqp_agent("gap-amqp", vhost.url_at(proxy.port))
         fleet.wait_online("gap-amqp", timeout=30)
         marker = uuid.uuid4().hex[:8]
         command, expected = printing(marker, lines=60, width=100, pause=0.1)
@@ -159,7 +126,3 @@ def test_output_printed_while_the_rabbitmq_connection_is_cut_is_archived_whole(
         time.sleep(2.5)
         proxy.resume()
         _check_whole(fleet, task_id, "gap-amqp", expected, time.monotonic())
-
-
-def _url(vhost: str) -> str:
-    return f"amqp://guest:guest@{AMQP_HOST}:{AMQP_PORT}/{vhost}"

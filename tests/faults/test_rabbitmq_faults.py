@@ -2,7 +2,7 @@
 
 Guarantee: every run reaches a terminal state within a bounded time; no command runs twice
 (each appends its own token to a side-effect file on its host); each result is stored once.
-Real control plane, real agents, real broker (in a private vhost: see ``broker.py``)."""
+Real control plane, real agents, real broker (in a private vhost: see tests/rabbitmq.py)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from tests.e2e.fleet import Fleet, wait_for
-from tests.faults.broker import PrivateVhost, private_vhost
+from tests.rabbitmq import PrivateVhost
 
 pytestmark = [pytest.mark.service("rabbitmq"), pytest.mark.service("rabbitmqctl")]
 
@@ -32,28 +32,15 @@ RECOVERY_BOUND = 90.0
 HOLD = "flock -s ../hold true"
 
 
-class MqFleet(Fleet):
-    def start_mq_agent(self, name: str, group: str, url: str) -> None:
-        key = self.data_dir / "keys" / "control-plane.pub"
-        args = ("--amqp-url", url, "--control-plane-key", str(key), "--heartbeat-interval", "1")
-        self.start_agent(name, group, extra_args=args)
-
-
 @pytest.fixture
-def vhost() -> Iterator[PrivateVhost]:
-    with private_vhost() as the_vhost:
-        yield the_vhost
-
-
-@pytest.fixture
-def fleet(tmp_path: Path, vhost: PrivateVhost) -> Iterator[MqFleet]:
+def fleet(tmp_path: Path, vhost: PrivateVhost) -> Iterator[Fleet]:
     # Agents reconnect with backoff after the cut: their runs must not be given up as lost
     # while they do.
-    the_fleet = MqFleet(tmp_path, server_env={"OPSPLANE_LOST_GRACE": "60"})
+    the_fleet = Fleet(tmp_path, server_env={"OPSPLANE_LOST_GRACE": "60"})
     try:
         the_fleet.start_server("--amqp-url", vhost.url)
         for i in range(AGENTS):
-            the_fleet.start_mq_agent(f"mq-{i}", "faults", vhost.url)
+            the_fleet.start_amqp_agent(f"mq-{i}", vhost.url, "faults")
         the_fleet.wait_online(*(f"mq-{i}" for i in range(AGENTS)), timeout=60)
         yield the_fleet
     finally:
@@ -73,7 +60,7 @@ def _runs(client: httpx.Client, task_id: str) -> list[dict[str, object]]:
 
 @pytest.mark.timeout(300)
 def test_connections_closed_with_500_runs_in_flight_lose_and_repeat_nothing(
-    fleet: MqFleet, vhost: PrivateVhost
+    fleet: Fleet, vhost: PrivateVhost
 ) -> None:
     tag = uuid.uuid4().hex[:8]
     tokens = [f"{tag}-{i:03d}" for i in range(TASKS)]

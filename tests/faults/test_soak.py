@@ -25,7 +25,7 @@ import httpx
 import pytest
 
 from tests.faults.agents import FaultFleet, end_process, fault_fleet, rss_and_fds, sleep_until
-from tests.faults.proxy_h3 import running_proxy
+from tests.faults.proxy import TcpProxy, running_proxy
 
 MINUTES = float(os.environ.get("OPSPLANE_SOAK_MINUTES", "30"))
 TERMINAL_TASKS = {"succeeded", "failed", "canceled", "timed_out"}
@@ -59,8 +59,8 @@ def test_mixed_load_with_agents_coming_and_going_keeps_memory_and_fds_flat(
     env = {"OPSPLANE_LOST_GRACE": "5"}
     with fault_fleet(tmp_path, env) as fleet, running_proxy("127.0.0.1", fleet.grpc_port) as proxy:
         for name in AGENTS:
-            fleet.start_agent_at(name, None, "soak")
-        fleet.start_agent_at(PROXIED, proxy.address, "soak")
+            fleet.start_agent(name, "soak")
+        fleet.start_agent(PROXIED, "soak", server=proxy.address)
         fleet.wait_online(*AGENTS, PROXIED, timeout=60)
         assert fleet.server is not None
         pid = fleet.server.pid
@@ -128,7 +128,7 @@ def _create(client: httpx.Client, rng: random.Random) -> str:
 
 
 def _churn(
-    fleet: FaultFleet, proxy: Any, rng: random.Random, down: dict[str, tuple[float, str]]
+    fleet: FaultFleet, proxy: TcpProxy, rng: random.Random, down: dict[str, tuple[float, str]]
 ) -> str:
     """One agent event: stopped, killed, frozen, or (the proxied one) cut off."""
     candidates = [name for name in (*AGENTS, PROXIED) if name not in down]
@@ -151,7 +151,7 @@ def _churn(
 
 
 def _bring_back(
-    fleet: FaultFleet, proxy: Any, down: dict[str, tuple[float, str]], now: float
+    fleet: FaultFleet, proxy: TcpProxy, down: dict[str, tuple[float, str]], now: float
 ) -> None:
     for name, (back, kind) in list(down.items()):
         if back > now:
@@ -163,7 +163,7 @@ def _bring_back(
             os.kill(fleet.agents[name].pid, signal.SIGCONT)
         else:
             end_process(fleet.agents.pop(name))  # waits for a SIGTERM to be done with
-            fleet.start_agent_at(name, None, "soak")
+            fleet.start_agent(name, "soak")
 
 
 def _unfinished(fleet: FaultFleet, tasks: list[str], timeout: float) -> list[str]:

@@ -18,6 +18,7 @@ from opsplane.domain.tasks import TaskRequest
 from opsplane.engine.core import Engine
 from opsplane.security.signing import load_or_create_private_key
 from opsplane.transport.amqp.link import AmqpLink, mask_url
+from tests.integration.apps import running_engine
 from tests.integration.seed_agent import AMQP_URL, SeedAgent, purge_shared_queues
 
 pytestmark = pytest.mark.service("rabbitmq")
@@ -30,12 +31,8 @@ async def engine(tmp_path: Path) -> AsyncIterator[Engine]:
     settings = load_settings(data_dir=tmp_path, heartbeat_interval=1.0, require_enrollment=False)
     key, _ = load_or_create_private_key(settings.signing_key_path)
     link = AmqpLink(AMQP_URL, signing_key=key, heartbeat_interval=1.0, offline_after_missed=3)
-    the_engine = Engine(settings, [link])
-    await the_engine.start()
-    try:
+    async with running_engine(settings, [link]) as the_engine:
         yield the_engine
-    finally:
-        await the_engine.stop()
 
 
 @pytest.fixture

@@ -4,39 +4,18 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
-from fastapi import FastAPI
 from sqlalchemy import select
 
-from opsplane.api.app import create_app
-from opsplane.config import load_settings
 from opsplane.engine.core import Engine
 from opsplane.store.tables import AuditRow
 from opsplane.transport.base import AgentHello
-from tests.auth import ADMIN_HEADERS, ADMIN_TOKEN
+from tests.auth import ADMIN_HEADERS
 from tests.e2e.fleet import free_port
-
-
-@asynccontextmanager
-async def _api(tmp_path: Path, **settings: Any) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
-    app = create_app(
-        load_settings(
-            data_dir=tmp_path,
-            grpc_listen=f"127.0.0.1:{free_port()}",
-            bootstrap_admin_token=ADMIN_TOKEN,
-            **settings,
-        )
-    )
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            yield app, client
+from tests.integration.apps import admin_api
 
 
 def _count_records_at_dispatch(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> list[int]:
@@ -62,7 +41,7 @@ async def _records(engine: Engine) -> list[AuditRow]:
 async def test_an_ssh_api_tasks_record_is_durable_before_its_first_command_is_sent(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    async with _api(tmp_path, ssh_trust_on_first_use=True) as (app, client):
+    async with admin_api(tmp_path, ssh_trust_on_first_use=True) as (app, client):
         engine: Engine = app.state.engine
         seen = _count_records_at_dispatch(engine, monkeypatch)
         body = {
@@ -98,7 +77,7 @@ async def test_a_remoterun_tasks_record_is_durable_before_the_script_runs(
     script = scripts / "hello.sh"
     script.write_text("#!/bin/sh\necho hello\n")
     script.chmod(0o755)
-    async with _api(tmp_path, script_dirs=[scripts]) as (app, client):
+    async with admin_api(tmp_path, script_dirs=[scripts]) as (app, client):
         engine: Engine = app.state.engine
         seen = _count_records_at_dispatch(engine, monkeypatch)
         body = {"script_path": "hello.sh", "params": {"token": "s3cr3t-value"}}
@@ -117,7 +96,7 @@ async def test_a_remoterun_tasks_record_is_durable_before_the_script_runs(
 async def test_refused_input_is_recorded_as_rejected_not_as_an_internal_error(
     tmp_path: Path,
 ) -> None:
-    async with _api(tmp_path) as (app, client):
+    async with admin_api(tmp_path) as (app, client):
         engine: Engine = app.state.engine
         # A route without a record of its own: the generic record says what happened.
         answer = await client.post(
@@ -136,7 +115,7 @@ async def test_refused_input_is_recorded_as_rejected_not_as_an_internal_error(
 async def test_removing_a_host_is_admin_only_audited_and_refused_for_a_connected_agent(
     tmp_path: Path,
 ) -> None:
-    async with _api(tmp_path) as (app, client):
+    async with admin_api(tmp_path) as (app, client):
         engine: Engine = app.state.engine
         await engine.host_connected(AgentHello(hostname="old-1", link="grpc", groups=("web",)))
         refused = await client.delete("/api/v1/hosts/old-1", headers=ADMIN_HEADERS)

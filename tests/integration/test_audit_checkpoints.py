@@ -12,7 +12,7 @@ import logging
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,22 +30,11 @@ from opsplane.security.service import SecurityService
 from opsplane.security.signing import load_public_key, public_key_text
 from opsplane.store import security_queries as sq
 from opsplane.store.tables import AuditChainRow, AuditRow, utcnow
-from opsplane.transport.memory import MemoryLink
 from tests.auth import ADMIN_HEADERS, ADMIN_TOKEN
 from tests.e2e.fleet import free_port
 from tests.integration.test_metrics_alerts import Webhook, webhook_server
 
 RECORDS = 6
-
-
-@pytest.fixture
-async def engine(tmp_path: Path, database_url: str) -> AsyncIterator[Engine]:
-    the_engine = Engine(load_settings(data_dir=tmp_path, database_url=database_url), [MemoryLink()])
-    await the_engine.start()
-    try:
-        yield the_engine
-    finally:
-        await the_engine.stop()
 
 
 @pytest.fixture

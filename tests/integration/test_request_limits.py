@@ -6,45 +6,20 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
-from fastapi import FastAPI
 
-from opsplane.api.app import create_app
-from opsplane.config import load_settings
-from opsplane.engine.core import Engine
-from opsplane.transport.base import AgentHello
-from tests.auth import ADMIN_HEADERS, ADMIN_TOKEN
-from tests.e2e.fleet import free_port
+from tests.auth import ADMIN_HEADERS
+from tests.integration.apps import WEB_1, admin_api
 
 MIB = 1024 * 1024
 
 
-@asynccontextmanager
-async def _api(tmp_path: Path, **settings: Any) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
-    app = create_app(
-        load_settings(
-            data_dir=tmp_path,
-            grpc_listen=f"127.0.0.1:{free_port()}",
-            bootstrap_admin_token=ADMIN_TOKEN,
-            **settings,
-        )
-    )
-    async with app.router.lifespan_context(app):
-        engine: Engine = app.state.engine
-        await engine.host_connected(AgentHello(hostname="web-1", link="grpc", groups=("web",)))
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            yield app, client
-
-
 async def test_a_422_shows_a_little_of_a_long_input_not_all_of_it(tmp_path: Path) -> None:
     command = "x" * (MIB + MIB // 2)  # past the 1,000,000 characters a command may have
-    async with _api(tmp_path) as (_app, client):
+    async with admin_api(tmp_path, connected=[WEB_1]) as (_app, client):
         body = {"command": command, "targets": {"hosts": ["web-1"]}}
         answer = await client.post("/api/v1/tasks", json=body, headers=ADMIN_HEADERS)
     assert answer.status_code == 422
@@ -57,7 +32,7 @@ async def test_a_422_shows_a_little_of_a_long_input_not_all_of_it(tmp_path: Path
 async def test_a_422_lists_twenty_problems_then_counts_the_rest(tmp_path: Path) -> None:
     env = {f"1BAD{i}": "v" for i in range(500)}  # 500 names that are not variable names
     targets = {"hosts": ["web-1"], "labels": {f"k{i}": "v" * 300 for i in range(150)}}
-    async with _api(tmp_path) as (_app, client):
+    async with admin_api(tmp_path, connected=[WEB_1]) as (_app, client):
         body = {"command": "true", "targets": targets, "env": env, "timeout": "x" * 5000}
         answer = await client.post("/api/v1/tasks", json=body, headers=ADMIN_HEADERS)
     assert answer.status_code == 422
@@ -80,7 +55,7 @@ async def test_a_422_lists_twenty_problems_then_counts_the_rest(tmp_path: Path) 
 async def test_an_anonymous_request_is_refused_before_its_body_is_parsed(
     tmp_path: Path, method: str, path: str
 ) -> None:
-    async with _api(tmp_path) as (_app, client):
+    async with admin_api(tmp_path, connected=[WEB_1]) as (_app, client):
         for headers in ({}, {"Authorization": "Bearer ops_not-a-token"}):
             answer = await client.request(
                 method,
@@ -93,14 +68,14 @@ async def test_an_anonymous_request_is_refused_before_its_body_is_parsed(
 
 
 async def test_an_anonymous_catalog_call_gets_its_401_in_the_seed_envelope(tmp_path: Path) -> None:
-    async with _api(tmp_path) as (_app, client):
+    async with admin_api(tmp_path, connected=[WEB_1]) as (_app, client):
         answer = await client.post("/sync/any/thing", content=b"[not json")
     assert answer.status_code == 401
     assert answer.json()["code"] == 1 and answer.json()["data"] == ""
 
 
 async def test_public_routes_stay_public(tmp_path: Path) -> None:
-    async with _api(tmp_path) as (_app, client):
+    async with admin_api(tmp_path, connected=[WEB_1]) as (_app, client):
         assert (await client.get("/healthz")).status_code == 200
         assert (await client.get("/metrics")).status_code == 200
         # Login and enrollment read their body themselves: a bad one is theirs to refuse.
@@ -118,14 +93,14 @@ async def test_public_routes_stay_public(tmp_path: Path) -> None:
 
 
 async def test_a_private_metrics_endpoint_needs_a_caller(tmp_path: Path) -> None:
-    async with _api(tmp_path, metrics_public=False) as (_app, client):
+    async with admin_api(tmp_path, connected=[WEB_1], metrics_public=False) as (_app, client):
         assert (await client.get("/metrics")).status_code == 401
         assert (await client.get("/metrics", headers=ADMIN_HEADERS)).status_code == 200
 
 
 async def test_a_body_past_the_limit_is_refused_with_413(tmp_path: Path) -> None:
     big = json.dumps({"command": "x" * (3 * MIB), "targets": {"all": True}}).encode()
-    async with _api(tmp_path) as (_app, client):
+    async with admin_api(tmp_path, connected=[WEB_1]) as (_app, client):
         headers = {**ADMIN_HEADERS, "Content-Type": "application/json"}
         declared = await client.post("/api/v1/tasks", content=big, headers=headers)
         # Refused on its Content-Length, before a byte is read (FastAPI's own plain answer).
@@ -148,7 +123,7 @@ async def test_a_body_past_the_limit_is_refused_with_413(tmp_path: Path) -> None
 
 async def test_too_many_targets_are_a_short_422(tmp_path: Path) -> None:
     hosts = [f"h{i}" for i in range(10_001)]
-    async with _api(tmp_path) as (_app, client):
+    async with admin_api(tmp_path, connected=[WEB_1]) as (_app, client):
         body = {"command": "true", "targets": {"hosts": hosts}}
         answer = await client.post("/api/v1/tasks", json=body, headers=ADMIN_HEADERS)
         assert answer.status_code == 422
@@ -165,7 +140,7 @@ async def test_a_store_failure_while_authenticating_is_not_blamed_on_the_body(
 ) -> None:
     from sqlalchemy.exc import OperationalError
 
-    async with _api(tmp_path) as (app, client):
+    async with admin_api(tmp_path, connected=[WEB_1]) as (app, client):
 
         async def unreachable(*_args: Any) -> Any:
             raise OperationalError("SELECT", {}, Exception("database went away"))

@@ -21,8 +21,6 @@ import pytest
 from fastapi import FastAPI
 from sqlalchemy import delete, select, text, update
 
-from opsplane.api.app import create_app
-from opsplane.config import load_settings
 from opsplane.domain.errors import ConfigError, Conflict, InvalidInput, Unauthenticated
 from opsplane.engine.core import Engine
 from opsplane.security.audit import AuditEntry
@@ -30,10 +28,8 @@ from opsplane.security.roles import Role
 from opsplane.security.service import INITIAL_TOKEN_FILE, SYSTEM_CALLER, Caller, SecurityService
 from opsplane.store import security_queries
 from opsplane.store.tables import ApiTokenRow, AuditRow, SessionRow, TaskRow, UserRow
-from opsplane.transport.base import AgentHello
-from opsplane.transport.memory import MemoryLink
 from tests.auth import ADMIN_HEADERS, ADMIN_TOKEN
-from tests.e2e.fleet import free_port
+from tests.integration.apps import WEB_1, admin_api
 
 
 class Clock:
@@ -47,16 +43,6 @@ class Clock:
 
     def advance(self, **delta: float) -> None:
         self.now += timedelta(**delta)
-
-
-@pytest.fixture
-async def engine(tmp_path: Path, database_url: str) -> AsyncIterator[Engine]:
-    the_engine = Engine(load_settings(data_dir=tmp_path, database_url=database_url), [MemoryLink()])
-    await the_engine.start()
-    try:
-        yield the_engine
-    finally:
-        await the_engine.stop()
 
 
 @pytest.fixture
@@ -282,27 +268,16 @@ def _cli_verify(database_url: str) -> tuple[int, str]:
 
 @asynccontextmanager
 async def _api(tmp_path: Path, **settings: Any) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
-    app = create_app(
-        load_settings(
-            data_dir=tmp_path,
-            grpc_listen=f"127.0.0.1:{free_port()}",
-            bootstrap_admin_token=ADMIN_TOKEN,
-            **settings,
-        )
-    )
-    async with app.router.lifespan_context(app):
-        engine: Engine = app.state.engine
-        await engine.host_connected(AgentHello(hostname="web-1", link="grpc", groups=("web",)))
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            answer = await client.post(
-                "/api/v1/users",
-                headers=ADMIN_HEADERS,
-                json={"name": "alice", "role": "operator", "all_groups": True,
-                      "password": "correct horse"},
-            )  # fmt: skip
-            assert answer.status_code == 201, answer.text
-            yield app, client
+    """The API with host web-1 online and an operator "alice" who logs in with a password."""
+    async with admin_api(tmp_path, connected=[WEB_1], **settings) as (app, client):
+        answer = await client.post(
+            "/api/v1/users",
+            headers=ADMIN_HEADERS,
+            json={"name": "alice", "role": "operator", "all_groups": True,
+                  "password": "correct horse"},
+        )  # fmt: skip
+        assert answer.status_code == 201, answer.text
+        yield app, client
 
 
 def _cookie_flags(answer: httpx.Response) -> dict[str, str]:

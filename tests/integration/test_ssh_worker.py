@@ -33,7 +33,7 @@ from tests.integration.sshd import (
     ssh_lab,
     wait_no_remote_process,
 )
-from tests.integration.vhosts import private_vhost
+from tests.rabbitmq import private_vhost
 
 pytestmark = [pytest.mark.service("rabbitmq"), pytest.mark.service("sshd")]
 
@@ -150,7 +150,8 @@ async def test_a_run_waiting_in_the_broker_past_start_timeout_is_never_started(
     # engine's start_timeout; the worker must then refuse them, not run them late.
     start_timeout = 1.0
     effects = lab.user.home / f"effects-{uuid.uuid4().hex}"
-    with private_vhost() as url:
+    with private_vhost() as vhost:
+        url = vhost.url
         settings = load_settings(
             data_dir=tmp_path, heartbeat_interval=1.0, ssh_workers=True,
             start_timeout=start_timeout,

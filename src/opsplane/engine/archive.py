@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from opsplane.engine.background import Supervised
+from opsplane.engine.background import Supervised, run_periodically
 
 log = logging.getLogger(__name__)
 
@@ -285,11 +285,13 @@ class ArchivePruner:
         return result
 
     async def _loop(self) -> None:
-        while True:
-            delay = self._interval
-            try:
-                if not (await self.run_once()).complete:
-                    delay = min(1.0, self._interval)
-            except OSError as e:
-                log.warning("log archive pruning failed; retrying in %.0fs: %s", delay, e)
-            await asyncio.sleep(delay)
+        await run_periodically(
+            self._complete_pass,
+            interval=self._interval,
+            what="log archive pruning",
+            log=log,
+            retry_on=OSError,
+        )
+
+    async def _complete_pass(self) -> bool:
+        return (await self.run_once()).complete

@@ -6,6 +6,8 @@ raises (or returns), logs the error and starts it again after a backoff that dou
 ``max_backoff`` and resets once the loop has run ``healthy_after`` seconds without failing. A
 loop that is restarting is reported by :meth:`Loops.problems`, which ``/readyz`` serves: a
 control plane whose ingest is down is not ready, even though its process is alive.
+:func:`run_periodically` is the body of a periodic duty done in bounded passes (archive
+pruning, database retention).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import Any, Literal
 
 log = logging.getLogger(__name__)
@@ -29,6 +31,33 @@ async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+
+
+async def run_periodically(
+    run_pass: Callable[[], Awaitable[bool]],
+    *,
+    interval: float,
+    what: str,
+    log: logging.Logger,
+    retry_on: type[Exception] | tuple[type[Exception], ...] = Exception,
+    sooner: float = 1.0,
+) -> None:
+    """Never returns: runs ``run_pass`` every ``interval`` seconds. A pass that returns False
+    stopped at its limit with more left to do: the next one follows after ``sooner`` seconds
+    at most, until the backlog is gone. A ``retry_on`` error is logged (``what`` failed) and
+    retried at the next pass: an OSError (a disk, a network) as a warning, anything else with
+    its traceback. Other errors end the loop, for its :class:`Supervised` to restart."""
+    while True:
+        delay = interval
+        try:
+            if not await run_pass():
+                delay = min(sooner, interval)
+        except retry_on as e:
+            if isinstance(e, OSError):
+                log.warning("%s failed; retrying in %.0fs: %s", what, delay, e)
+            else:
+                log.exception("%s failed; retrying in %.0fs", what, delay)
+        await asyncio.sleep(delay)
 
 
 class Supervised:

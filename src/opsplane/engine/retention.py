@@ -8,14 +8,13 @@ scheduler wait at most one batch for the write lock (DESIGN §7: claim, bounded 
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from opsplane.engine.background import Supervised
+from opsplane.engine.background import Supervised, run_periodically
 from opsplane.engine.changes import Changes
 from opsplane.store import queries
 from opsplane.store.tables import utcnow
@@ -76,57 +75,71 @@ class Retention:
 
     async def run_once(self, now: datetime | None = None) -> RetentionResult:
         moment = now or utcnow()
-        budget = self._max_batches
+        budget = _Budget(self._max_batches)
         events = hosts = 0
-        complete = True
         if self._event_days > 0:
             cutoff = moment - timedelta(days=self._event_days)
-            while True:
-                if budget <= 0:
-                    complete = False
-                    break
-                budget -= 1
-                async with self._write() as changes:
-                    ids = await queries.prunable_event_ids(changes.session, cutoff, self._batch)
-                    await queries.delete_events(changes.session, ids)
-                events += len(ids)
-                if len(ids) < self._batch:
-                    break
+            events = await self._in_batches(budget, lambda: self._delete_events(cutoff))
         if self._host_days > 0:
             cutoff = moment - timedelta(days=self._host_days)
-            while True:
-                if budget <= 0:
-                    complete = False
-                    break
-                budget -= 1
-                async with self._write() as changes:
-                    names = await queries.hosts_gone_since(
-                        changes.session, cutoff, exclude_links=self._keep_links, limit=self._batch
-                    )
-                    await queries.delete_hosts(changes.session, names)
-                    for name in names:
-                        changes.host_changed(name)
-                hosts += len(names)
-                if names:
-                    log.info(
-                        "host retention: forgot %d hosts gone since %s (%s%s)",
-                        len(names),
-                        cutoff.isoformat(),
-                        ", ".join(names[:5]),
-                        ", …" if len(names) > 5 else "",
-                    )
-                if len(names) < self._batch:
-                    break
+            hosts = await self._in_batches(budget, lambda: self._forget_hosts(cutoff))
         if events:
             log.info("event retention: removed %d task events", events)
-        return RetentionResult(events=events, hosts=hosts, complete=complete)
+        return RetentionResult(events=events, hosts=hosts, complete=not budget.ran_out)
+
+    async def _in_batches(self, budget: _Budget, batch: Callable[[], Awaitable[int]]) -> int:
+        """Runs ``batch`` (one transaction; how many rows it removed) until one removes less
+        than a full batch, or the pass's budget of batches is spent; how many it removed."""
+        removed = 0
+        while True:
+            if budget.batches <= 0:
+                budget.ran_out = True
+                return removed
+            budget.batches -= 1
+            count = await batch()
+            removed += count
+            if count < self._batch:
+                return removed
+
+    async def _delete_events(self, cutoff: datetime) -> int:
+        async with self._write() as changes:
+            ids = await queries.prunable_event_ids(changes.session, cutoff, self._batch)
+            await queries.delete_events(changes.session, ids)
+        return len(ids)
+
+    async def _forget_hosts(self, cutoff: datetime) -> int:
+        async with self._write() as changes:
+            names = await queries.hosts_gone_since(
+                changes.session, cutoff, exclude_links=self._keep_links, limit=self._batch
+            )
+            await queries.delete_hosts(changes.session, names)
+            for name in names:
+                changes.host_changed(name)
+        if names:
+            log.info(
+                "host retention: forgot %d hosts gone since %s (%s%s)",
+                len(names),
+                cutoff.isoformat(),
+                ", ".join(names[:5]),
+                ", …" if len(names) > 5 else "",
+            )
+        return len(names)
 
     async def _loop(self) -> None:
-        while True:
-            delay = self._interval
-            try:
-                if not (await self.run_once()).complete:
-                    delay = min(1.0, self._interval)
-            except Exception:
-                log.exception("database retention pass failed; retrying in %.0fs", delay)
-            await asyncio.sleep(delay)
+        await run_periodically(
+            self._complete_pass,
+            interval=self._interval,
+            what="database retention pass",
+            log=log,
+        )
+
+    async def _complete_pass(self) -> bool:
+        return (await self.run_once()).complete
+
+
+@dataclass
+class _Budget:
+    """The batches a pass may still run; ``ran_out`` once it wanted one more than it had."""
+
+    batches: int
+    ran_out: bool = False

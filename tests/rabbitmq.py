@@ -1,7 +1,10 @@
-"""A private RabbitMQ virtual host per fault test: the broker is shared (other test runs, other
-developers), and a vhost of its own keeps this test's queues — above all the control plane's
-durable ``cmd.result`` — and its connections apart. Faults are injected only into connections
-of that vhost, never into anyone else's (no ``close_all_connections``)."""
+"""A RabbitMQ virtual host of a test's own, created with ``rabbitmqctl`` and deleted after.
+
+The broker is shared (other test runs, other developers) and the queue names are a public
+contract (DESIGN §3.2): two control planes on one virtual host would share ``cmd.result`` and
+``ssh.work``. A vhost of its own keeps a test's queues and connections apart, and faults are
+injected only into connections of that vhost, never into anyone else's (no
+``close_all_connections``)."""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+HOST, PORT = "127.0.0.1", 5672
 _CONNECTION_NAME = re.compile(r'\{"connection_name","([^"]*)"\}')
 
 
@@ -33,7 +37,11 @@ class PrivateVhost:
 
     @property
     def url(self) -> str:
-        return f"amqp://guest:guest@127.0.0.1:5672/{self.name}"
+        return self.url_at(PORT)
+
+    def url_at(self, port: int) -> str:
+        """This vhost's URL through another port of loopback (a proxy in front of the broker)."""
+        return f"amqp://guest:guest@{HOST}:{port}/{self.name}"
 
     def connections(self) -> list[tuple[str, str]]:
         """(pid, connection_name the client gave, or "") of every connection to this vhost."""
@@ -61,7 +69,8 @@ class PrivateVhost:
 
 
 @contextmanager
-def private_vhost(prefix: str = "opsplane-faults") -> Iterator[PrivateVhost]:
+def private_vhost(prefix: str = "opsplane-test") -> Iterator[PrivateVhost]:
+    """A new virtual host (guest has every right on it); deleted on exit."""
     vhost = PrivateVhost(f"{prefix}-{uuid.uuid4().hex[:10]}")
     rabbitmqctl("add_vhost", vhost.name)
     try:
