@@ -171,6 +171,15 @@ async def test_seed003_and_seed000_without_a_token_under_an_admin_principal(
         assert created.status_code == 201, created.text
         task = await _wait_seed003(client, created.json()["id"])
         assert task["status"] == "success", task
+        # GET /tasks/{id}/logs, the seed's SSE stream: the archived line, then the end.
+        lines: list[str] = []
+        async with asyncio.timeout(30), client.stream("GET", f"/tasks/{task['id']}/logs") as logs:
+            assert logs.status_code == 200
+            async for line in logs.aiter_lines():
+                lines.append(line)
+                if line.startswith("event: end"):
+                    break
+        assert "data: backing up /data" in lines, lines
         # Seed 000: the request is taken (its one target is a closed port: that run fails).
         request = {"targets": [f"tester@127.0.0.1:{free_port()}"], "commands": ["echo hello"]}
         ssh = await client.post("/api/ssh/task", json=request)
