@@ -140,6 +140,13 @@ async def test_seed004s_curl_examples_without_a_token_run_as_the_named_principal
         assert (await client.get("/api/v1/tasks")).status_code == 401
         body = {"command": "true", "targets": {"all": True}}
         assert (await client.post("/api/v1/tasks", json=body)).status_code == 401
+        # A browser is never anonymous: a page's cross-site form to a loopback port, or a page
+        # of a rebound DNS name, would otherwise run the catalog as this principal.
+        for headers in ({"Origin": "http://evil.example"}, {"Sec-Fetch-Site": "same-origin"}):
+            forged = await client.post(
+                "/tendb-cluster/demo1", content=b'["1"]', headers={**CURL, **headers}
+            )
+            assert forged.status_code == 401 and forged.json()["code"] == 1, forged.text
         # A wrong credential is a 401, never a fallback to the anonymous principal.
         for headers in ({"X-Api-Key": "ops_wrong"}, _basic("x", "ops_wrong")):
             wrong = await client.get("/list", headers=headers)
@@ -258,6 +265,9 @@ async def test_the_token_is_accepted_as_basic_password_and_as_x_api_key(tmp_path
         assert sync.json()["data"] == "hello aaa bbb 123 456", sync.text
         created = await client.post("/tasks", json=SEED003_BODY, headers=_basic("ci", ADMIN_TOKEN))
         assert created.status_code == 201, created.text
+        # Basic is for scripts: a browser resends cached Basic credentials on its own.
+        from_a_page = {**_basic("anyone", ADMIN_TOKEN), "Sec-Fetch-Mode": "navigate"}
+        assert (await client.get("/api/v1/tasks", headers=from_a_page)).status_code == 401
         refused = [
             _basic("anyone", "ops_wrong"),
             _basic(ADMIN_TOKEN, ""),

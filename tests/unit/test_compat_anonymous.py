@@ -10,7 +10,7 @@ import pytest
 
 from opsplane.config import load_settings
 from opsplane.domain.errors import ConfigError
-from opsplane.security.anonymous import AnonymousAccess
+from opsplane.security.anonymous import AnonymousAccess, from_browser
 from opsplane.security.roles import Role
 
 
@@ -68,6 +68,19 @@ def test_the_principal_is_named_marked_and_limited_to_its_seeds() -> None:
     assert access.principal_for("seed004", "10.0.0.1") is None  # not from loopback
     viewer = _access(role="viewer").principal_for("seed003", "::1")
     assert viewer is not None and viewer.allowed_groups == frozenset()
+
+
+def test_a_browsers_call_is_never_anonymous() -> None:
+    # Any page the operator visits could make one to a loopback port (a cross-site form, DNS
+    # rebinding); browsers mark their requests with Origin or Sec-Fetch-*, scripts never do.
+    for headers in (
+        {"Origin": "http://evil.example"},
+        {"sec-fetch-site": "cross-site"},
+        {"Sec-Fetch-Mode": "no-cors"},
+    ):
+        assert from_browser(headers), headers
+    assert not from_browser({"User-Agent": "curl/8.5.0", "Content-Type": "text/plain"})
+    assert _access().principal_for("seed004", "127.0.0.1", browser=True) is None
 
 
 def test_one_warning_line_per_opened_seed() -> None:

@@ -43,7 +43,7 @@ from opsplane.domain.errors import (
     Unauthenticated,
 )
 from opsplane.engine.core import Engine
-from opsplane.security.anonymous import AnonymousAccess
+from opsplane.security.anonymous import AnonymousAccess, from_browser
 from opsplane.security.audit import DENIED, FAILED, OK, REJECTED
 from opsplane.security.roles import Permission, Principal, authorize
 from opsplane.security.service import Caller, SecurityService
@@ -142,6 +142,10 @@ def _token(request: Request) -> str | None:
     if scheme.lower() == "bearer" and credentials:
         return credentials
     if scheme.lower() == "basic" and credentials:
+        if from_browser(request.headers):
+            # A browser that once saw user:token@host sends it again by itself, on any page's
+            # cross-site form too; Basic is for the seeds' scripts (a browser uses the login).
+            raise Unauthenticated("HTTP Basic credentials are for scripts, not web browsers")
         return _basic_password(credentials)
     raise Unauthenticated(
         "expected Authorization: Bearer <API token> (or Basic with the token as the password)"
@@ -199,7 +203,9 @@ def _anonymous(request: Request) -> Principal | None:
     access: AnonymousAccess | None = getattr(request.app.state, "compat_anonymous", None)
     if access is None:
         return None
-    return access.principal_for(route_seed(request), client_ip(request))
+    return access.principal_for(
+        route_seed(request), client_ip(request), browser=from_browser(request.headers)
+    )
 
 
 AuthenticatedDep = Annotated[Principal, Depends(authenticate)]

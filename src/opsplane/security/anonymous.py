@@ -11,7 +11,7 @@ tells it from a login of the same name. Anything else is decided as before: no c
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from opsplane.security.roles import Principal, normalize_groups, parse_role
@@ -24,6 +24,15 @@ SEED_ROUTES = {
 }
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def from_browser(headers: Mapping[str, str]) -> bool:
+    """Whether a request was made by a web browser: it carries ``Origin`` or a ``Sec-Fetch-*``
+    header, which browsers set themselves and pages cannot remove, and which the seeds' clients
+    (curl, scripts) never send. A browser's request is never anonymous: any page the operator
+    visits could otherwise make one to a loopback port (cross-site forms, DNS rebinding)."""
+    names = (name.lower() for name in headers)
+    return any(name == "origin" or name.startswith("sec-fetch-") for name in names)
 
 
 @dataclass(frozen=True)
@@ -72,10 +81,15 @@ class AnonymousAccess:
             address = address.ipv4_mapped  # ::ffff:127.0.0.1 is 127.0.0.1
         return any(address in network for network in self.networks)
 
-    def principal_for(self, seed: str | None, source_ip: str | None) -> Principal | None:
+    def principal_for(
+        self, seed: str | None, source_ip: str | None, *, browser: bool = False
+    ) -> Principal | None:
         """The principal of a call without credentials to a route of ``seed`` (None: not a
-        seed API's route) from ``source_ip``; None when it may not be anonymous."""
-        if seed is None or not self.covers(seed) or not self.allows_source(source_ip):
+        seed API's route) from ``source_ip``; None when it may not be anonymous, which a
+        ``browser``'s call (``from_browser``) never may."""
+        if browser or seed is None or not self.covers(seed):
+            return None
+        if not self.allows_source(source_ip):
             return None
         return Principal(
             name=self.name,
