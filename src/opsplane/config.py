@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -157,6 +157,17 @@ class Settings(BaseSettings):
     # beyond PATH, HOME, LANG, LC_*, TZ… (names, or prefixes ending in '*'; never OPSPLANE_*):
     # docs/security.md, "What commands inherit".
     env_passthrough: list[str] = Field(default_factory=list)
+    # Anonymous seed clients (docs/security.md, "Anonymous seed clients (compat_anonymous)"):
+    # off by default. Calls without any credential to the routes of these seed APIs run as
+    # the named principal, with this role and these groups, when they come from one of these
+    # source networks; every such call is audited under that name, marked anonymous.
+    compat_anonymous: list[Literal["seed000", "seed003", "seed004"]] = Field(default_factory=list)
+    compat_anonymous_principal: str = "seed-client"
+    compat_anonymous_role: Literal["viewer", "operator", "admin"] = "operator"
+    # An operator runs only on hosts of these groups: by default the control plane's own host
+    # (group control-plane), where seed 003 and seed 004 scripts run.
+    compat_anonymous_groups: list[str] = Field(default_factory=lambda: ["control-plane"])
+    compat_anonymous_networks: list[str] = Field(default_factory=lambda: ["127.0.0.0/8", "::1"])
 
     @field_validator("listen", "grpc_listen")
     @classmethod
@@ -188,6 +199,42 @@ class Settings(BaseSettings):
             if not url.startswith(("http://", "https://")):
                 raise ValueError(f"a webhook must be an http:// or https:// URL: {url!r}")
         return value
+
+    @field_validator("compat_anonymous")
+    @classmethod
+    def _unique_seeds(cls, value: list[str]) -> list[str]:
+        return sorted(set(value))
+
+    @field_validator("compat_anonymous_principal")
+    @classmethod
+    def _principal_name(cls, value: str) -> str:
+        if not value or len(value) > 255 or any(c.isspace() or not c.isprintable() for c in value):
+            raise ValueError(
+                "compat_anonymous_principal must be a name of 1 to 255 characters without "
+                f"spaces, got {value!r}"
+            )
+        return value
+
+    @field_validator("compat_anonymous_networks")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for network in value:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError as e:
+                raise ValueError(f"compat_anonymous_networks: {e}") from e
+        return value
+
+    @model_validator(mode="after")
+    def _anonymous_groups(self) -> Settings:
+        groups = [g.strip() for g in self.compat_anonymous_groups]
+        if "" in groups:
+            raise ValueError("compat_anonymous_groups: group names must not be blank")
+        if self.compat_anonymous and self.compat_anonymous_role == "operator" and not groups:
+            raise ValueError(
+                "compat_anonymous_groups must name at least one group for an operator principal"
+            )
+        return self
 
     @property
     def effective_database_url(self) -> str:

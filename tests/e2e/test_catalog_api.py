@@ -325,3 +325,40 @@ def _seed_deployment(tmp_path: Path, database: str) -> None:
             process.wait()
     output = log_path.read_text()
     assert "warning: --no-log-console" in output and "Traceback" not in output, output
+
+
+def test_the_seeds_curl_call_without_a_token_under_compat_anonymous(tmp_path: Path) -> None:
+    # Issue 16 item 6: `opsplane server --compat-anonymous seed004` lets the seed's unchanged
+    # curl in from loopback, as the principal seed-client, warned at start and audited.
+    process, url = _launch(tmp_path, CATALOG, "--compat-anonymous", "seed004")
+    log_path = tmp_path / "server.log"
+    try:
+        with httpx.Client(base_url=url, timeout=30.0) as anonymous:
+
+            def ready() -> bool:
+                assert process.poll() is None, log_path.read_text()
+                with contextlib.suppress(httpx.HTTPError):
+                    return anonymous.get("/readyz").status_code == 200
+                return False
+
+            wait_for(ready, 60, "the server to be ready")
+            # curl -XPOST http://localhost/tendb-cluster/demo1 -d '["123", "456"]'
+            short = _post(anonymous, "/tendb-cluster/demo1", b'["123", "456"]')
+            assert short == (200, {"code": 0, "data": "hello aaa bbb 123 456", "msg": ""})
+            assert anonymous.get("/list").json()["code"] == 0
+            assert anonymous.get("/api/v1/tasks").status_code == 401
+            with httpx.Client(base_url=url, timeout=30.0, headers=ADMIN_HEADERS) as admin:
+                params = {"actor": "seed-client", "action": "catalog.run"}
+                (record,) = admin.get("/api/v1/audit", params=params).json()["items"]
+        assert record["detail"]["anonymous"] is True, record
+        assert record["detail"]["via"] == "anonymous:seed004", record
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    warnings = [line for line in log_path.read_text().splitlines() if "compat_anonymous:" in line]
+    assert len(warnings) == 1, warnings
+    assert "seed004" in warnings[0] and "WITHOUT credentials" in warnings[0], warnings

@@ -33,7 +33,10 @@ def lab() -> Iterator[SshLab]:
 
 
 @asynccontextmanager
-async def control_plane(lab: SshLab, root: Path) -> AsyncIterator[httpx.AsyncClient]:
+async def control_plane(
+    lab: SshLab, root: Path, headers: dict[str, str] | None = None, **extra: Any
+) -> AsyncIterator[httpx.AsyncClient]:
+    """A control plane and a client of it: an admin's unless ``headers`` says otherwise."""
     port = free_port()
     settings = load_settings(
         data_dir=root,
@@ -41,6 +44,7 @@ async def control_plane(lab: SshLab, root: Path) -> AsyncIterator[httpx.AsyncCli
         grpc_listen=f"127.0.0.1:{free_port()}",
         bootstrap_admin_token=ADMIN_TOKEN,
         ssh_known_hosts=lab.known_hosts(root / "known_hosts", lab.daemons.values()),
+        **extra,
     )
     app = create_app(settings)
     config = uvicorn.Config(
@@ -54,7 +58,9 @@ async def control_plane(lab: SshLab, root: Path) -> AsyncIterator[httpx.AsyncCli
                 assert not serving.done(), "the server did not start"
                 await asyncio.sleep(0.02)
         async with httpx.AsyncClient(
-            base_url=f"http://127.0.0.1:{port}", headers=ADMIN_HEADERS, timeout=30.0
+            base_url=f"http://127.0.0.1:{port}",
+            headers=ADMIN_HEADERS if headers is None else headers,
+            timeout=30.0,
         ) as client:
             yield client
     finally:
@@ -154,3 +160,41 @@ async def test_an_unknown_task_id_is_404_not_pending(lab: SshLab, tmp_path: Path
         for path in ("/api/ssh/task", "/api/upload/task"):
             answer = await client.get(f"{path}/{uuid.uuid4()}")
             assert answer.status_code == 404, answer.text
+
+
+async def test_the_seeds_request_without_a_token_runs_under_compat_anonymous(
+    lab: SshLab, tmp_path: Path
+) -> None:
+    # Issue 16 item 6: an unchanged seed-000 client sends no token.
+    key = str(lab.client_key_path)
+    bastion = lab.daemons["bastion"]
+    adhoc = lab.daemons["adhoc-target"]
+    request = {
+        "proxy_host": HOST, "proxy_port": bastion.port, "proxy_username": lab.user.name,
+        "proxy_key_file": key,
+        "targets": [{"host": HOST, "port": adhoc.port, "username": lab.user.name,
+                     "key_file": key}],
+        "commands": ["echo hello"],
+    }  # fmt: skip
+    settings = {
+        "compat_anonymous": ["seed000"],
+        "compat_anonymous_principal": "celery-client",
+        "compat_anonymous_role": "admin",
+    }
+    async with control_plane(lab, tmp_path, headers={}, **settings) as client:
+        created = await client.post("/api/ssh/task", json=request)
+        assert created.status_code == 201, created.text
+        answer = await _poll(client, f"/api/ssh/task/{created.json()['task_id']}")
+        assert answer["status"] == "SUCCESS", answer
+        assert answer["results"][0]["stdout"] == "hello\n"
+        # An id never seen: PENDING, as the seed's Celery backend answers.
+        unknown = await client.get(f"/api/ssh/task/{uuid.uuid4()}")
+        assert unknown.status_code == 200 and unknown.json()["status"] == "PENDING"
+        # opsplane's own API is never anonymous.
+        assert (await client.get("/api/v1/tasks")).status_code == 401
+        audit = await client.get(
+            "/api/v1/audit", params={"actor": "celery-client"}, headers=ADMIN_HEADERS
+        )
+        (record,) = [r for r in audit.json()["items"] if r["action"] == "task.create"]
+        assert record["detail"]["anonymous"] is True and record["detail"]["api"] == "seed000"
+        assert record["detail"]["via"] == "anonymous:seed000"

@@ -32,6 +32,13 @@ POST_ONLY = {"/api/v1/auth/login", "/api/v1/agents/enroll"}
 PUBLIC_METRICS = "/metrics"
 # POST routes a viewer may call: they only read, or end the caller's own web session.
 VIEWER_MAY_POST = {"/api/v1/auth/logout", "/async/query"}
+# The seeds' routes, the only ones compat_anonymous may open (docs/security.md).
+SEED_ROUTES = {
+    "/api/ssh/task", "/api/ssh/task/{task_id}", "/api/upload/task", "/api/upload/task/{task_id}",
+    "/tasks", "/tasks/{task_id}", "/tasks/{task_id}/logs",
+    "/list", "/sync/{cluster_type}/{name}", "/async/{cluster_type}/{name}", "/async/query",
+    "/async/kill", "/{cluster_type}/{name}",
+}  # fmt: skip
 # The policy, pinned: whatever else changes, these need exactly this.
 PINNED = {
     ("POST", "/api/v1/tasks"): Permission.RUN,
@@ -74,7 +81,7 @@ class Served:
 
 
 @asynccontextmanager
-async def served(tmp_path: Path) -> AsyncIterator[Served]:
+async def served(tmp_path: Path, **extra: Any) -> AsyncIterator[Served]:
     port = free_port()
     settings = load_settings(
         data_dir=tmp_path,
@@ -82,6 +89,7 @@ async def served(tmp_path: Path) -> AsyncIterator[Served]:
         grpc_listen=f"127.0.0.1:{free_port()}",
         bootstrap_admin_token=ADMIN_TOKEN,
         catalog=CATALOG,
+        **extra,
     )
     app = create_app(settings)
     config = uvicorn.Config(
@@ -151,6 +159,22 @@ async def test_every_route_refuses_anonymous_and_unknown_callers(tmp_path: Path)
             assert (await anonymous.get("/api/v1/hosts")).status_code == 401
             for path in PUBLIC - POST_ONLY:
                 assert (await anonymous.get(path)).status_code == 200, path
+
+
+async def test_compat_anonymous_opens_the_seed_routes_and_no_other(tmp_path: Path) -> None:
+    # Every seed API opened, to a viewer principal (it can change nothing while probed).
+    seeds = ["seed000", "seed003", "seed004"]
+    settings = {"compat_anonymous": seeds, "compat_anonymous_role": "viewer"}
+    async with served(tmp_path, **settings) as api, api.client() as anonymous:
+        routes = await _routes(api)
+        assert {path for _method, path in routes} >= SEED_ROUTES
+        for method, path in routes:
+            answer = await _status(anonymous, method, path)
+            where = f"{method} {path}: {answer.status_code} {answer.text[:200]}"
+            if path in SEED_ROUTES:
+                assert answer.status_code != 401 and answer.status_code < 500, where
+            else:
+                assert answer.status_code == 401, where
 
 
 async def test_a_viewer_reads_everything_and_changes_nothing(tmp_path: Path) -> None:

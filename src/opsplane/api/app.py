@@ -36,6 +36,7 @@ from opsplane.engine.alerts import AlertSender
 from opsplane.engine.core import Engine
 from opsplane.engine.metrics import EngineMetrics
 from opsplane.remoterun import RemoteRunService
+from opsplane.security.anonymous import AnonymousAccess
 from opsplane.security.checkpoints import CheckpointWriter
 from opsplane.security.service import SecurityService
 from opsplane.security.signing import load_or_create_private_key
@@ -159,11 +160,15 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         clock=utcnow,
     )
     engine_metrics.watch_logins(security.login_throttle)
+    anonymous = _anonymous_access(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await the_engine.start()
         try:
+            if anonymous is not None:
+                for line in anonymous.warnings():
+                    log.warning("%s", line)
             # Users and tokens need the migrated database; no request is served before this.
             await security.bootstrap()
             await checkpoints.start()
@@ -196,6 +201,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     app.state.security = security
     app.state.audit_checkpoints = checkpoints
     app.state.redactor = Redactor(settings.redact_patterns)
+    app.state.compat_anonymous = anonymous
     install_error_handlers(app)
     app.add_middleware(AuthenticateFirst)
     install_database_error_handler(app)
@@ -222,3 +228,16 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     app.include_router(compat_catalog.short_router)
     mount_web(app)
     return app
+
+
+def _anonymous_access(settings: Settings) -> AnonymousAccess | None:
+    """``compat_anonymous`` as api.deps applies it; None while it is off (the default)."""
+    if not settings.compat_anonymous:
+        return None
+    return AnonymousAccess.build(
+        settings.compat_anonymous,
+        name=settings.compat_anonymous_principal,
+        role=settings.compat_anonymous_role,
+        groups=settings.compat_anonymous_groups,
+        networks=settings.compat_anonymous_networks,
+    )

@@ -1,10 +1,16 @@
 """Dependencies shared by every route: the engine, and the one place of authentication and
 authorization.
 
-Authentication: ``Authorization: Bearer <token>`` (API, CLI), or the web page's session cookie.
-A cookie-authenticated request that changes state must also carry ``X-CSRF-Token`` matching its
-session (the browser sends cookies by itself, but only the page can read the CSRF cookie).
-No credentials, or bad ones: 401 with ``WWW-Authenticate: Bearer``.
+Authentication: an API token as ``Authorization: Bearer <token>`` (API, CLI), as the password
+of ``Authorization: Basic`` (any user name: the token is the whole credential) or as an
+``X-Api-Key`` header (what the seeds' clients can set without a code change); or the web page's
+session cookie. A cookie-authenticated request that changes state must also carry
+``X-CSRF-Token`` matching its session (the browser sends cookies by itself, but only the page
+can read the CSRF cookie). No credentials, or bad ones: 401 with ``WWW-Authenticate: Bearer``
+(never a Basic challenge: a browser would pop up its own login dialog over the page) — except
+that a call with no credential at all to a seed API's route may run as the anonymous principal
+of ``compat_anonymous`` (security.anonymous; routes say which seed they serve with
+``Depends(seed_api("seed003"))``).
 
 Authorization, by role: a route declares the permission it needs with
 ``Depends(require(Permission.RUN))`` (or ``READ``, ``ADMIN``). A route that declares nothing
@@ -18,6 +24,8 @@ Routes that change state and write no audit record of their own get a generic on
 
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Annotated, Any
@@ -35,6 +43,7 @@ from opsplane.domain.errors import (
     Unauthenticated,
 )
 from opsplane.engine.core import Engine
+from opsplane.security.anonymous import AnonymousAccess, from_browser
 from opsplane.security.audit import DENIED, FAILED, OK, REJECTED
 from opsplane.security.roles import Permission, Principal, authorize
 from opsplane.security.service import Caller, SecurityService
@@ -51,6 +60,7 @@ __all__ = [
     "get_security",
     "require",
     "require_principal",
+    "seed_api",
 ]
 
 log = logging.getLogger(__name__)
@@ -58,6 +68,7 @@ log = logging.getLogger(__name__)
 SESSION_COOKIE = "opsplane_session"
 CSRF_COOKIE = "opsplane_csrf"
 CSRF_HEADER = "X-CSRF-Token"
+API_KEY_HEADER = "X-Api-Key"
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
@@ -76,26 +87,30 @@ def client_ip(request: Request) -> str | None:
 
 
 async def authenticate(request: Request) -> Principal:
-    """Who is calling: a Bearer token, else the session cookie; Unauthenticated (401)
-    otherwise. Resolved once per request (FastAPI caches it) and kept in
-    ``request.state.principal``; a request authenticated before its body was read
-    (``api.middleware.AuthenticateFirst``) is not authenticated twice."""
+    """Who is calling: an API token (Bearer, Basic password or ``X-Api-Key``), else the session
+    cookie, else — no credential at all — the anonymous principal of ``compat_anonymous`` where
+    it covers the route's seed API and the caller's address; Unauthenticated (401) otherwise.
+    Resolved once per request (FastAPI caches it) and kept in ``request.state.principal``; a
+    request authenticated before its body was read (``api.middleware.AuthenticateFirst``) is
+    not authenticated twice."""
     known: Principal | None = getattr(request.state, "principal", None)
     if known is not None:
         return known
     security = get_security(request)
-    header = request.headers.get("authorization")
-    if header is not None:
-        scheme, _, credentials = header.partition(" ")
-        if scheme.lower() != "bearer" or not credentials.strip():
-            raise Unauthenticated("expected Authorization: Bearer <API token>")
-        principal = await security.authenticate_token(credentials.strip())
+    token = _token(request)
+    if token is not None:
+        principal = await security.authenticate_token(token)
     else:
         cookie = request.cookies.get(SESSION_COOKIE)
         if not cookie:
-            raise Unauthenticated(
-                "authentication required: an API token (Authorization: Bearer) or a web login"
-            )
+            anonymous = _anonymous(request)
+            if anonymous is None:
+                raise Unauthenticated(
+                    "authentication required: an API token (Authorization: Bearer, or "
+                    f"{API_KEY_HEADER}) or a web login"
+                )
+            request.state.principal = anonymous
+            return anonymous
         session = await security.authenticate_session(cookie)
         if request.method not in SAFE_METHODS:
             sent = request.headers.get(CSRF_HEADER, "")
@@ -107,6 +122,90 @@ async def authenticate(request: Request) -> Principal:
         principal = session.principal
     request.state.principal = principal
     return principal
+
+
+def _token(request: Request) -> str | None:
+    """The API token the request carries, in whichever of its three forms; None when it
+    carries none. Two forms at once are refused: which one counts would be a guess."""
+    header = request.headers.get("authorization")
+    api_key = request.headers.get(API_KEY_HEADER)
+    if header is not None and api_key is not None:
+        raise Unauthenticated(f"send one credential: Authorization or {API_KEY_HEADER}, not both")
+    if api_key is not None:
+        if not api_key.strip():
+            raise Unauthenticated(f"{API_KEY_HEADER} is empty: expected an API token")
+        return api_key.strip()
+    if header is None:
+        return None
+    scheme, _, credentials = header.partition(" ")
+    credentials = credentials.strip()
+    if scheme.lower() == "bearer" and credentials:
+        return credentials
+    if scheme.lower() == "basic" and credentials:
+        if from_browser(request.headers):
+            # A browser that once saw user:token@host sends it again by itself, on any page's
+            # cross-site form too; Basic is for the seeds' scripts (a browser uses the login).
+            raise Unauthenticated("HTTP Basic credentials are for scripts, not web browsers")
+        return _basic_password(credentials)
+    raise Unauthenticated(
+        "expected Authorization: Bearer <API token> (or Basic with the token as the password)"
+    )
+
+
+def _basic_password(credentials: str) -> str:
+    """The password of ``Authorization: Basic`` (RFC 7617): the API token. The user name is
+    not checked: the token alone says who calls, and a token without an owner (the
+    bootstrap token) has no user name to match."""
+    try:
+        decoded = base64.b64decode(credentials, validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        raise Unauthenticated("malformed Basic credentials: expected base64(user:token)") from None
+    _user, colon, password = decoded.partition(":")
+    if not colon or not password:
+        raise Unauthenticated("Basic credentials need the API token as the password (user:token)")
+    return password
+
+
+def seed_api(seed: str) -> Callable[[], None]:
+    """A marker dependency: the routes it is on serve seed API ``seed`` (``seed000``, …), which
+    ``compat_anonymous`` may open to callers without credentials. Put on a whole router."""
+    cached = _SEEDS.get(seed)
+    if cached is not None:
+        return cached
+
+    def dependency() -> None:
+        return None
+
+    dependency.__name__ = f"seed_api_{seed}"
+    dependency.opsplane_seed = seed  # type: ignore[attr-defined]
+    _SEEDS[seed] = dependency
+    return dependency
+
+
+_SEEDS: dict[str, Callable[[], None]] = {}
+
+
+def route_seed(request: Request) -> str | None:
+    """The seed API whose route the request matched (``seed_api``), if any."""
+    route = request.scope.get("route")
+    dependant = getattr(route, "dependant", None)
+    stack: list[Any] = list(dependant.dependencies) if dependant is not None else []
+    while stack:
+        sub = stack.pop()
+        seed = getattr(sub.call, "opsplane_seed", None)
+        if isinstance(seed, str):
+            return seed
+        stack.extend(sub.dependencies)
+    return None
+
+
+def _anonymous(request: Request) -> Principal | None:
+    access: AnonymousAccess | None = getattr(request.app.state, "compat_anonymous", None)
+    if access is None:
+        return None
+    return access.principal_for(
+        route_seed(request), client_ip(request), browser=from_browser(request.headers)
+    )
 
 
 AuthenticatedDep = Annotated[Principal, Depends(authenticate)]

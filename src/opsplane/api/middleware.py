@@ -6,10 +6,11 @@ anonymous request with malformed JSON got a 422 and ten anonymous megabytes were
 first time the body is asked for, authenticates the caller when the matched route needs one
 (its dependencies include ``deps.authenticate``: every route but the public ones). A stranger
 gets the 401 before a byte of the body is read; the route's own dependency then finds the
-caller already known. Public routes (health, login, agent enrollment, a public ``/metrics``,
-the page) stay as they are: which routes need a caller is read from the routes themselves, not
-from a list kept here. A body's size is bounded by FastAPI's ``max_body_size``
-(``max_request_bytes``), outside this.
+caller already known. A seed API's route opened by ``compat_anonymous`` is no exception: the
+anonymous principal is decided here too, from the route and the peer address alone. Public
+routes (health, login, agent enrollment, a public ``/metrics``, the page) stay as they are:
+which routes need a caller is read from the routes themselves, not from a list kept here. A
+body's size is bounded by FastAPI's ``max_body_size`` (``max_request_bytes``), outside this.
 """
 
 from __future__ import annotations

@@ -128,6 +128,14 @@ def server(
         Path | None, typer.Option(help="certificate (PEM): serve the API over HTTPS")
     ] = None,
     tls_key: Annotated[Path | None, typer.Option(help="the HTTPS certificate's key")] = None,
+    compat_anonymous: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--compat-anonymous",
+            help="seed000, seed003 or seed004 (repeatable): let that seed API's clients call "
+            "without a token, from loopback (docs/security.md)",
+        ),
+    ] = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Start the control plane: the REST API and the gRPC agent endpoint."""
@@ -147,6 +155,7 @@ def server(
         catalog_logs_dir=catalog_logs_dir,
         catalog_session_retention=catalog_session_retention,
         script_dirs=script_dir or None,
+        compat_anonymous=compat_anonymous or None,
     )
 
 

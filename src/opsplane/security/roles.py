@@ -81,7 +81,9 @@ class Principal:
 
     ``name`` is what tasks record as ``created_by`` and the audit trail as the actor: the user
     behind a session or token, or the token's own name for a token without an owner (the
-    bootstrap token). ``via`` says how it authenticated (``token:<id>``, ``session``).
+    bootstrap token). ``via`` says how it authenticated (``token:<id>``, ``session``,
+    ``anonymous:<seed>``); ``anonymous`` marks a caller that sent no credential at all and was
+    let in by ``compat_anonymous`` (security.anonymous).
     """
 
     name: str
@@ -91,6 +93,7 @@ class Principal:
     user_id: str | None = None
     token_id: str | None = None
     session_id: str | None = None
+    anonymous: bool = False
 
     @property
     def the_role(self) -> Role:

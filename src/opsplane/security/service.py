@@ -96,8 +96,13 @@ class Caller:
             target=target,
             targets=targets,
             outcome=outcome,
-            detail={"via": self.principal.via, **(detail or {})},
+            detail={"via": self.principal.via, **(detail or {}), **self._marker()},
         )
+
+    def _marker(self) -> dict[str, Any]:
+        # A call let in without credentials (compat_anonymous) is told from a login of the
+        # same name by this, in every record it leaves.
+        return {"anonymous": True} if self.principal.anonymous else {}
 
 
 SYSTEM_CALLER = Caller(SYSTEM)

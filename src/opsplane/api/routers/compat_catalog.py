@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse
 
 from opsplane.api.access import check_task_allowed
 from opsplane.api.auditing import Audit, AuditDep
-from opsplane.api.deps import Principal, get_engine, require, require_principal
+from opsplane.api.deps import Principal, get_engine, require, require_principal, seed_api
 from opsplane.catalog.registry import BodyError, CatalogEntry
 from opsplane.catalog.service import CatalogService, CatalogUnavailable, UnknownSession
 from opsplane.domain.errors import Forbidden, InvalidInput, NotFound, OpsplaneError
@@ -36,10 +36,15 @@ async def _envelope_errors(request: Request) -> None:
 
 
 # The dependencies on the router are the backstop: a route added here later cannot skip auth,
-# and is admin-only until it declares what it needs (api.deps).
+# and is admin-only until it declares what it needs (api.deps). seed_api: compat_anonymous may
+# open these routes (and the short URL's, which shares this list) to callers without credentials.
 router = APIRouter(
     tags=["catalog (seed 004)"],
-    dependencies=[Depends(_envelope_errors), Depends(require_principal)],
+    dependencies=[
+        Depends(_envelope_errors),
+        Depends(seed_api("seed004")),
+        Depends(require_principal),
+    ],
 )
 
 PrincipalDep = Annotated[Principal, Depends(require_principal)]

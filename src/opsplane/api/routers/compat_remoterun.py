@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from opsplane.api.auditing import AuditDep
-from opsplane.api.deps import Principal, require_principal
+from opsplane.api.deps import Principal, require_principal, seed_api
 from opsplane.domain.targeting import Targets
 from opsplane.remoterun import (
     LogEnd,
@@ -24,7 +24,11 @@ from opsplane.remoterun import (
 )
 
 # The dependency on the router is the backstop: a route added here later cannot skip auth.
-router = APIRouter(tags=["RemoteRun (seed 003)"], dependencies=[Depends(require_principal)])
+# seed_api: compat_anonymous may open these routes to callers without credentials.
+router = APIRouter(
+    tags=["RemoteRun (seed 003)"],
+    dependencies=[Depends(seed_api("seed003")), Depends(require_principal)],
+)
 
 PrincipalDep = Annotated[Principal, Depends(require_principal)]
 

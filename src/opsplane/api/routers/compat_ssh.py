@@ -14,15 +14,16 @@ from fastapi import APIRouter, Depends, Request, status
 from pydantic import BaseModel, ConfigDict, Field
 
 from opsplane.api.auditing import Audit, AuditDep
-from opsplane.api.deps import Principal, get_engine, require_principal
+from opsplane.api.deps import Principal, get_engine, require_principal, seed_api
 from opsplane.config import Settings
-from opsplane.domain.errors import InvalidInput
+from opsplane.domain.errors import InvalidInput, NotFound
 from opsplane.domain.targeting import Targets
 from opsplane.engine.core import Engine
 from opsplane.engine.sshapi import AdhocEndpoint, AdhocRequest
 from opsplane.security.audit import targets_summary
 
-router = APIRouter(tags=["seed 000 (SSH API)"])
+# seed_api: compat_anonymous may open these routes to callers without credentials.
+router = APIRouter(tags=["seed 000 (SSH API)"], dependencies=[Depends(seed_api("seed000"))])
 
 EngineDep = Annotated[Engine, Depends(get_engine)]
 PrincipalDep = Annotated[Principal, Depends(require_principal)]
@@ -142,9 +143,21 @@ async def create_ssh_task(
     return await _submit(engine, audit, AdhocRequest(commands=body.commands, **fields), detail)
 
 
+async def _result(engine: Engine, task_id: str) -> dict[str, Any]:
+    """The seed's answer. An id that is not a seed-000 task is a 404, except under
+    ``compat_anonymous`` for seed 000: then ``PENDING``, as the seed's Celery backend answers
+    for an id it never saw (docs/ssh.md, "Unknown task ids")."""
+    try:
+        return await engine.ssh_api.result(task_id)
+    except NotFound:
+        if "seed000" not in engine.settings.compat_anonymous:
+            raise
+        return {"task_id": task_id, "status": "PENDING"}
+
+
 @router.get("/api/ssh/task/{task_id}")
 async def get_ssh_task(task_id: str, engine: EngineDep, _principal: PrincipalDep) -> dict[str, Any]:
-    return await engine.ssh_api.result(task_id)
+    return await _result(engine, task_id)
 
 
 @router.post("/api/upload/task", status_code=status.HTTP_201_CREATED, response_model=TaskIdOut)
@@ -165,4 +178,4 @@ async def create_upload_task(
 async def get_upload_task(
     task_id: str, engine: EngineDep, _principal: PrincipalDep
 ) -> dict[str, Any]:
-    return await engine.ssh_api.result(task_id)
+    return await _result(engine, task_id)
