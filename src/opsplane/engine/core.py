@@ -103,6 +103,8 @@ class Engine:
             silent_links=[n for n, link in self.links.items() if not link.liveness_by_heartbeat],
             held_links=[n for n, link in self.links.items() if link.executes_here],
             on_silent=self._drop_silent,
+            timeout_grace=settings.timeout_grace,
+            send_cancels=self.dispatcher.send_cancels,
         )
         self.retention = Retention(
             self.write,
