@@ -41,7 +41,7 @@ async def engine(tmp_path: Path) -> AsyncIterator[Engine]:
 
 
 async def test_a_seed_agents_run_without_a_result_ends_lost_and_is_canceled(
-    engine: Engine,
+    engine: Engine, tmp_path: Path
 ) -> None:
     agent = SeedAgent(f"slow-{uuid.uuid4().hex[:8]}")
     await agent.start()
@@ -54,8 +54,9 @@ async def test_a_seed_agents_run_without_a_result_ends_lost_and_is_canceled(
         else:
             raise AssertionError("the seed agent did not come online")
         # The seed agent runs it to the end (it knows no timeout) and says nothing meanwhile.
+        ended = tmp_path / "ended"
         request = TaskRequest(
-            command="sleep 8", targets=Targets(hosts=(agent.hostname,)), timeout=2
+            command=f"sleep 5; touch {ended}", targets=Targets(hosts=(agent.hostname,)), timeout=2
         )
         task = await engine.tasks.create_task(request)
         async with asyncio.timeout(15):  # 2 s + 1 s after the dispatch, on a loaded machine
@@ -73,6 +74,15 @@ async def test_a_seed_agents_run_without_a_result_ends_lost_and_is_canceled(
             raise AssertionError(f"no cancel reached the agent: {agent.received}")
         (cancel,) = cancels
         assert (cancel["task_id"], cancel["run_id"]) == (task.id, run.id)
+        # The seed agent knows no cancel: its command ends and its result comes, late.
+        for _ in range(150):  # up to 15 s
+            if ended.exists():
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError("the seed agent's command did not end")
+        await asyncio.sleep(1.0)  # its result travels and is ingested (and ignored)
+        assert (await engine.tasks.get_run(task.id, run.id)).status == RunStatus.LOST
     finally:
         beat.cancel()
         await asyncio.gather(beat, return_exceptions=True)
