@@ -78,6 +78,10 @@ class Settings(BaseSettings):
     lost_grace: float = Field(default=60.0, ge=0)
     # A dispatched run whose host has not reported it started by then was never received.
     start_timeout: float = Field(default=60.0, gt=0)
+    # The control plane's own timeout clock: a run with no result this long after its task's
+    # timeout (counted from its start, or from its dispatch if the host never reported one)
+    # ends timed_out (or lost, never started) and a cancel goes to its host.
+    timeout_grace: float = Field(default=30.0, ge=0)
     # Shared capacity (0: no limit): runs on hosts at once in all, and on one host. When short,
     # higher-priority tasks go first, equal priorities in the order they were created.
     max_running_runs: int = Field(default=0, ge=0)

@@ -18,7 +18,7 @@ from opsplane.domain.targeting import Targets
 from opsplane.domain.tasks import TaskRequest
 from opsplane.engine.core import Engine
 from opsplane.store import queries
-from opsplane.store.tables import HostRow
+from opsplane.store.tables import HostRow, RunRow
 from opsplane.transport.base import HeartbeatReport, RunFinished, RunOutput, RunStarted
 from opsplane.transport.memory import MemoryLink
 
@@ -266,3 +266,66 @@ async def test_output_with_nul_bytes_and_emoji_is_stored_on_every_database(
         await engine.archive.read(engine.archive.path_for(task.id, run_id, task.created_at))
         == chunk
     )
+
+
+async def _backdate(
+    engine: Engine, run_id: str, *, dispatched: float, started: float | None
+) -> None:
+    """Move a run's dispatch (and start) this many seconds into the past."""
+    now = datetime.now(UTC)
+    values: dict[str, object] = {"dispatched_at": now - timedelta(seconds=dispatched)}
+    if started is not None:
+        values["started_at"] = now - timedelta(seconds=started)
+    async with engine.write() as changes:
+        await changes.session.execute(update(RunRow).where(RunRow.id == run_id).values(**values))
+
+
+async def test_the_control_plane_ends_runs_past_their_timeout_and_cancels_them(
+    engine: Engine, link: MemoryLink
+) -> None:
+    """Issue 16 item 9 (seed 001: "the server marks the command timed out"): a host that never
+    reports a result does not keep a run open past its timeout plus ``timeout_grace``."""
+    assert engine.settings.timeout_grace == 30.0
+    task = await engine.tasks.create_task(
+        replace(_request(groups=("web",)), timeout=5)  # 5 s + 30 s grace = 35 s
+    )
+    runs = await _runs(engine, task.id)
+    other = await engine.tasks.create_task(replace(_request(hosts=("db-1",)), timeout=5))
+    waiting = (await _runs(engine, other.id))["db-1"]
+    await (await engine.report(RunStarted("web-1", runs["web-1"], datetime.now(UTC))))
+    # web-1 started 40 s ago; web-2 (a seed-002 agent: no "started") was sent 40 s ago;
+    # db-1's run was sent 40 s ago, but the host says it started 10 s ago: not yet overdue.
+    await _backdate(engine, runs["web-1"], dispatched=41, started=40)
+    await _backdate(engine, runs["web-2"], dispatched=40, started=None)
+    await (await engine.report(RunStarted("db-1", waiting, datetime.now(UTC))))
+    await _backdate(engine, waiting, dispatched=40, started=10)
+    assert engine.monitor.started_at is not None
+    engine.monitor.started_at -= timedelta(seconds=60)
+    await engine.monitor.check_once()
+    started = await engine.tasks.get_run(task.id, runs["web-1"])
+    assert started.status == RunStatus.TIMED_OUT and "5s + 30s" in (started.error or "")
+    unstarted = await engine.tasks.get_run(task.id, runs["web-2"])
+    assert unstarted.status == RunStatus.LOST and "never reported" in (unstarted.error or "")
+    assert link.hosts["web-1"].cancels == [runs["web-1"]]
+    assert link.hosts["web-2"].cancels == [runs["web-2"]]
+    assert (await engine.tasks.get_run(other.id, waiting)).status == RunStatus.RUNNING
+    assert link.hosts["db-1"].cancels == []
+    assert await engine.tasks.get_task_status(task.id) == TaskStatus.FAILED
+    # The agent's own result, arriving late, changes nothing.
+    await engine.tasks.handle_command_result(_finished("web-1", runs["web-1"]))
+    assert (await engine.tasks.get_run(task.id, runs["web-1"])).status == RunStatus.TIMED_OUT
+
+
+async def test_the_timeout_clock_counts_from_the_dispatch_when_the_host_clock_is_behind(
+    engine: Engine, link: MemoryLink
+) -> None:
+    task = await engine.tasks.create_task(replace(_request(hosts=("db-1",)), timeout=5))
+    run_id = (await _runs(engine, task.id))["db-1"]
+    await (await engine.report(RunStarted("db-1", run_id, datetime.now(UTC))))
+    # The host dates its start 100 s back, but the run was sent only 20 s ago.
+    await _backdate(engine, run_id, dispatched=20, started=100)
+    assert engine.monitor.started_at is not None
+    engine.monitor.started_at -= timedelta(seconds=60)
+    await engine.monitor.check_once()
+    assert (await engine.tasks.get_run(task.id, run_id)).status == RunStatus.RUNNING
+    assert link.hosts["db-1"].cancels == []

@@ -571,3 +571,38 @@ def test_servers_older_than_supported_are_refused_by_name(
             check_server_version(dialect)
     else:
         check_server_version(dialect)
+
+
+async def test_a_runs_timeout_deadline_is_the_same_on_every_database(
+    db: AsyncEngine, session: AsyncSession
+) -> None:
+    """``queries.runs_past_timeout``: timeout + a fractional grace after the start (or, never
+    started, the dispatch), to the millisecond, with the per-backend date arithmetic."""
+    now = datetime(2026, 3, 1, 23, 59, 59, 900000, tzinfo=UTC)
+
+    def ago(seconds: float) -> datetime:
+        return now - timedelta(seconds=seconds)
+
+    async with session.begin():
+        session.add(_task("t-10", timeout=10))
+        session.add(_task("t-day", timeout=86_400))
+        await session.flush()
+        # 10 s + 0.5 s grace: 10.45 s ago is not yet due, 10.55 s ago is.
+        session.add(_run("due", "t-10", dispatched_at=ago(20), started_at=ago(10.55)))
+        session.add(_run("not-due", "t-10", dispatched_at=ago(20), started_at=ago(10.45)))
+        session.add(_run("never-started", "t-10", status="dispatched", dispatched_at=ago(11)))
+        session.add(_run("sent-later", "t-10", status="dispatched", dispatched_at=ago(10)))
+        # The host's clock is behind: its start is dated before the dispatch.
+        session.add(_run("skewed", "t-10", dispatched_at=ago(5), started_at=ago(100)))
+        # Across a day (and a month) boundary.
+        session.add(_run("long", "t-day", dispatched_at=ago(86_401), started_at=ago(86_401)))
+        session.add(_run("ended", "t-10", status="succeeded", dispatched_at=ago(99)))
+    async with session_factory(db)() as fresh:
+        overdue = await queries.runs_past_timeout(fresh, now, 0.5, limit=100)
+        limited = await queries.runs_past_timeout(fresh, now, 0.5, limit=1)
+    assert {o.run.id: o.timeout for o in overdue} == {
+        "due": 10,
+        "never-started": 10,
+        "long": 86_400,
+    }
+    assert len(limited) == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
@@ -10,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_vali
 
 from opsplane.domain.errors import InvalidInput
 from opsplane.domain.policy import TaskPolicy
-from opsplane.domain.tasks import is_env_name
+from opsplane.domain.tasks import is_env_name, params_env
 from opsplane.store.tables import HostRow, RunRow
 
 T = TypeVar("T")
@@ -35,6 +36,8 @@ EnvMap = Annotated[
     dict[Name, Annotated[str, StringConstraints(max_length=MAX_ENV_VALUE)]],
     Field(max_length=MAX_ENV),
 ]
+# Seed 001's parameters: an object, or (its Go model's string) a string holding one.
+ParamMap = Annotated[dict[Name, Any], Field(max_length=MAX_ENV)]
 
 
 class TargetsIn(BaseModel):
@@ -125,6 +128,30 @@ class TaskCreate(BaseModel):
     deadline: int | None = Field(
         default=None, description="seconds the whole task may take from its start"
     )
+    parameters: ParamMap | Annotated[str, StringConstraints(max_length=MAX_ENV_VALUE)] = Field(
+        default_factory=dict,
+        description="named values (seed 001) reaching the command as environment variables "
+        "PARAM_<NAME> (upper-cased) and PARAMS_JSON, never spliced into its text; a JSON "
+        "object, or a string holding one",
+    )
+
+    @field_validator("parameters")
+    @classmethod
+    def _parameters(cls, value: dict[str, Any] | str) -> dict[str, Any]:
+        if isinstance(value, str):
+            try:
+                value = json.loads(value) if value.strip() else {}
+            except ValueError as e:
+                raise ValueError(
+                    "parameters must be a JSON object (or a string holding one)"
+                ) from e
+            if not isinstance(value, dict):
+                raise ValueError("parameters must be a JSON object (or a string holding one)")
+        try:
+            params_env(value)
+        except InvalidInput as e:
+            raise ValueError(str(e)) from e
+        return value
 
     @field_validator("env", "secret_env")
     @classmethod
@@ -137,11 +164,19 @@ class TaskCreate(BaseModel):
         return value
 
     def environment(self) -> tuple[dict[str, str], dict[str, str]]:
-        """(plain, secret) environment; a name in both is refused."""
+        """(plain, secret) environment, ``parameters`` included in the plain one; a name set
+        twice is refused."""
+        assert isinstance(self.parameters, dict)  # the validator decoded a string
+        params = params_env(self.parameters) if self.parameters else {}
         both = set(self.env) & set(self.secret_env)
         if both:
             raise InvalidInput(f"env and secret_env both set {', '.join(sorted(both))}")
-        return self.env, self.secret_env
+        twice = set(params) & (set(self.env) | set(self.secret_env))
+        if twice:
+            raise InvalidInput(
+                f"parameters and env (or secret_env) both set {', '.join(sorted(twice))}"
+            )
+        return {**self.env, **params}, self.secret_env
 
     def policy(self) -> TaskPolicy | None:
         """The task's pacing, or None when the body asks for none of it."""
@@ -217,6 +252,12 @@ class TaskOut(BaseModel):
     finished_at: datetime | None
     counts: Counts
     progress: Progress
+    # Seed 001's names (docs/compat.md): the same task, as its clients read it.
+    task_id: str
+    total_hosts: int
+    completed_hosts: int
+    failed_hosts: int
+    updated_at: datetime | None
 
 
 class RunOut(BaseModel):

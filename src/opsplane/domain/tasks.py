@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from opsplane.domain.errors import InvalidInput
@@ -11,12 +13,49 @@ from opsplane.domain.targeting import Targets
 
 MAX_TIMEOUT_SECONDS = 7 * 24 * 3600
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# Named parameters (seed 003's params, seed 001's parameters) reach the command as variables.
+MAX_PARAMS = 256
+# PARAMS_JSON is one environment string: Linux refuses one over 128 KiB (MAX_ARG_STRLEN).
+MAX_PARAMS_BYTES = 128 * 1024
+PARAM_PREFIX = "PARAM_"
+PARAMS_JSON = "PARAMS_JSON"
 
 
 def is_env_name(name: str) -> bool:
     """Whether ``name`` can be an environment variable's name: letters, digits and ``_``, not
     starting with a digit. Names reach shells (``export NAME=…`` over SSH), so nothing else."""
     return _ENV_NAME.fullmatch(name) is not None
+
+
+def params_env(params: Mapping[str, object]) -> dict[str, str]:
+    """The environment a script gets for ``params``: ``PARAM_<NAME>`` per param (name upper-
+    cased), and all of them as one JSON object in ``PARAMS_JSON``. Strings are passed as
+    they are; numbers, booleans, lists and objects as JSON; null as the empty string. Nothing
+    is ever interpreted by a shell."""
+    if len(params) > MAX_PARAMS:
+        raise InvalidInput(f"at most {MAX_PARAMS} params")
+    env: dict[str, str] = {}
+    for name, value in params.items():
+        if not is_env_name(name):
+            raise InvalidInput(
+                f"param name {name!r} must be letters, digits and _, not starting with a digit"
+            )
+        key = PARAM_PREFIX + name.upper()
+        if key in env:
+            raise InvalidInput(f"two params become the same variable {key}: names ignore case")
+        if isinstance(value, str):
+            text = value
+        elif value is None:
+            text = ""
+        else:
+            text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+        if "\x00" in text:
+            raise InvalidInput(f"param {name!r} must not contain NUL")
+        env[key] = text
+    env[PARAMS_JSON] = json.dumps(params, ensure_ascii=False, separators=(",", ":"))
+    if sum(len(k) + len(v) for k, v in env.items()) > MAX_PARAMS_BYTES:
+        raise InvalidInput(f"params take more than {MAX_PARAMS_BYTES} bytes")
+    return env
 
 
 @dataclass(frozen=True)

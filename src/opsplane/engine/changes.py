@@ -88,6 +88,30 @@ def task_view(task: TaskRow) -> dict[str, Any]:
             "total": task.total,
             "percent": round(100.0 * finished / task.total, 1) if task.total else 100.0,
         },
+        **_seed001_names(task, counts),
+    }
+
+
+# Hosts whose latest run ended badly, in seed 001's ``failed_hosts``: its delivery failures,
+# execution failures and timeouts (a canceled host is neither completed nor failed).
+_FAILED_HOST_STATUSES = (
+    RunStatus.FAILED,
+    RunStatus.TIMED_OUT,
+    RunStatus.UNDELIVERABLE,
+    RunStatus.LOST,
+)
+
+
+def _seed001_names(task: TaskRow, counts: dict[str, int]) -> dict[str, Any]:
+    """Seed 001's task fields, from opsplane's counts (docs/compat.md): ``completed_hosts`` is
+    the seed's "执行完成" (done, succeeded), ``updated_at`` the task's last change of state."""
+    changed = [at for at in (task.created_at, task.started_at, task.finished_at) if at]
+    return {
+        "task_id": task.id,
+        "total_hosts": task.total,
+        "completed_hosts": counts[RunStatus.SUCCEEDED.value],
+        "failed_hosts": sum(counts[status.value] for status in _FAILED_HOST_STATUSES),
+        "updated_at": _iso(max(changed)) if changed else None,
     }
 
 

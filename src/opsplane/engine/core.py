@@ -119,6 +119,8 @@ class Engine:
             held_links=[n for n, link in self.links.items() if link.executes_here],
             on_silent=self._drop_silent,
             hearing=lambda: not self.ingest.paused,
+            timeout_grace=settings.timeout_grace,
+            send_cancels=self.dispatcher.send_cancels,
         )
         self.retention = Retention(
             self.write,

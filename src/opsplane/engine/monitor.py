@@ -1,5 +1,6 @@
 """Liveness: hosts silent for too long go offline; runs on hosts gone past the grace period
-become ``lost``; heartbeat history is pruned. Each pass is a bounded batch (DESIGN §7)."""
+become ``lost``; runs past their timeout plus a grace end and are canceled on their host;
+heartbeat history is pruned. Each pass is a bounded batch (DESIGN §7)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ from sqlalchemy import delete
 from opsplane.domain.states import IN_FLIGHT_RUN_STATUSES, RunStatus
 from opsplane.engine.background import Supervised
 from opsplane.engine.changes import Changes
+from opsplane.engine.dispatcher import CancelOrder, Dispatcher
 from opsplane.store import queries
-from opsplane.store.tables import HeartbeatRow, utcnow
+from opsplane.store.tables import HeartbeatRow, RunRow, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +37,17 @@ class Monitor:
         batch: int = 1000,
         on_silent: Callable[[list[tuple[str, str]]], Awaitable[None]] | None = None,
         hearing: Callable[[], bool] = lambda: True,
+        timeout_grace: float = 30.0,
+        send_cancels: Callable[[list[CancelOrder]], Awaitable[None]] | None = None,
     ) -> None:
         """``hearing`` says whether heartbeats are being written now (False while ingest is
         paused because the database is unreachable)."""
         self._write = write
+        # The control plane's own timeout clock: a run still in flight ``timeout_grace`` after
+        # its command's timeout has ended on its host or never will; its cancel goes out
+        # through ``send_cancels`` (the dispatcher's, as for a task's cancel).
+        self._timeout_grace = timedelta(seconds=timeout_grace)
+        self._send_cancels = send_cancels
         # Told (after the commit) which hosts just went offline for silence, with their links.
         self._on_silent = on_silent
         self._hearing = hearing
@@ -90,6 +99,7 @@ class Monitor:
     async def check_once(self, *, prune: bool = False) -> None:
         now = utcnow()
         silent: list[tuple[str, str]] = []
+        cancels: list[CancelOrder] = []
         async with self._write() as changes:
             # Work in proportion to what changed, never to the fleet: the hosts that crossed
             # the silence limit since the last pass (marked offline, so not found again), and
@@ -139,12 +149,50 @@ class Monitor:
             for run in unstarted:
                 error = f"the host did not start the command within {waited}s of its dispatch"
                 changes.move(run, RunStatus.UNDELIVERABLE, error=error)
+            cancels = await self._end_overdue(changes, now)
             if prune:
                 await changes.session.execute(
                     delete(HeartbeatRow).where(HeartbeatRow.at < now - self._history_retention)
                 )
         if silent and self._on_silent is not None:
             await self._on_silent(silent)
+        if cancels and self._send_cancels is not None:
+            await self._send_cancels(cancels)
+
+    async def _end_overdue(self, changes: Changes, now: datetime) -> list[CancelOrder]:
+        """Runs past their timeout plus the grace end ``timed_out`` (their host said it started
+        them) or ``lost`` (it never did); returns the cancels to send after the commit. A
+        result arriving later changes nothing: the run has ended."""
+        if self._since_start(now) < self._timeout_grace:
+            # As for the other clocks: agents get the grace to report after a restart.
+            return []
+        overdue = await queries.runs_past_timeout(
+            changes.session,
+            now,
+            self._timeout_grace.total_seconds(),
+            limit=self._batch,
+            exclude_unstarted_links=self._held_links,
+        )
+        grace = round(self._timeout_grace.total_seconds())
+        reasons: dict[str, str] = {}
+        ended: list[RunRow] = []
+        for run, timeout in overdue:
+            if run.status == RunStatus.RUNNING:
+                new = RunStatus.TIMED_OUT
+                reason = f"no result {timeout}s + {grace}s after the command started"
+            else:
+                new = RunStatus.LOST
+                reason = (
+                    f"no result {timeout}s + {grace}s after the dispatch, "
+                    "and the host never reported starting the command"
+                )
+            if changes.move(run, new, error=reason):
+                reasons[run.id] = reason
+                ended.append(run)
+                log.info("run %s on %s: %s", run.id, run.host, reason)
+        return await Dispatcher.cancel_orders(
+            changes.session, ended, lambda run: f"{reasons[run.id]}: ended by the control plane"
+        )
 
     def _since_start(self, now: datetime) -> timedelta:
         """How long this monitor has been watching (forever, for a monitor never started)."""

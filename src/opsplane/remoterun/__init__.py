@@ -3,7 +3,8 @@ script tasks on the control plane's own host, with the seed's routes (docs/remot
 
 from __future__ import annotations
 
-from opsplane.remoterun.scripts import ScriptDirs, ScriptRefused, params_env
+from opsplane.domain.tasks import params_env
+from opsplane.remoterun.scripts import ScriptDirs, ScriptRefused
 from opsplane.remoterun.service import (
     LogEnd,
     LogLine,

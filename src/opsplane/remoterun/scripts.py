@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
-import json
 import os
 import re
 import shlex
@@ -36,13 +35,8 @@ from typing import IO
 import yaml
 
 from opsplane.domain.errors import ConfigError, Conflict, InvalidInput, NotFound, OpsplaneError
-from opsplane.domain.tasks import is_env_name
 
 MAX_PATH = 4096
-MAX_PARAMS = 256
-MAX_PARAMS_BYTES = 128 * 1024
-PARAM_PREFIX = "PARAM_"
-PARAMS_JSON = "PARAMS_JSON"
 
 
 class ScriptRefused(InvalidInput):
@@ -140,37 +134,6 @@ class ScriptDirs:
         if mode & stat.S_IWOTH:
             raise ScriptRefused(f"script {given!r} is writable by everyone; refusing to run it")
         return real
-
-
-def params_env(params: Mapping[str, object]) -> dict[str, str]:
-    """The environment a script gets for ``params``: ``PARAM_<NAME>`` per param (name upper-
-    cased), and all of them as one JSON object in ``PARAMS_JSON``. Strings are passed as
-    they are; numbers, booleans, lists and objects as JSON; null as the empty string. Nothing
-    is ever interpreted by a shell."""
-    if len(params) > MAX_PARAMS:
-        raise InvalidInput(f"at most {MAX_PARAMS} params")
-    env: dict[str, str] = {}
-    for name, value in params.items():
-        if not is_env_name(name):
-            raise InvalidInput(
-                f"param name {name!r} must be letters, digits and _, not starting with a digit"
-            )
-        key = PARAM_PREFIX + name.upper()
-        if key in env:
-            raise InvalidInput(f"two params become the same variable {key}: names ignore case")
-        if isinstance(value, str):
-            text = value
-        elif value is None:
-            text = ""
-        else:
-            text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
-        if "\x00" in text:
-            raise InvalidInput(f"param {name!r} must not contain NUL")
-        env[key] = text
-    env[PARAMS_JSON] = json.dumps(params, ensure_ascii=False, separators=(",", ":"))
-    if sum(len(k) + len(v) for k, v in env.items()) > MAX_PARAMS_BYTES:
-        raise InvalidInput(f"params take more than {MAX_PARAMS_BYTES} bytes")
-    return env
 
 
 # Pinning ------------------------------------------------------------------------------------

@@ -30,11 +30,11 @@ from opsplane.domain.states import (
     TaskStatus,
 )
 from opsplane.domain.targeting import Targets
-from opsplane.domain.tasks import ExecSpec, TaskRequest
+from opsplane.domain.tasks import ExecSpec, TaskRequest, params_env
 from opsplane.engine.core import Engine
 from opsplane.engine.hub import Subscription
 from opsplane.engine.service import BeforeCommit
-from opsplane.remoterun.scripts import SCRIPT_PATH_ENV, ScriptDirs, ScriptPins, params_env
+from opsplane.remoterun.scripts import SCRIPT_PATH_ENV, ScriptDirs, ScriptPins
 from opsplane.store import queries
 from opsplane.store.tables import RunRow, TaskRow
 

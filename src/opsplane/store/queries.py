@@ -7,7 +7,7 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any, NamedTuple
 
-from sqlalchemy import and_, delete, false, func, or_, select, update
+from sqlalchemy import and_, case, delete, false, func, literal, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from opsplane.store.tables import (
@@ -18,6 +18,7 @@ from opsplane.store.tables import (
     TaskEventRow,
     TaskRow,
 )
+from opsplane.store.timemath import plus_seconds
 
 
 async def get_task(
@@ -132,6 +133,41 @@ async def runs_dispatched_before(
         stmt = stmt.where(RunRow.host.not_in(held))
     stmt = stmt.limit(limit)
     return list((await session.execute(stmt)).scalars())
+
+
+class OverdueRun(NamedTuple):
+    run: RunRow
+    timeout: int
+
+
+async def runs_past_timeout(
+    session: AsyncSession,
+    now: datetime,
+    grace: float,
+    *,
+    limit: int,
+    exclude_unstarted_links: Sequence[str] = (),
+) -> list[OverdueRun]:
+    """Runs in flight whose command should have ended by ``now``: their task's ``timeout``
+    plus ``grace`` has passed since they started, or since their dispatch for a run its host
+    never reported starting (a seed-002 agent sends no ``started``). A start the host dates
+    before the dispatch (its clock behind) counts from the dispatch. Runs still waiting on
+    ``exclude_unstarted_links`` (which hold them for a slot before starting) are left out."""
+    clock = case(
+        (RunRow.started_at > RunRow.dispatched_at, RunRow.started_at),
+        else_=RunRow.dispatched_at,
+    )
+    deadline = plus_seconds(clock, TaskRow.timeout + literal(grace))
+    stmt = (
+        select(RunRow, TaskRow.timeout)
+        .join(TaskRow, TaskRow.id == RunRow.task_id)
+        .where(RunRow.status.in_(("dispatched", "running")), deadline < now)
+    )
+    if exclude_unstarted_links:
+        held = select(HostRow.name).where(HostRow.link.in_(list(exclude_unstarted_links)))
+        stmt = stmt.where(or_(RunRow.status == "running", RunRow.host.not_in(held)))
+    stmt = stmt.limit(limit)
+    return [OverdueRun(run, timeout) for run, timeout in await session.execute(stmt)]
 
 
 async def runs_on_links(

@@ -89,8 +89,9 @@ async def create_task(
         "start": body.start,
         "policy": request.policy.to_json() if request.policy else None,
         # Names only: values may be secret (and secret_env's always are).
-        "env": sorted(env),
+        "env": sorted(body.env),
         "secret_env": sorted(secret_env),
+        "parameters": sorted(body.parameters),
     }
     async with audit.failures(
         "task.create", targets=targets_summary(body.targets.model_dump()), detail=detail
