@@ -147,6 +147,7 @@ async def test_a_store_failure_while_authenticating_is_not_blamed_on_the_body(
 
         monkeypatch.setattr(app.state.security, "authenticate_token", unreachable)
         body = {"command": "true", "targets": {"hosts": ["web-1"]}}
-        # Not FastAPI's 400 "error parsing the body": the store's error, as on any route.
-        with pytest.raises(OperationalError):
-            await client.post("/api/v1/tasks", json=body, headers=ADMIN_HEADERS)
+        # Not FastAPI's 400 "error parsing the body": the store's 503, as on any route.
+        response = await client.post("/api/v1/tasks", json=body, headers=ADMIN_HEADERS)
+        assert response.status_code == 503, response.text
+        assert response.json()["detail"].startswith("database unavailable")

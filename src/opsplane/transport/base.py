@@ -138,12 +138,6 @@ _INT32 = 2**31
 _INT64 = 2**63
 # Run and task ids are UUIDs; anything much longer is not an id of ours.
 _MAX_ID = 64
-# A final result carries the head and tail of each stream (64 KiB each by default, the agent's
-# output_cap). Far more is not an agent of ours; the bound keeps a row within MySQL's
-# MEDIUMTEXT (16 MiB) whatever the characters.
-MAX_RESULT_TEXT = 4_000_000
-
-
 def timestamp(seconds: float) -> datetime | None:
     """Seconds since the epoch as an aware datetime; None for 0 or less (not given).
     InvalidInput for what is no time at all (NaN, infinite, past year 9999)."""
@@ -197,8 +191,6 @@ def check_report(report: _Report) -> _Report:
             value = getattr(report, name)
             if value is not None and not isinstance(value, str):
                 raise InvalidInput(f"{name} must be text")
-            if value is not None and len(value) > MAX_RESULT_TEXT:
-                raise InvalidInput(f"{name} is longer than {MAX_RESULT_TEXT} characters")
         if not isinstance(report.truncated, bool):
             raise InvalidInput("truncated must be true or false")
         if report.started_at is not None:
