@@ -138,6 +138,8 @@ _INT32 = 2**31
 _INT64 = 2**63
 # Run and task ids are UUIDs; anything much longer is not an id of ours.
 _MAX_ID = 64
+
+
 def timestamp(seconds: float) -> datetime | None:
     """Seconds since the epoch as an aware datetime; None for 0 or less (not given).
     InvalidInput for what is no time at all (NaN, infinite, past year 9999)."""
