@@ -8,7 +8,7 @@ import asyncio
 from pathlib import Path
 
 from tests.auth import ADMIN_HEADERS
-from tests.integration.test_request_limits import _api
+from tests.integration.apps import admin_api
 
 
 def _metric(text: str, name: str) -> float:
@@ -19,7 +19,7 @@ def _metric(text: str, name: str) -> float:
 
 
 async def test_repeated_failed_logins_are_held_and_counted(tmp_path: Path) -> None:
-    async with _api(tmp_path) as (_app, client):
+    async with admin_api(tmp_path) as (_app, client):
         user = {"name": "carol", "role": "viewer", "all_groups": True, "password": "right one"}
         assert (
             await client.post("/api/v1/users", json=user, headers=ADMIN_HEADERS)
