@@ -16,12 +16,11 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 
 from opsplane.api.app import create_app
 from opsplane.config import load_settings
 from tests.auth import ADMIN_HEADERS, ADMIN_TOKEN
-from tests.e2e.fleet import free_port
+from tests.e2e.fleet import free_port, serving
 
 CATALOG = Path(__file__).parents[1] / "fixtures" / "catalog" / "catalog.yaml"
 # What curl -d sends: the seeds' clients do not say the body is JSON.
@@ -48,20 +47,8 @@ async def served(tmp_path: Path, **settings: Any) -> AsyncIterator[str]:
             **settings,
         )
     )
-    config = uvicorn.Config(
-        app, host="127.0.0.1", port=port, lifespan="on", log_config=None, access_log=False
-    )
-    server = uvicorn.Server(config)
-    serving = asyncio.create_task(server.serve())
-    try:
-        async with asyncio.timeout(30):
-            while not server.started:
-                assert not serving.done(), "the server did not start"
-                await asyncio.sleep(0.02)
+    async with serving(app, port):
         yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(serving, 30)
 
 
 def _anonymous(url: str) -> httpx.AsyncClient:

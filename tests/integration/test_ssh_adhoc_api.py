@@ -13,12 +13,11 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 
 from opsplane.api.app import create_app
 from opsplane.config import load_settings
 from tests.auth import ADMIN_HEADERS, ADMIN_TOKEN
-from tests.e2e.fleet import free_port
+from tests.e2e.fleet import free_port, serving
 from tests.integration.sshd import HOST, SshLab, ssh_lab
 
 pytestmark = pytest.mark.service("sshd")
@@ -47,25 +46,15 @@ async def control_plane(
         **extra,
     )
     app = create_app(settings)
-    config = uvicorn.Config(
-        app, host="127.0.0.1", port=port, lifespan="on", log_config=None, access_log=False
-    )
-    server = uvicorn.Server(config)
-    serving = asyncio.create_task(server.serve())
-    try:
-        async with asyncio.timeout(30):
-            while not server.started:
-                assert not serving.done(), "the server did not start"
-                await asyncio.sleep(0.02)
-        async with httpx.AsyncClient(
+    async with (
+        serving(app, port),
+        httpx.AsyncClient(
             base_url=f"http://127.0.0.1:{port}",
             headers=ADMIN_HEADERS if headers is None else headers,
             timeout=30.0,
-        ) as client:
-            yield client
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(serving, 30)
+        ) as client,
+    ):
+        yield client
 
 
 async def _poll(client: httpx.AsyncClient, path: str) -> dict[str, Any]:

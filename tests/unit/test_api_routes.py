@@ -4,7 +4,6 @@ uvicorn server in the test's event loop (so that the live streams answer like an
 
 from __future__ import annotations
 
-import asyncio
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -13,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import uvicorn
 from fastapi import FastAPI
 
 from opsplane.api.app import create_app
@@ -22,7 +20,7 @@ from opsplane.config import load_settings
 from opsplane.security.roles import Permission
 from opsplane.transport.base import AgentHello
 from tests.auth import ADMIN_TOKEN
-from tests.e2e.fleet import free_port
+from tests.e2e.fleet import free_port, serving
 
 CATALOG = Path(__file__).parents[1] / "fixtures" / "catalog" / "catalog.yaml"
 # The only routes anyone may call. /metrics too while metrics_public is set (the default).
@@ -92,24 +90,12 @@ async def served(tmp_path: Path, **extra: Any) -> AsyncIterator[Served]:
         **extra,
     )
     app = create_app(settings)
-    config = uvicorn.Config(
-        app, host="127.0.0.1", port=port, lifespan="on", log_config=None, access_log=False
-    )
-    server = uvicorn.Server(config)
-    serving = asyncio.create_task(server.serve())
-    try:
-        async with asyncio.timeout(30):
-            while not server.started:
-                assert not serving.done(), "the server did not start"
-                await asyncio.sleep(0.02)
+    async with serving(app, port):
         engine = app.state.engine
         # Hosts as agents register them (no agent process: runs to them end undeliverable).
         await engine.host_connected(AgentHello(hostname="web-1", link="grpc", groups=("web",)))
         await engine.host_connected(AgentHello(hostname="db-1", link="grpc", groups=("db",)))
         yield Served(f"http://127.0.0.1:{port}", app)
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(serving, 30)
 
 
 async def _routes(api: Served) -> list[tuple[str, str]]:
