@@ -121,8 +121,8 @@ def test_prune_forgets_old_done_runs_but_keeps_a_day(tmp_path: Path) -> None:
         "../../etc/passwd",
         "a/b",
         "not-a-uuid",
-        str(uuid.uuid4()) + "\n",
-        str(uuid.uuid4()) + "/../x",
+        "7f2da8cc-a468-4c23-b409-ac783587e851\n",
+        "5f0904ab-c936-469a-bdbc-42da8a16dc81/../x",
         "00000000-0000-0000-0000-00000000000g",
     ],
 )
