@@ -277,6 +277,8 @@ class RunOut(BaseModel):
     duration_ms: int | None
     log_path: str | None
     superseded: bool
+    # Created for a result nobody planned (a group or broadcast reached an extra host).
+    unplanned: bool = False
 
     @classmethod
     def from_row(cls, row: RunRow) -> RunOut:
@@ -297,6 +299,7 @@ class RunOut(BaseModel):
             duration_ms=row.duration_ms,
             log_path=row.log_path,
             superseded=bool(row.superseded),
+            unplanned=bool(row.unplanned),
         )
 
 

@@ -66,8 +66,13 @@ class HostService:
                     "cannot take it over"
                 )
             host.link = hello.link
-            host.groups = list(hello.groups)
-            host.labels = dict(hello.labels)
+            if hello.reports_groups:
+                host.groups = list(hello.groups)
+                host.labels = dict(hello.labels)
+            else:
+                # Seed 002's heartbeat names no groups: the inventory's (an operator's) stay.
+                host.groups = host.groups or []
+                host.labels = host.labels or {}
             host.agent_version = hello.version or None
             host.os = hello.os or None
             host.public_key = hello.public_key or host.public_key
