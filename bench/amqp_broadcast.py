@@ -135,6 +135,38 @@ async def _broadcast_bytes(hosts: int, url: str, data_dir: Path) -> tuple[int, i
         await engine.stop()
 
 
+def body_bytes(sizes: list[int]) -> None:
+    """The signed body of a broadcast to N hosts as the link builds it, without a broker:
+    the version on PYTHONPATH decides whether it carries a per-host ``run_ids`` map."""
+    import inspect
+    import json
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from opsplane.domain.ids import new_id
+    from opsplane.security.signing import sign
+    from opsplane.transport.amqp import messages
+    from opsplane.transport.base import CommandEnvelope
+
+    key = Ed25519PrivateKey.generate()
+    per_host_map = "run_ids" in inspect.signature(messages.command_body).parameters
+    print(f"broadcast body as published ({'run_ids map' if per_host_map else 'no per-host map'})")
+    print(f"{'hosts':>8}{'body B':>12}{'delivered B':>18}")
+    for hosts in sizes:
+        task_id = new_id()
+        envelope = CommandEnvelope(task_id, "", 1, "true", 30)
+        extra: dict[str, object] = (
+            {"run_ids": {f"host-{i:05d}.example.com": new_id() for i in range(hosts)}}
+            if per_host_map
+            else {"fanout": True}
+        )
+        body = messages.command_body(envelope, time.time(), target="all", **extra)  # type: ignore[arg-type,unused-ignore]
+        body["sign"] = sign(key, body)
+        size = len(json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode())
+        # Every agent's queue is bound to cmd.all: the broker delivers the body to each.
+        print(f"{hosts:>8}{size:>12,}{size * hosts:>18,}")
+
+
 def count_bytes(sizes: list[int]) -> None:
     import asyncio
 
@@ -158,7 +190,11 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=20)
     parser.add_argument("--database-url", default=None)
     parser.add_argument("--bytes", type=int, nargs="+", default=None, metavar="HOSTS")
+    parser.add_argument("--body-bytes", type=int, nargs="+", default=None, metavar="HOSTS")
     args = parser.parse_args()
+    if args.body_bytes:
+        body_bytes(args.body_bytes)
+        return
     if args.bytes:
         count_bytes(args.bytes)
         return
