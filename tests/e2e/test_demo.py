@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import signal
 import stat
 import subprocess
 import sys
+import uuid
 from pathlib import Path
+from typing import Any
 
 import psutil
+import pytest
 
 from tests.e2e.fleet import Fleet, child_env, free_port, wait_for
+from tests.integration.seed_agent import SeedAgent
+from tests.rabbitmq import private_vhost
 
 
 def test_demo_starts_three_agents_runs_a_command_and_stops_cleanly_on_ctrl_c(
@@ -90,3 +96,51 @@ def test_demo_refuses_a_bad_flag_with_a_clear_message(tmp_path: Path) -> None:
     assert (
         result.returncode == 2 and "HOST:PORT" in result.stderr and "Traceback" not in result.stderr
     )
+
+
+@pytest.mark.service("rabbitmq")
+def test_demo_seed002_lets_an_agent_written_from_the_seed_join_and_warns(tmp_path: Path) -> None:
+    """Issue 16 item 5: ``opsplane demo --seed002`` turns enrollment off (saying so) and opens
+    the RabbitMQ link; an unenrolled seed-002 agent joins and runs a command."""
+    fleet = Fleet(tmp_path)
+    with private_vhost("opsplane-demo") as vhost:
+        with (tmp_path / "demo.log").open("ab") as log:
+            demo = subprocess.Popen(
+                [
+                    sys.executable, "-m", "opsplane", "demo", "--seed002",
+                    "--amqp-url", vhost.url,
+                    "--listen", f"127.0.0.1:{fleet.http_port}",
+                    "--grpc-listen", fleet.grpc,
+                    "--data-dir", str(tmp_path / "data"),
+                ],
+                stdout=log, stderr=subprocess.STDOUT, env=child_env(),
+            )  # fmt: skip
+        try:
+            # Up once the banner is out (the demo's own gRPC agents are not the point here).
+            log_text = tmp_path / "demo.log"
+            wait_for(lambda: "Press Ctrl-C" in log_text.read_text(), 120, "the demo's banner")
+            agent = SeedAgent(f"seed-{uuid.uuid4().hex[:8]}", url=vhost.url, announce_groups=False)
+
+            async def join_and_run() -> dict[str, Any]:
+                await agent.start()
+                beat = asyncio.create_task(agent.beat_every(0.5))
+                try:
+                    await asyncio.to_thread(fleet.wait_online, agent.hostname, timeout=30)
+                    task = fleet.create_task("echo seed", hosts=[agent.hostname])
+                    return await asyncio.to_thread(fleet.wait_task_done, task["id"], 60)
+                finally:
+                    beat.cancel()
+                    await asyncio.gather(beat, return_exceptions=True)
+                    await agent.stop()
+
+            done = asyncio.run(join_and_run())
+            assert done["status"] == "succeeded"
+            output = (tmp_path / "demo.log").read_text()
+            assert "require_enrollment is off" in output and "seed-002 agents" in output
+        finally:
+            demo.send_signal(signal.SIGINT)
+            try:
+                demo.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                demo.kill()
+                demo.wait()

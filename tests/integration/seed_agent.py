@@ -43,6 +43,9 @@ class SeedAgent:
     bad_signatures: int = 0
     # The broker (and virtual host) to use.
     url: str = AMQP_URL
+    # Whether the heartbeat names the groups (an addition; the seed's example has none: its
+    # groups then come from the control plane's inventory).
+    announce_groups: bool = True
     _connection: AbstractRobustConnection | None = None
 
     async def start(self) -> None:
@@ -74,12 +77,14 @@ class SeedAgent:
             await self.heartbeat()
             await asyncio.sleep(seconds)
 
-    async def heartbeat(self) -> None:
+    async def heartbeat(self, status: str = "online") -> None:
         # The seed's example heartbeat, plus its optional groups so group routing can be tested.
-        body = {
-            "hostname": self.hostname, "status": "online", "timestamp": int(time.time()),
-            "cpu_usage": 0.5, "memory_usage": 0.7, "signature": "", "groups": list(self.groups),
+        body: dict[str, Any] = {
+            "hostname": self.hostname, "status": status, "timestamp": int(time.time()),
+            "cpu_usage": 0.5, "memory_usage": 0.7, "signature": "",
         }  # fmt: skip
+        if self.announce_groups:
+            body["groups"] = list(self.groups)
         if self.key is not None:
             body["public_key"] = public_key_text(self.key.public_key())
             body["signature"] = sign(self.key, body)

@@ -32,6 +32,7 @@ from opsplane.agent import Agent, AgentConfig, Spool
 from opsplane.agent.amqp_link import AmqpLink, _Session
 from opsplane.agent.config import mask_url
 from opsplane.domain.errors import ConfigError
+from opsplane.domain.ids import run_id_for
 from opsplane.security.signing import load_public_key, public_key_text, sign, verify
 from opsplane.transport.amqp import messages
 from opsplane.transport.base import CommandEnvelope
@@ -132,7 +133,7 @@ class ControlPlane:
 
     def command(self, text: str, run_id: str | None = None, **fields: Any) -> dict[str, Any]:
         """A command as the control plane signs it: for this host (with ``run_id``), else for
-        ``all`` (a fan-out with ``run_ids``) unless ``target`` says otherwise."""
+        ``all`` (a fan-out, without a run id) unless ``target`` says otherwise."""
         body: dict[str, Any] = {
             "target": self.host if run_id is not None else "all",
             "type": "command",
@@ -305,29 +306,19 @@ async def test_hello_and_heartbeats_are_signed_by_the_agent(tmp_path: Path) -> N
 async def test_unicast_group_and_broadcast_each_run_once(tmp_path: Path) -> None:
     async with control_plane() as cp, running(make_config(tmp_path, cp)) as agent:
         await cp.wait_for_hello()
-        unicast, group, broadcast, elsewhere = (new_run_id() for _ in range(4))
-        marker = tmp_path / "elsewhere"
+        unicast = new_run_id()
         await cp.publish(
             f"cmd.node.{cp.host}", cp.command("echo hi 你好; echo err >&2; exit 3", unicast)
         )
-        await cp.publish(
-            f"cmd.group.web-{cp.host}",
-            cp.command(
-                "echo group",
-                run_ids={cp.host: group, "some-other-host": new_run_id()},
-                target=f"group:web-{cp.host}",
-            ),
-        )
-        await cp.publish("cmd.all", cp.command("echo all", run_ids={cp.host: broadcast}))
-        # A group command for other hosts only (this one joined later): not ours to run.
-        await cp.publish(
-            f"cmd.group.eu-{cp.host}",
-            cp.command(
-                f"touch {marker}",
-                run_ids={"some-other-host": elsewhere},
-                target=f"group:eu-{cp.host}",
-            ),
-        )
+        # Fan-outs name no run: the agent derives its own from task id, its name and attempt.
+        group_command = cp.command("echo group", target=f"group:web-{cp.host}")
+        await cp.publish(f"cmd.group.web-{cp.host}", group_command)
+        group = run_id_for(group_command["task_id"], cp.host, 1)
+        broadcast_command = cp.command("echo all", attempt=2)
+        await cp.publish("cmd.all", broadcast_command)
+        broadcast = run_id_for(broadcast_command["task_id"], cp.host, 2)
+        # The same broadcast again (a redelivery): the derived id is the replay guard.
+        await cp.publish("cmd.all", broadcast_command)
 
         result = await cp.wait_for("result", unicast)
         assert set(result) == RESULT_FIELDS
@@ -365,9 +356,7 @@ async def test_unicast_group_and_broadcast_each_run_once(tmp_path: Path) -> None
         await asyncio.sleep(0.3)
         for run_id in (unicast, group, broadcast):
             assert len(cp.of("result", run_id)) == len(cp.of("started", run_id)) == 1
-        assert cp.results and not any(m.get("run_id") == elsewhere for m in cp.results)
-        assert not marker.exists()
-        assert agent.refusals["replay"] == 0
+        await wait_until(lambda: agent.refusals["replay"] == 1)
 
 
 async def test_bad_commands_are_refused_counted_and_never_run(
@@ -456,12 +445,9 @@ async def test_a_command_signed_for_another_host_is_refused_in_this_hosts_queue(
         )  # fmt: skip
         for_a = messages.command_body(envelope, time.time(), target=f"a-{cp.host}")
         await cp.publish(node, for_a)
-        # A fan-out for a group this host is not in, naming this host's run all the same.
+        # A fan-out for a group this host is not in.
         for_db = messages.command_body(
-            replace(envelope, run_id=""),
-            time.time(),
-            target=f"group:db-{cp.host}",
-            run_ids={cp.host: new_run_id()},
+            replace(envelope, run_id=""), time.time(), target=f"group:db-{cp.host}", fanout=True
         )
         await cp.publish(node, for_db)
         own = new_run_id()

@@ -100,8 +100,13 @@ async def test_seed_agent_registers_by_heartbeat_and_runs_a_signed_command(
         "type",
     ):
         assert field in command
+    # seed 002's user is the account to run as: none asked, so the agent's own; the API
+    # caller is submitted_by.
+    assert command["user"] == "" and "submitted_by" in command
     host = await engine.hosts.get_host(web1.hostname)
-    assert (host.link, host.groups, host.cpu_usage) == ("amqp", list(web1.groups), 0.5)
+    # The seed's heartbeat says 0.5 of the CPU: shown as 50 %.
+    assert (host.link, host.groups, host.cpu_usage) == ("amqp", list(web1.groups), 50.0)
+    assert host.memory_usage == 70.0
 
 
 async def test_group_and_broadcast_are_published_once_and_tracked_per_host(
@@ -113,15 +118,21 @@ async def test_group_and_broadcast_are_published_once_and_tracked_per_host(
     assert set(runs) == {agents["web-1"].hostname, agents["web-2"].hostname}
     group_message = agents["web-1"].received[-1]
     assert group_message == agents["web-2"].received[-1]  # one message, both received it
-    assert "run_ids" in group_message and "run_id" not in group_message
+    # No per-host map: each host's run id is derived from the task, its name and the attempt.
+    assert "run_ids" not in group_message and "run_id" not in group_message
+    assert group_message["target"] == f"group:{web_group}"
     assert agents["db-1"].received == []
 
+    # Two groups go host by host (a host in both must not get the command twice).
     names = tuple(a.hostname for a in agents.values())
+    before = {name: len(a.received) for name, a in agents.items()}
     status, runs = await _run(
         engine, "true", Targets(groups=tuple(a.groups[0] for a in agents.values()))
     )
     assert status == TaskStatus.SUCCEEDED and set(runs) == set(names)
-    assert all(len(a.received) >= 1 for a in agents.values())
+    for name, agent in agents.items():
+        (message,) = agent.received[before[name] :]
+        assert message["target"] == agent.hostname and "run_id" in message
 
 
 async def test_host_without_a_queue_is_undeliverable_at_once(

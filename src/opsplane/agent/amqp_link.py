@@ -55,6 +55,7 @@ from opsplane.agent.config import AgentConfig, mask_url
 from opsplane.agent.grpc_link import Backoff, LinkHandler
 from opsplane.agent.spool import check_run_id
 from opsplane.domain.errors import InvalidInput
+from opsplane.domain.ids import run_id_for
 from opsplane.security.signing import load_public_key, public_key_text, sign, verify
 from opsplane.security.tls import amqp_ssl_context
 from opsplane.transport.amqp.messages import ALL_TARGET, group_target
@@ -463,8 +464,6 @@ class AmqpLink:
             raise _Refused(MALFORMED, f"{what} has an unknown type {str(kind)[:40]!r}")
         self._check_target(data, what)
         run_id = self._own_run_id(data, what)
-        if run_id is None:
-            return None
         task_id = _text(data, "task_id", what, default="")
         if kind == "cancel":
             reason = _text(data, "reason", what, default="")
@@ -498,7 +497,7 @@ class AmqpLink:
 
     def _check_target(self, data: Mapping[str, Any], what: str) -> None:
         """Refuse a command addressed (in its signed ``target``) to another host: one sent
-        to a single host (``run_id``) names that host; a fan-out (``run_ids``) names ``all``
+        to a single host (``run_id``) names that host; a fan-out (no run id) names ``all``
         or a group of this host's. A captured command published into this host's queue is
         therefore refused, whatever its signature."""
         target = data.get("target")
@@ -511,21 +510,16 @@ class AmqpLink:
             shown = str(target)[:80] if target is not None else "nobody"
             raise _Refused(WRONG_TARGET, f"{what} is addressed to {shown!r}, not to this host")
 
-    def _own_run_id(self, data: Mapping[str, Any], what: str) -> str | None:
-        """This host's run id: ``run_id``, else ``run_ids[name]``; None if there is none."""
+    def _own_run_id(self, data: Mapping[str, Any], what: str) -> str:
+        """This host's run id: ``run_id`` (unicast), else derived from the task id, this
+        host's name and the attempt (a group or broadcast message carries no per-host map)."""
         run_id = data.get("run_id")
         if run_id is None:
-            run_ids = data.get("run_ids")
-            if run_ids is None:
-                logger.warning("%s carries neither run_id nor run_ids; ignored", what)
-                return None
-            if not isinstance(run_ids, dict):
-                raise _Refused(MALFORMED, f"{what} has a run_ids that is not an object")
-            run_id = run_ids.get(self._config.name)
-            if run_id is None:
-                # Sent to a group or everyone before this host joined: not ours to run.
-                logger.info("%s names no run for this host; ignored", what)
-                return None
+            task_id = _text(data, "task_id", what)
+            if not task_id:
+                raise _Refused(MALFORMED, f"{what} has neither run_id nor task_id")
+            attempt = _integer(data, "attempt", what, default=1)
+            run_id = run_id_for(task_id, self._config.name, attempt)
         if not isinstance(run_id, str):
             raise _Refused(MALFORMED, f"{what} has a run id that is not a string")
         try:

@@ -198,13 +198,18 @@ class TaskCreate(BaseModel):
 
 
 class HostCreate(BaseModel):
-    """An agentless host reached over SSH. Keys by path (or ssh-agent); no passwords here:
-    a registered host must survive a restart, and secrets are never stored."""
+    """An agentless host reached over SSH (``link: ssh``, the default), or the inventory
+    entry of a RabbitMQ agent's host (``link: amqp``: its groups and labels, for agents whose
+    heartbeat names none, such as seed 002's). Keys by path (or ssh-agent); no passwords
+    here: a registered host must survive a restart, and secrets are never stored."""
 
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(min_length=1, max_length=255)
-    ssh: str = Field(min_length=1, max_length=512, description="[user@]address[:port]")
+    link: Literal["ssh", "amqp"] = "ssh"
+    ssh: str | None = Field(
+        default=None, min_length=1, max_length=512, description="[user@]address[:port]"
+    )
     key_file: str | None = Field(default=None, max_length=4096)
     bastion: str = Field(default="", max_length=2048, description="ops@edge:22[,ops@inner]")
     bastion_key_file: str | None = Field(default=None, max_length=4096)
@@ -277,6 +282,8 @@ class RunOut(BaseModel):
     duration_ms: int | None
     log_path: str | None
     superseded: bool
+    # Created for a result nobody planned (a group or broadcast reached an extra host).
+    unplanned: bool = False
 
     @classmethod
     def from_row(cls, row: RunRow) -> RunOut:
@@ -297,6 +304,7 @@ class RunOut(BaseModel):
             duration_ms=row.duration_ms,
             log_path=row.log_path,
             superseded=bool(row.superseded),
+            unplanned=bool(row.unplanned),
         )
 
 

@@ -98,7 +98,17 @@ def show_host(
 def add_host(
     ctx: typer.Context,
     name: Annotated[str, typer.Argument(metavar="NAME", help="The host's name in opsplane.")],
-    ssh: Annotated[str, typer.Option("--ssh", help="[user@]address[:port] to log in to.")],
+    ssh: Annotated[
+        str | None, typer.Option("--ssh", help="[user@]address[:port] to log in to.")
+    ] = None,
+    link: Annotated[
+        str,
+        typer.Option(
+            "--link",
+            help="ssh (agentless, needs --ssh) or amqp (a RabbitMQ agent's host: its groups "
+            "and labels, for agents whose heartbeat names none, such as seed 002's).",
+        ),
+    ] = "ssh",
     bastion: Annotated[
         str, typer.Option("--bastion", help="Jump host chain: ops@edge:22[,ops@inner].")
     ] = "",
@@ -115,26 +125,32 @@ def add_host(
         list[str] | None, typer.Option("--label", help="KEY=VALUE (repeatable).")
     ] = None,
 ) -> None:
-    """Register an agentless host reached over SSH (optionally through bastions)."""
+    """Register an agentless host reached over SSH (optionally through bastions), or with
+    --link amqp the groups and labels of a RabbitMQ agent's host."""
     err = make_console(stderr=True)
+    if link not in ("ssh", "amqp"):
+        raise typer.BadParameter(f"--link is ssh or amqp, not {link!r}", ctx=ctx)
+    if (link == "ssh") != bool(ssh):
+        wanted = "--link ssh needs --ssh" if link == "ssh" else "--link amqp takes no --ssh"
+        raise typer.BadParameter(wanted, ctx=ctx)
     labels: dict[str, str] = {}
     for item in label or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise typer.BadParameter(f"--label wants KEY=VALUE, got {item!r}", ctx=ctx)
         labels[key] = value
-    body = {
-        "name": name,
-        "ssh": ssh,
-        "bastion": bastion,
-        "key_file": key_file,
-        "bastion_key_file": bastion_key_file,
-        "groups": list(group or []),
-        "labels": labels,
-    }
+    body: dict[str, object] = {"name": name, "groups": list(group or []), "labels": labels}
+    if link == "amqp":
+        body["link"] = link
+    else:
+        body |= {"ssh": ssh, "bastion": bastion, "key_file": key_file,
+                 "bastion_key_file": bastion_key_file}  # fmt: skip
     with reporting_errors(err), ApiClient(client_options(ctx)) as api:
         host = api.add_ssh_host(body)
-    typer.echo(f"added {host.get('name')} (ssh {ssh}{' via ' + bastion if bastion else ''})")
+    if link == "amqp":
+        typer.echo(f"added {host.get('name')} (amqp, groups: {','.join(group or []) or '-'})")
+    else:
+        typer.echo(f"added {host.get('name')} (ssh {ssh}{' via ' + bastion if bastion else ''})")
 
 
 @app.command("remove")
@@ -169,8 +185,9 @@ def import_hosts(
         Path, typer.Argument(metavar="FILE", help="YAML list of SSH hosts.", exists=True)
     ],
 ) -> None:
-    """Register every SSH host of an inventory file: a YAML list of entries with the fields of
-    `hosts add` (name, ssh, bastion, key_file, bastion_key_file, groups, labels)."""
+    """Register every host of an inventory file: a YAML list of entries with the fields of
+    `hosts add` (name, ssh, bastion, key_file, bastion_key_file, groups, labels; `link: amqp`
+    for a RabbitMQ agent's host, with name, groups and labels only)."""
     err = make_console(stderr=True)
     try:
         entries = yaml.safe_load(inventory.read_text())
@@ -185,4 +202,4 @@ def import_hosts(
             except ApiError as e:
                 err.print(f"entry #{number} ({entry.get('name', '?')}): {e}")
                 raise typer.Exit(2) from e
-    typer.echo(f"registered {len(entries)} SSH hosts from {inventory}")
+    typer.echo(f"registered {len(entries)} hosts from {inventory}")

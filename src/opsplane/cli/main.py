@@ -60,6 +60,8 @@ DataDirOpt = Annotated[Path | None, typer.Option(help="data directory (database,
 DatabaseUrlOpt = Annotated[
     str | None, typer.Option(help="SQLAlchemy URL [sqlite in the data directory]")
 ]
+# The broker a seed-002 agent on this machine talks to (RabbitMQ's own default account).
+SEED002_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 AmqpUrlOpt = Annotated[
     str | None, typer.Option(help="RabbitMQ URL: enables the RabbitMQ link (seed 002)")
 ]
@@ -101,6 +103,13 @@ def start_control_plane(mode: str, verbose: bool, **flags: object) -> None:
 
     settings = settings_or_exit(**flags)
     processes.configure_logging(verbose)
+    if not settings.require_enrollment:
+        typer.secho(
+            "warning: require_enrollment is off: any agent that reaches the agent endpoint or "
+            "the broker can register a host and report results unsigned (docs/security.md)",
+            fg="yellow",
+            err=True,
+        )
     try:
         if mode == "demo":
             processes.run_demo(settings)
@@ -172,13 +181,25 @@ def demo(
     catalog_logs_dir: CatalogLogsDirOpt = None,
     catalog_session_retention: CatalogRetentionOpt = None,
     script_dir: ScriptDirOpt = None,
+    seed002: Annotated[
+        bool,
+        typer.Option(
+            "--seed002",
+            help="also let agents written from seed 002 alone join over RabbitMQ on loopback: "
+            f"the RabbitMQ link (--amqp-url, default {SEED002_AMQP_URL}) with "
+            "require_enrollment off (a warning is printed; docs/compat.md)",
+        ),
+    ] = False,
     verbose: VerboseOpt = False,
 ) -> None:
     """Start the control plane on SQLite plus three local agents: demo-1, demo-2 (group web)
     and demo-3 (group db). Ctrl-C stops everything."""
+    if seed002:
+        amqp_url = amqp_url or SEED002_AMQP_URL
     start_control_plane(
         "demo",
         verbose,
+        require_enrollment=False if seed002 else None,
         config_file=config,
         listen=listen,
         grpc_listen=grpc_listen,

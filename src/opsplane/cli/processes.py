@@ -122,6 +122,7 @@ async def _demo(settings: Settings) -> None:
         f"  API              : {url}   (OpenAPI: {url}/docs)\n"
         f"  agent endpoint   : {settings.grpc_listen}\n"
         f"  agents           : {', '.join(f'{n} ({g})' for n, g in DEMO_AGENTS)}\n"
+        f"{_seed002_line(settings)}"
         f"  data directory   : {settings.data_dir}\n"
         f"  credentials      : {credentials.path} (yours only; reused on the next start)\n\n"
         f"Try, in another terminal:\n"
@@ -135,6 +136,18 @@ async def _demo(settings: Settings) -> None:
         await serving
     finally:
         await asyncio.to_thread(_stop_agents, agents)
+
+
+def _seed002_line(settings: Settings) -> str:
+    """The banner's line for agents written from seed 002 (``demo --seed002``), if any."""
+    if settings.amqp_url is None or settings.require_enrollment:
+        return ""
+    from opsplane.transport.amqp.link import mask_url
+
+    return (
+        f"  seed-002 agents  : {mask_url(settings.amqp_url)} (sys_cmd_exchange, "
+        "sys_result_exchange, sys_monitor_exchange; unenrolled agents accepted)\n"
+    )
 
 
 async def _wait_ready(url: str, serving: asyncio.Task[None], within: float = 30.0) -> bool:

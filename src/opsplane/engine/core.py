@@ -117,6 +117,7 @@ class Engine:
             start_timeout=settings.start_timeout,
             silent_links=[n for n, link in self.links.items() if not link.liveness_by_heartbeat],
             held_links=[n for n, link in self.links.items() if link.executes_here],
+            silent_starter_links=[n for n, ln in self.links.items() if ln.has_silent_starters],
             on_silent=self._drop_silent,
             hearing=lambda: not self.ingest.paused,
             timeout_grace=settings.timeout_grace,

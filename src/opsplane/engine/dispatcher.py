@@ -94,10 +94,18 @@ class Dispatcher:
         return link is not None and link.is_connected(host)
 
     def mark_deliverable(
-        self, changes: Changes, task: TaskRow, runs: list[RunRow], hosts: Mapping[str, HostRow]
+        self,
+        changes: Changes,
+        task: TaskRow,
+        runs: list[RunRow],
+        hosts: Mapping[str, HostRow],
+        *,
+        whole: bool = False,
     ) -> DispatchPlan:
         """Within the caller's transaction: ``runs``, whose hosts are ``reachable``, become
-        ``dispatched``. Returns what to send once the transaction commits."""
+        ``dispatched``. Returns what to send once the transaction commits. ``whole``: these
+        are all the task's runs, none sent before, so a group or broadcast task may go out as
+        one message per group (every bound queue gets it; it carries no per-host run map)."""
         now = utcnow()
         spec = ExecSpec.from_json(task.spec)
         deliver_by = task.deliver_by.timestamp() if task.deliver_by is not None else None
@@ -118,7 +126,9 @@ class Dispatcher:
                 attempt=run.attempt,
                 command=task.command,
                 timeout=task.timeout,
-                user=task.created_by,
+                # No task asks for an account yet: the agent's own (seed 002's ``user``).
+                user="",
+                submitted_by=task.created_by,
                 deliver_by=deliver_by,
                 env=env,
                 argv=spec.argv,
@@ -132,7 +142,7 @@ class Dispatcher:
             by_link.setdefault(link_name, []).append(Dispatch(link_name, run.host, envelope))
         plan = DispatchPlan()
         for link_name, dispatches in by_link.items():
-            if self._links[link_name].supports_fanout:
+            if whole and self._links[link_name].supports_fanout:
                 self._plan_fanout(plan, task, dispatches, hosts)
             else:
                 plan.unicast.extend(dispatches)
@@ -153,11 +163,13 @@ class Dispatcher:
         groups: list[str] = list(targets.get("groups") or [])
         # One message carries one attempt number: retries of a few hosts go one by one.
         mixed_attempts = len({d.envelope.attempt for d in dispatches}) > 1
+        # Two groups go host by host: a host in both would receive two messages, and an agent
+        # written from seed 002 alone has no replay guard to run it once.
         if (
             mixed_attempts
             or targets.get("hosts")
             or targets.get("labels")
-            or not (targets.get("all") or groups)
+            or not (targets.get("all") or len(groups) == 1)
         ):
             plan.unicast.extend(dispatches)
             return
@@ -167,14 +179,11 @@ class Dispatcher:
         if targets.get("all"):
             plan.fanouts.append(LinkFanout(link, Fanout(None, remaining, template)))
             return
-        for group in groups:
-            # A host in two targeted groups is in the first group's message only.
-            members = {h: r for h, r in remaining.items() if group in (hosts[h].groups or [])}
-            if members:
-                plan.fanouts.append(LinkFanout(link, Fanout(group, members, template)))
-                for name in members:
-                    del remaining[name]
-        plan.unicast.extend(d for d in dispatches if d.host in remaining)
+        (group,) = groups
+        members = {h: r for h, r in remaining.items() if group in (hosts[h].groups or [])}
+        if members:
+            plan.fanouts.append(LinkFanout(link, Fanout(group, members, template)))
+        plan.unicast.extend(d for d in dispatches if d.host not in members)
 
     async def send(self, plan: DispatchPlan) -> None:
         """Send committed dispatches; a failed send makes its runs ``undeliverable``."""

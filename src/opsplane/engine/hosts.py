@@ -13,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from opsplane.domain.errors import ConfigError, Conflict, NameTaken, NotFound
 from opsplane.domain.inventory import SshHostRequest
 from opsplane.domain.states import IN_FLIGHT_RUN_STATUSES, RunStatus
+from opsplane.domain.targeting import check_host_name, normalize_names
 from opsplane.engine.changes import Changes
 from opsplane.store import queries
 from opsplane.store.tables import HeartbeatRow, HostRow, RunRow, TaskRow, utcnow
@@ -66,8 +67,13 @@ class HostService:
                     "cannot take it over"
                 )
             host.link = hello.link
-            host.groups = list(hello.groups)
-            host.labels = dict(hello.labels)
+            if hello.reports_groups:
+                host.groups = list(hello.groups)
+                host.labels = dict(hello.labels)
+            else:
+                # Seed 002's heartbeat names no groups: the inventory's (an operator's) stay.
+                host.groups = host.groups or []
+                host.labels = host.labels or {}
             host.agent_version = hello.version or None
             host.os = hello.os or None
             host.public_key = hello.public_key or host.public_key
@@ -119,6 +125,27 @@ class HostService:
             host = await queries.get_host(session, name)
         if host is None:
             raise NotFound(f"host {name} not found")
+        return host
+
+    async def register_agent_host(
+        self, name: str, link: str, groups: tuple[str, ...], labels: Mapping[str, str]
+    ) -> HostRow:
+        """Add or update the inventory entry of an agent's host: its groups and labels, which
+        an agent whose heartbeat names none (seed 002's) keeps (``AgentHello.reports_groups``).
+        Its status stays what its heartbeats say ("unknown" until the first)."""
+        check_host_name(name)
+        groups = tuple(normalize_names(groups, "group"))
+        async with self._write() as changes:
+            host = await queries.get_host(changes.session, name)
+            if host is not None and host.link != link:
+                raise Conflict(f"{name} is a {host.link} host; it cannot become a {link} host")
+            if host is None:
+                host = HostRow(name=name, link=link, status="unknown", created_at=utcnow())
+                changes.session.add(host)
+            host.groups = list(groups)
+            host.labels = dict(labels)
+            changes.host_changed(name)
+        log.info("host %s (%s) registered with groups %s", name, link, ",".join(groups))
         return host
 
     async def register_ssh_host(self, request: SshHostRequest, *, adhoc: bool = False) -> HostRow:

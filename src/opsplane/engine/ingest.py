@@ -44,15 +44,16 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from opsplane.domain.errors import ReportNotWritten, ReportRejected
+from opsplane.domain.ids import run_id_for
 from opsplane.domain.redaction import LineBuffer, Redactor
 from opsplane.domain.states import RunStatus
 from opsplane.engine.archive import LogArchive
 from opsplane.engine.background import Supervised
-from opsplane.engine.changes import Changes
+from opsplane.engine.changes import Changes, run_event_data
 from opsplane.execution.capture import DEFAULT_CAP, OutputCapture
 from opsplane.store import queries
 from opsplane.store.database import is_unavailable
-from opsplane.store.tables import HeartbeatRow, RunRow
+from opsplane.store.tables import HeartbeatRow, RunRow, TaskRow, utcnow
 from opsplane.transport.base import (
     HeartbeatReport,
     HostReport,
@@ -558,8 +559,11 @@ class Ingest:
                 return chunks
             run_reports = [r for r in reports if not isinstance(r, HeartbeatReport)]
             find = await self._run_finder(changes, run_reports)
+            unplanned = await self._unplanned_runs(
+                changes, [r for r in run_reports if find(r) is None]
+            )
             for report in run_reports:
-                run = find(report)
+                run = find(report) or unplanned.get((report.task_id or "", report.hostname))
                 if run is None:
                     log.warning(
                         "%s reported on run %s (task %s), which is not its run",
@@ -592,9 +596,70 @@ class Ingest:
 
         return find
 
+    async def _unplanned_runs(
+        self, changes: Changes, reports: list[RunStarted | RunOutput | RunFinished]
+    ) -> dict[tuple[str, str], RunRow]:
+        """Runs created for reports that no run was planned for: a group or broadcast message
+        (which names no hosts) reached a host the control plane did not count in, e.g. one
+        whose agent binds a group the inventory does not give it. Its result is stored, never
+        dropped (issue 16 item 2). Only for a fan-out task, a registered host with no run of
+        that task, and a run id (if given) that is the one the host derives (domain/ids.py)."""
+        wanted = {(r.task_id, r.hostname): r for r in reports if r.task_id}
+        if not wanted:
+            return {}
+        session = changes.session
+        tasks = await queries.tasks_by_id(session, {task_id for task_id, _ in wanted})
+        wanted = {pair: r for pair, r in wanted.items() if _fans_out(tasks.get(pair[0]))}
+        if not wanted:
+            return {}
+        known = await queries.known_host_names(session, {host for _, host in wanted})
+        existing = await queries.latest_runs_of(session, wanted)
+        created: dict[tuple[str, str], RunRow] = {}
+        now = utcnow()
+        for (task_id, host), report in wanted.items():
+            attempt = report.attempt or 1
+            run_id = run_id_for(task_id, host, attempt)
+            if (
+                host not in known
+                or (task_id, host) in existing
+                or report.run_id
+                not in (
+                    None,
+                    run_id,
+                )
+            ):
+                continue
+            task = tasks[task_id]
+            run = RunRow(
+                id=run_id,
+                task_id=task_id,
+                host=host,
+                attempt=attempt,
+                wave=0,
+                status=RunStatus.DISPATCHED,
+                dispatched_at=now,
+                unplanned=True,
+                error=None,
+                output_seq=0,
+                log_path=str(self._archive.path_for(task_id, run_id, task.created_at)),
+                updated_at=now,
+            )
+            session.add(run)
+            task.total += 1
+            changes.add_event(task_id, "run", run_event_data(run), run_id=run_id)
+            created[(task_id, host)] = run
+            log.info("%s reported on task %s, no run planned: run %s added", host, task_id, run_id)
+        if created:
+            await session.flush()
+        return created
+
     async def _apply_run_report(
         self, changes: Changes, run: RunRow, report: RunStarted | RunOutput | RunFinished
     ) -> _Chunks:
+        if run.status in (RunStatus.PENDING, RunStatus.DELAYED):
+            # The host has it already (a group or broadcast message reached it while its run
+            # waited here): the report stands, the run goes the usual way.
+            changes.move(run, RunStatus.DISPATCHED, dispatched_at=utcnow(), error=None)
         if isinstance(report, RunStarted):
             changes.move(run, RunStatus.RUNNING, started_at=report.started_at)
             return []
@@ -837,6 +902,12 @@ class Ingest:
         known = await queries.known_host_names(changes.session, latest)
         await queries.bulk_update_hosts(changes.session, [v for v in values if v["name"] in known])
         changes.hosts_changed |= known
+
+
+def _fans_out(task: TaskRow | None) -> bool:
+    """Whether ``task`` may have gone out as a group or broadcast message."""
+    targets = (task.targets or {}) if task is not None else {}
+    return bool(targets.get("all") or targets.get("groups"))
 
 
 def _succeed(beats: _Beats) -> None:

@@ -33,6 +33,7 @@ class Monitor:
         start_timeout: float,
         silent_links: Sequence[str] = (),
         held_links: Sequence[str] = (),
+        silent_starter_links: Sequence[str] = (),
         history_retention: timedelta = timedelta(days=1),
         batch: int = 1000,
         on_silent: Callable[[list[tuple[str, str]]], Awaitable[None]] | None = None,
@@ -55,6 +56,9 @@ class Monitor:
         # Links whose runs wait in this process for a slot (Link.executes_here): waiting
         # there is not undelivered, and the link reports every run's end itself.
         self._held_links = tuple(held_links)
+        # Links whose seed-002 agents (no ``version``) never say ``started``: the start
+        # timeout would end their runs while they execute (issue 16 item 1).
+        self._silent_starter_links = tuple(silent_starter_links)
         self._silence_limit = timedelta(seconds=heartbeat_interval * offline_after_missed)
         self._lost_grace = timedelta(seconds=lost_grace)
         self._start_timeout = timedelta(seconds=start_timeout)
@@ -141,6 +145,7 @@ class Monitor:
                     now - self._start_timeout,
                     limit=self._batch,
                     exclude_links=self._held_links,
+                    exclude_unversioned_links=self._silent_starter_links,
                 )
                 if self._since_start(now) >= self._start_timeout
                 else []

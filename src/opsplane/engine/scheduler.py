@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime, timedelta
 
-from opsplane.domain.ids import new_id
+from opsplane.domain.ids import run_id_for
 from opsplane.domain.policy import ERROR_STATUSES, TaskPolicy
 from opsplane.domain.states import IN_FLIGHT_RUN_STATUSES, RunStatus, TaskStatus
 from opsplane.engine.archive import LogArchive
@@ -144,6 +144,10 @@ class Scheduler:
         # Read only as many runs of each task as could go now: a task with ten thousand
         # waiting runs and room for ten must not hide the tasks after it.
         rows: list[tuple[RunRow, TaskRow]] = []
+        # Tasks all of whose runs go in this pass, unsent before: only these may go out as one
+        # group or broadcast message (a fan-out reaches every bound queue, so a task sent in
+        # slices, paced, or retried goes host by host and never reaches a host twice).
+        whole: set[str] = set()
         budget = self._batch
         if self._max_running and not self._max_per_host:
             # (With a per-host limit too, runs read might be held by it: read a full batch.)
@@ -157,9 +161,18 @@ class Scheduler:
             policy = policies[task.id]
             if policy.paced:
                 want = min(want, _task_cap(policy, task.total, 0) - per_task[task.id])
+            elif task_id is not None:
+                # A task's first pass reads all its runs, so that it can go as one message.
+                want = max(want, task.total)
             if want <= 0:
                 continue
             runs = await queries.waiting_runs(session, task.id, now, limit=want)
+            if (
+                not policy.paced
+                and len(runs) == task.total
+                and all(r.status == RunStatus.PENDING and r.attempt == 1 for r in runs)
+            ):
+                whole.add(task.id)
             rows += [(run, task) for run in runs]
             budget -= len(runs)
         if not rows:
@@ -181,8 +194,10 @@ class Scheduler:
                     continue
             host_cap = self._host_limits.get(run.host, self._max_per_host)
             if host_cap and per_host.get(run.host, 0) >= host_cap:
+                whole.discard(task.id)
                 continue
             if self._max_running and running_total >= self._max_running:
+                whole.difference_update(t.id for _, t in rows)
                 break
             chosen.setdefault(task.id, []).append(run)
             running_total += 1
@@ -192,7 +207,11 @@ class Scheduler:
         plan = DispatchPlan()
         by_id = {task.id: task for task in tasks}
         for tid, runs in chosen.items():
-            plan.extend(self._dispatcher.mark_deliverable(changes, by_id[tid], runs, hosts))
+            plan.extend(
+                self._dispatcher.mark_deliverable(
+                    changes, by_id[tid], runs, hosts, whole=tid in whole
+                )
+            )
         return plan
 
     @staticmethod
@@ -286,7 +305,7 @@ class Scheduler:
         self, changes: Changes, task: TaskRow, run: RunRow, delay: float, now: datetime
     ) -> None:
         run.superseded = True
-        run_id = new_id()
+        run_id = run_id_for(task.id, run.host, run.attempt + 1)
         retry = RunRow(
             id=run_id,
             task_id=task.id,

@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from opsplane.domain.access import check_hosts_allowed
 from opsplane.domain.errors import Conflict, InvalidInput, NotFound
-from opsplane.domain.ids import new_id
+from opsplane.domain.ids import new_id, run_id_for
 from opsplane.domain.policy import TaskPolicy
 from opsplane.domain.states import (
     IN_FLIGHT_RUN_STATUSES,
@@ -133,7 +133,7 @@ class TaskService:
                 # not order the inserts, so the task goes first explicitly.
                 await changes.session.flush()
                 for name, wave in zip(names, assign_waves(policy, len(names)), strict=True):
-                    run_id = new_id()
+                    run_id = run_id_for(task_id, name, 1)
                     changes.session.add(
                         RunRow(
                             id=run_id,

@@ -123,14 +123,25 @@ async def runs_in_status(
 
 
 async def runs_dispatched_before(
-    session: AsyncSession, before: datetime, *, limit: int, exclude_links: Sequence[str] = ()
+    session: AsyncSession,
+    before: datetime,
+    *,
+    limit: int,
+    exclude_links: Sequence[str] = (),
+    exclude_unversioned_links: Sequence[str] = (),
 ) -> list[RunRow]:
     """Runs sent to a host before ``before`` that the host has not reported starting, except
-    those of hosts reached by ``exclude_links``."""
+    those of hosts reached by ``exclude_links``, and of hosts on ``exclude_unversioned_links``
+    whose agent gave no version (seed-002 agents, which never report a start)."""
     stmt = select(RunRow).where(RunRow.status == "dispatched", RunRow.dispatched_at < before)
     if exclude_links:
         held = select(HostRow.name).where(HostRow.link.in_(list(exclude_links)))
         stmt = stmt.where(RunRow.host.not_in(held))
+    if exclude_unversioned_links:
+        silent = select(HostRow.name).where(
+            HostRow.link.in_(list(exclude_unversioned_links)), HostRow.agent_version.is_(None)
+        )
+        stmt = stmt.where(RunRow.host.not_in(silent))
     stmt = stmt.limit(limit)
     return list((await session.execute(stmt)).scalars())
 

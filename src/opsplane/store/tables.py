@@ -237,6 +237,9 @@ class RunRow(Base):
     # The ``seq`` of the last output chunk placed in the archive (0: none, or an agent that
     # does not number its chunks): a chunk re-sent after a reconnect is recognised by it.
     output_seq: Mapped[int] = mapped_column(BigInteger, default=0)
+    # Created for a host's result that no run was planned for: a group or broadcast message
+    # reached a host the control plane did not count in (docs/amqp.md).
+    unplanned: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
 class TaskEventRow(Base):

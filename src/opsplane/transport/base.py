@@ -38,7 +38,10 @@ class CommandEnvelope:
     command: str
     timeout: int
     env: Mapping[str, str] = field(default_factory=dict)
+    # The account the command runs as (seed 002's ``user``); empty: the agent's own account.
     user: str = ""
+    # Who asked for it (the API caller), for the host's logs; never an account to run as.
+    submitted_by: str = ""
     deliver_by: float | None = None
     # Set for script tasks: run this argv without a shell, or this in-process handler.
     argv: tuple[str, ...] | None = None
@@ -69,6 +72,9 @@ class AgentHello:
     finished_run_ids: frozenset[str] = frozenset()
     abandoned_run_ids: frozenset[str] = frozenset()
     public_key: str = ""
+    # Whether the agent said its groups and labels: a heartbeat in seed 002's shape says
+    # nothing of them, and then the inventory's stay (an operator gave them).
+    reports_groups: bool = True
     # Whether the lists above are complete, so that runs missing from them can be ended. A
     # registration from a plain heartbeat (seed 002 agents) says nothing about runs.
     reconcile: bool = True
@@ -266,9 +272,10 @@ class Fanout:
     """One message for many hosts: a group's members (``group``), or every host (None)."""
 
     group: str | None
-    # host name → the run that host is to execute
+    # host name → the run that host is to execute. The engine's bookkeeping only: the message
+    # carries no per-host map, each host derives its run id (domain/ids.py ``run_id_for``).
     run_ids: Mapping[str, str]
-    envelope: CommandEnvelope  # run_id unused: each host finds its own in run_ids
+    envelope: CommandEnvelope  # run_id unused
 
 
 class Link(abc.ABC):
@@ -280,6 +287,10 @@ class Link(abc.ABC):
     # Whether this link's hosts are online only while they connect and heartbeat. False for
     # hosts reachable by definition: the control plane's own, and agentless inventory hosts.
     liveness_by_heartbeat: ClassVar[bool] = True
+    # Whether some of this link's agents never report ``started``: those written from seed
+    # 002 alone (their heartbeat has no ``version``). Their runs are not ended by the start
+    # timeout, only by their result, their execution timeout plus grace, or their deadline.
+    has_silent_starters: ClassVar[bool] = False
 
     @property
     def executes_here(self) -> bool:

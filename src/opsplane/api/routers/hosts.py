@@ -20,6 +20,7 @@ from opsplane.api.schemas import (
     RunOut,
 )
 from opsplane.config import split_host_port
+from opsplane.domain.errors import InvalidInput
 from opsplane.domain.inventory import SshHostRequest
 from opsplane.engine.core import Engine
 from opsplane.security.roles import Permission
@@ -55,7 +56,17 @@ async def list_hosts(
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=HostOut)
 async def add_ssh_host(body: HostCreate, engine: EngineDep, _principal: PrincipalDep) -> HostOut:
-    """Register (or update) an agentless host reached over SSH, optionally through bastions."""
+    """Register (or update) an agentless host reached over SSH, optionally through bastions;
+    or, with ``link: amqp``, a RabbitMQ agent's host with its groups and labels."""
+    if body.link == "amqp":
+        if body.ssh or body.key_file or body.bastion or body.bastion_key_file:
+            raise InvalidInput("an amqp host takes no ssh, key_file or bastion")
+        host = await engine.hosts.register_agent_host(
+            body.name, body.link, tuple(body.groups), body.labels
+        )
+        return HostOut.from_row(host)
+    if not body.ssh:
+        raise InvalidInput("an SSH host needs ssh: [user@]address[:port]")
     user, _, address_port = body.ssh.rpartition("@")
     address, port = _split_port(address_port)
     request = SshHostRequest(

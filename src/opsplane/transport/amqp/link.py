@@ -66,6 +66,7 @@ def mask_url(url: str) -> str:
 class AmqpLink(Link):
     name: ClassVar[str] = m.LINK_NAME
     supports_fanout: ClassVar[bool] = True
+    has_silent_starters: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -144,7 +145,7 @@ class AmqpLink(Link):
             key, target = m.group_key(fanout.group), m.group_target(fanout.group)
         else:
             key, target = m.BROADCAST_KEY, m.ALL_TARGET
-        body = m.command_body(fanout.envelope, time.time(), target=target, run_ids=fanout.run_ids)
+        body = m.command_body(fanout.envelope, time.time(), target=target, fanout=True)
         await self._publish(key, body)
 
     async def send_cancel(self, hostname: str, task_id: str, run_id: str, reason: str) -> None:
@@ -204,6 +205,13 @@ class AmqpLink(Link):
             await message.nack(requeue=True)
             return
         if await self._refused(message, body, hello.hostname, max_age=HEARTBEAT_MAX_AGE):
+            return
+        if m.says_offline(body):
+            # The agent says it is going (seed 002's ``"status": "offline"``): offline now,
+            # not after the silence limit.
+            self._last_seen.pop(hello.hostname, None)
+            await events.host_disconnected(hello.hostname, self.name)
+            await message.ack()
             return
         refusal = events.agent_refusal(hello.hostname, hello.public_key, hello.groups)
         if refusal is not None:

@@ -51,9 +51,10 @@ def group_key(group: str) -> str:
 BROADCAST_KEY = "cmd.all"
 
 # Whom a command is addressed to, inside its signed body: a host's name (unicast, with
-# ``run_id``), or ``group:<name>`` / ``all`` (fan-out, with ``run_ids`` naming each host's run).
-# An agent refuses a command not addressed to it, so a captured command cannot be replayed
-# into another host's queue.
+# ``run_id``), or ``group:<name>`` / ``all`` (fan-out, without a run id: each receiving host
+# derives its own from task id, its name and the attempt, domain/ids.py ``run_id_for``). An
+# agent refuses a command not addressed to it, so a captured command cannot be replayed into
+# another host's queue. The body of a fan-out does not grow with the number of its targets.
 ALL_TARGET = "all"
 GROUP_TARGET_PREFIX = "group:"
 
@@ -63,14 +64,11 @@ def group_target(group: str) -> str:
 
 
 def command_body(
-    envelope: CommandEnvelope,
-    now: float,
-    *,
-    target: str,
-    run_ids: Mapping[str, str] | None = None,
+    envelope: CommandEnvelope, now: float, *, target: str, fanout: bool = False
 ) -> dict[str, Any]:
-    """A command as published; unicast carries ``run_id``, fan-out ``run_ids``, both the
-    ``target`` they are addressed to."""
+    """A command as published; unicast carries ``run_id``, fan-out none, both the ``target``
+    they are addressed to. ``user`` is the account to run as (seed 002), ``submitted_by`` the
+    API caller."""
     body: dict[str, Any] = {
         "type": "command",
         "target": target,
@@ -79,14 +77,13 @@ def command_body(
         "command": envelope.command,
         "timeout": envelope.timeout,
         "user": envelope.user,
+        "submitted_by": envelope.submitted_by,
         "env": dict(envelope.env),
         "timestamp": now,
         "deliver_by": envelope.deliver_by or 0,
     }
-    if run_ids is None:
+    if not fanout:
         body["run_id"] = envelope.run_id
-    else:
-        body["run_ids"] = dict(run_ids)
     return body
 
 
@@ -209,15 +206,36 @@ def result_report(message: Mapping[str, Any], routing_key: str) -> HostReport:
     return check_report(result)
 
 
+def seed_shaped(message: Mapping[str, Any]) -> bool:
+    """Whether a heartbeat is in seed 002's own shape: without the ``version`` every opsplane
+    agent sends. Such an agent's ``cpu_usage`` and ``memory_usage`` are fractions of 1."""
+    return "version" not in message
+
+
+def says_offline(message: Mapping[str, Any]) -> bool:
+    """Whether a heartbeat says the host is going away (``"status": "offline"``)."""
+    return message.get("status") == "offline"
+
+
+def _usage(message: Mapping[str, Any], key: str, *, fraction: bool) -> float | None:
+    """A usage figure as a percentage. A seed-shaped heartbeat's fractions (0.5) become
+    percentages (50.0); a value above 1 in one is taken as a percentage already."""
+    value = _number(message, key)
+    if value is not None and fraction and 0 <= value <= 1:
+        return value * 100
+    return value
+
+
 def heartbeat_report(message: Mapping[str, Any]) -> HeartbeatReport:
+    fraction = seed_shaped(message)
     report = HeartbeatReport(
         hostname=hostname_of(message, ""),
         # The control plane's clock decides liveness; an agent's clock may be off.
         at=datetime.now(UTC),
-        cpu_usage=_number(message, "cpu_usage"),
-        memory_usage=_number(message, "memory_usage"),
+        cpu_usage=_usage(message, "cpu_usage", fraction=fraction),
+        memory_usage=_usage(message, "memory_usage", fraction=fraction),
         load=_number(message, "load"),
-        disk_usage=_number(message, "disk_usage"),
+        disk_usage=_usage(message, "disk_usage", fraction=fraction),
     )
     return check_report(report)
 
@@ -234,6 +252,8 @@ def heartbeat_hello(message: Mapping[str, Any], now: datetime) -> AgentHello:
         version=_text(message, "version"),
         groups=_names(message, "groups"),
         labels={str(k): str(v) for k, v in labels.items()},
+        # Without ``groups`` (seed 002's heartbeat) the inventory's groups and labels stay.
+        reports_groups="groups" in message,
         os=_text(message, "os"),
         running_run_ids=frozenset(_names(message, "running_run_ids")),
         finished_run_ids=frozenset(_names(message, "finished_run_ids")),
