@@ -1,0 +1,189 @@
+"""The bare grpc.aio floor: N streams on a server with no database, its memory and a broadcast
+round trip (server writes one message to every stream → every client's reply is back).
+
+Three processes, so the server's memory is its own: the server (``server``) and two clients
+(``client``), each stream on its own channel (one TCP connection per agent, as agents have).
+Raw bytes, no protobuf, nothing per stream but the call. ``provide`` runs it from ``bench/run``.
+
+    python -m bench.suite.grpc_floor server --port P --streams N --broadcasts B --out FILE
+    python -m bench.suite.grpc_floor client --port P --streams N
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import gc
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from bench.suite.common import HOST, Figures, Options, Processes, free_port, median
+
+METHOD = "/floor.Floor/Connect"
+CONNECT_BOUND = 180.0  # seconds for every stream to be open
+BROADCAST_BOUND = 60.0  # seconds for one broadcast round trip
+CONNECTS_IN_FLIGHT = 250  # per client: the DESIGN's measurement held 500 in all
+
+
+def _raise_fd_limit() -> None:
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+class _Floor:
+    def __init__(self) -> None:
+        self.streams: list[grpc.aio.ServicerContext[bytes, bytes]] = []
+        self.replies = 0
+        self.wanted = 0
+        self.all_back = asyncio.Event()
+        self.grown = asyncio.Event()
+        self.target = 0
+
+    async def connect(
+        self, _requests: Any, context: grpc.aio.ServicerContext[bytes, bytes]
+    ) -> None:
+        hello = await context.read()
+        if hello is grpc.aio.EOF:
+            return
+        self.streams.append(context)
+        if len(self.streams) >= self.target:
+            self.grown.set()
+        while True:
+            message = await context.read()
+            if message is grpc.aio.EOF:
+                return
+            self.replies += 1
+            if self.replies >= self.wanted:
+                self.all_back.set()
+
+    async def broadcast(self) -> float:
+        self.replies, self.wanted = 0, len(self.streams)
+        self.all_back.clear()
+        started = time.perf_counter()
+        await asyncio.gather(*(s.write(b"go") for s in self.streams), return_exceptions=True)
+        await asyncio.wait_for(self.all_back.wait(), BROADCAST_BOUND)
+        return time.perf_counter() - started
+
+
+async def serve(port: int, streams: int, broadcasts: int, out: Path) -> None:
+    import psutil
+
+    _raise_fd_limit()
+    floor = _Floor()
+    floor.target = streams
+    server = grpc.aio.server()
+    handler = grpc.stream_stream_rpc_method_handler(floor.connect)
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("floor.Floor", {"Connect": handler}),)
+    )
+    server.add_insecure_port(f"{HOST}:{port}")
+    await server.start()
+    me = psutil.Process()
+    idle_rss = me.memory_info().rss / 2**20
+    started = time.perf_counter()
+    result: dict[str, Any] = {"idle_rss_mib": idle_rss}
+    try:
+        await asyncio.wait_for(floor.grown.wait(), CONNECT_BOUND)
+        result["connect_seconds"] = time.perf_counter() - started
+        gc.collect()
+        await asyncio.sleep(2)
+        result["streams"] = len(floor.streams)
+        result["rss_mib"] = me.memory_info().rss / 2**20
+        result["broadcast_seconds"] = [await floor.broadcast() for _ in range(broadcasts)]
+        result["rss_after_mib"] = me.memory_info().rss / 2**20
+    except TimeoutError:
+        result["error"] = f"only {len(floor.streams)}/{streams} streams, {floor.replies} replies"
+    await server.stop(grace=None)
+    out.write_text(json.dumps(result))  # noqa: ASYNC240 (the loop has nothing left to do)
+
+
+async def clients(port: int, streams: int) -> None:
+    _raise_fd_limit()
+    gate = asyncio.Semaphore(CONNECTS_IN_FLIGHT)
+
+    async def one() -> None:
+        channel = grpc.aio.insecure_channel(f"{HOST}:{port}")
+        call = channel.stream_stream(METHOD)()
+        async with gate:
+            await call.write(b"hi")
+        with contextlib.suppress(grpc.aio.AioRpcError, asyncio.CancelledError):
+            while True:
+                message = await call.read()
+                if message is grpc.aio.EOF:
+                    break
+                await call.write(b"ok")
+        await channel.close()
+
+    await asyncio.gather(*(one() for _ in range(streams)), return_exceptions=True)
+
+
+def provide(opts: Options, processes: Processes) -> Figures:
+    streams = 1000 if opts.quick else 10_000
+    port = free_port()
+    out = opts.work / "grpc-floor.json"
+    module = [sys.executable, "-m", "bench.suite.grpc_floor"]
+    server = processes.spawn(
+        [*module, "server", "--port", str(port), "--streams", str(streams),
+         "--broadcasts", str(max(3, opts.iterations)), "--out", str(out)],
+        opts.work / "grpc-floor-server.log",
+    )  # fmt: skip
+    time.sleep(1.0)
+    half = streams // 2
+    client_procs = [
+        processes.spawn(
+            [*module, "client", "--port", str(port), "--streams", str(n)],
+            opts.work / f"grpc-floor-client-{i}.log",
+        )
+        for i, n in enumerate((half, streams - half))
+    ]
+    try:
+        server.wait(timeout=CONNECT_BOUND + 10 * BROADCAST_BOUND)
+    finally:
+        processes.stop([server, *client_procs])
+    if not out.exists():
+        raise RuntimeError(f"the floor server wrote nothing: see {opts.work}/grpc-floor-server.log")
+    result = json.loads(out.read_text())
+    if "error" in result:
+        raise RuntimeError(f"grpc floor: {result['error']}")
+    note = f"{result['streams']} streams, 2 client processes, one channel per stream"
+    return {
+        "floor.grpc.memory": {
+            "peer_value": result["rss_mib"],
+            "unit": "MiB",
+            "peer": "bare grpc.aio server",
+            "note": f"{note}; connected in {result['connect_seconds']:.1f} s; RSS after "
+            f"{len(result['broadcast_seconds'])} broadcasts {result['rss_after_mib']:.0f} MiB",
+        },
+        "floor.grpc.broadcast": {
+            "peer_value": median(result["broadcast_seconds"]),
+            "unit": "s",
+            "peer": "bare grpc.aio broadcast round trip",
+            "note": f"{note}; median of {len(result['broadcast_seconds'])}",
+        },
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("role", choices=("server", "client"))
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--streams", type=int, required=True)
+    parser.add_argument("--broadcasts", type=int, default=3)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    if args.role == "server":
+        asyncio.run(serve(args.port, args.streams, args.broadcasts, args.out))
+    else:
+        asyncio.run(clients(args.port, args.streams))
+
+
+if __name__ == "__main__":
+    main()
