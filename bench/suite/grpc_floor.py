@@ -28,6 +28,7 @@ import grpc.aio
 from bench.suite.common import HOST, Figures, Options, Processes, free_port, median
 
 METHOD = "/floor.Floor/Connect"
+_EOF = grpc.aio.EOF  # type: ignore[attr-defined]  # grpc-stubs lags grpc.aio
 CONNECT_BOUND = 180.0  # seconds for every stream to be open
 BROADCAST_BOUND = 60.0  # seconds for one broadcast round trip
 CONNECTS_IN_FLIGHT = 250  # per client: the DESIGN's measurement held 500 in all
@@ -51,14 +52,14 @@ class _Floor:
         self, _requests: Any, context: grpc.aio.ServicerContext[bytes, bytes]
     ) -> None:
         hello = await context.read()
-        if hello is grpc.aio.EOF:
+        if hello is _EOF:
             return
         self.streams.append(context)
         if len(self.streams) >= self.target:
             self.grown.set()
         while True:
             message = await context.read()
-            if message is grpc.aio.EOF:
+            if message is _EOF:
                 return
             self.replies += 1
             if self.replies >= self.wanted:
@@ -111,16 +112,17 @@ async def clients(port: int, streams: int) -> None:
 
     async def one() -> None:
         channel = grpc.aio.insecure_channel(f"{HOST}:{port}")
-        call = channel.stream_stream(METHOD)()
+        # No serializers: raw bytes both ways (grpc-stubs wants them spelled out).
+        call = channel.stream_stream(METHOD, None, None)()  # type: ignore[call-arg]
         async with gate:
             await call.write(b"hi")
         with contextlib.suppress(grpc.aio.AioRpcError, asyncio.CancelledError):
             while True:
                 message = await call.read()
-                if message is grpc.aio.EOF:
+                if message is _EOF:
                     break
                 await call.write(b"ok")
-        await channel.close()
+        await channel.close(None)
 
     await asyncio.gather(*(one() for _ in range(streams)), return_exceptions=True)
 

@@ -140,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
                 figures |= got
                 for key in provider.keys:
                     if key not in got:
-                        status[key] = state if state != "ok" else "not measured (not returned)"
+                        missing = "not measured in --quick" if args.quick else "not returned"
+                        status[key] = state if state != "ok" else f"not measured ({missing})"
     except KeyboardInterrupt:
         _log("interrupted: every started process stopped; partial table follows")
     finally:

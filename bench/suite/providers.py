@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -62,7 +63,10 @@ def run_provider(provider: Provider, opts: Options, processes: Processes) -> tup
         else:
             figures = _external(provider, opts)
     except Exception as e:  # one provider's failure must not cost the other figures
-        return {}, f"failed after {time.monotonic() - started:.0f} s: {type(e).__name__}: {e}"
+        lines = str(e).strip().splitlines() or [""]
+        last = lines[-1][:300]  # the table gets the last line; the log and stderr the rest
+        print(f"{provider.name}: {type(e).__name__}: {e}", file=sys.stderr)
+        return {}, f"failed after {time.monotonic() - started:.0f} s: {type(e).__name__}: {last}"
     finally:
         # Whatever it started and did not stop (a failure halfway) goes now.
         processes.stop_all()

@@ -18,8 +18,8 @@ def main() -> int:
     spec = json.loads(sys.argv[1])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # gevent's import-time chatter
-        from pssh.clients import ParallelSSHClient
-        from pssh.config import HostConfig
+        from pssh.clients import ParallelSSHClient  # type: ignore[import-not-found]
+        from pssh.config import HostConfig  # type: ignore[import-not-found]
 
     config = [
         HostConfig(
