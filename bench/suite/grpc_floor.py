@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import gc
 import json
+import random
 import resource
 import sys
 import time
@@ -32,6 +33,7 @@ _EOF = grpc.aio.EOF  # type: ignore[attr-defined]  # grpc-stubs lags grpc.aio
 CONNECT_BOUND = 180.0  # seconds for every stream to be open
 BROADCAST_BOUND = 60.0  # seconds for one broadcast round trip
 CONNECTS_IN_FLIGHT = 250  # per client: the DESIGN's measurement held 500 in all
+CONNECT_ATTEMPTS = 8  # per stream, with full-jitter backoff
 
 
 def _raise_fd_limit() -> None:
@@ -102,20 +104,34 @@ async def serve(port: int, streams: int, broadcasts: int, out: Path) -> None:
         result["rss_after_mib"] = me.memory_info().rss / 2**20
     except TimeoutError:
         result["error"] = f"only {len(floor.streams)}/{streams} streams, {floor.replies} replies"
-    await server.stop(grace=None)
     out.write_text(json.dumps(result))  # noqa: ASYNC240 (the loop has nothing left to do)
+    await asyncio.wait_for(server.stop(grace=None), 30)
 
 
 async def clients(port: int, streams: int) -> None:
+    """Open ``streams`` streams, each on its own channel, at most ``CONNECTS_IN_FLIGHT``
+    connecting at once; a stream that fails to open retries with full-jitter backoff, as an
+    agent does. Then answer every message with a reply, until the server goes away."""
     _raise_fd_limit()
     gate = asyncio.Semaphore(CONNECTS_IN_FLIGHT)
 
+    async def open_stream() -> tuple[grpc.aio.Channel, Any]:
+        for attempt in range(CONNECT_ATTEMPTS):
+            channel = grpc.aio.insecure_channel(f"{HOST}:{port}")
+            try:
+                async with gate:
+                    await asyncio.wait_for(channel.channel_ready(), 20)
+                    # No serializers: raw bytes both ways (grpc-stubs wants them spelled out).
+                    call = channel.stream_stream(METHOD, None, None)()  # type: ignore[call-arg]
+                    await call.write(b"hi")
+                return channel, call
+            except (grpc.aio.AioRpcError, TimeoutError):
+                await channel.close(None)
+                await asyncio.sleep(random.uniform(0, min(10.0, 0.5 * 2**attempt)))
+        raise RuntimeError(f"no stream after {CONNECT_ATTEMPTS} attempts")
+
     async def one() -> None:
-        channel = grpc.aio.insecure_channel(f"{HOST}:{port}")
-        # No serializers: raw bytes both ways (grpc-stubs wants them spelled out).
-        call = channel.stream_stream(METHOD, None, None)()  # type: ignore[call-arg]
-        async with gate:
-            await call.write(b"hi")
+        channel, call = await open_stream()
         with contextlib.suppress(grpc.aio.AioRpcError, asyncio.CancelledError):
             while True:
                 message = await call.read()
