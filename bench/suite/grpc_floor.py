@@ -34,6 +34,7 @@ CONNECT_BOUND = 180.0  # seconds for every stream to be open
 BROADCAST_BOUND = 60.0  # seconds for one broadcast round trip
 CONNECTS_IN_FLIGHT = 250  # per client: the DESIGN's measurement held 500 in all
 CONNECT_ATTEMPTS = 8  # per stream, with full-jitter backoff
+_OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
 
 
 def _raise_fd_limit() -> None:
@@ -117,7 +118,9 @@ async def clients(port: int, streams: int) -> None:
 
     async def open_stream() -> tuple[grpc.aio.Channel, Any]:
         for attempt in range(CONNECT_ATTEMPTS):
-            channel = grpc.aio.insecure_channel(f"{HOST}:{port}")
+            # A local subchannel pool: otherwise channels to one address share one TCP
+            # connection, and the floor would not hold one connection per agent.
+            channel = grpc.aio.insecure_channel(f"{HOST}:{port}", options=_OWN_CONNECTION)
             try:
                 async with gate:
                     await asyncio.wait_for(channel.channel_ready(), 20)

@@ -33,7 +33,7 @@ from bench.suite.common import (
 from bench.suite.controlplane import ControlPlane, run_to_end, timed_cli
 
 PROBE = Path(__file__).with_name("salt_probe.py")
-ONLINE_BOUND = 300.0  # seconds for K processes to be online, either side
+ONLINE_BOUND = 480.0  # seconds for K processes to be online (Salt, K=50, loaded: 284 s)
 
 
 def _salt_configs(root: Path, k: int) -> tuple[Path, list[Path]]:
@@ -173,8 +173,9 @@ def provide(opts: Options, processes: Processes) -> Figures:
     plane = ControlPlane(opts.work / "opsplane-salt", processes)
     plane.start()
     figures: Figures = {}
-    rounds = 1 if opts.quick else 2
-    for k in (10,) if opts.quick else (10, 50):
+    # Two rounds at K=10, one at K=50 (its Salt CLI call alone takes 5 to 20 s): the whole run
+    # stays under 25 minutes on 2 cores.
+    for k, rounds in ((10, 1),) if opts.quick else ((10, 2), (50, 1)):
         figures |= measure_k(plane, processes, opts, k, rounds)
     processes.stop([plane.server])
     return figures
