@@ -124,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     for provider in PROVIDERS:
         if provider not in chosen:
             status |= dict.fromkeys(provider.keys, "not run (--only/--skip)")
+    if args.soak is None:
+        status |= dict.fromkeys(SOAK.keys, "not run (bench/run --soak 10m)")
     started = time.monotonic()
     peers: dict[str, str] = {}
     try:
