@@ -31,7 +31,7 @@ Output: a Markdown table, or with ``--json`` one JSON object (for ``bench/run``)
 
     {"agents": N, "procs": P, "mode": "reply", "link": "grpc", "database": "sqlite",
      "enrollment": "...", "cp_rss_mib_before": MiB, "cp_rss_mib_after": MiB,
-     "connect": {"online": n, "all_online_s": s|null, "all_welcomed_s": s|null,
+     "connect": {"online": n, "all_online_s": s|null,
                  "give_ups": n, "reconnects": n, "shed": n, "errors": {code: n},
                  "wall_s": s, "cp_cpu_pct": %, "cp_rss_mib": MiB,
                  "swarm_cpu_pct": %, "swarm_worker_max_cpu_pct": %},

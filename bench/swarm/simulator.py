@@ -125,6 +125,7 @@ class GrpcAgent(AgentSimulator):
         super().__init__(name, groups, stats, mode)
         self.address = address
         self._backoff = Backoff(0.5, 30.0)
+        self._welcomed = False
 
     async def run(self) -> None:
         while True:
@@ -133,7 +134,9 @@ class GrpcAgent(AgentSimulator):
             try:
                 welcomed = await self._serve_once()
             except grpc.aio.AioRpcError as e:
-                self.stats.errors[e.code().name] += 1
+                # Whether the stream had been welcomed (then it broke) or not (it was refused).
+                phase = "stream" if self._welcomed else "handshake"
+                self.stats.errors[f"{phase} {e.code().name}: {(e.details() or '')[:60]}"] += 1
                 hint = retry_after(e)
                 if hint is not None:
                     self.stats.shed += 1
@@ -152,7 +155,7 @@ class GrpcAgent(AgentSimulator):
         """One stream from dial to its end; whether it was welcomed. Raises what ended it."""
         self.stats.dials += 1
         channel = grpc.aio.insecure_channel(self.address, options=_CHANNEL_OPTIONS)
-        welcomed = False
+        welcomed = self._welcomed = False
         try:
             call = pb_grpc.CommandServiceStub(channel).ConnectForCommands()
             try:
@@ -168,7 +171,7 @@ class GrpcAgent(AgentSimulator):
                 if not isinstance(first, pb.CommandMessage) or not first.HasField("welcome"):
                     code = await call.code()
                     raise _aio_error(code, await call.details())
-                welcomed = True
+                welcomed = self._welcomed = True
                 self.stats.welcomes += 1
                 self.stats.connected += 1
                 try:
