@@ -58,16 +58,6 @@ KEEPALIVE_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
 ]
-# Streams that arrived but that the Python server has not taken up yet: past the soft limit
-# gRPC core cancels some at random, past the hard limit all (defaults 1,000 and 3,000), which in
-# a connect storm of thousands of agents cancels most of them (CANCELLED) before ConnectForCommands
-# runs. Queued instead, they reach the handler, which sheds politely (RESOURCE_EXHAUSTED with a
-# retry hint) when it is busy; docs/scale.md.
-SERVER_OPTIONS = [
-    *KEEPALIVE_OPTIONS,
-    ("grpc.server.max_pending_requests", 20_000),
-    ("grpc.server.max_pending_requests_hard_limit", 40_000),
-]
 
 
 @dataclass(eq=False)
@@ -151,7 +141,7 @@ class GrpcLink(Link, pb_grpc.CommandServiceServicer):  # type: ignore[misc]
     async def start(self, events: LinkEvents) -> None:
         self._events = events
         host, _ = split_host_port(self._listen)
-        server = aio.server(options=SERVER_OPTIONS)
+        server = aio.server(options=KEEPALIVE_OPTIONS)
         pb_grpc.add_CommandServiceServicer_to_server(self, server)
         if self._tls_cert and self._tls_key:
             self.bound_port = server.add_secure_port(self._listen, self._server_credentials())
