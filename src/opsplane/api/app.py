@@ -67,6 +67,7 @@ def build_engine(settings: Settings) -> Engine:
         signing_key=key,
         max_handshakes=settings.grpc_max_handshakes,
         retry_after_ms=settings.grpc_retry_after_ms,
+        pending_streams=settings.grpc_pending_streams,
     )
     # The local host runs catalog scripts and the in-process catalog handlers (seed 004).
     local = LocalLink(

@@ -102,6 +102,7 @@ class GrpcLink(Link, pb_grpc.CommandServiceServicer):  # type: ignore[misc]
         signing_key: Ed25519PrivateKey | None = None,
         max_handshakes: int = 1000,
         retry_after_ms: int = 1000,
+        pending_streams: int = 0,
     ) -> None:
         """Agents connect with TLS when ``tls_cert``/``tls_key`` are given, and must then
         present a client certificate signed by ``tls_client_ca`` if that is given (mutual TLS),
@@ -110,7 +111,9 @@ class GrpcLink(Link, pb_grpc.CommandServiceServicer):  # type: ignore[misc]
 
         At most ``max_handshakes`` streams are between their start and their welcome at once;
         past it a new stream is refused at once with RESOURCE_EXHAUSTED and a hint to retry
-        after about ``retry_after_ms`` (docs/scale.md), rather than left to time out."""
+        after about ``retry_after_ms`` (docs/scale.md), rather than left to time out.
+        ``pending_streams`` (0: gRPC core's defaults) raises how many new streams gRPC core
+        queues for the handler before it starts cancelling them."""
         if (tls_cert is None) != (tls_key is None):
             raise ConfigError("grpc_tls_cert and grpc_tls_key go together")
         if tls_client_ca is not None and tls_cert is None:
@@ -133,6 +136,7 @@ class GrpcLink(Link, pb_grpc.CommandServiceServicer):  # type: ignore[misc]
         self._stopping = False
         self._max_handshakes = max_handshakes
         self._retry_after_ms = retry_after_ms
+        self._pending_streams = pending_streams
         self._handshakes = 0
         # Hello signatures are checked here, off the event loop (one Ed25519 verify each).
         self._verifier: ThreadPoolExecutor | None = None
@@ -141,7 +145,7 @@ class GrpcLink(Link, pb_grpc.CommandServiceServicer):  # type: ignore[misc]
     async def start(self, events: LinkEvents) -> None:
         self._events = events
         host, _ = split_host_port(self._listen)
-        server = aio.server(options=KEEPALIVE_OPTIONS)
+        server = aio.server(options=[*KEEPALIVE_OPTIONS, *self._pending_options()])
         pb_grpc.add_CommandServiceServicer_to_server(self, server)
         if self._tls_cert and self._tls_key:
             self.bound_port = server.add_secure_port(self._listen, self._server_credentials())
@@ -168,6 +172,16 @@ class GrpcLink(Link, pb_grpc.CommandServiceServicer):  # type: ignore[misc]
                 if self._tls_client_ca
                 else "",
             )
+
+    def _pending_options(self) -> list[tuple[str, int]]:
+        # Past the soft limit gRPC core cancels new streams at random, past the hard one all
+        # of them, before the handler runs (a connect storm's CANCELLED, docs/scale.md).
+        if not self._pending_streams:
+            return []
+        return [
+            ("grpc.server.max_pending_requests", self._pending_streams),
+            ("grpc.server.max_pending_requests_hard_limit", 2 * self._pending_streams),
+        ]
 
     def _server_credentials(self) -> grpc.ServerCredentials:
         assert self._tls_cert is not None and self._tls_key is not None
