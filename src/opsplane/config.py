@@ -116,9 +116,9 @@ class Settings(BaseSettings):
     # with RESOURCE_EXHAUSTED and a retry hint of about grpc_retry_after_ms.
     grpc_max_handshakes: int = Field(default=1000, gt=0)
     grpc_retry_after_ms: int = Field(default=1000, gt=0)
-    # New streams gRPC core queues for the handler before it cancels some (0: its defaults,
-    # 1,000 soft and 3,000 hard); docs/scale.md, "gRPC core's own backlog".
-    grpc_pending_streams: int = Field(default=0, ge=0)
+    # New streams gRPC core queues for the handler before it cancels some (twice as many:
+    # all); 0 keeps its defaults, 1,000 and 3,000. docs/scale.md, "gRPC core's own backlog".
+    grpc_pending_streams: int = Field(default=20_000, ge=0)
     ingest_linger: float = Field(default=0.0, ge=0)
     # Bytes of host reports (mostly output) queued for ingest at most; past it, links wait
     # (backpressure) and hosts keep what they have not been acknowledged (docs/reliability.md).

@@ -102,7 +102,7 @@ class GrpcLink(Link, pb_grpc.CommandServiceServicer):  # type: ignore[misc]
         signing_key: Ed25519PrivateKey | None = None,
         max_handshakes: int = 1000,
         retry_after_ms: int = 1000,
-        pending_streams: int = 0,
+        pending_streams: int = 20_000,
     ) -> None:
         """Agents connect with TLS when ``tls_cert``/``tls_key`` are given, and must then
         present a client certificate signed by ``tls_client_ca`` if that is given (mutual TLS),
