@@ -108,6 +108,17 @@ class Settings(BaseSettings):
     # The most one run's log keeps (0: no cap); the cut is marked in the log.
     archive_max_bytes_per_run: int = Field(default=1024**3, ge=0)
     ingest_batch_size: int = Field(default=1000, gt=0)
+    # Agents' connections are written in batches of at most this many, gathered for up to
+    # connect_linger seconds (docs/scale.md, "Connect path").
+    connect_batch_size: int = Field(default=500, gt=0)
+    connect_linger: float = Field(default=0.05, ge=0)
+    # Hellos being verified at once on the gRPC endpoint; past it, a new stream is refused
+    # with RESOURCE_EXHAUSTED and a retry hint of about grpc_retry_after_ms.
+    grpc_max_handshakes: int = Field(default=1000, gt=0)
+    grpc_retry_after_ms: int = Field(default=1000, gt=0)
+    # New streams gRPC core queues for the handler before it cancels some (twice as many:
+    # all); 0 keeps its defaults, 1,000 and 3,000. docs/scale.md, "gRPC core's own backlog".
+    grpc_pending_streams: int = Field(default=20_000, ge=0)
     ingest_linger: float = Field(default=0.0, ge=0)
     # Bytes of host reports (mostly output) queued for ingest at most; past it, links wait
     # (backpressure) and hosts keep what they have not been acknowledged (docs/reliability.md).

@@ -20,7 +20,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from opsplane.config import load_settings
-from opsplane.domain.errors import Conflict, Forbidden, InvalidInput, Unauthenticated
+from opsplane.domain.errors import Conflict, Forbidden, InvalidInput, NotFound, Unauthenticated
 from opsplane.domain.states import TaskStatus
 from opsplane.domain.targeting import Targets
 from opsplane.domain.tasks import TaskRequest
@@ -372,7 +372,11 @@ async def test_grpc_hellos_and_reports_must_be_signed_by_the_enrolled_key(tmp_pa
         await call.write(pb.CommandMessage(heartbeat=genuine))
 
         async def beat_recorded() -> bool:
-            return (await engine.hosts.get_host("g-1")).cpu_usage == 42.0
+            # The welcome does not wait for the host's row: it follows in a batch.
+            try:
+                return (await engine.hosts.get_host("g-1")).cpu_usage == 42.0
+            except NotFound:
+                return False
 
         await _until(beat_recorded)
         assert engine.refused[("grpc", "bad_signature")] == 2

@@ -32,7 +32,14 @@ from opsplane.transport.grpc.convert import CHALLENGE_KEY, signed_fields
 
 logger = logging.getLogger(__name__)
 
-WELCOME_TIMEOUT: Final = 10.0
+# How long to wait for the challenge, then for the welcome. The control plane answers a busy
+# moment with RESOURCE_EXHAUSTED and a retry hint, so a long wait means it is unreachable or
+# overloaded, not queueing us: long enough for a loaded control plane, short enough to redial.
+WELCOME_TIMEOUT: Final = 30.0
+# Trailing metadata of a RESOURCE_EXHAUSTED refusal: milliseconds to wait before dialing again.
+RETRY_AFTER_KEY: Final = "opsplane-retry-after-ms"
+# A hint is honoured up to this long (a control plane cannot park an agent for hours).
+MAX_RETRY_AFTER: Final = 60.0
 # Why commands are refused (counted by reason, as on the RabbitMQ link).
 BAD_SIGNATURE: Final = "bad_signature"
 STALE: Final = "stale"
@@ -90,6 +97,25 @@ class Backoff:
     def reset(self) -> None:
         """Forget past failures (after a connection that worked)."""
         self._failures = 0
+
+    def jitter(self, ceiling: float) -> float:
+        """A uniform delay in ``[0, ceiling]``."""
+        return self._rng.uniform(0.0, ceiling)
+
+
+def retry_after(error: grpc.aio.AioRpcError) -> float | None:
+    """The seconds a RESOURCE_EXHAUSTED refusal asks to wait (bounded), or None."""
+    if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return None
+    # grpc.aio.Metadata iterates as (key, value) pairs (the stubs describe the sync API's).
+    metadata: Any = error.trailing_metadata()
+    for key, value in metadata or ():
+        if key == RETRY_AFTER_KEY:
+            try:
+                return min(MAX_RETRY_AFTER, max(0.0, int(value) / 1000))
+            except (TypeError, ValueError):
+                return None
+    return None
 
 
 class _StreamClosed(Exception):
@@ -162,11 +188,13 @@ class GrpcLink:
     async def run(self) -> None:
         """Connect, serve the stream, and reconnect after failures; returns only by cancellation."""
         while True:
+            hint: float | None = None
             try:
                 await self._serve_once()
                 reason = "the control plane closed the stream"
             except grpc.aio.AioRpcError as exc:
                 reason = f"{exc.code().name}: {exc.details()}"
+                hint = retry_after(exc)
             except TimeoutError:
                 reason = f"no welcome within {WELCOME_TIMEOUT:g}s"
             except (_StreamClosed, asyncio.InvalidStateError, grpc.aio.UsageError, OSError) as exc:
@@ -183,6 +211,10 @@ class GrpcLink:
             if self._last_attempt_welcomed:
                 self._backoff.reset()
             delay = self._backoff.next_delay()
+            if hint is not None:
+                # The control plane is busy and said when to come back: then, spread over as
+                # long again so that the refused do not all return at the same instant.
+                delay = max(delay, hint + self._backoff.jitter(hint))
             logger.warning(
                 "%s %s: %s; reconnecting in %.2fs",
                 "lost the control plane at" if self._last_attempt_welcomed else "cannot reach",
@@ -220,7 +252,9 @@ class GrpcLink:
         returns the heartbeat interval the welcome asks for."""
         metadata = await asyncio.wait_for(call.initial_metadata(), WELCOME_TIMEOUT)
         if call.done():
-            # It failed before the server said anything (unreachable, TLS refused): say why.
+            # It failed before the server said anything (unreachable, TLS refused, busy):
+            # reading raises the status with its trailing metadata (a retry hint); else say why.
+            await call.read()
             code, details = await call.code(), await call.details()
             raise _StreamClosed(f"{code.name}: {details}")
         challenge = metadata.get(CHALLENGE_KEY) if metadata is not None else None

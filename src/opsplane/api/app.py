@@ -65,6 +65,9 @@ def build_engine(settings: Settings) -> Engine:
         tls_key=grpc_tls[1] if grpc_tls else None,
         tls_client_ca=settings.grpc_tls_client_ca,
         signing_key=key,
+        max_handshakes=settings.grpc_max_handshakes,
+        retry_after_ms=settings.grpc_retry_after_ms,
+        pending_streams=settings.grpc_pending_streams,
     )
     # The local host runs catalog scripts and the in-process catalog handlers (seed 004).
     local = LocalLink(

@@ -23,6 +23,7 @@ from opsplane.domain.states import TERMINAL_TASK_STATUSES
 from opsplane.engine.archive import ArchivePruner, LogArchive
 from opsplane.engine.background import Loops
 from opsplane.engine.changes import Changes
+from opsplane.engine.connections import BatchOutcome
 from opsplane.engine.dispatcher import Dispatcher
 from opsplane.engine.hosts import HostService
 from opsplane.engine.hub import EventHub
@@ -106,7 +107,14 @@ class Engine:
             upload_roots=settings.effective_upload_roots,
         )
         self.hosts = HostService(
-            self.sessions, self.write, self.links, group_bastions=settings.ssh_group_bastions
+            self.sessions,
+            self.write,
+            self.links,
+            group_bastions=settings.ssh_group_bastions,
+            probe=self.ping_database,
+            on_written=self._connections_written,
+            connect_batch_size=settings.connect_batch_size,
+            connect_linger=settings.connect_linger,
         )
         self.ssh_api = SshApi(self.hosts, self.tasks, self.wait_task, self.write, self.sessions)
         self.monitor = Monitor(
@@ -130,6 +138,7 @@ class Engine:
             # Inventory hosts are registered by an operator, not by a connecting agent.
             keep_links=(SSH_LINK, LOCAL_LINK),
             interval=settings.retention_interval,
+            on_forgotten=self.hosts.forget,
         )
         self.agents = AgentRegistry(
             self.sessions,
@@ -145,6 +154,7 @@ class Engine:
             self.loops.add(loop)
         self.loops.add(self.archive_pruner.loop)
         self.loops.add(self.retention.loop)
+        self.loops.add(self.hosts.connections.loop)
         self.ready = False
 
     async def ping_database(self) -> None:
@@ -182,6 +192,8 @@ class Engine:
                 changes, [name for name, link in self.links.items() if link.executes_here]
             )
         await self.agents.load()
+        await self.hosts.load()
+        await self.hosts.connections.start()
         await self.ingest.start()
         await self.archive_pruner.start()
         for link in self.links.values():
@@ -202,6 +214,7 @@ class Engine:
         await self.ssh_api.stop()
         for link in self.links.values():
             await link.stop()
+        await self.hosts.connections.stop()
         await self.monitor.stop()
         await self.retention.stop()
         await self.archive_pruner.stop()
@@ -227,9 +240,9 @@ class Engine:
 
     # LinkEvents -------------------------------------------------------------------------
 
-    async def host_connected(self, hello: AgentHello) -> None:
+    def host_connecting(self, hello: AgentHello) -> asyncio.Future[None]:
         # Only an agent that proved its enrolled key may move its host to another agent link
-        # (an agent moved from gRPC to RabbitMQ); see HostService.host_connected.
+        # (an agent moved from gRPC to RabbitMQ); see HostService.claim.
         identity = self.agents.identity(hello.hostname)
         enrolled = (
             identity is not None
@@ -237,12 +250,18 @@ class Engine:
             and bool(hello.public_key)
             and identity.public_key == hello.public_key
         )
-        await self.hosts.host_connected(hello, enrolled=enrolled)
-        # Runs delayed for this host may go now.
-        self.scheduler.wake()
+        return self.hosts.connect(hello, enrolled=enrolled)
+
+    async def host_connected(self, hello: AgentHello) -> None:
+        await self.host_connecting(hello)
 
     async def host_disconnected(self, hostname: str, link: str) -> None:
         await self.hosts.host_disconnected(hostname, link)
+
+    def _connections_written(self, outcome: BatchOutcome) -> None:
+        if outcome.connected:
+            # Runs delayed for these hosts may go now.
+            self.scheduler.wake()
 
     async def report(self, report: HostReport) -> asyncio.Future[None]:
         # The links check what hosts send (and count refusals by link); this guards ingest

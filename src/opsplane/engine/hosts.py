@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import replace
 from datetime import datetime
@@ -12,22 +13,21 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from opsplane.domain.errors import ConfigError, Conflict, NameTaken, NotFound
 from opsplane.domain.inventory import SshHostRequest
-from opsplane.domain.states import IN_FLIGHT_RUN_STATUSES, RunStatus
 from opsplane.domain.targeting import check_host_name, normalize_names
 from opsplane.engine.changes import Changes
+from opsplane.engine.connections import BatchOutcome, ConnectionWriter, taken_by_other_link
 from opsplane.store import queries
 from opsplane.store.tables import HeartbeatRow, HostRow, RunRow, TaskRow, utcnow
-from opsplane.transport.base import AGENT_LINKS, LOCAL_LINK, SSH_LINK, AgentHello, Link
+from opsplane.transport.base import LOCAL_LINK, SSH_LINK, AgentHello, Link
 
 log = logging.getLogger(__name__)
 
-NEVER_RECEIVED = (
-    "the agent reconnected and never received this command (its queue or stream was gone)"
-)
-UNKNOWN_TO_AGENT = "the agent reconnected without this run (it restarted while the run was going)"
-
 
 class HostService:
+    """The hosts: their rows, and an in-memory view of which link holds each name, loaded at
+    start and updated on every change this instance makes, so that a link can decide a hello
+    at once (NameTaken) and welcome the agent before its row is written (docs/scale.md)."""
+
     def __init__(
         self,
         sessions: async_sessionmaker[AsyncSession],
@@ -35,90 +35,66 @@ class HostService:
         links: Mapping[str, Link],
         *,
         group_bastions: Mapping[str, str] | None = None,
+        probe: Callable[[], Awaitable[None]] | None = None,
+        on_written: Callable[[BatchOutcome], None] | None = None,
+        connect_batch_size: int = 500,
+        connect_linger: float = 0.05,
     ) -> None:
         self._sessions = sessions
         self._write = write
         self._links = links
         self._group_bastions = dict(group_bastions or {})
+        # Host name → link, for every host in the store.
+        self._link_of: dict[str, str] = {}
+        self.connections = ConnectionWriter(
+            write,
+            probe=probe or _no_probe,
+            batch_size=connect_batch_size,
+            linger=connect_linger,
+            on_written=on_written,
+        )
 
-    async def host_connected(self, hello: AgentHello, *, enrolled: bool = False) -> None:
-        """Register the host and reconcile its in-flight runs with what the agent reports.
+    async def load(self) -> None:
+        """Read every host's link into the in-memory view (at start, before links start)."""
+        async with self._sessions() as session:
+            self._link_of = await queries.host_links(session)
 
-        A run the control plane thinks is on the host, but which the agent neither runs nor
-        holds a result for, will never report: it ends now rather than after a timeout.
+    def claim(self, hello: AgentHello, *, enrolled: bool = False) -> None:
+        """Decide at once whether ``hello`` may hold its name, and record that it does.
 
         An agent never takes over a host of another link (NameTaken): not an SSH host, not the
         control plane's own, and not another agent link's host unless it is ``enrolled`` (it
-        proved the enrolled key of that name: the same agent, moved to another link).
-        """
-        now = utcnow()
-        async with self._write() as changes:
-            host = await queries.get_host(changes.session, hello.hostname)
-            if host is None:
-                host = HostRow(name=hello.hostname, created_at=now)
-                changes.session.add(host)
-            elif (
-                host.link != hello.link
-                and hello.link in AGENT_LINKS
-                and (host.link not in AGENT_LINKS or not enrolled)
-            ):
-                raise NameTaken(
-                    f"{hello.hostname} is a {host.link} host: an agent on {hello.link} "
-                    "cannot take it over"
-                )
-            host.link = hello.link
-            if hello.reports_groups:
-                host.groups = list(hello.groups)
-                host.labels = dict(hello.labels)
-            else:
-                # Seed 002's heartbeat names no groups: the inventory's (an operator's) stay.
-                host.groups = host.groups or []
-                host.labels = host.labels or {}
-            host.agent_version = hello.version or None
-            host.os = hello.os or None
-            host.public_key = hello.public_key or host.public_key
-            host.status = "online"
-            host.last_seen_at = now
-            host.connected_at = now
-            changes.host_changed(host.name)
-            runs = await queries.runs_in_status(
-                changes.session, IN_FLIGHT_RUN_STATUSES, host=hello.hostname
+        proved the enrolled key of that name: the same agent, moved to another link)."""
+        current = self._link_of.get(hello.hostname)
+        if current is not None and taken_by_other_link(current, hello.link, enrolled):
+            raise NameTaken(
+                f"{hello.hostname} is a {current} host: an agent on {hello.link} "
+                "cannot take it over"
             )
-            for run in runs if hello.reconcile else ():
-                self._reconcile(changes, run, hello)
-        log.info(
-            "host %s connected over %s (groups: %s)",
-            hello.hostname,
-            hello.link,
-            ",".join(hello.groups),
-        )
+        self._link_of[hello.hostname] = hello.link
 
-    @staticmethod
-    def _reconcile(changes: Changes, run: RunRow, hello: AgentHello) -> None:
-        """End a run the control plane thinks is on the host but the agent does not mention.
+    def forget(self, names: list[str]) -> None:
+        """Hosts deleted from the store (retention): their names are free again."""
+        for name in names:
+            self._link_of.pop(name, None)
 
-        The agent records a command before executing it, so a dispatched run it neither runs,
-        holds a result for, nor abandoned was never executed: ``undeliverable``. A run that had
-        started (or was abandoned by a crashed agent) has an unknown outcome: ``lost``.
-        """
-        if run.id in hello.running_run_ids or run.id in hello.finished_run_ids:
-            return
-        if hello.reconcile_before is not None and (
-            run.dispatched_at is None or run.dispatched_at >= hello.reconcile_before
-        ):
-            return
-        if run.status == RunStatus.DISPATCHED and run.id not in hello.abandoned_run_ids:
-            changes.move(run, RunStatus.UNDELIVERABLE, error=NEVER_RECEIVED)
-        else:
-            changes.move(run, RunStatus.LOST, error=UNKNOWN_TO_AGENT)
+    def connect(self, hello: AgentHello, *, enrolled: bool = False) -> asyncio.Future[None]:
+        """Claim the name (NameTaken at once) and queue the host's row and the reconciliation
+        of its in-flight runs; the future completes once they are durable.
+
+        A run the control plane thinks is on the host, but which the agent neither runs nor
+        holds a result for, will never report: it ends then rather than after a timeout."""
+        self.claim(hello, enrolled=enrolled)
+        return self.connections.connect(hello, enrolled=enrolled)
+
+    async def host_connected(self, hello: AgentHello, *, enrolled: bool = False) -> None:
+        """``connect`` and wait until it is durable."""
+        await self.connect(hello, enrolled=enrolled)
 
     async def host_disconnected(self, hostname: str, link: str) -> None:
-        async with self._write() as changes:
-            host = await queries.get_host(changes.session, hostname)
-            if host is not None and host.link == link:
-                host.status = "offline"
-                changes.host_changed(hostname)
-        log.info("host %s disconnected from %s", hostname, link)
+        """Mark the host offline if ``link`` still holds it, after any connect queued before."""
+        await self.connections.disconnect(hostname, link)
+        log.debug("host %s disconnected from %s", hostname, link)
 
     async def get_host(self, name: str) -> HostRow:
         async with self._sessions() as session:
@@ -142,6 +118,7 @@ class HostService:
             if host is None:
                 host = HostRow(name=name, link=link, status="unknown", created_at=utcnow())
                 changes.session.add(host)
+                self._link_of[name] = link
             host.groups = list(groups)
             host.labels = dict(labels)
             changes.host_changed(name)
@@ -184,6 +161,7 @@ class HostService:
             # is that run's result.
             host.status = "online"
             changes.host_changed(request.name)
+        self._link_of[request.name] = SSH_LINK
         link.update_inventory(request.name, request.for_link())
         return host
 
@@ -214,6 +192,7 @@ class HostService:
                 )
             await queries.delete_hosts(changes.session, [name])
             changes.host_changed(name)
+        self._link_of.pop(name, None)
         if host.link == SSH_LINK and (ssh_link := self._links.get(SSH_LINK)) is not None:
             ssh_link.update_inventory(name, None)
         log.info("host %s (%s) removed", name, host.link)
@@ -279,3 +258,8 @@ class HostService:
                 exclude_link=LOCAL_LINK,
                 include_adhoc=include_adhoc,
             )
+
+
+async def _no_probe() -> None:
+    """Without a probe, a failed batch is taken for the database being down: retried whole."""
+    raise ConnectionError("no database probe")

@@ -52,8 +52,11 @@ class Retention:
         interval: float = 600.0,
         batch: int = BATCH,
         max_batches: int = MAX_BATCHES_PER_PASS,
+        on_forgotten: Callable[[list[str]], None] | None = None,
     ) -> None:
         self._write = write
+        # Told the names of the hosts a pass deleted (the host registry's in-memory view).
+        self._on_forgotten = on_forgotten
         self._event_days = event_retention_days
         self._host_days = host_retention_days
         self._keep_links = tuple(keep_links)
@@ -115,6 +118,8 @@ class Retention:
             await queries.delete_hosts(changes.session, names)
             for name in names:
                 changes.host_changed(name)
+        if names and self._on_forgotten is not None:
+            self._on_forgotten(names)
         if names:
             log.info(
                 "host retention: forgot %d hosts gone since %s (%s%s)",

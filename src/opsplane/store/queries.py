@@ -7,7 +7,7 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any, NamedTuple
 
-from sqlalchemy import and_, case, delete, false, func, literal, or_, select, update
+from sqlalchemy import and_, case, delete, false, func, insert, literal, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from opsplane.store.tables import (
@@ -443,6 +443,40 @@ async def bulk_update_hosts(session: AsyncSession, values: list[dict[str, Any]])
     """ORM bulk UPDATE by primary key (one executemany)."""
     if values:
         await session.execute(update(HostRow), values)
+
+
+async def insert_hosts(session: AsyncSession, values: list[dict[str, Any]]) -> None:
+    """Bulk INSERT of new host rows (one executemany); every dict has the same keys."""
+    if values:
+        await session.execute(insert(HostRow), values)
+
+
+async def mark_hosts(
+    session: AsyncSession, names: Sequence[str], status: str, *, link: str
+) -> None:
+    """Set the status of the named hosts that belong to ``link`` (in chunks)."""
+    for start in range(0, len(names), 500):
+        chunk = list(names[start : start + 500])
+        await session.execute(
+            update(HostRow)
+            .where(HostRow.name.in_(chunk), HostRow.link == link)
+            .values(status=status)
+        )
+
+
+async def runs_of_hosts_in_status(
+    session: AsyncSession, statuses: Iterable[str], hosts: Sequence[str]
+) -> list[RunRow]:
+    """The runs of ``hosts`` in ``statuses`` (one query per 500 hosts)."""
+    runs: list[RunRow] = []
+    for start in range(0, len(hosts), 500):
+        runs += await runs_in_status(session, statuses, hosts=list(hosts[start : start + 500]))
+    return runs
+
+
+async def host_links(session: AsyncSession) -> dict[str, str]:
+    """Every host's name → link (the host registry's in-memory view is loaded from it)."""
+    return {name: link for name, link in await session.execute(select(HostRow.name, HostRow.link))}
 
 
 # Metrics, alerts and the seed-003 façade ------------------------------------------------

@@ -233,8 +233,14 @@ def _check_time(value: object, name: str) -> None:
 class LinkEvents(Protocol):
     """What a link tells the engine. Implemented by ``opsplane.engine``."""
 
+    def host_connecting(self, hello: AgentHello) -> asyncio.Future[None]:
+        """A host (re)connected: decided at once (raises ``NameTaken`` when the name is
+        another link's host), so the link may welcome it without waiting for the database;
+        the future completes once its row is written and its runs reconciled."""
+        ...
+
     async def host_connected(self, hello: AgentHello) -> None:
-        """A host (re)connected; returns once the engine has reconciled its runs."""
+        """``host_connecting``, returning once the engine has reconciled the host's runs."""
 
     async def host_disconnected(self, hostname: str, link: str) -> None:
         """The host's connection on ``link`` ended."""

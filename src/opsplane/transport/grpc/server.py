@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import secrets
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -30,7 +32,7 @@ from opsplane.domain.errors import (
 )
 from opsplane.domain.targeting import check_host_name
 from opsplane.security.signing import parse_public_key, sign, verify
-from opsplane.transport.base import CommandEnvelope, Link, LinkEvents, RunFinished
+from opsplane.transport.base import AgentHello, CommandEnvelope, Link, LinkEvents, RunFinished
 from opsplane.transport.grpc import convert
 from opsplane.transport.grpc import opsplane_pb2 as pb
 from opsplane.transport.grpc import opsplane_pb2_grpc as pb_grpc
@@ -39,7 +41,11 @@ log = logging.getLogger(__name__)
 
 _EOF: object = aio.EOF  # type: ignore[attr-defined]  # missing from grpc-stubs
 
-HELLO_TIMEOUT = 10.0
+# How long a stream may take to say hello after its challenge. Generous: a busy control plane
+# or agent must not turn a slow hello into a reconnect storm.
+HELLO_TIMEOUT = 30.0
+# Trailing metadata of a RESOURCE_EXHAUSTED refusal: how long the agent should wait (ms).
+RETRY_AFTER_KEY = "opsplane-retry-after-ms"
 # The largest message either way. An agent's largest is a result: the head and tail of each
 # stream (64 KiB each by default); a larger message ends the stream (RESOURCE_EXHAUSTED) before
 # it is read into memory, and the agent reconnects.
@@ -66,6 +72,9 @@ class _AgentStream:
     key: Ed25519PublicKey | None = None
     # Why the control plane dropped this stream (``GrpcLink.drop``), if it did.
     dropped: str = ""
+    # Completes once the engine has recorded the connection: the host's reports wait for it,
+    # so that none reaches the store before the host's row (the welcome does not wait).
+    registered: asyncio.Future[None] | None = None
 
     async def write(self, message: pb.CommandMessage) -> None:
         if self.closed:
@@ -91,11 +100,20 @@ class GrpcLink(Link, pb_grpc.CommandServiceServicer):  # type: ignore[misc]
         tls_key: Path | None = None,
         tls_client_ca: Path | None = None,
         signing_key: Ed25519PrivateKey | None = None,
+        max_handshakes: int = 1000,
+        retry_after_ms: int = 1000,
+        pending_streams: int = 20_000,
     ) -> None:
         """Agents connect with TLS when ``tls_cert``/``tls_key`` are given, and must then
         present a client certificate signed by ``tls_client_ca`` if that is given (mutual TLS),
         whose common name or DNS name is the name the agent says hello with. Plaintext is
-        refused off loopback unless ``allow_insecure``."""
+        refused off loopback unless ``allow_insecure``.
+
+        At most ``max_handshakes`` streams are between their start and their welcome at once;
+        past it a new stream is refused at once with RESOURCE_EXHAUSTED and a hint to retry
+        after about ``retry_after_ms`` (docs/scale.md), rather than left to time out.
+        ``pending_streams`` (0: gRPC core's defaults) raises how many new streams gRPC core
+        queues for the handler before it starts cancelling them."""
         if (tls_cert is None) != (tls_key is None):
             raise ConfigError("grpc_tls_cert and grpc_tls_key go together")
         if tls_client_ca is not None and tls_cert is None:
@@ -116,12 +134,18 @@ class GrpcLink(Link, pb_grpc.CommandServiceServicer):  # type: ignore[misc]
         self._streams: dict[str, _AgentStream] = {}
         self._pending_acks: set[asyncio.Task[None]] = set()
         self._stopping = False
+        self._max_handshakes = max_handshakes
+        self._retry_after_ms = retry_after_ms
+        self._pending_streams = pending_streams
+        self._handshakes = 0
+        # Hello signatures are checked here, off the event loop (one Ed25519 verify each).
+        self._verifier: ThreadPoolExecutor | None = None
         self.bound_port: int | None = None
 
     async def start(self, events: LinkEvents) -> None:
         self._events = events
         host, _ = split_host_port(self._listen)
-        server = aio.server(options=KEEPALIVE_OPTIONS)
+        server = aio.server(options=[*KEEPALIVE_OPTIONS, *self._pending_options()])
         pb_grpc.add_CommandServiceServicer_to_server(self, server)
         if self._tls_cert and self._tls_key:
             self.bound_port = server.add_secure_port(self._listen, self._server_credentials())
@@ -136,6 +160,7 @@ class GrpcLink(Link, pb_grpc.CommandServiceServicer):  # type: ignore[misc]
             raise ConfigError(f"cannot listen for agents on {self._listen}")
         await server.start()
         self._server = server
+        self._verifier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hello-verify")
         if self._tls_cert is None:
             log.info("gRPC agent endpoint listening on %s (plaintext)", self._listen)
         else:
@@ -147,6 +172,16 @@ class GrpcLink(Link, pb_grpc.CommandServiceServicer):  # type: ignore[misc]
                 if self._tls_client_ca
                 else "",
             )
+
+    def _pending_options(self) -> list[tuple[str, int]]:
+        # Past the soft limit gRPC core cancels new streams at random, past the hard one all
+        # of them, before the handler runs (a connect storm's CANCELLED, docs/scale.md).
+        if not self._pending_streams:
+            return []
+        return [
+            ("grpc.server.max_pending_requests", self._pending_streams),
+            ("grpc.server.max_pending_requests_hard_limit", 2 * self._pending_streams),
+        ]
 
     def _server_credentials(self) -> grpc.ServerCredentials:
         assert self._tls_cert is not None and self._tls_key is not None
@@ -168,10 +203,18 @@ class GrpcLink(Link, pb_grpc.CommandServiceServicer):  # type: ignore[misc]
             self._server = None
         for task in list(self._pending_acks):
             task.cancel()
+        if self._verifier is not None:
+            self._verifier.shutdown(wait=False, cancel_futures=True)
+            self._verifier = None
 
     def is_connected(self, hostname: str) -> bool:
+        # Once the engine has recorded the connection too: the host's row exists then.
         stream = self._streams.get(hostname)
-        return stream is not None and not stream.closed
+        return (
+            stream is not None
+            and not stream.closed
+            and (stream.registered is None or stream.registered.done())
+        )
 
     async def send_command(self, hostname: str, command: CommandEnvelope) -> None:
         message = convert.command_to_pb(command, time.time(), target=hostname)
@@ -204,62 +247,23 @@ class GrpcLink(Link, pb_grpc.CommandServiceServicer):  # type: ignore[misc]
         context: aio.ServicerContext[pb.CommandMessage, pb.CommandMessage],
     ) -> None:
         assert self._events is not None
-        # A fresh nonce per stream, sent before anything is read: the hello must sign it, so
-        # a hello captured on the wire opens no other stream. It costs one round trip and no
-        # state beyond this coroutine (nothing in the database before the welcome).
-        challenge = secrets.token_urlsafe(18)
+        if self._handshakes >= self._max_handshakes:
+            # Busy with other hellos: say so at once, and when to come back, rather than let
+            # this one wait until the agent gives up.
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                "too many agents connecting at once; retry later",
+                trailing_metadata=((RETRY_AFTER_KEY, str(self._retry_after_ms)),),
+            )
+            return
+        self._handshakes += 1
         try:
-            await context.send_initial_metadata(((convert.CHALLENGE_KEY, challenge),))
-            first = await asyncio.wait_for(context.read(), HELLO_TIMEOUT)
-        except TimeoutError:
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "no hello within 10 s")
+            accepted = await self._handshake(context)
+        finally:
+            self._handshakes -= 1
+        if accepted is None:
             return
-        except DecodeError:
-            await self._refuse_undecodable(context, "-")
-            return
-        if first is _EOF or not isinstance(first, pb.CommandMessage) or not first.HasField("hello"):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message must be hello")
-            return
-        hello = convert.hello_from_pb(first.hello)
-        try:
-            check_host_name(hello.hostname)
-        except InvalidInput as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-            return
-        if self._tls_client_ca is not None:
-            names = _certificate_names(context)
-            if hello.hostname not in names:
-                log.warning(
-                    "refused an agent saying hello as %r with a certificate for %s",
-                    hello.hostname,
-                    ", ".join(sorted(names)) or "no name",
-                )
-                await context.abort(
-                    grpc.StatusCode.PERMISSION_DENIED,
-                    f"the client certificate is not issued to {hello.hostname!r}",
-                )
-                return
-        refused = _hello_refusal(first.hello, self._events, challenge)
-        if refused is not None:
-            reason, why = refused
-            log.warning("refused the hello of %r: %s", hello.hostname, why)
-            self._events.message_refused(self.name, reason)
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, why)
-            return
-        stream = _AgentStream(
-            hello.hostname,
-            context,
-            task=asyncio.current_task(),
-            key=parse_public_key(first.hello.public_key) if first.hello.public_key else None,
-        )
-        try:
-            await self._events.host_connected(hello)
-        except NameTaken as e:
-            # The name is another link's host (SSH, the control plane's own): not an agent's.
-            log.warning("refused the hello of %r: %s", hello.hostname, e)
-            self._events.message_refused(self.name, "refused_agent")
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(e))
-            return
+        stream, hello = accepted
         previous = self._streams.get(hello.hostname)
         if previous is not None:
             # The agent reconnected before its old stream was noticed dead: the new one wins
@@ -296,6 +300,110 @@ class GrpcLink(Link, pb_grpc.CommandServiceServicer):  # type: ignore[misc]
                 with contextlib.suppress(Exception):
                     await asyncio.shield(self._events.host_disconnected(hello.hostname, self.name))
 
+    async def _handshake(
+        self, context: aio.ServicerContext[pb.CommandMessage, pb.CommandMessage]
+    ) -> tuple[_AgentStream, AgentHello] | None:
+        """Challenge, hello, checks, and the engine's decision: the stream to welcome and its
+        hello, or None when the stream was refused."""
+        assert self._events is not None
+        # A fresh nonce per stream, sent before anything is read: the hello must sign it, so
+        # a hello captured on the wire opens no other stream. It costs one round trip and no
+        # state beyond this coroutine (nothing in the database before the welcome).
+        challenge = secrets.token_urlsafe(18)
+        try:
+            await context.send_initial_metadata(((convert.CHALLENGE_KEY, challenge),))
+            first = await asyncio.wait_for(context.read(), HELLO_TIMEOUT)
+        except TimeoutError:
+            await context.abort(
+                grpc.StatusCode.DEADLINE_EXCEEDED, f"no hello within {HELLO_TIMEOUT:g} s"
+            )
+            return None
+        except DecodeError:
+            await self._refuse_undecodable(context, "-")
+            return None
+        if first is _EOF or not isinstance(first, pb.CommandMessage) or not first.HasField("hello"):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message must be hello")
+            return None
+        hello = convert.hello_from_pb(first.hello)
+        try:
+            check_host_name(hello.hostname)
+        except InvalidInput as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            return None
+        if self._tls_client_ca is not None:
+            names = _certificate_names(context)
+            if hello.hostname not in names:
+                log.warning(
+                    "refused an agent saying hello as %r with a certificate for %s",
+                    hello.hostname,
+                    ", ".join(sorted(names)) or "no name",
+                )
+                await context.abort(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"the client certificate is not issued to {hello.hostname!r}",
+                )
+                return None
+        refused = await self._hello_refusal(first.hello, challenge)
+        if refused is not None:
+            reason, why = refused
+            log.warning("refused the hello of %r: %s", hello.hostname, why)
+            self._events.message_refused(self.name, reason)
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, why)
+            return None
+        try:
+            # Decided at once from the engine's in-memory view; the host's row is written
+            # in a batch with other hellos after the welcome.
+            durable = self._events.host_connecting(hello)
+        except NameTaken as e:
+            # The name is another link's host (SSH, the control plane's own): not an agent's.
+            log.warning("refused the hello of %r: %s", hello.hostname, e)
+            self._events.message_refused(self.name, "refused_agent")
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(e))
+            return None
+        stream = _AgentStream(
+            hello.hostname,
+            context,
+            task=asyncio.current_task(),
+            key=parse_public_key(first.hello.public_key) if first.hello.public_key else None,
+        )
+        durable.add_done_callback(functools.partial(self._recorded, stream))
+        stream.registered = durable
+        return stream, hello
+
+    def _recorded(self, stream: _AgentStream, durable: asyncio.Future[None]) -> None:
+        """The host's connection was written (or not): a name the store gives another link's
+        host (another control-plane instance registered it) drops the stream."""
+        if durable.cancelled():
+            return
+        error = durable.exception()
+        if isinstance(error, NameTaken):
+            log.warning("dropping %s: %s", stream.hostname, error)
+            if self._events is not None:
+                self._events.message_refused(self.name, "refused_agent")
+            stream.closed = True
+            stream.dropped = str(error)
+            if stream.task is not None:
+                stream.task.cancel()
+        elif error is not None:
+            log.warning("the connection of %s was not recorded: %s", stream.hostname, error)
+
+    async def _hello_refusal(self, message: pb.Hello, challenge: str) -> tuple[str, str] | None:
+        """(reason, why) when a hello is refused: its proof (checked on the verifier thread,
+        off the event loop), then whether the control plane accepts the agent (not enrolled
+        when enrollment is required, revoked, another key than enrolled, groups it was not
+        enrolled for)."""
+        assert self._events is not None
+        if self._verifier is None:
+            refused = hello_proof_refusal(message, challenge, time.time())
+        else:
+            refused = await asyncio.get_running_loop().run_in_executor(
+                self._verifier, hello_proof_refusal, message, challenge, time.time()
+            )
+        if refused is not None:
+            return refused
+        refusal = self._events.agent_refusal(message.hostname, message.public_key, message.groups)
+        return ("refused_agent", refusal) if refusal is not None else None
+
     async def _read_loop(self, stream: _AgentStream) -> None:
         assert self._events is not None
         host = stream.hostname
@@ -309,6 +417,10 @@ class GrpcLink(Link, pb_grpc.CommandServiceServicer):  # type: ignore[misc]
                 return
             if message is _EOF or not isinstance(message, pb.CommandMessage):
                 return
+            if stream.registered is not None:
+                # Its outcome is _recorded's to handle; only the order matters here.
+                await asyncio.wait([stream.registered])
+                stream.registered = None
             kind = message.WhichOneof("message")
             if kind in ("heartbeat", "command_result") and not self._signed_by_agent(
                 stream, getattr(message, kind)
@@ -396,22 +508,21 @@ def _certificate_names(
 HELLO_MAX_AGE = 300.0
 
 
-def _hello_refusal(message: pb.Hello, events: LinkEvents, challenge: str) -> tuple[str, str] | None:
-    """(reason, why) when a hello is refused: a signature not made with the key it presents,
-    one that answers another stream's challenge (a replay), an old one, or an agent the control
-    plane does not accept (not enrolled when enrollment is required, revoked, another key than
-    enrolled, groups it was not enrolled for)."""
-    if message.public_key:
-        try:
-            key = parse_public_key(message.public_key)
-        except ValueError as e:
-            return "bad_signature", f"the hello's public key: {e}"
-        claims = {**convert.hello_claims(message), "signature": message.signature}
-        if not verify(key, claims, "signature"):
-            return "bad_signature", "the hello is not signed by the key it presents"
-        if message.challenge != challenge:
-            return "replay", "the hello does not answer this stream's challenge (a replay?)"
-        if abs(time.time() - message.timestamp) > HELLO_MAX_AGE:
-            return "stale", "the hello is not recent: check the agent's clock"
-    refusal = events.agent_refusal(message.hostname, message.public_key, message.groups)
-    return ("refused_agent", refusal) if refusal is not None else None
+def hello_proof_refusal(message: pb.Hello, challenge: str, now: float) -> tuple[str, str] | None:
+    """(reason, why) when a hello does not prove its sender: a signature not made with the key
+    it presents, one that answers another stream's challenge (a replay), an old one. Pure: it
+    runs on the verifier thread."""
+    if not message.public_key:
+        return None
+    try:
+        key = parse_public_key(message.public_key)
+    except ValueError as e:
+        return "bad_signature", f"the hello's public key: {e}"
+    claims = {**convert.hello_claims(message), "signature": message.signature}
+    if not verify(key, claims, "signature"):
+        return "bad_signature", "the hello is not signed by the key it presents"
+    if message.challenge != challenge:
+        return "replay", "the hello does not answer this stream's challenge (a replay?)"
+    if abs(now - message.timestamp) > HELLO_MAX_AGE:
+        return "stale", "the hello is not recent: check the agent's clock"
+    return None

@@ -350,6 +350,11 @@ class SshWorker:
 
     # -- LinkEvents of the in-process link: reports go to the broker -----------------------
 
+    def host_connecting(self, hello: AgentHello) -> asyncio.Future[None]:  # pragma: no cover
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
+
     async def host_connected(self, hello: AgentHello) -> None:  # pragma: no cover
         pass
 

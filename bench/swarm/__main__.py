@@ -1,0 +1,5 @@
+import sys
+
+from bench.swarm.cli import main
+
+sys.exit(main())
