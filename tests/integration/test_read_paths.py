@@ -121,6 +121,8 @@ async def test_host_filters_combine_with_cursors(api: tuple[Engine, httpx.AsyncC
         {"group": "nope"},
         {"name": "edge-002"},
         {"name": "%"},  # a LIKE wildcard is a literal character here
+        {"name": "node\x00"},  # no stored name holds a NUL (and PostgreSQL refuses one)
+        {"group": "w\x00eb"},
     ]
     for params in cases:
         got = [h["name"] for h in await walk(client, "/api/v1/hosts", {**params, "size": 7})]

@@ -21,6 +21,7 @@ from opsplane.store.tables import (
     SshSequenceRow,
     TaskEventRow,
     TaskRow,
+    without_nul,
 )
 from opsplane.store.timemath import plus_seconds
 
@@ -347,10 +348,12 @@ async def list_hosts(
         stmt = stmt.where(HostRow.adhoc == false())
     if status:
         stmt = stmt.where(HostRow.status == status)
+    # A NUL (refused by PostgreSQL in any string) can be in no stored name: U+FFFD instead,
+    # as every stored string has it.
     if group:
-        stmt = stmt.where(json_list_contains(HostRow.groups, group))
+        stmt = stmt.where(json_list_contains(HostRow.groups, without_nul(group)))
     if name:
-        stmt = stmt.where(HostRow.name.startswith(name, autoescape=True))
+        stmt = stmt.where(HostRow.name.startswith(without_nul(name), autoescape=True))
     return await keyset_page(session, stmt, HOSTS, page, lambda h: (h.name,))
 
 
