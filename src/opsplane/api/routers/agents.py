@@ -144,7 +144,7 @@ async def list_agents(
     cursor: Cursor = None,
 ) -> Items[AgentOut]:
     """Enrolled agents by name, ``size`` at a time (follow ``next_cursor``)."""
-    found = await engine.agents.list_agents(PageRequest(limit=size, cursor=cursor))
+    found = await engine.agents.list_agents(PageRequest.of(page=1, size=size, cursor=cursor))
     items = [AgentOut.from_row(row) for row in found.items]
     return Items[AgentOut](items=items, next_cursor=found.next_cursor)
 

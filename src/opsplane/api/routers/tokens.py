@@ -37,7 +37,7 @@ async def list_tokens(
     """Tokens, newest first, ``size`` at a time (follow ``next_cursor``); never the tokens
     themselves: only their hashes are kept."""
     found = await get_security(request).list_tokens(
-        PageRequest(limit=size, cursor=cursor), include_inactive=include_inactive
+        PageRequest.of(page=1, size=size, cursor=cursor), include_inactive=include_inactive
     )
     items = [TokenOut.from_row(token, owner) for token, owner in found.items]
     return Items[TokenOut](items=items, next_cursor=found.next_cursor)

@@ -26,7 +26,7 @@ async def list_users(
     cursor: Cursor = None,
 ) -> Items[UserOut]:
     """Users by name, ``size`` at a time (follow ``next_cursor``)."""
-    found = await get_security(request).list_users(PageRequest(limit=size, cursor=cursor))
+    found = await get_security(request).list_users(PageRequest.of(page=1, size=size, cursor=cursor))
     items = [UserOut.from_row(user) for user in found.items]
     return Items[UserOut](items=items, next_cursor=found.next_cursor)
 
