@@ -242,6 +242,15 @@ async def test_runs_of_a_task_page_without_output_unless_asked(
         with_output[0]["stdout"] == "out of 0/1\n" * 50 and with_output[0]["stderr"] == "err of 0"
     )
 
+    host_runs = "/api/v1/hosts/node-0010/runs"
+    await add_rows(engine, HostRow.__table__, [host_row(10)])
+    runs_of_host = (await client.get(host_runs)).json()["items"]
+    assert len(runs_of_host) == 2 and runs_of_host[0]["command"] == "echo"
+    assert all(run["stdout"] is None and run["stderr"] is None for run in runs_of_host)
+    answer = await client.get(host_runs, params={"output": "true"})
+    outputs = {run["stdout"] for run in answer.json()["items"]}
+    assert outputs == {"out of 10/1\n" * 50, "out of 10/2\n" * 50}
+
     failed = await walk(client, path, {"size": 3, "status": "failed"})
     assert len(failed) == statuses["failed"] and {r["status"] for r in failed} == {"failed"}
     assert (await client.get(path, params={"status": "nonsense"})).status_code == 422

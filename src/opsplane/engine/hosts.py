@@ -208,10 +208,12 @@ class HostService:
         async with self._sessions() as session:
             return await queries.heartbeat_history(session, name, since, limit=2000)
 
-    async def runs_of_host(self, name: str, page: PageRequest) -> PageOf[tuple[RunRow, TaskRow]]:
+    async def runs_of_host(
+        self, name: str, page: PageRequest, *, output: bool = False
+    ) -> PageOf[tuple[RunRow, TaskRow]]:
         await self.get_host(name)
         async with self._sessions() as session:
-            return await queries.runs_of_host(session, name, page)
+            return await queries.runs_of_host(session, name, page, output=output)
 
     async def hosts_named(self, names: set[str]) -> list[HostRow]:
         """The hosts of these names that exist, by name (read in chunks that every backend

@@ -85,6 +85,9 @@ async def all_runs_of_task(session: AsyncSession, task_id: str) -> list[RunRow]:
     return list((await session.execute(stmt)).scalars())
 
 
+# The kept output (up to 2 x 64 KiB a stream) is read only when asked for; touching it on a
+# row read without it raises rather than loading it one row at a time.
+_WITHOUT_OUTPUT = (defer(RunRow.stdout, raiseload=True), defer(RunRow.stderr, raiseload=True))
 RUNS_OF_TASK = Keyset("runs", (RunRow.host, RunRow.attempt), (str, int))
 
 
@@ -103,10 +106,7 @@ async def runs_of_task(
     if status:
         stmt = stmt.where(RunRow.status == status)
     if not output:
-        # The kept output (up to 2 x 64 KiB each) is read only when asked for.
-        stmt = stmt.options(
-            defer(RunRow.stdout, raiseload=True), defer(RunRow.stderr, raiseload=True)
-        )
+        stmt = stmt.options(*_WITHOUT_OUTPUT)
     return await keyset_page(session, stmt, RUNS_OF_TASK, page, lambda r: (r.host, r.attempt))
 
 
@@ -308,15 +308,17 @@ RUNS_OF_HOST = Keyset("host-runs", (RunRow.id,), (str,), descending=True)
 
 
 async def runs_of_host(
-    session: AsyncSession, host: str, page: PageRequest
+    session: AsyncSession, host: str, page: PageRequest, *, output: bool = False
 ) -> PageOf[tuple[RunRow, TaskRow]]:
     """A host's runs, newest first (ids are time-ordered; index on host, id), each with its
-    task."""
+    task; their output only with ``output`` (as ``runs_of_task``)."""
     stmt = (
         select(RunRow, TaskRow)
         .join(TaskRow, TaskRow.id == RunRow.task_id)
         .where(RunRow.host == host)
     )
+    if not output:
+        stmt = stmt.options(*_WITHOUT_OUTPUT)
     return await keyset_page(
         session, stmt, RUNS_OF_HOST, page, lambda pair: (pair[0].id,), scalars=False
     )

@@ -125,13 +125,17 @@ async def host_runs(
     page: PageNumber = 1,
     size: Annotated[int, Query(ge=1, le=500)] = 50,
     cursor: Cursor = None,
+    output: Annotated[
+        bool, Query(description="include each run's kept stdout and stderr (null otherwise)")
+    ] = False,
 ) -> Page[HostRunOut]:
-    """The host's recent runs, newest first."""
+    """The host's recent runs, newest first, without their output unless ``output=true``."""
     found = await engine.hosts.runs_of_host(
-        name, PageRequest.of(page=page, size=size, cursor=cursor)
+        name, PageRequest.of(page=page, size=size, cursor=cursor), output=output
     )
     items = [
-        HostRunOut(**RunOut.from_row(run).model_dump(), task_name=task.name, task_kind=task.kind,
+        HostRunOut(**RunOut.from_row(run, output=output).model_dump(), task_name=task.name,
+                   task_kind=task.kind,
                    command=task.command)
         for run, task in found.items
     ]  # fmt: skip
