@@ -224,7 +224,7 @@ class Fleet:
 
     def runs(self, task_id: str) -> dict[str, dict[str, Any]]:
         with self.client() as client:
-            items = client.get(f"/api/v1/tasks/{task_id}/runs").json()["items"]
+            items = client.get(f"/api/v1/tasks/{task_id}/runs?output=true").json()["items"]
         return {run["host"]: run for run in items}
 
     def wait_task_done(self, task_id: str, timeout: float = 30.0) -> dict[str, Any]:

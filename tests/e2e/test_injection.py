@@ -319,7 +319,7 @@ def test_no_field_but_the_command_reaches_a_shell(setup: Setup) -> None:
 
     # The environment values arrived as data, byte for byte, on the agent and over SSH.
     with s.fleet.client() as client:
-        runs = client.get(f"/api/v1/tasks/{env_task}/runs").json()["items"]
+        runs = client.get(f"/api/v1/tasks/{env_task}/runs?output=true").json()["items"]
     assert {r["host"] for r in runs} == set(both)
     for run in runs:
         assert run["status"] == "succeeded", (
@@ -333,7 +333,7 @@ def test_no_field_but_the_command_reaches_a_shell(setup: Setup) -> None:
     # Seed 003 params too.
     with s.fleet.client() as client:
         for task_id in s.seed_tasks:
-            (run,) = client.get(f"/api/v1/tasks/{task_id}/runs").json()["items"]
+            (run,) = client.get(f"/api/v1/tasks/{task_id}/runs?output=true").json()["items"]
             assert run["status"] == "succeeded", (
                 run["host"],
                 run["error"],

@@ -48,7 +48,7 @@ def post_task(fleet: Fleet, command: str, hosts: list[str], **policy: Any) -> di
 def all_runs(fleet: Fleet, task_id: str) -> list[dict[str, Any]]:
     """Every attempt of every host, ordered by host then attempt."""
     with fleet.client() as client:
-        response = client.get(f"/api/v1/tasks/{task_id}/runs")
+        response = client.get(f"/api/v1/tasks/{task_id}/runs?output=true")
     assert response.status_code == 200, response.text
     return list(response.json()["items"])
 

@@ -159,7 +159,7 @@ def test_the_seeds_example_runs_live_resumes_and_replays_from_the_archive(fleet:
     # The same task in opsplane's own API: a script task on the control plane's host.
     with fleet.client() as client:
         assert client.get(f"/api/v1/tasks/{task_id}").json()["kind"] == "script"
-        (run,) = client.get(f"/api/v1/tasks/{task_id}/runs").json()["items"]
+        (run,) = client.get(f"/api/v1/tasks/{task_id}/runs?output=true").json()["items"]
     assert SECRET not in run["stdout"] + run["stderr"]
     assert "db password=[REDACTED]" in run["stdout"] and run["stderr"] == "token=[REDACTED]\n"
 
@@ -168,7 +168,7 @@ def test_the_run_log_downloads_with_ranges(fleet: Fleet) -> None:
     task_id = _submit(fleet, SEED_BODY)
     _wait_seed_done(fleet, task_id)
     with fleet.client() as client:
-        (run,) = client.get(f"/api/v1/tasks/{task_id}/runs").json()["items"]
+        (run,) = client.get(f"/api/v1/tasks/{task_id}/runs?output=true").json()["items"]
         url = f"/api/v1/runs/{run['id']}/log"
         whole = client.get(url)
         head = client.get(url, headers={"Range": "bytes=0-9"})
@@ -229,7 +229,7 @@ def test_params_are_environment_variables_never_shell_text(fleet: Fleet, tmp_pat
     task = _wait_seed_done(fleet, task_id)
     assert task["status"] == "success"
     with fleet.client() as client:
-        (run,) = client.get(f"/api/v1/tasks/{task_id}/runs").json()["items"]
+        (run,) = client.get(f"/api/v1/tasks/{task_id}/runs?output=true").json()["items"]
     assert run["stdout"] == f"{hostile['x']}|{hostile['Y']}|"
     assert not marker.exists()
 
@@ -271,7 +271,7 @@ def test_a_script_never_sees_the_control_planes_tokens(fleet: Fleet) -> None:
     task_id = _submit(fleet, {"script_path": "show_env.sh", "params": {"who": "me"}})
     assert _wait_seed_done(fleet, task_id)["status"] == "success"
     with fleet.client() as client:
-        (run,) = client.get(f"/api/v1/tasks/{task_id}/runs").json()["items"]
+        (run,) = client.get(f"/api/v1/tasks/{task_id}/runs?output=true").json()["items"]
     lines = set(run["stdout"].splitlines())
     assert ADMIN_TOKEN not in run["stdout"]
     assert "not-for-scripts" not in run["stdout"]

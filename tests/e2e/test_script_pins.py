@@ -77,7 +77,7 @@ async def _run(client: httpx.AsyncClient, script_path: str) -> dict[str, Any]:
             "running",
         ):
             await asyncio.sleep(0.05)
-    (run,) = (await client.get(f"/api/v1/tasks/{task_id}/runs")).json()["items"]
+    (run,) = (await client.get(f"/api/v1/tasks/{task_id}/runs?output=true")).json()["items"]
     return {**task, "stdout": run["stdout"]}
 
 

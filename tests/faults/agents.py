@@ -38,7 +38,7 @@ class FaultFleet(Fleet):
     def all_runs(self, task_id: str) -> list[dict[str, Any]]:
         """Every run of a task, retried attempts included."""
         with self.client() as client:
-            response = client.get(f"/api/v1/tasks/{task_id}/runs")
+            response = client.get(f"/api/v1/tasks/{task_id}/runs?output=true")
         assert response.status_code == 200, response.text
         return list(response.json()["items"])
 

@@ -55,7 +55,7 @@ def _create(client: httpx.Client, command: str) -> str:
 
 
 def _runs(client: httpx.Client, task_id: str) -> list[dict[str, object]]:
-    return list(client.get(f"/api/v1/tasks/{task_id}/runs").json()["items"])
+    return list(client.get(f"/api/v1/tasks/{task_id}/runs?output=true").json()["items"])
 
 
 @pytest.mark.timeout(300)

@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from opsplane.config import load_settings
 from opsplane.domain.errors import Conflict, Forbidden, InvalidInput, NotFound, Unauthenticated
+from opsplane.domain.paging import PageRequest
 from opsplane.domain.states import TaskStatus
 from opsplane.domain.targeting import Targets
 from opsplane.domain.tasks import TaskRequest
@@ -216,7 +217,7 @@ async def test_signed_messages_of_enrolled_agents_pass_and_forgeries_are_refused
         await agent.heartbeat()
 
         async def online() -> bool:
-            hosts, _ = await engine.hosts.list_hosts(status="online", group=None, page=1, size=100)
+            hosts = (await engine.hosts.list_hosts(PageRequest(100), status="online")).items
             return any(host.name == web for host in hosts)
 
         await _until(online)

@@ -12,6 +12,7 @@ import aio_pika
 import pytest
 
 from opsplane.config import load_settings
+from opsplane.domain.paging import PageRequest
 from opsplane.domain.states import RunStatus, TaskStatus
 from opsplane.domain.targeting import Targets
 from opsplane.domain.tasks import TaskRequest
@@ -65,7 +66,7 @@ async def agents(engine: Engine) -> AsyncIterator[dict[str, SeedAgent]]:
 
 
 async def _status(engine: Engine, name: str) -> str | None:
-    hosts, _ = await engine.hosts.list_hosts(status=None, group=None, page=1, size=1000)
+    hosts = (await engine.hosts.list_hosts(PageRequest(1000))).items
     return next((h.status for h in hosts if h.name == name), None)
 
 
@@ -145,7 +146,7 @@ async def test_host_without_a_queue_is_undeliverable_at_once(
     assert status == TaskStatus.FAILED
     assert runs[db1.hostname][0] == RunStatus.UNDELIVERABLE
     (run,) = await engine.tasks.list_runs(
-        (await engine.tasks.list_tasks(status=None, name=None, page=1, size=1))[0][0].id
+        (await engine.tasks.list_tasks(status=None, name=None, page=PageRequest(1))).items[0].id
     )
     assert "unroutable" in (run.error or "")
 

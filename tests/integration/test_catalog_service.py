@@ -24,6 +24,7 @@ from opsplane.catalog import (
 from opsplane.catalog.handlers import demo_counter
 from opsplane.catalog.service import KILLED, UnknownRoute, UnknownSession
 from opsplane.config import load_settings
+from opsplane.domain.paging import PageRequest
 from opsplane.domain.states import TaskStatus
 from opsplane.engine.core import Engine
 from opsplane.transport.local import HandlerContext, LocalLink
@@ -118,7 +119,7 @@ async def test_sync_runs_the_seeds_demo1_and_answers_with_the_last_lines(
     result = await _sync(service, "tendb-cluster", "demo1", b'["123", "456"]')
     assert (result.code, result.data, result.msg) == (0, "hello aaa bbb 123 456", "")
     # It is an ordinary script task on the control plane's host, output kept in its run.
-    tasks, _ = await engine.tasks.list_tasks(status=None, name=None, page=1, size=10)
+    tasks = (await engine.tasks.list_tasks(status=None, name=None, page=PageRequest(10))).items
     (task,) = tasks
     assert task.kind == "script" and task.status == TaskStatus.SUCCEEDED
     assert task.command == "sh -c 'echo hello aaa bbb 123 456'"
@@ -214,7 +215,9 @@ async def test_sync_calls_run_concurrently(service: CatalogService, engine: Engi
     quick = await _sync(service, "tendb-cluster", "demo1")
     assert quick.code == 0 and not slow.done()
     # A sync call is not a session, but its task can be canceled like any other.
-    running, _ = await engine.tasks.list_tasks(status="running", name=None, page=1, size=10)
+    running = (
+        await engine.tasks.list_tasks(status="running", name=None, page=PageRequest(10))
+    ).items
     (task,) = running
     await engine.tasks.cancel_task(task.id)
     canceled = await slow

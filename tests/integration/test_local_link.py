@@ -10,6 +10,7 @@ import pytest
 
 from opsplane.config import load_settings
 from opsplane.domain.errors import InvalidInput
+from opsplane.domain.paging import PageRequest
 from opsplane.domain.states import RunStatus, TaskStatus
 from opsplane.domain.targeting import Targets
 from opsplane.domain.tasks import ExecSpec, TaskRequest
@@ -106,7 +107,8 @@ async def test_script_process_cancel_kills_it(engine: Engine) -> None:
 async def test_shell_commands_cannot_target_the_control_plane_host(engine: Engine) -> None:
     with pytest.raises(InvalidInput, match="unknown host"):
         await engine.tasks.create_task(TaskRequest(command="id", targets=Targets(hosts=(HOST,))))
-    hosts, total = await engine.hosts.list_hosts(status=None, group=None, page=1, size=10)
+    found = await engine.hosts.list_hosts(PageRequest(limit=10))
+    hosts, total = found.items, found.total
     assert total == 0 and hosts == []
 
 

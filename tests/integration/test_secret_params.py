@@ -42,7 +42,7 @@ async def test_a_secret_reaches_the_host_and_nowhere_else(tmp_path: Path) -> Non
             task_id = created.json()["id"]
             shown = [
                 (await client.get(f"/api/v1/tasks/{task_id}")).text,
-                (await client.get(f"/api/v1/tasks/{task_id}/runs")).text,
+                (await client.get(f"/api/v1/tasks/{task_id}/runs?output=true")).text,
                 (await client.get("/api/v1/tasks")).text,
                 (await client.get("/api/v1/audit", params={"format": "jsonl"})).text,
             ]

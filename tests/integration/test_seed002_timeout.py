@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from opsplane.config import load_settings
+from opsplane.domain.paging import PageRequest
 from opsplane.domain.states import RunStatus, TaskStatus
 from opsplane.domain.targeting import Targets
 from opsplane.domain.tasks import TaskRequest
@@ -90,5 +91,5 @@ async def test_a_seed_agents_run_without_a_result_ends_lost_and_is_canceled(
 
 
 async def _status(engine: Engine, name: str) -> str | None:
-    hosts, _ = await engine.hosts.list_hosts(status=None, group=None, page=1, size=1000)
+    hosts = (await engine.hosts.list_hosts(PageRequest(1000))).items
     return next((h.status for h in hosts if h.name == name), None)

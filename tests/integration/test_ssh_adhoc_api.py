@@ -69,7 +69,7 @@ async def _poll(client: httpx.AsyncClient, path: str) -> dict[str, Any]:
 async def _hosts_of_new_task(client: httpx.AsyncClient, targets: dict[str, Any]) -> set[str]:
     created = await client.post("/api/v1/tasks", json={"command": "true", "targets": targets})
     assert created.status_code == 201, created.text
-    runs = await client.get(f"/api/v1/tasks/{created.json()['id']}/runs")
+    runs = await client.get(f"/api/v1/tasks/{created.json()['id']}/runs?output=true")
     return {run["host"] for run in runs.json()["items"]}
 
 

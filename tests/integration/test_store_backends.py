@@ -22,6 +22,7 @@ from sqlalchemy.exc import StatementError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from opsplane.domain.errors import ConfigError
+from opsplane.domain.paging import PageRequest
 from opsplane.store import queries
 from opsplane.store.database import create_engine, masked_url, session_factory
 from opsplane.store.migrate import (
@@ -236,7 +237,8 @@ async def test_durations_and_ordering_survive_sub_second_timestamps(
             _run("r-1", "z-run-parent", started_at=start, finished_at=start + timedelta(0, 0, 750))
         )
     async with session_factory(db)() as fresh:
-        rows, total = await queries.list_tasks(fresh, status=None, name=None, offset=0, limit=5)
+        found = await queries.list_tasks(fresh, status=None, name=None, page=PageRequest(5))
+    rows, total = found.items, found.total
     assert total == 6
     assert [row.id for row in rows] == ["t-4", "t-3", "t-2", "t-1", "t-0"]
     run = await _reread(db, RunRow, "r-1")
@@ -371,12 +373,12 @@ async def test_task_name_search_ignores_case_and_treats_wildcards_literally(
         session.add(_task("t-1", name="Deploy web_app 100%"))
         session.add(_task("t-2", name="deploy webXapp"))
     async with session_factory(db)() as fresh:
-        rows, total = await queries.list_tasks(
-            fresh, status=None, name="DEPLOY WEB_APP", offset=0, limit=10
+        found = await queries.list_tasks(
+            fresh, status=None, name="DEPLOY WEB_APP", page=PageRequest(10)
         )
-        assert ([row.id for row in rows], total) == (["t-1"], 1)
-        rows, _ = await queries.list_tasks(fresh, status=None, name="100%", offset=0, limit=10)
-        assert [row.id for row in rows] == ["t-1"]
+        assert ([row.id for row in found.items], found.total) == (["t-1"], 1)
+        found = await queries.list_tasks(fresh, status=None, name="100%", page=PageRequest(10))
+        assert [row.id for row in found.items] == ["t-1"]
 
 
 @pytest.mark.parametrize("backend", server_params())

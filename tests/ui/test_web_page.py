@@ -400,6 +400,27 @@ def test_fleet_view_shows_a_host_go_offline_without_a_reload(
     expect(page.locator("#target-match")).to_contain_text("1 not online")
 
 
+def test_fleet_view_applies_host_changes_from_its_stream_without_reloading_the_list(
+    page: Page, fleet: Fleet
+) -> None:
+    lists: list[str] = []
+    page.on("request", lambda r: lists.append(r.url) if "/api/v1/hosts?" in r.url else None)
+    page.goto(fleet.url + "/#/fleet")
+    expect(host_row(page, "web-1")).to_be_visible()
+    loaded = len(lists)
+    assert loaded >= 1
+
+    with fleet.client() as client:
+        body = {"name": "delta-1", "ssh": "ops@127.0.0.1:22", "groups": ["delta"]}
+        assert client.post("/api/v1/hosts", json=body).status_code == 201
+    expect(host_row(page, "delta-1")).to_be_visible(timeout=10_000)
+    with fleet.client() as client:
+        assert client.delete("/api/v1/hosts/delta-1").status_code == 204
+    expect(host_row(page, "delta-1")).to_have_count(0, timeout=10_000)
+    # Both arrived as deltas on the stream (a host, then its removal): no list was reloaded.
+    assert len(lists) == loaded, lists
+
+
 def test_every_screen_fits_a_phone_without_horizontal_scrolling(
     phone: Page, fleet: Fleet, snap: Snap
 ) -> None:
@@ -440,18 +461,25 @@ def test_fleet_view_stays_responsive_with_ten_thousand_hosts(
     requests: list[str] = []
 
     def hosts_page(route: Route) -> None:
+        # Keyset pages as the server gives them: the cursor here is simply the next index.
         query = dict(p.split("=", 1) for p in route.request.url.split("?", 1)[1].split("&"))
-        number, size = int(query["page"]), int(query["size"])
+        start, size = int(query.get("cursor", "0")), int(query["size"])
         requests.append(route.request.url)
-        items = [host(i) for i in range((number - 1) * size, min(number * size, total))]
-        body = {"items": items, "total": total, "page": number, "size": size}
+        end = min(start + size, total)
+        items = [host(i) for i in range(start, end)]
+        body = {"items": items, "total": total, "page": 1, "size": size,
+                "next_cursor": str(end) if end < total else None}  # fmt: skip
         route.fulfill(status=200, content_type="application/json", body=json.dumps(body))
 
     page.route(re.compile(r"/api/v1/hosts\?"), hosts_page)
     page.route(re.compile(r"/api/v1/fleet/events"), lambda route: route.abort())
     page.goto(fleet.url + "/#/fleet")
     expect(page.locator("#fleet-range")).to_contain_text("10,000 hosts", timeout=10_000)
-    assert all("size=1000" in url for url in requests) and len(requests) == 10
+    # A first screenful, then a thousand at a time, each after the cursor of the one before.
+    assert "size=200" in requests[0] and "cursor" not in requests[0]
+    assert all("size=1000" in url for url in requests[1:]) and len(requests) == 11
+    assert all(f"cursor={200 + 1000 * n}&" in url or url.endswith(f"cursor={200 + 1000 * n}")
+               for n, url in enumerate(requests[1:])), requests  # fmt: skip
     # Only one page of rows exists in the document.
     expect(page.locator("#fleet-rows tr")).to_have_count(100)
     snap(page, "fleet-10k", full_page=False)

@@ -10,6 +10,7 @@ from fastapi import Query
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 from opsplane.domain.errors import InvalidInput
+from opsplane.domain.paging import PageOf
 from opsplane.domain.policy import TaskPolicy
 from opsplane.domain.tasks import is_env_name, params_env
 from opsplane.store.tables import HostRow, RunRow
@@ -19,6 +20,14 @@ T = TypeVar("T")
 # larger page reached the database as an out-of-range offset: a 500).
 MAX_PAGE = 1_000_000_000
 PageNumber = Annotated[int, Query(ge=1, le=MAX_PAGE)]
+Cursor = Annotated[
+    str | None,
+    Query(
+        max_length=2048,
+        description="the next_cursor of the previous page: the rows after it (keyset "
+        "pagination: no duplicates or gaps while rows are added); not with page",
+    ),
+]
 
 
 # Request bounds (docs/operations.md, "Request limits"): far above real use, low enough that
@@ -272,8 +281,8 @@ class RunOut(BaseModel):
     attempt: int
     status: str
     exit_code: int | None
-    stdout: str
-    stderr: str
+    stdout: str | None = Field(description="null unless the output was asked for")
+    stderr: str | None = Field(description="null unless the output was asked for")
     truncated: bool
     error: str | None
     dispatched_at: datetime | None
@@ -286,7 +295,8 @@ class RunOut(BaseModel):
     unplanned: bool = False
 
     @classmethod
-    def from_row(cls, row: RunRow) -> RunOut:
+    def from_row(cls, row: RunRow, *, output: bool = True) -> RunOut:
+        """``output`` false: the row was read without its output (it is not touched)."""
         return cls(
             id=row.id,
             task_id=row.task_id,
@@ -294,8 +304,8 @@ class RunOut(BaseModel):
             attempt=row.attempt,
             status=row.status,
             exit_code=row.exit_code,
-            stdout=row.stdout,
-            stderr=row.stderr,
+            stdout=row.stdout if output else None,
+            stderr=row.stderr if output else None,
             truncated=row.truncated,
             error=row.error,
             dispatched_at=row.dispatched_at,
@@ -368,10 +378,28 @@ class Page(BaseModel, Generic[T]):
     total: int
     page: int
     size: int
+    next_cursor: str | None = Field(
+        default=None, description="pass as cursor for the next page; null after the last"
+    )
+
+    @classmethod
+    def of(cls, found: PageOf[Any], items: list[T], *, page: int, size: int) -> Page[T]:
+        return cls(
+            items=items, total=found.total, page=page, size=size, next_cursor=found.next_cursor
+        )
+
+
+class RunsPage(Page[RunOut]):
+    summary: dict[str, int] = Field(
+        description="the task's runs by status (every attempt), whatever the page and filter"
+    )
 
 
 class Items(BaseModel, Generic[T]):
     items: list[T]
+    next_cursor: str | None = Field(
+        default=None, description="pass as cursor for the next page; null after the last"
+    )
 
 
 class Health(BaseModel):

@@ -301,9 +301,25 @@ class ApiClient:
     def cancel_task(self, task_id: str) -> Json:
         return self._json("POST", f"/tasks/{_seg(task_id)}/cancel")
 
-    def list_runs(self, task_id: str) -> list[Json]:
-        items = self._json("GET", f"/tasks/{_seg(task_id)}/runs").get("items", [])
-        return [item for item in items if isinstance(item, dict)]
+    def list_runs(self, task_id: str, *, output: bool = True) -> list[Json]:
+        """Every run of the task (following the pages), with its kept output unless
+        ``output`` is false."""
+        params = {"output": "true" if output else "false", "size": 1000}
+        return self._every(f"/tasks/{_seg(task_id)}/runs", params)
+
+    def _every(self, path: str, params: Mapping[str, Any] | None = None) -> list[Json]:
+        """Every item of a paged list, following ``next_cursor`` (bounded: a cursor that
+        repeats, or a thousand pages, ends the walk)."""
+        found: list[Json] = []
+        cursor: str | None = None
+        for _ in range(1000):
+            answer = self._json("GET", path, params={**(params or {}), "cursor": cursor})
+            found.extend(item for item in answer.get("items", []) if isinstance(item, dict))
+            following = answer.get("next_cursor")
+            if not isinstance(following, str) or not following or following == cursor:
+                break
+            cursor = following
+        return found
 
     def get_run_log(self, task_id: str, run_id: str) -> str:
         return self._request("GET", f"/tasks/{_seg(task_id)}/runs/{_seg(run_id)}/log").text
@@ -318,8 +334,13 @@ class ApiClient:
         page: int = 1,
         size: int = 100,
         adhoc: bool = False,
+        cursor: str | None = None,
     ) -> Json:
-        params: dict[str, Any] = {"group": group, "status": status, "page": page, "size": size}
+        params: dict[str, Any] = {"group": group, "status": status, "size": size}
+        if cursor is None:
+            params["page"] = page
+        else:
+            params["cursor"] = cursor
         if adhoc:
             params["adhoc"] = "true"
         return self._json("GET", "/hosts", params=params)
@@ -334,16 +355,10 @@ class ApiClient:
     ) -> list[Json]:
         """Every host matching the filters, following the pages (with ``adhoc``, seed-000's
         ad-hoc SSH targets too)."""
-        hosts: list[Json] = []
-        page = 1
-        while True:
-            result = self.list_hosts(group=group, status=status, page=page, size=size, adhoc=adhoc)
-            items = [h for h in result.get("items", []) if isinstance(h, dict)]
-            hosts.extend(items)
-            total = result.get("total")
-            if not items or not isinstance(total, int) or len(hosts) >= total or page >= 10_000:
-                return hosts
-            page += 1
+        params: dict[str, Any] = {"group": group, "status": status, "size": size}
+        if adhoc:
+            params["adhoc"] = "true"
+        return self._every("/hosts", params)
 
     def get_host(self, name: str) -> Json:
         return self._json("GET", f"/hosts/{_seg(name)}")
@@ -360,8 +375,7 @@ class ApiClient:
         return self._json("GET", "/auth/me")
 
     def list_users(self) -> list[Json]:
-        items = self._json("GET", "/users").get("items", [])
-        return [item for item in items if isinstance(item, dict)]
+        return self._every("/users")
 
     def create_user(self, body: Json) -> Json:
         return self._json("POST", "/users", body=body)
@@ -370,9 +384,7 @@ class ApiClient:
         return self._json("PATCH", f"/users/{_seg(name)}", body=body)
 
     def list_tokens(self, *, include_inactive: bool = False) -> list[Json]:
-        params = {"all": "true"} if include_inactive else None
-        items = self._json("GET", "/tokens", params=params).get("items", [])
-        return [item for item in items if isinstance(item, dict)]
+        return self._every("/tokens", {"all": "true"} if include_inactive else None)
 
     def create_token(self, body: Json) -> Json:
         return self._json("POST", "/tokens", body=body)
@@ -384,8 +396,7 @@ class ApiClient:
         return self._json("POST", "/agents/tokens", body=body)
 
     def list_agents(self) -> list[Json]:
-        items = self._json("GET", "/agents").get("items", [])
-        return [item for item in items if isinstance(item, dict)]
+        return self._every("/agents")
 
     def revoke_agent(self, name: str) -> Json:
         return self._json("POST", f"/agents/{_seg(name)}/revoke")

@@ -13,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from opsplane.domain.errors import ConfigError, Conflict, NameTaken, NotFound
 from opsplane.domain.inventory import SshHostRequest
+from opsplane.domain.paging import PageOf, PageRequest
 from opsplane.domain.targeting import check_host_name, normalize_names
 from opsplane.engine.changes import Changes
 from opsplane.engine.connections import BatchOutcome, ConnectionWriter, taken_by_other_link
@@ -214,15 +215,20 @@ class HostService:
             return await queries.heartbeat_history(session, name, since, limit=2000)
 
     async def runs_of_host(
-        self, name: str, *, page: int, size: int
-    ) -> tuple[list[tuple[RunRow, TaskRow]], int]:
+        self, name: str, page: PageRequest, *, output: bool = False
+    ) -> PageOf[tuple[RunRow, TaskRow]]:
         await self.get_host(name)
         async with self._sessions() as session:
-            return await queries.runs_of_host(session, name, offset=(page - 1) * size, limit=size)
+            return await queries.runs_of_host(session, name, page, output=output)
 
     async def hosts_named(self, names: set[str]) -> list[HostRow]:
+        """The hosts of these names that exist, by name (read in chunks that every backend
+        accepts in one IN list)."""
+        wanted = sorted(names)
+        hosts: dict[str, HostRow] = {}
         async with self._sessions() as session:
-            hosts = await queries.hosts_by_name(session, names)
+            for start in range(0, len(wanted), 500):
+                hosts.update(await queries.hosts_by_name(session, wanted[start : start + 500]))
         return [hosts[name] for name in sorted(hosts)]
 
     async def fleet_summary(self) -> dict[str, int]:
@@ -239,22 +245,22 @@ class HostService:
 
     async def list_hosts(
         self,
+        page: PageRequest,
         *,
-        status: str | None,
-        group: str | None,
-        page: int,
-        size: int,
+        status: str | None = None,
+        group: str | None = None,
+        name: str | None = None,
         include_adhoc: bool = False,
-    ) -> tuple[list[HostRow], int]:
+    ) -> PageOf[HostRow]:
         async with self._sessions() as session:
             # The control plane's own host runs catalog scripts; it is not part of the fleet,
             # and neither are seed-000's ad-hoc targets unless asked for.
             return await queries.list_hosts(
                 session,
+                page,
                 status=status,
                 group=group,
-                offset=(page - 1) * size,
-                limit=size,
+                name=name,
                 exclude_link=LOCAL_LINK,
                 include_adhoc=include_adhoc,
             )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable
 
@@ -42,12 +43,60 @@ class HostSubscription:
         return names
 
 
+class HostChangeLog:
+    """Which hosts changed after a point of the fleet stream, so that a page that reconnects
+    gets only those (a delta) rather than reloading the fleet.
+
+    Every published change takes the next version; each host keeps only its latest, in version
+    order, so the log holds one entry per host (bounded by ``size``: the oldest entries go,
+    and a point older than what remains cannot be resumed). A point is ``<epoch>.<version>``;
+    the epoch is this process's, so a point from another process (a restart, another
+    instance) is never mistaken for one of ours."""
+
+    def __init__(self, size: int = 200_000) -> None:
+        self.epoch = secrets.token_hex(4)
+        self._size = size
+        self._version = 0
+        self._floor = 0  # versions up to this one may have been dropped
+        self._latest: OrderedDict[str, int] = OrderedDict()
+
+    def record(self, names: set[str]) -> None:
+        self._version += 1
+        for name in names:
+            self._latest[name] = self._version
+            self._latest.move_to_end(name)
+        while len(self._latest) > self._size:
+            _, dropped = self._latest.popitem(last=False)
+            self._floor = max(self._floor, dropped)
+
+    def point(self) -> str:
+        """The stream position now: every change so far is before it."""
+        return f"{self.epoch}.{self._version}"
+
+    def since(self, point: str) -> set[str] | None:
+        """Hosts changed after ``point``; None when it cannot be told (a point of another
+        process, malformed, or older than the log): the client reloads the list then."""
+        epoch, _, number = point.partition(".")
+        if epoch != self.epoch or not number.isdigit() or len(number) > 18:
+            return None
+        version = int(number)
+        if version < self._floor or version > self._version:
+            return None
+        changed: set[str] = set()
+        for name in reversed(self._latest):
+            if self._latest[name] <= version:
+                break
+            changed.add(name)
+        return changed
+
+
 class EventHub:
     def __init__(self, queue_size: int = 10_000) -> None:
         self._queue_size = queue_size
         self._subscribers: defaultdict[str, set[Subscription]] = defaultdict(set)
         self._host_subscribers: set[HostSubscription] = set()
         self._listeners: list[Listener] = []
+        self.host_log = HostChangeLog()
 
     def add_listener(self, listener: Listener) -> None:
         """Observe the events of all tasks (metrics, alerts). A listener runs inline on the
@@ -69,6 +118,7 @@ class EventHub:
     def publish_hosts(self, names: set[str]) -> None:
         if not names:
             return
+        self.host_log.record(names)
         for subscription in self._host_subscribers:
             subscription.changed |= names
             subscription.wakeup.set()

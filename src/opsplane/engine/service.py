@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from opsplane.domain.access import check_hosts_allowed
 from opsplane.domain.errors import Conflict, InvalidInput, NotFound
 from opsplane.domain.ids import new_id, run_id_for
+from opsplane.domain.paging import PageOf, PageRequest
 from opsplane.domain.policy import TaskPolicy
 from opsplane.domain.states import (
     IN_FLIGHT_RUN_STATUSES,
@@ -255,7 +256,7 @@ class TaskService:
             if task.status == TaskStatus.PENDING:
                 task.status = move_task(task.status, TaskStatus.CANCELED)
                 task.finished_at = utcnow()
-            runs = await queries.runs_of_task(changes.session, task_id)
+            runs = await queries.all_runs_of_task(changes.session, task_id)
             in_flight = [run for run in runs if run.status in IN_FLIGHT_RUN_STATUSES]
             for run in runs:
                 if run.status in (RunStatus.PENDING, RunStatus.DELAYED):
@@ -279,12 +280,10 @@ class TaskService:
         return {"counts": view["counts"], **view["progress"]}
 
     async def list_tasks(
-        self, *, status: str | None, name: str | None, page: int, size: int
-    ) -> tuple[list[TaskRow], int]:
+        self, *, status: str | None, name: str | None, page: PageRequest
+    ) -> PageOf[TaskRow]:
         async with self._sessions() as session:
-            return await queries.list_tasks(
-                session, status=status, name=name, offset=(page - 1) * size, limit=size
-            )
+            return await queries.list_tasks(session, status=status, name=name, page=page)
 
     async def tasks_named(
         self, prefix: str, *, ended_after: datetime, limit: int = 10_000
@@ -300,9 +299,20 @@ class TaskService:
             )
 
     async def list_runs(self, task_id: str) -> list[RunRow]:
+        """Every run of a task with its output (the compat façades' small tasks)."""
         async with self._sessions() as session:
             await self._task(session, task_id)
-            return await queries.runs_of_task(session, task_id)
+            return await queries.all_runs_of_task(session, task_id)
+
+    async def page_runs(
+        self, task_id: str, page: PageRequest, *, status: str | None, output: bool
+    ) -> tuple[PageOf[RunRow], dict[str, int]]:
+        """A page of a task's runs (their output only with ``output``) and the count of its
+        runs by status."""
+        async with self._sessions() as session:
+            await self._task(session, task_id)
+            runs = await queries.runs_of_task(session, task_id, page, status=status, output=output)
+            return runs, await queries.run_status_summary(session, task_id)
 
     async def get_run(self, task_id: str, run_id: str) -> RunRow:
         async with self._sessions() as session:

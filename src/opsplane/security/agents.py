@@ -33,11 +33,13 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from opsplane.domain.errors import Conflict, Forbidden, InvalidInput, NotFound, Unauthenticated
 from opsplane.domain.ids import new_id
+from opsplane.domain.paging import PageOf, PageRequest
 from opsplane.domain.targeting import check_host_name, normalize_names
 from opsplane.security.service import Write
 from opsplane.security.signing import parse_public_key
 from opsplane.security.tokens import new_token, secret_hash
 from opsplane.store import queries
+from opsplane.store.paging import Keyset, keyset_page
 from opsplane.store.tables import AgentRow, EnrollmentTokenRow, HostRow, utcnow
 from opsplane.transport.base import AGENT_LINKS, LOCAL_LINK
 
@@ -45,6 +47,7 @@ log = logging.getLogger(__name__)
 
 ENROLL_PREFIX = "enr_"
 DEFAULT_TOKEN_LIFETIME = timedelta(hours=24)
+_AGENTS = Keyset("agents", (AgentRow.name,), (str,))
 
 
 @dataclass(frozen=True)
@@ -203,10 +206,9 @@ class AgentRegistry:
         log.info("agent %s enrolled for groups %s", name, ", ".join(row.groups) or "(none)")
         return row
 
-    async def list_agents(self) -> list[AgentRow]:
+    async def list_agents(self, page: PageRequest) -> PageOf[AgentRow]:
         async with self._sessions() as session:
-            rows = await session.execute(select(AgentRow).order_by(AgentRow.name))
-            return list(rows.scalars())
+            return await keyset_page(session, select(AgentRow), _AGENTS, page, lambda a: (a.name,))
 
     async def revoke(self, name: str, *, revoked_by: str) -> AgentRow:
         async with self._write() as changes:

@@ -25,6 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from opsplane.domain.errors import ConfigError, Conflict, InvalidInput, NotFound, Unauthenticated
 from opsplane.domain.ids import new_id
+from opsplane.domain.paging import PageOf, PageRequest
 from opsplane.security import passwords
 from opsplane.security.audit import (
     DENIED,
@@ -415,9 +416,9 @@ class SecurityService:
 
     # Users ------------------------------------------------------------------------------
 
-    async def list_users(self) -> list[UserRow]:
+    async def list_users(self, page: PageRequest) -> PageOf[UserRow]:
         async with self._sessions() as session:
-            return await sq.list_users(session)
+            return await sq.list_users(session, page)
 
     async def get_user(self, name: str) -> UserRow:
         async with self._sessions() as session:
@@ -515,8 +516,7 @@ class SecurityService:
         return user
 
     async def _other_admins(self, session: AsyncSession, user_id: str) -> int:
-        users = await sq.list_users(session)
-        return sum(1 for u in users if u.id != user_id and u.role == Role.ADMIN and not u.disabled)
+        return await sq.other_active_admins(session, user_id)
 
     # API tokens -------------------------------------------------------------------------
 
@@ -579,11 +579,11 @@ class SecurityService:
         return NewToken(secret, row, owner_row)
 
     async def list_tokens(
-        self, *, include_inactive: bool
-    ) -> list[tuple[ApiTokenRow, UserRow | None]]:
+        self, page: PageRequest, *, include_inactive: bool
+    ) -> PageOf[tuple[ApiTokenRow, UserRow | None]]:
         async with self._sessions() as session:
             return await sq.list_tokens(
-                session, active_at=None if include_inactive else self._clock()
+                session, page, active_at=None if include_inactive else self._clock()
             )
 
     async def revoke_token(self, by: Caller, token_id: str) -> tuple[ApiTokenRow, UserRow | None]:
@@ -627,18 +627,11 @@ class SecurityService:
         action: str | None,
         since: datetime | None,
         until: datetime | None,
-        page: int,
-        size: int,
-    ) -> tuple[list[AuditRow], int]:
+        page: PageRequest,
+    ) -> PageOf[AuditRow]:
         async with self._sessions() as session:
             return await sq.list_audit(
-                session,
-                actor=actor,
-                action=action,
-                since=since,
-                until=until,
-                offset=(page - 1) * size,
-                limit=size,
+                session, page, actor=actor, action=action, since=since, until=until
             )
 
     async def audit_head(self) -> tuple[int, str]:

@@ -9,7 +9,11 @@ from typing import Any, NamedTuple
 
 from sqlalchemy import and_, case, delete, false, func, insert, literal, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import defer
 
+from opsplane.domain.paging import PageOf, PageRequest
+from opsplane.store.json_lists import json_list_contains
+from opsplane.store.paging import Keyset, keyset_page
 from opsplane.store.tables import (
     HeartbeatRow,
     HostRow,
@@ -17,6 +21,7 @@ from opsplane.store.tables import (
     SshSequenceRow,
     TaskEventRow,
     TaskRow,
+    without_nul,
 )
 from opsplane.store.timemath import plus_seconds
 
@@ -35,18 +40,20 @@ async def get_task_by_idempotency_key(session: AsyncSession, key: str) -> TaskRo
     return (await session.execute(stmt)).scalar_one_or_none()
 
 
+TASKS = Keyset("tasks", (TaskRow.created_at, TaskRow.id), (datetime, str), descending=True)
+
+
 async def list_tasks(
-    session: AsyncSession, *, status: str | None, name: str | None, offset: int, limit: int
-) -> tuple[list[TaskRow], int]:
+    session: AsyncSession, *, status: str | None, name: str | None, page: PageRequest
+) -> PageOf[TaskRow]:
+    """Tasks, newest first."""
     stmt = select(TaskRow)
     if status:
         stmt = stmt.where(TaskRow.status == status)
     if name:
         # Case-insensitive on every backend, as SQLite's LIKE is (PostgreSQL's is not).
         stmt = stmt.where(TaskRow.name.icontains(name, autoescape=True))
-    total = (await session.execute(select(func.count()).select_from(stmt.subquery()))).scalar_one()
-    page = stmt.order_by(TaskRow.created_at.desc(), TaskRow.id.desc()).offset(offset).limit(limit)
-    return list((await session.execute(page)).scalars()), total
+    return await keyset_page(session, stmt, TASKS, page, lambda t: (t.created_at, t.id))
 
 
 async def tasks_named(
@@ -71,9 +78,44 @@ async def tasks_named(
     return list((await session.execute(stmt)).scalars())
 
 
-async def runs_of_task(session: AsyncSession, task_id: str) -> list[RunRow]:
+async def all_runs_of_task(session: AsyncSession, task_id: str) -> list[RunRow]:
+    """Every run of a task, output included: for the engine's own use (cancel, the compat
+    façades' small tasks), never for an API list."""
     stmt = select(RunRow).where(RunRow.task_id == task_id).order_by(RunRow.host, RunRow.attempt)
     return list((await session.execute(stmt)).scalars())
+
+
+# The kept output (up to 2 x 64 KiB a stream) is read only when asked for; touching it on a
+# row read without it raises rather than loading it one row at a time.
+_WITHOUT_OUTPUT = (defer(RunRow.stdout, raiseload=True), defer(RunRow.stderr, raiseload=True))
+RUNS_OF_TASK = Keyset("runs", (RunRow.host, RunRow.attempt), (str, int))
+
+
+async def runs_of_task(
+    session: AsyncSession,
+    task_id: str,
+    page: PageRequest,
+    *,
+    status: str | None = None,
+    output: bool = False,
+) -> PageOf[RunRow]:
+    """A task's runs by host and attempt (index on task_id, host, attempt). Without
+    ``output`` the rows' stdout and stderr are not read (deferred: touching them on a detached
+    row raises, so a caller cannot read them by mistake)."""
+    stmt = select(RunRow).where(RunRow.task_id == task_id)
+    if status:
+        stmt = stmt.where(RunRow.status == status)
+    if not output:
+        stmt = stmt.options(*_WITHOUT_OUTPUT)
+    return await keyset_page(session, stmt, RUNS_OF_TASK, page, lambda r: (r.host, r.attempt))
+
+
+async def run_status_summary(session: AsyncSession, task_id: str) -> dict[str, int]:
+    """Runs of a task by status, every attempt counted (one GROUP BY on the task's index)."""
+    stmt = (
+        select(RunRow.status, func.count()).where(RunRow.task_id == task_id).group_by(RunRow.status)
+    )
+    return {status: int(n) for status, n in await session.execute(stmt)}
 
 
 async def runs_by_id(session: AsyncSession, run_ids: Iterable[str]) -> dict[str, RunRow]:
@@ -273,36 +315,45 @@ async def heartbeat_history(
     return list((await session.execute(stmt)).scalars())
 
 
+RUNS_OF_HOST = Keyset("host-runs", (RunRow.id,), (str,), descending=True)
+
+
 async def runs_of_host(
-    session: AsyncSession, host: str, *, offset: int, limit: int
-) -> tuple[list[tuple[RunRow, TaskRow]], int]:
-    """A host's runs, newest first, each with its task."""
-    base = (
+    session: AsyncSession, host: str, page: PageRequest, *, output: bool = False
+) -> PageOf[tuple[RunRow, TaskRow]]:
+    """A host's runs, newest first (ids are time-ordered; index on host, id), each with its
+    task; their output only with ``output`` (as ``runs_of_task``)."""
+    stmt = (
         select(RunRow, TaskRow)
         .join(TaskRow, TaskRow.id == RunRow.task_id)
         .where(RunRow.host == host)
     )
-    total = (
-        await session.execute(select(func.count()).select_from(RunRow).where(RunRow.host == host))
-    ).scalar_one()
-    page = base.order_by(RunRow.id.desc()).offset(offset).limit(limit)
-    return [(run, task) for run, task in await session.execute(page)], int(total)
+    if not output:
+        stmt = stmt.options(*_WITHOUT_OUTPUT)
+    return await keyset_page(
+        session, stmt, RUNS_OF_HOST, page, lambda pair: (pair[0].id,), scalars=False
+    )
 
 
 async def all_hosts(session: AsyncSession) -> list[HostRow]:
     return list((await session.execute(select(HostRow).order_by(HostRow.name))).scalars())
 
 
+HOSTS = Keyset("hosts", (HostRow.name,), (str,))
+
+
 async def list_hosts(
     session: AsyncSession,
+    page: PageRequest,
     *,
-    status: str | None,
-    group: str | None,
-    offset: int,
-    limit: int,
+    status: str | None = None,
+    group: str | None = None,
+    name: str | None = None,
     exclude_link: str | None = None,
     include_adhoc: bool = True,
-) -> tuple[list[HostRow], int]:
+) -> PageOf[HostRow]:
+    """Hosts by name, filtered in SQL: by status (index on status, name), by group (a JSON
+    list: json_lists), by name prefix (the primary key)."""
     stmt = select(HostRow)
     if exclude_link:
         stmt = stmt.where(HostRow.link != exclude_link)
@@ -310,12 +361,13 @@ async def list_hosts(
         stmt = stmt.where(HostRow.adhoc == false())
     if status:
         stmt = stmt.where(HostRow.status == status)
-    rows = list((await session.execute(stmt.order_by(HostRow.name))).scalars())
-    # Groups are a JSON list; filtering in Python keeps the query portable across the three
-    # databases. A join table replaces this when fleets outgrow it.
+    # A NUL (refused by PostgreSQL in any string) can be in no stored name: U+FFFD instead,
+    # as every stored string has it.
     if group:
-        rows = [row for row in rows if group in (row.groups or [])]
-    return rows[offset : offset + limit], len(rows)
+        stmt = stmt.where(json_list_contains(HostRow.groups, without_nul(group)))
+    if name:
+        stmt = stmt.where(HostRow.name.startswith(without_nul(name), autoescape=True))
+    return await keyset_page(session, stmt, HOSTS, page, lambda h: (h.name,))
 
 
 async def stale_online_hosts(

@@ -9,7 +9,9 @@ from datetime import datetime
 from sqlalchemy import Select, delete, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from opsplane.domain.paging import PageOf, PageRequest
 from opsplane.security.audit import GENESIS, AuditEntry, chain_hash, document
+from opsplane.store.paging import Keyset, keyset_page
 from opsplane.store.tables import (
     ApiTokenRow,
     AuditChainRow,
@@ -49,8 +51,21 @@ async def users_by_id(session: AsyncSession, ids: Sequence[str]) -> dict[str, Us
     return {row.id: row for row in rows}
 
 
-async def list_users(session: AsyncSession) -> list[UserRow]:
-    return list((await session.execute(select(UserRow).order_by(UserRow.name))).scalars())
+USERS = Keyset("users", (UserRow.name,), (str,))
+
+
+async def other_active_admins(session: AsyncSession, user_id: str) -> int:
+    """Enabled admins other than ``user_id``."""
+    stmt = (
+        select(func.count())
+        .select_from(UserRow)
+        .where(UserRow.id != user_id, UserRow.role == "admin", UserRow.disabled.is_(False))
+    )
+    return int((await session.execute(stmt)).scalar_one())
+
+
+async def list_users(session: AsyncSession, page: PageRequest) -> PageOf[UserRow]:
+    return await keyset_page(session, select(UserRow), USERS, page, lambda u: (u.name,))
 
 
 # API tokens -----------------------------------------------------------------------------
@@ -77,18 +92,24 @@ async def get_token(
     return (await session.execute(stmt)).scalar_one_or_none()
 
 
+TOKENS = Keyset(
+    "tokens", (ApiTokenRow.created_at, ApiTokenRow.id), (datetime, str), descending=True
+)
+
+
 async def list_tokens(
-    session: AsyncSession, *, active_at: datetime | None
-) -> list[tuple[ApiTokenRow, UserRow | None]]:
-    """Every token with its owner, newest first; only those usable at ``active_at`` if given."""
+    session: AsyncSession, page: PageRequest, *, active_at: datetime | None
+) -> PageOf[tuple[ApiTokenRow, UserRow | None]]:
+    """Tokens with their owners, newest first; only those usable at ``active_at`` if given."""
     stmt = select(ApiTokenRow, UserRow).outerjoin(UserRow, UserRow.id == ApiTokenRow.user_id)
     if active_at is not None:
         stmt = stmt.where(
             ApiTokenRow.revoked_at.is_(None),
             or_(ApiTokenRow.expires_at.is_(None), ApiTokenRow.expires_at > active_at),
         )
-    stmt = stmt.order_by(ApiTokenRow.created_at.desc(), ApiTokenRow.id.desc())
-    return [(token, user) for token, user in await session.execute(stmt)]
+    return await keyset_page(
+        session, stmt, TOKENS, page, lambda pair: (pair[0].created_at, pair[0].id), scalars=False
+    )
 
 
 async def revoke_tokens_of(session: AsyncSession, user_id: str, at: datetime) -> None:
@@ -209,21 +230,21 @@ def _audit_filter(
     return stmt
 
 
+AUDIT = Keyset("audit", (AuditRow.id,), (int,), descending=True)
+
+
 async def list_audit(
     session: AsyncSession,
+    page: PageRequest,
     *,
     actor: str | None,
     action: str | None,
     since: datetime | None,
     until: datetime | None,
-    offset: int,
-    limit: int,
-) -> tuple[list[AuditRow], int]:
+) -> PageOf[AuditRow]:
     """A page of records, newest first, and how many match."""
     stmt = _audit_filter(select(AuditRow), actor=actor, action=action, since=since, until=until)
-    total = (await session.execute(select(func.count()).select_from(stmt.subquery()))).scalar_one()
-    page = stmt.order_by(AuditRow.id.desc()).offset(offset).limit(limit)
-    return list((await session.execute(page)).scalars()), int(total)
+    return await keyset_page(session, stmt, AUDIT, page, lambda r: (r.id,))
 
 
 async def audit_after(

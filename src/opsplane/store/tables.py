@@ -147,8 +147,13 @@ class Base(DeclarativeBase):
 
 class HostRow(Base):
     __tablename__ = "hosts"
-    # The monitor finds the hosts that crossed a silence limit by status and last_seen_at.
-    __table_args__ = (Index("ix_hosts_status_last_seen_at", "status", "last_seen_at"), MYSQL_TABLE)
+    # The monitor finds the hosts that crossed a silence limit by status and last_seen_at; the
+    # host list pages one status by name.
+    __table_args__ = (
+        Index("ix_hosts_status_last_seen_at", "status", "last_seen_at"),
+        Index("ix_hosts_status_name", "status", "name"),
+        MYSQL_TABLE,
+    )
 
     name: Mapped[str] = mapped_column(String(255), primary_key=True)
     link: Mapped[str] = mapped_column(String(16), default="grpc")
@@ -176,7 +181,11 @@ class HostRow(Base):
 
 class TaskRow(Base):
     __tablename__ = "tasks"
-    __table_args__ = MYSQL_TABLE
+    # The task list pages one status newest first.
+    __table_args__ = (
+        Index("ix_tasks_status_created_at", "status", "created_at", "id"),
+        MYSQL_TABLE,
+    )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
     name: Mapped[str] = mapped_column(CleanString(255), index=True)
@@ -210,7 +219,13 @@ class TaskRow(Base):
 
 class RunRow(Base):
     __tablename__ = "runs"
-    __table_args__ = (Index("ix_runs_host_status", "host", "status"), MYSQL_TABLE)
+    # Pages: a task's runs by host and attempt, a host's runs newest first.
+    __table_args__ = (
+        Index("ix_runs_host_status", "host", "status"),
+        Index("ix_runs_task_id_host_attempt", "task_id", "host", "attempt"),
+        Index("ix_runs_host_id", "host", "id"),
+        MYSQL_TABLE,
+    )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
     task_id: Mapped[str] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"), index=True)

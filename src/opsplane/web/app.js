@@ -289,6 +289,9 @@
     lastSummaryAt: 0,
     source: null,
     streamBroken: false,
+    // The id of the last fleet event: a reconnect resumes from it and gets only the hosts
+    // changed meanwhile (a delta), never the whole fleet again.
+    lastEventId: "",
   };
 
   function recordSample(host) {
@@ -329,6 +332,13 @@
     scheduleNotify();
   }
 
+  function removeHost(name) {
+    if (!fleet.hosts.delete(name)) return;
+    fleet.samples.delete(name);
+    fleet.pending.add(name);
+    scheduleNotify();
+  }
+
   function scheduleNotify() {
     if (fleet.notifyTimer) return;
     fleet.notifyTimer = setTimeout(() => {
@@ -343,16 +353,26 @@
 
   async function loadHosts() {
     fleet.freshDuringLoad = new Set();
+    const seen = new Set();
     try {
-      const size = 1000;
-      const first = await api(`/hosts?page=1&size=${size}`);
-      first.items.forEach((host) => upsertHost(host, false));
-      const pages = Math.ceil(first.total / size);
-      // A few pages at a time: 10,000 hosts load in ten requests without flooding the server.
-      for (let page = 2; page <= pages; page += 4) {
-        const batch = [];
-        for (let p = page; p < page + 4 && p <= pages; p++) batch.push(api(`/hosts?page=${p}&size=${size}`));
-        for (const result of await Promise.all(batch)) result.items.forEach((host) => upsertHost(host, false));
+      // A first screenful at once, then the rest a thousand at a time by cursor: no host is
+      // missed or repeated when hosts register meanwhile, and the first rows show after one
+      // small request.
+      let size = 200;
+      let cursor = "";
+      for (let pages = 0; pages < 1000; pages++) {
+        const result = await api(`/hosts?size=${size}${cursor ? `&cursor=${encodeURIComponent(cursor)}` : ""}`);
+        for (const host of result.items) {
+          seen.add(host.name);
+          upsertHost(host, false);
+        }
+        if (!result.next_cursor) break;
+        cursor = result.next_cursor;
+        size = 1000;
+      }
+      // A reload (after a reset) also forgets the hosts removed meanwhile.
+      for (const name of [...fleet.hosts.keys()]) {
+        if (!seen.has(name) && !fleet.freshDuringLoad.has(name)) removeHost(name);
       }
       fleet.loaded = true;
     } catch (e) {
@@ -389,18 +409,22 @@
   }
 
   function connectFleet() {
-    const source = stream("/fleet/events");
+    // The browser resends the last id by itself when it reconnects; a stream opened anew
+    // names it in the query.
+    const since = fleet.lastEventId ? `?since=${encodeURIComponent(fleet.lastEventId)}` : "";
+    const source = stream(`/fleet/events${since}`);
     fleet.source = source;
     source.addEventListener("host", (e) => upsertHost(JSON.parse(e.data), true));
-    source.addEventListener("summary", (e) => setSummary(JSON.parse(e.data)));
+    source.addEventListener("gone", (e) => removeHost(JSON.parse(e.data).name));
+    source.addEventListener("summary", (e) => {
+      if (e.lastEventId) fleet.lastEventId = e.lastEventId;
+      setSummary(JSON.parse(e.data));
+    });
+    // The server cannot tell what changed while we were away (it restarted): reload.
+    source.addEventListener("reset", () => loadHosts());
     source.onopen = () => {
       setLive("live");
-      if (fleet.streamBroken) {
-        // Changes made while we were away were not streamed: catch up from the list.
-        fleet.streamBroken = false;
-        loadHosts();
-        loadSummary();
-      }
+      fleet.streamBroken = false;
     };
     source.onerror = () => {
       setLive("lost");
@@ -1631,9 +1655,17 @@
 
   async function refreshRuns(gen) {
     try {
-      const runs = await api(`/tasks/${encodeURIComponent(taskView.id)}/runs`);
-      if (gen !== taskView.gen) return;
-      for (const run of runs.items) {
+      // Without output (the console has it): a page of a thousand runs stays small.
+      const items = [];
+      let cursor = "";
+      for (let pages = 0; pages < 100; pages++) {
+        const runs = await api(`/tasks/${encodeURIComponent(taskView.id)}/runs?size=1000${cursor ? `&cursor=${encodeURIComponent(cursor)}` : ""}`);
+        if (gen !== taskView.gen) return;
+        items.push(...runs.items);
+        if (!runs.next_cursor) break;
+        cursor = runs.next_cursor;
+      }
+      for (const run of items) {
         const prev = taskView.runs.get(run.id);
         // Never step back: a live event may be newer than this list.
         if (prev && TERMINAL_RUN.has(prev.status) && !TERMINAL_RUN.has(run.status)) continue;

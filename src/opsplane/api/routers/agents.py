@@ -7,13 +7,14 @@ import logging
 from datetime import datetime, timedelta
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Request, status
+from fastapi import APIRouter, Depends, Query, Request, status
 from pydantic import BaseModel, Field
 
 from opsplane.api.auditing import AuditDep
 from opsplane.api.deps import Principal, client_ip, get_engine, get_security, require
-from opsplane.api.schemas import Items
+from opsplane.api.schemas import Cursor, Items
 from opsplane.domain.errors import Conflict, InvalidInput, OpsplaneError, Unauthenticated
+from opsplane.domain.paging import PageRequest
 from opsplane.engine.core import Engine
 from opsplane.security.audit import AuditEntry
 from opsplane.security.roles import Permission
@@ -136,10 +137,16 @@ async def enroll(body: EnrollIn, request: Request, engine: EngineDep) -> Enrolle
 
 
 @router.get("", response_model=Items[AgentOut])
-async def list_agents(engine: EngineDep, _principal: AdminDep) -> Items[AgentOut]:
-    return Items[AgentOut](
-        items=[AgentOut.from_row(row) for row in await engine.agents.list_agents()]
-    )
+async def list_agents(
+    engine: EngineDep,
+    _principal: AdminDep,
+    size: Annotated[int, Query(ge=1, le=1000)] = 1000,
+    cursor: Cursor = None,
+) -> Items[AgentOut]:
+    """Enrolled agents by name, ``size`` at a time (follow ``next_cursor``)."""
+    found = await engine.agents.list_agents(PageRequest.of(page=1, size=size, cursor=cursor))
+    items = [AgentOut.from_row(row) for row in found.items]
+    return Items[AgentOut](items=items, next_cursor=found.next_cursor)
 
 
 @router.post("/{name}/revoke", response_model=AgentOut)

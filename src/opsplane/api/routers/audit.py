@@ -11,8 +11,9 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
 
 from opsplane.api.deps import Principal, get_security, require
-from opsplane.api.schemas import Page, PageNumber
+from opsplane.api.schemas import Cursor, Page, PageNumber
 from opsplane.api.security_schemas import AuditOut, AuditVerifyOut
+from opsplane.domain.paging import PageRequest
 from opsplane.security.roles import Permission
 from opsplane.security.service import SecurityService
 
@@ -45,6 +46,7 @@ async def list_audit(
     until: Annotated[datetime | None, Query(description="before this time (ISO 8601)")] = None,
     page: PageNumber = 1,
     size: Annotated[int, Query(ge=1, le=1000)] = 100,
+    cursor: Cursor = None,
     format: Annotated[
         Literal["json", "jsonl"], Query(description="jsonl: every match, oldest first")
     ] = "json",
@@ -61,17 +63,15 @@ async def list_audit(
         lines = _jsonl(security, head_id, actor, action, _utc(since), _utc(until))
         headers = {"X-Audit-Head-Id": str(head_id), "X-Audit-Head-Hash": head_hash}
         return StreamingResponse(lines, media_type=JSONL, headers=headers)
-    rows, total = await security.list_audit(
+    found = await security.list_audit(
         actor=actor,
         action=action,
         since=_utc(since),
         until=_utc(until),
-        page=page,
-        size=size,
+        page=PageRequest.of(page=page, size=size, cursor=cursor),
     )
-    return Page[AuditOut](
-        items=[AuditOut.from_row(row) for row in rows], total=total, page=page, size=size
-    )
+    items = [AuditOut.from_row(row) for row in found.items]
+    return Page[AuditOut].of(found, items, page=page, size=size)
 
 
 async def _jsonl(

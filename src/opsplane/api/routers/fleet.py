@@ -7,7 +7,7 @@ import json
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Header, Query
 from pydantic import BaseModel
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
@@ -38,26 +38,61 @@ async def fleet_summary(engine: EngineDep, _principal: PrincipalDep) -> FleetSum
 
 
 @router.get("/events")
-async def fleet_events(engine: EngineDep, _principal: PrincipalDep) -> EventSourceResponse:
-    """Server-Sent Events: ``host`` (a host's current row, after a heartbeat or a status change)
-    and ``summary`` (fleet counts), at most once a second. Load ``/api/v1/hosts`` first, then
-    apply these; the stream carries changes only."""
-    return EventSourceResponse(_host_stream(engine), ping=15)
+async def fleet_events(
+    engine: EngineDep,
+    _principal: PrincipalDep,
+    last_event_id: Annotated[str | None, Header(max_length=64)] = None,
+    since: Annotated[
+        str | None,
+        Query(max_length=64, description="resume point (an event id) when a header cannot be set"),
+    ] = None,
+) -> EventSourceResponse:
+    """Server-Sent Events: ``host`` (a changed host's current row), ``gone`` (a removed host's
+    name) and ``summary`` (fleet counts), at most once a second; the stream carries changes
+    only. Load ``/api/v1/hosts`` first, then apply these. Each ``summary`` carries an id: a
+    client that reconnects with it (``Last-Event-ID``, or ``since``) gets the hosts changed
+    meanwhile, or a ``reset`` event when they cannot be told (the server restarted): reload
+    the list then."""
+    return EventSourceResponse(_host_stream(engine, last_event_id or since), ping=15)
 
 
-async def _host_stream(engine: Engine) -> AsyncIterator[ServerSentEvent]:
+async def _host_stream(engine: Engine, resume: str | None) -> AsyncIterator[ServerSentEvent]:
+    changes = engine.hub.host_log
+    # Subscribe before reading the log: a change in between arrives twice, never not at all.
     subscription = engine.hub.subscribe_hosts()
     try:
+        missed = changes.since(resume) if resume else set()
+        point = changes.point()
+        if missed is None:
+            yield ServerSentEvent(event="reset", data="{}")
+        else:
+            async for event in _hosts(engine, missed):
+                yield event
+        yield await _summary(engine, point)
         while True:
             try:
                 await asyncio.wait_for(subscription.wakeup.wait(), timeout=15.0)
             except TimeoutError:
                 continue
             await asyncio.sleep(COALESCE_SECONDS)
+            # Together, with no await between: the point covers exactly the names taken.
             names = subscription.take()
-            for host in await engine.hosts.hosts_named(names):
-                yield ServerSentEvent(event="host", data=HostOut.from_row(host).model_dump_json())
-            summary = await engine.hosts.fleet_summary()
-            yield ServerSentEvent(event="summary", data=json.dumps(summary))
+            point = changes.point()
+            async for event in _hosts(engine, names):
+                yield event
+            yield await _summary(engine, point)
     finally:
         engine.hub.unsubscribe_hosts(subscription)
+
+
+async def _hosts(engine: Engine, names: set[str]) -> AsyncIterator[ServerSentEvent]:
+    found = await engine.hosts.hosts_named(names)
+    for host in found:
+        yield ServerSentEvent(event="host", data=HostOut.from_row(host).model_dump_json())
+    for name in sorted(names - {host.name for host in found}):
+        yield ServerSentEvent(event="gone", data=json.dumps({"name": name}))
+
+
+async def _summary(engine: Engine, point: str) -> ServerSentEvent:
+    summary = await engine.hosts.fleet_summary()
+    return ServerSentEvent(id=point, event="summary", data=json.dumps(summary))

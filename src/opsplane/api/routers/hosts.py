@@ -10,6 +10,7 @@ from fastapi import APIRouter, Depends, Query, status
 from opsplane.api.auditing import AuditDep
 from opsplane.api.deps import Principal, get_engine, require, require_principal
 from opsplane.api.schemas import (
+    Cursor,
     HeartbeatOut,
     HostCreate,
     HostOut,
@@ -22,6 +23,7 @@ from opsplane.api.schemas import (
 from opsplane.config import split_host_port
 from opsplane.domain.errors import InvalidInput
 from opsplane.domain.inventory import SshHostRequest
+from opsplane.domain.paging import PageRequest
 from opsplane.engine.core import Engine
 from opsplane.security.roles import Permission
 
@@ -38,20 +40,28 @@ async def list_hosts(
     _principal: PrincipalDep,
     group: Annotated[str | None, Query(max_length=255)] = None,
     status: Annotated[Literal["online", "offline", "unknown"] | None, Query()] = None,
+    name: Annotated[
+        str | None, Query(max_length=255, description="hosts whose name starts with this")
+    ] = None,
     page: PageNumber = 1,
     size: Annotated[int, Query(ge=1, le=1000)] = 100,
+    cursor: Cursor = None,
     adhoc: Annotated[
         bool, Query(description="also the ad-hoc SSH targets of seed-000 requests")
     ] = False,
 ) -> Page[HostOut]:
-    """The inventory: every host but the control plane's own and, unless ``adhoc``, the
-    ad-hoc SSH targets that seed-000 requests brought."""
-    rows, total = await engine.hosts.list_hosts(
-        status=status, group=group, page=page, size=size, include_adhoc=adhoc
+    """The inventory by name: every host but the control plane's own and, unless ``adhoc``,
+    the ad-hoc SSH targets that seed-000 requests brought. Page with ``cursor`` (the answer's
+    ``next_cursor``) or with ``page``."""
+    found = await engine.hosts.list_hosts(
+        PageRequest.of(page=page, size=size, cursor=cursor),
+        status=status,
+        group=group,
+        name=name,
+        include_adhoc=adhoc,
     )
-    return Page[HostOut](
-        items=[HostOut.from_row(r) for r in rows], total=total, page=page, size=size
-    )
+    items = [HostOut.from_row(r) for r in found.items]
+    return Page[HostOut].of(found, items, page=page, size=size)
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=HostOut)
@@ -125,15 +135,22 @@ async def host_runs(
     _principal: PrincipalDep,
     page: PageNumber = 1,
     size: Annotated[int, Query(ge=1, le=500)] = 50,
+    cursor: Cursor = None,
+    output: Annotated[
+        bool, Query(description="include each run's kept stdout and stderr (null otherwise)")
+    ] = False,
 ) -> Page[HostRunOut]:
-    """The host's recent runs, newest first."""
-    pairs, total = await engine.hosts.runs_of_host(name, page=page, size=size)
+    """The host's recent runs, newest first, without their output unless ``output=true``."""
+    found = await engine.hosts.runs_of_host(
+        name, PageRequest.of(page=page, size=size, cursor=cursor), output=output
+    )
     items = [
-        HostRunOut(**RunOut.from_row(run).model_dump(), task_name=task.name, task_kind=task.kind,
+        HostRunOut(**RunOut.from_row(run, output=output).model_dump(), task_name=task.name,
+                   task_kind=task.kind,
                    command=task.command)
-        for run, task in pairs
+        for run, task in found.items
     ]  # fmt: skip
-    return Page[HostRunOut](items=items, total=total, page=page, size=size)
+    return Page[HostRunOut].of(found, items, page=page, size=size)
 
 
 @router.get("/{name}", response_model=HostOut)

@@ -16,9 +16,19 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from opsplane.api.access import check_task_allowed
 from opsplane.api.auditing import AuditDep
 from opsplane.api.deps import Principal, get_engine, require, require_principal
-from opsplane.api.schemas import Items, Page, PageNumber, RerunIn, RunOut, TaskCreate, TaskOut
+from opsplane.api.schemas import (
+    Cursor,
+    Page,
+    PageNumber,
+    RerunIn,
+    RunOut,
+    RunsPage,
+    TaskCreate,
+    TaskOut,
+)
 from opsplane.domain.errors import InvalidInput
-from opsplane.domain.states import TERMINAL_TASK_STATUSES, TaskStatus
+from opsplane.domain.paging import PageRequest
+from opsplane.domain.states import TERMINAL_TASK_STATUSES, RunStatus, TaskStatus
 from opsplane.domain.targeting import Targets, normalize_names
 from opsplane.domain.tasks import ExecSpec, TaskRequest
 from opsplane.engine.changes import TaskEvent, task_view
@@ -109,11 +119,13 @@ async def list_tasks(
     name: Annotated[str | None, Query(max_length=255)] = None,
     page: PageNumber = 1,
     size: Annotated[int, Query(ge=1, le=500)] = 50,
+    cursor: Cursor = None,
 ) -> Page[TaskOut]:
-    rows, total = await engine.tasks.list_tasks(
-        status=status_filter, name=name, page=page, size=size
+    """Tasks, newest first; ``name`` matches anywhere in the name, case-insensitively."""
+    found = await engine.tasks.list_tasks(
+        status=status_filter, name=name, page=PageRequest.of(page=page, size=size, cursor=cursor)
     )
-    return Page[TaskOut](items=[_out(row) for row in rows], total=total, page=page, size=size)
+    return Page[TaskOut].of(found, [_out(row) for row in found.items], page=page, size=size)
 
 
 @router.get("/{task_id}", response_model=TaskOut)
@@ -165,11 +177,33 @@ async def cancel_task(
     return _out(task)
 
 
-@router.get("/{task_id}/runs", response_model=Items[RunOut])
-async def list_runs(task_id: str, engine: EngineDep, _principal: PrincipalDep) -> Items[RunOut]:
-    return Items[RunOut](
-        items=[RunOut.from_row(run) for run in await engine.tasks.list_runs(task_id)]
+@router.get("/{task_id}/runs", response_model=RunsPage)
+async def list_runs(
+    task_id: str,
+    engine: EngineDep,
+    _principal: PrincipalDep,
+    status_filter: Annotated[RunStatus | None, Query(alias="status")] = None,
+    output: Annotated[
+        bool, Query(description="include each run's kept stdout and stderr (null otherwise)")
+    ] = False,
+    page: PageNumber = 1,
+    size: Annotated[int, Query(ge=1, le=1000)] = 100,
+    cursor: Cursor = None,
+) -> RunsPage:
+    """The task's runs by host and attempt, without their output unless ``output=true`` (the
+    whole output of one run: ``.../runs/{run_id}/log``). ``summary`` counts the task's runs
+    by status."""
+    found, summary = await engine.tasks.page_runs(
+        task_id,
+        PageRequest.of(page=page, size=size, cursor=cursor),
+        status=status_filter,
+        output=output,
     )
+    items = [RunOut.from_row(run, output=output) for run in found.items]
+    return RunsPage(
+        items=items, total=found.total, page=page, size=size, next_cursor=found.next_cursor,
+        summary=summary,
+    )  # fmt: skip
 
 
 @router.get("/{task_id}/runs/{run_id}/log", response_class=PlainTextResponse)

@@ -10,9 +10,10 @@ from fastapi import APIRouter, Depends, Query, Request, status
 
 from opsplane.api.auditing import AuditDep
 from opsplane.api.deps import Principal, get_security, require
-from opsplane.api.schemas import Items
+from opsplane.api.schemas import Cursor, Items
 from opsplane.api.security_schemas import NewTokenOut, TokenCreate, TokenOut
 from opsplane.domain.errors import InvalidInput
+from opsplane.domain.paging import PageRequest
 from opsplane.security.roles import Permission
 
 router = APIRouter(prefix="/api/v1/tokens", tags=["tokens"])
@@ -30,10 +31,16 @@ async def list_tokens(
     include_inactive: Annotated[
         bool, Query(alias="all", description="also revoked and expired tokens")
     ] = False,
+    size: Annotated[int, Query(ge=1, le=1000)] = 1000,
+    cursor: Cursor = None,
 ) -> Items[TokenOut]:
-    """Tokens, newest first (never the tokens themselves: only their hashes are kept)."""
-    tokens = await get_security(request).list_tokens(include_inactive=include_inactive)
-    return Items[TokenOut](items=[TokenOut.from_row(token, owner) for token, owner in tokens])
+    """Tokens, newest first, ``size`` at a time (follow ``next_cursor``); never the tokens
+    themselves: only their hashes are kept."""
+    found = await get_security(request).list_tokens(
+        PageRequest.of(page=1, size=size, cursor=cursor), include_inactive=include_inactive
+    )
+    items = [TokenOut.from_row(token, owner) for token, owner in found.items]
+    return Items[TokenOut](items=items, next_cursor=found.next_cursor)
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=NewTokenOut)

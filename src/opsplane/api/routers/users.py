@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Request, status
+from fastapi import APIRouter, Depends, Query, Request, status
 
 from opsplane.api.auditing import AuditDep
 from opsplane.api.deps import Principal, get_security, require
-from opsplane.api.schemas import Items
+from opsplane.api.schemas import Cursor, Items
 from opsplane.api.security_schemas import UserCreate, UserOut, UserUpdate
+from opsplane.domain.paging import PageRequest
 from opsplane.security.roles import Permission
 
 router = APIRouter(prefix="/api/v1/users", tags=["users"])
@@ -18,9 +19,16 @@ AdminDep = Annotated[Principal, Depends(require(Permission.ADMIN))]
 
 
 @router.get("", response_model=Items[UserOut])
-async def list_users(request: Request, _principal: AdminDep) -> Items[UserOut]:
-    users = await get_security(request).list_users()
-    return Items[UserOut](items=[UserOut.from_row(user) for user in users])
+async def list_users(
+    request: Request,
+    _principal: AdminDep,
+    size: Annotated[int, Query(ge=1, le=1000)] = 1000,
+    cursor: Cursor = None,
+) -> Items[UserOut]:
+    """Users by name, ``size`` at a time (follow ``next_cursor``)."""
+    found = await get_security(request).list_users(PageRequest.of(page=1, size=size, cursor=cursor))
+    items = [UserOut.from_row(user) for user in found.items]
+    return Items[UserOut](items=items, next_cursor=found.next_cursor)
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=UserOut)

@@ -14,7 +14,7 @@ from alembic import op
 
 revision: str = "0013"
 # The lead re-chains at merge (0012 is another branch's).
-down_revision: str | None = "0011"
+down_revision: str | None = "0012"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
