@@ -16,6 +16,7 @@ import pytest
 
 from opsplane.agent.config import AgentConfig
 from opsplane.cli import agent_main
+from opsplane.security.tls import TlsFiles, init_tls
 from tests.e2e.fleet import free_port
 
 # Modules an agent must never import: the control plane (engine, store, API, its settings),
@@ -45,7 +46,13 @@ FORBIDDEN = (
     "aio_pika",
     "asyncssh",
     "importlib.metadata",
+    # ~1 MiB each: SSH key formats and every cipher; shutil and its compression modules.
+    "cryptography.hazmat.primitives.serialization",
+    "tempfile",
 )
+# A gRPC agent has its TLS from grpcio; Python's ssl maps the system OpenSSL (4 MiB). (Its
+# blocked ``import ssl`` shows in the list; ``_ssl``, which only ssl imports, must not.)
+FORBIDDEN_ON_GRPC = (*FORBIDDEN, "_ssl")
 WAIT = 60.0
 
 
@@ -76,18 +83,25 @@ def _modules_of_a_running_agent(tmp_path: Path, *flags: str, until: str) -> set[
     }
 
 
-def _forbidden(modules: set[str]) -> list[str]:
-    return sorted(m for m in modules if any(m == f or m.startswith(f + ".") for f in FORBIDDEN))
+def _forbidden(modules: set[str], forbidden: tuple[str, ...] = FORBIDDEN) -> list[str]:
+    return sorted(m for m in modules if any(m == f or m.startswith(f + ".") for f in forbidden))
 
 
-def test_a_grpc_agent_imports_nothing_of_the_control_plane_or_the_cli(tmp_path: Path) -> None:
+@pytest.mark.parametrize("tls", [False, True], ids=["plaintext", "tls"])
+def test_a_grpc_agent_imports_nothing_of_the_control_plane_or_the_cli(
+    tmp_path: Path, tls: bool
+) -> None:
+    flags: tuple[str, ...] = ()
+    if tls:
+        files = init_tls(TlsFiles.of(tmp_path / "cp")).files
+        flags = ("--tls-ca", str(files.ca_cert))
     # Nobody listens on the port: the agent gets as far as dialing, and says it cannot reach.
     port = free_port()
     modules = _modules_of_a_running_agent(
-        tmp_path, "--server", f"127.0.0.1:{port}", until="cannot reach"
+        tmp_path, "--server", f"127.0.0.1:{port}", *flags, until="cannot reach"
     )
     assert "grpc" in modules and "opsplane.agent.grpc_link" in modules  # it did dial
-    assert _forbidden(modules) == []
+    assert _forbidden(modules, FORBIDDEN_ON_GRPC) == []
 
 
 @pytest.mark.service("rabbitmq")
@@ -107,9 +121,15 @@ def test_an_amqp_agent_imports_nothing_of_the_control_plane_or_the_cli(
         until="reconnecting in",
     )
     assert "aio_pika" in modules and "opsplane.agent.amqp_link" in modules
-    # aio-pika is its link (and reads its version with importlib.metadata); the TLS helpers
-    # build its amqps:// SSL context.
-    allowed = ("aio_pika", "opsplane.security.tls", "importlib.metadata")
+    # aio-pika is its link (and reads its version with importlib.metadata, and uses tempfile);
+    # the TLS helpers (with cryptography's serialization) build its amqps:// SSL context.
+    allowed = (
+        "aio_pika",
+        "importlib.metadata",
+        "tempfile",
+        "opsplane.security.tls",
+        "cryptography.hazmat.primitives.serialization",
+    )
     assert [m for m in _forbidden(modules) if not m.startswith(allowed)] == []
 
 

@@ -11,12 +11,12 @@ from urllib.parse import SplitResult, urlsplit
 
 from opsplane import __version__
 from opsplane.agent.policy import CommandPolicy, resolve_run_as
-from opsplane.domain.addresses import is_loopback, split_host_port
+from opsplane.domain.addresses import DEFAULT_GRPC_ENDPOINT, is_loopback, split_host_port
 from opsplane.domain.errors import ConfigError, InvalidInput
 from opsplane.execution.environment import check_passthrough
 from opsplane.security.signing import load_public_key
 
-DEFAULT_SERVER: Final = "127.0.0.1:50051"
+DEFAULT_SERVER: Final = DEFAULT_GRPC_ENDPOINT
 
 # Stands for "derive from the agent's name": the default spool directory depends on another
 # field, which a dataclass default cannot express. A NUL byte makes it a path that can never

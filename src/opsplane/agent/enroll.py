@@ -9,7 +9,6 @@ needed), ``control-plane.pub`` (the pinned key commands must be signed with) and
 from __future__ import annotations
 
 import json
-import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +36,8 @@ def enroll(
     """Enroll ``name`` with ``token`` at the control plane's API; raises ConfigError saying why
     not (a spent, expired or unknown token; a name already enrolled)."""
     # Imported here: an HTTP client is needed once, to enroll, not by every start.
+    import ssl
+
     import httpx
 
     key, _ = load_or_create_private_key(agent_key_path(state_dir))

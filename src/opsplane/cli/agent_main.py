@@ -17,12 +17,16 @@ import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
-from opsplane.agent.config import DEFAULT_SERVER, AgentConfig, default_state_dir
-from opsplane.agent.daemon import run_agent
-from opsplane.cli.logs import configure_logging
+from opsplane.domain.addresses import DEFAULT_GRPC_ENDPOINT as DEFAULT_SERVER
 from opsplane.domain.errors import ConfigError
+
+if TYPE_CHECKING:
+    from opsplane.agent.config import AgentConfig
+
+# Everything else is imported in main(), once the flags say which link the agent uses: see
+# _without_python_ssl.
 
 DESCRIPTION = (
     "Start an agent: dial the control plane (or join RabbitMQ with --amqp-url), run what it "
@@ -179,6 +183,8 @@ def parser(prog: str = "opsplane-agent") -> argparse.ArgumentParser:
 def config_from(args: argparse.Namespace) -> AgentConfig:
     """The agent's settings from its parsed flags, after enrolling (``--enroll``) or reading an
     earlier enrollment; ConfigError says what is wrong."""
+    from opsplane.agent.config import AgentConfig, default_state_dir
+
     labels: dict[str, str] = {}
     for item in args.label:
         key, sep, value = item.partition("=")
@@ -255,6 +261,19 @@ def _enrollment(
     return groups or enrollment.groups, str(state_dir / PINNED_KEY_FILE)
 
 
+def _without_python_ssl() -> None:
+    """Keep Python's ``ssl`` module (and the system OpenSSL it maps, 4 MiB of RSS) out of a
+    gRPC agent that does not enroll now.
+
+    Such an agent never uses it: gRPC brings its own TLS (BoringSSL, inside grpcio), and only
+    the RabbitMQ link (aio-pika, amqps://) and enrollment (httpx) speak TLS through ``ssl``.
+    asyncio imports it anyway, for its TLS transports, and does without it when the import
+    fails, which a ``None`` in ``sys.modules`` makes it do. A process that has imported
+    ``ssl`` already (``opsplane --url … agent`` through the full app) keeps it.
+    """
+    sys.modules.setdefault("ssl", None)  # type: ignore[arg-type]
+
+
 def _fail(message: str) -> NoReturn:
     # Red on a terminal, as the Typer verbs print their errors.
     red = sys.stderr.isatty()
@@ -266,6 +285,11 @@ def main(argv: Sequence[str] | None = None, prog: str = "opsplane-agent") -> Non
     """Parse ``argv`` (default: ``sys.argv[1:]``) and run the agent in the foreground until
     SIGTERM or SIGINT; exit status 2 for bad flags or settings."""
     args = parser(prog).parse_args(sys.argv[1:] if argv is None else list(argv))
+    if not (args.amqp_url or args.enroll_token):
+        _without_python_ssl()
+    from opsplane.agent.daemon import run_agent
+    from opsplane.cli.logs import configure_logging
+
     try:
         config = config_from(args)
     except ConfigError as e:

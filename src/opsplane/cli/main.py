@@ -9,7 +9,6 @@ import typer
 
 from opsplane.cli import agents, audit, catalog_service, hosts, run, scripts, tasks, tokens, users
 from opsplane.cli.client import ClientOptions
-from opsplane.cli.logs import configure_logging
 from opsplane.config import Settings, load_settings
 from opsplane.domain.errors import ConfigError
 
@@ -99,7 +98,7 @@ def start_control_plane(mode: str, verbose: bool, **flags: object) -> None:
     from opsplane.cli import processes
 
     settings = settings_or_exit(**flags)
-    configure_logging(verbose)
+    processes.configure_logging(verbose)
     try:
         if mode == "demo":
             processes.run_demo(settings)
@@ -230,6 +229,7 @@ def worker(
     """Run SSH work for a control plane with ssh_workers: true (docs/ssh.md)."""
     import asyncio
 
+    from opsplane.cli.processes import configure_logging
     from opsplane.transport.ssh import HostKeyPolicy, SshExecutor
     from opsplane.transport.ssh.worker import SshWorker
 

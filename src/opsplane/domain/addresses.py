@@ -8,6 +8,10 @@ importing the control plane's settings (pydantic-settings and its sources): see 
 from __future__ import annotations
 
 import ipaddress
+from typing import Final
+
+# Where an agent dials unless told otherwise: the control plane's default gRPC endpoint.
+DEFAULT_GRPC_ENDPOINT: Final = "127.0.0.1:50051"
 
 
 def split_host_port(value: str) -> tuple[str, int]:
