@@ -56,6 +56,7 @@ def parser(prog: str = "opsplane-agent") -> argparse.ArgumentParser:
     add("--label", action="append", default=[], metavar="KEY=VALUE", help="label (repeatable)")
     add(
         "--state-dir",
+        metavar="DIR",
         type=Path,
         default=env("OPSPLANE_AGENT_STATE_DIR"),
         help="durable spool of runs and results [env OPSPLANE_AGENT_STATE_DIR; "
@@ -64,6 +65,7 @@ def parser(prog: str = "opsplane-agent") -> argparse.ArgumentParser:
     # TLS (issue 9, docs/tls.md).
     add(
         "--tls-ca",
+        metavar="PATH",
         type=Path,
         default=env("OPSPLANE_AGENT_TLS_CA"),
         help="CA certificate: connect with TLS, verifying the server against this CA only "
@@ -71,6 +73,7 @@ def parser(prog: str = "opsplane-agent") -> argparse.ArgumentParser:
     )
     add(
         "--tls-cert",
+        metavar="PATH",
         type=Path,
         default=env("OPSPLANE_AGENT_TLS_CERT"),
         help="client certificate for mutual TLS (opsplane keys client-cert NAME) "
@@ -78,21 +81,29 @@ def parser(prog: str = "opsplane-agent") -> argparse.ArgumentParser:
     )
     add(
         "--tls-key",
+        metavar="PATH",
         type=Path,
         default=env("OPSPLANE_AGENT_TLS_KEY"),
         help="the client certificate's key [env OPSPLANE_AGENT_TLS_KEY]",
     )
     add(
         "--tls-server-name",
+        metavar="NAME",
         help="check the server's certificate for this name, not --server's host",
     )
     add(
         "--amqp-tls-ca",
+        metavar="PATH",
         type=Path,
         help="CA that RabbitMQ's certificate must chain to (amqps://) [system CAs]",
     )
-    add("--amqp-tls-cert", type=Path, help="client certificate for RabbitMQ (amqps://)")
-    add("--amqp-tls-key", type=Path, help="the RabbitMQ client certificate's key")
+    add(
+        "--amqp-tls-cert",
+        type=Path,
+        metavar="PATH",
+        help="client certificate for RabbitMQ (amqps://)",
+    )
+    add("--amqp-tls-key", type=Path, metavar="PATH", help="the RabbitMQ client certificate's key")
     add(
         "--allow-plaintext",
         action=argparse.BooleanOptionalAction,
@@ -101,18 +112,21 @@ def parser(prog: str = "opsplane-agent") -> argparse.ArgumentParser:
     )
     add(
         "--amqp-url",
+        metavar="URL",
         default=env("OPSPLANE_AGENT_AMQP_URL"),
         help="RabbitMQ URL (amqp://, amqps://): use the RabbitMQ link; --server is unused "
         "[env OPSPLANE_AGENT_AMQP_URL]",
     )
     add(
         "--control-plane-key",
+        metavar="KEY",
         default=env("OPSPLANE_AGENT_CONTROL_PLANE_KEY"),
         help="the control plane's public key (base64, or a file): required with --amqp-url "
         "[env OPSPLANE_AGENT_CONTROL_PLANE_KEY]",
     )
     add(
         "--heartbeat-interval",
+        metavar="SECONDS",
         type=float,
         default=env("OPSPLANE_AGENT_HEARTBEAT_INTERVAL", "10.0"),
         help="seconds between heartbeats on RabbitMQ; must match the control plane's "
@@ -120,6 +134,7 @@ def parser(prog: str = "opsplane-agent") -> argparse.ArgumentParser:
     )
     add(
         "--output-spool-bytes",
+        metavar="BYTES",
         type=int,
         default=env("OPSPLANE_AGENT_OUTPUT_SPOOL_BYTES", str(256 * 1024 * 1024)),
         help="disk kept for output not yet delivered, all runs together; beyond it output is "
@@ -127,6 +142,7 @@ def parser(prog: str = "opsplane-agent") -> argparse.ArgumentParser:
     )
     add(
         "--replay-window",
+        metavar="SECONDS",
         type=float,
         default=env("OPSPLANE_AGENT_REPLAY_WINDOW", "300.0"),
         help="refuse RabbitMQ commands whose timestamp is further off than this (seconds) "
@@ -173,12 +189,13 @@ def parser(prog: str = "opsplane-agent") -> argparse.ArgumentParser:
     )
     add(
         "--api-url",
+        metavar="URL",
         default=env("OPSPLANE_AGENT_API_URL"),
         help="the control plane's HTTP API, for --enroll (https with --tls-ca) "
         "[env OPSPLANE_AGENT_API_URL]",
     )
     add("-v", "--verbose", action="store_true", help="debug logging")
-    return p  # fmt: skip
+    return p
 
 
 def config_from(args: argparse.Namespace) -> AgentConfig:
