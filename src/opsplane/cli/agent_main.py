@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
 import os
 import socket
 import sys
@@ -305,27 +304,13 @@ def main(argv: Sequence[str] | None = None, prog: str = "opsplane-agent") -> Non
     args = parser(prog).parse_args(sys.argv[1:] if argv is None else list(argv))
     if not (args.amqp_url or args.enroll_token):
         _without_python_ssl()
-    # Importing the agent allocates some 40,000 objects and no garbage: the cyclic collector
-    # would only walk them again and again (a sixth of the agent's start-up CPU, which is what
-    # bounds how fast a machine full of agents comes online). Afterwards they are frozen, out
-    # of the collector's way for good.
-    gc.disable()
-    try:
-        from opsplane.agent.daemon import run_agent
-        from opsplane.cli.logs import configure_logging
+    from opsplane.agent.daemon import run_agent
+    from opsplane.cli.logs import configure_logging
 
-        try:
-            config = config_from(args)
-        except ConfigError as e:
-            _fail(str(e))
-        # The link's modules too, which the daemon would import when it starts.
-        if config.amqp_url is None:
-            from opsplane.agent import grpc_link  # noqa: F401
-        else:
-            from opsplane.agent import amqp_link  # noqa: F401
-    finally:
-        gc.freeze()
-        gc.enable()
+    try:
+        config = config_from(args)
+    except ConfigError as e:
+        _fail(str(e))
     configure_logging(args.verbose)
     try:
         run_agent(config)
