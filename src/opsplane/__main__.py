@@ -1,5 +1,5 @@
 """``python -m opsplane`` is the ``opsplane`` command."""
 
-from opsplane.cli.main import main
+from opsplane.cli.entry import main
 
 main()

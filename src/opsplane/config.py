@@ -19,6 +19,9 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+# Re-exported: the control plane's modules import them from here.
+from opsplane.domain.addresses import is_loopback as is_loopback
+from opsplane.domain.addresses import split_host_port as split_host_port
 from opsplane.domain.errors import ConfigError, InvalidInput
 from opsplane.domain.redaction import DEFAULT_REDACT_PATTERNS, Redactor
 from opsplane.execution.environment import check_passthrough
@@ -316,20 +319,3 @@ def load_settings(**overrides: Any) -> Settings:
         return Settings(**given)
     except ValueError as e:
         raise ConfigError(str(e)) from e
-
-
-def split_host_port(value: str) -> tuple[str, int]:
-    """``"127.0.0.1:8000"`` → ``("127.0.0.1", 8000)``, with a clear error for anything else."""
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
-        raise ValueError(f"expected HOST:PORT, got {value!r}")
-    return host.strip("[]"), int(port)
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from opsplane.domain.errors import ConfigError
@@ -16,6 +17,7 @@ from opsplane.security.signing import (
     canonical_json,
     load_or_create_private_key,
     load_public_key,
+    private_key_pem,
     public_key_text,
     sign,
     verify,
@@ -132,3 +134,49 @@ def test_public_key_from_base64_a_file_or_pem(tmp_path: Path) -> None:
 def test_a_malformed_public_key_is_a_config_error(bad: str) -> None:
     with pytest.raises(ConfigError):
         load_public_key(bad)
+
+
+def test_the_private_key_pem_is_what_cryptography_writes_and_reads() -> None:
+    for _ in range(50):
+        key = Ed25519PrivateKey.generate()
+        pem = private_key_pem(key)
+        assert pem == key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        loaded = serialization.load_pem_private_key(pem, password=None)
+        assert isinstance(loaded, Ed25519PrivateKey)
+        assert loaded.private_bytes_raw() == key.private_bytes_raw()
+
+
+def test_a_key_wrapped_differently_is_still_read(tmp_path: Path) -> None:
+    key = Ed25519PrivateKey.generate()
+    pem = private_key_pem(key)
+    lines = pem.splitlines()
+    rewrapped = b"\n".join([lines[0], lines[1][:20], lines[1][20:], lines[2]]) + b"\n\n"
+    path = tmp_path / "agent.key"
+    path.write_bytes(rewrapped)
+    loaded, created = load_or_create_private_key(path)
+    assert not created and loaded.private_bytes_raw() == key.private_bytes_raw()
+
+
+def test_a_pem_key_of_another_kind_is_refused_by_the_general_reader(tmp_path: Path) -> None:
+    other = ec.generate_private_key(ec.SECP256R1())
+    path = tmp_path / "agent.key"
+    path.write_bytes(
+        other.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    with pytest.raises(ConfigError, match="not hold an Ed25519 private key"):
+        load_or_create_private_key(path)
+
+
+def test_a_damaged_private_key_file_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "agent.key"
+    path.write_bytes(b"-----BEGIN PRIVATE KEY-----\nnot base64!\n-----END PRIVATE KEY-----\n")
+    with pytest.raises(ConfigError, match="readable private key"):
+        load_or_create_private_key(path)

@@ -5,20 +5,18 @@ from __future__ import annotations
 import math
 import socket
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Final
 from urllib.parse import SplitResult, urlsplit
 
+from opsplane import __version__
 from opsplane.agent.policy import CommandPolicy, resolve_run_as
-from opsplane.config import is_loopback, split_host_port
+from opsplane.domain.addresses import DEFAULT_GRPC_ENDPOINT, is_loopback, split_host_port
 from opsplane.domain.errors import ConfigError, InvalidInput
 from opsplane.execution.environment import check_passthrough
 from opsplane.security.signing import load_public_key
-from opsplane.security.tls import amqp_ssl_context
 
-DEFAULT_SERVER: Final = "127.0.0.1:50051"
-_FALLBACK_VERSION: Final = "0.1.0"
+DEFAULT_SERVER: Final = DEFAULT_GRPC_ENDPOINT
 
 # Stands for "derive from the agent's name": the default spool directory depends on another
 # field, which a dataclass default cannot express. A NUL byte makes it a path that can never
@@ -27,11 +25,8 @@ _DERIVED: Final = Path("\0derived")
 
 
 def agent_version() -> str:
-    """The installed opsplane version, as the agent reports it in its hello."""
-    try:
-        return metadata.version("opsplane")
-    except metadata.PackageNotFoundError:
-        return _FALLBACK_VERSION
+    """The opsplane version, as the agent reports it in its hello."""
+    return __version__
 
 
 def default_state_dir(name: str) -> Path:
@@ -154,6 +149,9 @@ class AgentConfig:
         if self.tls_server_name is not None and self.tls_ca is None:
             raise ConfigError("tls_server_name needs tls_ca: it names the certificate to verify")
         if self.amqp_tls_ca or self.amqp_tls_cert or self.amqp_tls_key:
+            # Imported here: certificate handling is for amqps:// agents only.
+            from opsplane.security.tls import amqp_ssl_context
+
             # Builds the context once now: a missing file or a bad pairing fails at start.
             amqp_ssl_context(
                 self.amqp_url or "", self.amqp_tls_ca, self.amqp_tls_cert, self.amqp_tls_key

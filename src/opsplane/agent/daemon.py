@@ -37,7 +37,6 @@ import psutil
 from google.protobuf.message import Message
 
 from opsplane.agent.config import AgentConfig
-from opsplane.agent.grpc_link import GrpcLink
 from opsplane.agent.outbox import Connections, OutputJournal, RunOutput
 from opsplane.agent.policy import CommandPolicy, resolve_run_as, working_dir
 from opsplane.agent.spool import Spool
@@ -121,6 +120,9 @@ class Agent:
         self._refusals_of: Callable[[], Counter[str]]
         self._link: _Link
         if config.amqp_url is None:
+            # Imported here, like the AMQP link below: an agent loads only its own link.
+            from opsplane.agent.grpc_link import GrpcLink
+
             grpc_link = GrpcLink(config, self)
             self._refusals_of = lambda: grpc_link.refusals
             self._link = grpc_link

@@ -9,11 +9,8 @@ needed), ``control-plane.pub`` (the pinned key commands must be signed with) and
 from __future__ import annotations
 
 import json
-import ssl
 from dataclasses import dataclass
 from pathlib import Path
-
-import httpx
 
 from opsplane.domain.errors import ConfigError
 from opsplane.security.signing import load_or_create_private_key, public_key_text
@@ -38,6 +35,11 @@ def enroll(
 ) -> Enrollment:
     """Enroll ``name`` with ``token`` at the control plane's API; raises ConfigError saying why
     not (a spent, expired or unknown token; a name already enrolled)."""
+    # Imported here: an HTTP client is needed once, to enroll, not by every start.
+    import ssl
+
+    import httpx
+
     key, _ = load_or_create_private_key(agent_key_path(state_dir))
     body = {"token": token, "name": name, "public_key": public_key_text(key.public_key())}
     verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=str(ca)) if ca else True

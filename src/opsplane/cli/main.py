@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-import socket
 from pathlib import Path
 from typing import Annotated
 
@@ -11,7 +9,7 @@ import typer
 
 from opsplane.cli import agents, audit, catalog_service, hosts, run, scripts, tasks, tokens, users
 from opsplane.cli.client import ClientOptions
-from opsplane.config import DEFAULT_GRPC_LISTEN, Settings, load_settings
+from opsplane.config import Settings, load_settings
 from opsplane.domain.errors import ConfigError
 
 app = typer.Typer(
@@ -214,250 +212,22 @@ def demo(
     )
 
 
-@app.command()
-def agent(
-    server_address: Annotated[
-        str,
-        typer.Option("--server", envvar="OPSPLANE_AGENT_SERVER", help="control plane HOST:PORT"),
-    ] = DEFAULT_GRPC_LISTEN,
-    name: Annotated[
-        str | None, typer.Option(envvar="OPSPLANE_AGENT_NAME", help="host name [hostname]")
-    ] = None,
-    group: Annotated[
-        list[str] | None, typer.Option("--group", help="group membership (repeatable)")
-    ] = None,
-    label: Annotated[
-        list[str] | None, typer.Option("--label", help="KEY=VALUE (repeatable)")
-    ] = None,
-    state_dir: Annotated[
-        Path | None,
-        typer.Option(envvar="OPSPLANE_AGENT_STATE_DIR", help="durable spool of runs and results"),
-    ] = None,
-    # TLS (issue 9, docs/tls.md).
-    tls_ca: Annotated[
-        Path | None,
-        typer.Option(
-            envvar="OPSPLANE_AGENT_TLS_CA",
-            help="CA certificate: connect with TLS, verifying the server against this CA only "
-            "(the control plane's <data dir>/tls/ca.pem)",
-        ),
-    ] = None,
-    tls_cert: Annotated[
-        Path | None,
-        typer.Option(
-            envvar="OPSPLANE_AGENT_TLS_CERT",
-            help="client certificate for mutual TLS (opsplane keys client-cert NAME)",
-        ),
-    ] = None,
-    tls_key: Annotated[
-        Path | None,
-        typer.Option(envvar="OPSPLANE_AGENT_TLS_KEY", help="the client certificate's key"),
-    ] = None,
-    tls_server_name: Annotated[
-        str | None,
-        typer.Option(help="check the server's certificate for this name, not --server's host"),
-    ] = None,
-    amqp_tls_ca: Annotated[
-        Path | None,
-        typer.Option(help="CA that RabbitMQ's certificate must chain to (amqps://) [system CAs]"),
-    ] = None,
-    amqp_tls_cert: Annotated[
-        Path | None, typer.Option(help="client certificate for RabbitMQ (amqps://)")
-    ] = None,
-    amqp_tls_key: Annotated[
-        Path | None, typer.Option(help="the RabbitMQ client certificate's key")
-    ] = None,
-    allow_plaintext: Annotated[
-        bool, typer.Option(help="allow plaintext to a non-loopback server (trusted networks)")
-    ] = False,
-    amqp_url: Annotated[
-        str | None,
-        typer.Option(
-            "--amqp-url",
-            envvar="OPSPLANE_AGENT_AMQP_URL",
-            help="RabbitMQ URL (amqp://, amqps://): use the RabbitMQ link; --server is unused",
-        ),
-    ] = None,
-    control_plane_key: Annotated[
-        str | None,
-        typer.Option(
-            "--control-plane-key",
-            envvar="OPSPLANE_AGENT_CONTROL_PLANE_KEY",
-            help="the control plane's public key (base64, or a file): required with --amqp-url",
-        ),
-    ] = None,
-    heartbeat_interval: Annotated[
-        float,
-        typer.Option(
-            "--heartbeat-interval",
-            envvar="OPSPLANE_AGENT_HEARTBEAT_INTERVAL",
-            help="seconds between heartbeats on RabbitMQ; must match the control plane's",
-        ),
-    ] = 10.0,
-    output_spool_bytes: Annotated[
-        int,
-        typer.Option(
-            "--output-spool-bytes",
-            envvar="OPSPLANE_AGENT_OUTPUT_SPOOL_BYTES",
-            help="disk kept for output not yet delivered, all runs together; beyond it output "
-            "is lost (and marked so)",
-        ),
-    ] = 256 * 1024 * 1024,
-    replay_window: Annotated[
-        float,
-        typer.Option(
-            "--replay-window",
-            envvar="OPSPLANE_AGENT_REPLAY_WINDOW",
-            help="refuse RabbitMQ commands whose timestamp is further off than this (seconds)",
-        ),
-    ] = 300.0,
-    # Agent-side policy (issue 9, docs/agent-policy.md).
-    deny: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--deny",
-            metavar="PATTERN",
-            help="refuse commands this regular expression matches anywhere (repeatable)",
-        ),
-    ] = None,
-    allow: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--allow",
-            metavar="PATTERN",
-            help="run only commands one of these regular expressions matches whole (repeatable)",
-        ),
-    ] = None,
-    run_as: Annotated[
-        str | None,
-        typer.Option(
-            "--run-as",
-            metavar="USER",
-            envvar="OPSPLANE_AGENT_RUN_AS",
-            help="run every command as this user (name or uid); needs the agent to be root",
-        ),
-    ] = None,
-    env_passthrough: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--env-passthrough",
-            metavar="NAME",
-            help="also pass this variable of the agent's environment to commands (a name, or "
-            "a prefix ending in '*'; repeatable; never OPSPLANE_*)",
-        ),
-    ] = None,
-    # Enrollment (issue 9, docs/security.md).
-    enroll_token: Annotated[
-        str | None,
-        typer.Option(
-            "--enroll",
-            metavar="TOKEN",
-            envvar="OPSPLANE_AGENT_ENROLL_TOKEN",
-            help="enroll once with this token (opsplane agents token), then run",
-        ),
-    ] = None,
-    api_url: Annotated[
-        str | None,
-        typer.Option(
-            "--api-url",
-            envvar="OPSPLANE_AGENT_API_URL",
-            help="the control plane's HTTP API, for --enroll (https with --tls-ca)",
-        ),
-    ] = None,
-    verbose: VerboseOpt = False,
-) -> None:
+@app.command(
+    context_settings={
+        "allow_extra_args": True,
+        "ignore_unknown_options": True,
+        "help_option_names": [],
+    },
+    add_help_option=False,
+)
+def agent(ctx: typer.Context) -> None:
     """Start an agent: dial the control plane (or join RabbitMQ with --amqp-url), run what it
-    sends, stream results back."""
-    from opsplane.agent.config import AgentConfig, default_state_dir
-    from opsplane.agent.daemon import run_agent
-    from opsplane.cli.processes import configure_logging
+    sends, stream results back. `opsplane agent --help` lists its flags."""
+    # The agent's flags live in cli/agent_main.py, which `opsplane agent` reaches without
+    # this app (cli/entry.py); this verb serves `opsplane --url … agent …`.
+    from opsplane.cli.agent_main import main as agent_main
 
-    labels: dict[str, str] = {}
-    for item in label or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            typer.secho(f"error: --label wants KEY=VALUE, got {item!r}", fg="red", err=True)
-            raise typer.Exit(2)
-        labels[key] = value
-    agent_name = name or socket.gethostname()
-    try:
-        groups, pinned_key = _enrollment(
-            agent_name,
-            state_dir or default_state_dir(agent_name),
-            enroll_token,
-            api_url,
-            groups=tuple(group or ()),
-            ca=tls_ca,
-        )
-        config = AgentConfig(
-            server=server_address,
-            name=agent_name,
-            groups=groups,
-            labels=labels,
-            tls_ca=tls_ca,
-            tls_cert=tls_cert,
-            tls_key=tls_key,
-            tls_server_name=tls_server_name or None,
-            amqp_tls_ca=amqp_tls_ca,
-            amqp_tls_cert=amqp_tls_cert,
-            amqp_tls_key=amqp_tls_key,
-            allow_plaintext=allow_plaintext,
-            amqp_url=amqp_url or None,
-            control_plane_key=control_plane_key or pinned_key,
-            heartbeat_interval=heartbeat_interval,
-            replay_window=replay_window,
-            output_spool_bytes=output_spool_bytes,
-            deny=tuple(deny or ()),
-            allow=tuple(allow or ()),
-            run_as=run_as or None,
-            env_passthrough=tuple(env_passthrough or ()),
-        )
-        if state_dir is not None:
-            config = dataclasses.replace(config, state_dir=state_dir)
-    except ConfigError as e:
-        typer.secho(f"error: {e}", fg="red", err=True)
-        raise typer.Exit(2) from e
-    configure_logging(verbose)
-    try:
-        run_agent(config)
-    except ConfigError as e:  # e.g. an unreadable agent key or a state dir in use
-        typer.secho(f"error: {e}", fg="red", err=True)
-        raise typer.Exit(2) from e
-
-
-def _enrollment(
-    name: str,
-    state_dir: Path,
-    token: str | None,
-    api_url: str | None,
-    *,
-    groups: tuple[str, ...],
-    ca: Path | None,
-) -> tuple[tuple[str, ...], str | None]:
-    """The agent's groups and pinned control-plane key: enroll now (``--enroll``), or read an
-    earlier enrollment from the state directory; without either, the given groups and no key.
-    An enrolled agent takes its token's groups; asking for others is refused."""
-    from opsplane.agent.enroll import PINNED_KEY_FILE, enroll, enrolled
-
-    if token:
-        if not api_url:
-            raise ConfigError("--enroll needs --api-url: where the control plane's API listens")
-        enrollment = enroll(api_url, token, name, state_dir, ca=ca)
-        typer.echo(
-            f"enrolled as {enrollment.name} for groups: {', '.join(enrollment.groups) or '-'}",
-            err=True,
-        )
-    else:
-        found = enrolled(state_dir)
-        if found is None:
-            return groups, None
-        enrollment = found
-    if enrollment.name != name:
-        raise ConfigError(f"{state_dir} holds the enrollment of {enrollment.name}, not {name}")
-    extra = set(groups) - set(enrollment.groups)
-    if extra:
-        raise ConfigError(f"--group {', '.join(sorted(extra))}: not allowed by the enrollment")
-    return groups or enrollment.groups, str(state_dir / PINNED_KEY_FILE)
+    agent_main(ctx.args, prog="opsplane agent")
 
 
 @app.command()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import os
 import signal
 import subprocess
@@ -19,6 +18,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from opsplane.api.app import create_app
+from opsplane.cli.logs import configure_logging as configure_logging
 from opsplane.config import Settings, split_host_port
 from opsplane.domain.errors import ConfigError
 from opsplane.engine.core import Engine
@@ -26,15 +26,6 @@ from opsplane.security.service import SecurityService
 from opsplane.security.tls import TlsFiles
 
 DEMO_AGENTS = (("demo-1", "web"), ("demo-2", "web"), ("demo-3", "db"))
-
-
-def configure_logging(verbose: bool = False) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-    )
-    # Per-request lines drown the events an operator needs to see.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 class _Server(uvicorn.Server):
