@@ -7,7 +7,7 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any, NamedTuple
 
-from sqlalchemy import and_, case, delete, false, func, literal, or_, select, update
+from sqlalchemy import and_, case, delete, false, func, insert, literal, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from opsplane.store.tables import (
@@ -414,6 +414,24 @@ async def delete_events(session: AsyncSession, ids: Sequence[int]) -> None:
 
 async def mark_all_hosts(session: AsyncSession, status: str, *, link: str) -> None:
     await session.execute(update(HostRow).where(HostRow.link == link).values(status=status))
+
+
+async def insert_events(session: AsyncSession, rows: Sequence[dict[str, Any]]) -> list[int]:
+    """Insert task events (``task_id``, ``run_id``, ``kind``, ``data``, ``created_at``) in one
+    batched statement; returns their ids in the order of ``rows``."""
+    if not rows:
+        return []
+    stmt = insert(TaskEventRow)
+    if session.get_bind().dialect.name == "sqlite":
+        # SQLAlchemy cannot prove the order of SQLite's RETURNING rows and would fall back to
+        # one INSERT per row. SQLite has one writer and inserts a VALUES list in order, so the
+        # ids of one batch ascend in the order of ``rows``: sorting them restores it.
+        result = await session.execute(stmt.returning(TaskEventRow.id), list(rows))
+        return sorted(result.scalars())
+    result = await session.execute(
+        stmt.returning(TaskEventRow.id, sort_by_parameter_order=True), list(rows)
+    )
+    return list(result.scalars())
 
 
 async def events_after(
