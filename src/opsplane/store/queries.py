@@ -416,6 +416,13 @@ async def mark_all_hosts(session: AsyncSession, status: str, *, link: str) -> No
     await session.execute(update(HostRow).where(HostRow.link == link).values(status=status))
 
 
+async def insert_runs(session: AsyncSession, rows: Sequence[dict[str, Any]]) -> None:
+    """Insert runs (column values by name, the same names in every row) in one batched
+    statement, without ORM objects."""
+    if rows:
+        await session.execute(insert(RunRow), list(rows))
+
+
 async def insert_events(session: AsyncSession, rows: Sequence[dict[str, Any]]) -> list[int]:
     """Insert task events (``task_id``, ``run_id``, ``kind``, ``data``, ``created_at``) in one
     batched statement; returns their ids in the order of ``rows``."""
