@@ -192,7 +192,7 @@ class Scheduler:
         plan = DispatchPlan()
         by_id = {task.id: task for task in tasks}
         for tid, runs in chosen.items():
-            plan.extend(self._dispatcher.mark_deliverable(changes, by_id[tid], runs, hosts))
+            plan.extend(await self._dispatcher.mark_deliverable(changes, by_id[tid], runs, hosts))
         return plan
 
     @staticmethod

@@ -423,6 +423,23 @@ async def insert_runs(session: AsyncSession, rows: Sequence[dict[str, Any]]) -> 
         await session.execute(insert(RunRow), list(rows))
 
 
+# Ids per ``IN (...)`` list: well under every backend's limit of bound parameters.
+_IDS_PER_STATEMENT = 2000
+
+
+async def update_runs(
+    session: AsyncSession, run_ids: Sequence[str], values: dict[str, Any]
+) -> None:
+    """Set the same ``values`` on the runs ``run_ids``: one UPDATE per 2,000 ids. Objects of
+    these runs in the session are not refreshed (the caller updates them)."""
+    for start in range(0, len(run_ids), _IDS_PER_STATEMENT):
+        chunk = run_ids[start : start + _IDS_PER_STATEMENT]
+        await session.execute(
+            update(RunRow).where(RunRow.id.in_(chunk)).values(**values),
+            execution_options={"synchronize_session": False},
+        )
+
+
 async def insert_events(session: AsyncSession, rows: Sequence[dict[str, Any]]) -> list[int]:
     """Insert task events (``task_id``, ``run_id``, ``kind``, ``data``, ``created_at``) in one
     batched statement; returns their ids in the order of ``rows``."""
