@@ -112,3 +112,26 @@ async def test_a_batch_of_results_ends_each_run_in_its_state_with_its_events_in_
         final = RunStatus.FAILED if failed else RunStatus.SUCCEEDED
         assert by_run[run_id] == [RunStatus.DISPATCHED, final]
     assert events[-1].kind == "task" and events[-1].data["status"] == TaskStatus.FAILED
+
+
+async def test_a_batch_move_skips_runs_for_which_it_is_illegal(engine: Engine) -> None:
+    task = await engine.tasks.create_task(
+        TaskRequest(command="true", targets=Targets(groups=("small",)))
+    )
+    runs = await engine.tasks.list_runs(task.id)
+    done, waiting = runs[0], runs[1:]
+    await (await engine.report(_finished(done.host, done.id, 0)))
+    async with engine.sessions() as session:
+        before = len(await queries.events_after(session, task.id, 0, 10_000))
+    async with engine.write() as changes:
+        loaded = await queries.runs_by_id(changes.session, [run.id for run in runs])
+        moved = await changes.move_all(list(loaded.values()), RunStatus.RUNNING)
+    # dispatched → running is legal; succeeded → running is not: that run and its events stay.
+    assert sorted(run.id for run in moved) == sorted(run.id for run in waiting)
+    stored = {run.id: run.status for run in await engine.tasks.list_runs(task.id)}
+    assert stored[done.id] == RunStatus.SUCCEEDED
+    assert {stored[run.id] for run in waiting} == {RunStatus.RUNNING}
+    async with engine.sessions() as session:
+        events = await queries.events_after(session, task.id, 0, 10_000)
+    new_runs = [e.data["run_id"] for e in events[before:] if e.kind == "run"]
+    assert sorted(new_runs) == sorted(run.id for run in waiting)
