@@ -93,7 +93,14 @@ class TaskService:
         task_id = new_id()
         try:
             async with self._write() as changes:
-                hosts = await queries.all_hosts(changes.session)
+                targets = request.targets
+                if targets.hosts and not (targets.groups or targets.all or targets.labels):
+                    # Named hosts only: read those rows, not the whole fleet's (many small
+                    # tasks on a large fleet). Targeting resolves them the same way.
+                    named = await queries.hosts_by_name(changes.session, set(targets.hosts))
+                    hosts = list(named.values())
+                else:
+                    hosts = await queries.all_hosts(changes.session)
                 if request.kind in ("command", "upload"):
                     # The control plane's own host runs catalog scripts only: an operator's
                     # shell command never lands on the control plane by targeting.
