@@ -87,10 +87,14 @@ class LogArchive:
     def path_for(self, task_id: str, run_id: str, created_at: datetime) -> Path:
         """Where a new run's log goes; ``created_at`` is its task's creation time (a naive
         value is taken as UTC). Store the result on the run: readers use the stored path."""
+        return self.task_dir(task_id, created_at) / f"{run_id}.log"
+
+    def task_dir(self, task_id: str, created_at: datetime) -> Path:
+        """The directory of the logs of a task's runs (``path_for`` without the file name)."""
         day = (
             created_at.replace(tzinfo=UTC) if created_at.tzinfo is None else created_at
         ).astimezone(UTC)
-        return self.logs_dir / f"{day:%Y}" / f"{day:%m}" / f"{day:%d}" / task_id / f"{run_id}.log"
+        return self.logs_dir / f"{day:%Y}" / f"{day:%m}" / f"{day:%d}" / task_id
 
     def legacy_path_for(self, task_id: str, run_id: str) -> Path:
         """The path of the layout before dated directories, for a run without a stored path."""

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm.attributes import set_committed_value
 
 from opsplane.domain.errors import InvalidTransition
 from opsplane.domain.states import (
@@ -21,7 +22,7 @@ from opsplane.domain.states import (
     task_outcome,
 )
 from opsplane.store import queries
-from opsplane.store.tables import RunRow, TaskEventRow, TaskRow, utcnow
+from opsplane.store.tables import RunRow, TaskRow, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,19 @@ class TaskEvent:
     kind: str
     data: dict[str, Any]
     durable: bool = True
+
+
+@dataclass
+class _StoredEvent:
+    """A durable event of this transaction: its row is inserted with the others in one
+    statement as the transaction settles (``id`` 0 until then)."""
+
+    task_id: str
+    run_id: str | None
+    kind: str
+    data: dict[str, Any]
+    created_at: datetime = field(default_factory=utcnow)
+    id: int = 0
 
 
 def run_event_data(run: RunRow) -> dict[str, Any]:
@@ -130,7 +144,7 @@ class Changes:
     def __init__(self, session: AsyncSession, on_runs_ended: RunsEnded | None = None) -> None:
         self.session = session
         # In order: rows to store, and live-only events published but never stored.
-        self._event_rows: list[TaskEventRow | TaskEvent] = []
+        self._event_rows: list[_StoredEvent | TaskEvent] = []
         self._touched: set[str] = set()
         self._ended: list[RunRow] = []
         self._on_runs_ended = on_runs_ended
@@ -162,6 +176,33 @@ class Changes:
         self.add_event(run.task_id, "run", run_event_data(run), run_id=run.id)
         return True
 
+    async def move_all(self, runs: list[RunRow], new: RunStatus, **fields: Any) -> list[RunRow]:
+        """Move every run of ``runs`` to the same non-terminal ``new`` with the same
+        ``fields``, in one UPDATE per chunk of ids rather than one ORM change each (a broadcast
+        dispatches ten thousand runs at once). Returns the runs moved; a run for which the move
+        is illegal stays as it is, as with ``move``.
+
+        The rows' objects take the new values as already stored: the UPDATE has written them.
+        """
+        assert new not in TERMINAL_RUN_STATUSES, "ending runs goes through move()"
+        moved: list[RunRow] = []
+        for run in runs:
+            try:
+                move_run(run.status, new)
+            except InvalidTransition as e:
+                log.debug("ignored move of run %s: %s", run.id, e)
+                continue
+            moved.append(run)
+        if not moved:
+            return moved
+        values = {**fields, "status": new.value, "updated_at": utcnow()}
+        await queries.update_runs(self.session, [run.id for run in moved], values)
+        for run in moved:
+            for key, value in values.items():
+                set_committed_value(run, key, value)
+            self.add_event(run.task_id, "run", run_event_data(run), run_id=run.id)
+        return moved
+
     def add_event(
         self,
         task_id: str,
@@ -175,11 +216,7 @@ class Changes:
         if not durable:
             self._event_rows.append(TaskEvent(0, task_id, kind, data, durable=False))
             return
-        row = TaskEventRow(
-            task_id=task_id, run_id=run_id, kind=kind, data=data, created_at=utcnow()
-        )
-        self.session.add(row)
-        self._event_rows.append(row)
+        self._event_rows.append(_StoredEvent(task_id, run_id, kind, data))
         if kind == "run":
             self._touched.add(task_id)
 
@@ -191,7 +228,26 @@ class Changes:
         self._touched.add(task_id)
 
     async def settle(self) -> None:
-        """Recount the touched tasks and end those whose runs have all ended."""
+        """Recount the touched tasks, end those whose runs have all ended, and store the
+        transaction's events (one statement for all of them)."""
+        await self._settle_tasks()
+        unstored = [e for e in self._event_rows if isinstance(e, _StoredEvent) and not e.id]
+        rows = [
+            {
+                "task_id": e.task_id,
+                "run_id": e.run_id,
+                "kind": e.kind,
+                "data": e.data,
+                "created_at": e.created_at,
+            }
+            for e in unstored
+        ]
+        for stored, event_id in zip(
+            unstored, await queries.insert_events(self.session, rows), strict=True
+        ):
+            stored.id = event_id
+
+    async def _settle_tasks(self) -> None:
         if not self._touched:
             return
         tasks = await queries.tasks_by_id(self.session, self._touched)

@@ -93,7 +93,7 @@ class Dispatcher:
         link = self._links.get(self.link_name(host, hosts))
         return link is not None and link.is_connected(host)
 
-    def mark_deliverable(
+    async def mark_deliverable(
         self,
         changes: Changes,
         task: TaskRow,
@@ -116,10 +116,10 @@ class Dispatcher:
                 changes.move(run, RunStatus.UNDELIVERABLE, error=str(e))
             return DispatchPlan()
         by_link: dict[str, list[Dispatch]] = {}
-        for run in runs:
+        # A delayed run's "waiting for the host" note is history once it is sent.
+        moved = await changes.move_all(runs, RunStatus.DISPATCHED, dispatched_at=now, error=None)
+        for run in moved:
             link_name = self.link_name(run.host, hosts)
-            # A delayed run's "waiting for the host" note is history once it is sent.
-            changes.move(run, RunStatus.DISPATCHED, dispatched_at=now, error=None)
             envelope = CommandEnvelope(
                 task_id=task.id,
                 run_id=run.id,

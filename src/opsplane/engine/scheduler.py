@@ -208,7 +208,7 @@ class Scheduler:
         by_id = {task.id: task for task in tasks}
         for tid, runs in chosen.items():
             plan.extend(
-                self._dispatcher.mark_deliverable(
+                await self._dispatcher.mark_deliverable(
                     changes, by_id[tid], runs, hosts, whole=tid in whole
                 )
             )

@@ -94,7 +94,14 @@ class TaskService:
         task_id = new_id()
         try:
             async with self._write() as changes:
-                hosts = await queries.all_hosts(changes.session)
+                targets = request.targets
+                if targets.hosts and not (targets.groups or targets.all or targets.labels):
+                    # Named hosts only: read those rows, not the whole fleet's (many small
+                    # tasks on a large fleet). Targeting resolves them the same way.
+                    named = await queries.hosts_by_name(changes.session, set(targets.hosts))
+                    hosts = list(named.values())
+                else:
+                    hosts = await queries.all_hosts(changes.session)
                 if request.kind in ("command", "upload"):
                     # The control plane's own host runs catalog scripts only: an operator's
                     # shell command never lands on the control plane by targeting.
@@ -133,20 +140,26 @@ class TaskService:
                 # Runs reference the task; without an ORM relationship the unit of work does
                 # not order the inserts, so the task goes first explicitly.
                 await changes.session.flush()
+                # One batched INSERT for all the runs, without an ORM object each: a broadcast
+                # to ten thousand hosts must not build ten thousand of them (docs/scale.md).
+                logs = self._archive.task_dir(task_id, task.created_at)
+                now = utcnow()
+                runs = []
                 for name, wave in zip(names, assign_waves(policy, len(names)), strict=True):
                     run_id = run_id_for(task_id, name, 1)
-                    changes.session.add(
-                        RunRow(
-                            id=run_id,
-                            task_id=task_id,
-                            host=name,
-                            attempt=1,
-                            wave=wave,
-                            status=RunStatus.PENDING,
-                            log_path=str(self._archive.path_for(task_id, run_id, task.created_at)),
-                            updated_at=utcnow(),
-                        )
+                    runs.append(
+                        {
+                            "id": run_id,
+                            "task_id": task_id,
+                            "host": name,
+                            "attempt": 1,
+                            "wave": wave,
+                            "status": RunStatus.PENDING.value,
+                            "log_path": f"{logs}/{run_id}.log",
+                            "updated_at": now,
+                        }
                     )
+                await queries.insert_runs(changes.session, runs)
                 if before_commit is not None:
                     await before_commit(changes.session, task, names)
                 to_send = DispatchPlan()

@@ -479,6 +479,48 @@ async def mark_all_hosts(session: AsyncSession, status: str, *, link: str) -> No
     await session.execute(update(HostRow).where(HostRow.link == link).values(status=status))
 
 
+async def insert_runs(session: AsyncSession, rows: Sequence[dict[str, Any]]) -> None:
+    """Insert runs (column values by name, the same names in every row) in one batched
+    statement, without ORM objects."""
+    if rows:
+        await session.execute(insert(RunRow), list(rows))
+
+
+# Ids per ``IN (...)`` list: well under every backend's limit of bound parameters.
+_IDS_PER_STATEMENT = 2000
+
+
+async def update_runs(
+    session: AsyncSession, run_ids: Sequence[str], values: dict[str, Any]
+) -> None:
+    """Set the same ``values`` on the runs ``run_ids``: one UPDATE per 2,000 ids. Objects of
+    these runs in the session are not refreshed (the caller updates them)."""
+    for start in range(0, len(run_ids), _IDS_PER_STATEMENT):
+        chunk = run_ids[start : start + _IDS_PER_STATEMENT]
+        await session.execute(
+            update(RunRow).where(RunRow.id.in_(chunk)).values(**values),
+            execution_options={"synchronize_session": False},
+        )
+
+
+async def insert_events(session: AsyncSession, rows: Sequence[dict[str, Any]]) -> list[int]:
+    """Insert task events (``task_id``, ``run_id``, ``kind``, ``data``, ``created_at``) in one
+    batched statement; returns their ids in the order of ``rows``."""
+    if not rows:
+        return []
+    stmt = insert(TaskEventRow)
+    if session.get_bind().dialect.name == "sqlite":
+        # SQLAlchemy cannot prove the order of SQLite's RETURNING rows and would fall back to
+        # one INSERT per row. SQLite has one writer and inserts a VALUES list in order, so the
+        # ids of one batch ascend in the order of ``rows``: sorting them restores it.
+        result = await session.execute(stmt.returning(TaskEventRow.id), list(rows))
+        return sorted(result.scalars())
+    result = await session.execute(
+        stmt.returning(TaskEventRow.id, sort_by_parameter_order=True), list(rows)
+    )
+    return list(result.scalars())
+
+
 async def events_after(
     session: AsyncSession, task_id: str, after_id: int, limit: int
 ) -> list[TaskEventRow]:
