@@ -105,7 +105,8 @@ def _problem(name: str) -> str | None:
 # group run one after the other on one worker: the fault scenarios, whose bounds assume no other
 # fault scenario loads the machine at the same moment, and every test on RabbitMQ's default
 # vhost, whose shared queues (cmd.result, monitor.heartbeat) two workers would steal from each
-# other. A test on a private vhost (tests/rabbitmq.py) needs neither.
+# other (a module with that ``AMQP_URL``, or a test marked ``default_vhost``). A test on a
+# private vhost (tests/rabbitmq.py) needs neither.
 SERIAL_GROUP = "serial"
 DEFAULT_VHOST_URL = "amqp://guest:guest@127.0.0.1:5672/"
 
@@ -114,7 +115,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         module = getattr(item, "module", None)
         in_faults = "faults" in item.nodeid.split("/")[:2]
-        on_default_vhost = getattr(module, "AMQP_URL", None) == DEFAULT_VHOST_URL
+        on_default_vhost = getattr(module, "AMQP_URL", None) == DEFAULT_VHOST_URL or any(
+            m.name == "default_vhost" for m in item.iter_markers()
+        )
         if in_faults or on_default_vhost:
             item.add_marker(pytest.mark.xdist_group(SERIAL_GROUP))
 

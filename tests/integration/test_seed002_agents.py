@@ -25,6 +25,7 @@ import pytest
 
 from opsplane.config import load_settings
 from opsplane.domain.ids import run_id_for
+from opsplane.domain.paging import PageRequest
 from opsplane.domain.policy import Limit, TaskPolicy
 from opsplane.domain.states import RunStatus, TaskStatus
 from opsplane.domain.targeting import Targets
@@ -79,7 +80,7 @@ async def beating(*agents: SeedAgent, every: float = 0.5) -> AsyncIterator[None]
 
 
 async def _host(engine: Engine, name: str) -> Any:
-    hosts, _ = await engine.hosts.list_hosts(status=None, group=None, page=1, size=1000)
+    hosts = (await engine.hosts.list_hosts(PageRequest(1000))).items
     return next((h for h in hosts if h.name == name), None)
 
 
@@ -250,10 +251,8 @@ async def test_a_broadcast_body_does_not_grow_with_its_targets(
                 await monitor.publish(aio_pika.Message(json.dumps(body).encode()), "heartbeat")
 
             async def registered() -> bool:
-                _, total = await engine.hosts.list_hosts(
-                    status="online", group=big, page=1, size=100
-                )
-                return total == len(names)
+                page = await engine.hosts.list_hosts(PageRequest(100), status="online", group=big)
+                return page.total == len(names)
 
             await _until(registered, "60 hosts registered")
             sizes: dict[str, int] = {}
