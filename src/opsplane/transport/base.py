@@ -280,6 +280,10 @@ class Link(abc.ABC):
     # Whether this link's hosts are online only while they connect and heartbeat. False for
     # hosts reachable by definition: the control plane's own, and agentless inventory hosts.
     liveness_by_heartbeat: ClassVar[bool] = True
+    # Whether ``is_connected`` tells of an open stream whose transport checks the peer by
+    # itself (gRPC: HTTP/2 keepalive pings), so that the host is alive while it is true,
+    # heartbeats or not. False where "connected" is inferred from heartbeats (RabbitMQ).
+    liveness_by_stream: ClassVar[bool] = False
 
     @property
     def executes_here(self) -> bool:
