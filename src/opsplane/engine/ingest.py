@@ -226,6 +226,8 @@ class Ingest:
             # Incomplete last lines of runs still going: into the archive, not lost.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._flush_with_retry([], release_all=True), drain_seconds)
+        for _, futures in self._take_beats():
+            _fail(futures, ReportNotWritten("ingest stopped before the heartbeat was written"))
 
     async def report(self, report: HostReport) -> asyncio.Future[None]:
         """Queue ``report``; waits while the queue is full (backpressure on the link). The
@@ -269,8 +271,11 @@ class Ingest:
             if not future.done():
                 future.set_exception(ReportNotWritten(why))
             self._queue.task_done()
-        for _, futures in beats:
-            _fail(futures, ReportNotWritten(why))
+        # Heartbeats go back to wait for the next write (the restarted loop's, or the last
+        # one of ``stop``): a newer beat of the same host stands for them.
+        for beat, futures in beats:
+            newer, waiting = self._beats.pop(beat.hostname, (beat, []))
+            self._beats[beat.hostname] = (newer, [*futures, *waiting])
 
     async def _loop(self) -> None:
         # Group commit: a batch is whatever queued up while the previous one was being written,

@@ -52,6 +52,9 @@ KEEPALIVE_OPTIONS = [
     # Keepalive pings on an idle stream never stop (the default stops after two pings
     # without data): they are how an agent that stopped answering is found (docs/scale.md).
     ("grpc.http2.max_pings_without_data", 0),
+    # What a keepalive ping's answer is waited for (gRPC core arms this timer, not
+    # keepalive_timeout, for the pings it sends): kept equal to keepalive_timeout_ms.
+    ("grpc.http2.ping_timeout_ms", 10_000),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
 ]
@@ -64,9 +67,11 @@ def server_options(heartbeat_interval: float, offline_after_missed: int) -> list
     heartbeat rule would have it. Pings are answered by the peer's gRPC core: no message, no
     signature, nothing on the event loop of either side."""
     interval_ms = max(1, round(heartbeat_interval * 1000))
+    timeout_ms = interval_ms * max(1, offline_after_missed - 1)
     paced = {
         "grpc.keepalive_time_ms": interval_ms,
-        "grpc.keepalive_timeout_ms": interval_ms * max(1, offline_after_missed - 1),
+        "grpc.keepalive_timeout_ms": timeout_ms,
+        "grpc.http2.ping_timeout_ms": timeout_ms,
     }
     return [(name, paced.get(name, value)) for name, value in KEEPALIVE_OPTIONS]
 
