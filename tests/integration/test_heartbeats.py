@@ -5,21 +5,30 @@ one (docs/scale.md, "Heartbeats and liveness"). On every database backend."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, ClassVar
 
+import grpc.aio
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import event, update
 
 from opsplane.config import load_settings
 from opsplane.domain.targeting import Targets
 from opsplane.domain.tasks import TaskRequest
 from opsplane.engine.core import Engine
+from opsplane.security.signing import public_key_text, sign
 from opsplane.store.tables import HostRow
 from opsplane.transport.base import HeartbeatReport, RunOutput
+from opsplane.transport.grpc import opsplane_pb2 as pb
+from opsplane.transport.grpc import opsplane_pb2_grpc as pb_grpc
+from opsplane.transport.grpc.convert import CHALLENGE_KEY, hello_claims
+from opsplane.transport.grpc.server import GrpcLink
 from opsplane.transport.memory import MemoryLink
+from tests.e2e.fleet import free_port
 
 WAIT = 10.0
 
@@ -195,5 +204,47 @@ async def test_the_monitor_takes_an_open_stream_as_liveness_and_heartbeats_elsew
         # Seen now: the next pass does not find it again until it is past the limit anew.
         seen = (await engine.hosts.get_host("agent-grpc")).last_seen_at
         assert seen is not None and seen > stale + timedelta(seconds=5)
+    finally:
+        await engine.stop()
+
+
+async def test_a_grpc_agent_with_an_open_stream_stays_online_without_heartbeats(
+    tmp_path: Path,
+) -> None:
+    address = f"127.0.0.1:{free_port()}"
+    link = GrpcLink(address, heartbeat_interval=0.5)
+    settings = load_settings(data_dir=tmp_path, heartbeat_interval=0.5, require_enrollment=False)
+    engine = Engine(settings, [link])
+    await engine.start()
+    key = Ed25519PrivateKey.generate()
+    try:
+        async with grpc.aio.insecure_channel(address) as channel:
+            call = pb_grpc.CommandServiceStub(channel).ConnectForCommands()
+            challenge = (await call.initial_metadata()).get(CHALLENGE_KEY)
+            hello = pb.Hello(
+                hostname="quiet-1",
+                public_key=public_key_text(key.public_key()),
+                timestamp=time.time(),
+                challenge=str(challenge),
+            )
+            hello.signature = sign(key, hello_claims(hello))
+            await call.write(pb.CommandMessage(hello=hello))
+            welcome = (await asyncio.wait_for(call.read(), WAIT)).welcome
+            # The welcome tells a current agent to send metrics only, now and then.
+            assert welcome.metrics_interval_seconds == 60
+            assert welcome.heartbeat_interval_seconds == 1  # older agents: as before
+            # Four silence limits (3 x 0.5 s) without a heartbeat: the stream is the liveness.
+            await asyncio.sleep(6.0)
+            host = await engine.hosts.get_host("quiet-1")
+            assert host.status == "online"
+            call.cancel()
+        # The stream's end is the host's end, at once.
+        status = ""
+        for _ in range(int(WAIT / 0.05)):
+            status = (await engine.hosts.get_host("quiet-1")).status
+            if status == "offline":
+                break
+            await asyncio.sleep(0.05)
+        assert status == "offline"
     finally:
         await engine.stop()
