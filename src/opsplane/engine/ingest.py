@@ -235,9 +235,12 @@ class Ingest:
         report cannot be applied) or ``ReportNotWritten`` (ingest stopped first)."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         if isinstance(report, HeartbeatReport):
+            if not self._beats:
+                # The first beat since the last write sets the cadence's clock going; the
+                # loop need not wake for the ones that join it.
+                self._beats_due.set()
             _, futures = self._beats.pop(report.hostname, (report, []))
             self._beats[report.hostname] = (report, [*futures, future])
-            self._beats_due.set()
             return future
         size = _size(report)
         async with self._room:
