@@ -45,7 +45,10 @@ def _free_port() -> int:
 # The fleet side (a child process) --------------------------------------------------------
 
 
-async def _agent(address: str, name: str, welcomed: asyncio.Event, stop: asyncio.Event) -> None:
+async def _agent(
+    address: str, name: str, welcomed: asyncio.Event, stop: asyncio.Event, drops: list[int]
+) -> None:
+    """One agent: connect, beat as the welcome asks; after a drop, reconnect (counted)."""
     import grpc.aio
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -93,9 +96,15 @@ async def _agent(address: str, name: str, welcomed: asyncio.Event, stop: asyncio
                     await asyncio.wait_for(stop.wait(), every)
             call.cancel()
             return
-        except (grpc.aio.AioRpcError, TimeoutError, ConnectionError):
+        except (
+            grpc.aio.AioRpcError,
+            grpc.aio.UsageError,
+            asyncio.InvalidStateError,
+            TimeoutError,
+            ConnectionError,
+        ):
             if welcomed.is_set():
-                return  # a drop after the welcome is counted by the control plane's side
+                drops[0] += 1
             await asyncio.sleep(random.uniform(0.5, 3.0))
         finally:
             await channel.close()
@@ -106,12 +115,13 @@ async def _fleet(address: str, names: list[str]) -> None:
     import resource
 
     stop = asyncio.Event()
+    drops = [0]
     welcomed = [asyncio.Event() for _ in names]
     gate = asyncio.Semaphore(CONNECTS_IN_FLIGHT)
 
     async def one(i: int) -> None:
         async with gate:
-            task = asyncio.create_task(_agent(address, names[i], welcomed[i], stop))
+            task = asyncio.create_task(_agent(address, names[i], welcomed[i], stop, drops))
             waiter = asyncio.ensure_future(welcomed[i].wait())
             await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
             waiter.cancel()
@@ -128,6 +138,7 @@ async def _fleet(address: str, names: list[str]) -> None:
             line = {
                 "welcomed": sum(e.is_set() for e in welcomed),
                 "cpu": usage.ru_utime + usage.ru_stime,
+                "drops": drops[0],
             }
             print(json.dumps(line), flush=True)
             await asyncio.sleep(1.0)
@@ -143,15 +154,17 @@ async def _fleet(address: str, names: list[str]) -> None:
 
 
 class _Worker:
-    def __init__(self, address: str, names: list[str]) -> None:
+    def __init__(self, address: str, agents: int, first: int, step: int) -> None:
+        """Agents ``idle-{first}``, ``idle-{first + step}``, … below ``agents``."""
         self.process = subprocess.Popen(
-            [sys.executable, __file__, "--worker", address, ",".join(names)],
+            [sys.executable, __file__, "--worker", address, f"{agents}:{first}:{step}"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             env=os.environ.copy(),
         )
         self.welcomed = 0
         self.cpu = 0.0
+        self.drops = 0
 
     async def follow(self) -> None:
         assert self.process.stdout is not None
@@ -161,7 +174,7 @@ class _Worker:
             if not line:
                 return
             data = json.loads(line)
-            self.welcomed, self.cpu = data["welcomed"], data["cpu"]
+            self.welcomed, self.cpu, self.drops = data["welcomed"], data["cpu"], data["drops"]
 
     def stop(self) -> None:
         assert self.process.stdin is not None
@@ -192,20 +205,23 @@ async def _measure(agents: int, workers: int, warmup: float, window: float) -> d
             commits += 1
 
         event.listen(engine.db.sync_engine, "commit", _count)
-        names = [f"idle-{i:05d}" for i in range(agents)]
-        fleet = [_Worker(address, names[w::workers]) for w in range(workers)]
+        fleet = [_Worker(address, agents, w, workers) for w in range(workers)]
         followers = [asyncio.create_task(w.follow()) for w in fleet]
         try:
             started = time.monotonic()
             while sum(w.welcomed for w in fleet) < agents:
-                if time.monotonic() - started > CONNECT_DEADLINE:
+                waited = time.monotonic() - started
+                if round(waited) % 10 == 0:
+                    welcomed = sum(w.welcomed for w in fleet)
+                    print(f"{waited:.0f} s: {welcomed} welcomed", file=sys.stderr, flush=True)
+                if waited > CONNECT_DEADLINE:
                     raise TimeoutError(f"only {sum(w.welcomed for w in fleet)} agents welcomed")
                 await asyncio.sleep(1.0)
             connected_in = time.monotonic() - started
             await asyncio.sleep(warmup)
             cpu0, commits0, fleet0 = time.process_time(), commits, sum(w.cpu for w in fleet)
+            drops0 = sum(w.drops for w in fleet)
             wall0 = time.monotonic()
-            offline0 = await _offline_transitions(engine)
             await asyncio.sleep(window)
             wall = time.monotonic() - wall0
             cpu = time.process_time() - cpu0
@@ -218,7 +234,8 @@ async def _measure(agents: int, workers: int, warmup: float, window: float) -> d
                 "commits_per_s": round((commits - commits0) / wall, 1),
                 "fleet_cpu_pct": round(100 * fleet_cpu / wall, 1),
                 "online_at_end": len(link._streams),
-                "went_offline": await _offline_transitions(engine) - offline0,
+                "offline_at_end": await _offline_hosts(engine),
+                "drops_in_window": sum(w.drops for w in fleet) - drops0,
             }
         finally:
             event.remove(engine.db.sync_engine, "commit", _count)
@@ -229,7 +246,7 @@ async def _measure(agents: int, workers: int, warmup: float, window: float) -> d
             await engine.stop()
 
 
-async def _offline_transitions(engine: Any) -> int:
+async def _offline_hosts(engine: Any) -> int:
     """Hosts offline now (an idle fleet should have none)."""
     from sqlalchemy import func, select
 
@@ -242,7 +259,9 @@ async def _offline_transitions(engine: Any) -> int:
 
 def main() -> None:
     if len(sys.argv) == 4 and sys.argv[1] == "--worker":
-        asyncio.run(_fleet(sys.argv[2], sys.argv[3].split(",")))
+        agents, first, step = (int(part) for part in sys.argv[3].split(":"))
+        names = [f"idle-{i:05d}" for i in range(first, agents, step)]
+        asyncio.run(_fleet(sys.argv[2], names))
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--agents", type=int, nargs="+", default=[2000, 5000])
@@ -260,13 +279,14 @@ def main() -> None:
     print(f"\nload average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     print(
         "| agents | connected in | CP CPU (% of a core) | commits/s | fleet CPU "
-        "| online | offline |"
+        "| streams at end | hosts offline at end | drops in window |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
             f"| {r['agents']} | {r['connected_s']} s | {r['cp_cpu_pct']} | {r['commits_per_s']} "
-            f"| {r['fleet_cpu_pct']} % | {r['online_at_end']} | {r['went_offline']} |"
+            f"| {r['fleet_cpu_pct']} % | {r['online_at_end']} | {r['offline_at_end']} "
+            f"| {r['drops_in_window']} |"
         )
 
 
