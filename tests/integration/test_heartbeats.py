@@ -237,6 +237,7 @@ async def test_a_grpc_agent_with_an_open_stream_stays_online_without_heartbeats(
             await asyncio.sleep(6.0)
             host = await engine.hosts.get_host("quiet-1")
             assert host.status == "online"
+            ended_at = datetime.now(UTC)
             call.cancel()
         # The stream's end is the host's end, at once.
         status = ""
@@ -246,5 +247,8 @@ async def test_a_grpc_agent_with_an_open_stream_stays_online_without_heartbeats(
                 break
             await asyncio.sleep(0.05)
         assert status == "offline"
+        # Alive until its stream ended: the grace before its runs are lost counts from there.
+        seen = (await engine.hosts.get_host("quiet-1")).last_seen_at
+        assert seen is not None and seen >= ended_at - timedelta(seconds=1)
     finally:
         await engine.stop()

@@ -111,6 +111,11 @@ class HostService:
             host = await queries.get_host(changes.session, hostname)
             if host is not None and host.link == link:
                 host.status = "offline"
+                stream = self._links.get(link)
+                if stream is not None and stream.liveness_by_stream:
+                    # The stream was the host's liveness until now (its heartbeats are only
+                    # metrics, a minute apart): the grace before its runs are lost starts here.
+                    host.last_seen_at = utcnow()
                 changes.host_changed(hostname)
         log.info("host %s disconnected from %s", hostname, link)
 
