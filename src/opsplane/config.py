@@ -78,6 +78,9 @@ class Settings(BaseSettings):
 
     heartbeat_interval: float = Field(default=10.0, gt=0)
     offline_after_missed: int = Field(default=3, ge=1)
+    # gRPC agents, whose liveness is their stream: how often they send metrics (sooner on a
+    # significant change). AMQP agents beat every heartbeat_interval (seed 002).
+    metrics_interval: float = Field(default=60.0, gt=0)
     lost_grace: float = Field(default=60.0, ge=0)
     # A dispatched run whose host has not reported it started by then was never received.
     start_timeout: float = Field(default=60.0, gt=0)

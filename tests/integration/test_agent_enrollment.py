@@ -365,11 +365,13 @@ async def test_grpc_hellos_and_reports_must_be_signed_by_the_enrolled_key(tmp_pa
 
         channel, call, welcome = await _say_hello(address, lambda c: _hello("g-1", key, ["web"], c))
         assert welcome.HasField("welcome")
-        forged = pb.Heartbeat(hostname="g-1", timestamp=time.time(), cpu_usage=99.0)
+        # A result must be signed by the hello's key; a heartbeat is taken as the stream's,
+        # whose hello proved the key (docs/scale.md, "Heartbeats and liveness").
+        forged = pb.CommandResult(run_id=str(uuid.uuid4()), status="succeeded", exit_code=0)
         forged.signature = sign(other, signed_fields(forged))
         genuine = pb.Heartbeat(hostname="g-1", timestamp=time.time(), cpu_usage=42.0)
         genuine.signature = sign(key, signed_fields(genuine))
-        await call.write(pb.CommandMessage(heartbeat=forged))
+        await call.write(pb.CommandMessage(command_result=forged))
         await call.write(pb.CommandMessage(heartbeat=genuine))
 
         async def beat_recorded() -> bool:

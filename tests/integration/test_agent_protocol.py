@@ -19,7 +19,7 @@ import psutil
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from opsplane.agent import Agent, AgentConfig, Spool
+from opsplane.agent import Agent, AgentConfig, Spool, metrics
 from opsplane.agent.grpc_link import Backoff
 from opsplane.security.signing import parse_public_key, public_key_text, sign, verify
 from opsplane.transport.grpc import opsplane_pb2 as pb
@@ -32,8 +32,9 @@ WAIT = 5.0
 class FakeControlPlane(pb_grpc.CommandServiceServicer):  # type: ignore[misc]
     """Welcomes one agent, records everything it says, and sends what the test queues."""
 
-    def __init__(self, *, ack_results: bool = True) -> None:
+    def __init__(self, *, ack_results: bool = True, welcome: pb.Welcome | None = None) -> None:
         self.ack_results = ack_results
+        self.welcome = welcome or pb.Welcome(heartbeat_interval_seconds=1)
         self.hellos: list[pb.Hello] = []
         self.messages: list[pb.CommandMessage] = []
         self._outbox: asyncio.Queue[pb.CommandMessage] = asyncio.Queue()
@@ -50,7 +51,7 @@ class FakeControlPlane(pb_grpc.CommandServiceServicer):  # type: ignore[misc]
             async with write_lock:
                 await context.write(message)
 
-        await write(pb.CommandMessage(welcome=pb.Welcome(heartbeat_interval_seconds=1)))
+        await write(pb.CommandMessage(welcome=self.welcome))
 
         async def forward() -> None:
             while True:
@@ -182,6 +183,34 @@ async def test_hello_then_heartbeats(tmp_path: Path) -> None:
         assert beat.hostname == "test-host" and beat.status == "online"
         assert abs(beat.timestamp - time.time()) < 30
         assert 0 <= beat.memory_usage <= 100 and 0 <= beat.disk_usage <= 100
+
+
+async def test_an_agent_told_of_stream_liveness_sends_metrics_at_the_metrics_interval(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Figures that never move enough: only the interval sends them.
+    monkeypatch.setattr(metrics, "SIGNIFICANT", dict.fromkeys(metrics.SIGNIFICANT, 1e9))
+    welcome = pb.Welcome(heartbeat_interval_seconds=1, metrics_interval_seconds=3)
+    cp = FakeControlPlane(welcome=welcome)
+    async with serving(cp) as port, running(make_config(tmp_path, port)):
+        await cp.wait_for("heartbeat")  # at once: the control plane knows the figures
+        await asyncio.sleep(2.0)
+        assert len(cp.of_kind("heartbeat")) == 1  # not one a second
+        await wait_until(lambda: len(cp.of_kind("heartbeat")) >= 2)
+        first, second = cp.of_kind("heartbeat")[:2]
+        assert second.timestamp - first.timestamp >= 2.0
+        assert second.signature  # still signed, for control planes that verify
+
+
+async def test_an_agent_sends_metrics_early_when_they_change_significantly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every move is significant: the figures go every heartbeat interval, not every 60 s.
+    monkeypatch.setattr(metrics, "SIGNIFICANT", dict.fromkeys(metrics.SIGNIFICANT, 0.0))
+    welcome = pb.Welcome(heartbeat_interval_seconds=1, metrics_interval_seconds=60)
+    cp = FakeControlPlane(welcome=welcome)
+    async with serving(cp) as port, running(make_config(tmp_path, port)):
+        await wait_until(lambda: len(cp.of_kind("heartbeat")) >= 2)
 
 
 async def test_command_streams_output_and_reports_its_result(tmp_path: Path) -> None:

@@ -139,6 +139,9 @@ class GrpcLink:
             load_public_key(config.control_plane_key) if config.control_plane_key else None
         )
         self._host_metrics = host_metrics
+        # From the welcome: > 0 when the control plane takes the stream as our liveness, and
+        # heartbeats only carry metrics, this often or on a significant change.
+        self._metrics_every = 0.0
         self._backoff = Backoff(config.reconnect_initial, config.reconnect_max)
         self._call: grpc.aio.StreamStreamCall[pb.CommandMessage, pb.CommandMessage] | None = None
         self._write_lock = asyncio.Lock()
@@ -267,6 +270,7 @@ class GrpcLink:
         if kind != "welcome":
             raise _StreamClosed(f"expected welcome, the control plane sent {kind}")
         self._last_attempt_welcomed = True
+        self._metrics_every = float(first.welcome.metrics_interval_seconds)
         interval = float(first.welcome.heartbeat_interval_seconds)
         return interval if interval > 0 else DEFAULT_HEARTBEAT_INTERVAL
 
@@ -330,20 +334,34 @@ class GrpcLink:
             logger.exception("re-sending spooled results failed")
 
     async def _heartbeats(self, interval: float) -> None:
+        """Beat every ``interval``; or, when the control plane takes the stream as the liveness
+        (``metrics_interval_seconds`` in the welcome), look at the figures every ``interval``
+        and send them only every ``metrics_every`` or when one changed significantly."""
         config = self._config
+        sent: dict[str, float] | None = None
+        sent_at = 0.0
         while True:
             figures = self._host_metrics()
-            beat = pb.Heartbeat(
-                hostname=config.name,
-                status="online",
-                timestamp=time.time(),
-                cpu_usage=figures.get("cpu_usage", 0.0),
-                memory_usage=figures.get("memory_usage", 0.0),
-                load=figures.get("load", 0.0),
-                disk_usage=figures.get("disk_usage", 0.0),
-            )
-            beat.signature = self._handler.signature(beat)
-            await self.send(pb.CommandMessage(heartbeat=beat))
+            now = time.monotonic()
+            if (
+                self._metrics_every <= 0
+                or sent is None
+                # Half an interval early rather than a whole one late.
+                or now - sent_at >= self._metrics_every - interval / 2
+                or metrics.changed_significantly(sent, figures)
+            ):
+                beat = pb.Heartbeat(
+                    hostname=config.name,
+                    status="online",
+                    timestamp=time.time(),
+                    cpu_usage=figures.get("cpu_usage", 0.0),
+                    memory_usage=figures.get("memory_usage", 0.0),
+                    load=figures.get("load", 0.0),
+                    disk_usage=figures.get("disk_usage", 0.0),
+                )
+                beat.signature = self._handler.signature(beat)
+                await self.send(pb.CommandMessage(heartbeat=beat))
+                sent, sent_at = figures, now
             await asyncio.sleep(interval)
 
     async def _write(

@@ -26,3 +26,25 @@ def snapshot() -> dict[str, float]:
     except (OSError, psutil.Error) as exc:
         logger.debug("host metrics incomplete: %s", exc)
     return figures
+
+
+# How far a figure must move from the one last sent to be sent before its time (gRPC agents
+# send metrics every ``metrics_interval``; docs/scale.md): percentage points, and load.
+SIGNIFICANT: dict[str, float] = {
+    "cpu_usage": 25.0,
+    "memory_usage": 10.0,
+    "disk_usage": 5.0,
+    "load": 1.0,
+}
+
+
+def changed_significantly(sent: dict[str, float], now: dict[str, float]) -> bool:
+    """Whether a figure in ``now`` moved far enough from ``sent`` to be worth sending now
+    (load: by 1.0 or by half of what was sent, whichever is more)."""
+    for name, step in SIGNIFICANT.items():
+        before, after = sent.get(name, 0.0), now.get(name, 0.0)
+        if name == "load":
+            step = max(step, before / 2)
+        if abs(after - before) >= step:
+            return True
+    return False

@@ -60,6 +60,8 @@ def build_engine(settings: Settings) -> Engine:
     grpc_link = GrpcLink(
         settings.grpc_listen,
         heartbeat_interval=settings.heartbeat_interval,
+        offline_after_missed=settings.offline_after_missed,
+        metrics_interval=settings.metrics_interval,
         allow_insecure=settings.grpc_allow_insecure,
         tls_cert=grpc_tls[0] if grpc_tls else None,
         tls_key=grpc_tls[1] if grpc_tls else None,

@@ -86,8 +86,13 @@ class ConnectionWriter:
         retry_initial: float = 0.5,
         retry_max: float = 5.0,
         on_written: Callable[[BatchOutcome], None] | None = None,
+        stream_links: frozenset[str] = frozenset(),
     ) -> None:
         self._write = write
+        # Links whose open stream was the host's liveness (Link.liveness_by_stream): their
+        # heartbeats are only metrics, a minute apart, so a disconnect is the last time the
+        # host was known alive and the grace before its runs are lost starts there.
+        self._stream_links = stream_links
         self._probe = probe
         self._batch_size = batch_size
         self._linger = linger
@@ -257,7 +262,8 @@ class ConnectionWriter:
                 by_link.setdefault(link, []).append(name)
                 changes.host_changed(name)
             for link, names in by_link.items():
-                await queries.mark_hosts(session, names, "offline", link=link)
+                seen = utcnow() if link in self._stream_links else None
+                await queries.mark_hosts(session, names, "offline", link=link, last_seen_at=seen)
             reconciled = [
                 name for name, op in connects.items() if op.hello.reconcile and name not in refused
             ]

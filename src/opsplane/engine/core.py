@@ -130,6 +130,7 @@ class Engine:
             hearing=lambda: not self.ingest.paused,
             timeout_grace=settings.timeout_grace,
             send_cancels=self.dispatcher.send_cancels,
+            heard=self._heard,
         )
         self.retention = Retention(
             self.write,
@@ -275,6 +276,14 @@ class Engine:
             refused.set_exception(ReportRejected(str(e)))
             return refused
         return await self.ingest.report(report)
+
+    def _heard(self, name: str, link_name: str) -> bool:
+        """Whether a host past the heartbeat silence limit is alive all the same: an open
+        stream that checks its peer (gRPC keepalive), or a heartbeat waiting in ingest."""
+        link = self.links.get(link_name)
+        if link is not None and link.liveness_by_stream and link.is_connected(name):
+            return True
+        return self.ingest.beat_waiting(name)
 
     async def _drop_silent(self, hosts: list[tuple[str, str]]) -> None:
         """Close the connections of hosts the monitor found silent. A stream can look open to

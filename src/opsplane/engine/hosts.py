@@ -53,6 +53,7 @@ class HostService:
             batch_size=connect_batch_size,
             linger=connect_linger,
             on_written=on_written,
+            stream_links=frozenset(n for n, link in links.items() if link.liveness_by_stream),
         )
 
     async def load(self) -> None:

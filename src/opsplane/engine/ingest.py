@@ -37,6 +37,7 @@ import asyncio
 import codecs
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
@@ -53,7 +54,7 @@ from opsplane.engine.changes import Changes, run_event_data
 from opsplane.execution.capture import DEFAULT_CAP, OutputCapture
 from opsplane.store import queries
 from opsplane.store.database import is_unavailable
-from opsplane.store.tables import HeartbeatRow, RunRow, TaskRow, utcnow
+from opsplane.store.tables import RunRow, TaskRow, utcnow
 from opsplane.transport.base import (
     HeartbeatReport,
     HostReport,
@@ -142,9 +143,12 @@ class Ingest:
         max_queue_bytes: int = 64 * 1024 * 1024,
         probe: Callable[[], Awaitable[None]] | None = None,
         on_rejected: Callable[[str], None] | None = None,
+        beats_every: float = 1.0,
     ) -> None:
         """``probe`` checks that the database answers (it raises otherwise); ``on_rejected``
-        is told why each report that failed alone failed (metrics)."""
+        is told why each report that failed alone failed (metrics). Heartbeats that come
+        alone are written at most once per ``beats_every`` seconds, all of them in one
+        statement (docs/scale.md, "Heartbeats and liveness")."""
         self._write = write
         self._archive = archive
         self._batch_size = batch_size
@@ -164,6 +168,11 @@ class Ingest:
         self._beats: dict[str, tuple[HeartbeatReport, list[asyncio.Future[None]]]] = {}
         self._beats_due = asyncio.Event()
         self._current_beats: _Beats = []
+        self._current_beat_hosts: set[str] = set()
+        # Heartbeats alone go at a bounded cadence: a fleet beating at random instants is
+        # one small transaction per ``beats_every``, not one per beat.
+        self._beats_every = beats_every
+        self._beats_taken_at = -math.inf
         self.loop = Supervised("ingest", self._loop, on_crash=self._crashed)
         #: Whether the last write failed because the database was unreachable (until one
         #: succeeds): ingest is paused, the queue applies backpressure.
@@ -218,6 +227,8 @@ class Ingest:
             # Incomplete last lines of runs still going: into the archive, not lost.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._flush_with_retry([], release_all=True), drain_seconds)
+        for _, futures in self._take_beats():
+            _fail(futures, ReportNotWritten("ingest stopped before the heartbeat was written"))
 
     async def report(self, report: HostReport) -> asyncio.Future[None]:
         """Queue ``report``; waits while the queue is full (backpressure on the link). The
@@ -225,9 +236,12 @@ class Ingest:
         report cannot be applied) or ``ReportNotWritten`` (ingest stopped first)."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         if isinstance(report, HeartbeatReport):
+            if not self._beats:
+                # The first beat since the last write sets the cadence's clock going; the
+                # loop need not wake for the ones that join it.
+                self._beats_due.set()
             _, futures = self._beats.pop(report.hostname, (report, []))
             self._beats[report.hostname] = (report, [*futures, future])
-            self._beats_due.set()
             return future
         size = _size(report)
         async with self._room:
@@ -256,12 +270,16 @@ class Ingest:
         them, rather than wait for an answer that would never come."""
         batch, self._current = self._current, []
         beats, self._current_beats = self._current_beats, []
+        self._current_beat_hosts = set()
         for _, future in batch:
             if not future.done():
                 future.set_exception(ReportNotWritten(why))
             self._queue.task_done()
-        for _, futures in beats:
-            _fail(futures, ReportNotWritten(why))
+        # Heartbeats go back to wait for the next write (the restarted loop's, or the last
+        # one of ``stop``): a newer beat of the same host stands for them.
+        for beat, futures in beats:
+            newer, waiting = self._beats.pop(beat.hostname, (beat, []))
+            self._beats[beat.hostname] = (newer, [*futures, *waiting])
 
     async def _loop(self) -> None:
         # Group commit: a batch is whatever queued up while the previous one was being written,
@@ -311,34 +329,46 @@ class Ingest:
                 self._queue.task_done()
 
     async def _next_report(self) -> _Item | None:
-        """The next report, or None when heartbeats wait or the oldest held line is due."""
-        if self._beats:
-            return None
-        wait: float | None = None
-        if self._held:
-            oldest = next(iter(self._held.values()))
-            wait = oldest.since + self._hold_for - time.monotonic()
-            if wait <= 0:
-                return None
-        if not self._queue.empty():
-            return await self._took(self._queue.get_nowait())
-        # Idle: wait for a report, a heartbeat, or the held line's time.
-        self._beats_due.clear()
-        getter = asyncio.ensure_future(self._queue.get())
-        beat = asyncio.ensure_future(self._beats_due.wait())
-        try:
-            await asyncio.wait({getter, beat}, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            beat.cancel()
-            if not getter.done():
-                getter.cancel()  # takes nothing from the queue
-        if getter.done() and not getter.cancelled():
-            return await self._took(getter.result())
-        return None
+        """The next report, or None when heartbeats are due or the oldest held line is."""
+        while True:
+            wait: float | None = None
+            if self._beats:
+                wait = self._beats_taken_at + self._beats_every - time.monotonic()
+                if wait <= 0:
+                    return None
+            if self._held:
+                oldest = next(iter(self._held.values()))
+                held_wait = oldest.since + self._hold_for - time.monotonic()
+                if held_wait <= 0:
+                    return None
+                wait = held_wait if wait is None else min(wait, held_wait)
+            if not self._queue.empty():
+                return await self._took(self._queue.get_nowait())
+            # Idle: wait for a report, a heartbeat, or the time of beats or held lines.
+            self._beats_due.clear()
+            getter = asyncio.ensure_future(self._queue.get())
+            beat = asyncio.ensure_future(self._beats_due.wait())
+            try:
+                await asyncio.wait(
+                    {getter, beat}, timeout=wait, return_when=asyncio.FIRST_COMPLETED
+                )
+            finally:
+                beat.cancel()
+                if not getter.done():
+                    getter.cancel()  # takes nothing from the queue
+            if getter.done() and not getter.cancelled():
+                return await self._took(getter.result())
+
+    def beat_waiting(self, hostname: str) -> bool:
+        """Whether a heartbeat of ``hostname`` is taken but not yet written: the host was
+        heard, whatever its row says (the monitor must not call it silent)."""
+        return hostname in self._beats or hostname in self._current_beat_hosts
 
     def _take_beats(self) -> _Beats:
         beats = list(self._beats.values())
         self._beats.clear()
+        if beats:
+            self._beats_taken_at = time.monotonic()
         return beats
 
     async def _flush_with_retry(self, batch: list[_Item], *, release_all: bool = False) -> None:
@@ -355,6 +385,7 @@ class Ingest:
         # not lose them.
         released = await self._release_held(release_all)
         beats = self._current_beats = self._take_beats()
+        self._current_beat_hosts = {beat.hostname for beat, _ in beats}
         try:
             chunks = await self._write_retrying(batch, released, beats)
         except Exception as e:
@@ -371,6 +402,7 @@ class Ingest:
         else:
             _succeed(beats)
         self._current_beats = []
+        self._current_beat_hosts = set()
         await self._archive_append(chunks)
         for _, future in batch:
             if not future.done():
@@ -868,39 +900,29 @@ class Ingest:
         return decoder.decode(data).replace("\x00", "\ufffd")
 
     async def _apply_heartbeats(self, changes: Changes, beats: list[HeartbeatReport]) -> None:
+        """The latest beat of each host in one UPDATE (executemany), and the history rows due
+        in one INSERT: two statements whatever the number of hosts."""
         if not beats:
             return
         latest: dict[str, HeartbeatReport] = {}
         for beat in beats:
             latest[beat.hostname] = beat
-        values = []
+        history = []
         for beat in latest.values():
-            values.append(
-                {
-                    "name": beat.hostname,
-                    "status": "online",
-                    "last_seen_at": beat.at,
-                    "cpu_usage": beat.cpu_usage,
-                    "memory_usage": beat.memory_usage,
-                    "load": beat.load,
-                    "disk_usage": beat.disk_usage,
-                }
-            )
             previous = self._last_history.get(beat.hostname)
-            if previous is None or beat.at - previous >= self._history_every:
+            if previous is None or beat.at - previous >= self._history_every * _HISTORY_SLACK:
                 self._last_history[beat.hostname] = beat.at
-                changes.session.add(
-                    HeartbeatRow(
-                        host=beat.hostname,
-                        at=beat.at,
-                        cpu_usage=beat.cpu_usage,
-                        memory_usage=beat.memory_usage,
-                        load=beat.load,
-                        disk_usage=beat.disk_usage,
-                    )
-                )
+                history.append(_figures(beat) | {"host": beat.hostname, "at": beat.at})
         known = await queries.known_host_names(changes.session, latest)
-        await queries.bulk_update_hosts(changes.session, [v for v in values if v["name"] in known])
+        await queries.record_heartbeats(
+            changes.session,
+            [
+                _figures(beat) | {"b_name": beat.hostname, "last_seen_at": beat.at}
+                for beat in latest.values()
+                if beat.hostname in known
+            ],
+            history,
+        )
         changes.hosts_changed |= known
 
 
@@ -908,6 +930,20 @@ def _fans_out(task: TaskRow | None) -> bool:
     """Whether ``task`` may have gone out as a group or broadcast message."""
     targets = (task.targets or {}) if task is not None else {}
     return bool(targets.get("all") or targets.get("groups"))
+
+
+# A history row is due once ``history_every`` has nearly passed: beats come about that often
+# (metrics every 60 s), and a beat a moment early must not push the row to the one after.
+_HISTORY_SLACK = 0.9
+
+
+def _figures(beat: HeartbeatReport) -> dict[str, float | None]:
+    return {
+        "cpu_usage": beat.cpu_usage,
+        "memory_usage": beat.memory_usage,
+        "load": beat.load,
+        "disk_usage": beat.disk_usage,
+    }
 
 
 def _succeed(beats: _Beats) -> None:

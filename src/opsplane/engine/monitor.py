@@ -1,6 +1,7 @@
-"""Liveness: hosts silent for too long go offline; runs on hosts gone past the grace period
-become ``lost``; runs past their timeout plus a grace end and are canceled on their host;
-heartbeat history is pruned. Each pass is a bounded batch (DESIGN §7)."""
+"""Liveness: hosts silent for too long go offline (a host whose link holds an open stream to
+it, or whose heartbeat waits in ingest, is not silent: docs/scale.md); runs on hosts gone past
+the grace period become ``lost``; runs past their timeout plus a grace end and are canceled on
+their host; heartbeat history is pruned. Each pass is a bounded batch (DESIGN §7)."""
 
 from __future__ import annotations
 
@@ -40,9 +41,14 @@ class Monitor:
         hearing: Callable[[], bool] = lambda: True,
         timeout_grace: float = 30.0,
         send_cancels: Callable[[list[CancelOrder]], Awaitable[None]] | None = None,
+        heard: Callable[[str, str], bool] = lambda _name, _link: False,
     ) -> None:
         """``hearing`` says whether heartbeats are being written now (False while ingest is
-        paused because the database is unreachable)."""
+        paused because the database is unreachable). ``heard(name, link)`` says whether a host
+        whose row is past the silence limit is alive all the same: its link holds an open
+        stream to it (the stream's keepalive is its liveness), or a heartbeat of it is on its
+        way to the database."""
+        self._heard = heard
         self._write = write
         # The control plane's own timeout clock: a run still in flight ``timeout_grace`` after
         # its command's timeout has ended on its host or never will; its cancel goes out
@@ -120,6 +126,11 @@ class Monitor:
                 else []
             )
             for host in stale:
+                if self._heard(host.name, host.link):
+                    # Alive by its stream (or a beat not yet written): seen now, so that the
+                    # next pass does not find it again until it has been silent that long.
+                    host.last_seen_at = now
+                    continue
                 host.status = "offline"
                 changes.host_changed(host.name)
                 silent.append((host.name, host.link))

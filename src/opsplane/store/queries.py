@@ -5,9 +5,22 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from datetime import datetime
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
-from sqlalchemy import and_, case, delete, false, func, insert, literal, or_, select, update
+from sqlalchemy import (
+    Table,
+    and_,
+    bindparam,
+    case,
+    delete,
+    false,
+    func,
+    insert,
+    literal,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import defer
 
@@ -275,12 +288,17 @@ async def hosts_by_name(session: AsyncSession, names: Iterable[str]) -> dict[str
 
 
 async def known_host_names(session: AsyncSession, names: Iterable[str]) -> set[str]:
-    wanted = list(set(names))
-    if not wanted:
-        return set()
-    return set(
-        (await session.execute(select(HostRow.name).where(HostRow.name.in_(wanted)))).scalars()
-    )
+    """Those of ``names`` that are hosts, in chunks that every backend accepts."""
+    wanted = sorted(set(names))
+    known: set[str] = set()
+    for start in range(0, len(wanted), _IN_CHUNK):
+        stmt = select(HostRow.name).where(HostRow.name.in_(wanted[start : start + _IN_CHUNK]))
+        known.update((await session.execute(stmt)).scalars())
+    return known
+
+
+# Names per ``IN (...)``: well under every backend's limit of bound parameters.
+_IN_CHUNK = 1000
 
 
 async def host_status_counts(
@@ -533,6 +551,35 @@ async def events_after(
     return list((await session.execute(stmt)).scalars())
 
 
+# Core, not ORM: one executemany with no per-row object or identity-map work.
+_HOSTS = cast(Table, HostRow.__table__)
+_HEARTBEATS = cast(Table, HeartbeatRow.__table__)
+_HEARTBEAT_UPDATE = (
+    update(_HOSTS)
+    .where(_HOSTS.c.name == bindparam("b_name"))
+    .values(
+        status="online",
+        last_seen_at=bindparam("last_seen_at"),
+        cpu_usage=bindparam("cpu_usage"),
+        memory_usage=bindparam("memory_usage"),
+        load=bindparam("load"),
+        disk_usage=bindparam("disk_usage"),
+    )
+)
+
+
+async def record_heartbeats(
+    session: AsyncSession, hosts: list[dict[str, Any]], history: list[dict[str, Any]]
+) -> None:
+    """Write hosts' latest heartbeats, one statement for all of them: each of ``hosts`` holds
+    ``b_name`` (the host), ``last_seen_at`` and the four figures; ``history`` holds the
+    ``HeartbeatRow`` values to keep (one multi-row INSERT)."""
+    if hosts:
+        await session.execute(_HEARTBEAT_UPDATE, hosts)
+    if history:
+        await session.execute(insert(_HEARTBEATS), history)
+
+
 async def bulk_update_hosts(session: AsyncSession, values: list[dict[str, Any]]) -> None:
     """ORM bulk UPDATE by primary key (one executemany)."""
     if values:
@@ -546,15 +593,22 @@ async def insert_hosts(session: AsyncSession, values: list[dict[str, Any]]) -> N
 
 
 async def mark_hosts(
-    session: AsyncSession, names: Sequence[str], status: str, *, link: str
+    session: AsyncSession,
+    names: Sequence[str],
+    status: str,
+    *,
+    link: str,
+    last_seen_at: datetime | None = None,
 ) -> None:
-    """Set the status of the named hosts that belong to ``link`` (in chunks)."""
+    """Set the status (and ``last_seen_at`` if given) of the named hosts that belong to
+    ``link`` (in chunks)."""
+    values: dict[str, Any] = {"status": status}
+    if last_seen_at is not None:
+        values["last_seen_at"] = last_seen_at
     for start in range(0, len(names), 500):
         chunk = list(names[start : start + 500])
         await session.execute(
-            update(HostRow)
-            .where(HostRow.name.in_(chunk), HostRow.link == link)
-            .values(status=status)
+            update(HostRow).where(HostRow.name.in_(chunk), HostRow.link == link).values(**values)
         )
 
 

@@ -297,6 +297,10 @@ class Link(abc.ABC):
     # 002 alone (their heartbeat has no ``version``). Their runs are not ended by the start
     # timeout, only by their result, their execution timeout plus grace, or their deadline.
     has_silent_starters: ClassVar[bool] = False
+    # Whether ``is_connected`` tells of an open stream whose transport checks the peer by
+    # itself (gRPC: HTTP/2 keepalive pings), so that the host is alive while it is true,
+    # heartbeats or not. False where "connected" is inferred from heartbeats (RabbitMQ).
+    liveness_by_stream: ClassVar[bool] = False
 
     @property
     def executes_here(self) -> bool:

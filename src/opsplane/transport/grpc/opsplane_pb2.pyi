@@ -133,14 +133,16 @@ class Hello(_message.Message):
     def __init__(self, hostname: _Optional[str] = ..., version: _Optional[str] = ..., groups: _Optional[_Iterable[str]] = ..., labels: _Optional[_Mapping[str, str]] = ..., os: _Optional[str] = ..., running_run_ids: _Optional[_Iterable[str]] = ..., finished_run_ids: _Optional[_Iterable[str]] = ..., public_key: _Optional[str] = ..., timestamp: _Optional[float] = ..., signature: _Optional[str] = ..., abandoned_run_ids: _Optional[_Iterable[str]] = ..., challenge: _Optional[str] = ...) -> None: ...
 
 class Welcome(_message.Message):
-    __slots__ = ("heartbeat_interval_seconds", "server_version", "public_key")
+    __slots__ = ("heartbeat_interval_seconds", "server_version", "public_key", "metrics_interval_seconds")
     HEARTBEAT_INTERVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
     PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    METRICS_INTERVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     heartbeat_interval_seconds: int
     server_version: str
     public_key: str
-    def __init__(self, heartbeat_interval_seconds: _Optional[int] = ..., server_version: _Optional[str] = ..., public_key: _Optional[str] = ...) -> None: ...
+    metrics_interval_seconds: int
+    def __init__(self, heartbeat_interval_seconds: _Optional[int] = ..., server_version: _Optional[str] = ..., public_key: _Optional[str] = ..., metrics_interval_seconds: _Optional[int] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
     __slots__ = ("hostname", "status", "timestamp", "cpu_usage", "memory_usage", "load", "disk_usage", "signature")

@@ -55,9 +55,31 @@ KEEPALIVE_OPTIONS = [
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
+    # Keepalive pings on an idle stream never stop (the default stops after two pings
+    # without data): they are how an agent that stopped answering is found (docs/scale.md).
+    ("grpc.http2.max_pings_without_data", 0),
+    # What a keepalive ping's answer is waited for (gRPC core arms this timer, not
+    # keepalive_timeout, for the pings it sends): kept equal to keepalive_timeout_ms.
+    ("grpc.http2.ping_timeout_ms", 10_000),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
 ]
+
+
+def server_options(heartbeat_interval: float, offline_after_missed: int) -> list[tuple[str, int]]:
+    """``KEEPALIVE_OPTIONS`` with the keepalive paced by the heartbeat settings: a ping every
+    interval, answered within the rest of the silence limit, so that a stream to an agent that
+    stopped answering (frozen, cut off without a FIN) ends within ``interval * missed``, as the
+    heartbeat rule would have it. Pings are answered by the peer's gRPC core: no message, no
+    signature, nothing on the event loop of either side."""
+    interval_ms = max(1, round(heartbeat_interval * 1000))
+    timeout_ms = interval_ms * max(1, offline_after_missed - 1)
+    paced = {
+        "grpc.keepalive_time_ms": interval_ms,
+        "grpc.keepalive_timeout_ms": timeout_ms,
+        "grpc.http2.ping_timeout_ms": timeout_ms,
+    }
+    return [(name, paced.get(name, value)) for name, value in KEEPALIVE_OPTIONS]
 
 
 @dataclass(eq=False)
@@ -89,12 +111,16 @@ class _AgentStream:
 
 class GrpcLink(Link, pb_grpc.CommandServiceServicer):  # type: ignore[misc]
     name: ClassVar[str] = convert.LINK_NAME
+    # An open stream is the agent's liveness: keepalive pings end one whose peer is gone.
+    liveness_by_stream: ClassVar[bool] = True
 
     def __init__(
         self,
         listen: str,
         *,
         heartbeat_interval: float,
+        offline_after_missed: int = 3,
+        metrics_interval: float = 60.0,
         allow_insecure: bool = False,
         tls_cert: Path | None = None,
         tls_key: Path | None = None,
@@ -123,6 +149,9 @@ class GrpcLink(Link, pb_grpc.CommandServiceServicer):  # type: ignore[misc]
             )
         self._listen = listen
         self._heartbeat_interval = heartbeat_interval
+        self._offline_after_missed = offline_after_missed
+        # Told to agents in the welcome: their heartbeats carry metrics only, this often.
+        self._metrics_interval = metrics_interval
         self._allow_insecure = allow_insecure
         self._tls_cert = tls_cert
         self._tls_key = tls_key
@@ -145,7 +174,12 @@ class GrpcLink(Link, pb_grpc.CommandServiceServicer):  # type: ignore[misc]
     async def start(self, events: LinkEvents) -> None:
         self._events = events
         host, _ = split_host_port(self._listen)
-        server = aio.server(options=[*KEEPALIVE_OPTIONS, *self._pending_options()])
+        server = aio.server(
+            options=[
+                *server_options(self._heartbeat_interval, self._offline_after_missed),
+                *self._pending_options(),
+            ]
+        )
         pb_grpc.add_CommandServiceServicer_to_server(self, server)
         if self._tls_cert and self._tls_key:
             self.bound_port = server.add_secure_port(self._listen, self._server_credentials())
@@ -275,6 +309,7 @@ class GrpcLink(Link, pb_grpc.CommandServiceServicer):  # type: ignore[misc]
                 pb.CommandMessage(
                     welcome=pb.Welcome(
                         heartbeat_interval_seconds=max(1, round(self._heartbeat_interval)),
+                        metrics_interval_seconds=max(1, round(self._metrics_interval)),
                         server_version="opsplane",
                     )
                 )
@@ -422,8 +457,10 @@ class GrpcLink(Link, pb_grpc.CommandServiceServicer):  # type: ignore[misc]
                 await asyncio.wait([stream.registered])
                 stream.registered = None
             kind = message.WhichOneof("message")
-            if kind in ("heartbeat", "command_result") and not self._signed_by_agent(
-                stream, getattr(message, kind)
+            # Results are verified one by one; heartbeats are not: the stream is the agent's,
+            # proved by its hello's signature over this stream's challenge (docs/scale.md).
+            if kind == "command_result" and not self._signed_by_agent(
+                stream, message.command_result
             ):
                 continue
             try:
@@ -457,8 +494,8 @@ class GrpcLink(Link, pb_grpc.CommandServiceServicer):  # type: ignore[misc]
             self._events.message_refused(self.name, reason)
 
     def _signed_by_agent(self, stream: _AgentStream, message: Message) -> bool:
-        """Whether a result or heartbeat is signed by the key of the stream's hello (an agent
-        that presented no key, an older one, is not held to it)."""
+        """Whether a result is signed by the key of the stream's hello (an agent that presented
+        no key, an older one, is not held to it)."""
         if stream.key is None:
             return True
         signature = getattr(message, "signature", "")
