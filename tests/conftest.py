@@ -101,25 +101,23 @@ def _problem(name: str) -> str | None:
     return None if _reachable(host, port) else f"{name} is not reachable at {host}:{port}"
 
 
-# The suite runs in two pytest-xdist workers (`.ci/run`: `-n 2 --dist loadgroup`). Tests in this
-# group run one after the other on one worker: the fault scenarios, whose bounds assume no other
-# fault scenario loads the machine at the same moment, and every test on RabbitMQ's default
-# vhost, whose shared queues (cmd.result, monitor.heartbeat) two workers would steal from each
-# other (a module with that ``AMQP_URL``, or a test marked ``default_vhost``). A test on a
-# private vhost (tests/rabbitmq.py) needs neither.
-SERIAL_GROUP = "serial"
+# `.ci/run` runs the suite in two steps: every test not marked ``serial`` in two pytest-xdist
+# workers, then the ``serial`` ones in one process. Serial are the fault scenarios, whose bounds
+# assume no other test loads the machine at the same moment, and every test on RabbitMQ's
+# default vhost (a module with that ``AMQP_URL``, or a test marked ``default_vhost``), whose
+# shared queues (cmd.result, monitor.heartbeat) two workers would steal from each other. A test
+# on a private vhost (tests/rabbitmq.py) needs neither.
 DEFAULT_VHOST_URL = "amqp://guest:guest@127.0.0.1:5672/"
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    for item in items:
-        module = getattr(item, "module", None)
-        in_faults = "faults" in item.nodeid.split("/")[:2]
-        on_default_vhost = getattr(module, "AMQP_URL", None) == DEFAULT_VHOST_URL or any(
-            m.name == "default_vhost" for m in item.iter_markers()
-        )
-        if in_faults or on_default_vhost:
-            item.add_marker(pytest.mark.xdist_group(SERIAL_GROUP))
+def pytest_itemcollected(item: pytest.Item) -> None:
+    module = getattr(item, "module", None)
+    in_faults = "faults" in item.nodeid.split("/")[:2]
+    on_default_vhost = getattr(module, "AMQP_URL", None) == DEFAULT_VHOST_URL or any(
+        m.name == "default_vhost" for m in item.iter_markers()
+    )
+    if in_faults or on_default_vhost:
+        item.add_marker(pytest.mark.serial)
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:

@@ -99,6 +99,7 @@ def test_demo_refuses_a_bad_flag_with_a_clear_message(tmp_path: Path) -> None:
 
 
 @pytest.mark.service("rabbitmq")
+@pytest.mark.default_vhost  # the demo's link consumes the default vhost's shared queues
 def test_demo_seed002_lets_an_agent_written_from_the_seed_join_and_warns(tmp_path: Path) -> None:
     """Issue 16 item 5: ``opsplane demo --seed002`` turns enrollment off (saying so) and opens
     the RabbitMQ link; an unenrolled seed-002 agent joins and runs a command."""
