@@ -682,12 +682,12 @@ class RunLog(NamedTuple):
 
 
 async def run_logs(session: AsyncSession, task_id: str) -> list[RunLog]:
-    """A task's runs in the order they were created (ids are time-ordered), with where their
+    """A task's runs by host, then attempt (the order of a task's run list), with where their
     output is archived: what a log reader needs, without the output itself."""
     stmt = (
         select(RunRow.id, RunRow.status, RunRow.log_path)
         .where(RunRow.task_id == task_id)
-        .order_by(RunRow.id)
+        .order_by(RunRow.host, RunRow.attempt)
     )
     return [RunLog(*row) for row in await session.execute(stmt)]
 
@@ -733,12 +733,15 @@ async def tasks_with_waiting_runs(
 async def waiting_runs(
     session: AsyncSession, task_id: str, now: datetime, *, limit: int
 ) -> list[RunRow]:
-    """A task's runs ready to be sent, canary wave first, then in run order."""
+    """A task's runs ready to be sent: canary wave first, first attempts before retries, then
+    by host name. Not by run id: a run's id is derived from its task, host and attempt
+    (``domain.ids.run_id_for``), so id order is hash order, and a paced rollout would visit
+    hosts at random."""
     stmt = (
         select(RunRow)
         .outerjoin(HostRow, HostRow.name == RunRow.host)
         .where(RunRow.task_id == task_id, _waiting(now))
-        .order_by(RunRow.wave, RunRow.id)
+        .order_by(RunRow.wave, RunRow.attempt, RunRow.host)
         .limit(limit)
     )
     return list((await session.execute(stmt)).scalars())
