@@ -22,9 +22,18 @@ from opsplane.engine.core import Engine
 from opsplane.store.tables import RunRow
 from opsplane.transport.base import RunFinished
 from opsplane.transport.memory import MemoryLink
+from tests.integration.test_heartbeats import StreamLink
 
 HOSTS = ("db-1", "web-1", "web-2")
 T = TypeVar("T")
+
+
+@pytest.fixture
+async def link() -> MemoryLink:
+    # The scheduler is under test, not liveness: hosts stay online while connected, as a gRPC
+    # agent's do while its stream is open. Without heartbeats the monitor would call them
+    # silent after 0.6 s and their runs lost 2 s later, racing the deadlines tested here.
+    return StreamLink()
 
 
 async def _engine(
