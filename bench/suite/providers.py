@@ -99,7 +99,7 @@ PROVIDERS: tuple[Provider, ...] = (
         "swarm",
         ("connect.10k", "broadcast.grpc.10k", "broadcast.amqp.10k", "memory.10k", "restart.10k"),
         script="bench/swarm",
-        argv=("{python}", "-m", "bench.swarm", "figures"),
+        argv=("{python}", "-m", "bench.swarm.figures"),
         bound=900,
     ),
     Provider(
