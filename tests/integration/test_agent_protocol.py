@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from opsplane.agent import Agent, AgentConfig, Spool, metrics
 from opsplane.agent.grpc_link import Backoff
+from opsplane.domain.errors import ConfigError
 from opsplane.security.signing import parse_public_key, public_key_text, sign, verify
 from opsplane.transport.grpc import opsplane_pb2 as pb
 from opsplane.transport.grpc import opsplane_pb2_grpc as pb_grpc
@@ -394,6 +395,39 @@ def _alive(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+async def test_an_agent_given_several_instances_fails_over_to_the_next(tmp_path: Path) -> None:
+    # The first instance of the list is down from the start, the second dies later: the
+    # agent is welcomed by the second, then by the third, with the same hello each time.
+    first, second, third = FakeControlPlane(), FakeControlPlane(), FakeControlPlane()
+    async with serving(first) as down_port:
+        pass  # its port is closed again: "A" of the list is unreachable
+    async with serving(third) as third_port:
+        server, second_port = await start_server(second)
+        servers = f"127.0.0.1:{down_port}, 127.0.0.1:{second_port},127.0.0.1:{third_port}"
+        config = dataclasses.replace(make_config(tmp_path, third_port), server=servers)
+        try:
+            async with running(config):
+                await second.wait_for_hello()
+                await server.stop(None)
+                await third.wait_for_hello()
+        finally:
+            await server.stop(None)
+    assert not first.hellos
+    assert second.hellos[0].hostname == third.hellos[0].hostname == "test-host"
+
+
+def test_a_server_list_is_checked_entry_by_entry() -> None:
+    config = AgentConfig(server="127.0.0.1:1,[::1]:2", name="a")
+    assert config.servers == ("127.0.0.1:1", "[::1]:2")
+    with pytest.raises(ConfigError, match="HOST:PORT"):
+        AgentConfig(server="127.0.0.1:1,", name="a")
+    with pytest.raises(ConfigError, match="got .127.0.0.1.$"):
+        AgentConfig(server="127.0.0.1:1,127.0.0.1", name="a")
+    # Plaintext is refused to any non-loopback entry, not only the first.
+    with pytest.raises(ConfigError, match="refusing plaintext to 10.0.0.2:1"):
+        AgentConfig(server="127.0.0.1:1,10.0.0.2:1", name="a")
 
 
 def test_backoff_is_exponential_with_full_jitter() -> None:

@@ -64,6 +64,17 @@ def _routing_word(value: str) -> bool:
     return bool(value) and not ({"*", "#"} & set(value)) and len(value.encode()) <= 200
 
 
+def split_servers(servers: str) -> tuple[str, ...]:
+    """The ``HOST:PORT`` entries of a comma-separated list (several control-plane
+    instances, tried in turn), each checked; ConfigError for an empty or bad entry."""
+    entries = tuple(entry.strip() for entry in servers.split(","))
+    if not entries or any(not entry for entry in entries):
+        raise ConfigError(f"server: expected HOST:PORT[,HOST:PORT...], got {servers!r}")
+    for entry in entries:
+        split_server(entry)
+    return entries
+
+
 def split_server(server: str) -> tuple[str, int]:
     """Split ``HOST:PORT`` (``[v6]:PORT`` for IPv6) into its parts, or raise ConfigError."""
     try:
@@ -136,12 +147,13 @@ class AgentConfig:
         if self.amqp_url is not None:
             self._check_amqp()
         else:
-            host, _ = split_server(self.server)
-            if self.tls_ca is None and not self.allow_plaintext and not is_loopback(host):
-                raise ConfigError(
-                    f"refusing plaintext to {self.server}: set tls_ca, or allow_plaintext "
-                    "if the network in between is trusted"
-                )
+            for server in split_servers(self.server):
+                host, _ = split_server(server)
+                if self.tls_ca is None and not self.allow_plaintext and not is_loopback(host):
+                    raise ConfigError(
+                        f"refusing plaintext to {server}: set tls_ca, or allow_plaintext "
+                        "if the network in between is trusted"
+                    )
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("tls_cert and tls_key go together")
         if self.tls_cert is not None and self.tls_ca is None:
@@ -236,6 +248,11 @@ class AgentConfig:
         return self.server if self.amqp_url is None else mask_url(self.amqp_url)
 
     @property
+    def servers(self) -> tuple[str, ...]:
+        """The control-plane instances to dial, in the order they are tried."""
+        return split_servers(self.server)
+
+    @property
     def host(self) -> str:
-        """The control plane's host, without the port."""
-        return split_server(self.server)[0]
+        """The first control plane's host, without the port."""
+        return split_server(self.servers[0])[0]

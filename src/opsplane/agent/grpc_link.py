@@ -149,6 +149,10 @@ class GrpcLink:
         self._credentials: grpc.ChannelCredentials | None = None
         # Whether the latest attempt got as far as the welcome (then backoff starts afresh).
         self._last_attempt_welcomed = False
+        # Several control-plane instances (``--server A,B``): each attempt dials the next one,
+        # so that an agent whose instance died is welcomed by another on its next try.
+        self._servers = config.servers
+        self._attempts = 0
         self._refusals: Counter[str] = Counter(dict.fromkeys(REFUSAL_REASONS, 0))
 
     @property
@@ -209,7 +213,7 @@ class GrpcLink:
             except Exception as exc:
                 # A bug in handling one message must not end the daemon; the stream is
                 # rebuilt and the spool makes sure nothing is lost or run twice.
-                logger.exception("link to %s failed unexpectedly", self._config.server)
+                logger.exception("link to %s failed unexpectedly", self.server)
                 reason = f"unexpected {type(exc).__name__}"
             if self._last_attempt_welcomed:
                 self._backoff.reset()
@@ -221,11 +225,17 @@ class GrpcLink:
             logger.warning(
                 "%s %s: %s; reconnecting in %.2fs",
                 "lost the control plane at" if self._last_attempt_welcomed else "cannot reach",
-                self._config.server,
+                self.server,
                 reason,
                 delay,
             )
+            self._attempts += 1
             await asyncio.sleep(delay)
+
+    @property
+    def server(self) -> str:
+        """The control-plane instance this attempt dials (or the open stream is on)."""
+        return self._servers[self._attempts % len(self._servers)]
 
     async def _serve_once(self) -> None:
         """One connection from dial to the end of its stream."""
@@ -239,7 +249,7 @@ class GrpcLink:
                 interval = await self._handshake(call)
                 self._stalled = None
                 self._call = call
-                logger.info("connected to %s as %s", self._config.server, self._config.name)
+                logger.info("connected to %s as %s", self.server, self._config.name)
                 await self._serve(call, interval)
             finally:
                 self._call = None
@@ -381,7 +391,7 @@ class GrpcLink:
                 raise
             return False
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError, grpc.aio.UsageError) as exc:
-            logger.debug("write to %s failed: %s", self._config.server, exc)
+            logger.debug("write to %s failed: %s", self.server, exc)
             return False
 
     def _open_channel(self) -> grpc.aio.Channel:
@@ -389,7 +399,7 @@ class GrpcLink:
         # a broken connection leaks into the next one.
         config = self._config
         if config.tls_ca is None:
-            return grpc.aio.insecure_channel(config.server, options=_CHANNEL_OPTIONS)
+            return grpc.aio.insecure_channel(self.server, options=_CHANNEL_OPTIONS)
         if self._credentials is None:
             # Only ``tls_ca`` is trusted, not the system's CAs: the agent pins the control
             # plane's own CA (docs/tls.md).
@@ -403,7 +413,7 @@ class GrpcLink:
             # The certificate is checked for this name instead of the host dialed (an agent
             # reaching the control plane by an address its certificate does not list).
             options.append(("grpc.ssl_target_name_override", config.tls_server_name))
-        return grpc.aio.secure_channel(config.server, self._credentials, options=options)
+        return grpc.aio.secure_channel(self.server, self._credentials, options=options)
 
 
 def _read(path: Path) -> bytes:

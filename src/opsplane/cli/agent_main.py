@@ -43,8 +43,9 @@ def parser(prog: str = "opsplane-agent") -> argparse.ArgumentParser:
     add(
         "--server",
         default=env("OPSPLANE_AGENT_SERVER", DEFAULT_SERVER),
-        metavar="HOST:PORT",
-        help=f"control plane HOST:PORT [env OPSPLANE_AGENT_SERVER; {DEFAULT_SERVER}]",
+        metavar="HOST:PORT[,HOST:PORT...]",
+        help="control plane HOST:PORT; a comma-separated list names several instances, "
+        f"tried in turn [env OPSPLANE_AGENT_SERVER; {DEFAULT_SERVER}]",
     )
     add(
         "--name",
