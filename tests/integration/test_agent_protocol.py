@@ -423,10 +423,10 @@ def test_a_server_list_is_checked_entry_by_entry() -> None:
     assert config.servers == ("127.0.0.1:1", "[::1]:2")
     with pytest.raises(ConfigError, match="HOST:PORT"):
         AgentConfig(server="127.0.0.1:1,", name="a")
-    with pytest.raises(ConfigError, match="got .127.0.0.1.$"):
+    with pytest.raises(ConfigError, match=r"got .127\.0\.0\.1.$"):
         AgentConfig(server="127.0.0.1:1,127.0.0.1", name="a")
     # Plaintext is refused to any non-loopback entry, not only the first.
-    with pytest.raises(ConfigError, match="refusing plaintext to 10.0.0.2:1"):
+    with pytest.raises(ConfigError, match=r"refusing plaintext to 10\.0\.0\.2:1"):
         AgentConfig(server="127.0.0.1:1,10.0.0.2:1", name="a")
 
 
