@@ -28,6 +28,7 @@ from opsplane.engine.dispatcher import Dispatcher
 from opsplane.engine.hosts import HostService
 from opsplane.engine.hub import EventHub
 from opsplane.engine.ingest import Ingest
+from opsplane.engine.leases import Lease, instance_name
 from opsplane.engine.monitor import Monitor
 from opsplane.engine.recovery import settle_interrupted_runs
 from opsplane.engine.retention import Retention
@@ -58,6 +59,8 @@ class Engine:
         self, settings: Settings, links: list[Link], db: AsyncEngine | None = None
     ) -> None:
         self.settings = settings
+        # This process among the instances sharing the database (the holder of its leases).
+        self.instance = instance_name()
         self.db = db or create_engine(settings.effective_database_url)
         self.sessions = session_factory(self.db)
         self.links = {link.name: link for link in links}
@@ -140,6 +143,13 @@ class Engine:
             keep_links=(SSH_LINK, LOCAL_LINK),
             interval=settings.retention_interval,
             on_forgotten=self.hosts.forget,
+            # Held past the next pass, so that the holder keeps it while it lives.
+            lease=Lease(
+                self.write,
+                "retention",
+                holder=self.instance,
+                ttl=2 * settings.retention_interval + 60,
+            ),
         )
         self.agents = AgentRegistry(
             self.sessions,

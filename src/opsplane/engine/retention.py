@@ -16,6 +16,7 @@ from datetime import datetime, timedelta
 
 from opsplane.engine.background import Supervised, run_periodically
 from opsplane.engine.changes import Changes
+from opsplane.engine.leases import Lease
 from opsplane.store import queries
 from opsplane.store.tables import utcnow
 
@@ -53,8 +54,11 @@ class Retention:
         batch: int = BATCH,
         max_batches: int = MAX_BATCHES_PER_PASS,
         on_forgotten: Callable[[list[str]], None] | None = None,
+        lease: Lease | None = None,
     ) -> None:
         self._write = write
+        # Several instances on one database: only the lease's holder runs passes.
+        self._lease = lease
         # Told the names of the hosts a pass deleted (the host registry's in-memory view).
         self._on_forgotten = on_forgotten
         self._event_days = event_retention_days
@@ -75,6 +79,8 @@ class Retention:
 
     async def stop(self) -> None:
         await self.loop.stop()
+        if self._lease is not None:
+            await self._lease.release()
 
     async def run_once(self, now: datetime | None = None) -> RetentionResult:
         moment = now or utcnow()
@@ -139,6 +145,8 @@ class Retention:
         )
 
     async def _complete_pass(self) -> bool:
+        if self._lease is not None and not await self._lease.claim():
+            return True  # another instance holds it: nothing of ours to do until the next pass
         return (await self.run_once()).complete
 
 

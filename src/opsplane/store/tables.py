@@ -435,3 +435,15 @@ class SshSequenceRow(Base):
     done: Mapped[bool] = mapped_column(Boolean, default=False, index=True)
     error: Mapped[str | None] = mapped_column(CleanText)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class LeaseRow(Base):
+    """A singleton duty's lease (DESIGN §7, docs/instances.md): the instance named ``holder``
+    runs the duty ``name`` until ``expires_at``; another takes over once it has passed."""
+
+    __tablename__ = "leases"
+    __table_args__ = MYSQL_TABLE
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(128))
+    expires_at: Mapped[datetime] = mapped_column()
