@@ -179,5 +179,5 @@ async def test_duplicate_and_malformed_results_change_nothing(
 
 
 def test_passwords_are_masked_in_urls() -> None:
-    assert mask_url("amqp://guest:secret@rabbit:5672/") == "amqp://guest:***@rabbit:5672/"
+    assert mask_url("amqp://guest:secret@rabbit:5672/") == "amqp://guest:******@rabbit:5672/"
     assert mask_url("amqp://rabbit/") == "amqp://rabbit/"

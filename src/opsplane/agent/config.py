@@ -12,6 +12,7 @@ from urllib.parse import SplitResult, urlsplit
 from opsplane import __version__
 from opsplane.agent.policy import CommandPolicy, resolve_run_as
 from opsplane.domain.addresses import DEFAULT_GRPC_ENDPOINT, is_loopback, split_host_port
+from opsplane.domain.addresses import mask_url as mask_url
 from opsplane.domain.errors import ConfigError, InvalidInput
 from opsplane.execution.environment import check_passthrough
 from opsplane.security.signing import load_public_key
@@ -32,20 +33,6 @@ def agent_version() -> str:
 def default_state_dir(name: str) -> Path:
     """Where an agent called ``name`` keeps its spool unless told otherwise."""
     return Path.home() / ".local" / "share" / "opsplane-agent" / name
-
-
-def mask_url(url: str) -> str:
-    """``url`` with its password replaced by ``******``: what may appear in a log line."""
-    try:
-        parts = urlsplit(url)
-        password = parts.password
-    except ValueError:
-        return "<unparsable URL>"
-    if password is None:
-        return url
-    host = parts.netloc.rpartition("@")[2]
-    user = parts.username or ""
-    return parts._replace(netloc=f"{user}:******@{host}").geturl()
 
 
 def _split_amqp_url(url: str) -> SplitResult:

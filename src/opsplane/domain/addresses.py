@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 from typing import Final
+from urllib.parse import urlsplit
 
 # Where an agent dials unless told otherwise: the control plane's default gRPC endpoint.
 DEFAULT_GRPC_ENDPOINT: Final = "127.0.0.1:50051"
@@ -30,3 +31,19 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def mask_url(url: str) -> str:
+    """``url`` with its password replaced by ``******``: what may appear in a log line, an
+    error or ``opsplane config show`` (database, RabbitMQ and webhook URLs alike)."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        # Where the password sits in a string that is not a URL is anyone's guess.
+        return "<unparsable URL>"
+    if password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    user = parts.username or ""
+    return parts._replace(netloc=f"{user}:******@{host}").geturl()

@@ -26,6 +26,7 @@ from aio_pika.abc import (
 )
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from opsplane.domain.addresses import mask_url as mask_url
 from opsplane.domain.errors import (
     ConfigError,
     ConnectionLost,
@@ -51,16 +52,6 @@ _PUBLISH_FAILURES = (
     aiormq.exceptions.AMQPError,
     aio_pika.exceptions.AMQPException,
 )
-
-
-def mask_url(url: str) -> str:
-    """The URL with its password replaced, for logs and errors."""
-    scheme, sep, rest = url.partition("://")
-    credentials, at, host = rest.rpartition("@")
-    if not sep or not at or ":" not in credentials:
-        return url
-    user = credentials.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{host}"
 
 
 class AmqpLink(Link):
