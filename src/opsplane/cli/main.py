@@ -12,6 +12,7 @@ from opsplane.cli import (
     audit,
     catalog_service,
     config_cmd,
+    doctor,
     hosts,
     run,
     scripts,
@@ -53,6 +54,7 @@ app.add_typer(agents.app, name="agents", help="Enroll, list and revoke agents (a
 app.add_typer(audit.app, name="audit", help="Read, export and verify the audit trail (admin)")
 app.add_typer(scripts.app, name="scripts", help="Approve seed-003 scripts by content hash")
 app.add_typer(config_cmd.app, name="config", help="Effective settings and their reference")
+app.command("doctor")(doctor.doctor)
 app.add_typer(
     catalog_service.app,
     name="catalog-service",
