@@ -18,6 +18,7 @@ from opsplane.cli import (
     scripts,
     tasks,
     tokens,
+    units,
     users,
 )
 from opsplane.cli.client import ClientOptions
@@ -55,6 +56,7 @@ app.add_typer(audit.app, name="audit", help="Read, export and verify the audit t
 app.add_typer(scripts.app, name="scripts", help="Approve seed-003 scripts by content hash")
 app.add_typer(config_cmd.app, name="config", help="Effective settings and their reference")
 app.command("doctor")(doctor.doctor)
+app.command("systemd-unit")(units.systemd_unit)
 app.add_typer(
     catalog_service.app,
     name="catalog-service",
@@ -284,6 +286,26 @@ def worker(
 
 db_app = typer.Typer(no_args_is_help=True)
 app.add_typer(db_app, name="db", help="The control plane's database")
+
+
+@db_app.command("backup")
+def db_backup(
+    target: Annotated[Path, typer.Argument(help="the new backup file")],
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+    database_url: DatabaseUrlOpt = None,
+) -> None:
+    """Copy the embedded SQLite database to TARGET while the server runs (SQLite's online
+    backup; MySQL and PostgreSQL: their own tools, docs/operations.md)."""
+    from opsplane.store.backup import backup_sqlite, sqlite_path
+
+    settings = settings_or_exit(config_file=config, data_dir=data_dir, database_url=database_url)
+    try:
+        pages = backup_sqlite(sqlite_path(settings.effective_database_url), target)
+    except ConfigError as e:
+        typer.secho(f"error: {e}", fg="red", err=True)
+        raise typer.Exit(2) from e
+    typer.echo(f"backed up {pages} pages to {target}")
 
 
 @db_app.command("upgrade")
