@@ -195,6 +195,13 @@ def parser(prog: str = "opsplane-agent") -> argparse.ArgumentParser:
         "[env OPSPLANE_AGENT_API_URL]",
     )
     add("-v", "--verbose", action="store_true", help="debug logging")
+    add(
+        "--log-format",
+        choices=("text", "json"),
+        default=env("OPSPLANE_LOG_FORMAT", "text"),
+        help="text, or json: one object per line with run_id where one applies "
+        "[env OPSPLANE_LOG_FORMAT; text]",
+    )
     return p
 
 
@@ -312,7 +319,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "opsplane-agent") -> Non
         config = config_from(args)
     except ConfigError as e:
         _fail(str(e))
-    configure_logging(args.verbose)
+    configure_logging(args.verbose, args.log_format)
     try:
         run_agent(config)
     except ConfigError as e:  # e.g. an unreadable agent key or a state dir in use

@@ -101,6 +101,14 @@ ScriptDirOpt = Annotated[
     typer.Option("--script-dir", help="seed 003: POST /tasks runs scripts from here (repeatable)"),
 ]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")]
+LogFormatOpt = Annotated[
+    str,
+    typer.Option(
+        "--log-format",
+        envvar="OPSPLANE_LOG_FORMAT",
+        help="text, or json: one object per line with task_id/run_id/host where one applies",
+    ),
+]
 
 
 def settings_or_exit(**flags: object) -> Settings:
@@ -111,12 +119,24 @@ def settings_or_exit(**flags: object) -> Settings:
         raise typer.Exit(2) from e
 
 
-def start_control_plane(mode: str, verbose: bool, **flags: object) -> None:
+def configure_logging_or_exit(verbose: bool, log_format: str) -> None:
+    from opsplane.cli.logs import configure_logging
+
+    try:
+        configure_logging(verbose, log_format)
+    except ValueError as e:
+        typer.secho(f"error: {e}", fg="red", err=True)
+        raise typer.Exit(2) from e
+
+
+def start_control_plane(
+    mode: str, verbose: bool, log_format: str = "text", **flags: object
+) -> None:
     """Build the settings from ``flags`` (None: not given) and run the server or the demo."""
     from opsplane.cli import processes
 
     settings = settings_or_exit(**flags)
-    processes.configure_logging(verbose)
+    configure_logging_or_exit(verbose, log_format)
     if not settings.require_enrollment:
         typer.secho(
             "warning: require_enrollment is off: any agent that reaches the agent endpoint or "
@@ -160,11 +180,13 @@ def server(
         ),
     ] = None,
     verbose: VerboseOpt = False,
+    log_format: LogFormatOpt = "text",
 ) -> None:
     """Start the control plane: the REST API and the gRPC agent endpoint."""
     start_control_plane(
         "server",
         verbose,
+        log_format,
         tls_cert=tls_cert,
         tls_key=tls_key,
         config_file=config,
@@ -205,6 +227,7 @@ def demo(
         ),
     ] = False,
     verbose: VerboseOpt = False,
+    log_format: LogFormatOpt = "text",
 ) -> None:
     """Start the control plane on SQLite plus three local agents: demo-1, demo-2 (group web)
     and demo-3 (group db). Ctrl-C stops everything."""
@@ -213,6 +236,7 @@ def demo(
     start_control_plane(
         "demo",
         verbose,
+        log_format,
         require_enrollment=False if seed002 else None,
         config_file=config,
         listen=listen,
@@ -262,15 +286,15 @@ def worker(
         int, typer.Option(min=1, help="SSH runs executed at once (= prefetch)")
     ] = 10,
     verbose: VerboseOpt = False,
+    log_format: LogFormatOpt = "text",
 ) -> None:
     """Run SSH work for a control plane with ssh_workers: true (docs/ssh.md)."""
     import asyncio
 
-    from opsplane.cli.processes import configure_logging
     from opsplane.transport.ssh import HostKeyPolicy, SshExecutor
     from opsplane.transport.ssh.worker import SshWorker
 
-    configure_logging(verbose)
+    configure_logging_or_exit(verbose, log_format)
     policy = HostKeyPolicy(known_hosts, trust_on_first_use)
     the_worker = SshWorker(
         amqp_url, SshExecutor(policy, max_parallel=concurrency), concurrency=concurrency

@@ -18,7 +18,6 @@ import uvicorn
 from fastapi import FastAPI
 
 from opsplane.api.app import create_app
-from opsplane.cli.logs import configure_logging as configure_logging
 from opsplane.config import Settings, split_host_port
 from opsplane.domain.errors import ConfigError
 from opsplane.engine.core import Engine
