@@ -5,7 +5,8 @@ opsplane agents on both links, and the seed-002 probe agent (tests/integration/s
 
 - run_as equal to the agent's own account runs; no run_as runs as the agent's account;
 - another account the agent may not switch to is refused, with the reason, and never runs;
-- as root, run_as nobody really runs as nobody;
+- as root, run_as nobody really runs as nobody; a real agent process started as nobody runs
+  as nobody and refuses root;
 - the seed agent sees ``"user": "<run_as>"`` and the caller in ``submitted_by``;
 - an SSH host, or a name that is no user name, is refused at submit (422).
 """
@@ -15,6 +16,10 @@ from __future__ import annotations
 import asyncio
 import os
 import pwd
+import shutil
+import signal
+import sys
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -110,19 +115,20 @@ async def agent_online(cp: ControlPlane, config: AgentConfig) -> AsyncIterator[s
     agent = Agent(config)
     task = asyncio.create_task(agent.run())
     try:
-        for _ in range(150):
-            hosts = await cp.client.get("/api/v1/hosts", headers=ADMIN_HEADERS)
-            if any(
-                h["name"] == config.name and h["status"] == "online" for h in hosts.json()["items"]
-            ):
-                break
-            await asyncio.sleep(0.1)
-        else:
-            raise AssertionError(f"agent {config.name} did not come online")
+        await _until_online(cp, config.name)
         yield config.name
     finally:
         agent.request_stop()
         await asyncio.wait_for(task, 15)
+
+
+async def _until_online(cp: ControlPlane, name: str, within: float = 30.0) -> None:
+    for _ in range(int(within / 0.1)):
+        host = await cp.client.get(f"/api/v1/hosts/{name}", headers=ADMIN_HEADERS)
+        if host.status_code == 200 and host.json()["status"] == "online":
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"host {name} did not come online within {within}s")
 
 
 def _name(link: str) -> str:
@@ -210,6 +216,57 @@ async def test_a_root_agent_runs_run_as_nobody_as_nobody(
             assert (run["status"], run["stdout"]) == ("succeeded", "root\n")
 
 
+@pytest.mark.skipif(not ROOT, reason="starts the agent as nobody, which needs root")
+@pytest.mark.parametrize("link", LINKS)
+async def test_an_agent_process_that_is_not_root_runs_only_as_itself(
+    link: str, tmp_path: Path, vhost: PrivateVhost
+) -> None:
+    """A real ``opsplane agent`` process started as nobody: asked for nobody it runs, asked
+    for root it refuses without running. (Not as root, the tests above cover this already.)"""
+    nobody = _nobody()
+    # Somewhere nobody may write: pytest's own directories are root's alone.
+    base = Path(tempfile.mkdtemp(prefix="opsplane-runas-"))
+    os.chmod(base, 0o777)
+    marker, log = base / "ran", tmp_path / "agent.log"
+    name = _name(link)
+    try:
+        async with control_plane(tmp_path, vhost) as cp:
+            config = cp.agent_config(link, name)
+            where = (
+                ["--amqp-url", vhost.url, "--control-plane-key", config.control_plane_key or ""]
+                if link == "amqp"
+                else ["--server", config.server]
+            )
+            argv = [
+                "setpriv", f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}",
+                "--clear-groups", "--",
+                sys.executable, "-m", "opsplane", "agent", "--name", name,
+                "--state-dir", str(base / "state"), "--heartbeat-interval", "1", *where,
+            ]  # fmt: skip
+            with log.open("wb") as out:
+                agent = await asyncio.create_subprocess_exec(*argv, stdout=out, stderr=out)
+            try:
+                await _until_online(cp, name)
+                _, run = await cp.run(name, "id -un", run_as="nobody")
+                assert (run["status"], run["stdout"]) == ("succeeded", "nobody\n"), run
+                _, run = await cp.run(name, f"touch {marker}", run_as="root")
+                assert run["status"] == "failed"
+                assert run["error"] == (
+                    f"run-as root refused: the agent is not root (uid {nobody.pw_uid}) and "
+                    "runs commands only as its own account; not executed"
+                )
+                assert not marker.exists()
+            finally:
+                if agent.returncode is None:
+                    agent.send_signal(signal.SIGTERM)
+                await asyncio.wait_for(agent.wait(), 30)
+    except BaseException:
+        sys.stderr.write(log.read_text() if log.exists() else "(no agent log)\n")
+        raise
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
 async def test_the_seed_agent_sees_run_as_in_user_and_the_caller_in_submitted_by(
     tmp_path: Path, vhost: PrivateVhost
 ) -> None:
@@ -218,11 +275,7 @@ async def test_the_seed_agent_sees_run_as_in_user_and_the_caller_in_submitted_by
         await seed.start()
         beats = asyncio.create_task(seed.beat_every(0.5))
         try:
-            for _ in range(100):
-                host = await cp.client.get(f"/api/v1/hosts/{seed.hostname}", headers=ADMIN_HEADERS)
-                if host.status_code == 200 and host.json()["status"] == "online":
-                    break
-                await asyncio.sleep(0.1)
+            await _until_online(cp, seed.hostname)
             task, _ = await cp.run(seed.hostname, "echo hi", run_as="deploy")
             await cp.run(seed.hostname, "echo hi")
         finally:
