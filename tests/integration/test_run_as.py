@@ -155,6 +155,12 @@ async def test_the_agents_own_account_runs_with_or_without_run_as(
         assert (run["status"], run["stdout"]) == ("succeeded", f"{OWN}\n"), run
         shown = await cp.client.get(f"/api/v1/tasks/{task['id']}", headers=ADMIN_HEADERS)
         assert shown.json()["run_as"] == OWN
+        again = await cp.client.post(
+            f"/api/v1/tasks/{task['id']}/rerun", json={"only": "all"}, headers=ADMIN_HEADERS
+        )
+        assert again.status_code == 201 and again.json()["run_as"] == OWN, again.text
+        async with asyncio.timeout(20):
+            await cp.engine.wait_task(again.json()["id"])
 
         task, run = await cp.run(host, "id -un")
         assert task["run_as"] is None
