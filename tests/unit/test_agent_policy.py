@@ -239,12 +239,12 @@ def test_an_allow_list_refuses_accounts_not_on_it_and_unknown_names() -> None:
 
 
 def test_allowed_run_as_is_checked_at_start(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="no user 'no-such-user-here'"):
+    with pytest.raises(ConfigError, match="allowed_run_as: no user 'no-such-user-here'"):
         _config(tmp_path, allowed_run_as=["no-such-user-here"])
     config = _config(tmp_path, allowed_run_as="root")
     assert config.allowed_run_as == ("root",)
     if os.geteuid() != 0:
-        with pytest.raises(ConfigError, match="needs the agent to run as root"):
+        with pytest.raises(ConfigError, match="allowed_run_as 'root' needs the agent to run"):
             _config(tmp_path, allowed_run_as=["root"])
 
 

@@ -607,6 +607,9 @@ def run_agent(config: AgentConfig) -> None:
                 )
             if config.run_as is not None:
                 logger.info("running commands as %s", config.run_as)
+            if config.allowed_run_as is not None:
+                allowed = ", ".join(config.allowed_run_as) or "none"
+                logger.info("commands may ask to run as: %s", allowed)
             await agent.run()
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT):

@@ -99,22 +99,23 @@ def command_text(command: str | Sequence[str]) -> str:
     return shlex.join(command)
 
 
-def resolve_run_as(user: str) -> Identity:
+def resolve_run_as(user: str, setting: str = "run_as") -> Identity:
     """The user named (or numbered) ``user``, checked to be one this agent can run as.
 
     ConfigError if there is no such user, or if it is another user and the agent is not root:
-    both are mistakes to report at startup, not on every command.
+    both are mistakes to report at startup, not on every command. ``setting`` names the
+    setting in the message.
     """
     if not user:
-        raise ConfigError("run_as must name a user (a name or a uid)")
+        raise ConfigError(f"{setting} must name a user (a name or a uid)")
     try:
         identity = Identity.lookup(user)
     except LookupError as e:
-        raise ConfigError(f"run_as: {e}") from e
+        raise ConfigError(f"{setting}: {e}") from e
     euid = os.geteuid()
     if euid != 0 and identity.uid != euid:
         raise ConfigError(
-            f"run_as {user!r} needs the agent to run as root; it runs as uid {euid}, "
+            f"{setting} {user!r} needs the agent to run as root; it runs as uid {euid}, "
             "and may only run commands as itself"
         )
     return identity
@@ -149,8 +150,7 @@ class RunAsPolicy:
         if allowed is not None:
             names = set()
             for user in allowed:
-                identity = resolve_run_as(user)
-                names.add(identity.name)
+                names.add(resolve_run_as(user, "allowed_run_as").name)
         return cls(default, None if names is None else frozenset(names), euid, euid == 0)
 
     def identity_for(self, asked: str) -> Identity | None:
