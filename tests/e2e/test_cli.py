@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import re
 import subprocess
 import sys
@@ -162,3 +163,14 @@ def test_hosts_remove_forgets_several_hosts_and_says_why_it_kept_the_others(flee
     assert "no-such-host: host no-such-host not found" in removed.stderr
     assert "web-1" in removed.stderr and "stop (or revoke) its agent" in removed.stderr
     assert fleet.host("cli-rm-ssh") is None and fleet.host_status("web-1") == "online"
+
+
+def test_run_as_reaches_the_task_and_the_agent_and_a_bad_name_is_refused(fleet: Fleet) -> None:
+    own = pwd.getpwuid(os.geteuid()).pw_name  # the fleet's agents run as this test does
+    result = opsplane(fleet, "run", "--host", "db-1", "--run-as", own, "--json", "--", "id -un")
+    assert result.returncode == 0, result.stderr
+    document = json.loads(result.stdout)
+    assert document["task"]["run_as"] == own
+    assert document["runs"][0]["stdout"] == f"{own}\n"
+    bad = opsplane(fleet, "run", "--host", "db-1", "--run-as", "root; id", "--", "true")
+    assert bad.returncode != 0 and "is not a user name" in bad.stderr, bad.stderr

@@ -212,6 +212,9 @@ def test_no_field_but_the_command_reaches_a_shell(setup: Setup) -> None:
     ):
         for value in p(tag):
             s.task({"command": "true", "targets": {"hosts": both}, **make(value)})
+    # A task's run_as (seed 002's user) is a plain user name or nothing: refused.
+    for value in p("task-run-as"):
+        s.task({"command": "true", "targets": {"hosts": both}, "run_as": value}, expect={422})
 
     # Labels given on `opsplane hosts add`: stored, matched, never executed.
     labels = p("cli-label")

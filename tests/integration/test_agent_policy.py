@@ -218,6 +218,10 @@ async def test_an_agent_process_enforces_its_flags(tmp_path: Path) -> None:
         (["--deny", "rm ("], "error: deny pattern 'rm (' is not a valid regular expression"),
         (["--allow", "*"], "error: allow pattern '*' is not a valid regular expression"),
         (["--run-as", "no-such-user-x9"], "error: run_as: no user 'no-such-user-x9'"),
+        (
+            ["--allow-run-as", "no-such-user-x9"],
+            "error: allowed_run_as: no user 'no-such-user-x9'",
+        ),
     ],
 )
 def test_an_agent_with_a_bad_policy_refuses_to_start(

@@ -141,7 +141,9 @@ class ControlPlane:
             "attempt": 1,
             "command": text,
             "timeout": 30,
-            "user": "admin",
+            # Seed 002's user is the account to run as: empty, the agent's own.
+            "user": "",
+            "submitted_by": "admin",
             "env": {},
             "timestamp": time.time(),
             "deliver_by": 0,
@@ -441,7 +443,7 @@ async def test_a_command_signed_for_another_host_is_refused_in_this_hosts_queue(
         marker = tmp_path / "taken-over"
         envelope = CommandEnvelope(
             task_id=f"task-{suffix()}", run_id=new_run_id(), attempt=1,
-            command=f"touch {marker}", timeout=30, user="admin",
+            command=f"touch {marker}", timeout=30, submitted_by="admin",
         )  # fmt: skip
         for_a = messages.command_body(envelope, time.time(), target=f"a-{cp.host}")
         await cp.publish(node, for_a)

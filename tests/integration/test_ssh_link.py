@@ -199,6 +199,24 @@ async def test_a_run_past_its_delivery_deadline_is_not_started(
     assert [type(r) for r in events.of("run-late")] == [RunFinished]
 
 
+async def test_a_run_asking_for_an_account_fails_without_running(
+    link: tuple[SshLink, Recorder], tmp_path: Path
+) -> None:
+    """The engine refuses run_as for SSH hosts at submit; a run that gets here anyway must
+    not run as the login user instead."""
+    the_link, events = link
+    marker = tmp_path / "ran"
+    asked = dataclasses.replace(envelope("run-as", f"touch {marker}"), user="deploy")
+    await the_link.send_command("web-1", asked)
+    ended = await events.finished("run-as")
+    assert (ended["run-as"].status, ended["run-as"].error) == (
+        "failed",
+        "run-as deploy refused: SSH hosts run commands as their login user only; not executed",
+    )
+    assert [type(r) for r in events.of("run-as")] == [RunFinished]
+    assert not marker.exists()
+
+
 async def test_timeout_and_cancel_stop_the_remote_commands(link: tuple[SshLink, Recorder]) -> None:
     the_link, events = link
     slow, canceled = sleep_marker(), sleep_marker()

@@ -10,8 +10,16 @@ from pathlib import Path
 import pytest
 
 from opsplane.agent import AgentConfig
-from opsplane.agent.policy import CommandPolicy, command_text, resolve_run_as, working_dir
-from opsplane.domain.errors import ConfigError
+from opsplane.agent.policy import (
+    CommandPolicy,
+    RunAsPolicy,
+    RunAsRefused,
+    command_text,
+    resolve_run_as,
+    working_dir,
+)
+from opsplane.domain.errors import ConfigError, InvalidInput
+from opsplane.domain.tasks import check_run_as
 from opsplane.execution import Identity
 from tests.conftest import unavailable
 
@@ -163,3 +171,86 @@ def test_commands_start_in_the_users_home_or_at_the_root(tmp_path: Path) -> None
     assert working_dir(identity) == str(tmp_path)
     gone = Identity(name="svc", uid=4321, gid=4321, groups=(), home=str(tmp_path / "nope"))
     assert working_dir(gone) == "/"
+
+
+# -- accounts a command asks for (seed 002's ``user``, a task's run_as) ------------------
+
+
+def _identity(name: str) -> Identity:
+    try:
+        return Identity.lookup(name)
+    except LookupError:
+        unavailable(f"no user {name!r} on this host")
+
+
+def test_asking_for_no_account_or_the_default_one_runs_as_the_default() -> None:
+    own = os.geteuid()
+    plain = RunAsPolicy(own_uid=own, root=own == 0)
+    assert plain.identity_for("") is None
+    assert plain.identity_for(pwd.getpwuid(own).pw_name) is None
+    assert plain.identity_for(str(own)) is None
+    nobody = _identity("nobody")
+    configured = RunAsPolicy(default=nobody, own_uid=0, root=True)
+    assert configured.identity_for("") == nobody
+    assert configured.identity_for("nobody") == nobody
+
+
+def test_a_root_agent_without_run_as_switches_to_the_account_asked_for() -> None:
+    nobody = _identity("nobody")
+    assert RunAsPolicy(own_uid=0, root=True).identity_for("nobody") == nobody
+
+
+def test_a_non_root_agent_refuses_any_other_account() -> None:
+    _identity("nobody")
+    policy = RunAsPolicy(own_uid=4242, root=False)
+    with pytest.raises(RunAsRefused) as refused:
+        policy.identity_for("nobody")
+    assert str(refused.value) == (
+        "run-as nobody refused: the agent is not root (uid 4242) and runs commands only as its "
+        "own account; not executed"
+    )
+
+
+def test_a_configured_run_as_is_the_only_account_unless_others_are_allowed() -> None:
+    nobody, root = _identity("nobody"), _identity("root")
+    policy = RunAsPolicy(default=nobody, own_uid=0, root=True)
+    with pytest.raises(RunAsRefused, match=r"runs commands as nobody only \(its run_as\)"):
+        policy.identity_for("root")
+    allowed = RunAsPolicy(default=nobody, allowed=frozenset({"root"}), own_uid=0, root=True)
+    assert allowed.identity_for("root") == root
+    # An allowed account still needs root to switch to.
+    unprivileged = RunAsPolicy(allowed=frozenset({"nobody"}), own_uid=4242, root=False)
+    with pytest.raises(RunAsRefused, match="is not root"):
+        unprivileged.identity_for("nobody")
+
+
+def test_an_allow_list_refuses_accounts_not_on_it_and_unknown_names() -> None:
+    _identity("nobody")
+    policy = RunAsPolicy(allowed=frozenset({"daemon"}), own_uid=0, root=True)
+    with pytest.raises(RunAsRefused, match=r"not in the agent's allowed_run_as \(daemon\)"):
+        policy.identity_for("nobody")
+    for name in ("no-such-user-here", "a\x00b"):
+        with pytest.raises(RunAsRefused, match="no such user on this host; not executed"):
+            policy.identity_for(name)
+    # The refusal quotes at most 64 characters of the name it was sent.
+    with pytest.raises(RunAsRefused) as refused:
+        policy.identity_for("x" * 1000)
+    assert "x" * 65 not in str(refused.value)
+
+
+def test_allowed_run_as_is_checked_at_start(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="allowed_run_as: no user 'no-such-user-here'"):
+        _config(tmp_path, allowed_run_as=["no-such-user-here"])
+    config = _config(tmp_path, allowed_run_as="root")
+    assert config.allowed_run_as == ("root",)
+    if os.geteuid() != 0:
+        with pytest.raises(ConfigError, match="allowed_run_as 'root' needs the agent to run"):
+            _config(tmp_path, allowed_run_as=["root"])
+
+
+def test_a_tasks_run_as_must_be_a_user_name() -> None:
+    for good in ("deploy", "_svc", "john.doe", "www-data", "a" * 32, "Admin1"):
+        assert check_run_as(good) == good
+    for bad in ("", "1000", "-u", ".x", "a" * 33, "root; id", "a b", "$(id)", "x\n", "ü"):
+        with pytest.raises(InvalidInput, match="is not a user name"):
+            check_run_as(bad)

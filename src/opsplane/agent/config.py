@@ -10,7 +10,7 @@ from typing import Final
 from urllib.parse import SplitResult, urlsplit
 
 from opsplane import __version__
-from opsplane.agent.policy import CommandPolicy, resolve_run_as
+from opsplane.agent.policy import CommandPolicy, RunAsPolicy, resolve_run_as
 from opsplane.domain.addresses import DEFAULT_GRPC_ENDPOINT, is_loopback, split_host_port
 from opsplane.domain.addresses import mask_url as mask_url
 from opsplane.domain.errors import ConfigError, InvalidInput
@@ -86,9 +86,10 @@ class AgentConfig:
     must match the control plane's setting). ``amqp://`` is plaintext and follows the same
     loopback rule as gRPC; ``amqps://`` is TLS.
 
-    ``deny`` and ``allow`` are regular expressions over command text and ``run_as`` the user
-    commands run as (``agent/policy.py``, docs/agent-policy.md); all three are checked here,
-    so that a bad pattern or an unknown user stops the agent from starting.
+    ``deny`` and ``allow`` are regular expressions over command text, ``run_as`` the user
+    commands run as and ``allowed_run_as`` the others a command may ask for
+    (``agent/policy.py``, docs/agent-policy.md); all are checked here, so that a bad pattern
+    or an unknown user stops the agent from starting.
     """
 
     server: str = DEFAULT_SERVER
@@ -121,6 +122,9 @@ class AgentConfig:
     deny: tuple[str, ...] = ()
     allow: tuple[str, ...] = ()
     run_as: str | None = None
+    # The accounts a command may ask for besides the default (seed 002's ``user``); None:
+    # any, for a root agent without run_as (docs/agent-policy.md, "Asked accounts").
+    allowed_run_as: tuple[str, ...] | None = None
     # Variables of the agent's own environment that commands inherit beyond PATH, HOME,
     # LANG, LC_*, TZ… (names, or prefixes ending in '*'; never OPSPLANE_*): the agent's
     # environment may hold OPSPLANE_TOKEN and other credentials (docs/security.md).
@@ -191,8 +195,17 @@ class AgentConfig:
             object.__setattr__(self, "env_passthrough", check_passthrough(names))
         except InvalidInput as e:
             raise ConfigError(str(e)) from e
-        if self.run_as is not None:
-            resolve_run_as(self.run_as)
+        default = resolve_run_as(self.run_as) if self.run_as is not None else None
+        allowed = self.allowed_run_as
+        if allowed is not None:
+            allowed = (allowed,) if isinstance(allowed, str) else tuple(allowed)
+            object.__setattr__(self, "allowed_run_as", allowed)
+        RunAsPolicy.of(default, allowed)
+
+    def run_as_policy(self) -> RunAsPolicy:
+        """Which accounts commands may ask for, from ``run_as`` and ``allowed_run_as``."""
+        default = resolve_run_as(self.run_as) if self.run_as is not None else None
+        return RunAsPolicy.of(default, self.allowed_run_as)
 
     def _check_amqp(self) -> None:
         assert self.amqp_url is not None

@@ -38,10 +38,10 @@ from google.protobuf.message import Message
 
 from opsplane.agent.config import AgentConfig
 from opsplane.agent.outbox import Connections, OutputJournal, RunOutput
-from opsplane.agent.policy import CommandPolicy, resolve_run_as, working_dir
+from opsplane.agent.policy import CommandPolicy, RunAsRefused, working_dir
 from opsplane.agent.spool import Spool
 from opsplane.domain.errors import InvalidInput
-from opsplane.execution import Identity, Outcome, ProcessResult, ProcessRun, Stream
+from opsplane.execution import Outcome, ProcessResult, ProcessRun, Stream
 from opsplane.security.signing import (
     load_or_create_private_key,
     public_key_text,
@@ -112,11 +112,7 @@ class Agent:
         if created:
             logger.info("created agent key %s (public key %s)", key_path, self._public_key)
         self._policy = CommandPolicy(config.deny, config.allow)
-        self._run_as: Identity | None = None
-        self._cwd: str | None = None
-        if config.run_as is not None:
-            self._run_as = resolve_run_as(config.run_as)
-            self._cwd = working_dir(self._run_as)
+        self._run_as_policy = config.run_as_policy()
         self._refusals_of: Callable[[], Counter[str]]
         self._link: _Link
         if config.amqp_url is None:
@@ -311,12 +307,18 @@ class Agent:
             await self._report(run, _synthetic(run, self._config, Outcome.FAILED, refusal))
             return
         try:
+            run_as = self._run_as_policy.identity_for(cmd.user)
+        except RunAsRefused as exc:
+            logger.warning("run %s (task %s) %s", run_id, cmd.task_id, exc)
+            await self._report(run, _synthetic(run, self._config, Outcome.FAILED, str(exc)))
+            return
+        try:
             run.process = ProcessRun(
                 cmd.command,
                 timeout=cmd.timeout or None,
                 env=dict(cmd.env),
-                cwd=self._cwd,
-                run_as=self._run_as,
+                cwd=working_dir(run_as) if run_as is not None else None,
+                run_as=run_as,
                 env_passthrough=self._config.env_passthrough,
                 kill_grace=self._config.kill_grace,
                 output_cap=self._config.output_cap,
@@ -605,6 +607,9 @@ def run_agent(config: AgentConfig) -> None:
                 )
             if config.run_as is not None:
                 logger.info("running commands as %s", config.run_as)
+            if config.allowed_run_as is not None:
+                allowed = ", ".join(config.allowed_run_as) or "none"
+                logger.info("commands may ask to run as: %s", allowed)
             await agent.run()
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT):

@@ -7,6 +7,8 @@ Both are the agent's own settings, enforced on the host whatever the control pla
   unless one allow pattern matches all of it (``re.fullmatch``), so that allowing ``uptime``
   does not allow ``uptime; rm -rf /``. A refused command never starts.
 * ``run_as``: the user every command runs as, which needs the agent to run as root.
+* the account a command asks for (seed 002's ``user``, a task's ``run_as``): honoured as
+  :class:`RunAsPolicy` says, else the command is refused and never starts.
 
 Pattern matching on command text is a guard-rail against mistakes, not a sandbox: a shell
 offers endless ways to spell a command. ``run_as`` is what actually limits what runs.
@@ -97,25 +99,99 @@ def command_text(command: str | Sequence[str]) -> str:
     return shlex.join(command)
 
 
-def resolve_run_as(user: str) -> Identity:
+def resolve_run_as(user: str, setting: str = "run_as") -> Identity:
     """The user named (or numbered) ``user``, checked to be one this agent can run as.
 
     ConfigError if there is no such user, or if it is another user and the agent is not root:
-    both are mistakes to report at startup, not on every command.
+    both are mistakes to report at startup, not on every command. ``setting`` names the
+    setting in the message.
     """
     if not user:
-        raise ConfigError("run_as must name a user (a name or a uid)")
+        raise ConfigError(f"{setting} must name a user (a name or a uid)")
     try:
         identity = Identity.lookup(user)
     except LookupError as e:
-        raise ConfigError(f"run_as: {e}") from e
+        raise ConfigError(f"{setting}: {e}") from e
     euid = os.geteuid()
     if euid != 0 and identity.uid != euid:
         raise ConfigError(
-            f"run_as {user!r} needs the agent to run as root; it runs as uid {euid}, "
+            f"{setting} {user!r} needs the agent to run as root; it runs as uid {euid}, "
             "and may only run commands as itself"
         )
     return identity
+
+
+class RunAsRefused(Exception):
+    """A command asked for an account this agent may not run it as; str() says why."""
+
+
+@dataclass(frozen=True)
+class RunAsPolicy:
+    """Which accounts a command may ask for (docs/agent-policy.md, "Asked accounts").
+
+    ``default`` is the account commands run as when none is asked (the configured
+    ``run_as``, or None: the agent's own, ``own_uid``). Asking for that account is always
+    fine. Another one needs the agent to be root, and to be in ``allowed`` when that is set;
+    without ``allowed`` a root agent without ``run_as`` may switch to anyone (it could run
+    anything as root already), while a configured ``run_as`` is the only account there is.
+    """
+
+    default: Identity | None = None
+    allowed: frozenset[str] | None = None
+    own_uid: int = -1
+    root: bool = False
+
+    @classmethod
+    def of(cls, default: Identity | None, allowed: Iterable[str] | None) -> RunAsPolicy:
+        """The policy of this process; ConfigError for an ``allowed`` user that does not exist
+        or that a non-root agent could never switch to."""
+        euid = os.geteuid()
+        names: set[str] | None = None
+        if allowed is not None:
+            names = set()
+            for user in allowed:
+                names.add(resolve_run_as(user, "allowed_run_as").name)
+        return cls(default, None if names is None else frozenset(names), euid, euid == 0)
+
+    def identity_for(self, asked: str) -> Identity | None:
+        """The identity a command asking for ``asked`` runs as (None: the agent's own, no
+        switch); RunAsRefused, its message for the run's error, when it may not run."""
+        if not asked:
+            return self.default
+        try:
+            identity = Identity.lookup(asked)
+        except (LookupError, ValueError):
+            # ValueError: a name no user database accepts (a NUL byte in it, say).
+            raise RunAsRefused(_refused(asked, "no such user on this host")) from None
+        default_uid = self.default.uid if self.default is not None else self.own_uid
+        if identity.uid == default_uid:
+            return self.default
+        if self.allowed is not None:
+            if identity.name not in self.allowed:
+                listed = ", ".join(sorted(self.allowed)) or "none"
+                raise RunAsRefused(_refused(asked, f"not in the agent's allowed_run_as ({listed})"))
+        elif self.default is not None:
+            raise RunAsRefused(
+                _refused(
+                    asked,
+                    f"the agent runs commands as {self.default.name} only (its run_as); "
+                    "list other accounts in allowed_run_as",
+                )
+            )
+        if not self.root:
+            raise RunAsRefused(
+                _refused(
+                    asked,
+                    f"the agent is not root (uid {self.own_uid}) and runs commands only as "
+                    "its own account",
+                )
+            )
+        return identity
+
+
+def _refused(asked: str, why: str) -> str:
+    # Cut: the name comes from the message, and the error is for people, not a copy of it.
+    return f"run-as {asked[:64]} refused: {why}; not executed"
 
 
 def working_dir(identity: Identity) -> str:

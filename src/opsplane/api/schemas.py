@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_vali
 from opsplane.domain.errors import InvalidInput
 from opsplane.domain.paging import PageOf
 from opsplane.domain.policy import TaskPolicy
-from opsplane.domain.tasks import is_env_name, params_env
+from opsplane.domain.tasks import check_run_as, is_env_name, params_env
 from opsplane.store.tables import HostRow, RunRow
 
 T = TypeVar("T")
@@ -144,6 +144,24 @@ class TaskCreate(BaseModel):
         "object, or a string holding one",
     )
 
+    run_as: str | None = Field(
+        default=None,
+        max_length=64,
+        description="the account the command runs as on each host (seed 002's user); "
+        "null: the agent's own. Agents decide whether they may (docs/agent-policy.md); "
+        "SSH hosts are refused",
+    )
+
+    @field_validator("run_as")
+    @classmethod
+    def _run_as(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            return check_run_as(value)
+        except InvalidInput as e:
+            raise ValueError(str(e)) from e
+
     @field_validator("parameters")
     @classmethod
     def _parameters(cls, value: dict[str, Any] | str) -> dict[str, Any]:
@@ -261,6 +279,7 @@ class TaskOut(BaseModel):
     deadline_at: datetime | None
     stop_reason: str | None
     rerun_of: str | None
+    run_as: str | None = None
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None

@@ -171,6 +171,14 @@ def parser(prog: str = "opsplane-agent") -> argparse.ArgumentParser:
         "[env OPSPLANE_AGENT_RUN_AS]",
     )
     add(
+        "--allow-run-as",
+        action="append",
+        default=None,
+        metavar="USER",
+        help="a command may ask to run as this user (repeatable); without any, a root agent "
+        "without --run-as may run a command as any user it asks for (docs/agent-policy.md)",
+    )
+    add(
         "--env-passthrough",
         action="append",
         default=[],
@@ -246,6 +254,7 @@ def config_from(args: argparse.Namespace) -> AgentConfig:
         deny=tuple(args.deny),
         allow=tuple(args.allow),
         run_as=args.run_as or None,
+        allowed_run_as=tuple(args.allow_run_as) if args.allow_run_as is not None else None,
         env_passthrough=tuple(args.env_passthrough),
     )
     if args.state_dir is not None:

@@ -529,6 +529,7 @@ def task_detail(task: Mapping[str, Any], now: datetime) -> Table:
             ("runs", counts_summary(counts)),
             ("progress", progress_text),
             ("created by", _str(task.get("created_by"))),
+            *([("run as", str(task["run_as"]))] if task.get("run_as") else []),
             ("created", _timestamp(task.get("created_at"), now)),
             ("started", _timestamp(task.get("started_at"), now)),
             ("finished", _timestamp(task.get("finished_at"), now)),

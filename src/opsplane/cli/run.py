@@ -172,6 +172,15 @@ def run_command(
             "--delivery-deadline", min=0, help="Seconds to wait for offline hosts.", **PACING
         ),
     ] = None,
+    run_as: Annotated[
+        str | None,
+        typer.Option(
+            "--run-as",
+            metavar="USER",
+            help="Run as this account on each host (agents only; each agent decides whether "
+            "it may).",
+        ),
+    ] = None,
 ) -> None:
     """Run a command on hosts and stream every host's output live.
 
@@ -220,6 +229,7 @@ def run_command(
         labels=labels,
         extra={
             **{key: value for key, value in pacing.items() if value is not None},
+            **({"run_as": run_as} if run_as is not None else {}),
             "env": _assignments(ctx, env or [], "--env"),
             "secret_env": _assignments(ctx, secret_env or [], "--secret-env", from_environ=True),
         },

@@ -13,6 +13,10 @@ from opsplane.domain.targeting import Targets
 
 MAX_TIMEOUT_SECONDS = 7 * 24 * 3600
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# A task's run_as: a POSIX portable user name (letters, digits, ``.``, ``_``, ``-``), not
+# starting with a digit, ``.`` or ``-`` (uids and option-like names are out), at most 32
+# characters (Linux's limit). Nothing in it is special to a shell or to sudo.
+_RUN_AS = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}")
 # Named parameters (seed 003's params, seed 001's parameters) reach the command as variables.
 MAX_PARAMS = 256
 # PARAMS_JSON is one environment string: Linux refuses one over 128 KiB (MAX_ARG_STRLEN).
@@ -25,6 +29,16 @@ def is_env_name(name: str) -> bool:
     """Whether ``name`` can be an environment variable's name: letters, digits and ``_``, not
     starting with a digit. Names reach shells (``export NAME=…`` over SSH), so nothing else."""
     return _ENV_NAME.fullmatch(name) is not None
+
+
+def check_run_as(user: str) -> str:
+    """``user`` if it can be a task's ``run_as``, else InvalidInput saying what is allowed."""
+    if _RUN_AS.fullmatch(user) is None:
+        raise InvalidInput(
+            f"run_as {user[:40]!r} is not a user name: 1 to 32 letters, digits, '.', '_' "
+            "or '-', starting with a letter or '_'"
+        )
+    return user
 
 
 def params_env(params: Mapping[str, object]) -> dict[str, str]:
@@ -134,6 +148,9 @@ class TaskRequest:
     policy: TaskPolicy | None = None
     # The task this one re-runs (POST /tasks/{id}/rerun).
     rerun_of: str | None = None
+    # The account the command runs as on each host (seed 002's ``user``); None: the agent's
+    # own. Only agents honour it (docs/agent-policy.md): SSH hosts are refused at submit.
+    run_as: str | None = None
 
     def validated(self, default_timeout: int) -> TaskRequest:
         """A copy with defaults filled in, or InvalidInput saying what is wrong."""
@@ -159,6 +176,8 @@ class TaskRequest:
         if self.targets.is_empty():
             raise InvalidInput("targets select nothing: give hosts, groups, labels, or all=true")
         name = self.name.strip() or _default_name(self.command)
+        if self.run_as is not None:
+            check_run_as(self.run_as)
         return TaskRequest(
             command=self.command,
             targets=self.targets,
@@ -173,6 +192,7 @@ class TaskRequest:
             allowed_groups=self.allowed_groups,
             policy=self.policy,
             rerun_of=self.rerun_of,
+            run_as=self.run_as,
         )
 
 

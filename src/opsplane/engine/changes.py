@@ -93,6 +93,7 @@ def task_view(task: TaskRow) -> dict[str, Any]:
         "deadline_at": _iso(task.deadline_at),
         "stop_reason": task.stop_reason,
         "rerun_of": task.rerun_of,
+        "run_as": task.run_as,
         "created_at": _iso(task.created_at),
         "started_at": _iso(task.started_at),
         "finished_at": _iso(task.finished_at),

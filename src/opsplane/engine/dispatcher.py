@@ -126,8 +126,8 @@ class Dispatcher:
                 attempt=run.attempt,
                 command=task.command,
                 timeout=task.timeout,
-                # No task asks for an account yet: the agent's own (seed 002's ``user``).
-                user="",
+                # Seed 002's ``user``: the account to run as; empty: the agent's own.
+                user=task.run_as or "",
                 submitted_by=task.created_by,
                 deliver_by=deliver_by,
                 env=env,

@@ -35,7 +35,7 @@ from opsplane.engine.ingest import Ingest
 from opsplane.engine.scheduler import Scheduler, assign_waves, start_clocks
 from opsplane.store import queries
 from opsplane.store.tables import RunRow, TaskRow, utcnow
-from opsplane.transport.base import LOCAL_LINK, SSH_LINK, Link, RunFinished
+from opsplane.transport.base import AGENT_LINKS, LOCAL_LINK, SSH_LINK, Link, RunFinished
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +115,8 @@ class TaskService:
                 check_hosts_allowed(request.allowed_groups, [r for r in refs if r.name in chosen])
                 if request.kind == "upload":
                     self._check_upload(request, names, {h.name: h.link for h in hosts})
+                if request.run_as is not None:
+                    _check_run_as_links(request.run_as, names, {h.name: h.link for h in hosts})
                 policy = request.policy or TaskPolicy()
                 task = TaskRow(
                     id=task_id,
@@ -135,6 +137,7 @@ class TaskService:
                     priority=policy.priority,
                     policy=policy.to_json() if request.policy else None,
                     rerun_of=request.rerun_of,
+                    run_as=request.run_as,
                 )
                 changes.session.add(task)
                 # Runs reference the task; without an ORM relationship the unit of work does
@@ -256,6 +259,7 @@ class TaskService:
             allowed_groups=allowed_groups,
             policy=TaskPolicy.from_json(task.policy) if task.policy else None,
             rerun_of=task_id,
+            run_as=task.run_as,
         )
         return await self.create_task(request, before_commit=before_commit)
 
@@ -345,3 +349,18 @@ class TaskService:
         if task is None:
             raise NotFound(f"task {task_id} not found")
         return task
+
+
+def _check_run_as_links(run_as: str, names: list[str], link_of: dict[str, str]) -> None:
+    """A run_as needs hosts whose agent can honour it: refused, before anything is sent, for
+    SSH hosts (and any other link without an agent), whose login user is the inventory's.
+    Running ``sudo -u`` there would need a sudoers rule opsplane cannot check from here."""
+    without_agent = [name for name in names if link_of.get(name) not in AGENT_LINKS]
+    if without_agent:
+        shown = ", ".join(without_agent[:10])
+        more = f" and {len(without_agent) - 10} more" if len(without_agent) > 10 else ""
+        raise InvalidInput(
+            f"run_as {run_as!r} needs hosts with an opsplane or seed-002 agent; these log in "
+            f"over SSH as their inventory user and cannot switch: {shown}{more} (give the SSH "
+            "host a login user with hosts add --ssh USER@ADDRESS instead)"
+        )

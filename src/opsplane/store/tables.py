@@ -215,6 +215,8 @@ class TaskRow(Base):
     # Why the engine stopped the task early: deadline, max_errors or canary; None otherwise.
     stop_reason: Mapped[str | None] = mapped_column(String(32))
     rerun_of: Mapped[str | None] = mapped_column(String(36), index=True)
+    # The account runs execute as on each host (seed 002's ``user``); None: the agent's own.
+    run_as: Mapped[str | None] = mapped_column(String(32))
 
 
 class RunRow(Base):

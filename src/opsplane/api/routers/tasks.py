@@ -90,6 +90,7 @@ async def create_task(
         idempotency_key=idempotency_key,
         allowed_groups=principal.allowed_groups,
         policy=body.policy(),
+        run_as=body.run_as,
     )
     detail = {
         "kind": body.kind,
@@ -97,6 +98,7 @@ async def create_task(
         "name": audit.redact(body.name),
         "timeout": body.timeout,
         "start": body.start,
+        "run_as": body.run_as,
         "policy": request.policy.to_json() if request.policy else None,
         # Names only: values may be secret (and secret_env's always are).
         "env": sorted(body.env),

@@ -278,6 +278,16 @@ class SshLink(Link):
                 status=Outcome.FAILED.value,
                 error="in-process handlers run only on the control plane's own host",
             )
+        if command.user:
+            # Refused at submit (engine/service.py); a host moved to SSH since must not run
+            # it as its login user instead.
+            return self._finished(
+                hostname,
+                command,
+                status=Outcome.FAILED.value,
+                error=f"run-as {command.user} refused: SSH hosts run commands as their login "
+                "user only; not executed",
+            )
         line = command.command
         if command.argv is not None:
             line = " ".join(shlex.quote(arg) for arg in command.argv)
