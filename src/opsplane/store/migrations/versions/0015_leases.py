@@ -15,7 +15,7 @@ from sqlalchemy.dialects import mysql
 
 revision: str = "0015"
 # The lead re-chains at merge.
-down_revision: str | None = "0013"
+down_revision: str | None = "0014"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
