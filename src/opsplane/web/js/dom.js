@@ -1,5 +1,4 @@
-/* Small DOM helpers. h() builds elements; strings become text nodes, never markup.
- */
+/* Small DOM helpers. h() builds elements; strings become text nodes, never markup. */
 
 import { STATUS_LABEL } from "./config.js";
 import { auth } from "./state.js";

@@ -1,5 +1,4 @@
-/* The fleet view: every host with its live metrics, filtered, sorted and paged in the page.
- */
+/* The fleet view: every host with its live metrics, filtered, sorted and paged in the page. */
 
 import { LINK_LABEL, FLEET_PAGE } from "./config.js";
 import { fleet } from "./state.js";

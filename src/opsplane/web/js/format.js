@@ -1,5 +1,4 @@
-/* Time and number formatting.
- */
+/* Time and number formatting. */
 
 import { h, setText } from "./dom.js";
 
@@ -36,7 +35,6 @@ export function duration(ms) {
 }
 
 export const plural = (n, one, many = `${one}s`) => `${n.toLocaleString()} ${n === 1 ? one : many}`;
-
 export const pct = (v) => (v === null || v === undefined ? "–" : `${v < 10 ? v.toFixed(1) : Math.round(v)}%`);
 
 export function timeEl(iso) {

@@ -13,11 +13,8 @@ import { navigate, showMissing } from "./nav.js";
 import { firstLine, extraLines } from "./task-text.js";
 
 const HISTORY_HOURS = 3;
-
 const FINE_MS = 5 * 60000; // live points kept at full rate this long, then one a minute
-
 const GAP_MS = 5 * 60000; // a longer silence breaks the line
-
 const HOST_RUNS = 20;
 
 // series: the chart's points, oldest first: the stored history (one a minute), extended by

@@ -1,5 +1,4 @@
-/* The login form and the logout button.
- */
+/* The login form and the logout button. */
 
 import { API } from "./config.js";
 import { $, setText } from "./dom.js";

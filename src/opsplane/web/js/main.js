@@ -54,7 +54,6 @@ function onKey(e) {
 }
 
 const THEMES = ["auto", "light", "dark"];
-
 const THEME_LABEL = { auto: "Theme: follow system", light: "Theme: light", dark: "Theme: dark" };
 
 function applyTheme(theme) {

@@ -1,5 +1,4 @@
-/* Routing: the route table and route(), which leaves the current view and enters the next.
- */
+/* Routing: the route table and route(), which leaves the current view and enters the next. */
 
 import { current } from "./state.js";
 import { $ } from "./dom.js";
@@ -8,7 +7,7 @@ import { enterFleet, leaveFleet } from "./fleet-view.js";
 import { enterRun } from "./run-view.js";
 import { enterTask, leaveTask } from "./task-view.js";
 import { enterTasks, leaveTasks } from "./tasks-view.js";
-import { leaveHost, enterHost } from "./host-view.js";
+import { enterHost, leaveHost } from "./host-view.js";
 
 export const ROUTES = [
   { re: /^\/fleet$/, name: "fleet", view: "view-fleet", enter: enterFleet, leave: leaveFleet, title: "Fleet", filter: "fleet-q" },

@@ -1,5 +1,4 @@
-/* The run console: pick targets, type a command (or pick a catalog script), start a task.
- */
+/* The run console: pick targets, type a command (or pick a catalog script), start a task. */
 
 import { fleet, current } from "./state.js";
 import { $, h, setText } from "./dom.js";

@@ -1,5 +1,4 @@
-/* The task view's runs: merging run events, the runs table and the output host picker.
- */
+/* The task view's runs: merging run events, the runs table and the output host picker. */
 
 import { TERMINAL_RUN, RUNS_PAGE } from "./config.js";
 import { taskView } from "./state.js";

@@ -1,5 +1,4 @@
-/* How tasks and runs read as text, shared by the task view, the history and the host view.
- */
+/* How tasks and runs read as text, shared by the task view, the history and the host view. */
 
 import { parseTime, duration, plural } from "./format.js";
 

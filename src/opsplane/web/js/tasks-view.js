@@ -1,5 +1,4 @@
-/* The task history: the list of tasks, newest first, with filters, refreshed while on screen.
- */
+/* The task history: the list of tasks, newest first, with filters, refreshed while on screen. */
 
 import { TASKS_PAGE } from "./config.js";
 import { current } from "./state.js";

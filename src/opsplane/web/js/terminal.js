@@ -6,7 +6,6 @@ import { MAX_LINES } from "./config.js";
 import { $, h } from "./dom.js";
 
 const ANSI_CSI = /\x1b\[([0-9;:?<>=]*)[ -/]*([@-~])|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[PX^_][^\x1b]*\x1b\\|\x1b[ -/]*[0-~]|\r\n|\n|\r|[\x00-\x08\x0b\x0c\x0e-\x1a\x1c-\x1f\x7f]/g;
-
 const ANSI_INCOMPLETE = /\x1b(?:\[[0-9;:?<>=]*[ -/]*|\][^\x07\x1b]*|[PX^_][^\x1b]*|[ -/]*)?$/;
 
 function xterm256(n) {
