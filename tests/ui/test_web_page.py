@@ -13,8 +13,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from playwright.sync_api import Page, Route, expect
+from playwright.sync_api import Page, Response, Route, expect
 
+from opsplane.api.web import WEB_DIR
 from tests.e2e.fleet import Fleet
 from tests.ui.conftest import AGENTS, Snap
 
@@ -80,6 +81,33 @@ def test_fleet_view_shows_every_host_online_with_counts_and_filters(
     page.locator("#view-fleet").get_by_label("Status", exact=True).select_option("offline")
     expect(page.locator("#fleet-rows tr")).to_have_count(0)
     expect(page.locator("#fleet-empty")).to_contain_text("No host matches")
+
+
+def test_the_page_loads_as_es_modules_that_keep_their_names_to_themselves(
+    page: Page, fleet: Fleet
+) -> None:
+    # The page fixture fails the test on any console error (a module the browser refuses
+    # logs one) or uncaught exception.
+    scripts: dict[str, Response] = {}
+
+    def seen(response: Response) -> None:
+        if "/static/js/" in response.url:
+            scripts.setdefault(response.url.rsplit("/", 1)[1], response)
+
+    page.on("response", seen)
+    page.goto(fleet.url + "/")
+    expect(page.locator("#live")).to_have_attribute("data-state", "live")
+    expect(host_row(page, "web-1")).to_be_visible()
+    assert sorted(scripts) == sorted(path.name for path in (WEB_DIR / "js").glob("*.js"))
+    for name, response in scripts.items():
+        assert response.status == 200, name
+        assert response.headers["content-type"].startswith("text/javascript"), name
+    # Module scope: none of the page's functions or state is a global.
+    leaked = page.evaluate(
+        """() => ["h", "api", "fleet", "auth", "current", "taskView", "route", "start", "toast"]
+            .filter((name) => name in window)"""
+    )
+    assert leaked == []
 
 
 def test_run_console_streams_output_before_the_command_finishes(

@@ -2,7 +2,8 @@
 
 The page talks to the control plane only through the public ``/api/v1`` routes, so serving it
 is nothing more than handing out files. It has no build step: what is in ``opsplane/web`` is
-what the browser gets.
+what the browser gets: ``index.html``, ``style.css`` and the ES modules under ``js/``
+(``js/main.js`` is the entry point; docs/architecture.md has the module map).
 """
 
 from __future__ import annotations
@@ -36,11 +37,16 @@ _CONTENT_SECURITY_POLICY = "; ".join(
     ]
 )
 _HEADERS = {
-    # Revalidate on every load (a cheap 304): after an upgrade nobody runs yesterday's app.js.
+    # Revalidate on every load (a cheap 304): after an upgrade nobody runs yesterday's modules.
     "Cache-Control": "no-cache",
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
 }
+
+
+# A browser runs a module script only when it is served with a JavaScript type, and Python's
+# guess for .js depends on the host (/etc/mime.types, the Python version): say it here.
+_JAVASCRIPT = "text/javascript; charset=utf-8"
 
 
 class _WebFiles(StaticFiles):
@@ -55,6 +61,9 @@ class _WebFiles(StaticFiles):
     ) -> Response:
         response = super().file_response(full_path, stat_result, scope, status_code)
         response.headers.update(_HEADERS)
+        # A 304 carries no body and so no type.
+        if os.fspath(full_path).endswith(".js") and "content-type" in response.headers:
+            response.headers["content-type"] = _JAVASCRIPT
         return response
 
 
