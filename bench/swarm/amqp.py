@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -70,7 +71,8 @@ class AmqpStats(SwarmStats):
 
     duplicates: int = 0  # a command for a run id this agent had already received
     refused: int = 0  # a command failing the agent's checks (signature, target, shape)
-    unconfirmed: int = 0  # a started or result message the broker did not confirm
+    unconfirmed: int = 0  # a result the broker did not confirm, five times
+    cancels: int = 0  # cancels received (runs the control plane gave up on)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -78,6 +80,7 @@ class AmqpStats(SwarmStats):
             "duplicates": self.duplicates,
             "refused": self.refused,
             "unconfirmed": self.unconfirmed,
+            "cancels": self.cancels,
         }
 
 
@@ -233,10 +236,10 @@ class AmqpAgent(AgentSimulator):
             welcomed = False
             try:
                 welcomed = await self._serve_once(session)
-            except TimeoutError:
-                self.stats.give_ups += 1
-            except _ERRORS as e:
-                self.stats.errors[f"agent {type(e).__name__}: {str(e)[:60]}"] += 1
+            except (*_ERRORS, TimeoutError, RuntimeError) as e:
+                # The message without the channel's address: one key per kind of failure.
+                text = re.sub(r" at 0x[0-9a-f]+", "", str(e))[:60]
+                self.stats.errors[f"agent {type(e).__name__}: {text}"] += 1
             if welcomed:
                 self._backoff.reset()
             await asyncio.sleep(self._backoff.next_delay())
@@ -244,18 +247,22 @@ class AmqpAgent(AgentSimulator):
     async def _serve_once(self, session: _HubSession) -> bool:
         """Queue, bindings, consumer and hello on ``session``; then beat until it is lost."""
         self.stats.dials += 1
-        async with asyncio.timeout(WELCOME_TIMEOUT):
-            slot = await session.slot(self.slot)
-            queue = await slot.channel.declare_queue(self._queue, exclusive=True, auto_delete=True)
-            keys = [self._queue, *(m.group_key(g) for g in self.groups), m.BROADCAST_KEY]
-            for key in dict.fromkeys(keys):
-                await queue.bind(m.CMD_EXCHANGE, key)
-            tag = await queue.consume(self._on_delivery, no_ack=False)
+        # No timeout around the setup: aiormq closes a channel whose RPC is cancelled, and the
+        # channel is a hundred agents' (a real agent's timeout cuts only its own connection).
+        # A setup slower than a real agent would wait is counted as its give-up instead.
+        began = time.monotonic()
+        slot = await session.slot(self.slot)
+        queue = await slot.channel.declare_queue(self._queue, exclusive=True, auto_delete=True)
+        keys = [self._queue, *(m.group_key(g) for g in self.groups), m.BROADCAST_KEY]
+        for key in dict.fromkeys(keys):
+            await queue.bind(m.CMD_EXCHANGE, key)
+        tag = await queue.consume(self._on_delivery, no_ack=False)
         try:
-            async with asyncio.timeout(WELCOME_TIMEOUT):
-                hello = self._heartbeat(True)
-                if not await self._publish(session.monitor, m.HEARTBEAT_KEY, hello):
-                    return False
+            hello = self._heartbeat(True)
+            if not await self._publish(session.monitor, m.HEARTBEAT_KEY, hello):
+                return False
+            if time.monotonic() - began > WELCOME_TIMEOUT:
+                self.stats.give_ups += 1
             self.stats.welcomes += 1
             self.stats.connected += 1
             try:
@@ -331,8 +338,13 @@ class AmqpAgent(AgentSimulator):
             data = json.loads(body)
         except ValueError:
             data = None
+        cancel = isinstance(data, dict) and data.get("type") == "cancel"
+        if cancel and data.get("target") == self.name:
+            # For a run the control plane gave up on (undeliverable, timed out): nothing of it
+            # runs here any more (a reply-mode run has ended already).
+            self.amqp_stats.cancels += 1
+            return None
         if not isinstance(data, dict) or data.get("type", "command") != "command":
-            # Cancels never come in a swarm that answers at once; anything else is refused.
             self.amqp_stats.refused += 1
             return None
         run_id = data.get("run_id")
