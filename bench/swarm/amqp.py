@@ -276,7 +276,9 @@ class AmqpAgent(AgentSimulator):
             finally:
                 self.stats.connected -= 1
         finally:
-            if not (session.lost.is_set() or slot.closed.is_set()):
+            task = asyncio.current_task()
+            stopping = task is not None and task.cancelling() > 0
+            if not (stopping or session.lost.is_set() or slot.closed.is_set()):
                 # The slot's channel outlives this agent's turn on it: stop its consumer and
                 # drop its queue, so that the next turn starts as a reconnecting agent's.
                 with contextlib.suppress(*_ERRORS, TimeoutError, RuntimeError):
