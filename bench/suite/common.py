@@ -81,13 +81,15 @@ class Processes:
         log: Path,
         env: dict[str, str] | None = None,
         cwd: Path | None = None,
+        out: Path | None = None,
     ) -> subprocess.Popen[bytes]:
+        """``argv`` with stderr (and stdout, unless ``out`` gets it apart) in ``log``."""
         log.parent.mkdir(parents=True, exist_ok=True)
-        with log.open("ab") as handle:
+        with log.open("ab") as handle, (out or log).open("ab") as stdout:
             process = subprocess.Popen(
                 list(argv),
-                stdout=handle,
-                stderr=subprocess.STDOUT,
+                stdout=stdout,
+                stderr=handle,
                 stdin=subprocess.DEVNULL,
                 env=env,
                 cwd=cwd,

@@ -47,7 +47,7 @@ BUDGETS: tuple[Budget, ...] = (
            limit=50),
     Budget("reads.fleet_view", "the page's fleet view at 10,000 hosts (ms)", "≤ 50 ms", limit=50),
     Budget("agent.rss", "agent memory, idle (MiB RSS) vs a salt-minion",
-           "≤ 45 MiB and ≤ 0.4 × salt-minion", limit=45, ratio=0.4),
+           "≤ 45 MiB and ≤ 0.4 × salt-minion", limit=45, ratio=0.4, peer_from="agent.rss.k10"),
     Budget("agents.online.100", "100 agent processes started at once → all online (s)",
            "≤ 10 s", limit=10),
     Budget("ssh.vs_asyncssh", "`hostname` on 100 sshd targets through one bastion via "

@@ -94,7 +94,8 @@ def markdown(table: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small N (about 3 minutes)")
-    parser.add_argument("--only", default="", help="comma-separated provider names")
+    known = ", ".join(p.name for p in PROVIDERS)
+    parser.add_argument("--only", default="", help=f"comma-separated providers, of: {known}")
     parser.add_argument("--skip", default="", help="comma-separated provider names")
     parser.add_argument("--iterations", type=int, default=None, help="samples per timing [3]")
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="where the JSON goes")

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from bench.suite import amqp_floor, grpc_floor, latency, salt_side, ssh_side
+from bench.suite import amqp_floor, grpc_floor, latency, salt_side, scripts, ssh_side
 from bench.suite.common import PEERS_VENV, REPO, Figures, Options, Processes, project_python
 
 
@@ -94,38 +94,19 @@ PROVIDERS: tuple[Provider, ...] = (
         salt_side.provide,
         peers=True,
     ),
-    # Other helpers' scripts (issue 15), wired in by argv once merged.
+    # The stand-alone scripts of bench/, read through their --json output (bench/suite/scripts.py).
+    Provider("agent-footprint", ("agent.rss", "agents.online.100"), scripts.agent_footprint),
+    Provider("heartbeats", ("cpu.idle.10k",), scripts.idle_fleet),
+    Provider("fanout", ("throughput",), scripts.broadcast),
+    Provider("reads", ("reads.hosts", "reads.fleet_view"), scripts.list_hosts),
+    Provider("swarm-amqp", ("broadcast.amqp.10k",), scripts.swarm_amqp),
+    # The gRPC swarm, an external script by the --bench-run-json contract.
     Provider(
         "swarm",
-        ("connect.10k", "broadcast.grpc.10k", "broadcast.amqp.10k", "memory.10k", "restart.10k"),
+        ("connect.10k", "broadcast.grpc.10k", "memory.10k", "restart.10k"),
         script="bench/swarm",
         argv=("{python}", "-m", "bench.swarm.figures"),
         bound=900,
-    ),
-    Provider(
-        "agent-footprint",
-        ("agent.rss", "agents.online.100"),
-        script="bench/agent_footprint.py",
-        argv=("{python}", "bench/agent_footprint.py", "--salt-venv", "{peers_venv}"),
-        peers=True,
-    ),
-    Provider(
-        "heartbeats",
-        ("cpu.idle.10k",),
-        script="bench/heartbeat_cpu.py",
-        argv=("{python}", "bench/heartbeat_cpu.py"),
-    ),
-    Provider(
-        "fanout",
-        ("throughput",),
-        script="bench/throughput.py",
-        argv=("{python}", "bench/throughput.py"),
-    ),
-    Provider(
-        "reads",
-        ("reads.hosts", "reads.fleet_view"),
-        script="bench/list_endpoints.py",
-        argv=("{python}", "bench/list_endpoints.py"),
     ),
 )
 

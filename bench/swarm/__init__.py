@@ -45,6 +45,16 @@ Output: a Markdown table, or with ``--json`` one JSON object (for ``bench/run``)
 of one core over the phase; ``swarm_bound`` is true when a worker passed 90 % of a core (add
 ``--procs``). Exit status 0 when all agents got online, else 1.
 
+RabbitMQ (``bench/swarm/amqp.py``): ``python -m bench.swarm --link amqp [--amqp-url URL]
+[--amqp-connections 2] [--cp-key KEY] [--no-verify] [--heartbeat-interval 10] N`` runs N agents
+of the RabbitMQ link (own queue, signed hello and heartbeats, signed started/result, the
+control plane's signature checked with the key its data directory holds), multiplexed over
+``--amqp-connections`` connections per worker; the control plane gets ``OPSPLANE_AMQP_URL``.
+Attaching needs only ``--api`` and ``--token`` (and ``--cp-key`` to verify). ``report["swarm"]``
+holds the workers' last counters, with ``duplicates``, ``refused``, ``cancels`` and
+``unconfirmed`` on RabbitMQ.
+
 Another link's agents: subclass :class:`bench.swarm.simulator.AgentSimulator` (as
-``GrpcAgent`` does), count in :class:`SwarmStats`, and pick it in ``worker.py`` by ``--link``.
+``GrpcAgent`` and ``AmqpAgent`` do), count in :class:`SwarmStats`, and pick it in
+``worker.py`` by ``--link``.
 """

@@ -25,6 +25,7 @@ from bench.swarm.simulator import Mode
 # The repository root: workers run `python -m bench.swarm.worker` from it.
 _ROOT = Path(__file__).resolve().parents[2]
 TERMINAL = {"succeeded", "failed", "canceled", "timed_out"}
+AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 # A worker busier than this share of one core may be what bounds the figures.
 BUSY_WORKER = 90.0
 
@@ -154,6 +155,16 @@ class Worker:
                 self.stats = json.loads(line)
 
 
+def _link_args(args: argparse.Namespace) -> list[str]:
+    """What a worker needs beyond the gRPC address to speak the RabbitMQ link."""
+    if args.link != "amqp":
+        return []
+    extra = ["--link", "amqp", "--amqp-url", args.amqp_url]
+    extra += ["--amqp-connections", str(args.amqp_connections)]
+    extra += ["--heartbeat-interval", str(args.heartbeat_interval)]
+    return extra + (["--cp-key", args.cp_key] if args.cp_key else [])
+
+
 async def start_workers(args: argparse.Namespace, address: str) -> list[Worker]:
     per = -(-args.agents // args.procs)
     workers: list[Worker] = []
@@ -174,6 +185,7 @@ async def start_workers(args: argparse.Namespace, address: str) -> list[Worker]:
             args.group,
             "--mode",
             args.mode,
+            *_link_args(args),
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             cwd=_ROOT,
@@ -320,18 +332,24 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "enrollment": "require_enrollment=false (agents choose their keys)",
     }
     with tempfile.TemporaryDirectory(prefix="swarm-") as tmp:
-        if args.grpc:
-            control_plane = ControlPlane(args.grpc, args.api, args.token, pid=args.cp_pid)
+        if args.api:
+            control_plane = ControlPlane(args.grpc or "", args.api, args.token, pid=args.cp_pid)
         else:
             data_dir = Path(args.data_dir) if args.data_dir else Path(tmp)
             data_dir.mkdir(parents=True, exist_ok=True)
+            extra_env = dict(item.split("=", 1) for item in args.cp_env)
+            if args.link == "amqp":
+                extra_env.setdefault("OPSPLANE_AMQP_URL", args.amqp_url)
             control_plane = await start_control_plane(
                 data_dir,
                 database_url=args.database_url,
-                extra_env=dict(item.split("=", 1) for item in args.cp_env),
+                extra_env=extra_env,
                 grpc=f"127.0.0.1:{_free_port()}",
                 api=f"http://127.0.0.1:{_free_port()}",
             )
+            if args.link == "amqp" and not args.no_verify and not args.cp_key:
+                # The key an enrolled agent would pin: its commands are checked against it.
+                args.cp_key = str(data_dir / "keys" / "control-plane.pub")
         report["database"] = args.database_url or "sqlite"
         workers: list[Worker] = []
         headers = {"Authorization": f"Bearer {control_plane.token}"}
@@ -366,6 +384,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             await stop_workers(workers)
             if control_plane.process is not None:
                 await stop_control_plane(control_plane)
+    # The workers' last counters (each prints them once more as it stops).
+    report["swarm"] = _sum_stats(workers)
     busy = [
         phase.get("swarm_worker_max_cpu_pct", 0)
         for phase in [report.get("connect", {}), *report.get("broadcasts", [])]
@@ -411,7 +431,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--agents", type=int, default=1000)
     p.add_argument("--procs", type=int, default=max(1, min(4, (os.cpu_count() or 2))))
     p.add_argument("--mode", choices=get_args(Mode), default="reply")
-    p.add_argument("--link", choices=["grpc"], default="grpc")
+    p.add_argument("count", nargs="?", type=int, help="the number of agents (as --agents)")
+    p.add_argument("--link", choices=["grpc", "amqp"], default="grpc")
+    p.add_argument("--amqp-url", default=AMQP_URL, help="amqp: the broker URL, with its vhost")
+    p.add_argument("--amqp-connections", type=int, default=2,
+                   help="amqp: connections per worker (its agents share them)")  # fmt: skip
+    p.add_argument("--cp-key", help="amqp: the control plane's public key (own: read from it)")
+    p.add_argument("--no-verify", action="store_true", help="amqp: skip command signatures")
+    p.add_argument("--heartbeat-interval", type=float, default=10.0,
+                   help="amqp: seconds between heartbeats (as the CP's setting)")  # fmt: skip
     p.add_argument("--grpc", help="attach: the control plane's gRPC endpoint")
     p.add_argument("--api", help="attach: the control plane's API URL")
     p.add_argument("--token", help="attach: an admin API token")
@@ -433,8 +461,11 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    if bool(args.grpc) != bool(args.api) or (args.grpc and not args.token):
-        parser().error("attaching needs --grpc, --api and --token")
+    if args.count is not None:
+        args.agents = args.count
+    grpc_half = args.link == "grpc" and bool(args.grpc) != bool(args.api)
+    if (args.api and not args.token) or grpc_half:
+        parser().error("attaching needs --api, --token (and --grpc on the gRPC link)")
     args.procs = max(1, min(args.procs, args.agents))
     report = asyncio.run(run(args))
     print(json.dumps(report) if args.json else table(report))

@@ -5,8 +5,8 @@
 Runs ``python -m bench.swarm --agents N --broadcasts 3 --restart --json`` (N = 10,000, or 1,000
 with ``--quick``) and writes the figures ``connect.10k``, ``broadcast.grpc.10k``,
 ``memory.10k`` and ``restart.10k`` in bench/run's shape. The broadcast figure is the median of
-the three broadcasts. ``broadcast.amqp.10k`` is not measured: the swarm has no RabbitMQ agents
-yet.
+the three broadcasts. ``broadcast.amqp.10k`` (the swarm's ``--link amqp`` on MariaDB) is the
+``swarm-amqp`` provider's (bench/suite/scripts.py), which needs a vhost and a database of its own.
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ when it reads ``go`` on stdin, then prints its :class:`SwarmStats` every ``--eve
 until it is terminated (SIGTERM) or stdin closes.
 
     python -m bench.swarm.worker --address 127.0.0.1:50051 --first 0 --count 2500
+    python -m bench.swarm.worker --link amqp --amqp-url amqp://… --first 0 --count 2500
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ import json
 import sys
 from typing import get_args
 
+from bench.swarm.amqp import AmqpStats, make_agents
 from bench.swarm.simulator import AgentSimulator, GrpcAgent, Mode, SwarmStats
+from opsplane.security.signing import load_public_key
 
 
 def _emit(obj: dict[str, object]) -> None:
@@ -26,13 +29,32 @@ def _emit(obj: dict[str, object]) -> None:
     sys.stdout.flush()
 
 
-async def _run(args: argparse.Namespace) -> None:
-    stats = SwarmStats()
+def _agents(args: argparse.Namespace) -> tuple[SwarmStats, list[AgentSimulator]]:
     groups = tuple(g for g in args.groups.split(",") if g)
-    agents: list[AgentSimulator] = [
+    if args.link == "amqp":
+        amqp_stats = AmqpStats()
+        key = load_public_key(args.cp_key) if args.cp_key else None
+        return amqp_stats, make_agents(
+            url=args.amqp_url,
+            prefix=args.prefix,
+            first=args.first,
+            count=args.count,
+            groups=groups,
+            mode=args.mode,
+            stats=amqp_stats,
+            connections=args.amqp_connections,
+            control_plane_key=key,
+            heartbeat_interval=args.heartbeat_interval,
+        )
+    stats = SwarmStats()
+    return stats, [
         GrpcAgent(f"{args.prefix}-{i:05d}", groups, stats, args.mode, address=args.address)
         for i in range(args.first, args.first + args.count)
     ]
+
+
+async def _run(args: argparse.Namespace) -> None:
+    stats, agents = _agents(args)
     # The agents' keys and objects live as long as the process: keep them out of the
     # collector's generations (DESIGN §5: GC was 40 % of a broadcast at 10,000 streams).
     gc.collect()
@@ -56,7 +78,12 @@ async def _run(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--address", required=True, help="the control plane's gRPC endpoint")
+    parser.add_argument("--address", default="", help="the control plane's gRPC endpoint")
+    parser.add_argument("--link", choices=["grpc", "amqp"], default="grpc")
+    parser.add_argument("--amqp-url", help="amqp: the broker (with the control plane's vhost)")
+    parser.add_argument("--amqp-connections", type=int, default=2, help="amqp: per process")
+    parser.add_argument("--cp-key", help="amqp: the control plane's public key (verify commands)")
+    parser.add_argument("--heartbeat-interval", type=float, default=10.0, help="amqp: seconds")
     parser.add_argument("--first", type=int, default=0, help="index of the first agent")
     parser.add_argument("--count", type=int, required=True)
     parser.add_argument("--prefix", default="swarm")
