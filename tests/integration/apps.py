@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 from fastapi import FastAPI
 
-from opsplane.api.app import create_app
+from opsplane.app_factory import create_app
 from opsplane.config import Settings, load_settings
 from opsplane.engine.core import Engine
 from opsplane.transport.base import AgentHello, Link

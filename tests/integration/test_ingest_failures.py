@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from opsplane.api.app import create_app
+from opsplane.app_factory import create_app
 from opsplane.config import load_settings
 from opsplane.domain.errors import ReportRejected
 from opsplane.domain.states import RunStatus

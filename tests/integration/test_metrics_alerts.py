@@ -20,8 +20,8 @@ import pytest
 from fastapi import FastAPI, HTTPException
 from prometheus_client.parser import text_string_to_metric_families
 
-from opsplane.api.app import create_app
 from opsplane.api.deps import require_principal
+from opsplane.app_factory import create_app
 from opsplane.config import Settings, load_settings
 from opsplane.domain.policy import TaskPolicy
 from opsplane.domain.states import TaskStatus

@@ -12,7 +12,7 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-from opsplane.api.app import create_app
+from opsplane.app_factory import create_app
 from opsplane.config import load_settings
 from opsplane.engine.core import Engine
 from opsplane.store.tables import AuditRow

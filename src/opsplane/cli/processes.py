@@ -17,7 +17,7 @@ import typer
 import uvicorn
 from fastapi import FastAPI
 
-from opsplane.api.app import create_app
+from opsplane.app_factory import create_app
 from opsplane.cli.logs import configure_logging as configure_logging
 from opsplane.config import Settings, split_host_port
 from opsplane.domain.errors import ConfigError

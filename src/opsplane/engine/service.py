@@ -19,6 +19,7 @@ from opsplane.domain.errors import Conflict, InvalidInput, NotFound
 from opsplane.domain.ids import new_id, run_id_for
 from opsplane.domain.paging import PageOf, PageRequest
 from opsplane.domain.policy import TaskPolicy
+from opsplane.domain.records import TaskRecord
 from opsplane.domain.states import (
     IN_FLIGHT_RUN_STATUSES,
     TERMINAL_TASK_STATUSES,
@@ -29,7 +30,7 @@ from opsplane.domain.states import (
 from opsplane.domain.targeting import HostRef, Targets, resolve_targets
 from opsplane.domain.tasks import ExecSpec, TaskRequest
 from opsplane.engine.archive import LogArchive
-from opsplane.engine.changes import Changes, task_view
+from opsplane.engine.changes import Changes, TaskEvent, task_view
 from opsplane.engine.dispatcher import Dispatcher, DispatchPlan
 from opsplane.engine.ingest import Ingest
 from opsplane.engine.scheduler import Scheduler, assign_waves, start_clocks
@@ -49,7 +50,7 @@ RERUN_SUBSETS: dict[str, frozenset[RunStatus]] = {
 }
 
 # Called inside the transaction that creates a task: (session, the task, resolved host names).
-BeforeCommit = Callable[[AsyncSession, TaskRow, list[str]], Awaitable[None]]
+BeforeCommit = Callable[[AsyncSession, TaskRecord, list[str]], Awaitable[None]]
 
 
 class TaskService:
@@ -334,6 +335,21 @@ class TaskService:
         if run is None or run.task_id != task_id:
             raise NotFound(f"run {run_id} of task {task_id} not found")
         return run
+
+    async def run_by_id(self, run_id: str) -> RunRow:
+        """A run by its id alone (GET /api/v1/runs/{id}/log)."""
+        async with self._sessions() as session:
+            run = (await queries.runs_by_id(session, [run_id])).get(run_id)
+        if run is None:
+            raise NotFound(f"run {run_id} not found")
+        return run
+
+    async def events_after(self, task_id: str, after: int, limit: int) -> list[TaskEvent]:
+        """Up to ``limit`` of a task's stored events with an id past ``after``, oldest first:
+        the history an event stream replays before it follows the hub."""
+        async with self._sessions() as session:
+            rows = await queries.events_after(session, task_id, after, limit)
+        return [TaskEvent(row.id, row.task_id, row.kind, row.data) for row in rows]
 
     async def handle_command_result(self, result: RunFinished) -> None:
         """Record a host's final result for a run; returns once it is durable."""

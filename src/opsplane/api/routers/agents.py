@@ -15,11 +15,11 @@ from opsplane.api.deps import Principal, client_ip, get_engine, get_security, re
 from opsplane.api.schemas import Cursor, Items
 from opsplane.domain.errors import Conflict, InvalidInput, OpsplaneError, Unauthenticated
 from opsplane.domain.paging import PageRequest
+from opsplane.domain.records import AgentRecord
 from opsplane.engine.core import Engine
 from opsplane.security.audit import AuditEntry
 from opsplane.security.roles import Permission
 from opsplane.security.signing import load_or_create_private_key, public_key_text
-from opsplane.store.tables import AgentRow
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/api/v1/agents", tags=["agents"])
@@ -75,7 +75,7 @@ class AgentOut(BaseModel):
     revoked_by: str | None
 
     @classmethod
-    def from_row(cls, row: AgentRow) -> AgentOut:
+    def from_row(cls, row: AgentRecord) -> AgentOut:
         return cls(
             name=row.name,
             public_key=row.public_key,
