@@ -31,6 +31,7 @@ from opsplane.engine.core import Engine
 from opsplane.transport.base import HeartbeatReport, RunFinished, RunStarted
 from opsplane.transport.local import LocalLink
 from opsplane.transport.memory import MemoryLink
+from tests.integration.reports import report_result
 
 LOCAL = "control-plane"
 
@@ -129,7 +130,7 @@ async def _run_on_memory_hosts(
         status, code = results[run.host]
         error = "timed out after 5s" if code is None else f"exit code {code}: disk full"
         error = "" if code == 0 else error
-        await engine.tasks.handle_command_result(_finished(run.host, run.id, status, code, error))
+        await report_result(engine, _finished(run.host, run.id, status, code, error))
     async with asyncio.timeout(10):
         await engine.wait_task(task.id)
     return task.id

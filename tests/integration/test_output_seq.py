@@ -19,6 +19,7 @@ from opsplane.engine.ingest import gap_marker
 from opsplane.store.tables import RunRow
 from opsplane.transport.base import RunFinished, RunOutput, RunStarted
 from opsplane.transport.memory import MemoryLink
+from tests.integration.reports import report_result
 
 
 @pytest.fixture
@@ -49,7 +50,7 @@ async def _send(engine: Engine, run_id: str, *chunks: tuple[int, bytes]) -> None
 
 async def _finish(engine: Engine, run_id: str) -> None:
     now = datetime.now(UTC)
-    await engine.tasks.handle_command_result(
+    await report_result(engine,
         RunFinished(
             hostname="web-1", run_id=run_id, status="succeeded", exit_code=0, stdout="",
             stderr="", truncated=False, error=None, started_at=now, finished_at=now,

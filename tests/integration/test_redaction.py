@@ -26,6 +26,7 @@ from opsplane.store import queries
 from opsplane.transport.base import RunFinished, RunOutput, RunStarted
 from opsplane.transport.local import LocalLink
 from opsplane.transport.memory import MemoryLink
+from tests.integration.reports import report_result
 
 SECRET = "hunter2-Sup3r"
 AWS_KEY = "AKIAIOSFODNN7EXAMPLE"
@@ -143,8 +144,9 @@ async def test_a_secret_split_across_two_chunks_is_redacted_everywhere(engine: E
     try:
         await _output(engine, run_id, b"connect with pass", b"word=" + SECRET.encode() + b" ok\n")
         await _output(engine, run_id, AWS_KEY[:7].encode(), AWS_KEY[7:].encode() + b"\n")
-        await engine.tasks.handle_command_result(
-            _finished(run_id, f"password={SECRET} ok\n", error=f"failed with token={SECRET}")
+        await report_result(
+            engine,
+            _finished(run_id, f"password={SECRET} ok\n", error=f"failed with token={SECRET}"),
         )
         events = []
         async with asyncio.timeout(5):
@@ -168,7 +170,7 @@ async def test_the_held_end_of_a_line_is_written_before_the_run_ends(engine: Eng
     task_id, run_id = await _start(engine)
     await _output(engine, run_id, b"line one\nno newline, then the end: secret=", SECRET.encode())
     await _output(engine, run_id, b"err: passwd=x", stream="stderr")
-    await engine.tasks.handle_command_result(_finished(run_id, ""))
+    await report_result(engine, _finished(run_id, ""))
     async with engine.sessions() as session:
         events = await queries.events_after(session, task_id, 0, 1000)
     kinds = [(e.kind, e.data.get("stream"), e.data.get("status")) for e in events]
@@ -220,7 +222,7 @@ async def test_a_failed_write_is_retried_without_losing_or_leaking_a_held_line(
     monkeypatch.setattr(engine.ingest, "_write", failing_once)
     await _output(engine, run_id, f"word={SECRET}\n".encode())
     assert failures == 1
-    await engine.tasks.handle_command_result(_finished(run_id, ""))
+    await report_result(engine, _finished(run_id, ""))
     expected = f"password={MASK}\n"
     assert await _stored_output(engine, task_id) == expected
     archived = await _archived(engine, task_id, run_id)

@@ -1,5 +1,6 @@
-"""TaskService: seed 001's operations — create, start, cancel, status, progress, handle a
-result, handle a host's connection change — over the store and the links."""
+"""TaskService: seed 001's operations — create, start, cancel, re-run, read tasks, runs and
+events — over the store and the links. Results arrive through ``Ingest``, status and progress
+are part of a task's view (``changes.task_view``), both served by the API."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -36,7 +36,7 @@ from opsplane.engine.ingest import Ingest
 from opsplane.engine.scheduler import Scheduler, assign_waves, start_clocks
 from opsplane.store import queries
 from opsplane.store.tables import RunRow, TaskRow, utcnow
-from opsplane.transport.base import LOCAL_LINK, SSH_LINK, Link, RunFinished
+from opsplane.transport.base import LOCAL_LINK, SSH_LINK, Link
 
 log = logging.getLogger(__name__)
 
@@ -286,13 +286,6 @@ class TaskService:
         async with self._sessions() as session:
             return await self._task(session, task_id)
 
-    async def get_task_status(self, task_id: str) -> TaskStatus:
-        return TaskStatus((await self.get_task(task_id)).status)
-
-    async def get_task_progress(self, task_id: str) -> dict[str, Any]:
-        view = task_view(await self.get_task(task_id))
-        return {"counts": view["counts"], **view["progress"]}
-
     async def list_tasks(
         self, *, status: str | None, name: str | None, page: PageRequest
     ) -> PageOf[TaskRow]:
@@ -350,10 +343,6 @@ class TaskService:
         async with self._sessions() as session:
             rows = await queries.events_after(session, task_id, after, limit)
         return [TaskEvent(row.id, row.task_id, row.kind, row.data) for row in rows]
-
-    async def handle_command_result(self, result: RunFinished) -> None:
-        """Record a host's final result for a run; returns once it is durable."""
-        await (await self._ingest.report(result))
 
     @staticmethod
     async def _task(session: AsyncSession, task_id: str, *, for_update: bool = False) -> TaskRow:
