@@ -16,6 +16,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry
 from sqlalchemy import exc as sa_exc
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from opsplane.api.deps import require_principal
 from opsplane.api.errors import install_error_handlers
@@ -40,13 +41,16 @@ from opsplane.api.web import mount_web
 from opsplane.catalog import CatalogService, default_registry, load_catalog
 from opsplane.config import Settings
 from opsplane.domain.clock import utcnow
+from opsplane.domain.errors import ConfigError
 from opsplane.domain.redaction import Redactor
 from opsplane.engine.alerts import AlertSender
 from opsplane.engine.core import Engine
 from opsplane.engine.metrics import EngineMetrics
 from opsplane.remoterun import RemoteRunService
+from opsplane.security.agents import AgentRegistry
 from opsplane.security.anonymous import AnonymousAccess
 from opsplane.security.checkpoints import CheckpointWriter
+from opsplane.security.secrets import SecretBox
 from opsplane.security.service import SecurityService
 from opsplane.security.signing import load_or_create_private_key
 from opsplane.security.tls import amqp_ssl_context, resolve_grpc_server_files
@@ -97,8 +101,6 @@ def build_engine(settings: Settings) -> Engine:
         executor = SshExecutor(policy, max_parallel=settings.ssh_max_parallel)
         work_queue = None
         if settings.ssh_workers:
-            from opsplane.domain.errors import ConfigError
-
             if not settings.amqp_url:
                 raise ConfigError("ssh_workers needs amqp_url: the workers report over RabbitMQ")
             from opsplane.transport.ssh.worker import WorkQueue
@@ -128,7 +130,33 @@ def build_engine(settings: Settings) -> Engine:
                 ),
             )
         )
-    return Engine(settings, links)
+    return make_engine(settings, links)
+
+
+def make_engine(settings: Settings, links: list[Link], db: AsyncEngine | None = None) -> Engine:
+    """The engine over ``links``, its agent keys and secret parameters wired to the security
+    side (the engine knows them only as engine/ports.py's protocols)."""
+    return Engine(
+        settings,
+        links,
+        db,
+        agents=lambda sessions, write: AgentRegistry(
+            sessions,
+            write,
+            require_enrollment=settings.require_enrollment,
+            reserved_names=(settings.local_host,),
+        ),
+        secrets=SecretBox(settings.secret_key_path),
+    )
+
+
+def _security_of(engine: Engine) -> tuple[AgentRegistry, SecretBox]:
+    """The registry and the secret box ``make_engine`` gave ``engine``: the routes that enroll
+    agents and seal secrets use them directly."""
+    agents, secrets = engine.agents, engine.secrets
+    if not isinstance(agents, AgentRegistry) or not isinstance(secrets, SecretBox):
+        raise ConfigError("the engine was not built by opsplane.app_factory.make_engine")
+    return agents, secrets
 
 
 def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
@@ -208,6 +236,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         max_body_size=settings.max_request_bytes,
     )
     app.state.engine = the_engine
+    app.state.agents, app.state.secrets = _security_of(the_engine)
     app.state.catalog_service = catalog_service
     app.state.metrics = engine_metrics
     app.state.alerts = alerts

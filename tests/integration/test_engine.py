@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import event, update
 
+from opsplane.app_factory import make_engine
 from opsplane.config import Settings, load_settings
 from opsplane.domain.errors import Conflict, InvalidInput, NotFound
 from opsplane.domain.states import RunStatus, TaskStatus
@@ -33,7 +34,7 @@ def _settings(tmp_path: Path, database_url: str) -> Settings:
 
 @pytest.fixture
 async def engine(tmp_path: Path, database_url: str, link: MemoryLink) -> AsyncIterator[Engine]:
-    the_engine = Engine(_settings(tmp_path, database_url), [link])
+    the_engine = make_engine(_settings(tmp_path, database_url), [link])
     await the_engine.start()
     await link.connect("web-1", ["web"])
     await link.connect("web-2", ["web"])

@@ -21,7 +21,7 @@ from fastapi import FastAPI, HTTPException
 from prometheus_client.parser import text_string_to_metric_families
 
 from opsplane.api.deps import require_principal
-from opsplane.app_factory import create_app
+from opsplane.app_factory import create_app, make_engine
 from opsplane.config import Settings, load_settings
 from opsplane.domain.policy import TaskPolicy
 from opsplane.domain.states import TaskStatus
@@ -97,7 +97,7 @@ def _settings(tmp_path: Path, **extra: Any) -> Settings:
 @asynccontextmanager
 async def running_app(settings: Settings) -> AsyncIterator[tuple[FastAPI, Engine, MemoryLink]]:
     link = MemoryLink()
-    engine = Engine(settings, [link, LocalLink(LOCAL)])
+    engine = make_engine(settings, [link, LocalLink(LOCAL)])
     app = create_app(settings, engine)
     async with app.router.lifespan_context(app):
         await link.connect("web-1", ["web"])

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from opsplane.app_factory import make_engine
 from opsplane.config import load_settings
 from opsplane.domain.states import RunStatus
 from opsplane.domain.targeting import Targets
@@ -25,7 +26,7 @@ from tests.integration.reports import report_result
 @pytest.fixture
 async def engine(tmp_path: Path, database_url: str, link: MemoryLink) -> AsyncIterator[Engine]:
     settings = load_settings(data_dir=tmp_path, database_url=database_url, lost_grace=60.0)
-    the_engine = Engine(settings, [link])
+    the_engine = make_engine(settings, [link])
     await the_engine.start()
     await link.connect("web-1", ["web"])
     try:

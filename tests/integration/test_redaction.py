@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from sqlalchemy.exc import OperationalError
 
+from opsplane.app_factory import make_engine
 from opsplane.config import Settings, load_settings
 from opsplane.domain.redaction import DEFAULT_REDACT_PATTERNS, MASK, LineBuffer, Redactor
 from opsplane.domain.states import RunStatus, TaskStatus
@@ -93,7 +94,7 @@ def _settings(tmp_path: Path, database_url: str | None = None, **extra: Any) -> 
 
 @pytest.fixture
 async def engine(tmp_path: Path, database_url: str, link: MemoryLink) -> AsyncIterator[Engine]:
-    the_engine = Engine(_settings(tmp_path, database_url), [link])
+    the_engine = make_engine(_settings(tmp_path, database_url), [link])
     await the_engine.start()
     await link.connect("web-1", ["web"])
     try:
@@ -231,7 +232,7 @@ async def test_a_failed_write_is_retried_without_losing_or_leaking_a_held_line(
 
 async def test_no_patterns_means_output_passes_at_once_unchanged(tmp_path: Path) -> None:
     link = MemoryLink()
-    engine = Engine(_settings(tmp_path, redact_patterns=[]), [link])
+    engine = make_engine(_settings(tmp_path, redact_patterns=[]), [link])
     await engine.start()
     try:
         await link.connect("web-1", ["web"])
@@ -245,7 +246,7 @@ async def test_no_patterns_means_output_passes_at_once_unchanged(tmp_path: Path)
 
 
 async def test_a_real_process_printing_a_secret_in_two_writes(tmp_path: Path) -> None:
-    engine = Engine(_settings(tmp_path), [LocalLink("control-plane")])
+    engine = make_engine(_settings(tmp_path), [LocalLink("control-plane")])
     await engine.start()
     try:
         script = f"printf 'api_key=abc'; sleep 0.3; printf '{SECRET}\\ndone\\n'"

@@ -12,6 +12,7 @@ from typing import TypeVar
 
 import pytest
 
+from opsplane.app_factory import make_engine
 from opsplane.config import load_settings
 from opsplane.domain.errors import Conflict
 from opsplane.domain.policy import TaskPolicy
@@ -40,7 +41,7 @@ async def link() -> MemoryLink:
 async def _engine(
     tmp_path: Path, database_url: str, link: MemoryLink, **settings: object
 ) -> Engine:
-    engine = Engine(
+    engine = make_engine(
         load_settings(
             data_dir=tmp_path,
             database_url=database_url,

@@ -12,7 +12,7 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-from opsplane.app_factory import create_app
+from opsplane.app_factory import create_app, make_engine
 from opsplane.config import load_settings
 from opsplane.engine.core import Engine
 from opsplane.store.tables import AuditRow
@@ -31,7 +31,7 @@ class Api:
 async def api(tmp_path: Path) -> AsyncIterator[Api]:
     settings = load_settings(data_dir=tmp_path, bootstrap_admin_token=ADMIN_TOKEN)
     link = MemoryLink()
-    engine = Engine(settings, [link])
+    engine = make_engine(settings, [link])
     app = create_app(settings, engine)
     async with app.router.lifespan_context(app):
         for host in ("web-1", "web-2", "web-3"):

@@ -84,6 +84,9 @@ FORBIDDEN = [
     # Routes call engine and security services, which hand out domain records
     # (domain/records.py); the composition root (opsplane.app_factory) is outside ``api``.
     ("opsplane.api", "opsplane.store"),
+    # The engine knows the agent keys and the secret box only as engine/ports.py's protocols,
+    # wired by opsplane.app_factory.make_engine.
+    ("opsplane.engine", "opsplane.security"),
     ("opsplane.engine", "opsplane.api"),
     # DESIGN §6: the domain imports nothing of ours; a transport never touches the store.
     ("opsplane.domain", "opsplane.store"),

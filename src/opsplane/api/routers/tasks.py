@@ -15,7 +15,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from opsplane.api.access import check_task_allowed
 from opsplane.api.auditing import AuditDep
-from opsplane.api.deps import Principal, get_engine, require, require_principal
+from opsplane.api.deps import Principal, SecretsDep, get_engine, require, require_principal
 from opsplane.api.schemas import (
     Cursor,
     Page,
@@ -55,6 +55,7 @@ async def create_task(
     engine: EngineDep,
     principal: RunnerDep,
     audit: AuditDep,
+    secrets: SecretsDep,
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
 ) -> TaskOut:
     """Create a task aimed at hosts, groups or all hosts; it starts at once unless
@@ -75,7 +76,7 @@ async def create_task(
         spec = ExecSpec(local_path=body.upload.local_path, remote_path=body.upload.remote_path)
         command = f"upload {body.upload.local_path} -> {body.upload.remote_path}"
     if env or secret_env:
-        spec = replace(spec or ExecSpec(), env=env, secret_env=engine.secrets.seal(secret_env))
+        spec = replace(spec or ExecSpec(), env=env, secret_env=secrets.seal(secret_env))
     request = TaskRequest(
         kind=body.kind,
         spec=spec,
