@@ -198,3 +198,23 @@ def test_no_import_cycles_among_top_level_imports() -> None:
 def test_the_cycle_check_finds_a_cycle() -> None:
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
     assert cycles(graph) == [["a", "b", "c"]]
+
+
+# Each pair once imported the other (issue 21): the shared thing now lives in a lower module
+# (catalog.registry's InternalEntries, transport/ssh/work.py's WorkPublisher), and the lower of
+# the pair does not import the upper at all, not even lazily or for type checking.
+LOWER_UPPER = [
+    ("opsplane.catalog.registry", "opsplane.catalog.handlers"),
+    ("opsplane.transport.ssh.link", "opsplane.transport.ssh.worker"),
+    ("opsplane.transport.ssh.work", "opsplane.transport.ssh.worker"),
+]
+
+
+def test_the_lower_module_of_a_former_cycle_never_imports_the_upper() -> None:
+    imports = all_imports()
+    assert [
+        f"{i.module} (line {i.line}) imports {i.target}"
+        for lower, upper in LOWER_UPPER
+        for i in imports
+        if i.module == lower and _within(i.target, upper)
+    ] == []
