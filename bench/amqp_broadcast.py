@@ -72,10 +72,10 @@ async def _broadcast_bytes(hosts: int, url: str, data_dir: Path) -> tuple[int, i
 
     import aio_pika
 
+    from opsplane.app_factory import make_engine
     from opsplane.config import load_settings
     from opsplane.domain.targeting import Targets
     from opsplane.domain.tasks import TaskRequest
-    from opsplane.engine.core import Engine
     from opsplane.security.signing import load_or_create_private_key
     from opsplane.transport.amqp.link import AmqpLink
 
@@ -83,7 +83,7 @@ async def _broadcast_bytes(hosts: int, url: str, data_dir: Path) -> tuple[int, i
     settings = load_settings(data_dir=data_dir, heartbeat_interval=600.0, require_enrollment=False)
     key, _ = load_or_create_private_key(settings.signing_key_path)
     link = AmqpLink(url, signing_key=key, heartbeat_interval=600.0, offline_after_missed=3)
-    engine = Engine(settings, [link])
+    engine = make_engine(settings, [link])
     await engine.start()
     try:
         connection = await aio_pika.connect(url)

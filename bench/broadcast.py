@@ -32,6 +32,7 @@ import grpc.aio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import event
 
+from opsplane.app_factory import make_engine
 from opsplane.config import load_settings
 from opsplane.domain.targeting import Targets
 from opsplane.domain.tasks import TaskRequest
@@ -159,7 +160,7 @@ async def main(agents: int, broadcasts: int, tasks: int, pause: float) -> None:
         settings = load_settings(
             data_dir=Path(tmp), require_enrollment=False, heartbeat_interval=3600.0
         )
-        engine = Engine(settings, [link])
+        engine = make_engine(settings, [link])
         await engine.start()
         statements = _Statements()
         event.listen(engine.db.sync_engine, "before_cursor_execute", statements)

@@ -22,8 +22,8 @@ from pathlib import Path
 import grpc.aio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from opsplane.app_factory import make_engine
 from opsplane.config import load_settings
-from opsplane.engine.core import Engine
 from opsplane.security.signing import public_key_text, sign
 from opsplane.transport.grpc import convert
 from opsplane.transport.grpc import opsplane_pb2 as pb
@@ -78,7 +78,7 @@ async def main(sequential: int, concurrent: int) -> None:
         address = f"127.0.0.1:{_free_port()}"
         link = GrpcLink(address, heartbeat_interval=10.0)
         settings = load_settings(data_dir=Path(tmp), require_enrollment=False)
-        engine = Engine(settings, [link])
+        engine = make_engine(settings, [link])
         await engine.start()
         try:
             keys = [Ed25519PrivateKey.generate() for _ in range(max(sequential, concurrent))]

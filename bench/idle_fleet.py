@@ -189,14 +189,14 @@ class _Worker:
 async def _measure(agents: int, workers: int, warmup: float, window: float) -> dict[str, Any]:
     from sqlalchemy import event
 
+    from opsplane.app_factory import make_engine
     from opsplane.config import load_settings
-    from opsplane.engine.core import Engine
     from opsplane.transport.grpc.server import GrpcLink
 
     with tempfile.TemporaryDirectory() as tmp:
         address = f"127.0.0.1:{_free_port()}"
         link = GrpcLink(address, heartbeat_interval=10.0)
-        engine = Engine(load_settings(data_dir=Path(tmp), require_enrollment=False), [link])
+        engine = make_engine(load_settings(data_dir=Path(tmp), require_enrollment=False), [link])
         await engine.start()
         commits = 0
 

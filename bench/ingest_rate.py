@@ -24,10 +24,10 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
+from opsplane.app_factory import make_engine
 from opsplane.config import load_settings
 from opsplane.domain.targeting import Targets
 from opsplane.domain.tasks import TaskRequest
-from opsplane.engine.core import Engine
 from opsplane.transport.base import HeartbeatReport, RunFinished, RunStarted
 from opsplane.transport.memory import MemoryLink
 
@@ -59,7 +59,7 @@ async def _admin(backend: str, sql: str) -> None:
 
 async def _measure(url: str, data_dir: Path, hosts: int) -> tuple[float, float]:
     link = MemoryLink()
-    engine = Engine(load_settings(data_dir=data_dir, database_url=url), [link])
+    engine = make_engine(load_settings(data_dir=data_dir, database_url=url), [link])
     await engine.start()
     try:
         names = [f"h{i:05d}" for i in range(hosts)]

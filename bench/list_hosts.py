@@ -36,7 +36,7 @@ import httpx
 from sqlalchemy import insert, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from opsplane.api.app import create_app
+from opsplane.app_factory import create_app
 from opsplane.config import load_settings
 from opsplane.store.tables import HostRow, RunRow, TaskRow
 

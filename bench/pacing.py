@@ -19,11 +19,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from opsplane.app_factory import make_engine
 from opsplane.config import load_settings
 from opsplane.domain.policy import TaskPolicy
 from opsplane.domain.targeting import Targets
 from opsplane.domain.tasks import TaskRequest
-from opsplane.engine.core import Engine
 from opsplane.transport.base import CommandEnvelope, RunFinished, RunStarted
 from opsplane.transport.memory import MemoryLink
 
@@ -60,7 +60,7 @@ async def _measure(
         extra = {"database_url": database_url} if database_url else {}
         link = AnsweringLink()
         link.fail_first = bool(policy and policy.retries)
-        engine = Engine(
+        engine = make_engine(
             load_settings(data_dir=Path(data_dir), heartbeat_interval=0.1, **extra, **settings),
             [link],
         )

@@ -15,7 +15,7 @@ import httpx
 import pytest
 from httpx_sse import connect_sse
 
-from opsplane.api.app import create_app
+from opsplane.app_factory import create_app
 from opsplane.config import load_settings
 from tests.auth import ADMIN_HEADERS, ADMIN_TOKEN
 from tests.e2e.fleet import Fleet, free_port, wait_for

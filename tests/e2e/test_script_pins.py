@@ -17,7 +17,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner, Result
 
-from opsplane.api.app import create_app
+from opsplane.app_factory import create_app
 from opsplane.cli.main import app as cli
 from opsplane.config import load_settings
 from tests.auth import ADMIN_HEADERS, ADMIN_TOKEN

@@ -292,7 +292,7 @@ async def _online(engine: Engine, name: str) -> bool:
 
 async def test_metrics_name_the_refusals(tmp_path: Path) -> None:
     """The counter the scenario reads is the one /metrics serves (checked without a broker)."""
-    from opsplane.api.app import create_app
+    from opsplane.app_factory import create_app
     from tests.e2e.fleet import free_port
 
     settings = load_settings(data_dir=tmp_path, grpc_listen=f"127.0.0.1:{free_port()}")

@@ -25,7 +25,7 @@ import schemathesis
 import uvicorn
 from fastapi import FastAPI
 
-from opsplane.api.app import create_app
+from opsplane.app_factory import create_app
 from opsplane.config import Settings, load_settings
 from opsplane.transport.base import AgentHello
 from tests.auth import ADMIN_HEADERS, ADMIN_TOKEN

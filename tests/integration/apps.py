@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 from fastapi import FastAPI
 
-from opsplane.api.app import create_app
+from opsplane.app_factory import create_app, make_engine
 from opsplane.config import Settings, load_settings
 from opsplane.engine.core import Engine
 from opsplane.transport.base import AgentHello, Link
@@ -26,7 +26,7 @@ WEB_1 = AgentHello(hostname="web-1", link="grpc", groups=("web",))
 @asynccontextmanager
 async def running_engine(settings: Settings, links: Sequence[Link]) -> AsyncIterator[Engine]:
     """An engine on ``links``, started, and stopped after the block."""
-    engine = Engine(settings, list(links))
+    engine = make_engine(settings, list(links))
     await engine.start()
     try:
         yield engine

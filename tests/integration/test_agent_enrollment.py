@@ -19,6 +19,7 @@ import grpc.aio
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from opsplane.app_factory import make_engine
 from opsplane.config import load_settings
 from opsplane.domain.errors import Conflict, Forbidden, InvalidInput, NotFound, Unauthenticated
 from opsplane.domain.paging import PageRequest
@@ -43,7 +44,7 @@ def _public(key: Ed25519PrivateKey) -> str:
 
 @pytest.fixture
 async def engine(tmp_path: Path, database_url: str) -> AsyncIterator[Engine]:
-    the_engine = Engine(load_settings(data_dir=tmp_path, database_url=database_url), [])
+    the_engine = make_engine(load_settings(data_dir=tmp_path, database_url=database_url), [])
     await the_engine.start()
     try:
         yield the_engine
@@ -150,7 +151,7 @@ async def test_a_hello_never_moves_another_links_host(engine: Engine) -> None:
 async def test_enrollment_is_required_unless_turned_off(tmp_path: Path) -> None:
     for required in (True, False):
         settings = load_settings(data_dir=tmp_path / str(required), require_enrollment=required)
-        the_engine = Engine(settings, [])
+        the_engine = make_engine(settings, [])
         await the_engine.start()
         try:
             refusal = the_engine.agents.refusal("stranger", "", [])
@@ -169,7 +170,7 @@ async def amqp_engine(tmp_path: Path) -> AsyncIterator[Engine]:
     settings = load_settings(data_dir=tmp_path, heartbeat_interval=1.0)
     key, _ = load_or_create_private_key(settings.signing_key_path)
     link = AmqpLink(AMQP_URL, signing_key=key, heartbeat_interval=1.0, offline_after_missed=3)
-    the_engine = Engine(settings, [link])
+    the_engine = make_engine(settings, [link])
     await the_engine.start()
     try:
         yield the_engine
@@ -286,7 +287,7 @@ async def test_a_rabbitmq_hello_never_takes_over_an_ssh_host(tmp_path: Path) -> 
     settings = load_settings(data_dir=tmp_path, heartbeat_interval=1.0, require_enrollment=False)
     key, _ = load_or_create_private_key(settings.signing_key_path)
     link = AmqpLink(AMQP_URL, signing_key=key, heartbeat_interval=1.0, offline_after_missed=3)
-    engine = Engine(settings, [link])
+    engine = make_engine(settings, [link])
     await engine.start()
     try:
         name = f"ssh-{uuid.uuid4().hex[:8]}"
@@ -339,7 +340,7 @@ async def _say_hello(address: str, hello_for: HelloFor) -> tuple[grpc.aio.Channe
 async def test_grpc_hellos_and_reports_must_be_signed_by_the_enrolled_key(tmp_path: Path) -> None:
     address = f"127.0.0.1:{free_port()}"
     link = GrpcLink(address, heartbeat_interval=1.0)
-    engine = Engine(load_settings(data_dir=tmp_path, heartbeat_interval=1.0), [link])
+    engine = make_engine(load_settings(data_dir=tmp_path, heartbeat_interval=1.0), [link])
     await engine.start()
     key, other = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
     token = await engine.agents.create_token(["web"], created_by="admin")

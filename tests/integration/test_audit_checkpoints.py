@@ -21,7 +21,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import delete, select, update
 
-from opsplane.api.app import create_app
+from opsplane.app_factory import create_app
 from opsplane.config import load_settings
 from opsplane.engine.core import Engine
 from opsplane.security.audit import GENESIS, AuditEntry

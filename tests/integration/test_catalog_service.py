@@ -14,6 +14,7 @@ from typing import Any
 import psutil
 import pytest
 
+from opsplane.app_factory import make_engine
 from opsplane.catalog import (
     Catalog,
     CatalogService,
@@ -66,7 +67,7 @@ async def engine(tmp_path: Path) -> AsyncIterator[Engine]:
     link = LocalLink(
         HOST, _registry().link_handlers(), kill_grace=2.0, env_passthrough=("CATALOG_FIXTURE_*",)
     )
-    the_engine = Engine(load_settings(data_dir=tmp_path / "data"), [link])
+    the_engine = make_engine(load_settings(data_dir=tmp_path / "data"), [link])
     await the_engine.start()
     try:
         yield the_engine
@@ -285,7 +286,7 @@ async def test_async_sessions_are_answered_after_a_restart(tmp_path: Path) -> No
 
     async def plane() -> tuple[Engine, CatalogService]:
         link = LocalLink(HOST, _registry().link_handlers(), kill_grace=2.0)
-        engine = Engine(load_settings(data_dir=tmp_path / "data"), [link])
+        engine = make_engine(load_settings(data_dir=tmp_path / "data"), [link])
         await engine.start()
         service = CatalogService(engine, _catalog(), logs_dir=tmp_path / "logs", retention=60)
         await service.start()

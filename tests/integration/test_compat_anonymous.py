@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from opsplane.api.app import create_app
+from opsplane.app_factory import create_app
 from opsplane.config import load_settings
 from tests.auth import ADMIN_HEADERS, ADMIN_TOKEN
 from tests.e2e.fleet import free_port, serving
@@ -104,7 +104,7 @@ async def test_without_the_setting_every_seed_route_answers_401_to_a_call_withou
 async def test_seed004s_curl_examples_without_a_token_run_as_the_named_principal(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="opsplane.api.app")
+    caplog.set_level(logging.WARNING, logger="opsplane.app_factory")
     settings = {"compat_anonymous": ["seed004"], "compat_anonymous_principal": "legacy-cli"}
     async with served(tmp_path, **settings) as url, _anonymous(url) as client:
         warned = [r.getMessage() for r in caplog.records if "compat_anonymous" in r.getMessage()]

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from sqlalchemy import event, func, insert, select, update
 
+from opsplane.app_factory import make_engine
 from opsplane.config import load_settings
 from opsplane.domain.errors import Conflict
 from opsplane.domain.states import RunStatus
@@ -54,7 +55,7 @@ async def _engine(tmp_path: Path, database_url: str | None) -> AsyncIterator[Eng
         event_retention_days=7,
         host_retention_days=30,
     )
-    the_engine = Engine(settings, [link])
+    the_engine = make_engine(settings, [link])
     await the_engine.start()
     # Passes are run by the tests, not by the background duty.
     await the_engine.retention.stop()

@@ -11,16 +11,19 @@ from pathlib import Path
 import pytest
 from sqlalchemy import event, update
 
+from opsplane.app_factory import make_engine
 from opsplane.config import Settings, load_settings
 from opsplane.domain.errors import Conflict, InvalidInput, NotFound
 from opsplane.domain.states import RunStatus, TaskStatus
 from opsplane.domain.targeting import Targets
 from opsplane.domain.tasks import TaskRequest
+from opsplane.engine.changes import task_view
 from opsplane.engine.core import Engine
 from opsplane.store import queries
 from opsplane.store.tables import HostRow, RunRow
 from opsplane.transport.base import HeartbeatReport, RunFinished, RunOutput, RunStarted
 from opsplane.transport.memory import MemoryLink
+from tests.integration.reports import report_result, task_status
 
 
 def _settings(tmp_path: Path, database_url: str) -> Settings:
@@ -31,7 +34,7 @@ def _settings(tmp_path: Path, database_url: str) -> Settings:
 
 @pytest.fixture
 async def engine(tmp_path: Path, database_url: str, link: MemoryLink) -> AsyncIterator[Engine]:
-    the_engine = Engine(_settings(tmp_path, database_url), [link])
+    the_engine = make_engine(_settings(tmp_path, database_url), [link])
     await the_engine.start()
     await link.connect("web-1", ["web"])
     await link.connect("web-2", ["web"])
@@ -69,27 +72,27 @@ async def test_create_dispatches_one_run_per_target_and_results_end_the_task(
     assert set(runs) == {"web-1", "web-2"}
     assert [c.run_id for c in link.hosts["web-1"].commands] == [runs["web-1"]]
     for host, run_id in runs.items():
-        await engine.tasks.handle_command_result(_finished(host, run_id))
-    assert await engine.tasks.get_task_status(task.id) == TaskStatus.SUCCEEDED
-    progress = await engine.tasks.get_task_progress(task.id)
+        await report_result(engine, _finished(host, run_id))
+    assert await task_status(engine, task.id) == TaskStatus.SUCCEEDED
+    progress = task_view(await engine.tasks.get_task(task.id))["progress"]
     assert progress["finished"] == 2 and progress["percent"] == 100.0
-    assert progress["counts"]["succeeded"] == 2
+    assert task_view(await engine.tasks.get_task(task.id))["counts"]["succeeded"] == 2
 
 
 async def test_a_duplicate_or_late_result_changes_nothing(engine: Engine) -> None:
     task = await engine.tasks.create_task(_request(hosts=("db-1",)))
     run_id = (await _runs(engine, task.id))["db-1"]
-    await engine.tasks.handle_command_result(_finished("db-1", run_id, "failed", 3))
-    await engine.tasks.handle_command_result(_finished("db-1", run_id, "succeeded", 0))
+    await report_result(engine, _finished("db-1", run_id, "failed", 3))
+    await report_result(engine, _finished("db-1", run_id, "succeeded", 0))
     run = await engine.tasks.get_run(task.id, run_id)
     assert (run.status, run.exit_code) == (RunStatus.FAILED, 3)
-    assert await engine.tasks.get_task_status(task.id) == TaskStatus.FAILED
+    assert await task_status(engine, task.id) == TaskStatus.FAILED
 
 
 async def test_a_host_cannot_report_on_another_hosts_run(engine: Engine) -> None:
     task = await engine.tasks.create_task(_request(hosts=("db-1",)))
     run_id = (await _runs(engine, task.id))["db-1"]
-    await engine.tasks.handle_command_result(_finished("web-1", run_id))
+    await report_result(engine, _finished("web-1", run_id))
     assert (await engine.tasks.get_run(task.id, run_id)).status == RunStatus.DISPATCHED
 
 
@@ -113,9 +116,9 @@ async def test_cancel_is_confirmed_by_the_host(engine: Engine, link: MemoryLink)
     await (await engine.report(RunStarted("web-2", run_id, datetime.now(UTC))))
     await engine.tasks.cancel_task(task.id)
     assert link.hosts["web-2"].cancels == [run_id]
-    assert await engine.tasks.get_task_status(task.id) == TaskStatus.RUNNING
-    await engine.tasks.handle_command_result(_finished("web-2", run_id, "canceled", None))
-    assert await engine.tasks.get_task_status(task.id) == TaskStatus.CANCELED
+    assert await task_status(engine, task.id) == TaskStatus.RUNNING
+    await report_result(engine, _finished("web-2", run_id, "canceled", None))
+    assert await task_status(engine, task.id) == TaskStatus.CANCELED
 
 
 async def test_offline_target_is_undeliverable_at_once(engine: Engine, link: MemoryLink) -> None:
@@ -142,8 +145,8 @@ async def test_reconnecting_agent_that_forgot_a_run_makes_it_lost(
     await link.connect("web-2", ["web"], finished=[runs["web-2"]])  # holds a spooled result
     assert (await engine.tasks.get_run(task.id, runs["web-1"])).status == RunStatus.LOST
     assert (await engine.tasks.get_run(task.id, runs["web-2"])).status == RunStatus.DISPATCHED
-    await engine.tasks.handle_command_result(_finished("web-2", runs["web-2"]))
-    assert await engine.tasks.get_task_status(task.id) == TaskStatus.FAILED
+    await report_result(engine, _finished("web-2", runs["web-2"]))
+    assert await task_status(engine, task.id) == TaskStatus.FAILED
 
 
 async def test_reconnecting_agent_that_never_received_a_run_makes_it_undeliverable(
@@ -244,8 +247,8 @@ async def test_output_with_nul_bytes_and_emoji_is_stored_on_every_database(
     # Split inside the rocket: the decoder must join the halves of one character.
     await (await engine.report(RunOutput("web-1", run_id, "stdout", 0, chunk[:16])))
     await (await engine.report(RunOutput("web-1", run_id, "stdout", 1, chunk[16:])))
-    await engine.tasks.handle_command_result(
-        replace(_finished("web-1", run_id), stdout=text, stderr="\x00", error="e\x00")
+    await report_result(
+        engine, replace(_finished("web-1", run_id), stdout=text, stderr="\x00", error="e\x00")
     )
     # PostgreSQL refuses NUL in text: every database keeps U+FFFD in its place.
     stored = text.replace("\x00", "\ufffd")
@@ -310,9 +313,9 @@ async def test_the_control_plane_ends_runs_past_their_timeout_and_cancels_them(
     assert link.hosts["web-2"].cancels == [runs["web-2"]]
     assert (await engine.tasks.get_run(other.id, waiting)).status == RunStatus.RUNNING
     assert link.hosts["db-1"].cancels == []
-    assert await engine.tasks.get_task_status(task.id) == TaskStatus.FAILED
+    assert await task_status(engine, task.id) == TaskStatus.FAILED
     # The agent's own result, arriving late, changes nothing.
-    await engine.tasks.handle_command_result(_finished("web-1", runs["web-1"]))
+    await report_result(engine, _finished("web-1", runs["web-1"]))
     assert (await engine.tasks.get_run(task.id, runs["web-1"])).status == RunStatus.TIMED_OUT
 
 

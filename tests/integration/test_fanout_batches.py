@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from sqlalchemy import event
 
+from opsplane.app_factory import make_engine
 from opsplane.config import load_settings
 from opsplane.domain.states import RunStatus, TaskStatus
 from opsplane.domain.targeting import Targets
@@ -28,7 +29,7 @@ FLEET = 120
 @pytest.fixture
 async def engine(tmp_path: Path, database_url: str, link: MemoryLink) -> AsyncIterator[Engine]:
     settings = load_settings(data_dir=tmp_path, database_url=database_url)
-    the_engine = Engine(settings, [link])
+    the_engine = make_engine(settings, [link])
     await the_engine.start()
     for i in range(FLEET):
         await link.connect(f"node-{i:03d}", ["small" if i < 10 else "big"])

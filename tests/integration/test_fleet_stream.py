@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx
 
-from opsplane.api.app import create_app
+from opsplane.app_factory import create_app
 from opsplane.config import load_settings
 from opsplane.engine.core import Engine
 from opsplane.engine.hub import HostChangeLog

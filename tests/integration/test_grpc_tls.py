@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from opsplane.agent import Agent, AgentConfig
-from opsplane.api.app import build_engine
+from opsplane.app_factory import build_engine
 from opsplane.config import load_settings
 from opsplane.domain.states import TaskStatus
 from opsplane.domain.targeting import Targets

@@ -16,6 +16,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import event, update
 
+from opsplane.app_factory import make_engine
 from opsplane.config import load_settings
 from opsplane.domain.targeting import Targets
 from opsplane.domain.tasks import TaskRequest
@@ -71,7 +72,7 @@ async def engine(tmp_path: Path, database_url: str, link: MemoryLink) -> AsyncIt
     settings = load_settings(
         data_dir=tmp_path, database_url=database_url, heartbeat_interval=1.0, ingest_batch_size=10
     )
-    the_engine = Engine(settings, [link])
+    the_engine = make_engine(settings, [link])
     await the_engine.start()
     for name in ("web-1", "web-2"):
         await link.connect(name, ["web"])
@@ -176,7 +177,7 @@ async def test_the_monitor_takes_an_open_stream_as_liveness_and_heartbeats_elsew
 ) -> None:
     stream, beats = StreamLink(), BeatLink()
     settings = load_settings(data_dir=tmp_path, database_url=database_url, heartbeat_interval=1.0)
-    engine = Engine(settings, [stream, beats])
+    engine = make_engine(settings, [stream, beats])
     await engine.start()
     try:
         await stream.connect("agent-grpc", ["web"])
@@ -214,7 +215,7 @@ async def test_a_grpc_agent_with_an_open_stream_stays_online_without_heartbeats(
     address = f"127.0.0.1:{free_port()}"
     link = GrpcLink(address, heartbeat_interval=0.5)
     settings = load_settings(data_dir=tmp_path, heartbeat_interval=0.5, require_enrollment=False)
-    engine = Engine(settings, [link])
+    engine = make_engine(settings, [link])
     await engine.start()
     key = Ed25519PrivateKey.generate()
     try:

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from opsplane.api.app import create_app
+from opsplane.app_factory import create_app, make_engine
 from opsplane.config import load_settings
 from opsplane.domain.errors import ReportRejected
 from opsplane.domain.states import RunStatus
@@ -34,7 +34,7 @@ async def engine(tmp_path: Path, database_url: str, link: MemoryLink) -> AsyncIt
     settings = load_settings(
         data_dir=tmp_path, database_url=database_url, heartbeat_interval=30.0, ingest_linger=0.2
     )
-    the_engine = Engine(settings, [link])
+    the_engine = make_engine(settings, [link])
     await the_engine.start()
     await link.connect("web-1", ["web"])
     await link.connect("web-2", ["web"])
@@ -185,7 +185,7 @@ async def test_a_heartbeat_does_not_wait_behind_queued_run_reports(
     settings = load_settings(
         data_dir=tmp_path, database_url=database_url, heartbeat_interval=30.0, ingest_batch_size=10
     )
-    engine = Engine(settings, [link])
+    engine = make_engine(settings, [link])
     await engine.start()
     try:
         await link.connect("web-1", ["web"])

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from opsplane.app_factory import make_engine
 from opsplane.config import load_settings
 from opsplane.engine.core import Engine
 from opsplane.engine.leases import Lease
@@ -20,7 +21,7 @@ from opsplane.transport.memory import MemoryLink
 async def _instance(data_dir: Path, database_url: str) -> AsyncIterator[Engine]:
     """One control-plane engine (its own connection pool and data directory)."""
     settings = load_settings(database_url=database_url, data_dir=data_dir)
-    engine = Engine(settings, [MemoryLink()])
+    engine = make_engine(settings, [MemoryLink()])
     await engine.start()
     try:
         yield engine

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from opsplane.app_factory import make_engine
 from opsplane.config import load_settings
 from opsplane.domain.errors import InvalidInput
 from opsplane.domain.paging import PageRequest
@@ -32,7 +33,9 @@ async def _counter(context: HandlerContext) -> int:
 
 @pytest.fixture
 async def engine(tmp_path: Path) -> AsyncIterator[Engine]:
-    the_engine = Engine(load_settings(data_dir=tmp_path), [LocalLink(HOST, {"counter": _counter})])
+    the_engine = make_engine(
+        load_settings(data_dir=tmp_path), [LocalLink(HOST, {"counter": _counter})]
+    )
     await the_engine.start()
     try:
         yield the_engine
@@ -118,7 +121,7 @@ async def test_the_control_plane_host_never_goes_offline_for_lack_of_heartbeats(
     settings = load_settings(
         data_dir=tmp_path, heartbeat_interval=0.2, offline_after_missed=1, lost_grace=0.2
     )
-    the_engine = Engine(settings, [LocalLink(HOST)])
+    the_engine = make_engine(settings, [LocalLink(HOST)])
     await the_engine.start()
     try:
         await asyncio.sleep(1.0)  # five heartbeat intervals without a heartbeat

@@ -20,8 +20,8 @@ import pytest
 from fastapi import FastAPI, HTTPException
 from prometheus_client.parser import text_string_to_metric_families
 
-from opsplane.api.app import create_app
 from opsplane.api.deps import require_principal
+from opsplane.app_factory import create_app, make_engine
 from opsplane.config import Settings, load_settings
 from opsplane.domain.policy import TaskPolicy
 from opsplane.domain.states import TaskStatus
@@ -31,6 +31,7 @@ from opsplane.engine.core import Engine
 from opsplane.transport.base import HeartbeatReport, RunFinished, RunStarted
 from opsplane.transport.local import LocalLink
 from opsplane.transport.memory import MemoryLink
+from tests.integration.reports import report_result
 
 LOCAL = "control-plane"
 
@@ -96,7 +97,7 @@ def _settings(tmp_path: Path, **extra: Any) -> Settings:
 @asynccontextmanager
 async def running_app(settings: Settings) -> AsyncIterator[tuple[FastAPI, Engine, MemoryLink]]:
     link = MemoryLink()
-    engine = Engine(settings, [link, LocalLink(LOCAL)])
+    engine = make_engine(settings, [link, LocalLink(LOCAL)])
     app = create_app(settings, engine)
     async with app.router.lifespan_context(app):
         await link.connect("web-1", ["web"])
@@ -129,7 +130,7 @@ async def _run_on_memory_hosts(
         status, code = results[run.host]
         error = "timed out after 5s" if code is None else f"exit code {code}: disk full"
         error = "" if code == 0 else error
-        await engine.tasks.handle_command_result(_finished(run.host, run.id, status, code, error))
+        await report_result(engine, _finished(run.host, run.id, status, code, error))
     async with asyncio.timeout(10):
         await engine.wait_task(task.id)
     return task.id

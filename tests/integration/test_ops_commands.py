@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from opsplane.app_factory import make_engine
 from opsplane.cli.main import app
 from opsplane.config import load_settings
 from opsplane.domain.targeting import Targets
 from opsplane.domain.tasks import TaskRequest
-from opsplane.engine.core import Engine
 from opsplane.transport.memory import MemoryLink
 
 # The two keys of systemd 254+ that older systemd (Debian 12: 252) reports and ignores.
@@ -53,7 +53,7 @@ def test_each_unit_is_valid_and_its_command_runs(role: str, tmp_path: Path) -> N
 def test_a_backup_of_a_live_sqlite_database_is_complete_and_private(tmp_path: Path) -> None:
     async def with_a_task() -> str:
         link = MemoryLink()
-        engine = Engine(load_settings(data_dir=tmp_path), [link])
+        engine = make_engine(load_settings(data_dir=tmp_path), [link])
         await engine.start()
         try:
             await link.connect("web-1", ["web"])

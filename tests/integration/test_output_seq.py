@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from opsplane.app_factory import make_engine
 from opsplane.config import load_settings
 from opsplane.domain.states import RunStatus
 from opsplane.domain.targeting import Targets
@@ -19,12 +20,13 @@ from opsplane.engine.ingest import gap_marker
 from opsplane.store.tables import RunRow
 from opsplane.transport.base import RunFinished, RunOutput, RunStarted
 from opsplane.transport.memory import MemoryLink
+from tests.integration.reports import report_result
 
 
 @pytest.fixture
 async def engine(tmp_path: Path, database_url: str, link: MemoryLink) -> AsyncIterator[Engine]:
     settings = load_settings(data_dir=tmp_path, database_url=database_url, lost_grace=60.0)
-    the_engine = Engine(settings, [link])
+    the_engine = make_engine(settings, [link])
     await the_engine.start()
     await link.connect("web-1", ["web"])
     try:
@@ -49,7 +51,7 @@ async def _send(engine: Engine, run_id: str, *chunks: tuple[int, bytes]) -> None
 
 async def _finish(engine: Engine, run_id: str) -> None:
     now = datetime.now(UTC)
-    await engine.tasks.handle_command_result(
+    await report_result(engine,
         RunFinished(
             hostname="web-1", run_id=run_id, status="succeeded", exit_code=0, stdout="",
             stderr="", truncated=False, error=None, started_at=now, finished_at=now,

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from sqlalchemy.exc import OperationalError
 
+from opsplane.app_factory import make_engine
 from opsplane.config import Settings, load_settings
 from opsplane.domain.redaction import DEFAULT_REDACT_PATTERNS, MASK, LineBuffer, Redactor
 from opsplane.domain.states import RunStatus, TaskStatus
@@ -26,6 +27,7 @@ from opsplane.store import queries
 from opsplane.transport.base import RunFinished, RunOutput, RunStarted
 from opsplane.transport.local import LocalLink
 from opsplane.transport.memory import MemoryLink
+from tests.integration.reports import report_result
 
 SECRET = "hunter2-Sup3r"
 AWS_KEY = "AKIAIOSFODNN7EXAMPLE"
@@ -92,7 +94,7 @@ def _settings(tmp_path: Path, database_url: str | None = None, **extra: Any) -> 
 
 @pytest.fixture
 async def engine(tmp_path: Path, database_url: str, link: MemoryLink) -> AsyncIterator[Engine]:
-    the_engine = Engine(_settings(tmp_path, database_url), [link])
+    the_engine = make_engine(_settings(tmp_path, database_url), [link])
     await the_engine.start()
     await link.connect("web-1", ["web"])
     try:
@@ -143,8 +145,9 @@ async def test_a_secret_split_across_two_chunks_is_redacted_everywhere(engine: E
     try:
         await _output(engine, run_id, b"connect with pass", b"word=" + SECRET.encode() + b" ok\n")
         await _output(engine, run_id, AWS_KEY[:7].encode(), AWS_KEY[7:].encode() + b"\n")
-        await engine.tasks.handle_command_result(
-            _finished(run_id, f"password={SECRET} ok\n", error=f"failed with token={SECRET}")
+        await report_result(
+            engine,
+            _finished(run_id, f"password={SECRET} ok\n", error=f"failed with token={SECRET}"),
         )
         events = []
         async with asyncio.timeout(5):
@@ -168,7 +171,7 @@ async def test_the_held_end_of_a_line_is_written_before_the_run_ends(engine: Eng
     task_id, run_id = await _start(engine)
     await _output(engine, run_id, b"line one\nno newline, then the end: secret=", SECRET.encode())
     await _output(engine, run_id, b"err: passwd=x", stream="stderr")
-    await engine.tasks.handle_command_result(_finished(run_id, ""))
+    await report_result(engine, _finished(run_id, ""))
     async with engine.sessions() as session:
         events = await queries.events_after(session, task_id, 0, 1000)
     kinds = [(e.kind, e.data.get("stream"), e.data.get("status")) for e in events]
@@ -220,7 +223,7 @@ async def test_a_failed_write_is_retried_without_losing_or_leaking_a_held_line(
     monkeypatch.setattr(engine.ingest, "_write", failing_once)
     await _output(engine, run_id, f"word={SECRET}\n".encode())
     assert failures == 1
-    await engine.tasks.handle_command_result(_finished(run_id, ""))
+    await report_result(engine, _finished(run_id, ""))
     expected = f"password={MASK}\n"
     assert await _stored_output(engine, task_id) == expected
     archived = await _archived(engine, task_id, run_id)
@@ -229,7 +232,7 @@ async def test_a_failed_write_is_retried_without_losing_or_leaking_a_held_line(
 
 async def test_no_patterns_means_output_passes_at_once_unchanged(tmp_path: Path) -> None:
     link = MemoryLink()
-    engine = Engine(_settings(tmp_path, redact_patterns=[]), [link])
+    engine = make_engine(_settings(tmp_path, redact_patterns=[]), [link])
     await engine.start()
     try:
         await link.connect("web-1", ["web"])
@@ -243,7 +246,7 @@ async def test_no_patterns_means_output_passes_at_once_unchanged(tmp_path: Path)
 
 
 async def test_a_real_process_printing_a_secret_in_two_writes(tmp_path: Path) -> None:
-    engine = Engine(_settings(tmp_path), [LocalLink("control-plane")])
+    engine = make_engine(_settings(tmp_path), [LocalLink("control-plane")])
     await engine.start()
     try:
         script = f"printf 'api_key=abc'; sleep 0.3; printf '{SECRET}\\ndone\\n'"

@@ -12,6 +12,7 @@ from typing import TypeVar
 
 import pytest
 
+from opsplane.app_factory import make_engine
 from opsplane.config import load_settings
 from opsplane.domain.errors import Conflict
 from opsplane.domain.policy import TaskPolicy
@@ -22,6 +23,7 @@ from opsplane.engine.core import Engine
 from opsplane.store.tables import RunRow
 from opsplane.transport.base import RunFinished
 from opsplane.transport.memory import MemoryLink
+from tests.integration.reports import report_result, task_status
 from tests.integration.test_heartbeats import StreamLink
 
 HOSTS = ("db-1", "web-1", "web-2")
@@ -39,7 +41,7 @@ async def link() -> MemoryLink:
 async def _engine(
     tmp_path: Path, database_url: str, link: MemoryLink, **settings: object
 ) -> Engine:
-    engine = Engine(
+    engine = make_engine(
         load_settings(
             data_dir=tmp_path,
             database_url=database_url,
@@ -81,7 +83,7 @@ def _request(
 
 async def _finish(engine: Engine, run: RunRow, status: str = "succeeded") -> None:
     now = datetime.now(UTC)
-    await engine.tasks.handle_command_result(
+    await report_result(engine,
         RunFinished(
             hostname=run.host, run_id=run.id, status=status,
             exit_code=0 if status == "succeeded" else 1, stdout="", stderr="", truncated=False,
@@ -114,7 +116,7 @@ async def _dispatched(engine: Engine, task_id: str, host: str) -> RunRow:
 
 async def _ended(engine: Engine, task_id: str) -> TaskStatus:
     async def probe() -> TaskStatus | None:
-        status = await engine.tasks.get_task_status(task_id)
+        status = await task_status(engine, task_id)
         return status if status not in (TaskStatus.PENDING, TaskStatus.RUNNING) else None
 
     return await _eventually(probe, f"task {task_id} to end")
@@ -163,7 +165,7 @@ async def test_a_flaky_run_succeeds_on_its_third_attempt(engine: Engine) -> None
         await _finish(engine, run, "failed")
     last = await _dispatched(engine, task.id, "db-1")
     assert last.attempt == 3
-    assert await engine.tasks.get_task_status(task.id) == TaskStatus.RUNNING
+    assert await task_status(engine, task.id) == TaskStatus.RUNNING
     await _finish(engine, last)
     assert await _ended(engine, task.id) == TaskStatus.SUCCEEDED
     runs = sorted(await engine.tasks.list_runs(task.id), key=lambda r: r.attempt)

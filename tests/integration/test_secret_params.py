@@ -10,9 +10,8 @@ from pathlib import Path
 import httpx
 from sqlalchemy import select
 
-from opsplane.api.app import create_app
+from opsplane.app_factory import create_app, make_engine
 from opsplane.config import load_settings
-from opsplane.engine.core import Engine
 from opsplane.store.tables import AuditRow, TaskRow
 from opsplane.transport.memory import MemoryLink
 from tests.auth import ADMIN_HEADERS, ADMIN_TOKEN
@@ -23,7 +22,7 @@ SECRET = "hunter2-do-not-store"
 async def test_a_secret_reaches_the_host_and_nowhere_else(tmp_path: Path) -> None:
     settings = load_settings(data_dir=tmp_path, bootstrap_admin_token=ADMIN_TOKEN)
     link = MemoryLink()
-    engine = Engine(settings, [link])
+    engine = make_engine(settings, [link])
     app = create_app(settings, engine)
     async with app.router.lifespan_context(app):
         await link.connect("db-1", ["db"])

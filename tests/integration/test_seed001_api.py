@@ -12,13 +12,14 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-from opsplane.api.app import create_app
+from opsplane.app_factory import create_app, make_engine
 from opsplane.config import load_settings
 from opsplane.engine.core import Engine
 from opsplane.store.tables import AuditRow
 from opsplane.transport.base import RunFinished
 from opsplane.transport.memory import MemoryLink
 from tests.auth import ADMIN_HEADERS, ADMIN_TOKEN
+from tests.integration.reports import report_result
 
 
 class Api:
@@ -30,7 +31,7 @@ class Api:
 async def api(tmp_path: Path) -> AsyncIterator[Api]:
     settings = load_settings(data_dir=tmp_path, bootstrap_admin_token=ADMIN_TOKEN)
     link = MemoryLink()
-    engine = Engine(settings, [link])
+    engine = make_engine(settings, [link])
     app = create_app(settings, engine)
     async with app.router.lifespan_context(app):
         for host in ("web-1", "web-2", "web-3"):
@@ -60,9 +61,9 @@ async def test_the_task_json_carries_the_seeds_names(api: Api) -> None:
     assert (task["total_hosts"], task["completed_hosts"], task["failed_hosts"]) == (3, 0, 0)
     assert task["updated_at"] is not None
     runs = {run.host: run.id for run in await api.engine.tasks.list_runs(task["id"])}
-    await api.engine.tasks.handle_command_result(_result("web-1", runs["web-1"], "succeeded", 0))
-    await api.engine.tasks.handle_command_result(_result("web-2", runs["web-2"], "failed", 2))
-    await api.engine.tasks.handle_command_result(_result("web-3", runs["web-3"], "timed_out", -1))
+    await report_result(api.engine, _result("web-1", runs["web-1"], "succeeded", 0))
+    await report_result(api.engine, _result("web-2", runs["web-2"], "failed", 2))
+    await report_result(api.engine, _result("web-3", runs["web-3"], "timed_out", -1))
     shown = (await api.client.get(f"/api/v1/tasks/{task['id']}")).json()
     listed = (await api.client.get("/api/v1/tasks")).json()["items"]
     for view in (shown, next(item for item in listed if item["id"] == task["id"])):
@@ -71,6 +72,8 @@ async def test_the_task_json_carries_the_seeds_names(api: Api) -> None:
         # "completed" is the seed's done-and-succeeded; a timeout is a failure.
         assert (view["total_hosts"], view["completed_hosts"], view["failed_hosts"]) == (3, 1, 2)
         assert view["updated_at"] == view["finished_at"] is not None
+        assert view["progress"] == {"finished": 3, "total": 3, "percent": 100.0}
+        assert (view["counts"]["succeeded"], view["counts"]["failed"]) == (1, 1)
 
 
 async def test_parameters_reach_the_command_as_environment_variables(api: Api) -> None:

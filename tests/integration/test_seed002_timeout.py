@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from opsplane.app_factory import make_engine
 from opsplane.config import load_settings
 from opsplane.domain.paging import PageRequest
 from opsplane.domain.states import RunStatus, TaskStatus
@@ -33,7 +34,7 @@ async def engine(tmp_path: Path) -> AsyncIterator[Engine]:
     )
     key, _ = load_or_create_private_key(settings.signing_key_path)
     link = AmqpLink(AMQP_URL, signing_key=key, heartbeat_interval=1.0, offline_after_missed=3)
-    the_engine = Engine(settings, [link])
+    the_engine = make_engine(settings, [link])
     await the_engine.start()
     try:
         yield the_engine

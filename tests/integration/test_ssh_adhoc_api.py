@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from opsplane.api.app import create_app
+from opsplane.app_factory import create_app
 from opsplane.config import load_settings
 from tests.auth import ADMIN_HEADERS, ADMIN_TOKEN
 from tests.e2e.fleet import free_port, serving

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from opsplane.app_factory import make_engine
 from opsplane.config import load_settings
 from opsplane.domain.inventory import SshHostRequest
 from opsplane.domain.policy import Retries, TaskPolicy
@@ -52,7 +53,7 @@ async def _plane(lab: SshLab, root: Path, names: tuple[str, ...], *, register: b
     known = lab.known_hosts(root / "known_hosts", lab.daemons.values())
     # One slot: every run but the first waits on the control plane, far past start_timeout.
     executor = SshExecutor(HostKeyPolicy(known), max_parallel=1, kill_grace=1.0)
-    engine = Engine(settings, [SshLink(executor)])
+    engine = make_engine(settings, [SshLink(executor)])
     await engine.start()
     if register:
         for daemon, name in zip(TARGETS, names, strict=True):

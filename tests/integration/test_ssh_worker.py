@@ -13,6 +13,7 @@ from pathlib import Path
 import aio_pika
 import pytest
 
+from opsplane.app_factory import make_engine
 from opsplane.config import load_settings
 from opsplane.domain.inventory import SshHostRequest
 from opsplane.domain.states import RunStatus, TaskStatus
@@ -75,7 +76,7 @@ async def plane(lab: SshLab, tmp_path: Path) -> AsyncIterator[Plane]:
     # The control plane's executor is never used in worker mode; the worker's is.
     ssh = SshLink(SshExecutor(HostKeyPolicy(known)), work_queue=WorkQueue(AMQP_URL))
     worker = SshWorker(AMQP_URL, SshExecutor(HostKeyPolicy(known), kill_grace=1.0), concurrency=4)
-    engine = Engine(settings, [amqp, ssh])
+    engine = make_engine(settings, [amqp, ssh])
     await engine.start()
     await worker.start()
     suffix = uuid.uuid4().hex[:8]
@@ -166,7 +167,7 @@ async def test_a_run_waiting_in_the_broker_past_start_timeout_is_never_started(
         )
         # One run at a time: the others wait in the broker far past start_timeout.
         worker = SshWorker(url, SshExecutor(HostKeyPolicy(known)), concurrency=1)
-        engine = Engine(settings, [amqp, ssh])
+        engine = make_engine(settings, [amqp, ssh])
         await engine.start()
         await worker.start()
         try:

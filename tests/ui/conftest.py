@@ -54,7 +54,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         if response.status_code != 200 or "<html" not in response.text:
             pytest.fail(
                 f"GET / answered {response.status_code}: the web page is not mounted "
-                "(opsplane.api.app must call opsplane.api.web.mount_web(app))"
+                "(opsplane.app_factory must call opsplane.api.web.mount_web(app))"
             )
         with the_fleet.client() as client:
             body = {"name": UI_USER, "role": "admin", "password": UI_PASSWORD}

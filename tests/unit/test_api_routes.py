@@ -14,8 +14,8 @@ from typing import Any
 import httpx
 from fastapi import FastAPI
 
-from opsplane.api.app import create_app
 from opsplane.api.deps import SAFE_METHODS
+from opsplane.app_factory import create_app
 from opsplane.config import load_settings
 from opsplane.security.roles import Permission
 from opsplane.transport.base import AgentHello

@@ -20,12 +20,12 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from opsplane.api.deps import AuthenticatedDep, client_ip, get_security, outcome_of
 from opsplane.domain.errors import OpsplaneError
+from opsplane.domain.records import TaskRecord
 from opsplane.domain.redaction import Redactor
 from opsplane.domain.targeting import Targets
 from opsplane.engine.service import BeforeCommit
 from opsplane.security.audit import OK, targets_summary
 from opsplane.security.service import Caller, SecurityService
-from opsplane.store.tables import TaskRow
 
 
 class Audit:
@@ -90,7 +90,7 @@ class Audit:
         """The record of a task, written in the transaction that creates it."""
         self._mark()
 
-        async def hook(session: AsyncSession, task: TaskRow, hosts: list[str]) -> None:
+        async def hook(session: AsyncSession, task: TaskRecord, hosts: list[str]) -> None:
             entry = self.caller.entry(
                 action,
                 target=task.id,

@@ -43,9 +43,11 @@ from opsplane.domain.errors import (
     Unauthenticated,
 )
 from opsplane.engine.core import Engine
+from opsplane.security.agents import AgentRegistry
 from opsplane.security.anonymous import AnonymousAccess, from_browser
 from opsplane.security.audit import DENIED, FAILED, OK, REJECTED
 from opsplane.security.roles import Permission, Principal, authorize
+from opsplane.security.secrets import SecretBox
 from opsplane.security.service import Caller, SecurityService
 from opsplane.security.tokens import same_secret
 
@@ -75,6 +77,21 @@ SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 def get_engine(request: Request) -> Engine:
     engine: Engine = request.app.state.engine
     return engine
+
+
+def get_agents(request: Request) -> AgentRegistry:
+    """The enrolled agents (the engine sees them only as keys: engine/ports.py)."""
+    agents: AgentRegistry = request.app.state.agents
+    return agents
+
+
+def get_secrets(request: Request) -> SecretBox:
+    secrets: SecretBox = request.app.state.secrets
+    return secrets
+
+
+AgentsDep = Annotated[AgentRegistry, Depends(get_agents)]
+SecretsDep = Annotated[SecretBox, Depends(get_secrets)]
 
 
 def get_security(request: Request) -> SecurityService:

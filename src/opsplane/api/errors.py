@@ -11,7 +11,6 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException
 from starlette.middleware.body_limit import MAX_BODY_SIZE_SCOPE_KEY
 
@@ -24,7 +23,6 @@ from opsplane.domain.errors import (
     Unauthenticated,
 )
 from opsplane.security.throttle import LoginThrottled
-from opsplane.store.database import POOL_TIMEOUT, is_unavailable
 
 log = logging.getLogger(__name__)
 
@@ -85,34 +83,6 @@ def status_of(error: OpsplaneError) -> int:
             return code
     log.error("unmapped error: %s", error)
     return 503
-
-
-# While the database is unreachable, clients are told when to try again.
-_RETRY_AFTER = {"Retry-After": "5"}
-
-
-def install_database_error_handler(app: FastAPI) -> None:
-    """The database unreachable (refused, lost, pool exhausted) → 503 with a clear message,
-    never a 500 with a stack trace; any other database error stays a 500 (a bug)."""
-
-    async def _database_error(request: Request, exc: Exception) -> JSONResponse:
-        if not is_unavailable(exc):
-            raise exc
-        if isinstance(exc, sa_exc.TimeoutError):
-            why = f"no database connection free within {POOL_TIMEOUT:.0f} s"
-        else:
-            # The driver's own words, first line only: never the SQL or its parameters.
-            orig = getattr(exc, "orig", None) or exc
-            why = (str(orig).splitlines() or [type(orig).__name__])[0][:200]
-        log.warning("%s %s: database unavailable: %s", request.method, request.url.path, why)
-        message = f"database unavailable: {why}"
-        if getattr(request.state, "envelope_errors", False):
-            body = {"code": 1, "data": "", "msg": message}
-            return JSONResponse(body, status_code=503, headers=_RETRY_AFTER)
-        return JSONResponse({"detail": message}, status_code=503, headers=_RETRY_AFTER)
-
-    for kind in (sa_exc.DBAPIError, sa_exc.TimeoutError, sa_exc.DisconnectionError):
-        app.add_exception_handler(kind, _database_error)
 
 
 def install_error_handlers(app: FastAPI) -> None:

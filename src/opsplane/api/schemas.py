@@ -12,8 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_vali
 from opsplane.domain.errors import InvalidInput
 from opsplane.domain.paging import PageOf
 from opsplane.domain.policy import TaskPolicy
+from opsplane.domain.records import HostRecord, RunRecord
 from opsplane.domain.tasks import check_run_as, is_env_name, params_env
-from opsplane.store.tables import HostRow, RunRow
 
 T = TypeVar("T")
 # Far beyond any real page, and small enough that the row offset fits a 64-bit integer (a
@@ -314,7 +314,7 @@ class RunOut(BaseModel):
     unplanned: bool = False
 
     @classmethod
-    def from_row(cls, row: RunRow, *, output: bool = True) -> RunOut:
+    def from_row(cls, row: RunRecord, *, output: bool = True) -> RunOut:
         """``output`` false: the row was read without its output (it is not touched)."""
         return cls(
             id=row.id,
@@ -356,7 +356,7 @@ class HostOut(BaseModel):
     adhoc: bool = False
 
     @classmethod
-    def from_row(cls, row: HostRow) -> HostOut:
+    def from_row(cls, row: HostRecord) -> HostOut:
         return cls(
             name=row.name,
             link=row.link,

@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from opsplane.store.tables import ApiTokenRow, AuditRow, UserRow
+from opsplane.domain.records import AuditRecord, TokenRecord, UserRecord
 
 
 class LoginIn(BaseModel):
@@ -62,7 +62,7 @@ class UserOut(BaseModel):
     last_login_at: datetime | None
 
     @classmethod
-    def from_row(cls, row: UserRow) -> UserOut:
+    def from_row(cls, row: UserRecord) -> UserOut:
         return cls(
             name=row.name,
             role=row.role,
@@ -103,7 +103,7 @@ class TokenOut(BaseModel):
     last_used_at: datetime | None
 
     @classmethod
-    def from_row(cls, row: ApiTokenRow, owner: UserRow | None) -> TokenOut:
+    def from_row(cls, row: TokenRecord, owner: UserRecord | None) -> TokenOut:
         return cls(
             id=row.id,
             name=row.name,
@@ -137,7 +137,7 @@ class AuditOut(BaseModel):
     hash: str
 
     @classmethod
-    def from_row(cls, row: AuditRow) -> AuditOut:
+    def from_row(cls, row: AuditRecord) -> AuditOut:
         return cls(
             id=row.id,
             at=row.at,

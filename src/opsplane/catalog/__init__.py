@@ -1,7 +1,7 @@
 """Seed 004's catalog: legacy scripts declared in YAML and in-process Python handlers, each
 exposed as a sync and an async route, run as ordinary script tasks on the control plane's host.
 
-Wiring (``api/app.py``): ``load_catalog(path, collect_dir, default_registry)`` at start (a bad
+Wiring (``app_factory.py``): ``load_catalog(path, collect_dir, default_registry)`` at start (a bad
 catalog raises ``CatalogError``), ``LocalLink(host, handlers=default_registry.link_handlers())``,
 ``CatalogService(engine, catalog, logs_dir=..., retention=...)`` started and stopped by the
 lifespan, and ``api.routers.compat_catalog.router``.

@@ -17,7 +17,7 @@ import shlex
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from typing import Any, Literal, Protocol, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -25,9 +25,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from opsplane.domain.errors import ConfigError, InvalidInput
 from opsplane.domain.tasks import MAX_TIMEOUT_SECONDS, ExecSpec
 from opsplane.remoterun.scripts import SCRIPT_PATH_ENV, parse_sha256
-
-if TYPE_CHECKING:
-    from opsplane.catalog.handlers import HandlerRegistry
 
 # ``shell`` is not in the seed's validation tag but its prose says "sh, shell" run as
 # ``sh -c``: accepted, and run exactly like ``sh``.
@@ -302,10 +299,17 @@ class Catalog:
 # Loading ------------------------------------------------------------------------------------
 
 
+class InternalEntries(Protocol):
+    """The in-process handlers' entries (``handlers.HandlerRegistry``, which builds on this
+    module: the registry never imports it)."""
+
+    def entries(self) -> Iterable[InternalEntry]: ...
+
+
 def load_catalog(
     path: Path | None,
     collect_dir: Path | None = None,
-    handlers: HandlerRegistry | None = None,
+    handlers: InternalEntries | None = None,
 ) -> Catalog:
     """The catalog from a YAML file (none: only the in-process handlers), validated.
 

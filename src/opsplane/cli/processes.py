@@ -17,10 +17,11 @@ import typer
 import uvicorn
 from fastapi import FastAPI
 
-from opsplane.api.app import create_app
+from opsplane.app_factory import create_app
 from opsplane.config import Settings, split_host_port
 from opsplane.domain.errors import ConfigError
 from opsplane.engine.core import Engine
+from opsplane.security.agents import AgentRegistry
 from opsplane.security.service import SecurityService
 from opsplane.security.tls import TlsFiles
 
@@ -31,9 +32,10 @@ class _Server(uvicorn.Server):
     """On Ctrl-C, stops the demo's agents first, so they leave while the server still listens
     instead of reconnecting to a server that is going away."""
 
-    def __init__(self, config: uvicorn.Config, engine: Engine) -> None:
+    def __init__(self, config: uvicorn.Config, engine: Engine, enrolled: AgentRegistry) -> None:
         super().__init__(config)
         self.engine = engine
+        self.enrolled = enrolled
         self.agents: list[subprocess.Popen[bytes]] = []
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
@@ -53,7 +55,7 @@ def _uvicorn_server(settings: Settings) -> _Server:
         app, host=host, port=port, lifespan="on", log_config=None, access_log=False,
         ssl_certfile=settings.tls_cert, ssl_keyfile=settings.tls_key,
     )  # fmt: skip
-    return _Server(config, app.state.engine)
+    return _Server(config, app.state.engine, app.state.agents)
 
 
 async def _start_engine(server: _Server) -> None:
@@ -100,7 +102,7 @@ async def _demo(settings: Settings) -> None:
         raise typer.Exit(1)
     agents = [
         _spawn_agent(
-            settings, name, group, await _enrollment(server.engine, settings, name, group), url
+            settings, name, group, await _enrollment(server.enrolled, settings, name, group), url
         )
         for name, group in DEMO_AGENTS
     ]
@@ -158,7 +160,9 @@ def _agent_state_dir(settings: Settings, name: str) -> Path:
     return Path(settings.data_dir) / "agents" / name
 
 
-async def _enrollment(engine: Engine, settings: Settings, name: str, group: str) -> str | None:
+async def _enrollment(
+    agents: AgentRegistry, settings: Settings, name: str, group: str
+) -> str | None:
     """A one-time token for a demo agent that has not enrolled yet (None: it has)."""
     from opsplane.agent.enroll import enrolled
 
@@ -166,7 +170,7 @@ async def _enrollment(engine: Engine, settings: Settings, name: str, group: str)
         return None
     # Bound to the agent's name: the demo's host may already be in the inventory (an earlier
     # demo in this data directory), and then only a token issued for its name enrolls it.
-    created = await engine.agents.create_token([group], created_by="demo", name=name)
+    created = await agents.create_token([group], created_by="demo", name=name)
     return created.secret
 
 

@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from opsplane.config import Settings
 from opsplane.domain.errors import InvalidInput, ReportRejected
+from opsplane.domain.records import AgentRecord
 from opsplane.domain.redaction import Redactor
 from opsplane.domain.states import TERMINAL_TASK_STATUSES
 from opsplane.engine.archive import ArchivePruner, LogArchive
@@ -30,17 +31,16 @@ from opsplane.engine.hub import EventHub
 from opsplane.engine.ingest import Ingest
 from opsplane.engine.leases import Lease, instance_name
 from opsplane.engine.monitor import Monitor
+from opsplane.engine.ports import AgentKeysFactory, SecretOpener
 from opsplane.engine.recovery import settle_interrupted_runs
 from opsplane.engine.retention import Retention
 from opsplane.engine.scheduler import Scheduler
 from opsplane.engine.service import TaskService
 from opsplane.engine.sshapi import SshApi
-from opsplane.security.agents import AgentRegistry
-from opsplane.security.secrets import SecretBox
 from opsplane.store import queries
 from opsplane.store.database import create_engine, session_factory
 from opsplane.store.migrate import upgrade_to_head
-from opsplane.store.tables import AgentRow, TaskRow
+from opsplane.store.tables import TaskRow
 from opsplane.transport.base import (
     LOCAL_LINK,
     SSH_LINK,
@@ -56,8 +56,16 @@ log = logging.getLogger(__name__)
 
 class Engine:
     def __init__(
-        self, settings: Settings, links: list[Link], db: AsyncEngine | None = None
+        self,
+        settings: Settings,
+        links: list[Link],
+        db: AsyncEngine | None = None,
+        *,
+        agents: AgentKeysFactory,
+        secrets: SecretOpener,
     ) -> None:
+        """``agents`` and ``secrets`` come from the composition root
+        (``opsplane.app_factory.make_engine``), which wires them to the security side."""
         self.settings = settings
         # This process among the instances sharing the database (the holder of its leases).
         self.instance = instance_name()
@@ -87,8 +95,8 @@ class Engine:
             probe=self.ping_database,
             on_rejected=lambda _why: self.message_refused("ingest", "unprocessable"),
         )
-        self.secrets = SecretBox(settings.secret_key_path)
-        self.dispatcher = Dispatcher(self.write, self.links, secrets=self.secrets)
+        self.secrets = secrets
+        self.dispatcher = Dispatcher(self.write, self.links, secrets=secrets)
         self.scheduler = Scheduler(
             self.write,
             self.dispatcher,
@@ -151,12 +159,7 @@ class Engine:
                 ttl=2 * settings.retention_interval + 60,
             ),
         )
-        self.agents = AgentRegistry(
-            self.sessions,
-            self.write,
-            require_enrollment=settings.require_enrollment,
-            reserved_names=(settings.local_host,),
-        )
+        self.agents = agents(self.sessions, self.write)
         # Messages the links refused, by (link, reason): the metrics read them.
         self.refused: Counter[tuple[str, str]] = Counter()
         # Every long-lived loop, supervised (restarted with backoff); /readyz reports them.
@@ -306,7 +309,7 @@ class Engine:
             if link is not None:
                 await link.drop(name, "no heartbeat: the host is offline")
 
-    async def revoke_agent(self, name: str, *, revoked_by: str) -> AgentRow:
+    async def revoke_agent(self, name: str, *, revoked_by: str) -> AgentRecord:
         """Revoke an enrolled agent and drop its live connections."""
         row = await self.agents.revoke(name, revoked_by=revoked_by)
         for link in self.links.values():

@@ -19,7 +19,7 @@ from opsplane.domain.errors import ConfigError, TransportError
 from opsplane.domain.states import RunStatus
 from opsplane.domain.tasks import ExecSpec
 from opsplane.engine.changes import Changes
-from opsplane.security.secrets import SecretBox
+from opsplane.engine.ports import SecretOpener
 from opsplane.store import queries
 from opsplane.store.tables import HostRow, RunRow, TaskRow, utcnow
 from opsplane.transport.base import CommandEnvelope, Fanout, Link, UploadSpec
@@ -74,7 +74,7 @@ class Dispatcher:
         write: Callable[[], AbstractAsyncContextManager[Changes]],
         links: Mapping[str, Link],
         *,
-        secrets: SecretBox | None = None,
+        secrets: SecretOpener | None = None,
         max_in_flight_sends: int = 500,
     ) -> None:
         self._write = write

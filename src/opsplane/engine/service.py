@@ -1,5 +1,6 @@
-"""TaskService: seed 001's operations — create, start, cancel, status, progress, handle a
-result, handle a host's connection change — over the store and the links."""
+"""TaskService: seed 001's operations — create, start, cancel, re-run, read tasks, runs and
+events — over the store and the links. Results arrive through ``Ingest``, status and progress
+are part of a task's view (``changes.task_view``), both served by the API."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -19,6 +19,7 @@ from opsplane.domain.errors import Conflict, InvalidInput, NotFound
 from opsplane.domain.ids import new_id, run_id_for
 from opsplane.domain.paging import PageOf, PageRequest
 from opsplane.domain.policy import TaskPolicy
+from opsplane.domain.records import TaskRecord
 from opsplane.domain.states import (
     IN_FLIGHT_RUN_STATUSES,
     TERMINAL_TASK_STATUSES,
@@ -29,13 +30,13 @@ from opsplane.domain.states import (
 from opsplane.domain.targeting import HostRef, Targets, resolve_targets
 from opsplane.domain.tasks import ExecSpec, TaskRequest
 from opsplane.engine.archive import LogArchive
-from opsplane.engine.changes import Changes, task_view
+from opsplane.engine.changes import Changes, TaskEvent, task_view
 from opsplane.engine.dispatcher import Dispatcher, DispatchPlan
 from opsplane.engine.ingest import Ingest
 from opsplane.engine.scheduler import Scheduler, assign_waves, start_clocks
 from opsplane.store import queries
 from opsplane.store.tables import RunRow, TaskRow, utcnow
-from opsplane.transport.base import AGENT_LINKS, LOCAL_LINK, SSH_LINK, Link, RunFinished
+from opsplane.transport.base import AGENT_LINKS, LOCAL_LINK, SSH_LINK, Link
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ RERUN_SUBSETS: dict[str, frozenset[RunStatus]] = {
 }
 
 # Called inside the transaction that creates a task: (session, the task, resolved host names).
-BeforeCommit = Callable[[AsyncSession, TaskRow, list[str]], Awaitable[None]]
+BeforeCommit = Callable[[AsyncSession, TaskRecord, list[str]], Awaitable[None]]
 
 
 class TaskService:
@@ -289,13 +290,6 @@ class TaskService:
         async with self._sessions() as session:
             return await self._task(session, task_id)
 
-    async def get_task_status(self, task_id: str) -> TaskStatus:
-        return TaskStatus((await self.get_task(task_id)).status)
-
-    async def get_task_progress(self, task_id: str) -> dict[str, Any]:
-        view = task_view(await self.get_task(task_id))
-        return {"counts": view["counts"], **view["progress"]}
-
     async def list_tasks(
         self, *, status: str | None, name: str | None, page: PageRequest
     ) -> PageOf[TaskRow]:
@@ -339,9 +333,20 @@ class TaskService:
             raise NotFound(f"run {run_id} of task {task_id} not found")
         return run
 
-    async def handle_command_result(self, result: RunFinished) -> None:
-        """Record a host's final result for a run; returns once it is durable."""
-        await (await self._ingest.report(result))
+    async def run_by_id(self, run_id: str) -> RunRow:
+        """A run by its id alone (GET /api/v1/runs/{id}/log)."""
+        async with self._sessions() as session:
+            run = (await queries.runs_by_id(session, [run_id])).get(run_id)
+        if run is None:
+            raise NotFound(f"run {run_id} not found")
+        return run
+
+    async def events_after(self, task_id: str, after: int, limit: int) -> list[TaskEvent]:
+        """Up to ``limit`` of a task's stored events with an id past ``after``, oldest first:
+        the history an event stream replays before it follows the hub."""
+        async with self._sessions() as session:
+            rows = await queries.events_after(session, task_id, after, limit)
+        return [TaskEvent(row.id, row.task_id, row.kind, row.data) for row in rows]
 
     @staticmethod
     async def _task(session: AsyncSession, task_id: str, *, for_update: bool = False) -> TaskRow:

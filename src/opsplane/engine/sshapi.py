@@ -31,6 +31,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from opsplane.domain.errors import InvalidInput, NotFound
 from opsplane.domain.ids import new_id
 from opsplane.domain.inventory import SshHostRequest
+from opsplane.domain.records import TaskRecord
 from opsplane.domain.states import TERMINAL_TASK_STATUSES, RunStatus
 from opsplane.domain.targeting import Targets
 from opsplane.domain.tasks import ExecSpec, TaskRequest
@@ -145,7 +146,7 @@ class SshApi:
             e.password or e.private_key for e in (*request.targets, request.proxy) if e is not None
         )
 
-        async def remember(session: AsyncSession, task: TaskRow, hosts: list[str]) -> None:
+        async def remember(session: AsyncSession, task: TaskRecord, hosts: list[str]) -> None:
             if before_commit is not None:
                 await before_commit(session, task, hosts)
             if len(commands) < 2:

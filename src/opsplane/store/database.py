@@ -33,7 +33,7 @@ _SERVERS = ("postgresql", "mysql", "mariadb")
 POOL_SIZE = 5
 MAX_OVERFLOW = 10
 # How long a request waits for a pooled connection before it is answered 503 (database
-# unavailable, api/errors.py) rather than hanging while the server is gone.
+# unavailable, app_factory.py) rather than hanging while the server is gone.
 POOL_TIMEOUT = 10.0
 # MySQL closes connections idle past wait_timeout (8 h by default, often far less behind a
 # proxy); recycling after an hour stays under any sensible setting. Pre-ping catches the rest.

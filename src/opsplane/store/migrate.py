@@ -26,8 +26,9 @@ from opsplane.store.tables import CleanJSON, CleanString, CleanText, UTCDateTime
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 
-# Oldest servers opsplane runs on: row locks with SKIP LOCKED (DESIGN §7), JSON, and a binary
-# NO PAD utf8mb4 collation (MySQL's utf8mb4_0900_bin arrived in 8.0.17). docs/operations.md.
+# Oldest servers opsplane runs on: JSON and a binary NO PAD utf8mb4 collation (MySQL's
+# utf8mb4_0900_bin arrived in 8.0.17); all have SKIP LOCKED for when several instances claim
+# work (DESIGN §7), which nothing uses yet. docs/operations.md.
 MINIMUM_VERSIONS = {"postgresql": (13,), "mysql": (8, 0, 17), "mariadb": (10, 6)}
 # How long an instance waits while another one migrates the same database.
 LOCK_TIMEOUT_SECONDS = 60

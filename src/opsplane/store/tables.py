@@ -25,6 +25,8 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeEngine
 
+from opsplane.domain.clock import utcnow as utcnow  # re-exported: the rows default to it
+
 # Named constraints keep Alembic migrations identical on every database.
 NAMING = {
     "ix": "ix_%(column_0_label)s",
@@ -134,10 +136,6 @@ class CleanJSON(TypeDecorator[Any]):
 
 # Autoincrement event ids must be 64-bit on servers but SQLite only autoincrements INTEGER.
 EventId = BigInteger().with_variant(Integer(), "sqlite")
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 class Base(DeclarativeBase):

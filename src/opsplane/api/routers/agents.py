@@ -11,15 +11,15 @@ from fastapi import APIRouter, Depends, Query, Request, status
 from pydantic import BaseModel, Field
 
 from opsplane.api.auditing import AuditDep
-from opsplane.api.deps import Principal, client_ip, get_engine, get_security, require
+from opsplane.api.deps import AgentsDep, Principal, client_ip, get_engine, get_security, require
 from opsplane.api.schemas import Cursor, Items
 from opsplane.domain.errors import Conflict, InvalidInput, OpsplaneError, Unauthenticated
 from opsplane.domain.paging import PageRequest
+from opsplane.domain.records import AgentRecord
 from opsplane.engine.core import Engine
 from opsplane.security.audit import AuditEntry
 from opsplane.security.roles import Permission
 from opsplane.security.signing import load_or_create_private_key, public_key_text
-from opsplane.store.tables import AgentRow
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/api/v1/agents", tags=["agents"])
@@ -75,7 +75,7 @@ class AgentOut(BaseModel):
     revoked_by: str | None
 
     @classmethod
-    def from_row(cls, row: AgentRow) -> AgentOut:
+    def from_row(cls, row: AgentRecord) -> AgentOut:
         return cls(
             name=row.name,
             public_key=row.public_key,
@@ -88,13 +88,13 @@ class AgentOut(BaseModel):
 
 @router.post("/tokens", status_code=status.HTTP_201_CREATED, response_model=EnrollmentTokenOut)
 async def create_enrollment_token(
-    body: EnrollmentTokenCreate, engine: EngineDep, principal: AdminDep, audit: AuditDep
+    body: EnrollmentTokenCreate, agents: AgentsDep, principal: AdminDep, audit: AuditDep
 ) -> EnrollmentTokenOut:
     """A one-time token an agent enrolls with; the agent may join only ``groups``, and with
     ``name`` only as that host."""
     detail = {"groups": body.groups, "expires_in": body.expires_in, "name": body.name}
     async with audit.failures("agent.token", detail=detail):
-        created = await engine.agents.create_token(
+        created = await agents.create_token(
             body.groups,
             created_by=principal.name,
             lifetime=timedelta(seconds=body.expires_in),
@@ -111,10 +111,12 @@ async def create_enrollment_token(
 
 
 @router.post("/enroll", status_code=status.HTTP_201_CREATED, response_model=EnrolledOut)
-async def enroll(body: EnrollIn, request: Request, engine: EngineDep) -> EnrolledOut:
+async def enroll(
+    body: EnrollIn, request: Request, engine: EngineDep, agents: AgentsDep
+) -> EnrolledOut:
     """Enroll an agent: the one-time token is the credential (no API token needed)."""
     try:
-        row = await engine.agents.enroll(body.token, body.name, body.public_key)
+        row = await agents.enroll(body.token, body.name, body.public_key)
     except OpsplaneError as e:
         # Anyone may call this route: a refused attempt writes no audit record (its actor
         # and target would be whatever the caller chose, and a flood of them would bury the
@@ -138,13 +140,13 @@ async def enroll(body: EnrollIn, request: Request, engine: EngineDep) -> Enrolle
 
 @router.get("", response_model=Items[AgentOut])
 async def list_agents(
-    engine: EngineDep,
+    agents: AgentsDep,
     _principal: AdminDep,
     size: Annotated[int, Query(ge=1, le=1000)] = 1000,
     cursor: Cursor = None,
 ) -> Items[AgentOut]:
     """Enrolled agents by name, ``size`` at a time (follow ``next_cursor``)."""
-    found = await engine.agents.list_agents(PageRequest.of(page=1, size=size, cursor=cursor))
+    found = await agents.list_agents(PageRequest.of(page=1, size=size, cursor=cursor))
     items = [AgentOut.from_row(row) for row in found.items]
     return Items[AgentOut](items=items, next_cursor=found.next_cursor)
 

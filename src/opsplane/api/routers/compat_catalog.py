@@ -209,7 +209,7 @@ async def run_async(
 # The seed's short URL, ``POST /{cluster-type}/{name}`` (its curl example calls
 # ``/tendb-cluster/demo1``), as an alias of ``/sync/…``. A pattern of two free segments at the
 # root would match any two-segment path, so it lives on its own router that the app includes
-# after every other one (api/app.py), it takes POST only, and a pair that is not a catalog
+# after every other one (app_factory.py), it takes POST only, and a pair that is not a catalog
 # entry is a 404: it can never answer in place of another route. Same dependencies as the
 # catalog's own routes (the same list object, so a change to one is a change to both).
 short_router = APIRouter(tags=["catalog (seed 004)"], dependencies=router.dependencies)

@@ -12,9 +12,7 @@ from fastapi import APIRouter, Depends, Header, Response
 from fastapi.responses import StreamingResponse
 
 from opsplane.api.deps import Principal, get_engine, require_principal
-from opsplane.domain.errors import NotFound
 from opsplane.engine.core import Engine
-from opsplane.store import queries
 
 router = APIRouter(prefix="/api/v1/runs", tags=["runs"])
 
@@ -42,10 +40,7 @@ async def run_log(
     """The whole archived output of a run (stdout and stderr in arrival order), redacted as it
     was stored. ``Range: bytes=…`` answers 206 with that part. A running run's log is served
     as far as it is written when the request arrives."""
-    async with engine.sessions() as session:
-        run = (await queries.runs_by_id(session, [run_id])).get(run_id)
-    if run is None:
-        raise NotFound(f"run {run_id} not found")
+    run = await engine.tasks.run_by_id(run_id)
     path = (
         Path(run.log_path) if run.log_path else engine.archive.legacy_path_for(run.task_id, run.id)
     )

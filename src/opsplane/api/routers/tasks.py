@@ -15,7 +15,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from opsplane.api.access import check_task_allowed
 from opsplane.api.auditing import AuditDep
-from opsplane.api.deps import Principal, get_engine, require, require_principal
+from opsplane.api.deps import Principal, SecretsDep, get_engine, require, require_principal
 from opsplane.api.schemas import (
     Cursor,
     Page,
@@ -28,6 +28,7 @@ from opsplane.api.schemas import (
 )
 from opsplane.domain.errors import InvalidInput
 from opsplane.domain.paging import PageRequest
+from opsplane.domain.records import TaskRecord
 from opsplane.domain.states import TERMINAL_TASK_STATUSES, RunStatus, TaskStatus
 from opsplane.domain.targeting import Targets, normalize_names
 from opsplane.domain.tasks import ExecSpec, TaskRequest
@@ -35,8 +36,6 @@ from opsplane.engine.changes import TaskEvent, task_view
 from opsplane.engine.core import Engine
 from opsplane.security.audit import targets_summary
 from opsplane.security.roles import Permission
-from opsplane.store import queries
-from opsplane.store.tables import TaskRow
 
 router = APIRouter(prefix="/api/v1/tasks", tags=["tasks"])
 
@@ -46,7 +45,7 @@ RunnerDep = Annotated[Principal, Depends(require(Permission.RUN))]
 HISTORY_PAGE = 1000
 
 
-def _out(task: TaskRow) -> TaskOut:
+def _out(task: TaskRecord) -> TaskOut:
     return TaskOut.model_validate(task_view(task))
 
 
@@ -56,6 +55,7 @@ async def create_task(
     engine: EngineDep,
     principal: RunnerDep,
     audit: AuditDep,
+    secrets: SecretsDep,
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
 ) -> TaskOut:
     """Create a task aimed at hosts, groups or all hosts; it starts at once unless
@@ -76,7 +76,7 @@ async def create_task(
         spec = ExecSpec(local_path=body.upload.local_path, remote_path=body.upload.remote_path)
         command = f"upload {body.upload.local_path} -> {body.upload.remote_path}"
     if env or secret_env:
-        spec = replace(spec or ExecSpec(), env=env, secret_env=engine.secrets.seal(secret_env))
+        spec = replace(spec or ExecSpec(), env=env, secret_env=secrets.seal(secret_env))
     request = TaskRequest(
         kind=body.kind,
         spec=spec,
@@ -271,15 +271,13 @@ async def _event_stream(engine: Engine, task_id: str, after: int) -> AsyncIterat
         task = await engine.tasks.get_task(task_id)
         sent = after
         while True:
-            async with engine.sessions() as session:
-                rows = await queries.events_after(session, task_id, sent, HISTORY_PAGE)
-            for row in rows:
-                event = TaskEvent(row.id, row.task_id, row.kind, row.data)
+            events = await engine.tasks.events_after(task_id, sent, HISTORY_PAGE)
+            for event in events:
                 yield _sse(event)
                 sent = event.id
                 if _ends_stream(event):
                     return
-            if len(rows) < HISTORY_PAGE:
+            if len(events) < HISTORY_PAGE:
                 break
         if task.status in TERMINAL_TASK_STATUSES:
             # It had ended before the history was read, yet the history holds no terminal

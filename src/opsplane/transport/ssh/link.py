@@ -17,7 +17,7 @@ import shlex
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 from opsplane.domain.errors import InvalidInput, NotConnected
 from opsplane.execution import Outcome, OutputCapture
@@ -33,9 +33,7 @@ from opsplane.transport.base import (
 )
 from opsplane.transport.ssh.endpoints import SshEndpoint, SshTarget
 from opsplane.transport.ssh.executor import SshExecutor
-
-if TYPE_CHECKING:
-    from opsplane.transport.ssh.worker import WorkQueue
+from opsplane.transport.ssh.work import WorkPublisher
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +86,7 @@ class SshLink(Link):
         targets: Mapping[str, SshTarget] | None = None,
         *,
         stop_grace: float = 5.0,
-        work_queue: WorkQueue | None = None,
+        work_queue: WorkPublisher | None = None,
         worker_start_within: float | None = None,
     ) -> None:
         self.executor = executor

@@ -51,6 +51,7 @@ from opsplane.transport.base import (
 )
 from opsplane.transport.ssh.endpoints import SshEndpoint, SshTarget
 from opsplane.transport.ssh.executor import SshExecutor
+from opsplane.transport.ssh.link import SshLink
 
 log = logging.getLogger(__name__)
 
@@ -248,8 +249,6 @@ class SshWorker:
     """``opsplane worker``: executes ``ssh.work`` runs and reports on ``sys_result_exchange``."""
 
     def __init__(self, url: str, executor: SshExecutor, *, concurrency: int = 10) -> None:
-        from opsplane.transport.ssh.link import SshLink
-
         if concurrency < 1:
             raise ConfigError("worker concurrency must be at least 1")
         self._url = url

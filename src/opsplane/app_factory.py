@@ -1,4 +1,10 @@
-"""The FastAPI application factory. The lifespan starts and stops the engine and its links."""
+"""The composition root: builds the engine, its links and the services, and the FastAPI app
+over them. The lifespan starts and stops the engine and its links.
+
+It lives outside ``opsplane.api`` because it is the one place that knows every layer: it wires
+the security service into the engine (engine/ports.py) and maps the store's "database
+unavailable" errors to 503, so that no route needs to import ``opsplane.store``
+(tests/unit/test_import_layers.py)."""
 
 from __future__ import annotations
 
@@ -6,11 +12,14 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import Depends, FastAPI
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from opsplane.api.deps import require_principal
-from opsplane.api.errors import install_database_error_handler, install_error_handlers
+from opsplane.api.errors import install_error_handlers
 from opsplane.api.middleware import AuthenticateFirst
 from opsplane.api.routers import (
     agents,
@@ -31,17 +40,21 @@ from opsplane.api.routers import (
 from opsplane.api.web import mount_web
 from opsplane.catalog import CatalogService, default_registry, load_catalog
 from opsplane.config import Settings
+from opsplane.domain.clock import utcnow
+from opsplane.domain.errors import ConfigError
 from opsplane.domain.redaction import Redactor
 from opsplane.engine.alerts import AlertSender
 from opsplane.engine.core import Engine
 from opsplane.engine.metrics import EngineMetrics
 from opsplane.remoterun import RemoteRunService
+from opsplane.security.agents import AgentRegistry
 from opsplane.security.anonymous import AnonymousAccess
 from opsplane.security.checkpoints import CheckpointWriter
+from opsplane.security.secrets import SecretBox
 from opsplane.security.service import SecurityService
 from opsplane.security.signing import load_or_create_private_key
 from opsplane.security.tls import amqp_ssl_context, resolve_grpc_server_files
-from opsplane.store.tables import utcnow
+from opsplane.store.database import POOL_TIMEOUT, is_unavailable
 from opsplane.transport.base import Link
 from opsplane.transport.grpc.server import GrpcLink
 from opsplane.transport.local import LocalLink
@@ -88,8 +101,6 @@ def build_engine(settings: Settings) -> Engine:
         executor = SshExecutor(policy, max_parallel=settings.ssh_max_parallel)
         work_queue = None
         if settings.ssh_workers:
-            from opsplane.domain.errors import ConfigError
-
             if not settings.amqp_url:
                 raise ConfigError("ssh_workers needs amqp_url: the workers report over RabbitMQ")
             from opsplane.transport.ssh.worker import WorkQueue
@@ -119,7 +130,33 @@ def build_engine(settings: Settings) -> Engine:
                 ),
             )
         )
-    return Engine(settings, links)
+    return make_engine(settings, links)
+
+
+def make_engine(settings: Settings, links: list[Link], db: AsyncEngine | None = None) -> Engine:
+    """The engine over ``links``, its agent keys and secret parameters wired to the security
+    side (the engine knows them only as engine/ports.py's protocols)."""
+    return Engine(
+        settings,
+        links,
+        db,
+        agents=lambda sessions, write: AgentRegistry(
+            sessions,
+            write,
+            require_enrollment=settings.require_enrollment,
+            reserved_names=(settings.local_host,),
+        ),
+        secrets=SecretBox(settings.secret_key_path),
+    )
+
+
+def _security_of(engine: Engine) -> tuple[AgentRegistry, SecretBox]:
+    """The registry and the secret box ``make_engine`` gave ``engine``: the routes that enroll
+    agents and seal secrets use them directly."""
+    agents, secrets = engine.agents, engine.secrets
+    if not isinstance(agents, AgentRegistry) or not isinstance(secrets, SecretBox):
+        raise ConfigError("the engine was not built by opsplane.app_factory.make_engine")
+    return agents, secrets
 
 
 def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
@@ -199,6 +236,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         max_body_size=settings.max_request_bytes,
     )
     app.state.engine = the_engine
+    app.state.agents, app.state.secrets = _security_of(the_engine)
     app.state.catalog_service = catalog_service
     app.state.metrics = engine_metrics
     app.state.alerts = alerts
@@ -246,3 +284,31 @@ def _anonymous_access(settings: Settings) -> AnonymousAccess | None:
         groups=settings.compat_anonymous_groups,
         networks=settings.compat_anonymous_networks,
     )
+
+
+# While the database is unreachable, clients are told when to try again.
+_RETRY_AFTER = {"Retry-After": "5"}
+
+
+def install_database_error_handler(app: FastAPI) -> None:
+    """The database unreachable (refused, lost, pool exhausted) → 503 with a clear message,
+    never a 500 with a stack trace; any other database error stays a 500 (a bug)."""
+
+    async def _database_error(request: Request, exc: Exception) -> JSONResponse:
+        if not is_unavailable(exc):
+            raise exc
+        if isinstance(exc, sa_exc.TimeoutError):
+            why = f"no database connection free within {POOL_TIMEOUT:.0f} s"
+        else:
+            # The driver's own words, first line only: never the SQL or its parameters.
+            orig = getattr(exc, "orig", None) or exc
+            why = (str(orig).splitlines() or [type(orig).__name__])[0][:200]
+        log.warning("%s %s: database unavailable: %s", request.method, request.url.path, why)
+        message = f"database unavailable: {why}"
+        if getattr(request.state, "envelope_errors", False):
+            body = {"code": 1, "data": "", "msg": message}
+            return JSONResponse(body, status_code=503, headers=_RETRY_AFTER)
+        return JSONResponse({"detail": message}, status_code=503, headers=_RETRY_AFTER)
+
+    for kind in (sa_exc.DBAPIError, sa_exc.TimeoutError, sa_exc.DisconnectionError):
+        app.add_exception_handler(kind, _database_error)

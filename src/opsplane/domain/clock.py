@@ -1,0 +1,9 @@
+"""The wall clock every layer stamps times with: aware, in UTC."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
