@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import io
 import json
-import subprocess
-import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -520,17 +518,3 @@ def test_a_url_without_scheme_is_a_clear_error() -> None:
         api.get_task("x")
     assert "http://" in caught.value.message
     assert not isinstance(caught.value, ApiError)
-
-
-def test_the_cli_does_not_import_the_server_to_start() -> None:
-    # Every `opsplane` call pays for what cli.main imports: the engine, SQLAlchemy and Alembic
-    # cost about half a second and only the server needs them.
-    probe = (
-        "import sys, opsplane.cli.main; "
-        "print(sorted(m for m in ('opsplane.engine.core', 'sqlalchemy', 'alembic') "
-        "if m in sys.modules))"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
-    )
-    assert result.stdout.strip() == "[]"
