@@ -27,12 +27,16 @@ from opsplane.cli.client import (
     format_detail,
     parse_event,
 )
-from opsplane.cli.output import (
-    HOST_PALETTE,
+from opsplane.cli.live import (
     LineBuffer,
     LiveLine,
     LiveRenderer,
     clean_line,
+    render_live_line,
+    run_note,
+)
+from opsplane.cli.output import (
+    HOST_PALETTE,
     counts_cell,
     counts_summary,
     format_duration,
@@ -42,11 +46,11 @@ from opsplane.cli.output import (
     format_relative,
     host_status_text,
     host_style,
+    parse_time,
+)
+from opsplane.cli.tables import (
     hosts_table,
     interrupted_message,
-    parse_time,
-    render_live_line,
-    run_note,
     runs_table,
     summary_line,
     summary_runs,

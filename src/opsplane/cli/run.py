@@ -13,16 +13,20 @@ from rich.console import Console
 from rich.text import Text
 
 from opsplane.cli.client import ApiClient, ClientOptions, Json
-from opsplane.cli.options import RUN_CONTEXT_SETTINGS
-from opsplane.cli.output import (
+from opsplane.cli.live import (
     LiveLine,
     LiveRenderer,
+    render_live_line,
+)
+from opsplane.cli.options import RUN_CONTEXT_SETTINGS
+from opsplane.cli.output import (
     dump_json,
-    interrupted_message,
     make_console,
     print_error,
-    render_live_line,
     reporting_errors,
+)
+from opsplane.cli.tables import (
+    interrupted_message,
     runs_table,
     summary_line,
     summary_runs,
