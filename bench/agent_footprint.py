@@ -14,6 +14,12 @@ depends on the load of the machine, so the table also gives each agent's CPU sec
 was online (user + system, summed over the K agents: ``cpu_total_s``), which does not. Every
 wait is bounded; every process started is stopped.
 
+Before the agents start, the opsplane package they import is byte-compiled (``compileall``),
+as installing a wheel does: from an editable checkout under ``PYTHONDONTWRITEBYTECODE`` (this
+machine sets it) every agent would otherwise compile every opsplane module from source, about
+15 % of its start-up CPU (``--no-compile`` measures that case). ``redials`` counts the agents
+whose log says they had to dial again (``reconnecting in``) before all were online.
+
 ``--salt-venv``: the seam for the salt-minion side of the comparison (bench/peers sets up the
 salt master and minions); here the row says whether salt is importable there and is otherwise
 left empty.
@@ -33,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -58,6 +65,8 @@ class Row:
     rss_mib_max: float
     uss_mib_median: float
     server_cpu_s: float
+    redials: int = 0
+    load_1m: float = 0.0
     note: str = ""
 
 
@@ -136,6 +145,35 @@ def _cpu(process: psutil.Process) -> float:
     return 0.0
 
 
+def compile_package(pythonpath: str | None) -> None:
+    """Byte-compile the opsplane package the agents will import (see the module docstring)."""
+    env = _env(pythonpath)
+    probe = "import opsplane, os; print(os.path.dirname(opsplane.__file__))"
+    where = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=True
+    ).stdout.strip()
+    subprocess.run([sys.executable, "-m", "compileall", "-q", where], env=env, check=True,
+                   stdout=subprocess.DEVNULL)  # fmt: skip
+
+
+def _redials(root: Path, k: int) -> tuple[int, Counter[str]]:
+    """Agents whose log shows a second dial (a failed or refused first attempt), and why
+    (the reason the link logged, ``cannot reach HOST: REASON; reconnecting in …``)."""
+    count, reasons = 0, Counter[str]()
+    for i in range(k):
+        log = root / f"agent-{i}.log"
+        lines = log.read_text(errors="replace").splitlines() if log.exists() else []
+        redials = [line for line in lines if "reconnecting in" in line]
+        if redials:
+            count += 1
+        for line in redials:
+            # "… opsplane.agent.grpc_link: cannot reach HOST:PORT: REASON; reconnecting in …"
+            said = line.rsplit("; reconnecting in", 1)[0]
+            reason = said.split(" reach ", 1)[-1].split(" at ", 1)[-1].split(": ", 1)[-1]
+            reasons[reason[:80]] += 1
+    return count, reasons
+
+
 def measure_opsplane(k: int, idle: float, pythonpath: str | None, label: str) -> Row:
     """K agents at once: seconds to all online, CPU they used by then, memory after ``idle``."""
     with tempfile.TemporaryDirectory(prefix="agent-footprint-") as tmp:
@@ -167,6 +205,8 @@ def measure_opsplane(k: int, idle: float, pythonpath: str | None, label: str) ->
                         time.sleep(POLL)
                 processes = [psutil.Process(a.pid) for a in agents if a.poll() is None]
                 cpu_at_online = sum(_cpu(p) for p in processes)
+                redials, reasons = _redials(root, k)
+                load = os.getloadavg()[0]
                 time.sleep(idle)
                 rss, uss = [], []
                 for p in processes:
@@ -188,7 +228,12 @@ def measure_opsplane(k: int, idle: float, pythonpath: str | None, label: str) ->
         rss_mib_max=round(max(rss), 1) if rss else 0.0,
         uss_mib_median=round(statistics.median(uss), 1) if uss else 0.0,
         server_cpu_s=round(server_cpu, 2),
-        note="" if online_s is not None else f"not all online within {ONLINE_TIMEOUT:g} s",
+        redials=redials,
+        load_1m=round(load, 1),
+        note="; ".join(
+            ([] if online_s is not None else [f"not all online within {ONLINE_TIMEOUT:g} s"])
+            + [f"{n} x {reason}" for reason, n in reasons.most_common(2)]
+        ),
     )
 
 
@@ -199,21 +244,22 @@ def measure_salt(k: int, venv: Path) -> Row:
         [str(python), "-c", "import salt.scripts"], capture_output=True, check=False
     ).returncode == 0  # fmt: skip
     note = "salt importable; minions are started by bench/peers" if found else "no salt there"
-    return Row("salt-minion", k, None, 0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, note)
+    return Row("salt-minion", k, None, 0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, note=note)
 
 
 def _table(rows: list[Row]) -> str:
     head = (
         "| who | K | all online (s) | agent CPU to online, total / per agent (s) | "
-        "RSS median / max (MiB) | USS median (MiB) | control-plane CPU (s) | note |"
+        "RSS median / max (MiB) | USS median (MiB) | control-plane CPU (s) | redials | "
+        "load | note |"
     )
-    lines = [head, "|" + "---|" * 8]
+    lines = [head, "|" + "---|" * 10]
     for r in rows:
         online = f"{r.online_s:.2f}" if r.online_s is not None else f"— ({r.online_of_k}/{r.k})"
         lines.append(
             f"| {r.who} | {r.k} | {online} | {r.cpu_total_s:.2f} / {r.cpu_per_agent_s:.3f} | "
             f"{r.rss_mib_median:.1f} / {r.rss_mib_max:.1f} | {r.uss_mib_median:.1f} | "
-            f"{r.server_cpu_s:.2f} | {r.note} |"
+            f"{r.server_cpu_s:.2f} | {r.redials} | {r.load_1m:g} | {r.note} |"
         )
     return "\n".join(lines)
 
@@ -226,7 +272,11 @@ def main() -> None:
     parser.add_argument("--label", default="opsplane agent")
     parser.add_argument("--salt-venv", type=Path)
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="leave the agents to compile opsplane from source")  # fmt: skip
     args = parser.parse_args()
+    if not args.no_compile:
+        compile_package(args.agent_pythonpath)
     rows: list[Row] = []
     for k in args.k:
         rows.append(measure_opsplane(k, args.idle, args.agent_pythonpath, args.label))

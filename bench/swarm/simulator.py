@@ -20,7 +20,8 @@ import grpc
 import grpc.aio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from opsplane.agent.grpc_link import Backoff, retry_after
+from opsplane.agent.grpc_link import retry_after
+from opsplane.agent.link import Backoff
 from opsplane.security.signing import public_key_text, sign
 from opsplane.transport.grpc import convert
 from opsplane.transport.grpc import opsplane_pb2 as pb

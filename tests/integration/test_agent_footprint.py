@@ -121,6 +121,8 @@ def test_an_amqp_agent_imports_nothing_of_the_control_plane_or_the_cli(
         until="reconnecting in",
     )
     assert "aio_pika" in modules and "opsplane.agent.amqp_link" in modules
+    # Nor the other link: Backoff and LinkHandler live in agent/link.py, not in grpc_link.
+    assert _forbidden(modules, ("grpc", "opsplane.agent.grpc_link")) == []
     # aio-pika is its link (and reads its version with importlib.metadata, and uses tempfile);
     # the TLS helpers (with cryptography's serialization) build its amqps:// SSL context.
     allowed = (

@@ -20,7 +20,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from opsplane.agent import Agent, AgentConfig, Spool, metrics
-from opsplane.agent.grpc_link import Backoff
+from opsplane.agent.link import Backoff
 from opsplane.domain.errors import ConfigError
 from opsplane.security.signing import parse_public_key, public_key_text, sign, verify
 from opsplane.transport.grpc import opsplane_pb2 as pb

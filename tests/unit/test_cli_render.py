@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import io
 import json
-import subprocess
-import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -29,12 +27,16 @@ from opsplane.cli.client import (
     format_detail,
     parse_event,
 )
-from opsplane.cli.output import (
-    HOST_PALETTE,
+from opsplane.cli.live import (
     LineBuffer,
     LiveLine,
     LiveRenderer,
     clean_line,
+    render_live_line,
+    run_note,
+)
+from opsplane.cli.output import (
+    HOST_PALETTE,
     counts_cell,
     counts_summary,
     format_duration,
@@ -44,11 +46,11 @@ from opsplane.cli.output import (
     format_relative,
     host_status_text,
     host_style,
+    parse_time,
+)
+from opsplane.cli.tables import (
     hosts_table,
     interrupted_message,
-    parse_time,
-    render_live_line,
-    run_note,
     runs_table,
     summary_line,
     summary_runs,
@@ -520,17 +522,3 @@ def test_a_url_without_scheme_is_a_clear_error() -> None:
         api.get_task("x")
     assert "http://" in caught.value.message
     assert not isinstance(caught.value, ApiError)
-
-
-def test_the_cli_does_not_import_the_server_to_start() -> None:
-    # Every `opsplane` call pays for what cli.main imports: the engine, SQLAlchemy and Alembic
-    # cost about half a second and only the server needs them.
-    probe = (
-        "import sys, opsplane.cli.main; "
-        "print(sorted(m for m in ('opsplane.engine.core', 'sqlalchemy', 'alembic') "
-        "if m in sys.modules))"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
-    )
-    assert result.stdout.strip() == "[]"

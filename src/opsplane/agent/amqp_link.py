@@ -6,8 +6,9 @@ auto-delete queue ``cmd.node.{name}`` (bound to its node key, each of its groups
 and then beats every ``heartbeat_interval``. It declares nothing durable of the control
 plane's: ``cmd.result`` and ``monitor.heartbeat`` are the control plane's to create.
 
-Every command is checked before the daemon sees it: the control plane's signature (pinned
-key), the replay window, and the run id not seen before. A refused command is counted by
+Every command is checked before the daemon sees it (``amqp_messages.py``, which also turns
+the daemon's messages into JSON): the control plane's signature (pinned key), the replay
+window, the target, and the run id not seen before. A refused command is counted by
 reason, logged, acked and dropped — never requeued, so that a bad message cannot loop.
 A good one is handed to the daemon as a ``pb.CommandMessage`` and acked once the daemon has
 recorded it in its spool. Going up, the daemon's ``pb`` messages become signed JSON; a
@@ -24,11 +25,8 @@ import asyncio
 import contextlib
 import json
 import logging
-import math
-import platform
-import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 from urllib.parse import unquote, urlsplit
@@ -51,14 +49,11 @@ from aiormq.exceptions import ChannelLockedResource
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from opsplane.agent import metrics
+from opsplane.agent.amqp_messages import REFUSAL_REASONS, AmqpMessages, Refused
 from opsplane.agent.config import AgentConfig, mask_url
-from opsplane.agent.grpc_link import Backoff, LinkHandler
-from opsplane.agent.spool import check_run_id
-from opsplane.domain.errors import InvalidInput
-from opsplane.domain.ids import run_id_for
-from opsplane.security.signing import load_public_key, public_key_text, sign, verify
+from opsplane.agent.link import Backoff, LinkHandler
+from opsplane.security.signing import load_public_key, public_key_text, sign
 from opsplane.security.tls import amqp_ssl_context
-from opsplane.transport.amqp.messages import ALL_TARGET, group_target
 from opsplane.transport.grpc import opsplane_pb2 as pb
 
 logger = logging.getLogger(__name__)
@@ -79,17 +74,6 @@ SETUP_TIMEOUT: Final = 15.0
 # result keeps head and tail) instead of stalling the command on its pipe.
 OUTPUT_SEND_TIMEOUT: Final = 5.0
 CLOSE_TIMEOUT: Final = 5.0
-# Attempts remembered for "started" messages (pb.Started has none); a run's entry goes with
-# its result, this only bounds what runs without a result could leave behind.
-_MAX_TRACKED_RUNS: Final = 10_000
-
-UNSIGNED: Final = "unsigned"
-BAD_SIGNATURE: Final = "bad_signature"
-STALE: Final = "stale"
-REPLAY: Final = "replay"
-MALFORMED: Final = "malformed"
-WRONG_TARGET: Final = "wrong_target"
-REFUSAL_REASONS: Final = (UNSIGNED, BAD_SIGNATURE, STALE, REPLAY, MALFORMED, WRONG_TARGET)
 
 # What an ordinary broker or network failure raises (aio-pika's own list, minus the
 # RuntimeError catch-all, which would hide our bugs).
@@ -135,14 +119,6 @@ class AmqpLinkHandler(LinkHandler, Protocol):
         """Whether ``run_id`` was accepted before (InvalidInput if it is not a run id)."""
 
 
-class _Refused(Exception):
-    """A command that fails a check; ``reason`` is one of :data:`REFUSAL_REASONS`."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(detail)
-        self.reason = reason
-
-
 class _ConnectionLost(Exception):
     """The broker connection (or our channel on it) closed."""
 
@@ -184,15 +160,18 @@ class AmqpLink:
         )
         self._handler = handler
         self._key = signing_key
-        self._control_plane_key = load_public_key(config.control_plane_key)
-        self._public_key = public_key_text(signing_key.public_key())
-        self._host_metrics = host_metrics
-        self._os = platform.platform()
+        self._messages = AmqpMessages(
+            config,
+            control_plane_key=load_public_key(config.control_plane_key),
+            public_key=public_key_text(signing_key.public_key()),
+            # Looked up when a command comes: a handler that never receives one need not have it.
+            already_seen=lambda run_id: self._handler.already_seen(run_id),
+            host_metrics=host_metrics,
+        )
         self._backoff = Backoff(config.reconnect_initial, config.reconnect_max)
         self._refusals: Counter[str] = Counter(dict.fromkeys(REFUSAL_REASONS, 0))
         self._session: _Session | None = None
         self._stalled: asyncio.Future[bool] | None = None
-        self._attempts: dict[str, int] = {}
         self._queue_name = f"cmd.node.{config.name}"
         self._result_key = f"result.node.{config.name}"
         self._last_attempt_connected = False
@@ -227,7 +206,7 @@ class AmqpLink:
             # The daemon acks a command it recorded; on RabbitMQ that is the basic.ack the
             # link sends once on_message has returned.
             return True
-        body, run_id = self._translate_up(message, kind)
+        body, run_id = self._messages.up(message, kind)
         session = self._session
         if body is None or session is None:
             return False
@@ -252,65 +231,6 @@ class AmqpLink:
             self._stalled = publish
             return False
         return not publish.cancelled() and publish.result()
-
-    def _translate_up(
-        self, message: pb.CommandMessage, kind: str | None
-    ) -> tuple[dict[str, Any] | None, str]:
-        """The JSON body (unsigned) for an outgoing pb message, and its run id."""
-        name = self._config.name
-        if kind == "command_result":
-            r = message.command_result
-            self._attempts.pop(r.run_id, None)
-            body = {
-                "type": "result",
-                "task_id": r.task_id,
-                "run_id": r.run_id,
-                "attempt": r.attempt,
-                "hostname": r.hostname or name,
-                "status": r.status,
-                "exit_code": r.exit_code if r.HasField("exit_code") else None,
-                "stdout": r.stdout,
-                "stderr": r.stderr,
-                "truncated": r.truncated,
-                "error": r.error,
-                "started_at": r.started_at,
-                "finished_at": r.finished_at,
-                "duration_ms": r.duration_ms,
-                # When this message was sent (it is signed with it); finished_at is when
-                # the run ended, which for a re-sent result may be long before.
-                "timestamp": time.time(),
-            }
-            return body, r.run_id
-        if kind == "started":
-            s = message.started
-            body = {
-                "type": "started",
-                "task_id": s.task_id,
-                "run_id": s.run_id,
-                "attempt": self._attempts.get(s.run_id, 1),
-                "hostname": name,
-                "started_at": s.started_at,
-                "pid": s.pid,
-                "timestamp": time.time(),
-            }
-            return body, s.run_id
-        if kind == "output":
-            o = message.output
-            body = {
-                "type": "output",
-                "task_id": o.task_id,
-                "run_id": o.run_id,
-                "hostname": name,
-                "stream": o.stream,
-                "seq": o.seq,
-                # The daemon cuts chunks between characters (agent/outbox.py): each one
-                # decodes alone, the same when it is re-sent.
-                "data": o.data.decode("utf-8", "replace"),
-                "timestamp": time.time(),
-            }
-            return body, o.run_id
-        logger.debug("nothing to publish for a %s message on RabbitMQ", kind)
-        return None, ""
 
     async def _publish(
         self,
@@ -364,37 +284,15 @@ class AmqpLink:
             await self._handler.on_message(pb.CommandMessage(ack=ack))
         return True
 
-    def _heartbeat(self, hello: pb.Hello | None = None) -> dict[str, Any]:
-        config = self._config
-        figures = self._host_metrics()
-        body: dict[str, Any] = {
-            "hostname": config.name,
-            "status": "online",
-            "timestamp": time.time(),
-            "cpu_usage": figures.get("cpu_usage", 0.0),
-            "memory_usage": figures.get("memory_usage", 0.0),
-            "load": figures.get("load", 0.0),
-            "disk_usage": figures.get("disk_usage", 0.0),
-            "groups": list(config.groups),
-            "labels": dict(config.labels),
-            "version": config.version,
-            "os": self._os,
-            "public_key": self._public_key,
-        }
-        if hello is not None:
-            body |= {
-                "hello": True,
-                "running_run_ids": list(hello.running_run_ids),
-                "finished_run_ids": list(hello.finished_run_ids),
-                "abandoned_run_ids": list(hello.abandoned_run_ids),
-            }
-        return body
-
     async def _beat(self, session: _Session, hello: pb.Hello | None = None) -> bool:
         # Bounded: a broker that blocks publishers must not pile heartbeats up behind it.
         publish = asyncio.ensure_future(
             self._publish(
-                session, session.monitor, HEARTBEAT_KEY, self._heartbeat(hello), mandatory=False
+                session,
+                session.monitor,
+                HEARTBEAT_KEY,
+                self._messages.heartbeat(hello),
+                mandatory=False,
             )
         )
         publish.add_done_callback(_retrieve)
@@ -429,104 +327,13 @@ class AmqpLink:
 
     def _check(self, body: bytes) -> pb.CommandMessage | None:
         try:
-            return self._translate_down(body)
-        except _Refused as refusal:
+            return self._messages.down(body)
+        except Refused as refusal:
             self._refusals[refusal.reason] += 1
             logger.warning("refused a command (%s): %s", refusal.reason, refusal)
             # The text of a refused command may be anything; only for whoever debugs.
             logger.debug("the refused message: %r", body[:4096])
             return None
-
-    def _translate_down(self, body: bytes) -> pb.CommandMessage | None:
-        """The pb message for a valid command or cancel; None if it is not for this host."""
-        try:
-            data = json.loads(body)
-        except ValueError as exc:  # UnicodeDecodeError is a ValueError
-            raise _Refused(MALFORMED, f"not JSON: {exc}") from None
-        if not isinstance(data, dict):
-            raise _Refused(MALFORMED, "not a JSON object")
-        what = _describe_command(data)
-        signature = data.get("sign")
-        if not isinstance(signature, str) or not signature:
-            raise _Refused(UNSIGNED, f"{what} has no signature")
-        if not verify(self._control_plane_key, data, "sign"):
-            raise _Refused(BAD_SIGNATURE, f"{what} is not signed by the pinned control plane key")
-        timestamp = _number(data, "timestamp", what)
-        skew = time.time() - timestamp
-        if abs(skew) > self._config.replay_window:
-            raise _Refused(
-                STALE,
-                f"{what} is {abs(skew):.0f}s {'old' if skew > 0 else 'in the future'}; "
-                f"the window is ±{self._config.replay_window:g}s",
-            )
-        kind = data.get("type", "command")
-        if kind not in ("command", "cancel"):
-            raise _Refused(MALFORMED, f"{what} has an unknown type {str(kind)[:40]!r}")
-        self._check_target(data, what)
-        run_id = self._own_run_id(data, what)
-        task_id = _text(data, "task_id", what, default="")
-        if kind == "cancel":
-            reason = _text(data, "reason", what, default="")
-            cancel = pb.Cancel(run_id=run_id, task_id=task_id, reason=reason)
-            return pb.CommandMessage(cancel=cancel)
-        try:
-            seen = self._handler.already_seen(run_id)
-        except InvalidInput:
-            raise _Refused(MALFORMED, f"{what} has an invalid run id") from None
-        if seen:
-            raise _Refused(REPLAY, f"{what} was received before")
-        timeout = _number(data, "timeout", what, default=0)
-        if timeout >= 2**62:
-            raise _Refused(MALFORMED, f"{what}: timeout is out of range")
-        content = pb.CommandContent(
-            task_id=task_id,
-            run_id=run_id,
-            attempt=_integer(data, "attempt", what, default=1),
-            command=_text(data, "command", what),
-            timeout=math.ceil(timeout),
-            env=_env(data, what),
-            user=_text(data, "user", what, default=""),
-            timestamp=timestamp,
-            sign=signature,
-            deliver_by=_number(data, "deliver_by", what, default=0),
-        )
-        if len(self._attempts) >= _MAX_TRACKED_RUNS:
-            self._attempts.clear()
-        self._attempts[run_id] = content.attempt
-        return pb.CommandMessage(command_content=content)
-
-    def _check_target(self, data: Mapping[str, Any], what: str) -> None:
-        """Refuse a command addressed (in its signed ``target``) to another host: one sent
-        to a single host (``run_id``) names that host; a fan-out (no run id) names ``all``
-        or a group of this host's. A captured command published into this host's queue is
-        therefore refused, whatever its signature."""
-        target = data.get("target")
-        config = self._config
-        if data.get("run_id") is not None:
-            allowed = {config.name}
-        else:
-            allowed = {ALL_TARGET, *(group_target(g) for g in config.groups)}
-        if not isinstance(target, str) or target not in allowed:
-            shown = str(target)[:80] if target is not None else "nobody"
-            raise _Refused(WRONG_TARGET, f"{what} is addressed to {shown!r}, not to this host")
-
-    def _own_run_id(self, data: Mapping[str, Any], what: str) -> str:
-        """This host's run id: ``run_id`` (unicast), else derived from the task id, this
-        host's name and the attempt (a group or broadcast message carries no per-host map)."""
-        run_id = data.get("run_id")
-        if run_id is None:
-            task_id = _text(data, "task_id", what)
-            if not task_id:
-                raise _Refused(MALFORMED, f"{what} has neither run_id nor task_id")
-            attempt = _integer(data, "attempt", what, default=1)
-            run_id = run_id_for(task_id, self._config.name, attempt)
-        if not isinstance(run_id, str):
-            raise _Refused(MALFORMED, f"{what} has a run id that is not a string")
-        try:
-            check_run_id(run_id)
-        except InvalidInput:
-            raise _Refused(MALFORMED, f"{what} has an invalid run id {run_id[:80]!r}") from None
-        return run_id
 
     # -- connection ------------------------------------------------------------------------
 
@@ -676,51 +483,6 @@ class AmqpLink:
                 for form in {password, unquote(password)}:
                     text = text.replace(form, "******")
         return text
-
-
-def _describe_command(data: Mapping[str, Any]) -> str:
-    """How a (maybe hostile) command is named in a log line: its ids, short, never its text."""
-    parts = [str(data.get("type", "command"))[:20]]
-    for key in ("task_id", "run_id"):
-        value = data.get(key)
-        if value is not None:
-            parts.append(f"{key}={str(value)[:80]!r}")
-    return " ".join(parts)
-
-
-def _text(data: Mapping[str, Any], key: str, what: str, *, default: str | None = None) -> str:
-    value = data.get(key, default)
-    if not isinstance(value, str):
-        raise _Refused(MALFORMED, f"{what}: {key} must be a string")
-    return value
-
-
-def _number(data: Mapping[str, Any], key: str, what: str, *, default: float | None = None) -> float:
-    value = data.get(key, default)
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or value < 0
-    ):
-        raise _Refused(MALFORMED, f"{what}: {key} must be a non-negative number")
-    return float(value)
-
-
-def _integer(data: Mapping[str, Any], key: str, what: str, *, default: int) -> int:
-    value = data.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**31:
-        raise _Refused(MALFORMED, f"{what}: {key} must be a non-negative integer")
-    return value
-
-
-def _env(data: Mapping[str, Any], what: str) -> dict[str, str]:
-    env = data.get("env") or {}
-    if not isinstance(env, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in env.items()
-    ):
-        raise _Refused(MALFORMED, f"{what}: env must map strings to strings")
-    return env
 
 
 def _really_cancelled() -> bool:

@@ -9,7 +9,11 @@ from rich.table import Table
 from rich.text import Text
 
 from opsplane.cli.client import ApiClient, CliError, Json
-from opsplane.cli.output import dump_json, make_console, reporting_errors
+from opsplane.cli.output import (
+    dump_json,
+    make_console,
+    reporting_errors,
+)
 from opsplane.cli.run import client_options
 from opsplane.domain.errors import InvalidInput
 from opsplane.security.tokens import parse_duration

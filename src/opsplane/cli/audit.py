@@ -19,7 +19,12 @@ from rich.table import Table
 from rich.text import Text
 
 from opsplane.cli.client import ApiClient, CliError, Json
-from opsplane.cli.output import dump_json, make_console, print_error, reporting_errors
+from opsplane.cli.output import (
+    dump_json,
+    make_console,
+    print_error,
+    reporting_errors,
+)
 from opsplane.cli.run import client_options
 from opsplane.domain.errors import ConfigError
 from opsplane.security.audit import ChainReport, ChainVerifier

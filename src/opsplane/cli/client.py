@@ -19,6 +19,7 @@ from urllib.parse import quote
 import httpx
 from httpx_sse import ServerSentEvent, SSEError, connect_sse
 
+from opsplane.cli.options import ClientOptions as ClientOptions
 from opsplane.domain.states import TERMINAL_TASK_STATUSES
 
 Json = dict[str, Any]
@@ -30,14 +31,6 @@ REQUEST_TIMEOUT = httpx.Timeout(60.0, connect=5.0)
 STREAM_TIMEOUT = httpx.Timeout(60.0, connect=5.0)
 #: How many consecutive failed (re)connections to the event stream before giving up.
 STREAM_RETRIES = 5
-
-
-@dataclass
-class ClientOptions:
-    """Where the API is and how to authenticate; the CLI callback stores it as ``ctx.obj``."""
-
-    url: str
-    token: str | None = None
 
 
 class CliError(Exception):

@@ -27,9 +27,11 @@ def doctor(
     amqp_url: Annotated[str | None, typer.Option(help="RabbitMQ URL")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="one JSON object per check")] = False,
 ) -> None:
-    """Check what the control plane needs: database (reachable, schema current), RabbitMQ
-    (reachable, exchanges present), keys (present, mode 0600), TLS certificates (expiry),
-    clock skew against the database, free disk in the data directory."""
+    """Check the database, RabbitMQ, keys, certificates, clock and disk.
+
+    The database reachable and its schema current, RabbitMQ reachable with its exchanges,
+    keys present and mode 0600, TLS certificates not near expiry, the clock within 2 s of the
+    database's, free disk in the data directory; exit status 0 ok, 1 warn, 2 fail."""
     from opsplane.doctor import examine, worst
 
     try:

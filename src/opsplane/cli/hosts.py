@@ -14,14 +14,16 @@ from rich.text import Text
 from opsplane.cli.client import ApiClient, ApiError
 from opsplane.cli.output import (
     dump_json,
-    host_detail,
-    hosts_caption,
-    hosts_table,
     make_console,
     now_utc,
     reporting_errors,
 )
 from opsplane.cli.run import client_options
+from opsplane.cli.tables import (
+    host_detail,
+    hosts_caption,
+    hosts_table,
+)
 
 
 class HostStatus(StrEnum):

@@ -1,31 +1,72 @@
-"""The ``opsplane`` command: one Typer app, one module per verb group."""
+"""The ``opsplane`` command: one Typer app, one module per verb group.
+
+The client verbs (``run``, ``hosts``, …) are imported only when invoked (cli/lazy.py), and the
+control plane's commands here import the settings and the server inside their bodies: starting
+``opsplane run`` must not pay for the server, the ORM or the verbs it does not run
+(docs/scale.md, "CLI start-up").
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from opsplane.cli import (
-    agents,
-    audit,
-    catalog_service,
-    config_cmd,
-    doctor,
-    hosts,
-    run,
-    scripts,
-    tasks,
-    tokens,
-    units,
-    users,
-)
-from opsplane.cli.client import ClientOptions
-from opsplane.config import Settings, load_settings
+from opsplane.cli.lazy import LazyGroup, LazyVerb
+from opsplane.cli.options import RUN_CONTEXT_SETTINGS, ClientOptions
 from opsplane.domain.errors import ConfigError
 
+if TYPE_CHECKING:
+    from opsplane.config import Settings
+
+
+def _group(module: str, help: str) -> LazyVerb:
+    return LazyVerb(f"opsplane.cli.{module}", "app", help)
+
+
+class _Verbs(LazyGroup):
+    lazy = {
+        "run": LazyVerb(
+            "opsplane.cli.run",
+            "run_command",
+            "Run a command on hosts and stream every host's output live.",
+            RUN_CONTEXT_SETTINGS,
+        ),
+        "push": LazyVerb(
+            "opsplane.cli.run",
+            "push_command",
+            "Copy a file or a directory (recursively) to SSH hosts over SFTP.",
+        ),
+        "hosts": _group("hosts", "List and inspect hosts"),
+        "tasks": _group("tasks", "List, inspect, cancel and follow tasks"),
+        "users": _group("users", "Add, list and change users (admin)"),
+        "tokens": _group("tokens", "Create, list and revoke API tokens (admin)"),
+        "agents": _group("agents", "Enroll, list and revoke agents (admin)"),
+        "audit": _group("audit", "Read, export and verify the audit trail (admin)"),
+        "scripts": _group("scripts", "Approve seed-003 scripts by content hash"),
+        "config": _group(
+            "config_cmd", "Effective settings (with their sources) and their reference"
+        ),
+        "doctor": LazyVerb(
+            "opsplane.cli.doctor",
+            "doctor",
+            "Check the database, RabbitMQ, keys, certificates, clock and disk.",
+        ),
+        "systemd-unit": LazyVerb(
+            "opsplane.cli.units",
+            "systemd_unit",
+            "Print a systemd unit for the server, an agent or a worker.",
+        ),
+        "catalog-service": _group(
+            "catalog_service", "Seed 004's celery-service: `run` takes its flags and CS_* variables"
+        ),
+    }
+    order = ("run", "push", "server", "demo", "agent", "worker", *lazy, "db", "keys")
+
+
 app = typer.Typer(
+    cls=_Verbs,
     no_args_is_help=True,
     help="opsplane: run a command on one server or ten thousand and watch every host live.",
     pretty_exceptions_enable=False,
@@ -44,24 +85,6 @@ def _global(
 ) -> None:
     ctx.obj = ClientOptions(url=url.rstrip("/"), token=token)
 
-
-app.command("run", context_settings=run.CONTEXT_SETTINGS)(run.run_command)
-app.command("push")(run.push_command)
-app.add_typer(hosts.app, name="hosts", help="List and inspect hosts")
-app.add_typer(tasks.app, name="tasks", help="List, inspect, cancel and follow tasks")
-app.add_typer(users.app, name="users", help="Add, list and change users (admin)")
-app.add_typer(tokens.app, name="tokens", help="Create, list and revoke API tokens (admin)")
-app.add_typer(agents.app, name="agents", help="Enroll, list and revoke agents (admin)")
-app.add_typer(audit.app, name="audit", help="Read, export and verify the audit trail (admin)")
-app.add_typer(scripts.app, name="scripts", help="Approve seed-003 scripts by content hash")
-app.add_typer(config_cmd.app, name="config", help="Effective settings and their reference")
-app.command("doctor")(doctor.doctor)
-app.command("systemd-unit")(units.systemd_unit)
-app.add_typer(
-    catalog_service.app,
-    name="catalog-service",
-    help="Seed 004's celery-service: `run` takes its flags and CS_* variables",
-)
 
 ConfigOpt = Annotated[
     Path | None, typer.Option("--config", envvar="OPSPLANE_CONFIG_FILE", help="YAML settings file")
@@ -112,6 +135,8 @@ LogFormatOpt = Annotated[
 
 
 def settings_or_exit(**flags: object) -> Settings:
+    from opsplane.config import load_settings
+
     try:
         return load_settings(**flags)
     except ConfigError as e:

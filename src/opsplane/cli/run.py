@@ -13,15 +13,20 @@ from rich.console import Console
 from rich.text import Text
 
 from opsplane.cli.client import ApiClient, ClientOptions, Json
-from opsplane.cli.output import (
+from opsplane.cli.live import (
     LiveLine,
     LiveRenderer,
+    render_live_line,
+)
+from opsplane.cli.options import RUN_CONTEXT_SETTINGS
+from opsplane.cli.output import (
     dump_json,
-    interrupted_message,
     make_console,
     print_error,
-    render_live_line,
     reporting_errors,
+)
+from opsplane.cli.tables import (
+    interrupted_message,
     runs_table,
     summary_line,
     summary_runs,
@@ -29,9 +34,7 @@ from opsplane.cli.output import (
 
 #: Rows the summary table shows at most; beyond that only the runs that did not succeed.
 SUMMARY_LIMIT = 100
-#: Settings for registering ``run_command``: words after the first COMMAND word are not options,
-#: so ``opsplane run --all uname -a`` works as well as ``opsplane run --all -- uname -a``.
-CONTEXT_SETTINGS = {"allow_interspersed_args": False}
+CONTEXT_SETTINGS = RUN_CONTEXT_SETTINGS
 #: Where the pacing options show in ``opsplane run --help``.
 PACING = {"rich_help_panel": "Pacing", "show_default": False}
 

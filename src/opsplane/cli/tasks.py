@@ -10,23 +10,27 @@ import typer
 from rich.text import Text
 
 from opsplane.cli.client import ApiClient, ApiError, Json
+from opsplane.cli.live import (
+    run_note,
+)
 from opsplane.cli.output import (
     dump_json,
     host_style,
-    interrupted_message,
     make_console,
     now_utc,
     print_error,
     reporting_errors,
-    run_note,
-    runs_table,
     status_style,
+)
+from opsplane.cli.run import client_options, follow_task, submit_and_follow
+from opsplane.cli.tables import (
+    interrupted_message,
+    runs_table,
     summary_line,
     task_detail,
     task_wall_time,
     tasks_table,
 )
-from opsplane.cli.run import client_options, follow_task, submit_and_follow
 from opsplane.domain.states import TaskStatus
 
 app = typer.Typer(

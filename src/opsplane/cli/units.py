@@ -33,8 +33,8 @@ def systemd_unit(
     data_dir: Annotated[
         Path | None,
         typer.Option(
-            help="data directory (the agent's state directory) "
-            "[/var/lib/opsplane, /var/lib/opsplane-agent]"
+            help="data directory (the agent's state directory); default /var/lib/opsplane, "
+            "for the agent /var/lib/opsplane-agent"
         ),
     ] = None,
     user: Annotated[
@@ -48,8 +48,10 @@ def systemd_unit(
         Path, typer.Option(help="the Python that has opsplane installed [this one]")
     ] = Path(sys.executable),
 ) -> None:
-    """Print a systemd unit: restarts on failure with growing delays; SIGTERM drains (no new
-    work, running commands spooled or finished, writes committed) before the process ends."""
+    """Print a systemd unit for the server, an agent or a worker.
+
+    It restarts on failure with growing delays; SIGTERM drains (no new work, running commands
+    spooled or finished, writes committed) before the process ends."""
     agent = role is Role.agent
     text = unit_text(
         role,

@@ -10,7 +10,13 @@ from rich.table import Table
 from rich.text import Text
 
 from opsplane.cli.client import ApiClient, CliError, Json
-from opsplane.cli.output import dump_json, format_relative, make_console, now_utc, reporting_errors
+from opsplane.cli.output import (
+    dump_json,
+    format_relative,
+    make_console,
+    now_utc,
+    reporting_errors,
+)
 from opsplane.cli.run import client_options
 from opsplane.security.roles import Role
 
