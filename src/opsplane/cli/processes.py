@@ -105,6 +105,7 @@ def run_demo(settings: Settings) -> None:
 async def _demo(settings: Settings) -> None:
     server = _uvicorn_server(settings)
     await _start_engine(server)
+    tune_gc()
     # Before serving: the bootstrap token from the environment (if any) first, then the demo's
     # own admin, so that no "initial admin token" file is written for the demo.
     security: SecurityService = cast(FastAPI, server.config.app).state.security
