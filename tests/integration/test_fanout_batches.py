@@ -19,8 +19,9 @@ from opsplane.domain.states import RunStatus, TaskStatus
 from opsplane.domain.targeting import Targets
 from opsplane.domain.tasks import TaskRequest
 from opsplane.engine.core import Engine
+from opsplane.engine.dispatcher import Dispatch, Dispatcher, DispatchPlan
 from opsplane.store import queries
-from opsplane.transport.base import RunFinished
+from opsplane.transport.base import CommandEnvelope, RunFinished
 from opsplane.transport.memory import MemoryLink
 
 FLEET = 120
@@ -136,3 +137,51 @@ async def test_a_batch_move_skips_runs_for_which_it_is_illegal(engine: Engine) -
         events = await queries.events_after(session, task.id, 0, 10_000)
     new_runs = [e.data["run_id"] for e in events[before:] if e.kind == "run"]
     assert sorted(new_runs) == sorted(run.id for run in waiting)
+
+
+class _TaskCountingLink(MemoryLink):
+    """Records the most tasks alive while a command is being sent, and every command sent."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.most_tasks = 0
+        self.sent: list[str] = []
+
+    def is_connected(self, hostname: str) -> bool:
+        return True
+
+    async def send_command(self, hostname: str, command: CommandEnvelope) -> None:
+        self.most_tasks = max(self.most_tasks, len(asyncio.all_tasks()))
+        await asyncio.sleep(0)  # a write that waits, as a stream's does
+        self.sent.append(command.run_id)
+
+
+async def _tasks_to_send(hosts: int) -> tuple[int, list[str]]:
+    """(most tasks alive, run ids sent) of sending one command to each of ``hosts`` hosts."""
+    link = _TaskCountingLink()
+
+    def no_writes() -> Any:
+        raise AssertionError("every send succeeds: nothing to write")
+
+    dispatcher = Dispatcher(no_writes, {"grpc": link}, max_in_flight_sends=8)
+    plan = DispatchPlan(
+        unicast=[
+            Dispatch("grpc", f"h{i}", CommandEnvelope("t", f"r{i}", 1, "true", 10))
+            for i in range(hosts)
+        ]
+    )
+    await dispatcher.send(plan)
+    return link.most_tasks, link.sent
+
+
+async def test_a_broadcast_is_sent_by_a_bounded_number_of_tasks_whatever_the_fleet() -> None:
+    small, small_sent = await _tasks_to_send(100)
+    big, big_sent = await _tasks_to_send(1000)
+    # Each run exactly once.
+    assert sorted(small_sent) == sorted(f"r{i}" for i in range(100))
+    assert sorted(big_sent) == sorted(f"r{i}" for i in range(1000))
+    # One task per run used to mean a thousand tasks alive for a thousand hosts; the senders
+    # are bounded by max_in_flight_sends, so ten times the hosts takes the same tasks.
+    assert big == small
+    # This test's task, the one gathering the senders, and the 8 senders.
+    assert big <= len(asyncio.all_tasks()) + 1 + 8

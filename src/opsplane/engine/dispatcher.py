@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field, replace
+from typing import TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -25,6 +26,8 @@ from opsplane.store.tables import HostRow, RunRow, TaskRow, utcnow
 from opsplane.transport.base import CommandEnvelope, Fanout, Link, UploadSpec
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,7 @@ class Dispatcher:
         self._write = write
         self._links = links
         self._secrets = secrets
+        self._max_in_flight_sends = max_in_flight_sends
         self._send_slots = asyncio.Semaphore(max_in_flight_sends)
 
     @staticmethod
@@ -189,11 +193,17 @@ class Dispatcher:
         """Send committed dispatches; a failed send makes its runs ``undeliverable``."""
         if not plan:
             return
-        outcomes = await asyncio.gather(
-            *(self._send_one(item) for item in plan.unicast),
-            *(self._send_fanout(item) for item in plan.fanouts),
+        failed: dict[str, str] = {}
+
+        async def unicast(item: Dispatch) -> None:
+            failed.update(await self._send_one(item))
+
+        async def fanout(item: LinkFanout) -> None:
+            failed.update(await self._send_fanout(item))
+
+        await asyncio.gather(
+            self._each(plan.unicast, unicast), *(fanout(item) for item in plan.fanouts)
         )
-        failed = {run_id: error for batch in outcomes for run_id, error in batch.items()}
         if not failed:
             return
         async with self._write() as changes:
@@ -215,7 +225,22 @@ class Dispatcher:
     async def send_cancels(self, orders: list[CancelOrder]) -> None:
         """Ask hosts to stop runs. An unreachable host is not an error here: the monitor ends
         its runs as lost after the grace period."""
-        await asyncio.gather(*(self._cancel_one(order) for order in orders))
+        await self._each(orders, self._cancel_one)
+
+    async def _each(self, items: Sequence[_T], send: Callable[[_T], Awaitable[None]]) -> None:
+        """``send`` every item, at most ``max_in_flight_sends`` at once, by that many senders
+        taking the next item as their last one is out. Not one task per item: a broadcast to ten
+        thousand hosts held ten thousand tasks (and their coroutines, waiting on the semaphore)
+        alive at once, and their creation and garbage collection grew with the fleet
+        (docs/scale.md, Fan-out)."""
+        pending = iter(items)
+
+        async def sender() -> None:
+            for item in pending:
+                await send(item)
+
+        senders = min(len(items), self._max_in_flight_sends)
+        await asyncio.gather(*(sender() for _ in range(senders)))
 
     async def _cancel_one(self, order: CancelOrder) -> None:
         link = self._links.get(order.link)

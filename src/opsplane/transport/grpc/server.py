@@ -516,22 +516,29 @@ class GrpcLink(Link, pb_grpc.CommandServiceServicer):  # type: ignore[misc]
     def _ack_when_durable(
         self, stream: _AgentStream, report: RunFinished, durable: asyncio.Future[None]
     ) -> None:
-        async def _ack() -> None:
-            try:
-                await durable
-            except Exception as e:
+        # A task only once the result is durable, for the write: one task per result waiting
+        # on its batch kept ten thousand alive through a broadcast's ingest (docs/scale.md).
+        def written(future: asyncio.Future[None]) -> None:
+            if future.cancelled() or self._stopping:
+                return
+            error = future.exception()
+            if error is not None:
                 # Not acknowledged: the agent keeps the result and sends it again on reconnect.
                 log.warning(
-                    "result of run %s from %s not stored: %s", report.run_id, stream.hostname, e
+                    "result of run %s from %s not stored: %s", report.run_id, stream.hostname, error
                 )
                 return
-            ack = pb.CommandMessage(ack=pb.Ack(run_id=report.run_id, kind="result"))
-            with contextlib.suppress(NotConnected, ConnectionLost):
-                await stream.write(ack)
+            task = asyncio.create_task(self._ack(stream, report.run_id or ""))
+            self._pending_acks.add(task)
+            task.add_done_callback(self._pending_acks.discard)
 
-        task = asyncio.create_task(_ack())
-        self._pending_acks.add(task)
-        task.add_done_callback(self._pending_acks.discard)
+        durable.add_done_callback(written)
+
+    @staticmethod
+    async def _ack(stream: _AgentStream, run_id: str) -> None:
+        ack = pb.CommandMessage(ack=pb.Ack(run_id=run_id, kind="result"))
+        with contextlib.suppress(NotConnected, ConnectionLost):
+            await stream.write(ack)
 
 
 def _certificate_names(
