@@ -12,6 +12,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import httpx
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry
@@ -271,6 +272,22 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     app.include_router(compat_catalog.short_router)
     mount_web(app)
     return app
+
+
+# No route has this path: a request for it is matched against every route, and answered 404.
+WARM_UP_PATH = "/-/opsplane/warm-up"
+
+
+async def warm_up(app: FastAPI) -> None:
+    """Has ``app`` answer one request in-process before the first real one. FastAPI builds the
+    routes of an included router (their dependencies and validators) when a request is first
+    matched against them: some 0.1 s on the event loop for all of them, several times that on a
+    loaded machine, taken from whichever request comes first, and from /healthz and the agents'
+    streams with it (docs/reliability.md, scenario 8). A request that matches no route is
+    matched against every one, and does nothing else."""
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://opsplane") as client:
+        await client.get(WARM_UP_PATH)
 
 
 def _anonymous_access(settings: Settings) -> AnonymousAccess | None:

@@ -55,6 +55,20 @@ async def test_a_run_log_is_cut_at_the_cap_and_the_cut_is_marked_once(tmp_path: 
     assert await archive.read(path) == b"12345678ab" + cap_marker(10)
 
 
+async def test_a_run_log_that_reaches_the_cap_exactly_is_marked_when_more_comes(
+    tmp_path: Path,
+) -> None:
+    # Output in 4 KiB pieces under a cap of a power of two lands on the cap exactly: the next
+    # piece used to be dropped as if the cut were marked already (seen in fault scenario 8).
+    archive = LogArchive(tmp_path, max_bytes_per_run=10)
+    path = archive.path_for("t1", "r1", NOW)
+    await archive.append([(path, b"12345"), (path, b"67890")])
+    assert await archive.read(path) == b"1234567890"
+    await archive.append([(path, b"more")])
+    await archive.append([(path, b"and more")])
+    assert await archive.read(path) == b"1234567890" + cap_marker(10)
+
+
 async def test_appended_output_lands_in_the_dated_file(tmp_path: Path) -> None:
     archive = LogArchive(tmp_path)
     path = archive.path_for("t1", "r1", NOW)

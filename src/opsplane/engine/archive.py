@@ -133,10 +133,11 @@ class LogArchive:
             size = path.stat().st_size
         except FileNotFoundError:
             size = 0
-        if size >= cap:
+        if size > cap:
             return b""  # cut and marked already
         if size + len(data) <= cap:
             return data
+        # A log that reached the cap exactly is marked when more comes (size == cap here).
         return data[: cap - size] + cap_marker(cap)
 
     async def read(self, path: Path) -> bytes:

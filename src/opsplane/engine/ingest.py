@@ -96,6 +96,8 @@ _MARKER_ROOM = 128
 # A batch holds at most this much output, so that one transaction stays short and the
 # heartbeats that wait for the next one wait briefly (batch_size bounds the count).
 MAX_BATCH_BYTES = 2 * 1024 * 1024
+# Applying a batch hands the event loop back at least this often (seconds).
+STEP_SECONDS = 0.005
 # Redaction of more than this many bytes (or characters) at once runs in a worker thread.
 REDACT_IN_THREAD_ABOVE = 8 * 1024
 # Retries of a batch while the database is unreachable: backoff from the first to the last.
@@ -594,7 +596,14 @@ class Ingest:
             unplanned = await self._unplanned_runs(
                 changes, [r for r in run_reports if find(r) is None]
             )
+            stepped = time.monotonic()
             for report in run_reports:
+                if time.monotonic() - stepped >= STEP_SECONDS:
+                    # Let the API and the links run: applying a whole batch of small chunks
+                    # was one step of 40-60 ms of CPU, stretched to 0.2-0.5 s on a busy
+                    # machine (docs/reliability.md, scenario 8).
+                    await asyncio.sleep(0)
+                    stepped = time.monotonic()
                 run = find(report) or unplanned.get((report.task_id or "", report.hostname))
                 if run is None:
                     log.warning(
