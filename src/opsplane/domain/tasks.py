@@ -134,6 +134,9 @@ class TaskRequest:
     policy: TaskPolicy | None = None
     # The task this one re-runs (POST /tasks/{id}/rerun).
     rerun_of: str | None = None
+    # Launched from a template (issue 20): its name and version, kept with the task.
+    template: str | None = None
+    template_version: int | None = None
 
     def validated(self, default_timeout: int) -> TaskRequest:
         """A copy with defaults filled in, or InvalidInput saying what is wrong."""
@@ -173,6 +176,8 @@ class TaskRequest:
             allowed_groups=self.allowed_groups,
             policy=self.policy,
             rerun_of=self.rerun_of,
+            template=self.template,
+            template_version=self.template_version,
         )
 
 

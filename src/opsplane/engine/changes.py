@@ -93,6 +93,9 @@ def task_view(task: TaskRow) -> dict[str, Any]:
         "deadline_at": _iso(task.deadline_at),
         "stop_reason": task.stop_reason,
         "rerun_of": task.rerun_of,
+        "template": (
+            {"name": task.template, "version": task.template_version} if task.template else None
+        ),
         "created_at": _iso(task.created_at),
         "started_at": _iso(task.started_at),
         "finished_at": _iso(task.finished_at),

@@ -34,6 +34,7 @@ from opsplane.engine.retention import Retention
 from opsplane.engine.scheduler import Scheduler
 from opsplane.engine.service import TaskService
 from opsplane.engine.sshapi import SshApi
+from opsplane.engine.templates import TemplateService
 from opsplane.security.agents import AgentRegistry
 from opsplane.security.secrets import SecretBox
 from opsplane.store import queries
@@ -116,6 +117,7 @@ class Engine:
             connect_batch_size=settings.connect_batch_size,
             connect_linger=settings.connect_linger,
         )
+        self.templates = TemplateService(self.sessions, self.write, self.tasks, self.secrets)
         self.ssh_api = SshApi(self.hosts, self.tasks, self.wait_task, self.write, self.sessions)
         self.monitor = Monitor(
             self.write,

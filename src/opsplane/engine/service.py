@@ -135,6 +135,8 @@ class TaskService:
                     priority=policy.priority,
                     policy=policy.to_json() if request.policy else None,
                     rerun_of=request.rerun_of,
+                    template=request.template,
+                    template_version=request.template_version,
                 )
                 changes.session.add(task)
                 # Runs reference the task; without an ORM relationship the unit of work does
@@ -256,6 +258,8 @@ class TaskService:
             allowed_groups=allowed_groups,
             policy=TaskPolicy.from_json(task.policy) if task.policy else None,
             rerun_of=task_id,
+            template=task.template,
+            template_version=task.template_version,
         )
         return await self.create_task(request, before_commit=before_commit)
 
