@@ -59,7 +59,7 @@ async def test_a_template_is_created_versioned_launched_and_deleted(tmp_path: Pa
         put = await client.put("/api/v1/templates/restart-web", json=edited)
         assert put.status_code == 200, put.text
         assert put.json()["version"] == 2
-        listed = (await client.get("/api/v1/templates")).json()
+        listed = (await client.get("/api/v1/templates")).json()["items"]
         assert [(t["name"], t["version"]) for t in listed] == [("restart-web", 2)]
         old = (await client.get("/api/v1/templates/restart-web", params={"version": 1})).json()
         assert old["command"] == RESTART_WEB["command"]

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Query, Response, status
 
 from opsplane.api.auditing import AuditDep
 from opsplane.api.deps import Principal, get_engine, require, require_principal
-from opsplane.api.schemas import TaskOut
+from opsplane.api.schemas import Items, TaskOut
 from opsplane.api.template_schemas import (
     GrantIn,
     GrantOut,
@@ -64,9 +64,10 @@ async def create_template(
     return template_out(template)
 
 
-@router.get("/api/v1/templates", response_model=list[TemplateOut])
-async def list_templates(engine: EngineDep, _principal: ReaderDep) -> list[TemplateOut]:
-    return [template_out(t) for t in await engine.templates.all()]
+@router.get("/api/v1/templates", response_model=Items[TemplateOut])
+async def list_templates(engine: EngineDep, _principal: ReaderDep) -> Items[TemplateOut]:
+    """Every template's current version, by name."""
+    return Items[TemplateOut](items=[template_out(t) for t in await engine.templates.all()])
 
 
 @router.get("/api/v1/templates/{name}", response_model=TemplateOut)
@@ -131,9 +132,9 @@ async def launch_template(
     return TaskOut.model_validate(task_view(task))
 
 
-@router.get("/api/v1/users/{user}/template-grants", response_model=list[GrantOut])
-async def list_grants(user: str, engine: EngineDep, _principal: AdminDep) -> list[GrantOut]:
-    return [_grant_out(g) for g in await engine.templates.grants(user)]
+@router.get("/api/v1/users/{user}/template-grants", response_model=Items[GrantOut])
+async def list_grants(user: str, engine: EngineDep, _principal: AdminDep) -> Items[GrantOut]:
+    return Items[GrantOut](items=[_grant_out(g) for g in await engine.templates.grants(user)])
 
 
 @router.post("/api/v1/users/{user}/template-grants", response_model=GrantOut)
