@@ -24,6 +24,7 @@ from opsplane.api.routers import (
     hosts,
     metrics,
     runs,
+    schedules,
     tasks,
     templates,
     tokens,
@@ -219,6 +220,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     app.include_router(audit.router)
     app.include_router(tasks.router)
     app.include_router(templates.router)
+    app.include_router(schedules.router)
     app.include_router(hosts.router)
     app.include_router(fleet.router)
     # Seed 004's routes live at the root (/list, /sync/…, /async/…): before the web mount.

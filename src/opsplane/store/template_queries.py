@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from opsplane.store.tables import (
@@ -117,3 +117,34 @@ async def task_status(session: AsyncSession, task_id: str) -> str | None:
     return (
         await session.execute(select(TaskRow.status).where(TaskRow.id == task_id))
     ).scalar_one_or_none()
+
+
+async def task_state(session: AsyncSession, task_id: str) -> tuple[str, datetime | None] | None:
+    """A task's status and when it finished, or None when it is gone."""
+    row = (
+        await session.execute(
+            select(TaskRow.status, TaskRow.finished_at).where(TaskRow.id == task_id)
+        )
+    ).one_or_none()
+    return None if row is None else (row[0], row[1])
+
+
+async def advance_schedule(
+    session: AsyncSession,
+    schedule_id: str,
+    *,
+    expected: datetime,
+    next_due: datetime,
+    last_task_id: str | None,
+    now: datetime,
+) -> bool:
+    """Move a schedule's next_due on, unless another instance already did (compare and set)."""
+    values: dict[str, object] = {"next_due": next_due, "updated_at": now}
+    if last_task_id is not None:
+        values["last_task_id"] = last_task_id
+    result = await session.execute(
+        update(ScheduleRow)
+        .where(ScheduleRow.id == schedule_id, ScheduleRow.next_due == expected)
+        .values(**values)
+    )
+    return bool(getattr(result, "rowcount", 0))
