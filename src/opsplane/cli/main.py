@@ -7,7 +7,19 @@ from typing import Annotated
 
 import typer
 
-from opsplane.cli import agents, audit, catalog_service, hosts, run, scripts, tasks, tokens, users
+from opsplane.cli import (
+    agents,
+    audit,
+    catalog_service,
+    hosts,
+    run,
+    schedules,
+    scripts,
+    tasks,
+    templates,
+    tokens,
+    users,
+)
 from opsplane.cli.client import ClientOptions
 from opsplane.config import Settings, load_settings
 from opsplane.domain.errors import ConfigError
@@ -41,6 +53,8 @@ app.add_typer(tokens.app, name="tokens", help="Create, list and revoke API token
 app.add_typer(agents.app, name="agents", help="Enroll, list and revoke agents (admin)")
 app.add_typer(audit.app, name="audit", help="Read, export and verify the audit trail (admin)")
 app.add_typer(scripts.app, name="scripts", help="Approve seed-003 scripts by content hash")
+app.add_typer(templates.app, name="templates", help="List, show, create and launch job templates")
+app.add_typer(schedules.app, name="schedules", help="Schedule templates: cron or interval, history")
 app.add_typer(
     catalog_service.app,
     name="catalog-service",
