@@ -148,3 +148,21 @@ async def advance_schedule(
         .values(**values)
     )
     return bool(getattr(result, "rowcount", 0))
+
+
+async def previous_outcome(session: AsyncSession, task: TaskRow) -> str | None:
+    """The status of the latest ended launch of ``task``'s template created before it
+    (succeeded, failed or timed_out; canceled launches say nothing of the template)."""
+    return (
+        await session.execute(
+            select(TaskRow.status)
+            .where(
+                TaskRow.template == task.template,
+                TaskRow.id != task.id,
+                TaskRow.created_at <= task.created_at,
+                TaskRow.status.in_(("succeeded", "failed", "timed_out")),
+            )
+            .order_by(TaskRow.created_at.desc(), TaskRow.id.desc())
+            .limit(1)
+        )
+    ).scalar_one_or_none()
