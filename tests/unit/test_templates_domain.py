@@ -3,6 +3,7 @@ and the misfire and overlap policies under a controllable clock."""
 
 from __future__ import annotations
 
+import itertools
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -61,6 +62,16 @@ def test_cron_due_times_follow_the_time_zone_across_a_dst_change() -> None:
     dues = timing.upcoming(before, 3)
     assert dues[0] == datetime(2026, 3, 29, 1, 0, tzinfo=UTC)  # 03:00 CEST
     assert dues[1] == datetime(2026, 3, 30, 0, 30, tzinfo=UTC)  # 02:30 CEST
+    # 2026-10-25: Berlin repeats 02:00-03:00; a fixed 02:30 runs once, at the first one.
+    autumn = timing.upcoming(datetime(2026, 10, 24, 12, 0, tzinfo=UTC), 2)
+    assert autumn == [
+        datetime(2026, 10, 25, 0, 30, tzinfo=UTC),
+        datetime(2026, 10, 26, 1, 30, tzinfo=UTC),
+    ]
+    # Every 30 minutes goes on through both hours: wall-clock repeats, real time does not.
+    half = Timing(cron="*/30 * * * *", timezone="Europe/Berlin").validated()
+    dues = half.upcoming(datetime(2026, 10, 24, 23, 50, tzinfo=UTC), 5)
+    assert [(b - a).total_seconds() for a, b in itertools.pairwise(dues)] == [1800] * 4
     every5 = Timing(cron="*/5 * * * *", timezone="Europe/Berlin").validated()
     assert every5.after(_s(0)) == _s(300)
     assert every5.after(_s(1)) == _s(300)
