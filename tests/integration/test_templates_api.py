@@ -79,6 +79,17 @@ async def test_a_template_is_created_versioned_launched_and_deleted(tmp_path: Pa
             row = await session.get(TaskRow, task["id"])
             assert row is not None and (row.template, row.template_version) == ("restart-web", 2)
 
+        key = {"Idempotency-Key": "launch-once"}
+        first = await client.post(
+            "/api/v1/templates/restart-web/launch", json={"params": {"mode": "soft"}}, headers=key
+        )
+        second = await client.post(
+            "/api/v1/templates/restart-web/launch", json={"params": {"mode": "soft"}}, headers=key
+        )
+        assert first.status_code == second.status_code == 201
+        assert first.json()["id"] == second.json()["id"]
+        assert len(link.hosts["web-1"].commands) == 2
+
         override = await client.post(
             "/api/v1/templates/restart-web/launch",
             json={"params": {"mode": "soft"}, "targets": {"hosts": ["db-1"]}},

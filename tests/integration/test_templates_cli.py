@@ -39,6 +39,20 @@ async def test_the_cli_creates_grants_launches_and_schedules_a_template(tmp_path
             "-p", "unit=nginx", "-p", "mode:choice(soft|hard)=soft", "--group", "web",
         )  # fmt: skip
         assert "restart-web" in await opsplane("templates", "list")
+        definition = tmp_path / "t.yaml"
+        definition.write_text(
+            'command: echo "$PARAM_N"\nparameters:\n  - {name: n, type: int, default: 3}\n'
+            "targets: {groups: [web]}\n"
+        )
+        assert "version 1" in await opsplane(
+            "templates", "create", "count", "--file", str(definition)
+        )
+        assert "version 2" in await opsplane(
+            "templates", "create", "count", "--file", str(definition), "--update"
+        )
+        assert json.loads(await opsplane("templates", "show", "count"))["parameters"] == [
+            {"name": "n", "type": "int", "default": 3}
+        ]
         shown = json.loads(await opsplane("templates", "show", "restart-web"))
         assert shown["parameters"][1] == {
             "name": "mode", "type": "choice", "default": "soft", "choices": ["soft", "hard"],

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, Response, status
+from fastapi import APIRouter, Depends, Header, Query, Response, status
 
 from opsplane.api.auditing import AuditDep
 from opsplane.api.deps import Principal, get_engine, require, require_principal
@@ -114,10 +114,16 @@ async def delete_template(
     response_model=TaskOut,
 )
 async def launch_template(
-    name: str, body: LaunchIn, engine: EngineDep, principal: LauncherDep, audit: AuditDep
+    name: str,
+    body: LaunchIn,
+    engine: EngineDep,
+    principal: LauncherDep,
+    audit: AuditDep,
+    idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
 ) -> TaskOut:
     """Launch the template's current version as a task (201 with the task). Parameters reach
-    the command only as ``PARAM_<NAME>`` environment variables."""
+    the command only as ``PARAM_<NAME>`` environment variables. An ``Idempotency-Key``
+    header returns the task it launched before."""
     targets = targets_of(body.targets) if body.targets is not None else None
     detail = {"template": name, "params": sorted(body.params)}
     summary = targets_summary(body.targets.model_dump()) if body.targets else None
@@ -128,6 +134,7 @@ async def launch_template(
             principal=principal,
             targets=targets,
             before_commit=audit.task_hook("template.launch", targets, detail),
+            idempotency_key=idempotency_key,
         )
     return TaskOut.model_validate(task_view(task))
 
