@@ -281,6 +281,10 @@ async def test_a_schedule_every_2_s_in_real_time_over_the_api(tmp_path: Path) ->
         assert len(launched) >= 3
         assert all(h["task_id"] and h["task_status"] for h in launched)
         assert len(link.hosts["web-1"].commands) == len(launched)
+        audited = (await client.get("/api/v1/audit", params={"action": "schedule.launch"})).json()
+        records = audited["items"] if isinstance(audited, dict) else audited
+        assert sorted(r["target"] for r in records) == sorted(h["task_id"] for h in launched)
+        assert {r["actor"] for r in records} == {f"schedule:{schedule['id']}"}
         await asyncio.sleep(2.5)
         after = (await client.get(f"{path}/history")).json()["items"]
         assert len(after) == len(history), "a paused schedule fired"

@@ -156,6 +156,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         bootstrap_token=settings.bootstrap_admin_token,
         session_lifetime=settings.session_lifetime,
     )
+    # Scheduled launches are audited in the transaction that creates their task.
+    the_engine.schedules.audit_within = security.audit_within
 
     # Signed checkpoints of the audit head, outside the database (docs/security.md).
     checkpoints = CheckpointWriter(

@@ -10,7 +10,7 @@ creates nothing. What the policies do is ``domain.schedules``; the clock is inje
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -28,8 +28,10 @@ from opsplane.domain.templates import resolve_params, targets_from_json, targets
 from opsplane.engine.background import Supervised, run_periodically
 from opsplane.engine.changes import Changes
 from opsplane.engine.templates import TemplateService
+from opsplane.security.audit import AuditEntry, targets_summary
 from opsplane.security.roles import Principal, Role
 from opsplane.security.secrets import SecretBox
+from opsplane.security.service import Caller
 from opsplane.store import template_queries as q
 from opsplane.store.tables import ScheduleFireRow, ScheduleRow, TaskRow, utcnow
 
@@ -41,6 +43,7 @@ BATCH = 100
 UPCOMING = 5
 LAUNCHED, SKIPPED, MISSED, ERROR = "launched", "skipped", "missed", "error"
 _TERMINAL = {status.value for status in TERMINAL_TASK_STATUSES}
+AuditWithin = Callable[[AsyncSession, AuditEntry], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,9 @@ class ScheduleService:
         self._secrets = secrets
         self._tick = tick
         self._clock = clock
+        # Appends an audit record in the launching transaction; the app sets it (the security
+        # service lives beside the engine, not in it). None: no record (engine-only tests).
+        self.audit_within: AuditWithin | None = None
         self.loop = Supervised("schedules", self._loop)
 
     async def start(self) -> None:
@@ -265,16 +271,31 @@ class ScheduleService:
         due = decision.fire
         assert due is not None
 
-        async def record(session: AsyncSession, task: TaskRow, _hosts: list[str]) -> None:
+        # The schedule's creator (an admin) decided what runs where; it fires with that
+        # authority, recorded as the schedule.
+        principal = Principal(name=f"schedule:{row.id}", role=Role.ADMIN, via="schedule")
+
+        async def record(session: AsyncSession, task: TaskRow, hosts: list[str]) -> None:
             session.add(
                 ScheduleFireRow(
                     schedule_id=row.id, due_at=due, at=now, outcome=LAUNCHED, task_id=task.id
                 )
             )
+            if self.audit_within is not None:
+                entry = Caller(principal).entry(
+                    "schedule.launch",
+                    target=task.id,
+                    targets=targets_summary(task.targets, hosts),
+                    detail={
+                        "schedule": row.id,
+                        "template": row.template,
+                        "due_at": due.isoformat(),
+                        "created_by": row.created_by,
+                        "params": sorted(row.params) + sorted(row.secret_params),
+                    },
+                )
+                await self.audit_within(session, entry)
 
-        # The schedule's creator (an admin) decided what runs where; it fires with that
-        # authority, recorded as the schedule.
-        principal = Principal(name=f"schedule:{row.id}", role=Role.ADMIN, via="schedule")
         try:
             task = await self._templates.launch(
                 row.template,
