@@ -11,13 +11,14 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import httpx
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from opsplane.api.deps import require_principal
 from opsplane.api.errors import install_error_handlers
@@ -34,7 +35,9 @@ from opsplane.api.routers import (
     hosts,
     metrics,
     runs,
+    schedules,
     tasks,
+    templates,
     tokens,
     users,
 )
@@ -43,16 +46,20 @@ from opsplane.catalog import CatalogService, default_registry, load_catalog
 from opsplane.config import Settings
 from opsplane.domain.clock import utcnow
 from opsplane.domain.errors import ConfigError
+from opsplane.domain.records import TaskRecord
 from opsplane.domain.redaction import Redactor
+from opsplane.domain.roles import Principal
 from opsplane.engine.alerts import AlertSender
 from opsplane.engine.core import Engine
 from opsplane.engine.metrics import EngineMetrics
+from opsplane.engine.schedules import AuditLaunch
 from opsplane.remoterun import RemoteRunService
 from opsplane.security.agents import AgentRegistry
 from opsplane.security.anonymous import AnonymousAccess
+from opsplane.security.audit import targets_summary
 from opsplane.security.checkpoints import CheckpointWriter
 from opsplane.security.secrets import SecretBox
-from opsplane.security.service import SecurityService
+from opsplane.security.service import Caller, SecurityService
 from opsplane.security.signing import load_or_create_private_key
 from opsplane.security.tls import amqp_ssl_context, resolve_grpc_server_files
 from opsplane.store.database import POOL_TIMEOUT, is_unavailable
@@ -192,6 +199,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         bootstrap_token=settings.bootstrap_admin_token,
         session_lifetime=settings.session_lifetime,
     )
+    # Scheduled launches are audited in the transaction that creates their task.
+    the_engine.schedules.audit_launch = _audit_launch(security)
 
     # Signed checkpoints of the audit head, outside the database (docs/security.md).
     checkpoints = CheckpointWriter(
@@ -256,6 +265,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     app.include_router(agents.router)
     app.include_router(audit.router)
     app.include_router(tasks.router)
+    app.include_router(templates.router)
+    app.include_router(schedules.router)
     app.include_router(hosts.router)
     app.include_router(fleet.router)
     # Seed 004's routes live at the root (/list, /sync/…, /async/…): before the web mount.
@@ -329,3 +340,22 @@ def install_database_error_handler(app: FastAPI) -> None:
 
     for kind in (sa_exc.DBAPIError, sa_exc.TimeoutError, sa_exc.DisconnectionError):
         app.add_exception_handler(kind, _database_error)
+
+
+def _audit_launch(security: SecurityService) -> AuditLaunch:
+    """The schedules' audit port over the security side's trail."""
+
+    async def audit(
+        session: AsyncSession,
+        principal: Principal,
+        action: str,
+        task: TaskRecord,
+        hosts: list[str],
+        detail: dict[str, Any],
+    ) -> None:
+        entry = Caller(principal).entry(
+            action, target=task.id, targets=targets_summary(task.targets, hosts), detail=detail
+        )
+        await security.audit_within(session, entry)
+
+    return audit

@@ -29,7 +29,9 @@ PUBLIC = {"/healthz", "/readyz", "/api/v1/auth/login", "/api/v1/agents/enroll"}
 POST_ONLY = {"/api/v1/auth/login", "/api/v1/agents/enroll"}
 PUBLIC_METRICS = "/metrics"
 # POST routes a viewer may call: they only read, or end the caller's own web session.
-VIEWER_MAY_POST = {"/api/v1/auth/logout", "/async/query"}
+# A template launch is decided per template (a viewer with a grant may launch it): 403 or
+# not comes from the service, after the route (tests/integration/test_template_grants.py).
+VIEWER_MAY_POST = {"/api/v1/auth/logout", "/async/query", "/api/v1/templates/{name}/launch"}
 # The seeds' routes, the only ones compat_anonymous may open (docs/security.md).
 SEED_ROUTES = {
     "/api/ssh/task", "/api/ssh/task/{task_id}", "/api/upload/task", "/api/upload/task/{task_id}",
@@ -47,6 +49,15 @@ PINNED = {
     ("POST", "/async/{cluster_type}/{name}"): Permission.RUN,
     ("POST", "/async/kill"): Permission.RUN,
     ("POST", "/{cluster_type}/{name}"): Permission.RUN,
+    ("POST", "/api/v1/templates"): Permission.ADMIN,
+    ("PUT", "/api/v1/templates/{name}"): Permission.ADMIN,
+    ("DELETE", "/api/v1/templates/{name}"): Permission.ADMIN,
+    ("GET", "/api/v1/users/{user}/template-grants"): Permission.ADMIN,
+    ("POST", "/api/v1/users/{user}/template-grants"): Permission.ADMIN,
+    ("DELETE", "/api/v1/users/{user}/template-grants/{template}"): Permission.ADMIN,
+    ("POST", "/api/v1/schedules"): Permission.ADMIN,
+    ("PATCH", "/api/v1/schedules/{schedule_id}"): Permission.ADMIN,
+    ("DELETE", "/api/v1/schedules/{schedule_id}"): Permission.ADMIN,
     ("GET", "/api/v1/users"): Permission.ADMIN,
     ("POST", "/api/v1/users"): Permission.ADMIN,
     ("GET", "/api/v1/users/{name}"): Permission.ADMIN,

@@ -86,15 +86,19 @@ class Audit:
             )
             raise
 
-    def task_hook(self, action: str, targets: Targets, detail: dict[str, Any]) -> BeforeCommit:
-        """The record of a task, written in the transaction that creates it."""
+    def task_hook(
+        self, action: str, targets: Targets | None, detail: dict[str, Any]
+    ) -> BeforeCommit:
+        """The record of a task, written in the transaction that creates it. ``targets``
+        None: the task's own (a template launch without an override)."""
         self._mark()
 
         async def hook(session: AsyncSession, task: TaskRecord, hosts: list[str]) -> None:
+            selector = asdict(targets) if targets is not None else dict(task.targets)
             entry = self.caller.entry(
                 action,
                 target=task.id,
-                targets=targets_summary(asdict(targets), hosts),
+                targets=targets_summary(selector, hosts),
                 detail=detail,
             )
             await self._security.audit_within(session, entry)

@@ -280,6 +280,9 @@ class TaskOut(BaseModel):
     stop_reason: str | None
     rerun_of: str | None
     run_as: str | None = None
+    template: dict[str, Any] | None = Field(
+        default=None, description="the template (name, version) this task was launched from"
+    )
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None

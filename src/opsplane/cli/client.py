@@ -359,6 +359,21 @@ class ApiClient:
     def add_ssh_host(self, body: Json) -> Json:
         return self._json("POST", "/hosts", body=body)
 
+    def call(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, Any] | None = None,
+        body: Any = None,
+    ) -> Json | None:
+        """One API call under ``/api/v1``: its JSON object, or None for an empty answer (204).
+        For verb groups whose routes need no more than this (templates, schedules)."""
+        if method in ("DELETE",):
+            response = self._request(method, path, params=params, body=body)
+            return None if not response.content else cast(Json, response.json())
+        return self._json(method, path, params=params, body=body)
+
     def remove_host(self, name: str) -> None:
         self._request("DELETE", f"/hosts/{_seg(name)}")
 

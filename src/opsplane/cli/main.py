@@ -45,6 +45,8 @@ class _Verbs(LazyGroup):
         "agents": _group("agents", "Enroll, list and revoke agents (admin)"),
         "audit": _group("audit", "Read, export and verify the audit trail (admin)"),
         "scripts": _group("scripts", "Approve seed-003 scripts by content hash"),
+        "templates": _group("templates", "List, show, create and launch job templates"),
+        "schedules": _group("schedules", "Schedule templates: cron or interval, history"),
         "config": _group(
             "config_cmd", "Effective settings (with their sources) and their reference"
         ),

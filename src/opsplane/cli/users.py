@@ -18,6 +18,7 @@ from opsplane.cli.output import (
     reporting_errors,
 )
 from opsplane.cli.run import client_options
+from opsplane.cli.templates import seg
 from opsplane.security.roles import Role
 
 app = typer.Typer(no_args_is_help=True, help="Add, list and change users (admin).")
@@ -152,3 +153,46 @@ def set_user(
         typer.echo(dump_json(user))
         return
     err.print(f"user {user.get('name')} updated")
+
+
+@app.command("grant-template")
+def grant_template(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="The user.")],
+    template: Annotated[str, typer.Argument(help="The template it may launch.")],
+    group: Annotated[
+        list[str], typer.Option("--group", "-g", help="On hosts of this group (repeatable).")
+    ],
+) -> None:
+    """Let a user launch one template on hosts of these groups, whatever its role (a viewer
+    with a grant runs that template and no other command)."""
+    err = make_console(stderr=True)
+    with reporting_errors(err), ApiClient(client_options(ctx)) as api:
+        grant = api.call(
+            "POST",
+            f"/users/{seg(name)}/template-grants",
+            body={"template": template, "groups": list(group)},
+        )
+    assert grant is not None
+    err.print(f"{name} may launch {template} on: {', '.join(grant['groups'])}")
+
+
+@app.command("revoke-template")
+def revoke_template(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="The user.")],
+    template: Annotated[str, typer.Argument(help="The template.")],
+    group: Annotated[
+        list[str] | None, typer.Option("--group", "-g", help="Only these groups (repeatable).")
+    ] = None,
+) -> None:
+    """Take back a user's grant for a template (all of it, or --group ones)."""
+    err = make_console(stderr=True)
+    with reporting_errors(err), ApiClient(client_options(ctx)) as api:
+        grant = api.call(
+            "DELETE",
+            f"/users/{seg(name)}/template-grants/{seg(template)}",
+            params={"group": group},
+        )
+    left = ", ".join(grant["groups"]) if grant and grant.get("groups") else "none"
+    err.print(f"{name}'s grant for {template}: {left}")

@@ -143,6 +143,12 @@ class TaskRecord(Protocol):
     @property
     def run_as(self) -> str | None: ...
 
+    @property
+    def template(self) -> str | None: ...
+
+    @property
+    def template_version(self) -> int | None: ...
+
 
 class RunRecord(Protocol):
     """One host's attempt at a task."""

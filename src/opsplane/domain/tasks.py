@@ -151,6 +151,9 @@ class TaskRequest:
     # The account the command runs as on each host (seed 002's ``user``); None: the agent's
     # own. Only agents honour it (docs/agent-policy.md): SSH hosts are refused at submit.
     run_as: str | None = None
+    # Launched from a template (issue 20): its name and version, kept with the task.
+    template: str | None = None
+    template_version: int | None = None
 
     def validated(self, default_timeout: int) -> TaskRequest:
         """A copy with defaults filled in, or InvalidInput saying what is wrong."""
@@ -193,6 +196,8 @@ class TaskRequest:
             policy=self.policy,
             rerun_of=self.rerun_of,
             run_as=self.run_as,
+            template=self.template,
+            template_version=self.template_version,
         )
 
 

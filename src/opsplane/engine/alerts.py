@@ -1,6 +1,8 @@
 """Failure alerts (seed 003): when a task ends ``failed`` or ``timed_out``, every configured
 webhook receives a JSON message (docs/alerts.md) — opsplane's own shape, or Slack's or
-DingTalk's.
+DingTalk's. A task launched from a template whose ``notify`` names ``success`` is also
+alerted when it succeeds, and one naming ``change`` when its outcome differs from the
+template's previous launch (docs/templates.md).
 
 Alerting never slows the engine down: the hub listener only queues the task id (a bounded
 queue; when it is full the alert is dropped and logged), and one background worker builds the
@@ -24,12 +26,15 @@ from opsplane.domain.states import RunStatus, TaskStatus
 from opsplane.engine.background import Supervised
 from opsplane.engine.changes import TaskEvent, counts_view
 from opsplane.engine.hub import RecentIds
-from opsplane.store import queries
+from opsplane.store import queries, template_queries
+from opsplane.store.tables import TaskRow
 
 log = logging.getLogger(__name__)
 
 AlertFormat = Literal["json", "slack", "dingtalk"]
 ALERTING_STATUSES = frozenset({TaskStatus.FAILED, TaskStatus.TIMED_OUT})
+# Ends a template's notify may ask about (a canceled launch says nothing of the template).
+TEMPLATE_STATUSES = ALERTING_STATUSES | {TaskStatus.SUCCEEDED}
 # Hosts listed in one message; the total is always given.
 MAX_HOSTS = 20
 _MAX_ERROR = 500
@@ -116,7 +121,12 @@ class AlertSender:
         if not self.loop.running:
             return
         for event in events:
-            if event.kind != "task" or event.data.get("status") not in ALERTING_STATUSES:
+            if event.kind != "task":
+                continue
+            status = event.data.get("status")
+            if status not in ALERTING_STATUSES and not (
+                event.data.get("template") and status in TEMPLATE_STATUSES
+            ):
                 continue
             if not self._seen.first_time(event.task_id):
                 continue
@@ -132,6 +142,8 @@ class AlertSender:
             task_id = await self._queue.get()
             try:
                 payload = await self.message(task_id)
+                if payload.get("notify_reason") is None:
+                    continue
                 body = format_message(payload, self._fmt)
                 await asyncio.gather(*(self._deliver(url, task_id, body) for url in self.webhooks))
             except Exception:
@@ -147,6 +159,7 @@ class AlertSender:
             if task is None:
                 raise LookupError(f"task {task_id} is gone")
             outcomes = await queries.run_outcomes(session, task_id)
+            reason = await _notify_reason(session, task)
         # The task's result is the last attempt on each host.
         last: dict[str, queries.RunOutcome] = {}
         for outcome in outcomes:
@@ -175,8 +188,14 @@ class AlertSender:
         if len(failed) > len(hosts):
             lines.append(f"… and {len(failed) - len(hosts)} more")
         lines.append(url)
+        template = (
+            {"name": task.template, "version": task.template_version} if task.template else None
+        )
         return {
             "event": f"task_{status}",
+            # Why this message: failure (every task), or a template's success or change.
+            "notify_reason": reason,
+            "template": template,
             "task_id": task.id,
             "name": task.name,
             "kind": task.kind,
@@ -215,3 +234,23 @@ class AlertSender:
         log.error("alert for task %s not delivered to %s after %d attempt(s): %s",
                   task_id, _safe_url(url), attempt, problem)  # fmt: skip
         self._on_result("failed")
+
+
+async def _notify_reason(session: AsyncSession, task: TaskRow) -> str | None:
+    """Why ``task``'s end is alerted (None: it is not). Failures always are; a template's
+    launch also on success (``notify: [success]``) or on a change of outcome from the
+    template's previous launch (``notify: [change]``)."""
+    failed = task.status in ALERTING_STATUSES
+    if task.template is None or task.template_version is None:
+        return "failure" if failed else None
+    version = await template_queries.get_version(session, task.template, task.template_version)
+    notify = set((version.definition.get("notify") if version else None) or ())
+    if "change" in notify:
+        before = await template_queries.previous_outcome(session, task)
+        if before is not None and (before in ALERTING_STATUSES) != failed:
+            return "change"
+    if failed:
+        return "failure"
+    if "success" in notify and task.status == TaskStatus.SUCCEEDED:
+        return "success"
+    return None

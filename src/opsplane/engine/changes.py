@@ -95,6 +95,9 @@ def task_view(task: TaskRecord) -> dict[str, Any]:
         "stop_reason": task.stop_reason,
         "rerun_of": task.rerun_of,
         "run_as": task.run_as,
+        "template": (
+            {"name": task.template, "version": task.template_version} if task.template else None
+        ),
         "created_at": _iso(task.created_at),
         "started_at": _iso(task.started_at),
         "finished_at": _iso(task.finished_at),

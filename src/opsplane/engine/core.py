@@ -35,8 +35,10 @@ from opsplane.engine.ports import AgentKeysFactory, SecretOpener
 from opsplane.engine.recovery import settle_interrupted_runs
 from opsplane.engine.retention import Retention
 from opsplane.engine.scheduler import Scheduler
+from opsplane.engine.schedules import ScheduleService
 from opsplane.engine.service import TaskService
 from opsplane.engine.sshapi import SshApi
+from opsplane.engine.templates import TemplateService
 from opsplane.store import queries
 from opsplane.store.database import create_engine, session_factory
 from opsplane.store.migrate import upgrade_to_head
@@ -127,6 +129,8 @@ class Engine:
             connect_batch_size=settings.connect_batch_size,
             connect_linger=settings.connect_linger,
         )
+        self.templates = TemplateService(self.sessions, self.write, self.tasks, self.secrets)
+        self.schedules = ScheduleService(self.sessions, self.write, self.templates, self.secrets)
         self.ssh_api = SshApi(self.hosts, self.tasks, self.wait_task, self.write, self.sessions)
         self.monitor = Monitor(
             self.write,
@@ -168,6 +172,7 @@ class Engine:
             self.loops.add(loop)
         self.loops.add(self.archive_pruner.loop)
         self.loops.add(self.retention.loop)
+        self.loops.add(self.schedules.loop)
         self.loops.add(self.hosts.connections.loop)
         self.ready = False
 
@@ -220,10 +225,12 @@ class Engine:
         await self.scheduler.start()
         # Seed-000 requests whose later commands a previous process had not started yet.
         await self.ssh_api.start()
+        await self.schedules.start()
         self.ready = True
 
     async def stop(self) -> None:
         self.ready = False
+        await self.schedules.stop()
         await self.scheduler.stop()
         await self.ssh_api.stop()
         for link in self.links.values():

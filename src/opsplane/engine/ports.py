@@ -42,7 +42,10 @@ class AgentKeys(Protocol):
 
 
 class SecretOpener(Protocol):
-    """Decrypts a task's secret parameters at dispatch, and only there."""
+    """Decrypts a task's secret parameters at dispatch, and only there; seals the secret
+    values a template launch or a schedule keeps until then."""
+
+    def seal(self, values: Mapping[str, str]) -> dict[str, str]: ...
 
     def open(self, sealed: Mapping[str, str]) -> dict[str, str]: ...
 

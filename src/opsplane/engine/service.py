@@ -139,6 +139,8 @@ class TaskService:
                     policy=policy.to_json() if request.policy else None,
                     rerun_of=request.rerun_of,
                     run_as=request.run_as,
+                    template=request.template,
+                    template_version=request.template_version,
                 )
                 changes.session.add(task)
                 # Runs reference the task; without an ORM relationship the unit of work does
@@ -261,6 +263,8 @@ class TaskService:
             policy=TaskPolicy.from_json(task.policy) if task.policy else None,
             rerun_of=task_id,
             run_as=task.run_as,
+            template=task.template,
+            template_version=task.template_version,
         )
         return await self.create_task(request, before_commit=before_commit)
 

@@ -18,6 +18,7 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
+    UniqueConstraint,
     false,
 )
 from sqlalchemy.dialects import mysql
@@ -215,6 +216,9 @@ class TaskRow(Base):
     rerun_of: Mapped[str | None] = mapped_column(String(36), index=True)
     # The account runs execute as on each host (seed 002's ``user``); None: the agent's own.
     run_as: Mapped[str | None] = mapped_column(String(32))
+    # Launched from a template (issue 20): its name and the version that ran.
+    template: Mapped[str | None] = mapped_column(String(128), index=True)
+    template_version: Mapped[int | None] = mapped_column(Integer)
 
 
 class RunRow(Base):
@@ -447,3 +451,100 @@ class LeaseRow(Base):
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     holder: Mapped[str] = mapped_column(String(128))
     expires_at: Mapped[datetime] = mapped_column()
+
+
+# Job templates and schedules (issue 20, docs/templates.md).
+
+
+class TemplateRow(Base):
+    """A template's name and its current version; every version is kept (a task records the
+    version it ran). Deleting marks the name deleted: its versions stay for the tasks' sake."""
+
+    __tablename__ = "templates"
+    __table_args__ = MYSQL_TABLE
+
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    version: Mapped[int] = mapped_column(Integer)
+    deleted: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_by: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class TemplateVersionRow(Base):
+    __tablename__ = "template_versions"
+    __table_args__ = MYSQL_TABLE
+
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    version: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    # domain.templates.TemplateSpec.to_json()
+    definition: Mapped[dict[str, Any]] = mapped_column()
+    created_by: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class TemplateGrantRow(Base):
+    """A user may launch template ``template`` on hosts of group ``group``, whatever its role
+    (a viewer with grants runs those templates and nothing else)."""
+
+    __tablename__ = "template_grants"
+    __table_args__ = (
+        UniqueConstraint(
+            "user_id", "template", "group_name", name="uq_template_grants_user_template"
+        ),
+        MYSQL_TABLE,
+    )
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    template: Mapped[str] = mapped_column(String(128), index=True)
+    group_name: Mapped[str] = mapped_column(String(255))
+    created_by: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ScheduleRow(Base):
+    """A template launched on a cron expression (in a time zone) or every N seconds."""
+
+    __tablename__ = "schedules"
+    __table_args__ = (Index("ix_schedules_paused_next_due", "paused", "next_due"), MYSQL_TABLE)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    template: Mapped[str] = mapped_column(String(128), index=True)
+    params: Mapped[dict[str, Any]] = mapped_column()
+    # Secret parameter values, sealed (security/secrets.py): name -> ciphertext.
+    secret_params: Mapped[dict[str, Any]] = mapped_column()
+    targets: Mapped[dict[str, Any] | None] = mapped_column(CleanJSON, nullable=True)
+    cron: Mapped[str | None] = mapped_column(String(255))
+    timezone: Mapped[str] = mapped_column(String(64))
+    interval_seconds: Mapped[int | None] = mapped_column(Integer)
+    misfire: Mapped[str] = mapped_column(String(16))
+    misfire_window: Mapped[int] = mapped_column(Integer)
+    overlap: Mapped[str] = mapped_column(String(16))
+    paused: Mapped[bool] = mapped_column(Boolean, default=False)
+    # The earliest due time not yet handled (fired, skipped or missed).
+    next_due: Mapped[datetime | None]
+    last_task_id: Mapped[str | None] = mapped_column(String(36))
+    created_by: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ScheduleFireRow(Base):
+    """What became of one due time of a schedule. Unique per (schedule, due time) and written
+    in the transaction that creates the task: two control planes never both fire it."""
+
+    __tablename__ = "schedule_fires"
+    __table_args__ = (
+        UniqueConstraint("schedule_id", "due_at", name="uq_schedule_fires_schedule_id_due_at"),
+        MYSQL_TABLE,
+    )
+
+    id: Mapped[int] = mapped_column(EventId, primary_key=True, autoincrement=True)
+    schedule_id: Mapped[str] = mapped_column(ForeignKey("schedules.id", ondelete="CASCADE"))
+    due_at: Mapped[datetime] = mapped_column()
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+    # launched | skipped (overlap) | missed (misfire) | error
+    outcome: Mapped[str] = mapped_column(String(16))
+    task_id: Mapped[str | None] = mapped_column(String(36))
+    detail: Mapped[str | None] = mapped_column(CleanText)
