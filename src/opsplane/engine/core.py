@@ -16,6 +16,7 @@ from contextlib import asynccontextmanager
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from opsplane.agentdeploy.service import AgentDeployer
 from opsplane.config import Settings
 from opsplane.domain.errors import InvalidInput, ReportRejected
 from opsplane.domain.redaction import Redactor
@@ -156,6 +157,10 @@ class Engine:
             self.write,
             require_enrollment=settings.require_enrollment,
             reserved_names=(settings.local_host,),
+        )
+        # opsplane agents deploy|upgrade: over the SSH link, when there is one.
+        self.deployer = AgentDeployer(
+            self.hosts, self.agents, self.links.get(SSH_LINK), settings.data_dir / "agent-bundles"
         )
         # Messages the links refused, by (link, reason): the metrics read them.
         self.refused: Counter[tuple[str, str]] = Counter()

@@ -321,6 +321,13 @@ async def hosts_of_link(session: AsyncSession, link: str) -> list[HostRow]:
     return list((await session.execute(select(HostRow).where(HostRow.link == link))).scalars())
 
 
+async def hosts_with_ssh(session: AsyncSession) -> list[HostRow]:
+    """Hosts with SSH access, of any link, by name."""
+    # Filtered here: ``ssh`` may hold a JSON null, which SQL's IS NULL does not see.
+    stmt = select(HostRow).order_by(HostRow.name)
+    return [host for host in (await session.execute(stmt)).scalars() if host.ssh]
+
+
 async def heartbeat_history(
     session: AsyncSession, host: str, since: datetime, limit: int
 ) -> list[HeartbeatRow]:

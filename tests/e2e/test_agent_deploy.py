@@ -1,0 +1,187 @@
+"""``opsplane agents deploy|upgrade`` end to end: three loopback sshd hosts (no systemd) become
+enrolled agents with one command, a second deploy changes nothing, an upgrade whose canary fails
+its self-check stops there, and a good upgrade restarts every agent. Real sshd, real processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import time
+import uuid
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.e2e.fleet import Fleet
+from tests.e2e.test_cli import opsplane
+from tests.integration.sshd import SshLab, ssh_lab
+
+pytestmark = pytest.mark.service("sshd")
+TARGETS = ("web-1", "web-2", "web-3")
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[SshLab]:
+    with ssh_lab() as the_lab:
+        the_lab.start(TARGETS)
+        yield the_lab
+
+
+@pytest.fixture(scope="module")
+def remote_base() -> Iterator[Path]:
+    base = Path(f"/tmp/opsplane-deploy-{uuid.uuid4().hex[:8]}")
+    yield base
+    # The supervised agents outlive their SSH sessions by design: stop exactly ours.
+    for pidfile in base.glob("*/supervisor.pid"):
+        with contextlib.suppress(ValueError, OSError):
+            os.kill(int(pidfile.read_text().strip()), signal.SIGTERM)
+    deadline = time.monotonic() + 20
+    while list(base.glob("*/supervisor.pid")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def fleet(lab: SshLab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    root = tmp_path_factory.mktemp("deploy-fleet")
+    known = lab.known_hosts(root / "known_hosts", lab.daemons.values())
+    config = root / "opsplane.yaml"
+    config.write_text(f"ssh_known_hosts: {known}\n")
+    the_fleet = Fleet(root, server_env={"OPSPLANE_REQUIRE_ENROLLMENT": "true"})
+    try:
+        the_fleet.start_server("--config", str(config))
+        for name in TARGETS:
+            added = opsplane(
+                the_fleet, "hosts", "add", name,
+                "--ssh", f"{lab.user.name}@{lab.daemons[name].address}",
+                "--key-file", str(lab.client_key_path), "--group", "web",
+            )  # fmt: skip
+            assert added.returncode == 0, added.stderr
+        yield the_fleet
+    finally:
+        the_fleet.stop()
+
+
+def _roll(fleet: Fleet, verb: str, base: Path, *extra: str) -> tuple[int, dict[str, Any]]:
+    result = opsplane(
+        fleet, "agents", verb, "--group", "web", "--remote-dir", str(base), "--json", *extra,
+        timeout=300,
+    )  # fmt: skip
+    assert result.stdout, result.stderr
+    return result.returncode, json.loads(result.stdout)
+
+
+def _outcomes(report: dict[str, Any]) -> dict[str, str]:
+    return {r["host"]: r["outcome"] for r in report["results"]}
+
+
+def _answers(fleet: Fleet) -> dict[str, str]:
+    result = opsplane(fleet, "run", "--group", "web", "--json", "--", "echo hi from $(pwd)")
+    return {run["host"]: run["status"] for run in json.loads(result.stdout)["runs"]}
+
+
+@pytest.fixture(scope="module")
+def deployed(fleet: Fleet, remote_base: Path) -> dict[str, Any]:
+    code, report = _roll(fleet, "deploy", remote_base)
+    assert code == 0, report
+    return report
+
+
+def test_deploy_turns_ssh_hosts_into_enrolled_agents_under_a_supervisor(
+    fleet: Fleet, remote_base: Path, deployed: dict[str, Any]
+) -> None:
+    print(f"deploy of {len(TARGETS)} hosts: {deployed['seconds']} s")
+    assert _outcomes(deployed) == dict.fromkeys(TARGETS, "deployed")
+    for result in deployed["results"]:
+        # No systemd on these hosts: the fallback is said, per host.
+        assert result["supervisor"] == "process"
+        assert "systemd is not running" in result["detail"]
+        assert (remote_base / result["host"] / "supervisor.pid").is_file()
+    host = fleet.host("web-1")
+    assert host is not None and host["link"] == "grpc" and host["status"] == "online"
+    with fleet.client() as client:
+        agents = {a["name"]: a for a in client.get("/api/v1/agents").json()["items"]}
+    assert {n: agents[n]["groups"] for n in TARGETS} == {n: ["web"] for n in TARGETS}
+    assert _answers(fleet) == dict.fromkeys(TARGETS, "succeeded")
+
+
+def test_a_second_deploy_changes_nothing(
+    fleet: Fleet, remote_base: Path, deployed: dict[str, Any]
+) -> None:
+    pids = {n: (remote_base / n / "agent.pid").read_text() for n in TARGETS}
+    code, report = _roll(fleet, "deploy", remote_base)
+    assert code == 0 and _outcomes(report) == dict.fromkeys(TARGETS, "current")
+    assert report["digest"] == deployed["digest"]
+    assert {n: (remote_base / n / "agent.pid").read_text() for n in TARGETS} == pids
+
+
+def _variant(fleet: Fleet, tmp_path: Path, name: str, init: str | None) -> Path:
+    """A copy of the control plane's bundle whose zipapp differs: ``init`` replaces
+    ``opsplane/__init__.py`` (None: only an extra file, a working bundle)."""
+    (source,) = (fleet.data_dir / "agent-bundles").iterdir()
+    target = tmp_path / name
+    shutil.copytree(source, target)
+    pyz = target / "opsplane.pyz"
+    with zipfile.ZipFile(source / "opsplane.pyz") as old, zipfile.ZipFile(pyz, "w") as new:
+        for item in old.infolist():
+            data = old.read(item)
+            if init is not None and item.filename == "opsplane/__init__.py":
+                data = init.encode()
+            new.writestr(item, data)
+        new.writestr("opsplane/VARIANT", name)
+    return target
+
+
+def test_an_upgrade_stops_when_its_canary_fails_and_leaves_the_agents_running(
+    fleet: Fleet, remote_base: Path, deployed: dict[str, Any], tmp_path: Path
+) -> None:
+    broken = _variant(fleet, tmp_path, "broken", 'raise ImportError("broken bundle")\n')
+    code, report = _roll(fleet, "upgrade", remote_base, "--canary", "1", "--bundle", str(broken))
+    assert code == 1
+    outcomes = _outcomes(report)
+    assert outcomes == {"web-1": "failed", "web-2": "skipped", "web-3": "skipped"}
+    failed = report["results"][0]
+    assert "self-check" in failed["detail"] and "broken bundle" in failed["detail"]
+    assert all("canary failed" in r["detail"] for r in report["results"][1:])
+    # The old agents were never stopped: still current, still answering.
+    digests = {(remote_base / n / "current" / "digest").read_text().strip() for n in TARGETS}
+    assert digests == {deployed["digest"]}
+    assert _answers(fleet) == dict.fromkeys(TARGETS, "succeeded")
+
+
+def test_an_upgrade_restarts_every_agent_on_the_new_bundle(
+    fleet: Fleet, remote_base: Path, deployed: dict[str, Any], tmp_path: Path
+) -> None:
+    pids = {n: (remote_base / n / "agent.pid").read_text() for n in TARGETS}
+    good = _variant(fleet, tmp_path, "good", None)
+    code, report = _roll(fleet, "upgrade", remote_base, "--canary", "1", "--bundle", str(good))
+    assert code == 0, report
+    assert _outcomes(report) == dict.fromkeys(TARGETS, "deployed")
+    assert all(r["detail"].startswith("upgraded") for r in report["results"])
+    for name in TARGETS:
+        assert (remote_base / name / "current" / "digest").read_text().strip() == report["digest"]
+        assert (remote_base / name / "agent.pid").read_text() != pids[name]
+    assert _answers(fleet) == dict.fromkeys(TARGETS, "succeeded")
+
+
+def test_a_supervised_agent_that_dies_is_restarted(
+    fleet: Fleet, remote_base: Path, deployed: dict[str, Any]
+) -> None:
+    pidfile = remote_base / "web-2" / "agent.pid"
+    before = int(pidfile.read_text())
+    os.kill(before, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        text = pidfile.read_text().strip() if pidfile.exists() else ""
+        if text and int(text) != before:
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError("the supervisor did not restart the agent")
