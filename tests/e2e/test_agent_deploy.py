@@ -19,7 +19,8 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.fleet import Fleet
+from opsplane.agentdeploy.bundle import Bundle
+from tests.e2e.fleet import Fleet, free_port
 from tests.e2e.test_cli import opsplane
 from tests.integration.sshd import SshLab, ssh_lab
 
@@ -122,6 +123,23 @@ def test_a_second_deploy_changes_nothing(
     assert {n: (remote_base / n / "agent.pid").read_text() for n in TARGETS} == pids
 
 
+def test_an_unreachable_host_fails_with_the_reason(
+    fleet: Fleet, lab: SshLab, remote_base: Path
+) -> None:
+    added = opsplane(
+        fleet, "hosts", "add", "gone-1", "--ssh", f"{lab.user.name}@127.0.0.1:{free_port()}",
+        "--key-file", str(lab.client_key_path),
+    )  # fmt: skip
+    assert added.returncode == 0, added.stderr
+    result = opsplane(
+        fleet, "agents", "deploy", "--host", "gone-1", "--remote-dir", str(remote_base),
+        timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "gone-1" in result.stdout and "failed" in result.stdout
+    assert "probe failed" in result.stdout and "refused" in result.stdout.lower()
+
+
 def _variant(fleet: Fleet, tmp_path: Path, name: str, init: str | None) -> Path:
     """A copy of the control plane's bundle whose zipapp differs: ``init`` replaces
     ``opsplane/__init__.py`` (None: only an extra file, a working bundle)."""
@@ -161,8 +179,17 @@ def test_an_upgrade_restarts_every_agent_on_the_new_bundle(
 ) -> None:
     pids = {n: (remote_base / n / "agent.pid").read_text() for n in TARGETS}
     good = _variant(fleet, tmp_path, "good", None)
+    # A command still running when web-1's new bundle is unpacked (right before its restart)
+    # finishes first: the restart loses no work.
+    unpacked = remote_base / "web-1" / "releases" / Bundle.load(good).digest[:16]
+    command = f"until [ -d {unpacked} ]; do sleep 0.1; done; sleep 2; echo drained"
+    with fleet.client() as client:
+        body = {"command": command, "targets": {"groups": ["web"]}, "timeout": 120}
+        task = client.post("/api/v1/tasks", json=body).json()
     code, report = _roll(fleet, "upgrade", remote_base, "--canary", "1", "--bundle", str(good))
     assert code == 0, report
+    assert fleet.wait_task_done(task["id"])["status"] == "succeeded"
+    assert {r["stdout"] for r in fleet.runs(task["id"]).values()} == {"drained\n"}
     assert _outcomes(report) == dict.fromkeys(TARGETS, "deployed")
     assert all(r["detail"].startswith("upgraded") for r in report["results"])
     for name in TARGETS:

@@ -57,6 +57,8 @@ class DeployRequest:
     bundle: str | None = None  # a bundle directory on the control plane; default: this install
     parallel: int = 20
     online_timeout: float = 90.0
+    # How long a restart waits for the runs in flight on the host to end.
+    drain_timeout: float = 300.0
     created_by: str = "admin"
     # upgrade only
     canary: int = 0
@@ -227,6 +229,7 @@ class AgentDeployer:
             within=300,
         )
         if probe.running:
+            await self._drain(name, request.drain_timeout)
             await run(remote.stop_command(directory, systemd=self._systemd(probe)), "stop",
                       within=remote.STOP_WAIT + 30)  # fmt: skip
         settings = {
@@ -320,6 +323,18 @@ class AgentDeployer:
         except OpsplaneError:
             return False
         return host.link != SSH_LINK and host.status == "online"
+
+    async def _drain(self, name: str, within: float) -> None:
+        """Wait until no run is in flight on the host, so that the restart loses no work (the
+        agent's own SIGTERM would cancel and spool them)."""
+        deadline = time.monotonic() + within
+        while (busy := await self._hosts.runs_in_flight(name)) > 0:
+            if time.monotonic() >= deadline:
+                raise _Failed(
+                    f"not restarted: {busy} run(s) still in flight after {within:.0f}s of "
+                    "draining (the new bundle is unpacked; run again later)"
+                )
+            await asyncio.sleep(0.5)
 
     async def _wait_online(self, name: str, within: float) -> bool:
         deadline = time.monotonic() + within

@@ -171,12 +171,21 @@ def upgrade_agents(
     remote_dir: RemoteDirOpt = None,
     bundle: BundleOpt = None,
     parallel: ParallelOpt = 20,
+    drain_timeout: Annotated[
+        float,
+        typer.Option(
+            "--drain-timeout",
+            help="Seconds each restart waits for the host's runs in flight to end.",
+        ),
+    ] = 300.0,
     as_json: JsonOpt = False,
 ) -> None:
     """Replace the deployed agents with the control plane's version (or --bundle): the canary
-    hosts first, then the rest; each agent drains (SIGTERM) before it restarts."""
+    hosts first, then the rest. Each host's new bundle is unpacked and self-checked beside the
+    running agent; then its runs in flight are waited for, and the agent is stopped (SIGTERM)
+    and started on the new bundle."""
     body = _body(ctx, group, host, server, api_url, remote_dir, bundle, parallel)
-    body.update(canary=canary, max_errors=max_errors)
+    body.update(canary=canary, max_errors=max_errors, drain_timeout=drain_timeout)
     _roll(ctx, body, as_json, upgrade=True)
 
 

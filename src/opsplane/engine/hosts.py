@@ -189,6 +189,10 @@ class HostService:
         self._link_of[name] = link
         log.info("host %s handed from ssh to its %s agent", name, link)
 
+    async def runs_in_flight(self, name: str) -> int:
+        async with self._sessions() as session:
+            return await queries.runs_in_flight_on_host(session, name)
+
     async def hosts_reachable_by_ssh(self) -> list[HostRow]:
         """Every inventory host with SSH access: SSH hosts and agents deployed over SSH."""
         async with self._sessions() as session:

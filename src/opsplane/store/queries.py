@@ -481,6 +481,16 @@ async def busy_runs_of_host(session: AsyncSession, host: str) -> int:
     return int((await session.execute(stmt)).scalar_one())
 
 
+async def runs_in_flight_on_host(session: AsyncSession, host: str) -> int:
+    """Runs sent to ``host`` and not yet ended."""
+    stmt = (
+        select(func.count())
+        .select_from(RunRow)
+        .where(RunRow.host == host, RunRow.status.in_(("dispatched", "running")))
+    )
+    return int((await session.execute(stmt)).scalar_one())
+
+
 async def prunable_event_ids(
     session: AsyncSession, ended_before: datetime, limit: int
 ) -> list[int]:

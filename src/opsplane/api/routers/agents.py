@@ -186,6 +186,12 @@ class DeployIn(BaseModel):
     )
     parallel: int = Field(default=20, ge=1, le=500, description="hosts worked on at once")
     online_timeout: float = Field(default=90.0, gt=0, le=3600)
+    drain_timeout: float = Field(
+        default=300.0,
+        ge=0,
+        le=86400,
+        description="seconds a restart waits for the runs in flight on the host to end",
+    )
 
 
 class UpgradeIn(DeployIn):
@@ -245,6 +251,7 @@ async def _roll(
         bundle=body.bundle,
         parallel=body.parallel,
         online_timeout=body.online_timeout,
+        drain_timeout=body.drain_timeout,
         created_by=principal.name,
         canary=body.canary if isinstance(body, UpgradeIn) else 0,
         max_errors=body.max_errors if isinstance(body, UpgradeIn) else 0,
