@@ -1,0 +1,49 @@
+"""An SSH host handed to its deployed agent (``opsplane agents deploy``): its runs go to the
+agent, an enrollment token may name it, and it keeps its SSH access — across a restart too,
+so that a later upgrade still reaches it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from opsplane.config import load_settings
+from opsplane.domain.errors import Conflict
+from opsplane.domain.inventory import SshHostRequest
+from opsplane.engine.core import Engine
+from opsplane.transport.ssh import HostKeyPolicy, SshExecutor, SshLink
+
+
+def _engine(root: Path) -> tuple[Engine, SshLink]:
+    link = SshLink(SshExecutor(HostKeyPolicy(None)))
+    return Engine(load_settings(data_dir=root), [link]), link
+
+
+async def test_a_host_handed_to_its_agent_keeps_its_ssh_access_across_a_restart(
+    tmp_path: Path,
+) -> None:
+    engine, link = _engine(tmp_path)
+    await engine.start()
+    try:
+        request = SshHostRequest(name="web-1", address="127.0.0.1", port=2222, groups=("web",))
+        await engine.hosts.register_ssh_host(request)
+        with pytest.raises(Conflict):  # an SSH host's name is no agent's
+            await engine.agents.create_token(["web"], created_by="admin", name="web-1")
+        await engine.hosts.hand_to_agent("web-1", "grpc")
+        host = await engine.hosts.get_host("web-1")
+        assert (host.link, host.status, host.groups) == ("grpc", "offline", ["web"])
+        created = await engine.agents.create_token(["web"], created_by="admin", name="web-1")
+        assert created.token.name == "web-1"
+        assert "web-1" in link.targets
+        await engine.hosts.hand_to_agent("web-1", "grpc")  # again: nothing to do
+    finally:
+        await engine.stop()
+    restarted, new_link = _engine(tmp_path)
+    await restarted.start()
+    try:
+        assert new_link.targets["web-1"].endpoint.port == 2222
+        reachable = await restarted.hosts.hosts_reachable_by_ssh()
+        assert [h.name for h in reachable] == ["web-1"]
+    finally:
+        await restarted.stop()
