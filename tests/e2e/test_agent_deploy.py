@@ -124,6 +124,13 @@ def test_a_second_deploy_changes_nothing(
     assert code == 0 and _outcomes(report) == dict.fromkeys(TARGETS, "current")
     assert report["digest"] == deployed["digest"]
     assert {n: (remote_base / n / "agent.pid").read_text() for n in TARGETS} == pids
+    # Other settings for the agents (here the API's URL, spelled otherwise) are applied: the
+    # same bundle, restarted on its new agent.env.
+    code, report = _roll(fleet, "deploy", remote_base, "--api-url", fleet.url + "/")
+    assert code == 0 and _outcomes(report) == dict.fromkeys(TARGETS, "deployed")
+    assert all(r["detail"].startswith("reconfigured") for r in report["results"])
+    assert (remote_base / "web-1" / "agent.env").read_text().count(fleet.url + "/") == 1
+    assert _answers(fleet) == dict.fromkeys(TARGETS, "succeeded")
 
 
 def test_an_unreachable_host_fails_with_the_reason(

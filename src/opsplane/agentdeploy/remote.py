@@ -15,6 +15,7 @@ On the host, everything lives in one directory, ``<base>/<host name>`` (the base
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,7 @@ class Probe:
     platform: str
     system_dependencies: bool
     current: str  # the digest of the running release ("" if none)
+    settings: str  # the SHA-256 of agent.env ("" if none)
     running: bool
     systemd: bool
     root: bool
@@ -65,6 +67,7 @@ class Probe:
             platform=values.get("platform", ""),
             system_dependencies=yes(values.get("deps", "")),
             current=values.get("current", ""),
+            settings=values.get("settings", ""),
             running=yes(values.get("running", "")),
             systemd=yes(values.get("systemd", "")),
             root=values.get("uid") == "0",
@@ -100,6 +103,7 @@ if [ -n "$P" ]; then
   if "$P" -c 'import {imports}' >/dev/null 2>&1; then echo deps=yes; else echo deps=no; fi
 fi
 [ -f "$D/current/digest" ] && echo "current=$(cat "$D/current/digest")"
+[ -f "$D/agent.env" ] && echo "settings=$(sha256sum < "$D/agent.env" | cut -d' ' -f1)"
 [ -d /run/systemd/system ] && echo systemd=yes
 [ -f "$D/state/enrollment.json" ] && echo enrolled=yes
 if [ -d /run/systemd/system ] && [ "$(id -u)" = 0 ] && [ -f {UNIT_PATH} ]; then
@@ -157,6 +161,11 @@ mv {q(release)}.tmp {q(release)}
 
 def env_file(settings: Mapping[str, str]) -> str:
     return "".join(f"{key}={quote(value)}\n" for key, value in sorted(settings.items()))
+
+
+def env_file_digest(settings: Mapping[str, str]) -> str:
+    """What the probe reports for an agent.env holding ``settings``."""
+    return hashlib.sha256(env_file(settings).encode()).hexdigest()
 
 
 def runner_script(directory: str, python: str) -> str:

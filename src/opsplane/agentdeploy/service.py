@@ -215,29 +215,31 @@ class AgentDeployer:
         if not probe.python:
             raise _Failed("no python3 on the host's PATH")
         site = self._uses_site(probe, bundle)
-        online = await self._online(name)
-        if probe.current == bundle.digest and probe.running and online:
-            return HostResult(name, CURRENT, f"already current ({bundle.digest[:12]}, running)")
         directory, python = probe.directory, probe.python
-        incoming = remote.incoming_dir(directory, bundle.digest)
-        await run(f"mkdir -p {_q(incoming)}", "mkdir")
-        for file in bundle.files if site else bundle.files[:1]:
-            await run.upload(bundle.path / file, incoming + "/")
-        await run(
-            remote.install_command(directory, bundle.digest, python, site=site, ship_site=site),
-            "self-check of the new bundle",
-            within=300,
-        )
-        if probe.running:
-            await self._drain(name, request.drain_timeout)
-            await run(remote.stop_command(directory, systemd=self._systemd(probe)), "stop",
-                      within=remote.STOP_WAIT + 30)  # fmt: skip
         settings = {
             "OPSPLANE_AGENT_SERVER": request.server,
             "OPSPLANE_AGENT_NAME": name,
             "OPSPLANE_AGENT_STATE_DIR": f"{directory}/state",
             "OPSPLANE_AGENT_API_URL": request.api_url,
         }
+        same = (probe.current, probe.settings) == (bundle.digest, remote.env_file_digest(settings))
+        if same and probe.running and await self._online(name):
+            return HostResult(name, CURRENT, f"already current ({bundle.digest[:12]}, running)")
+        if probe.current != bundle.digest:
+            # Unpacked beside the running agent, never over the release it runs from.
+            incoming = remote.incoming_dir(directory, bundle.digest)
+            await run(f"mkdir -p {_q(incoming)}", "mkdir")
+            for file in bundle.files if site else bundle.files[:1]:
+                await run.upload(bundle.path / file, incoming + "/")
+            await run(
+                remote.install_command(directory, bundle.digest, python, site=site, ship_site=site),
+                "self-check of the new bundle",
+                within=300,
+            )
+        if probe.running:
+            await self._drain(name, request.drain_timeout)
+            await run(remote.stop_command(directory, systemd=self._systemd(probe)), "stop",
+                      within=remote.STOP_WAIT + 30)  # fmt: skip
         await run(
             remote.configure_command(directory, python, bundle.digest, settings, site=site),
             "configure",
@@ -258,7 +260,10 @@ class AgentDeployer:
             else "supervised process (setsid restart loop, "
             f"{directory}/supervisor.pid): {self._why_not_systemd(probe)}"
         )
-        verb = "upgraded" if probe.current else "deployed"
+        if probe.current == bundle.digest:
+            verb = "restarted" if same else "reconfigured"
+        else:
+            verb = "upgraded" if probe.current else "deployed"
         return HostResult(
             name, DEPLOYED, f"{verb} {bundle.digest[:12]}, online; runs as {how}",
             supervisor="systemd" if systemd else "process",
