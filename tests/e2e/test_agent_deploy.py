@@ -112,6 +112,9 @@ def test_deploy_turns_ssh_hosts_into_enrolled_agents_under_a_supervisor(
     assert host is not None and host["link"] == "grpc" and host["status"] == "online"
     with fleet.client() as client:
         agents = {a["name"]: a for a in client.get("/api/v1/agents").json()["items"]}
+        params = {"action": "agent.deploy"}
+        (record, *_) = client.get("/api/v1/audit", params=params).json()["items"]
+    assert record["detail"]["results"] == dict.fromkeys(TARGETS, "deployed")
     assert {n: agents[n]["groups"] for n in TARGETS} == {n: ["web"] for n in TARGETS}
     assert _answers(fleet) == dict.fromkeys(TARGETS, "succeeded")
 

@@ -3,7 +3,9 @@ address agents dial, the shell it runs (valid sh), and the reproducible zipapp."
 
 from __future__ import annotations
 
+import shutil
 import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -78,3 +80,25 @@ def test_the_zipapp_is_byte_for_byte_reproducible(tmp_path: Path) -> None:
     with zipfile.ZipFile(tmp_path / "a.pyz") as archive:
         names = set(archive.namelist())
     assert {"__main__.py", "opsplane/__init__.py", "opsplane/agent/daemon.py"} <= names
+
+
+def test_the_deployed_unit_passes_systemd_analyze(tmp_path: Path) -> None:
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed")
+    unit = tmp_path / "opsplane-agent.service"
+    unit.write_text(remote.systemd_unit("/usr/bin", sys.executable))
+    verdict = subprocess.run(
+        [analyze, "verify", str(unit)], capture_output=True, text=True, timeout=60
+    )
+    problems = [
+        line
+        for line in verdict.stderr.splitlines()
+        # systemd before 254 does not know the growing restart delay (docs/operations.md)
+        if line.strip()
+        and "RestartSteps" not in line
+        and "RestartMaxDelaySec" not in line
+        # verify checks that the files named exist here: the bundle is not deployed here
+        and "agent.env" not in line
+    ]
+    assert not problems, verdict.stderr
