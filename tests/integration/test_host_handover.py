@@ -4,10 +4,13 @@ so that a later upgrade still reaches it."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from pathlib import Path
 
 import pytest
 
+from opsplane.agentdeploy.service import DeployRequest
 from opsplane.config import load_settings
 from opsplane.domain.errors import Conflict
 from opsplane.domain.inventory import SshHostRequest
@@ -47,3 +50,38 @@ async def test_a_host_handed_to_its_agent_keeps_its_ssh_access_across_a_restart(
         assert [h.name for h in reachable] == ["web-1"]
     finally:
         await restarted.stop()
+
+
+async def test_a_host_being_deployed_is_refused_to_a_second_deploy(tmp_path: Path) -> None:
+    # A server that accepts and never speaks SSH: the first deploy waits in its probe.
+    async def mute(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(30)
+        writer.close()
+
+    server = await asyncio.start_server(mute, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "manifest.json").write_text("{}")
+    (bundle / "opsplane.pyz").write_bytes(b"")
+    engine, _link = _engine(tmp_path / "data")
+    await engine.start()
+    try:
+        request = SshHostRequest(name="web-1", address="127.0.0.1", port=port, groups=("web",))
+        await engine.hosts.register_ssh_host(request)
+        wanted = DeployRequest(
+            server="127.0.0.1:1", api_url="http://127.0.0.1:1", hosts=("web-1",),
+            bundle=str(bundle),
+        )  # fmt: skip
+        first = asyncio.create_task(engine.deployer.deploy(wanted))
+        await asyncio.sleep(0.5)
+        second = await engine.deployer.deploy(wanted)
+        assert [(r.outcome, r.detail) for r in second.results] == [
+            ("failed", "another deploy or upgrade of it is in progress")
+        ]
+        first.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await first
+    finally:
+        server.close()
+        await engine.stop()

@@ -111,6 +111,8 @@ class AgentDeployer:
         self._ssh = cast("SshLink", ssh) if ssh is not None else None
         self._bundle_cache = bundle_cache
         self._bundle_lock = asyncio.Lock()
+        # Hosts a deploy or upgrade of this instance is working on: a second one is refused.
+        self._working: set[str] = set()
 
     async def bundle(self, path: str | None = None) -> Bundle:
         """The bundle to push: ``path``'s, or this installation's (built once, cached)."""
@@ -187,12 +189,15 @@ class AgentDeployer:
         self, host: HostRow, bundle: Bundle, request: DeployRequest, *, upgrade: bool
     ) -> HostResult:
         started = time.monotonic()
+        if host.name in self._working:
+            return HostResult(host.name, FAILED, "another deploy or upgrade of it is in progress")
+        self._working.add(host.name)
         try:
             result = await self._deploy_host(host, bundle, request, upgrade=upgrade)
-        except _Failed as e:
+        except (_Failed, OpsplaneError) as e:
             result = HostResult(host.name, FAILED, str(e))
-        except OpsplaneError as e:
-            result = HostResult(host.name, FAILED, str(e))
+        finally:
+            self._working.discard(host.name)
         result.seconds = round(time.monotonic() - started, 2)
         log.info("agent %s on %s: %s (%s)", result.outcome, host.name, result.detail,
                  f"{result.seconds}s")  # fmt: skip
