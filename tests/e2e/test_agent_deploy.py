@@ -185,6 +185,16 @@ def test_an_upgrade_stops_when_its_canary_fails_and_leaves_the_agents_running(
     digests = {(remote_base / n / "current" / "digest").read_text().strip() for n in TARGETS}
     assert digests == {deployed["digest"]}
     assert _answers(fleet) == dict.fromkeys(TARGETS, "succeeded")
+    # Without a canary, one host at a time: the upgrade stops once more than 1 failed.
+    code, report = _roll(
+        fleet, "upgrade", remote_base, "--canary", "0", "--max-errors", "1", "--parallel", "1",
+        "--bundle", str(broken),
+    )  # fmt: skip
+    assert code == 1
+    assert _outcomes(report) == {
+        n: "failed" if n in ("web-1", "web-2") else "skipped" for n in TARGETS
+    }
+    assert "max errors" in report["results"][-1]["detail"]
 
 
 def test_an_upgrade_restarts_every_agent_on_the_new_bundle(

@@ -54,9 +54,10 @@ async def test_a_host_handed_to_its_agent_keeps_its_ssh_access_across_a_restart(
 
 async def test_a_host_being_deployed_is_refused_to_a_second_deploy(tmp_path: Path) -> None:
     # A server that accepts and never speaks SSH: the first deploy waits in its probe.
+    writers: list[asyncio.StreamWriter] = []
+
     async def mute(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await asyncio.sleep(30)
-        writer.close()
+        writers.append(writer)
 
     server = await asyncio.start_server(mute, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
@@ -84,4 +85,9 @@ async def test_a_host_being_deployed_is_refused_to_a_second_deploy(tmp_path: Pat
             await first
     finally:
         server.close()
+        for writer in writers:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+        await server.wait_closed()
         await engine.stop()

@@ -140,17 +140,19 @@ class AgentDeployer:
         report = DeployReport(bundle.digest)
         slots = asyncio.Semaphore(max(1, request.parallel))
         stop_reason: list[str] = []
+        failures = 0
 
         async def one(host: HostRow) -> HostResult:
+            nonlocal failures
             async with slots:
                 if stop_reason:
                     return HostResult(host.name, SKIPPED, stop_reason[0])
                 result = await self._one(host, bundle, request, upgrade=upgrade)
-            failed = [r for r in report.results if r.outcome == FAILED]
-            if upgrade and len(failed) + (result.outcome == FAILED) > request.max_errors:
-                stop_reason[:] = [
-                    f"not upgraded: more than {request.max_errors} host(s) failed (max errors)"
-                ]
+                failures += result.outcome == FAILED
+                if upgrade and failures > request.max_errors and not stop_reason:
+                    stop_reason.append(
+                        f"not upgraded: more than {request.max_errors} host(s) failed (max errors)"
+                    )
             return result
 
         rest = hosts
