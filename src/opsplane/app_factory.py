@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
+from opsplane.agentdeploy.service import AgentDeployer
 from opsplane.api.deps import require_principal
 from opsplane.api.errors import install_error_handlers
 from opsplane.api.middleware import AuthenticateFirst
@@ -63,7 +64,7 @@ from opsplane.security.service import Caller, SecurityService
 from opsplane.security.signing import load_or_create_private_key
 from opsplane.security.tls import amqp_ssl_context, resolve_grpc_server_files
 from opsplane.store.database import POOL_TIMEOUT, is_unavailable
-from opsplane.transport.base import Link
+from opsplane.transport.base import SSH_LINK, Link
 from opsplane.transport.grpc.server import GrpcLink
 from opsplane.transport.local import LocalLink
 
@@ -247,6 +248,13 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     )
     app.state.engine = the_engine
     app.state.agents, app.state.secrets = _security_of(the_engine)
+    # opsplane agents deploy|upgrade: over the SSH link, when there is one.
+    app.state.deployer = AgentDeployer(
+        the_engine.hosts,
+        app.state.agents,
+        the_engine.links.get(SSH_LINK),
+        settings.data_dir / "agent-bundles",
+    )
     app.state.catalog_service = catalog_service
     app.state.metrics = engine_metrics
     app.state.alerts = alerts

@@ -34,6 +34,7 @@ from fastapi import Depends, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
+from opsplane.agentdeploy.service import AgentDeployer
 from opsplane.domain.errors import (
     Conflict,
     Forbidden,
@@ -90,7 +91,14 @@ def get_secrets(request: Request) -> SecretBox:
     return secrets
 
 
+def get_deployer(request: Request) -> AgentDeployer:
+    """Agents deployed and upgraded over the SSH link (agentdeploy/)."""
+    deployer: AgentDeployer = request.app.state.deployer
+    return deployer
+
+
 AgentsDep = Annotated[AgentRegistry, Depends(get_agents)]
+DeployerDep = Annotated[AgentDeployer, Depends(get_deployer)]
 SecretsDep = Annotated[SecretBox, Depends(get_secrets)]
 
 

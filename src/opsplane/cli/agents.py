@@ -108,3 +108,134 @@ def revoke_agent(
     with reporting_errors(err), ApiClient(client_options(ctx)) as api:
         agent = api.revoke_agent(name)
     err.print(f"agent {agent.get('name')} revoked")
+
+
+GroupOpt = Annotated[
+    str | None, typer.Option("--group", "-g", help="The group whose SSH hosts get the agent.")
+]
+HostOpt = Annotated[list[str] | None, typer.Option("--host", help="A host, by name (repeatable).")]
+ServerOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--server",
+        help="The gRPC endpoint HOST:PORT as the hosts reach it [the control plane's grpc_listen]",
+    ),
+]
+ApiUrlOpt = Annotated[
+    str | None,
+    typer.Option("--api-url", help="The API as the hosts reach it, to enroll [--url's]"),
+]
+RemoteDirOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--remote-dir",
+        help="Base directory on the hosts [/opt/opsplane-agent for root, else "
+        "~/.opsplane-agent]; each agent lives in <base>/<host name>.",
+    ),
+]
+BundleOpt = Annotated[
+    str | None,
+    typer.Option("--bundle", help="A bundle directory on the control plane [its own install]."),
+]
+ParallelOpt = Annotated[int, typer.Option("--parallel", help="Hosts worked on at once.")]
+
+
+@app.command("deploy")
+def deploy_agents(
+    ctx: typer.Context,
+    group: GroupOpt = None,
+    host: HostOpt = None,
+    server: ServerOpt = None,
+    api_url: ApiUrlOpt = None,
+    remote_dir: RemoteDirOpt = None,
+    bundle: BundleOpt = None,
+    parallel: ParallelOpt = 20,
+    as_json: JsonOpt = False,
+) -> None:
+    """Deploy the agent over SSH to SSH hosts (opsplane hosts add … --ssh): push the bundle,
+    enroll it under the host's name and groups, start it (systemd, else a supervised process)
+    and wait until it is online. A host already running this bundle is left alone."""
+    body = _body(ctx, group, host, server, api_url, remote_dir, bundle, parallel)
+    _roll(ctx, body, as_json, upgrade=False)
+
+
+@app.command("upgrade")
+def upgrade_agents(
+    ctx: typer.Context,
+    group: GroupOpt = None,
+    host: HostOpt = None,
+    canary: Annotated[
+        int, typer.Option("--canary", help="Hosts upgraded first, alone; a failure stops all.")
+    ] = 1,
+    max_errors: Annotated[
+        int, typer.Option("--max-errors", help="Failures tolerated before stopping.")
+    ] = 0,
+    server: ServerOpt = None,
+    api_url: ApiUrlOpt = None,
+    remote_dir: RemoteDirOpt = None,
+    bundle: BundleOpt = None,
+    parallel: ParallelOpt = 20,
+    drain_timeout: Annotated[
+        float,
+        typer.Option(
+            "--drain-timeout",
+            help="Seconds each restart waits for the host's runs in flight to end.",
+        ),
+    ] = 300.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Replace the deployed agents with the control plane's version (or --bundle): the canary
+    hosts first, then the rest. Each host's new bundle is unpacked and self-checked beside the
+    running agent; then its runs in flight are waited for, and the agent is stopped (SIGTERM)
+    and started on the new bundle."""
+    body = _body(ctx, group, host, server, api_url, remote_dir, bundle, parallel)
+    body.update(canary=canary, max_errors=max_errors, drain_timeout=drain_timeout)
+    _roll(ctx, body, as_json, upgrade=True)
+
+
+def _body(
+    ctx: typer.Context,
+    group: str | None,
+    hosts: list[str] | None,
+    server: str | None,
+    api_url: str | None,
+    remote_dir: str | None,
+    bundle: str | None,
+    parallel: int,
+) -> Json:
+    body: Json = {"group": group, "hosts": list(hosts or []), "parallel": parallel}
+    for key, value in (
+        ("server", server), ("remote_dir", remote_dir), ("bundle", bundle), ("api_url", api_url),
+    ):  # fmt: skip
+        if value:
+            body[key] = value
+    return body
+
+
+_STYLES = {"deployed": "green", "current": "cyan", "failed": "red", "skipped": "yellow"}
+
+
+def _roll(ctx: typer.Context, body: Json, as_json: bool, *, upgrade: bool) -> None:
+    err = make_console(stderr=True)
+    with reporting_errors(err), ApiClient(client_options(ctx)) as api:
+        report = api.deploy_agents(body, upgrade=upgrade)
+    results = report.get("results") or []
+    if as_json:
+        typer.echo(dump_json(report))
+    else:
+        table = Table(box=None, pad_edge=False, header_style="bold")
+        for column in ("HOST", "OUTCOME", "SECONDS", "DETAIL"):
+            table.add_column(column, no_wrap=column != "DETAIL")
+        for result in results:
+            outcome = str(result.get("outcome"))
+            shown = "already current" if outcome == "current" else outcome
+            table.add_row(
+                str(result.get("host")),
+                Text(shown, style=_STYLES.get(outcome, "")),
+                f"{result.get('seconds', 0):.1f}",
+                str(result.get("detail")),
+            )
+        make_console().print(table)
+        err.print(f"bundle {str(report.get('digest'))[:12]} · {report.get('seconds')} s")
+    if any(r.get("outcome") in ("failed", "skipped") for r in results):
+        raise typer.Exit(1)

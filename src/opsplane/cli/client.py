@@ -28,6 +28,8 @@ API_PREFIX = "/api/v1"
 #: Timeouts for ordinary requests; creating a task fans it out, so reads may take a moment.
 REQUEST_TIMEOUT = httpx.Timeout(60.0, connect=5.0)
 #: The event stream is quiet while hosts run silently; the server pings well within this.
+# A deployment answers when every host is done: minutes for a large group.
+DEPLOY_TIMEOUT = httpx.Timeout(3600.0, connect=5.0)
 STREAM_TIMEOUT = httpx.Timeout(60.0, connect=5.0)
 #: How many consecutive failed (re)connections to the event stream before giving up.
 STREAM_RETRIES = 5
@@ -211,11 +213,16 @@ class ApiClient:
         *,
         params: Mapping[str, Any] | None = None,
         body: Any = None,
+        timeout: httpx.Timeout | None = None,
     ) -> httpx.Response:
         clean = {k: v for k, v in (params or {}).items() if v is not None}
         try:
             response = self._http.request(
-                method, API_PREFIX + path, params=clean or None, json=body
+                method,
+                API_PREFIX + path,
+                params=clean or None,
+                json=body,
+                timeout=timeout or REQUEST_TIMEOUT,
             )
         except httpx.TransportError as exc:
             raise self._transport_error(exc) from exc
@@ -229,8 +236,9 @@ class ApiClient:
         *,
         params: Mapping[str, Any] | None = None,
         body: Any = None,
+        timeout: httpx.Timeout | None = None,
     ) -> Json:
-        response = self._request(method, path, params=params, body=body)
+        response = self._request(method, path, params=params, body=body, timeout=timeout)
         try:
             data = response.json()
         except ValueError as exc:
@@ -402,6 +410,11 @@ class ApiClient:
 
     def create_enrollment_token(self, body: Json) -> Json:
         return self._json("POST", "/agents/tokens", body=body)
+
+    def deploy_agents(self, body: Json, *, upgrade: bool = False) -> Json:
+        """POST /agents/deploy (or /agents/upgrade): answered when every host is done."""
+        path = "/agents/upgrade" if upgrade else "/agents/deploy"
+        return self._json("POST", path, body=body, timeout=DEPLOY_TIMEOUT)
 
     def list_agents(self) -> list[Json]:
         return self._every("/agents")

@@ -167,6 +167,37 @@ class HostService:
         link.update_inventory(request.name, request.for_link())
         return host
 
+    async def hand_to_agent(self, name: str, link: str) -> None:
+        """An SSH host becomes an agent's host (``opsplane agents deploy``): from now on its
+        runs go to the agent on ``link``, which may enroll under its name. Its SSH access is
+        kept (the row's ``ssh`` and the SSH link's target), for the agent's upgrades. The host
+        is offline until the agent says hello."""
+        async with self._write() as changes:
+            host = await queries.get_host(changes.session, name)
+            if host is None:
+                raise NotFound(f"host {name} not found")
+            if host.link == link:
+                return
+            if host.link != SSH_LINK or not host.ssh:
+                raise Conflict(f"{name} is a {host.link} host, not an SSH host")
+            busy = await queries.busy_runs_of_host(changes.session, name)
+            if busy:
+                raise Conflict(f"{name} has {busy} SSH run(s) waiting or in flight")
+            host.link = link
+            host.status = "offline"
+            changes.host_changed(name)
+        self._link_of[name] = link
+        log.info("host %s handed from ssh to its %s agent", name, link)
+
+    async def runs_in_flight(self, name: str) -> int:
+        async with self._sessions() as session:
+            return await queries.runs_in_flight_on_host(session, name)
+
+    async def hosts_reachable_by_ssh(self) -> list[HostRow]:
+        """Every inventory host with SSH access: SSH hosts and agents deployed over SSH."""
+        async with self._sessions() as session:
+            return [h for h in await queries.hosts_with_ssh(session) if not h.adhoc]
+
     async def remove_host(self, name: str) -> HostRow:
         """Forget a host: its row and heartbeat history (its runs stay, as history).
 
@@ -195,7 +226,7 @@ class HostService:
             await queries.delete_hosts(changes.session, [name])
             changes.host_changed(name)
         self._link_of.pop(name, None)
-        if host.link == SSH_LINK and (ssh_link := self._links.get(SSH_LINK)) is not None:
+        if host.ssh and (ssh_link := self._links.get(SSH_LINK)) is not None:
             ssh_link.update_inventory(name, None)
         log.info("host %s (%s) removed", name, host.link)
         return host
@@ -203,7 +234,8 @@ class HostService:
     async def load_inventory(self) -> None:
         """Tell the links about the inventory hosts the store holds (at start-up)."""
         async with self._sessions() as session:
-            hosts = await queries.hosts_of_link(session, SSH_LINK)
+            # An agent host deployed over SSH keeps its SSH access, for its upgrades.
+            hosts = await queries.hosts_with_ssh(session)
         link = self._links.get(SSH_LINK)
         for host in hosts:
             if link is not None and host.ssh:

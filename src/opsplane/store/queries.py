@@ -321,6 +321,13 @@ async def hosts_of_link(session: AsyncSession, link: str) -> list[HostRow]:
     return list((await session.execute(select(HostRow).where(HostRow.link == link))).scalars())
 
 
+async def hosts_with_ssh(session: AsyncSession) -> list[HostRow]:
+    """Hosts with SSH access, of any link, by name."""
+    # Filtered here: ``ssh`` may hold a JSON null, which SQL's IS NULL does not see.
+    stmt = select(HostRow).order_by(HostRow.name)
+    return [host for host in (await session.execute(stmt)).scalars() if host.ssh]
+
+
 async def heartbeat_history(
     session: AsyncSession, host: str, since: datetime, limit: int
 ) -> list[HeartbeatRow]:
@@ -470,6 +477,16 @@ async def busy_runs_of_host(session: AsyncSession, host: str) -> int:
             RunRow.host == host,
             RunRow.status.in_(("pending", "delayed", "dispatched", "running")),
         )
+    )
+    return int((await session.execute(stmt)).scalar_one())
+
+
+async def runs_in_flight_on_host(session: AsyncSession, host: str) -> int:
+    """Runs sent to ``host`` and not yet ended."""
+    stmt = (
+        select(func.count())
+        .select_from(RunRow)
+        .where(RunRow.host == host, RunRow.status.in_(("dispatched", "running")))
     )
     return int((await session.execute(stmt)).scalar_one())
 

@@ -10,8 +10,17 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query, Request, status
 from pydantic import BaseModel, Field
 
-from opsplane.api.auditing import AuditDep
-from opsplane.api.deps import AgentsDep, Principal, client_ip, get_engine, get_security, require
+from opsplane.agentdeploy.service import AgentDeployer, DeployRequest, agent_server_address
+from opsplane.api.auditing import Audit, AuditDep
+from opsplane.api.deps import (
+    AgentsDep,
+    DeployerDep,
+    Principal,
+    client_ip,
+    get_engine,
+    get_security,
+    require,
+)
 from opsplane.api.schemas import Cursor, Items
 from opsplane.domain.errors import Conflict, InvalidInput, OpsplaneError, Unauthenticated
 from opsplane.domain.paging import PageRequest
@@ -160,3 +169,121 @@ async def revoke_agent(
         row = await engine.revoke_agent(name, revoked_by=principal.name)
         await audit.record("agent.revoke", target=name)
     return AgentOut.from_row(row)
+
+
+class DeployIn(BaseModel):
+    group: str | None = Field(default=None, description="deploy to the SSH hosts of this group")
+    hosts: list[str] = Field(default_factory=list, description="and/or these hosts, by name")
+    server: str | None = Field(
+        default=None,
+        max_length=1024,
+        description="the gRPC endpoint HOST:PORT as the hosts reach it [this control plane's "
+        "grpc_listen, its host replaced by the API's when it listens on every address]",
+    )
+    api_url: str | None = Field(
+        default=None, max_length=1024, description="the API as the hosts reach it, to enroll"
+    )
+    remote_dir: str | None = Field(
+        default=None,
+        max_length=1024,
+        description="base directory on the hosts [/opt/opsplane-agent for root, else "
+        "~/.opsplane-agent]; the agent lives in <base>/<host name>",
+    )
+    bundle: str | None = Field(
+        default=None,
+        max_length=4096,
+        description="a bundle directory on the control plane [this installation's]",
+    )
+    parallel: int = Field(default=20, ge=1, le=500, description="hosts worked on at once")
+    online_timeout: float = Field(default=90.0, gt=0, le=3600)
+    drain_timeout: float = Field(
+        default=300.0,
+        ge=0,
+        le=86400,
+        description="seconds a restart waits for the runs in flight on the host to end",
+    )
+
+
+class UpgradeIn(DeployIn):
+    canary: int = Field(default=1, ge=0, description="hosts upgraded first, alone")
+    max_errors: int = Field(default=0, ge=0, description="failures tolerated before stopping")
+
+
+class HostDeployOut(BaseModel):
+    host: str
+    outcome: str = Field(description="deployed, current, failed or skipped")
+    detail: str
+    supervisor: str = Field(description="systemd, process, or empty when nothing started")
+    seconds: float
+
+
+class DeployOut(BaseModel):
+    digest: str = Field(description="the bundle's SHA-256")
+    seconds: float
+    results: list[HostDeployOut]
+
+
+@router.post("/deploy", response_model=DeployOut)
+async def deploy_agents(
+    body: DeployIn,
+    request: Request,
+    engine: EngineDep,
+    deployer: DeployerDep,
+    principal: AdminDep,
+    audit: AuditDep,
+) -> DeployOut:
+    """Deploy the agent over SSH to a group's hosts (docs/operations.md, "Deploying agents");
+    answered when every host is done."""
+    return await _roll(body, request, engine, deployer, principal, audit, upgrade=False)
+
+
+@router.post("/upgrade", response_model=DeployOut)
+async def upgrade_agents(
+    body: UpgradeIn,
+    request: Request,
+    engine: EngineDep,
+    deployer: DeployerDep,
+    principal: AdminDep,
+    audit: AuditDep,
+) -> DeployOut:
+    """Replace the agents deployed over SSH: ``canary`` hosts first, stopping after
+    ``max_errors`` failures."""
+    return await _roll(body, request, engine, deployer, principal, audit, upgrade=True)
+
+
+async def _roll(
+    body: DeployIn,
+    request: Request,
+    engine: Engine,
+    deployer: AgentDeployer,
+    principal: Principal,
+    audit: Audit,
+    *,
+    upgrade: bool,
+) -> DeployOut:
+    action = "agent.upgrade" if upgrade else "agent.deploy"
+    wanted = DeployRequest(
+        server=body.server
+        or agent_server_address(engine.settings.grpc_listen, request.url.hostname),
+        api_url=body.api_url or str(request.base_url).rstrip("/"),
+        group=body.group,
+        hosts=tuple(body.hosts),
+        remote_dir=body.remote_dir,
+        bundle=body.bundle,
+        parallel=body.parallel,
+        online_timeout=body.online_timeout,
+        drain_timeout=body.drain_timeout,
+        created_by=principal.name,
+        canary=body.canary if isinstance(body, UpgradeIn) else 0,
+        max_errors=body.max_errors if isinstance(body, UpgradeIn) else 0,
+    )
+    detail: dict[str, object] = {"group": body.group, "hosts": body.hosts, "bundle": body.bundle}
+    async with audit.failures(action, detail=detail):
+        report = await (deployer.upgrade if upgrade else deployer.deploy)(wanted)
+        outcomes = {r.host: r.outcome for r in report.results}
+        await audit.record(action, detail={**detail, "digest": report.digest, "results": outcomes})
+    return DeployOut(
+        digest=report.digest,
+        seconds=round(report.seconds, 2),
+        results=[HostDeployOut(**vars(r)) for r in report.results],
+    )
