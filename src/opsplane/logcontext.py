@@ -31,6 +31,14 @@ def about_run(
         _current.reset(token)
 
 
+def about(
+    task_id: str | None = None, run_id: str | None = None, host: str | None = None
+) -> dict[str, str]:
+    """``extra=`` for one log line about this task/run/host (fields left out when None)."""
+    given = {"task_id": task_id, "run_id": run_id, "host": host}
+    return {key: value for key, value in given.items() if value}
+
+
 class ContextFilter(logging.Filter):
     """Adds the current :func:`about_run` fields to each record that lacks them."""
 

@@ -1,4 +1,6 @@
 """The agent daemon: runs the commands the control plane sends and reports what they did.
+Past the house's 500 lines: the guarantees below are kept by one class's state (spool, running
+commands, policy) and are easier to check in one file; the links and the spool are apart.
 
 Guarantees, resting on the spool (``spool.py``):
 

@@ -21,6 +21,7 @@ from opsplane.domain.states import RunStatus
 from opsplane.domain.tasks import ExecSpec
 from opsplane.engine.changes import Changes
 from opsplane.engine.ports import SecretOpener
+from opsplane.logcontext import about
 from opsplane.store import queries
 from opsplane.store.tables import HostRow, RunRow, TaskRow, utcnow
 from opsplane.transport.base import CommandEnvelope, Fanout, Link, UploadSpec
@@ -250,7 +251,13 @@ class Dispatcher:
             try:
                 await link.send_cancel(order.host, order.task_id, order.run_id, order.reason)
             except TransportError as e:
-                log.info("cancel of run %s could not reach %s: %s", order.run_id, order.host, e)
+                log.info(
+                    "cancel of run %s could not reach %s: %s",
+                    order.run_id,
+                    order.host,
+                    e,
+                    extra=about(order.task_id, order.run_id, order.host),
+                )
 
     async def _send_one(self, item: Dispatch) -> dict[str, str]:
         run_id = item.envelope.run_id
@@ -258,7 +265,13 @@ class Dispatcher:
             try:
                 await self._links[item.link].send_command(item.host, item.envelope)
             except TransportError as e:
-                log.info("could not deliver run %s to %s: %s", run_id, item.host, e)
+                log.info(
+                    "could not deliver run %s to %s: %s",
+                    run_id,
+                    item.host,
+                    e,
+                    extra=about(item.envelope.task_id, run_id, item.host),
+                )
                 return {run_id: f"delivery failed: {e}"}
         return {}
 
@@ -268,8 +281,9 @@ class Dispatcher:
                 await self._links[item.link].send_fanout(item.fanout)
             except TransportError as e:
                 target = f"group {item.fanout.group}" if item.fanout.group else "all hosts"
+                task_id = item.fanout.envelope.task_id
                 log.info(
-                    "could not deliver task %s to %s: %s", item.fanout.envelope.task_id, target, e
+                    "could not deliver task %s to %s: %s", task_id, target, e, extra=about(task_id)
                 )
                 return {run_id: f"delivery failed: {e}" for run_id in item.fanout.run_ids.values()}
         return {}

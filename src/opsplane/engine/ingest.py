@@ -1,6 +1,11 @@
 """Result ingest: reports from hosts are queued and written in batches, one transaction per
-batch (seed 001), then archived and published. A report's future completes once it is durable,
-so a link acknowledges a result to its host only after the database has it.
+batch (seed 001), then archived and published. One module past the house's 500 lines on
+purpose: the ordering rules below (seq, early chunks, held lines, redaction before storage)
+hold across one batch's steps, and split across modules they could no longer be read together;
+heartbeats, the unplanned-run finder and the batch steps are the parts to move out next.
+
+A report's future completes once it is durable, so a link acknowledges a result to its host
+only after the database has it.
 
 Output is redacted here, the one place it enters (seed 003's log masking): before it becomes an
 event, a line of the archive, or the run row. Live output is redacted line by line; the part
@@ -52,6 +57,7 @@ from opsplane.engine.archive import LogArchive
 from opsplane.engine.background import Supervised
 from opsplane.engine.changes import Changes, run_event_data
 from opsplane.execution.capture import DEFAULT_CAP, OutputCapture
+from opsplane.logcontext import about
 from opsplane.store import queries
 from opsplane.store.database import is_unavailable
 from opsplane.store.tables import RunRow, TaskRow, utcnow
@@ -611,6 +617,7 @@ class Ingest:
                         report.hostname,
                         report.run_id,
                         report.task_id,
+                        extra=about(report.task_id, report.run_id, report.hostname),
                     )
                     continue
                 chunks += await self._apply_run_report(changes, run, report)
@@ -689,7 +696,13 @@ class Ingest:
             task.total += 1
             changes.add_event(task_id, "run", run_event_data(run), run_id=run_id)
             created[(task_id, host)] = run
-            log.info("%s reported on task %s, no run planned: run %s added", host, task_id, run_id)
+            log.info(
+                "%s reported on task %s, no run planned: run %s added",
+                host,
+                task_id,
+                run_id,
+                extra=about(task_id, run_id, host),
+            )
         if created:
             await session.flush()
         return created
@@ -806,7 +819,13 @@ class Ingest:
                     self._early[run.id] = {s: c for s, c in early.items() if s >= seq}
                     break
                 missing = seq - placed - 1
-                log.warning("run %s: %d output chunk(s) before #%d lost", run.id, missing, seq)
+                log.warning(
+                    "run %s: %d output chunk(s) before #%d lost",
+                    run.id,
+                    missing,
+                    seq,
+                    extra=about(run.task_id, run.id, run.host),
+                )
                 parts.append(("stderr", gap_marker(missing)))
             parts.append(early[seq])
             placed = seq

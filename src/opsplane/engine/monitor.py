@@ -17,6 +17,7 @@ from opsplane.domain.states import IN_FLIGHT_RUN_STATUSES, RunStatus
 from opsplane.engine.background import Supervised
 from opsplane.engine.changes import Changes
 from opsplane.engine.dispatcher import CancelOrder, Dispatcher
+from opsplane.logcontext import about
 from opsplane.store import queries
 from opsplane.store.tables import HeartbeatRow, RunRow, utcnow
 
@@ -134,7 +135,12 @@ class Monitor:
                 host.status = "offline"
                 changes.host_changed(host.name)
                 silent.append((host.name, host.link))
-                log.info("host %s is offline: no heartbeat since %s", host.name, host.last_seen_at)
+                log.info(
+                    "host %s is offline: no heartbeat since %s",
+                    host.name,
+                    host.last_seen_at,
+                    extra=about(host=host.name),
+                )
             runs = (
                 await queries.runs_on_hosts_gone_since(
                     changes.session,
@@ -205,7 +211,13 @@ class Monitor:
             if changes.move(run, new, error=reason):
                 reasons[run.id] = reason
                 ended.append(run)
-                log.info("run %s on %s: %s", run.id, run.host, reason)
+                log.info(
+                    "run %s on %s: %s",
+                    run.id,
+                    run.host,
+                    reason,
+                    extra=about(run.task_id, run.id, run.host),
+                )
         return await Dispatcher.cancel_orders(
             changes.session, ended, lambda run: f"{reasons[run.id]}: ended by the control plane"
         )

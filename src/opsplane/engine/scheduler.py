@@ -27,6 +27,7 @@ from opsplane.engine.archive import LogArchive
 from opsplane.engine.background import Supervised
 from opsplane.engine.changes import Changes, run_event_data
 from opsplane.engine.dispatcher import CancelOrder, Dispatcher, DispatchPlan
+from opsplane.logcontext import about
 from opsplane.store import queries
 from opsplane.store.tables import RunRow, TaskRow, utcnow
 
@@ -251,7 +252,11 @@ class Scheduler:
             seconds = TaskPolicy.from_json(task.policy).deadline
             reasons[task.id] = f"task deadline of {seconds}s passed"
             changes.touch(task.id)
-            log.info("task %s passed its deadline; ending its unfinished runs", task.id)
+            log.info(
+                "task %s passed its deadline; ending its unfinished runs",
+                task.id,
+                extra=about(task.id),
+            )
         in_flight: list[RunRow] = []
         for run in runs:
             reason = reasons[run.task_id]
@@ -327,6 +332,7 @@ class Scheduler:
             run.status,
             retry.attempt,
             delay,
+            extra=about(run.task_id, run.id, run.host),
         )
 
     @staticmethod
@@ -336,7 +342,7 @@ class Scheduler:
         for run in await queries.latest_runs_in(changes.session, [task.id], WAITING):
             changes.move(run, RunStatus.CANCELED, error=reason)
         changes.touch(task.id)
-        log.info("task %s stopped: %s", task.id, reason)
+        log.info("task %s stopped: %s", task.id, reason, extra=about(task.id))
 
 
 def _past_delivery(run: RunRow) -> str:

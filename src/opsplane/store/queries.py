@@ -1,5 +1,7 @@
 """Query functions over the tables. They take a session and never commit: the engine owns
-transactions."""
+transactions. Longer than the house's 500 lines: every query of the engine is here so that a
+statement's cost can be reviewed in one place; security's are in security_queries.py, the
+templates' in template_queries.py, and the next split is by table (hosts, runs, events)."""
 
 from __future__ import annotations
 
