@@ -1,0 +1,113 @@
+"""The agent's receiver and the control plane's manifest (docs/filepush.md), without a link:
+the receiver's requests are answered by a function standing for the control plane."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from opsplane.agent.files import FileReceiver, UploadRefused, allowed_root
+from opsplane.security.signing import sign, verify
+from opsplane.transport.base import CommandEnvelope, UploadSpec
+from opsplane.transport.filepush import build_manifest
+from opsplane.transport.grpc import convert
+from opsplane.transport.grpc import opsplane_pb2 as pb
+
+MIB = 1024 * 1024
+
+
+def _receiver(
+    root: Path, local: Path, remote: str, tamper: bool = False
+) -> tuple[FileReceiver, pb.FileManifest, list[str]]:
+    manifest = build_manifest(local, remote)
+    asked: list[str] = []
+    receiver: FileReceiver
+
+    async def send(request: pb.ChunkRequest) -> bool:
+        for digest in request.hashes:
+            asked.append(digest)
+            data = manifest.read_chunk(digest)
+            if tamper:
+                data = b"X" + data[1:]
+            chunk = pb.FileChunk(run_id=request.run_id, hash=digest, data=data)
+            asyncio.get_running_loop().call_soon(receiver.on_chunk, chunk)
+        return True
+
+    receiver = FileReceiver([root], send)
+    return receiver, convert.manifest_to_pb(manifest), asked
+
+
+async def test_chunks_are_asked_once_and_the_file_lands_whole(tmp_path: Path) -> None:
+    local = tmp_path / "src.bin"
+    # Two identical chunks: content-addressed, asked for once.
+    block = os.urandom(MIB)
+    local.write_bytes(block + block + b"tail")
+    root = tmp_path / "root"
+    receiver, manifest, asked = _receiver(root, local, f"{root}/a/dst.bin")
+    result = await receiver.push("run-1", "task-1", manifest)
+    assert result.written == [f"{root}/a/dst.bin"] and not result.failed
+    assert (root / "a/dst.bin").read_bytes() == local.read_bytes()
+    assert len(asked) == 2
+    assert not [p for p in (root / "a").iterdir() if p.name.endswith(".part")]
+    again = await receiver.push("run-2", "task-1", manifest)
+    assert again.unchanged == [f"{root}/a/dst.bin"] and len(asked) == 2
+
+
+async def test_a_tampered_chunk_is_refused_and_nothing_is_written(tmp_path: Path) -> None:
+    local = tmp_path / "src.bin"
+    local.write_bytes(os.urandom(MIB + 10))
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "dst.bin").write_bytes(b"old")
+    receiver, manifest, _ = _receiver(root, local, f"{root}/dst.bin", tamper=True)
+    result = await receiver.push("run-1", "task-1", manifest)
+    assert not result.written
+    ((path, why),) = result.failed
+    assert path == f"{root}/dst.bin" and "does not match its hash" in why
+    assert (root / "dst.bin").read_bytes() == b"old"
+    assert sorted(p.name for p in root.iterdir()) == ["dst.bin"]
+
+
+async def test_a_symlink_at_the_destination_is_replaced_not_written_through(
+    tmp_path: Path,
+) -> None:
+    local = tmp_path / "src.txt"
+    local.write_bytes(b"new\n")
+    root = tmp_path / "root"
+    root.mkdir()
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"keep\n")
+    (root / "dst.txt").symlink_to(victim)
+    receiver, manifest, _ = _receiver(root, local, f"{root}/dst.txt")
+    result = await receiver.push("run-1", "task-1", manifest)
+    assert result.written == [f"{root}/dst.txt"]
+    assert victim.read_bytes() == b"keep\n"
+    assert not (root / "dst.txt").is_symlink() and (root / "dst.txt").read_bytes() == b"new\n"
+
+
+def test_destinations_are_checked_against_the_roots(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    assert allowed_root(f"{root}/x/y", [root]) == root
+    for bad in (f"{root}/../etc/passwd", "relative/path", f"{tmp_path}/other/x"):
+        with pytest.raises(UploadRefused):
+            allowed_root(bad, [root])
+    with pytest.raises(UploadRefused, match="accepts no uploads"):
+        allowed_root(f"{root}/x", [])
+
+
+def test_the_command_signature_covers_every_chunk_hash(tmp_path: Path) -> None:
+    local = tmp_path / "f"
+    local.write_bytes(b"data")
+    key = Ed25519PrivateKey.generate()
+    envelope = CommandEnvelope("t", "r", 1, "upload", 10, upload=UploadSpec(str(local), "/dest/f"))
+    message = convert.command_to_pb(envelope, 1.0, "host", build_manifest(local, "/dest/f"))
+    content = message.command_content
+    content.sign = sign(key, convert.signed_fields(content))
+    public = key.public_key()
+    assert verify(public, {**convert.signed_fields(content), "sign": content.sign}, "sign")
+    content.manifest.files[0].chunks[0] = "0" * 64
+    assert not verify(public, {**convert.signed_fields(content), "sign": content.sign}, "sign")
