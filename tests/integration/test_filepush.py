@@ -25,6 +25,7 @@ from typing import Any
 import httpx
 
 from opsplane.agent import Agent, AgentConfig
+from opsplane.agent.files import WINDOW
 from opsplane.engine.core import Engine
 from opsplane.transport.grpc.server import GrpcLink
 from tests.auth import ADMIN_HEADERS
@@ -203,6 +204,35 @@ async def test_one_task_to_three_agents(tmp_path: Path) -> None:
             _, runs = await cp.push(source, f"{root}/all", hosts)
             for host in hosts:
                 assert all(line.startswith("unchanged ") for line in _lines(runs[host]["stdout"]))
+
+
+async def test_a_transfer_resumes_after_the_stream_breaks(tmp_path: Path) -> None:
+    """The control plane drops the agent's stream mid-transfer; the agent reconnects and asks
+    again only for the chunks it did not have: the file lands whole, and no more than a
+    window of chunks is sent twice."""
+    async with control_plane(tmp_path) as cp:
+        root = tmp_path / "dest"
+        config = cp.agent_config(_name(), upload_roots=(root,))
+        async with agents_online(cp, [config]) as (host,):
+            source = cp.uploads / "big.bin"
+            chunks = 48
+            source.write_bytes(os.urandom(chunks * MIB))
+            grpc_link = cp.engine.links["grpc"]
+            assert isinstance(grpc_link, GrpcLink)
+            pushing = asyncio.ensure_future(cp.push(source, f"{root}/big.bin", [host]))
+            for _ in range(6000):  # 30 s
+                if grpc_link.chunks_served >= chunks // 3:
+                    break
+                await asyncio.sleep(0.005)
+            first_stream = grpc_link._streams[host]
+            await grpc_link.drop(host, "test: break the stream mid-transfer")
+            _, runs = await pushing
+            assert runs[host]["status"] == "succeeded", runs[host]
+            assert (root / "big.bin").read_bytes() == source.read_bytes()
+            # A new stream carried the rest; chunks written before the break were not sent
+            # again (a chunk lost with the old stream is not counted as served).
+            assert grpc_link._streams[host] is not first_stream
+            assert grpc_link.chunks_served < chunks + WINDOW
 
 
 async def test_destinations_outside_the_roots_are_refused(tmp_path: Path) -> None:

@@ -237,6 +237,8 @@ class Agent:
     async def on_connected(self) -> None:
         """Re-send the output and results the control plane may not have yet."""
         self._connections.reconnected()
+        # Chunks asked on the old stream are lost with it: ask them again now (resume).
+        self._files.reconnected()
         for run in self._running.values():
             if run.output is not None:
                 run.output.wake()

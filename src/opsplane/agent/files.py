@@ -43,6 +43,10 @@ class ChunkRefused(Exception):
     """A chunk that is not the one the manifest names, or that never came."""
 
 
+class _AskAgain(Exception):
+    """The stream a chunk was asked on is gone: ask on the new one."""
+
+
 @dataclass
 class PushResult:
     written: list[str] = field(default_factory=list)
@@ -108,6 +112,13 @@ class FileReceiver:
         self._roots = list(roots)
         self._send = send
         self._waiting: dict[tuple[str, str], asyncio.Future[bytes]] = {}
+
+    def reconnected(self) -> None:
+        """A new stream: every chunk still awaited is asked again at once (its request or
+        its answer went with the old stream), rather than after its timeout."""
+        for future in self._waiting.values():
+            if not future.done():
+                future.set_exception(_AskAgain())
 
     def on_chunk(self, chunk: pb.FileChunk) -> None:
         future = self._waiting.get((chunk.run_id, chunk.hash))
@@ -270,7 +281,7 @@ class FileReceiver:
                 if not await self._send(request):
                     await asyncio.sleep(min(CHUNK_TIMEOUT, 1.0))
                     continue
-                with contextlib.suppress(TimeoutError):
+                with contextlib.suppress(TimeoutError, _AskAgain):
                     return await asyncio.wait_for(asyncio.shield(future), CHUNK_TIMEOUT)
         finally:
             self._waiting.pop(key, None)

@@ -22,6 +22,8 @@ class ChunkServer:
         self._manifests = Manifests()
         # One hashing of a task's files, however many hosts ask at once.
         self._building: dict[tuple[str, str, str], asyncio.Future[Manifest]] = {}
+        # Chunks sent, all runs together (tests and the bench read it).
+        self.chunks_served = 0
 
     async def manifest_for(
         self, task_id: str, run_id: str, hostname: str, spec: UploadSpec
@@ -64,3 +66,4 @@ class ChunkServer:
             if chunk.error:
                 log.warning("chunk %s for %s not served: %s", digest[:12], hostname, chunk.error)
             await write(pb.CommandMessage(file_chunk=chunk))
+            self.chunks_served += 1

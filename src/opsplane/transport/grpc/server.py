@@ -282,6 +282,11 @@ class GrpcLink(Link, pb_grpc.CommandServiceServicer):  # type: ignore[misc]
             stream.dropped = reason
             stream.task.cancel()
 
+    @property
+    def chunks_served(self) -> int:
+        """Upload chunks sent to agents since the start (docs/filepush.md)."""
+        return self._chunks.chunks_served
+
     def _stream(self, hostname: str) -> _AgentStream:
         stream = self._streams.get(hostname)
         if stream is None or stream.closed:
