@@ -1,12 +1,14 @@
 """File push (issue 19): one file to K gRPC agents, next to the SSH link's push to K sshd.
 
 A control plane in process (API through ASGI, a real gRPC port, SQLite), K real agent
-processes (``opsplane agent --upload-root``), and K target sshd daemons on loopback
+processes (``opsplane agent --upload-root``, each in a mount namespace of its own so that
+each writes its own copy: needs root and ``unshare``), and K target sshd daemons on loopback
 (``tests/integration/sshd.py``; skipped without root or sshd). Each round is one
 ``kind: upload`` task through ``POST /api/v1/tasks`` to every host of the link, timed from
-the request to the task's end; rounds after the first (``--runs``) write a fresh file, so
-every round sends the bytes (no ``unchanged`` shortcut). The agents' destination is checked
-byte-exact after each round.
+the request to the task's end; every round (``--runs``) writes a fresh file, so every
+round sends the bytes (no ``unchanged`` shortcut). Every agent's copy is checked byte-exact
+after each round, and the chunks the control plane served are counted. A ``true`` command
+to the same agents gives the floor any task to them costs.
 
 Run: ``python bench/file_push.py [--agents 10] [--size-mib 1] [--runs 3] [--no-ssh]``.
 """
@@ -85,9 +87,16 @@ async def main_async(args: argparse.Namespace, work: Path, lab: SshLab | None) -
         dest = work / "agent-dest"
         names = [f"push-agent-{i}" for i in range(args.agents)]
         agents = []
+        dest.mkdir()
         for name in names:
             log = (work / f"{name}.log").open("ab")
+            # Each agent its own disk at ``dest`` (a bind mount in a mount namespace of its
+            # own): they share this machine, and one must not find another's copy unchanged.
+            own = work / "views" / name
+            own.mkdir(parents=True)
+            bind = f'mount --bind {own} {dest} && exec "$@"'
             argv = [
+                "unshare", "-m", "--propagation", "private", "sh", "-c", bind, "sh",
                 sys.executable, "-m", "opsplane", "agent",
                 "--server", f"127.0.0.1:{grpc_link.bound_port}", "--name", name,
                 "--state-dir", str(work / "agents" / name), "--group", "pushbench",
@@ -118,12 +127,12 @@ async def main_async(args: argparse.Namespace, work: Path, lab: SshLab | None) -
                 figures["grpc_true"].append(await _push(client, engine, None, "", "pushbench"))
                 source = uploads / f"payload-{round_}.bin"
                 source.write_bytes(os.urandom(int(args.size_mib * MIB)))
-                # Every agent writes its own path: the agents share this machine's disk.
                 figures["grpc"].append(
                     await _push(client, engine, source, f"{dest}/r{round_}/f.bin", "pushbench")
                 )
-                landed = (dest / f"r{round_}" / "f.bin").read_bytes()
-                assert landed == source.read_bytes(), "agent copy differs"
+                for name in names:
+                    landed = (work / "views" / name / f"r{round_}" / "f.bin").read_bytes()
+                    assert landed == source.read_bytes(), f"{name}'s copy differs"
                 if lab is not None:
                     remote = f"{lab.user.home}/pushbench-{os.getpid()}-r{round_}.bin"
                     figures["ssh"].append(await _push(client, engine, source, remote, "sshpush"))
