@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -58,6 +59,14 @@ async def _push(client: Any, engine: Any, local: Path | None, remote: str, group
         )
         raise SystemExit(f"push to {group} ended {task['status']}: {runs.text[:2000]}")
     return elapsed
+
+
+def _peak_rss_mib(pid: int) -> float:
+    """A process's peak resident memory (VmHWM), in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
 
 
 async def _until_online(client: Any, names: list[str], within: float = 60.0) -> None:
@@ -136,7 +145,11 @@ async def main_async(args: argparse.Namespace, work: Path, lab: SshLab | None) -
                 if lab is not None:
                     remote = f"{lab.user.home}/pushbench-{os.getpid()}-r{round_}.bin"
                     figures["ssh"].append(await _push(client, engine, source, remote, "sshpush"))
+            peaks = [_peak_rss_mib(process.pid) for process in agents]
             return {
+                "agent_peak_rss_mib": max(peaks),
+                "control_plane_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+                / 1024,
                 "agents": args.agents,
                 "size_mib": args.size_mib,
                 "chunks_served": grpc_link.chunks_served,
@@ -182,6 +195,10 @@ def main() -> int:
                 f"{statistics.median(samples) * 1000:.0f} ms (rounds: {shown} ms)"
             )
     print(f"chunks served over gRPC: {result['chunks_served']}")
+    print(
+        f"peak RSS: agents {result['agent_peak_rss_mib']:.0f} MiB (the largest), control "
+        f"plane with this harness {result['control_plane_peak_rss_mib']:.0f} MiB"
+    )
     return 0
 
 
