@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import os
 import resource
 import statistics
@@ -59,6 +60,21 @@ async def _push(client: Any, engine: Any, local: Path | None, remote: str, group
         )
         raise SystemExit(f"push to {group} ended {task['status']}: {runs.text[:2000]}")
     return elapsed
+
+
+def _random_file(path: Path, size: int) -> None:
+    """Written a MiB at a time: the harness must not hold the file (its RSS is measured)."""
+    with path.open("wb") as handle:
+        for offset in range(0, size, MIB):
+            handle.write(os.urandom(min(MIB, size - offset)))
+
+
+def _digest(path: Path) -> str:
+    whole = hashlib.sha256()
+    with path.open("rb") as handle:
+        while data := handle.read(MIB):
+            whole.update(data)
+    return whole.hexdigest()
 
 
 def _peak_rss_mib(pid: int) -> float:
@@ -135,13 +151,14 @@ async def main_async(args: argparse.Namespace, work: Path, lab: SshLab | None) -
             for round_ in range(args.runs):
                 figures["grpc_true"].append(await _push(client, engine, None, "", "pushbench"))
                 source = uploads / f"payload-{round_}.bin"
-                source.write_bytes(os.urandom(int(args.size_mib * MIB)))
+                _random_file(source, int(args.size_mib * MIB))
+                expected = _digest(source)
                 figures["grpc"].append(
                     await _push(client, engine, source, f"{dest}/r{round_}/f.bin", "pushbench")
                 )
                 for name in names:
-                    landed = (work / "views" / name / f"r{round_}" / "f.bin").read_bytes()
-                    assert landed == source.read_bytes(), f"{name}'s copy differs"
+                    landed = _digest(work / "views" / name / f"r{round_}" / "f.bin")
+                    assert landed == expected, f"{name}'s copy differs"
                 if lab is not None:
                     remote = f"{lab.user.home}/pushbench-{os.getpid()}-r{round_}.bin"
                     figures["ssh"].append(await _push(client, engine, source, remote, "sshpush"))

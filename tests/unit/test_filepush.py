@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import tracemalloc
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from opsplane.agent.files import FileReceiver, UploadRefused, allowed_root
+from opsplane.agent.files import WINDOW, FileReceiver, UploadRefused, allowed_root
 from opsplane.security.signing import sign, verify
 from opsplane.transport.base import CommandEnvelope, UploadSpec
 from opsplane.transport.filepush import build_manifest
@@ -111,3 +112,22 @@ def test_the_command_signature_covers_every_chunk_hash(tmp_path: Path) -> None:
     assert verify(public, {**convert.signed_fields(content), "sign": content.sign}, "sign")
     content.manifest.files[0].chunks[0] = "0" * 64
     assert not verify(public, {**convert.signed_fields(content), "sign": content.sign}, "sign")
+
+
+async def test_the_receiver_holds_no_more_than_its_window(tmp_path: Path) -> None:
+    """A 48 MiB file through the receiver: at most a window of chunks alive at once (it once
+    kept every chunk it had written until the file was done)."""
+    local = tmp_path / "src.bin"
+    with local.open("wb") as handle:
+        for _ in range(48):
+            handle.write(os.urandom(MIB))
+    root = tmp_path / "root"
+    receiver, manifest, _ = _receiver(root, local, f"{root}/dst.bin")
+    tracemalloc.start()
+    try:
+        result = await receiver.push("run-1", "task-1", manifest)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert result.written == [f"{root}/dst.bin"]
+    assert peak < (2 * WINDOW + 4) * MIB, f"peak {peak / MIB:.0f} MiB"

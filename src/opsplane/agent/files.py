@@ -259,8 +259,12 @@ class FileReceiver:
                         self._fetch(run_id, task_id, digest)
                     )
                 data = await task
+                # A done task holds its chunk: forget it, or the whole file stays in memory
+                # (a chunk repeated later is then asked again, which is rare and cheap).
+                if fetched.get(digest) is task:
+                    del fetched[digest]
                 await asyncio.to_thread(os.pwrite, descriptor, data, index * size)
-                del data
+                del data, task
 
         pending = [asyncio.ensure_future(place(i, d)) for i, d in enumerate(entry.chunks)]
         try:
