@@ -17,6 +17,7 @@ from opsplane.transport.base import CommandEnvelope, UploadSpec
 from opsplane.transport.filepush import build_manifest
 from opsplane.transport.grpc import convert
 from opsplane.transport.grpc import opsplane_pb2 as pb
+from opsplane.transport.grpc.files import ChunkServer
 
 MIB = 1024 * 1024
 
@@ -131,3 +132,29 @@ async def test_the_receiver_holds_no_more_than_its_window(tmp_path: Path) -> Non
         tracemalloc.stop()
     assert result.written == [f"{root}/dst.bin"]
     assert peak < (2 * WINDOW + 4) * MIB, f"peak {peak / MIB:.0f} MiB"
+
+
+async def test_chunks_go_only_to_the_host_the_run_was_sent_to(tmp_path: Path) -> None:
+    local = tmp_path / "f"
+    local.write_bytes(b"secret data")
+    server = ChunkServer()
+    spec = UploadSpec(str(local), "/dest/f")
+    manifest = await server.manifest_for("task-1", "run-1", "web-1", spec)
+    digest = manifest.files[0].chunks[0]
+    sent: list[pb.FileChunk] = []
+
+    async def write(message: pb.CommandMessage) -> None:
+        sent.append(message.file_chunk)
+
+    request = pb.ChunkRequest(run_id="run-1", task_id="task-1", hashes=[digest, "0" * 64])
+    await server.serve("web-2", request, write)
+    await server.serve("web-1", request, write)
+    assert [(c.data, bool(c.error)) for c in sent] == [
+        (b"", True),
+        (b"", True),
+        (b"secret data", False),
+        (b"", True),
+    ]
+    server.finished("run-1")
+    await server.serve("web-1", request, write)
+    assert sent[-2].error == "no upload of this run was sent to this host"
