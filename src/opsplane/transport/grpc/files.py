@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -13,6 +14,12 @@ from opsplane.transport.filepush import Manifest, Manifests, build_manifest
 from opsplane.transport.grpc import opsplane_pb2 as pb
 
 log = logging.getLogger(__name__)
+
+# Chunks kept after a read for the other hosts of the task (1 MiB each).
+RECENT = 8
+# Chunks being read or written at once, all agents together: each agent's window bounds its
+# own share, this bounds the control plane's whatever the fleet (each write holds a copy).
+SERVING = 32
 
 Write = Callable[[pb.CommandMessage], Awaitable[None]]
 
@@ -24,6 +31,10 @@ class ChunkServer:
         self._building: dict[tuple[str, str, str], asyncio.Future[Manifest]] = {}
         # Chunks sent, all runs together (tests and the bench read it).
         self.chunks_served = 0
+        # The last chunks read, by hash: a task's hosts ask for the same chunks at about the
+        # same time, so one read (and one SHA-256 check) serves many. Bounded: RECENT MiB.
+        self._recent: OrderedDict[str, bytes] = OrderedDict()
+        self._slots = asyncio.Semaphore(SERVING)
 
     async def manifest_for(
         self, task_id: str, run_id: str, hostname: str, spec: UploadSpec
@@ -48,22 +59,40 @@ class ChunkServer:
     def finished(self, run_id: str) -> None:
         self._manifests.finished(run_id)
 
+    async def _read(self, manifest: Manifest, digest: str) -> bytes:
+        data = self._recent.get(digest)
+        if data is not None and digest in manifest.locations:
+            self._recent.move_to_end(digest)
+            return data
+        data = await asyncio.to_thread(manifest.read_chunk, digest)
+        self._recent[digest] = data
+        while len(self._recent) > RECENT:
+            self._recent.popitem(last=False)
+        return data
+
     async def serve(self, hostname: str, request: pb.ChunkRequest, write: Write) -> None:
         """Answer one agent's request, a chunk at a time: the stream's flow control holds the
-        next read until the last chunk is taken, so memory stays at one chunk per request."""
+        next read until the last chunk is taken, and at most ``SERVING`` chunks are in hand
+        at once across all agents."""
         manifest = self._manifests.for_run(request.run_id, hostname)
         for digest in request.hashes:
-            chunk = pb.FileChunk(run_id=request.run_id, hash=digest)
-            if manifest is None:
-                chunk.error = "no upload of this run was sent to this host"
-            else:
-                try:
-                    chunk.data = await asyncio.to_thread(manifest.read_chunk, digest)
-                except KeyError:
-                    chunk.error = "the manifest names no such chunk"
-                except (OSError, ValueError) as e:
-                    chunk.error = str(e)
-            if chunk.error:
-                log.warning("chunk %s for %s not served: %s", digest[:12], hostname, chunk.error)
-            await write(pb.CommandMessage(file_chunk=chunk))
-            self.chunks_served += 1
+            async with self._slots:
+                await self._serve_one(hostname, request.run_id, manifest, digest, write)
+
+    async def _serve_one(
+        self, hostname: str, run_id: str, manifest: Manifest | None, digest: str, write: Write
+    ) -> None:
+        chunk = pb.FileChunk(run_id=run_id, hash=digest)
+        if manifest is None:
+            chunk.error = "no upload of this run was sent to this host"
+        else:
+            try:
+                chunk.data = await self._read(manifest, digest)
+            except KeyError:
+                chunk.error = "the manifest names no such chunk"
+            except (OSError, ValueError) as e:
+                chunk.error = str(e)
+        if chunk.error:
+            log.warning("chunk %s for %s not served: %s", digest[:12], hostname, chunk.error)
+        await write(pb.CommandMessage(file_chunk=chunk))
+        self.chunks_served += 1
