@@ -279,8 +279,10 @@ def push_command(
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
-    """Copy a file or a directory (recursively) to hosts: SSH hosts over SFTP, gRPC agents
-    in signed, checked chunks (they write only under their --upload-root directories).
+    """Copy a file or a directory (recursively) to SSH hosts and gRPC agents.
+
+    SSH hosts get it over SFTP; gRPC agents in signed, checked chunks, written only under
+    their --upload-root directories (docs/filepush.md).
 
     LOCAL is read by the control plane, from under its upload roots. Example:
     opsplane push ./site /srv/www --group web
