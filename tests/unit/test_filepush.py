@@ -158,3 +158,39 @@ async def test_chunks_go_only_to_the_host_the_run_was_sent_to(tmp_path: Path) ->
     server.finished("run-1")
     await server.serve("web-1", request, write)
     assert sent[-2].error == "no upload of this run was sent to this host"
+
+
+async def test_an_agent_that_stops_reading_does_not_hold_the_others_up(tmp_path: Path) -> None:
+    local = tmp_path / "f"
+    local.write_bytes(b"data")
+    server = ChunkServer(serving=2, slot_hold=0.05)
+    spec = UploadSpec(str(local), "/dest/f")
+    stuck = asyncio.Event()
+
+    async def never(message: pb.CommandMessage) -> None:
+        await stuck.wait()
+
+    sent: list[pb.FileChunk] = []
+
+    async def write(message: pb.CommandMessage) -> None:
+        sent.append(message.file_chunk)
+
+    manifests = {
+        host: await server.manifest_for("task-1", f"run-{host}", host, spec)
+        for host in ("slow", "fast")
+    }
+    digest = manifests["slow"].files[0].chunks[0]
+    slow = [
+        asyncio.ensure_future(
+            server.serve("slow", pb.ChunkRequest(run_id="run-slow", hashes=[digest]), never)
+        )
+        for _ in range(3)
+    ]
+    await asyncio.sleep(0.01)  # the slow agent's writes have both slots
+    async with asyncio.timeout(2):
+        await server.serve("fast", pb.ChunkRequest(run_id="run-fast", hashes=[digest]), write)
+    assert [c.data for c in sent] == [b"data"]
+    stuck.set()
+    await asyncio.gather(*slow)
+    await asyncio.sleep(0.01)
+    assert server.chunks_served == 4

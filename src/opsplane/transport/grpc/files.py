@@ -20,12 +20,15 @@ RECENT = 8
 # Chunks being read or written at once, all agents together: each agent's window bounds its
 # own share, this bounds the control plane's whatever the fleet (each write holds a copy).
 SERVING = 32
+# A write that has not gone out in this long (an agent that stopped reading) gives its slot
+# back and goes on alone: such an agent holds at most its window, never the others' slots.
+SLOT_HOLD = 5.0
 
 Write = Callable[[pb.CommandMessage], Awaitable[None]]
 
 
 class ChunkServer:
-    def __init__(self) -> None:
+    def __init__(self, *, serving: int = SERVING, slot_hold: float = SLOT_HOLD) -> None:
         self._manifests = Manifests()
         # One hashing of a task's files, however many hosts ask at once.
         self._building: dict[tuple[str, str, str], asyncio.Future[Manifest]] = {}
@@ -34,7 +37,9 @@ class ChunkServer:
         # The last chunks read, by hash: a task's hosts ask for the same chunks at about the
         # same time, so one read (and one SHA-256 check) serves many. Bounded: RECENT MiB.
         self._recent: OrderedDict[str, bytes] = OrderedDict()
-        self._slots = asyncio.Semaphore(SERVING)
+        self._slots = asyncio.Semaphore(serving)
+        self._slot_hold = slot_hold
+        self._slow_writes: set[asyncio.Future[None]] = set()
 
     async def manifest_for(
         self, task_id: str, run_id: str, hostname: str, spec: UploadSpec
@@ -94,5 +99,17 @@ class ChunkServer:
                 chunk.error = str(e)
         if chunk.error:
             log.warning("chunk %s for %s not served: %s", digest[:12], hostname, chunk.error)
-        await write(pb.CommandMessage(file_chunk=chunk))
-        self.chunks_served += 1
+        sending = asyncio.ensure_future(write(pb.CommandMessage(file_chunk=chunk)))
+        done, _ = await asyncio.wait({sending}, timeout=self._slot_hold)
+        if done:
+            sending.result()  # a broken stream is the caller's to see
+            self.chunks_served += 1
+            return
+        log.info("a chunk write to %s is slow; its slot goes to others", hostname)
+        self._slow_writes.add(sending)
+        sending.add_done_callback(self._slow_write_done)
+
+    def _slow_write_done(self, sending: asyncio.Future[None]) -> None:
+        self._slow_writes.discard(sending)
+        if not sending.cancelled() and sending.exception() is None:
+            self.chunks_served += 1
