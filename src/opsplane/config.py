@@ -115,6 +115,11 @@ class Settings(BaseSettings):
         default_factory=list,
         description="directories whose files upload tasks may send; default: <data dir>/uploads",
     )
+    upload_max_bytes: int = Field(
+        default=1024 * 1024 * 1024,
+        gt=0,
+        description="the most bytes one upload task may send (docs/filepush.md)",
+    )
     # Jump chains by group ("web": "ops@edge:22,ops@inner"), for SSH hosts added without one.
     ssh_group_bastions: dict[str, str] = Field(
         default_factory=dict,

@@ -144,9 +144,11 @@ class Fleet:
         extra_args: tuple[str, ...] = (),
         server: str | None = None,
         env: dict[str, str] | None = None,
+        wrap: tuple[str, ...] = (),
     ) -> subprocess.Popen[bytes]:
         """Start an agent dialing the control plane (or ``server``: a proxy in between), with
-        ``env`` added to its environment."""
+        ``env`` added to its environment, its command line after ``wrap`` (which must exec
+        it)."""
         cwd = workdir or (self.root / "work" / name)
         cwd.mkdir(parents=True, exist_ok=True)
         argv = [
@@ -156,7 +158,7 @@ class Fleet:
         ]  # fmt: skip
         for group in groups:
             argv += ["--group", group]
-        argv += extra_args
+        argv = [*wrap, *argv, *extra_args]
         with (self.root / f"agent-{name}.log").open("ab") as log:
             process = subprocess.Popen(
                 argv, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env=child_env(**(env or {}))

@@ -4,6 +4,7 @@ in one task, a directory pushed by SFTP, and seed 000's API. Real sshd, real pro
 from __future__ import annotations
 
 import json
+import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +18,9 @@ from tests.integration.sshd import HOST, SshLab, ssh_lab
 
 pytestmark = pytest.mark.service("sshd")
 TARGETS = ("ssh-1", "ssh-2", "ssh-3")
+# Where the mixed push lands: SSH targets (the test user) and an agent (root) share this
+# machine's disk, so a directory both may write.
+PUSH_ROOT = Path(f"/tmp/opsplane-e2e-push-{uuid.uuid4().hex[:8]}")
 
 
 @pytest.fixture(scope="module")
@@ -43,10 +47,24 @@ def fleet(lab: SshLab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fle
     try:
         the_fleet.start_server("--config", str(config))
         the_fleet.start_agent("agent-1", "mixed")
-        the_fleet.wait_online("agent-1")
+        # An agent that takes uploads under PUSH_ROOT (docs/filepush.md). The SSH targets
+        # share this machine's disk: the agent sees its own directory there (a bind mount in a
+        # mount namespace of its own), so each side's files can be checked.
+        PUSH_ROOT.mkdir()
+        shutil.chown(PUSH_ROOT, lab.user.name)
+        (root / "agent-2-view").mkdir()
+        bind = f'mount --bind {root / "agent-2-view"} {PUSH_ROOT} && exec "$@"'
+        the_fleet.start_agent(
+            "agent-2",
+            "pushmix",
+            extra_args=("--upload-root", str(PUSH_ROOT)),
+            wrap=("unshare", "-m", "--propagation", "private", "sh", "-c", bind, "sh"),
+        )
+        the_fleet.wait_online("agent-1", "agent-2")
         yield the_fleet
     finally:
         the_fleet.stop()
+        shutil.rmtree(PUSH_ROOT, ignore_errors=True)
 
 
 def _add(fleet: Fleet, lab: SshLab, name: str, *extra: str) -> None:
@@ -101,11 +119,32 @@ def test_push_copies_a_directory_to_every_host(fleet: Fleet, lab: SshLab) -> Non
     assert (Path(remote) / "css" / "a.css").read_text() == "b{}"
 
 
-def test_push_refuses_paths_outside_the_upload_roots_and_agent_hosts(fleet: Fleet) -> None:
+def test_push_to_ssh_hosts_and_an_agent_has_one_result_shape(fleet: Fleet, lab: SshLab) -> None:
+    _add(fleet, lab, "ssh-1", "--group", "mixed", "--group", "sshweb", "--group", "pushmix")
+    source = fleet.root / "uploads" / "conf.txt"
+    source.write_text("a=1\n")
+    remote = f"{PUSH_ROOT}/conf.txt"
+    result = opsplane(fleet, "push", str(source), remote, "--group", "pushmix", "--json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    runs = {run["host"]: run for run in json.loads(result.stdout)["runs"]}
+    assert set(runs) == {"ssh-1", "agent-2"}
+    assert runs["ssh-1"]["stdout"] == f"{remote}\n"
+    assert runs["agent-2"]["stdout"] == f"{remote}\n"
+    assert Path(remote).read_text() == "a=1\n"
+    assert (fleet.root / "agent-2-view" / "conf.txt").read_text() == "a=1\n"
+    again = opsplane(fleet, "push", str(source), remote, "--group", "pushmix", "--json")
+    runs = {run["host"]: run for run in json.loads(again.stdout)["runs"]}
+    assert runs["agent-2"]["stdout"] == f"unchanged {remote}\n"
+
+
+def test_push_refuses_paths_outside_the_upload_roots_and_agents_without_roots(
+    fleet: Fleet,
+) -> None:
     outside = opsplane(fleet, "push", "/etc/passwd", "/tmp/x", "--host", "ssh-1")
     assert outside.returncode == 2 and "upload root" in outside.stderr
     to_agent = opsplane(fleet, "push", str(fleet.root / "uploads"), "/tmp/x", "--host", "agent-1")
-    assert to_agent.returncode == 2 and "SSH hosts only" in to_agent.stderr
+    assert to_agent.returncode == 1, to_agent.stdout + to_agent.stderr
+    assert "accepts no uploads" in to_agent.stdout + to_agent.stderr
 
 
 def _poll(fleet: Fleet, path: str) -> dict[str, Any]:

@@ -129,6 +129,8 @@ class AgentConfig:
     # LANG, LC_*, TZ… (names, or prefixes ending in '*'; never OPSPLANE_*): the agent's
     # environment may hold OPSPLANE_TOKEN and other credentials (docs/security.md).
     env_passthrough: tuple[str, ...] = ()
+    # The directories uploads may write under (docs/filepush.md); none: uploads are refused.
+    upload_roots: tuple[Path, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name or self.name in {".", ".."} or "\0" in self.name:

@@ -39,6 +39,7 @@ import psutil
 from google.protobuf.message import Message
 
 from opsplane.agent.config import AgentConfig
+from opsplane.agent.files import FileReceiver, PushResult
 from opsplane.agent.outbox import Connections, OutputJournal, RunOutput
 from opsplane.agent.policy import CommandPolicy, RunAsRefused, working_dir
 from opsplane.agent.spool import Spool
@@ -132,6 +133,8 @@ class Agent:
             self._refusals_of = lambda: amqp.refusals
             self._link = amqp
         self._running: dict[str, _Run] = {}
+        # Uploads: the chunks runs asked for, checked against their manifests (agent/files.py).
+        self._files = FileReceiver(config.upload_roots, self._request_chunks)
         self._abandoned: list[str] = []
         self._stop = asyncio.Event()
         self._stopping = False
@@ -236,6 +239,8 @@ class Agent:
     async def on_connected(self) -> None:
         """Re-send the output and results the control plane may not have yet."""
         self._connections.reconnected()
+        # Chunks asked on the old stream are lost with it: ask them again now (resume).
+        self._files.reconnected()
         for run in self._running.values():
             if run.output is not None:
                 run.output.wake()
@@ -255,6 +260,8 @@ class Agent:
         kind = message.WhichOneof("message")
         if kind == "command_content":
             await self._on_command(message.command_content)
+        elif kind == "file_chunk":
+            self._files.on_chunk(message.file_chunk)
         elif kind == "cancel":
             self._on_cancel(message.cancel.run_id, message.cancel.reason)
         elif kind == "ack":
@@ -302,6 +309,11 @@ class Agent:
             await self._report(
                 run, _synthetic(run, self._config, Outcome.UNDELIVERABLE, DEADLINE_PASSED)
             )
+            return
+        if cmd.HasField("manifest"):
+            # An upload: no command runs; the upload roots, not the command policy, govern it.
+            self._running[run_id] = run
+            run.task = asyncio.create_task(self._upload(run, cmd), name=f"upload-{run_id}")
             return
         refusal = self._policy.refusal(cmd.command)
         if refusal is not None:
@@ -391,6 +403,56 @@ class Agent:
             self._running.pop(run.run_id, None)
         logger.info("run %s %s", run.run_id, payload["status"])
         await self._report(run, payload)
+
+    async def _upload(self, run: _Run, cmd: pb.CommandContent) -> None:
+        started = time.time()
+        await self._link.send(
+            pb.CommandMessage(
+                started=pb.Started(run_id=run.run_id, task_id=run.task_id, started_at=started)
+            )
+        )
+        outcome = Outcome.SUCCEEDED
+        try:
+            async with asyncio.timeout(cmd.timeout or None):
+                result = await self._files.push(run.run_id, run.task_id, cmd.manifest)
+        except TimeoutError:
+            result = PushResult(error=f"timed out after {cmd.timeout} s")
+            outcome = Outcome.TIMED_OUT
+        except asyncio.CancelledError:
+            self._running.pop(run.run_id, None)
+            self._spool_result(
+                run, _synthetic(run, self._config, Outcome.CANCELED, "the agent stopped")
+            )
+            raise
+        except Exception as exc:
+            logger.exception("upload of run %s failed inside the agent", run.run_id)
+            result = PushResult(error=f"agent error: {exc}")
+        finally:
+            self._running.pop(run.run_id, None)
+        error = result.summary()
+        if error is not None and outcome is Outcome.SUCCEEDED:
+            outcome = Outcome.FAILED
+        now = time.time()
+        payload = {
+            **_synthetic(run, self._config, outcome, error or ""),
+            "exit_code": 0 if outcome is Outcome.SUCCEEDED else None,
+            "stdout": result.stdout,
+            "stderr": result.stderr,
+            "started_at": started,
+            "finished_at": now,
+            "duration_ms": int((now - started) * 1000),
+        }
+        logger.info(
+            "upload %s: %d written, %d unchanged, %d failed",
+            run.run_id,
+            len(result.written),
+            len(result.unchanged),
+            len(result.failed),
+        )
+        await self._report(run, payload)
+
+    async def _request_chunks(self, request: pb.ChunkRequest) -> bool:
+        return await self._link.send(pb.CommandMessage(chunk_request=request))
 
     async def _report(self, run: _Run, payload: dict[str, Any]) -> None:
         """Spool the result (first: it must survive us), then send it if connected, after

@@ -186,6 +186,15 @@ def parser(prog: str = "opsplane-agent") -> argparse.ArgumentParser:
         help="also pass this variable of the agent's environment to commands (a name, or a "
         "prefix ending in '*'; repeatable; never OPSPLANE_*)",
     )
+    add(
+        "--upload-root",
+        action="append",
+        default=[],
+        type=Path,
+        metavar="DIR",
+        help="a directory uploads may write under (repeatable; none: uploads are refused; "
+        "docs/filepush.md)",
+    )
     # Enrollment (issue 9, docs/security.md).
     add(
         "--enroll",
@@ -256,6 +265,7 @@ def config_from(args: argparse.Namespace) -> AgentConfig:
         run_as=args.run_as or None,
         allowed_run_as=tuple(args.allow_run_as) if args.allow_run_as is not None else None,
         env_passthrough=tuple(args.env_passthrough),
+        upload_roots=tuple(args.upload_root),
     )
     if args.state_dir is not None:
         config = dataclasses.replace(config, state_dir=args.state_dir)

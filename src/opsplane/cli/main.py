@@ -36,7 +36,7 @@ class _Verbs(LazyGroup):
         "push": LazyVerb(
             "opsplane.cli.run",
             "push_command",
-            "Copy a file or a directory (recursively) to SSH hosts over SFTP.",
+            "Copy a file or a directory (recursively) to SSH hosts and gRPC agents.",
         ),
         "hosts": _group("hosts", "List and inspect hosts"),
         "tasks": _group("tasks", "List, inspect, cancel and follow tasks"),

@@ -268,9 +268,7 @@ def push_command(
     remote_path: Annotated[str, typer.Argument(metavar="REMOTE", help="Destination path.")],
     host: Annotated[
         list[str] | None,
-        typer.Option(
-            "--host", "-H", help="Copy to this SSH host (repeatable).", show_default=False
-        ),
+        typer.Option("--host", "-H", help="Copy to this host (repeatable).", show_default=False),
     ] = None,
     group: Annotated[
         list[str] | None,
@@ -281,7 +279,10 @@ def push_command(
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
-    """Copy a file or a directory (recursively) to SSH hosts over SFTP.
+    """Copy a file or a directory (recursively) to SSH hosts and gRPC agents.
+
+    SSH hosts get it over SFTP; gRPC agents in signed, checked chunks, written only under
+    their --upload-root directories (docs/filepush.md).
 
     LOCAL is read by the control plane, from under its upload roots. Example:
     opsplane push ./site /srv/www --group web

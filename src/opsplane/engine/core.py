@@ -118,6 +118,7 @@ class Engine:
             self.links,
             default_timeout=settings.default_timeout,
             upload_roots=settings.effective_upload_roots,
+            upload_max_bytes=settings.upload_max_bytes,
         )
         self.hosts = HostService(
             self.sessions,

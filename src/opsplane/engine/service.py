@@ -37,10 +37,15 @@ from opsplane.engine.scheduler import Scheduler, assign_waves, start_clocks
 from opsplane.store import queries
 from opsplane.store.tables import RunRow, TaskRow, utcnow
 from opsplane.transport.base import AGENT_LINKS, LOCAL_LINK, SSH_LINK, Link
+from opsplane.transport.filepush import DEFAULT_UPLOAD_MAX_BYTES, check_size
 
 log = logging.getLogger(__name__)
 
 # POST /tasks/{id}/rerun: which hosts' latest runs a re-run takes, by the ``only`` it names.
+# Links an upload task can reach: SFTP for SSH, chunks on the stream for gRPC agents
+# (docs/filepush.md); the RabbitMQ link is not there yet.
+UPLOAD_LINKS = frozenset({SSH_LINK, "grpc"})
+
 RERUN_SUBSETS: dict[str, frozenset[RunStatus]] = {
     "failed": frozenset({RunStatus.FAILED, RunStatus.LOST}),
     "undeliverable": frozenset({RunStatus.UNDELIVERABLE}),
@@ -66,6 +71,7 @@ class TaskService:
         *,
         default_timeout: int,
         upload_roots: Sequence[Path] = (),
+        upload_max_bytes: int = DEFAULT_UPLOAD_MAX_BYTES,
     ) -> None:
         self._sessions = sessions
         self._write = write
@@ -76,6 +82,7 @@ class TaskService:
         self._links = links
         self._default_timeout = default_timeout
         self._upload_roots = list(upload_roots)
+        self._upload_max_bytes = upload_max_bytes
 
     async def create_task(
         self, request: TaskRequest, *, before_commit: BeforeCommit | None = None
@@ -198,10 +205,13 @@ class TaskService:
     def _check_upload(
         self, request: TaskRequest, names: list[str], link_of: dict[str, str]
     ) -> None:
-        """Uploads go to SSH hosts only, from under the configured upload roots."""
-        not_ssh = [name for name in names if link_of.get(name) != SSH_LINK]
-        if not_ssh:
-            raise InvalidInput(f"uploads go to SSH hosts only; not SSH: {', '.join(not_ssh)}")
+        """Uploads go to SSH and gRPC agent hosts, from under the configured upload roots,
+        and no bigger than the per-task limit (docs/filepush.md)."""
+        elsewhere = [name for name in names if link_of.get(name) not in UPLOAD_LINKS]
+        if elsewhere:
+            raise InvalidInput(
+                f"uploads go to SSH and gRPC agent hosts only; not those: {', '.join(elsewhere)}"
+            )
         assert request.spec is not None and request.spec.local_path is not None
         source = Path(request.spec.local_path).resolve()
         roots = [root.resolve() for root in self._upload_roots]
@@ -210,6 +220,10 @@ class TaskService:
             raise InvalidInput(f"local_path must be under an upload root ({allowed}): {source}")
         if not source.exists():
             raise InvalidInput(f"local_path does not exist on the control plane: {source}")
+        try:
+            check_size(source, self._upload_max_bytes)
+        except OSError as e:
+            raise InvalidInput(f"cannot read local_path {source}: {e}") from e
 
     async def find_by_idempotency_key(self, key: str) -> TaskRow | None:
         return await self._by_idempotency_key(key)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from google.protobuf import json_format
 from google.protobuf.message import Message
@@ -20,6 +20,10 @@ from opsplane.transport.base import (
     timestamp,
 )
 from opsplane.transport.grpc import opsplane_pb2 as pb
+
+if TYPE_CHECKING:
+    # Not at run time: the agent imports this module, and must not load SSH's code.
+    from opsplane.transport.filepush import Manifest
 
 LINK_NAME = "grpc"
 # The server opens each stream with a fresh nonce under this initial-metadata key; the hello's
@@ -126,10 +130,13 @@ def result_from_pb(hostname: str, message: pb.CommandResult) -> RunFinished:
     return check_report(report)
 
 
-def command_to_pb(envelope: CommandEnvelope, now: float, target: str) -> pb.CommandMessage:
+def command_to_pb(
+    envelope: CommandEnvelope, now: float, target: str, manifest: Manifest | None = None
+) -> pb.CommandMessage:
     """A command for host ``target``. The target is part of what the control plane signs, so
-    a command captured on its way to one host is refused by every other (DESIGN §3.3)."""
-    return pb.CommandMessage(
+    a command captured on its way to one host is refused by every other (DESIGN §3.3); so is
+    an upload's manifest, with every chunk's hash."""
+    message = pb.CommandMessage(
         command_content=pb.CommandContent(
             task_id=envelope.task_id,
             run_id=envelope.run_id,
@@ -142,4 +149,25 @@ def command_to_pb(envelope: CommandEnvelope, now: float, target: str) -> pb.Comm
             deliver_by=envelope.deliver_by or 0.0,
             target=target,
         )
+    )
+    if manifest is not None:
+        message.command_content.manifest.CopyFrom(manifest_to_pb(manifest))
+    return message
+
+
+def manifest_to_pb(manifest: Manifest) -> pb.FileManifest:
+    """An upload's manifest as it travels inside the (signed) command (docs/filepush.md)."""
+    return pb.FileManifest(
+        root=manifest.root,
+        single_file=manifest.single_file,
+        files=[
+            pb.ManifestFile(
+                path=f.path, size=f.size, mode=f.mode, sha256=f.sha256, chunks=list(f.chunks)
+            )
+            for f in manifest.files
+        ],
+        directories=list(manifest.directories),
+        chunk_size=manifest.chunk_size,
+        total_bytes=manifest.total_bytes,
+        problems=list(manifest.problems),
     )

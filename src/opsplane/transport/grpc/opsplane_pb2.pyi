@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class CommandMessage(_message.Message):
-    __slots__ = ("command_content", "command_result", "hello", "welcome", "heartbeat", "output", "started", "cancel", "ack")
+    __slots__ = ("command_content", "command_result", "hello", "welcome", "heartbeat", "output", "started", "cancel", "ack", "chunk_request", "file_chunk")
     COMMAND_CONTENT_FIELD_NUMBER: _ClassVar[int]
     COMMAND_RESULT_FIELD_NUMBER: _ClassVar[int]
     HELLO_FIELD_NUMBER: _ClassVar[int]
@@ -17,6 +17,8 @@ class CommandMessage(_message.Message):
     STARTED_FIELD_NUMBER: _ClassVar[int]
     CANCEL_FIELD_NUMBER: _ClassVar[int]
     ACK_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_REQUEST_FIELD_NUMBER: _ClassVar[int]
+    FILE_CHUNK_FIELD_NUMBER: _ClassVar[int]
     command_content: CommandContent
     command_result: CommandResult
     hello: Hello
@@ -26,10 +28,12 @@ class CommandMessage(_message.Message):
     started: Started
     cancel: Cancel
     ack: Ack
-    def __init__(self, command_content: _Optional[_Union[CommandContent, _Mapping]] = ..., command_result: _Optional[_Union[CommandResult, _Mapping]] = ..., hello: _Optional[_Union[Hello, _Mapping]] = ..., welcome: _Optional[_Union[Welcome, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., output: _Optional[_Union[OutputChunk, _Mapping]] = ..., started: _Optional[_Union[Started, _Mapping]] = ..., cancel: _Optional[_Union[Cancel, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ...) -> None: ...
+    chunk_request: ChunkRequest
+    file_chunk: FileChunk
+    def __init__(self, command_content: _Optional[_Union[CommandContent, _Mapping]] = ..., command_result: _Optional[_Union[CommandResult, _Mapping]] = ..., hello: _Optional[_Union[Hello, _Mapping]] = ..., welcome: _Optional[_Union[Welcome, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., output: _Optional[_Union[OutputChunk, _Mapping]] = ..., started: _Optional[_Union[Started, _Mapping]] = ..., cancel: _Optional[_Union[Cancel, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ..., chunk_request: _Optional[_Union[ChunkRequest, _Mapping]] = ..., file_chunk: _Optional[_Union[FileChunk, _Mapping]] = ...) -> None: ...
 
 class CommandContent(_message.Message):
-    __slots__ = ("task_id", "run_id", "attempt", "command", "parameters", "timeout", "env", "user", "timestamp", "sign", "deliver_by", "target")
+    __slots__ = ("task_id", "run_id", "attempt", "command", "parameters", "timeout", "env", "user", "timestamp", "sign", "deliver_by", "target", "manifest")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -49,6 +53,7 @@ class CommandContent(_message.Message):
     SIGN_FIELD_NUMBER: _ClassVar[int]
     DELIVER_BY_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
+    MANIFEST_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     run_id: str
     attempt: int
@@ -61,7 +66,66 @@ class CommandContent(_message.Message):
     sign: str
     deliver_by: float
     target: str
-    def __init__(self, task_id: _Optional[str] = ..., run_id: _Optional[str] = ..., attempt: _Optional[int] = ..., command: _Optional[str] = ..., parameters: _Optional[str] = ..., timeout: _Optional[int] = ..., env: _Optional[_Mapping[str, str]] = ..., user: _Optional[str] = ..., timestamp: _Optional[float] = ..., sign: _Optional[str] = ..., deliver_by: _Optional[float] = ..., target: _Optional[str] = ...) -> None: ...
+    manifest: FileManifest
+    def __init__(self, task_id: _Optional[str] = ..., run_id: _Optional[str] = ..., attempt: _Optional[int] = ..., command: _Optional[str] = ..., parameters: _Optional[str] = ..., timeout: _Optional[int] = ..., env: _Optional[_Mapping[str, str]] = ..., user: _Optional[str] = ..., timestamp: _Optional[float] = ..., sign: _Optional[str] = ..., deliver_by: _Optional[float] = ..., target: _Optional[str] = ..., manifest: _Optional[_Union[FileManifest, _Mapping]] = ...) -> None: ...
+
+class FileManifest(_message.Message):
+    __slots__ = ("root", "single_file", "files", "directories", "chunk_size", "total_bytes", "owner", "group", "problems")
+    ROOT_FIELD_NUMBER: _ClassVar[int]
+    SINGLE_FILE_FIELD_NUMBER: _ClassVar[int]
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    DIRECTORIES_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    PROBLEMS_FIELD_NUMBER: _ClassVar[int]
+    root: str
+    single_file: bool
+    files: _containers.RepeatedCompositeFieldContainer[ManifestFile]
+    directories: _containers.RepeatedScalarFieldContainer[str]
+    chunk_size: int
+    total_bytes: int
+    owner: str
+    group: str
+    problems: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, root: _Optional[str] = ..., single_file: _Optional[bool] = ..., files: _Optional[_Iterable[_Union[ManifestFile, _Mapping]]] = ..., directories: _Optional[_Iterable[str]] = ..., chunk_size: _Optional[int] = ..., total_bytes: _Optional[int] = ..., owner: _Optional[str] = ..., group: _Optional[str] = ..., problems: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ManifestFile(_message.Message):
+    __slots__ = ("path", "size", "mode", "sha256", "chunks")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    size: int
+    mode: int
+    sha256: str
+    chunks: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, path: _Optional[str] = ..., size: _Optional[int] = ..., mode: _Optional[int] = ..., sha256: _Optional[str] = ..., chunks: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ChunkRequest(_message.Message):
+    __slots__ = ("run_id", "task_id", "hashes")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    HASHES_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    task_id: str
+    hashes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, run_id: _Optional[str] = ..., task_id: _Optional[str] = ..., hashes: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class FileChunk(_message.Message):
+    __slots__ = ("run_id", "hash", "data", "error")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    HASH_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    hash: str
+    data: bytes
+    error: str
+    def __init__(self, run_id: _Optional[str] = ..., hash: _Optional[str] = ..., data: _Optional[bytes] = ..., error: _Optional[str] = ...) -> None: ...
 
 class CommandResult(_message.Message):
     __slots__ = ("task_id", "run_id", "attempt", "status", "exit_code", "stdout", "stderr", "truncated", "error", "started_at", "finished_at", "duration_ms", "timestamp", "signature", "hostname")

@@ -29,6 +29,7 @@ from opsplane.domain.errors import (
     InvalidInput,
     NameTaken,
     NotConnected,
+    TransportError,
 )
 from opsplane.domain.targeting import check_host_name
 from opsplane.security.signing import parse_public_key, sign, verify
@@ -36,6 +37,7 @@ from opsplane.transport.base import AgentHello, CommandEnvelope, Link, LinkEvent
 from opsplane.transport.grpc import convert
 from opsplane.transport.grpc import opsplane_pb2 as pb
 from opsplane.transport.grpc import opsplane_pb2_grpc as pb_grpc
+from opsplane.transport.grpc.files import ChunkServer
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +172,9 @@ class GrpcLink(Link, pb_grpc.CommandServiceServicer):  # type: ignore[misc]
         # Hello signatures are checked here, off the event loop (one Ed25519 verify each).
         self._verifier: ThreadPoolExecutor | None = None
         self.bound_port: int | None = None
+        # Uploads: manifests sent, chunks served as agents ask (docs/filepush.md).
+        self._chunks = ChunkServer()
+        self._serving: set[asyncio.Task[None]] = set()
 
     async def start(self, events: LinkEvents) -> None:
         self._events = events
@@ -251,7 +256,15 @@ class GrpcLink(Link, pb_grpc.CommandServiceServicer):  # type: ignore[misc]
         )
 
     async def send_command(self, hostname: str, command: CommandEnvelope) -> None:
-        message = convert.command_to_pb(command, time.time(), target=hostname)
+        manifest = None
+        if command.upload is not None:
+            try:
+                manifest = await self._chunks.manifest_for(
+                    command.task_id, command.run_id, hostname, command.upload
+                )
+            except OSError as e:
+                raise TransportError(f"cannot read the upload's files: {e}") from e
+        message = convert.command_to_pb(command, time.time(), target=hostname, manifest=manifest)
         if self._signing_key is not None:
             content = message.command_content
             content.sign = sign(self._signing_key, convert.signed_fields(content))
@@ -268,6 +281,11 @@ class GrpcLink(Link, pb_grpc.CommandServiceServicer):  # type: ignore[misc]
             stream.closed = True
             stream.dropped = reason
             stream.task.cancel()
+
+    @property
+    def chunks_served(self) -> int:
+        """Upload chunks sent to agents since the start (docs/filepush.md)."""
+        return self._chunks.chunks_served
 
     def _stream(self, hostname: str) -> _AgentStream:
         stream = self._streams.get(hostname)
@@ -477,14 +495,29 @@ class GrpcLink(Link, pb_grpc.CommandServiceServicer):  # type: ignore[misc]
                     await self._events.report(convert.output_from_pb(host, message.output))
                 elif kind == "command_result":
                     result = convert.result_from_pb(host, message.command_result)
+                    self._chunks.finished(result.run_id or "")
                     self._ack_when_durable(stream, result, await self._events.report(result))
                 elif kind == "ack":
                     pass  # the agent got a command; the "started" report follows
+                elif kind == "chunk_request":
+                    # Off the read loop: a chunk's read and write must not hold the stream.
+                    serve = asyncio.create_task(
+                        self._chunks.serve(host, message.chunk_request, stream.write)
+                    )
+                    self._serving.add(serve)
+                    serve.add_done_callback(self._served)
                 else:
                     self._refuse(host, "unexpected", f"a {kind or 'empty'} message")
             except InvalidInput as e:
                 # Not acknowledged: an agent of ours never sends this; a rogue gets nothing.
                 self._refuse(host, "malformed", f"{kind}: {e}")
+
+    def _served(self, task: asyncio.Task[None]) -> None:
+        self._serving.discard(task)
+        if not task.cancelled() and isinstance(task.exception(), NotConnected | ConnectionLost):
+            log.info("a chunk was not served: %s", task.exception())
+        elif not task.cancelled() and task.exception() is not None:
+            log.error("serving a chunk failed", exc_info=task.exception())
 
     async def _refuse_undecodable(
         self, context: aio.ServicerContext[pb.CommandMessage, pb.CommandMessage], host: str

@@ -1,0 +1,316 @@
+"""The agent's side of a file push (docs/filepush.md): check a signed manifest's paths against
+the allowed roots, ask for the chunks of the files that differ, check each against the
+manifest, and replace each file atomically.
+
+The manifest arrived inside a signed command, so its hashes are the control plane's word;
+a chunk is accepted only if its SHA-256 is the one the manifest names for that place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import posixpath
+import shutil
+import stat
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+from opsplane.transport.grpc import opsplane_pb2 as pb
+
+logger = logging.getLogger(__name__)
+
+# Chunks asked for and not yet written, per run: the agent's memory bound (1 MiB each).
+WINDOW: Final = 8
+# A chunk not answered in this long (a stream broke, the agent reconnected) is asked again.
+CHUNK_TIMEOUT: Final = 10.0
+CHUNK_ATTEMPTS: Final = 6
+
+# Sends a ChunkRequest; False when no link is up at the moment.
+SendRequest = Callable[[pb.ChunkRequest], Awaitable[bool]]
+
+
+class UploadRefused(Exception):
+    """The upload (or one file of it) may not be written where it asks."""
+
+
+class ChunkRefused(Exception):
+    """A chunk that is not the one the manifest names, or that never came."""
+
+
+class _AskAgain(Exception):
+    """The stream a chunk was asked on is gone: ask on the new one."""
+
+
+@dataclass
+class PushResult:
+    written: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def stdout(self) -> str:
+        lines = [*self.written, *(f"unchanged {path}" for path in self.unchanged)]
+        return "".join(f"{line}\n" for line in lines)
+
+    @property
+    def stderr(self) -> str:
+        return "".join(f"{path}: {why}\n" for path, why in self.failed)
+
+    def summary(self) -> str | None:
+        if self.error is not None:
+            return self.error
+        if self.failed:
+            total = len(self.failed) + len(self.written) + len(self.unchanged)
+            return f"{len(self.failed)} of {total} files failed"
+        return None
+
+
+def allowed_root(destination: str, roots: Sequence[Path]) -> Path:
+    """The configured root ``destination`` lies under; UploadRefused if none, or if the
+    path is not absolute or has a ``..`` component."""
+    if not roots:
+        raise UploadRefused("this agent accepts no uploads (no --upload-root configured)")
+    if not destination.startswith("/") or "\0" in destination:
+        raise UploadRefused(f"the destination must be an absolute path: {destination!r}")
+    if ".." in destination.split("/"):
+        raise UploadRefused(f"the destination may not contain '..': {destination}")
+    path = Path(posixpath.normpath(destination))
+    for root in roots:
+        real_root = Path(os.path.realpath(root))
+        if path == real_root or real_root in path.parents:
+            return real_root
+        if path == root or root in path.parents:
+            return real_root
+    allowed = ", ".join(str(root) for root in roots)
+    raise UploadRefused(f"{destination} is outside the allowed upload roots ({allowed})")
+
+
+def check_inside(path: Path, root: Path) -> None:
+    """UploadRefused unless ``path``'s existing part, symlinks resolved, stays under ``root``:
+    no write through a link that leads out of it."""
+    real = Path(os.path.realpath(path))
+    if real != root and root not in real.parents:
+        raise UploadRefused(f"{path} leads outside the upload root {root} (a symbolic link)")
+
+
+def _relative_ok(relative: str) -> bool:
+    parts = relative.split("/")
+    return bool(relative) and not relative.startswith("/") and ".." not in parts and "" not in parts
+
+
+class FileReceiver:
+    """Chunks asked for by the agent's runs, and the answers as they come."""
+
+    def __init__(self, roots: Sequence[Path], send: SendRequest) -> None:
+        self._roots = list(roots)
+        self._send = send
+        self._waiting: dict[tuple[str, str], asyncio.Future[bytes]] = {}
+
+    def reconnected(self) -> None:
+        """A new stream: every chunk still awaited is asked again at once (its request or
+        its answer went with the old stream), rather than after its timeout."""
+        for future in self._waiting.values():
+            if not future.done():
+                future.set_exception(_AskAgain())
+
+    def on_chunk(self, chunk: pb.FileChunk) -> None:
+        future = self._waiting.get((chunk.run_id, chunk.hash))
+        if future is None or future.done():
+            return  # not asked for (any more): never kept
+        if chunk.error:
+            future.set_exception(ChunkRefused(f"the control plane: {chunk.error}"))
+        elif hashlib.sha256(chunk.data).hexdigest() != chunk.hash:
+            future.set_exception(ChunkRefused(f"chunk {chunk.hash[:12]} does not match its hash"))
+        else:
+            future.set_result(chunk.data)
+
+    async def push(self, run_id: str, task_id: str, manifest: pb.FileManifest) -> PushResult:
+        result = PushResult()
+        try:
+            root = allowed_root(manifest.root, self._roots)
+        except UploadRefused as e:
+            result.error = str(e)
+            result.failed = [(manifest.root, str(e))]
+            return result
+        destination_root = Path(posixpath.normpath(manifest.root))
+        for problem in manifest.problems:
+            relative, _, why = problem.partition(": ")
+            result.failed.append((posixpath.join(manifest.root, relative), why))
+        if manifest.single_file:
+            targets = [(self._single_destination(manifest), manifest.files[0])]
+        else:
+            targets = []
+            broken = self._make_directories(destination_root, manifest.directories, root)
+            for entry in manifest.files:
+                path = destination_root / entry.path
+                if not _relative_ok(entry.path):
+                    result.failed.append((str(path), "not a plain relative path"))
+                    continue
+                if broken is not None:
+                    result.failed.append((str(path), broken))
+                    continue
+                targets.append((path, entry))
+        for path, entry in targets:
+            try:
+                changed = await self._write_file(run_id, task_id, path, entry, root, manifest)
+            except (UploadRefused, ChunkRefused) as e:
+                result.failed.append((str(path), str(e)))
+            except OSError as e:
+                result.failed.append((str(path), e.strerror or str(e)))
+            else:
+                (result.written if changed else result.unchanged).append(str(path))
+        return result
+
+    @staticmethod
+    def _single_destination(manifest: pb.FileManifest) -> Path:
+        path = Path(posixpath.normpath(manifest.root))
+        if manifest.root.endswith("/") or (path.is_dir() and not path.is_symlink()):
+            return path / manifest.files[0].path
+        return path
+
+    @staticmethod
+    def _make_directories(base: Path, directories: Sequence[str], root: Path) -> str | None:
+        """Create ``base`` and the tree's directories; why not, if they cannot be."""
+        try:
+            base.mkdir(parents=True, exist_ok=True)
+            check_inside(base, root)
+            for relative in directories:
+                if not _relative_ok(relative):
+                    return f"directory {relative!r} is not a plain relative path"
+                path = base / relative
+                path.mkdir(exist_ok=True)
+                check_inside(path, root)
+        except UploadRefused as e:
+            return str(e)
+        except OSError as e:
+            return f"cannot create directory: {e.strerror or e}"
+        return None
+
+    async def _write_file(
+        self,
+        run_id: str,
+        task_id: str,
+        path: Path,
+        entry: pb.ManifestFile,
+        root: Path,
+        manifest: pb.FileManifest,
+    ) -> bool:
+        """Write one file; False when it was already there, byte for byte."""
+        if path.name in ("", ".", ".."):
+            raise UploadRefused("not a file name")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        check_inside(path.parent, root)
+        mode = entry.mode & 0o7777
+        if await asyncio.to_thread(_same_content, path, entry.size, entry.sha256):
+            os.chmod(path, mode)
+            _set_owner(path, manifest)
+            return False
+        temporary = path.parent / f".{path.name[:180]}.{run_id}.part"
+        descriptor = os.open(
+            temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600
+        )
+        try:
+            await self._fill(run_id, task_id, descriptor, entry, manifest.chunk_size)
+            os.fsync(descriptor)
+        except BaseException:
+            os.close(descriptor)
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            raise
+        os.close(descriptor)
+        try:
+            if not await asyncio.to_thread(_same_content, temporary, entry.size, entry.sha256):
+                raise ChunkRefused("the file's SHA-256 does not match the manifest")
+            os.chmod(temporary, mode)
+            _set_owner(temporary, manifest)
+            # A rename replaces a symlink at the destination; it never writes through it.
+            os.rename(temporary, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            raise
+        with contextlib.suppress(OSError):
+            directory = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(directory)
+            finally:
+                os.close(directory)
+        return True
+
+    async def _fill(
+        self, run_id: str, task_id: str, descriptor: int, entry: pb.ManifestFile, size: int
+    ) -> None:
+        """Ask for the file's chunks, ``WINDOW`` at a time, writing each at its offset."""
+        slots = asyncio.Semaphore(WINDOW)
+        fetched: dict[str, asyncio.Task[bytes]] = {}
+
+        async def place(index: int, digest: str) -> None:
+            async with slots:
+                task = fetched.get(digest)
+                if task is None:
+                    task = fetched[digest] = asyncio.ensure_future(
+                        self._fetch(run_id, task_id, digest)
+                    )
+                data = await task
+                # A done task holds its chunk: forget it, or the whole file stays in memory
+                # (a chunk repeated later is then asked again, which is rare and cheap).
+                if fetched.get(digest) is task:
+                    del fetched[digest]
+                await asyncio.to_thread(os.pwrite, descriptor, data, index * size)
+                del data, task
+
+        pending = [asyncio.ensure_future(place(i, d)) for i, d in enumerate(entry.chunks)]
+        try:
+            await asyncio.gather(*pending)
+        finally:
+            for task in [*pending, *fetched.values()]:
+                task.cancel()
+            # Done chunks are dropped: memory stays at the window.
+            fetched.clear()
+
+    async def _fetch(self, run_id: str, task_id: str, digest: str) -> bytes:
+        """One chunk, asked again after a timeout (resume after a reconnect)."""
+        key = (run_id, digest)
+        request = pb.ChunkRequest(run_id=run_id, task_id=task_id, hashes=[digest])
+        try:
+            for _ in range(CHUNK_ATTEMPTS):
+                future = self._waiting[key] = asyncio.get_running_loop().create_future()
+                if not await self._send(request):
+                    await asyncio.sleep(min(CHUNK_TIMEOUT, 1.0))
+                    continue
+                with contextlib.suppress(TimeoutError, _AskAgain):
+                    return await asyncio.wait_for(asyncio.shield(future), CHUNK_TIMEOUT)
+        finally:
+            self._waiting.pop(key, None)
+        raise ChunkRefused(f"chunk {digest[:12]} never came")
+
+
+def _same_content(path: Path, size: int, digest: str) -> bool:
+    """Whether ``path`` is a regular file (not a link) holding exactly these bytes."""
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return False
+    if not stat.S_ISREG(info.st_mode) or info.st_size != size:
+        return False
+    whole = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while data := handle.read(1024 * 1024):
+            whole.update(data)
+    return whole.hexdigest() == digest
+
+
+def _set_owner(path: Path, manifest: pb.FileManifest) -> None:
+    if manifest.owner and manifest.group:
+        shutil.chown(path, manifest.owner, manifest.group)
+    elif manifest.owner:
+        shutil.chown(path, user=manifest.owner)
+    elif manifest.group:
+        shutil.chown(path, group=manifest.group)

@@ -1,0 +1,196 @@
+"""The agent's receiver and the control plane's manifest (docs/filepush.md), without a link:
+the receiver's requests are answered by a function standing for the control plane."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tracemalloc
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from opsplane.agent.files import WINDOW, FileReceiver, UploadRefused, allowed_root
+from opsplane.security.signing import sign, verify
+from opsplane.transport.base import CommandEnvelope, UploadSpec
+from opsplane.transport.filepush import build_manifest
+from opsplane.transport.grpc import convert
+from opsplane.transport.grpc import opsplane_pb2 as pb
+from opsplane.transport.grpc.files import ChunkServer
+
+MIB = 1024 * 1024
+
+
+def _receiver(
+    root: Path, local: Path, remote: str, tamper: bool = False
+) -> tuple[FileReceiver, pb.FileManifest, list[str]]:
+    manifest = build_manifest(local, remote)
+    asked: list[str] = []
+    receiver: FileReceiver
+
+    async def send(request: pb.ChunkRequest) -> bool:
+        for digest in request.hashes:
+            asked.append(digest)
+            data = manifest.read_chunk(digest)
+            if tamper:
+                data = b"X" + data[1:]
+            chunk = pb.FileChunk(run_id=request.run_id, hash=digest, data=data)
+            asyncio.get_running_loop().call_soon(receiver.on_chunk, chunk)
+        return True
+
+    receiver = FileReceiver([root], send)
+    return receiver, convert.manifest_to_pb(manifest), asked
+
+
+async def test_chunks_are_asked_once_and_the_file_lands_whole(tmp_path: Path) -> None:
+    local = tmp_path / "src.bin"
+    # Two identical chunks: content-addressed, asked for once.
+    block = os.urandom(MIB)
+    local.write_bytes(block + block + b"tail")
+    root = tmp_path / "root"
+    receiver, manifest, asked = _receiver(root, local, f"{root}/a/dst.bin")
+    result = await receiver.push("run-1", "task-1", manifest)
+    assert result.written == [f"{root}/a/dst.bin"] and not result.failed
+    assert (root / "a/dst.bin").read_bytes() == local.read_bytes()
+    assert len(asked) == 2
+    assert not [p for p in (root / "a").iterdir() if p.name.endswith(".part")]
+    again = await receiver.push("run-2", "task-1", manifest)
+    assert again.unchanged == [f"{root}/a/dst.bin"] and len(asked) == 2
+
+
+async def test_a_tampered_chunk_is_refused_and_nothing_is_written(tmp_path: Path) -> None:
+    local = tmp_path / "src.bin"
+    local.write_bytes(os.urandom(MIB + 10))
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "dst.bin").write_bytes(b"old")
+    receiver, manifest, _ = _receiver(root, local, f"{root}/dst.bin", tamper=True)
+    result = await receiver.push("run-1", "task-1", manifest)
+    assert not result.written
+    ((path, why),) = result.failed
+    assert path == f"{root}/dst.bin" and "does not match its hash" in why
+    assert (root / "dst.bin").read_bytes() == b"old"
+    assert sorted(p.name for p in root.iterdir()) == ["dst.bin"]
+
+
+async def test_a_symlink_at_the_destination_is_replaced_not_written_through(
+    tmp_path: Path,
+) -> None:
+    local = tmp_path / "src.txt"
+    local.write_bytes(b"new\n")
+    root = tmp_path / "root"
+    root.mkdir()
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"keep\n")
+    (root / "dst.txt").symlink_to(victim)
+    receiver, manifest, _ = _receiver(root, local, f"{root}/dst.txt")
+    result = await receiver.push("run-1", "task-1", manifest)
+    assert result.written == [f"{root}/dst.txt"]
+    assert victim.read_bytes() == b"keep\n"
+    assert not (root / "dst.txt").is_symlink() and (root / "dst.txt").read_bytes() == b"new\n"
+
+
+def test_destinations_are_checked_against_the_roots(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    assert allowed_root(f"{root}/x/y", [root]) == root
+    for bad in (f"{root}/../etc/passwd", "relative/path", f"{tmp_path}/other/x"):
+        with pytest.raises(UploadRefused):
+            allowed_root(bad, [root])
+    with pytest.raises(UploadRefused, match="accepts no uploads"):
+        allowed_root(f"{root}/x", [])
+
+
+def test_the_command_signature_covers_every_chunk_hash(tmp_path: Path) -> None:
+    local = tmp_path / "f"
+    local.write_bytes(b"data")
+    key = Ed25519PrivateKey.generate()
+    envelope = CommandEnvelope("t", "r", 1, "upload", 10, upload=UploadSpec(str(local), "/dest/f"))
+    message = convert.command_to_pb(envelope, 1.0, "host", build_manifest(local, "/dest/f"))
+    content = message.command_content
+    content.sign = sign(key, convert.signed_fields(content))
+    public = key.public_key()
+    assert verify(public, {**convert.signed_fields(content), "sign": content.sign}, "sign")
+    content.manifest.files[0].chunks[0] = "0" * 64
+    assert not verify(public, {**convert.signed_fields(content), "sign": content.sign}, "sign")
+
+
+async def test_the_receiver_holds_no_more_than_its_window(tmp_path: Path) -> None:
+    """A 48 MiB file through the receiver: at most a window of chunks alive at once (it once
+    kept every chunk it had written until the file was done)."""
+    local = tmp_path / "src.bin"
+    with local.open("wb") as handle:
+        for _ in range(48):
+            handle.write(os.urandom(MIB))
+    root = tmp_path / "root"
+    receiver, manifest, _ = _receiver(root, local, f"{root}/dst.bin")
+    tracemalloc.start()
+    try:
+        result = await receiver.push("run-1", "task-1", manifest)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert result.written == [f"{root}/dst.bin"]
+    assert peak < (2 * WINDOW + 4) * MIB, f"peak {peak / MIB:.0f} MiB"
+
+
+async def test_chunks_go_only_to_the_host_the_run_was_sent_to(tmp_path: Path) -> None:
+    local = tmp_path / "f"
+    local.write_bytes(b"secret data")
+    server = ChunkServer()
+    spec = UploadSpec(str(local), "/dest/f")
+    manifest = await server.manifest_for("task-1", "run-1", "web-1", spec)
+    digest = manifest.files[0].chunks[0]
+    sent: list[pb.FileChunk] = []
+
+    async def write(message: pb.CommandMessage) -> None:
+        sent.append(message.file_chunk)
+
+    request = pb.ChunkRequest(run_id="run-1", task_id="task-1", hashes=[digest, "0" * 64])
+    await server.serve("web-2", request, write)
+    await server.serve("web-1", request, write)
+    assert [(c.data, bool(c.error)) for c in sent] == [
+        (b"", True),
+        (b"", True),
+        (b"secret data", False),
+        (b"", True),
+    ]
+    server.finished("run-1")
+    await server.serve("web-1", request, write)
+    assert sent[-2].error == "no upload of this run was sent to this host"
+
+
+async def test_an_agent_that_stops_reading_does_not_hold_the_others_up(tmp_path: Path) -> None:
+    local = tmp_path / "f"
+    local.write_bytes(b"data")
+    server = ChunkServer(serving=2, slot_hold=0.05)
+    spec = UploadSpec(str(local), "/dest/f")
+    stuck = asyncio.Event()
+
+    async def never(message: pb.CommandMessage) -> None:
+        await stuck.wait()
+
+    sent: list[pb.FileChunk] = []
+
+    async def write(message: pb.CommandMessage) -> None:
+        sent.append(message.file_chunk)
+
+    manifests = {
+        host: await server.manifest_for("task-1", f"run-{host}", host, spec)
+        for host in ("slow", "fast")
+    }
+    digest = manifests["slow"].files[0].chunks[0]
+    slow = [
+        asyncio.ensure_future(
+            server.serve("slow", pb.ChunkRequest(run_id="run-slow", hashes=[digest]), never)
+        )
+        for _ in range(3)
+    ]
+    await asyncio.sleep(0.01)  # the slow agent's writes have both slots
+    async with asyncio.timeout(2):
+        await server.serve("fast", pb.ChunkRequest(run_id="run-fast", hashes=[digest]), write)
+    assert [c.data for c in sent] == [b"data"]
+    stuck.set()
+    await asyncio.gather(*slow)
+    await asyncio.sleep(0.01)
+    assert server.chunks_served == 4
