@@ -16,7 +16,9 @@ from tests.e2e.fleet import Fleet, wait_for
 from tests.e2e.test_cli import opsplane
 from tests.integration.sshd import HOST, SshLab, ssh_lab
 
-pytestmark = pytest.mark.service("sshd")
+# The tests build on each other (hosts added by the first are pushed to by later ones): one
+# xdist worker runs them all, in order (.ci/run uses --dist loadgroup).
+pytestmark = [pytest.mark.service("sshd"), pytest.mark.xdist_group("ssh_hosts")]
 TARGETS = ("ssh-1", "ssh-2", "ssh-3")
 # Where the mixed push lands: SSH targets (the test user) and an agent (root) share this
 # machine's disk, so a directory both may write.
