@@ -16,9 +16,7 @@ from tests.e2e.fleet import Fleet, wait_for
 from tests.e2e.test_cli import opsplane
 from tests.integration.sshd import HOST, SshLab, ssh_lab
 
-# The tests build on each other (hosts added by the first are pushed to by later ones): one
-# xdist worker runs them all, in order (.ci/run uses --dist loadgroup).
-pytestmark = [pytest.mark.service("sshd"), pytest.mark.xdist_group("ssh_hosts")]
+pytestmark = pytest.mark.service("sshd")
 TARGETS = ("ssh-1", "ssh-2", "ssh-3")
 # Where the mixed push lands: SSH targets (the test user) and an agent (root) share this
 # machine's disk, so a directory both may write.
@@ -63,6 +61,10 @@ def fleet(lab: SshLab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fle
             wrap=("unshare", "-m", "--propagation", "private", "sh", "-c", bind, "sh"),
         )
         the_fleet.wait_online("agent-1", "agent-2")
+        # Every test finds the SSH targets in the inventory, whichever runs first (xdist does
+        # not keep a module's order); the first test adds them again from the CLI.
+        for name in TARGETS:
+            _add(the_fleet, lab, name, "--group", "mixed", "--group", "sshweb")
         yield the_fleet
     finally:
         the_fleet.stop()
