@@ -140,7 +140,7 @@ def run(
 
     Every other opsplane setting still comes from OPSPLANE_* variables or --config.
     """
-    from opsplane.cli.main import start_control_plane
+    from opsplane.cli.starting import start_control_plane
 
     flags = SeedFlags(
         external_task_config=external_task_config,
@@ -157,7 +157,7 @@ def run(
         typer.secho(f"error: {e}", fg="red", err=True)
         raise typer.Exit(2) from e
     if "catalog" not in overrides and SEED_DEFAULT_CATALOG.is_file():
-        from opsplane.cli.main import settings_or_exit
+        from opsplane.cli.starting import settings_or_exit
 
         # The seed's default file, unless OPSPLANE_CATALOG or the YAML file names one.
         if settings_or_exit(config_file=config).catalog is None:

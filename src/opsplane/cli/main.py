@@ -15,10 +15,15 @@ import typer
 
 from opsplane.cli.lazy import LazyGroup, LazyVerb
 from opsplane.cli.options import RUN_CONTEXT_SETTINGS, ClientOptions
+from opsplane.cli.starting import (
+    configure_logging_or_exit,
+    settings_or_exit,
+    start_control_plane,
+)
 from opsplane.domain.errors import ConfigError
 
 if TYPE_CHECKING:
-    from opsplane.config import Settings
+    pass
 
 
 def _group(module: str, help: str) -> LazyVerb:
@@ -134,51 +139,6 @@ LogFormatOpt = Annotated[
         help="text, or json: one object per line with task_id/run_id/host where one applies",
     ),
 ]
-
-
-def settings_or_exit(**flags: object) -> Settings:
-    from opsplane.config import load_settings
-
-    try:
-        return load_settings(**flags)
-    except ConfigError as e:
-        typer.secho(f"error: {e}", fg="red", err=True)
-        raise typer.Exit(2) from e
-
-
-def configure_logging_or_exit(verbose: bool, log_format: str) -> None:
-    from opsplane.cli.logs import configure_logging
-
-    try:
-        configure_logging(verbose, log_format)
-    except ValueError as e:
-        typer.secho(f"error: {e}", fg="red", err=True)
-        raise typer.Exit(2) from e
-
-
-def start_control_plane(
-    mode: str, verbose: bool, log_format: str = "text", **flags: object
-) -> None:
-    """Build the settings from ``flags`` (None: not given) and run the server or the demo."""
-    from opsplane.cli import processes
-
-    settings = settings_or_exit(**flags)
-    configure_logging_or_exit(verbose, log_format)
-    if not settings.require_enrollment:
-        typer.secho(
-            "warning: require_enrollment is off: any agent that reaches the agent endpoint or "
-            "the broker can register a host and report results unsigned (docs/security.md)",
-            fg="yellow",
-            err=True,
-        )
-    try:
-        if mode == "demo":
-            processes.run_demo(settings)
-        else:
-            processes.serve(settings)
-    except ConfigError as e:
-        typer.secho(f"error: {e}", fg="red", err=True)
-        raise typer.Exit(2) from e
 
 
 @app.command()

@@ -2,6 +2,8 @@
 ``ConnectForCommands`` stream open (seed 001, DESIGN §3.1).
 
 Per agent, only the stream's context and a write lock are held, so 10,000 agents stay cheap.
+Just past the house's 600 lines: the handshake, the read loop and the stream's writes share the
+per-stream state; file chunks (files.py) and message conversion (convert.py) are apart already.
 """
 
 from __future__ import annotations
