@@ -1,13 +1,16 @@
 """The control plane's side of the RabbitMQ link (seed 002, DESIGN §3.2, docs/amqp.md).
 
 Commands are signed, persistent and ``mandatory``: a command nobody can receive comes back and
-its run is ``undeliverable`` at once. Results and heartbeats are acked only after the engine has
-made them durable, so a crash in between means redelivery, never loss; duplicates change nothing.
-Hosts on this link are online while their heartbeats are fresh.
+its run is ``undeliverable`` at once. Results are acked only after the engine has made them
+durable, so a crash in between means redelivery, never loss; duplicates change nothing.
+Heartbeats are acked on receipt (docs/amqp.md, "Heartbeats are acked on receipt"): a heartbeat
+carries no result, the next one replaces it, and liveness is judged from the newest one
+received (``heard``), never from what the database has written yet.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -100,17 +103,22 @@ class AmqpLink(Link):
         self._commands = await publish.declare_exchange(
             m.CMD_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
         )
+        # Results and heartbeats come on separate queues, each consumed on its own channel
+        # with its own prefetch: results wait in ingest for the database (up to ``prefetch``
+        # unacked), heartbeats are acked as they come and never wait behind them.
         consume = await self._connection.channel()
         await consume.set_qos(prefetch_count=self._prefetch)
         results = await consume.declare_exchange(
             m.RESULT_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
         )
-        monitor = await consume.declare_exchange(
-            m.MONITOR_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
-        )
         result_queue = await consume.declare_queue(m.RESULT_QUEUE, durable=True)
         await result_queue.bind(results, m.RESULT_BINDING)
-        heartbeat_queue = await consume.declare_queue(m.HEARTBEAT_QUEUE, durable=True)
+        beats = await self._connection.channel()
+        await beats.set_qos(prefetch_count=self._prefetch)
+        monitor = await beats.declare_exchange(
+            m.MONITOR_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
+        )
+        heartbeat_queue = await beats.declare_queue(m.HEARTBEAT_QUEUE, durable=True)
         await heartbeat_queue.bind(monitor, m.HEARTBEAT_KEY)
         await result_queue.consume(self._on_result)
         await heartbeat_queue.consume(self._on_heartbeat)
@@ -126,6 +134,11 @@ class AmqpLink(Link):
     def is_connected(self, hostname: str) -> bool:
         seen = self._last_seen.get(hostname)
         return seen is not None and time.monotonic() - seen < self._fresh_for
+
+    def heard(self, hostname: str) -> bool:
+        # The newest heartbeat received, not the newest written: a slow database or a backlog
+        # of run reports in ingest must never age a live host into offline.
+        return self.is_connected(hostname)
 
     async def send_command(self, hostname: str, command: CommandEnvelope) -> None:
         body = m.command_body(command, time.time(), target=hostname)
@@ -216,7 +229,13 @@ class AmqpLink(Link):
                 await self._refuse(message, "refused_agent", str(e))
                 return
         self._last_seen[hello.hostname] = time.monotonic()
-        await self._ack_when_durable(message, report)
+        # Acked on receipt, not once written: ingest keeps the latest beat per host in memory
+        # and writes them all in one statement. Lost in a crash, a beat is replaced by the next
+        # one (it carries no result); held in the broker until written, beats queued behind
+        # run reports and a whole fleet went offline (docs/amqp.md).
+        written = await events.report(report)
+        written.add_done_callback(_beat_written)
+        await message.ack()
 
     async def _refused(
         self,
@@ -273,3 +292,9 @@ class AmqpLink(Link):
             await message.nack(requeue=True)
             return
         await message.ack()
+
+
+def _beat_written(future: asyncio.Future[None]) -> None:
+    """A heartbeat not written is replaced by the next one: nothing to resend (already acked)."""
+    if not future.cancelled() and (error := future.exception()) is not None:
+        log.debug("a heartbeat was not written: %s", error)

@@ -1,0 +1,99 @@
+"""One statement per batch, not per row, for the hot updates on every backend (store/bulk.py,
+docs/scale.md "One statement per batch"): asyncmy runs an UPDATE's executemany row by row, so
+a row is counted here as the statement it costs MariaDB."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import event
+
+from opsplane.app_factory import make_engine
+from opsplane.config import load_settings
+from opsplane.domain.targeting import Targets
+from opsplane.domain.tasks import TaskRequest
+from opsplane.engine.core import Engine
+from opsplane.transport.base import HeartbeatReport, HostReport, RunFinished, RunStarted
+from opsplane.transport.memory import MemoryLink
+
+FLEET = 120
+
+
+@pytest.fixture
+async def engine(tmp_path: Path, database_url: str, link: MemoryLink) -> AsyncIterator[Engine]:
+    settings = load_settings(
+        data_dir=tmp_path, database_url=database_url, heartbeat_interval=60.0, lost_grace=120.0
+    )
+    the_engine = make_engine(settings, [link])
+    await the_engine.start()
+    for i in range(FLEET):
+        await link.connect(f"h{i:03}", ["all"])
+    try:
+        yield the_engine
+    finally:
+        await the_engine.stop()
+
+
+async def _updates_for(engine: Engine, reports: list[HostReport]) -> int:
+    """Write ``reports`` as one ingest batch; the UPDATE statements MariaDB would run (an
+    executemany counting one per row)."""
+    updates = 0
+
+    def count(
+        _conn: Any, _cursor: Any, statement: str, parameters: Any, _ctx: Any, many: bool
+    ) -> None:
+        nonlocal updates
+        if statement.lstrip().upper().startswith("UPDATE"):
+            updates += len(parameters) if many else 1
+
+    await engine.ingest.loop.stop()  # queued first, written together when it starts
+    futures = [await engine.report(report) for report in reports]
+    listener: Callable[..., None] = count
+    event.listen(engine.db.sync_engine, "before_cursor_execute", listener)
+    try:
+        engine.ingest.loop.start()
+        async with asyncio.timeout(30):
+            await asyncio.gather(*futures)
+    finally:
+        event.remove(engine.db.sync_engine, "before_cursor_execute", listener)
+    return updates
+
+
+async def _broadcast(engine: Engine, hosts: int) -> tuple[int, int, int]:
+    """A task on ``hosts`` hosts: the UPDATEs of its ``started`` batch, of its results batch
+    (with every host's heartbeat), and how many runs succeeded."""
+    names = tuple(f"h{i:03}" for i in range(hosts))
+    task = await engine.tasks.create_task(
+        TaskRequest(command="true", targets=Targets(hosts=names), timeout=60)
+    )
+    runs = {run.host: run.id for run in await engine.tasks.list_runs(task.id)}
+    now = datetime.now(UTC)
+    started = await _updates_for(engine, [RunStarted(h, runs[h], now) for h in names])
+    finished: list[HostReport] = [
+        RunFinished(
+            hostname=h, run_id=runs[h], status="succeeded", exit_code=0, stdout="", stderr="",
+            truncated=False, error=None, started_at=now, finished_at=now, duration_ms=1,
+        )
+        for h in names
+    ]  # fmt: skip
+    beats: list[HostReport] = [HeartbeatReport(h, now, 1.0, 2.0, 0.1, 3.0) for h in names]
+    results = await _updates_for(engine, finished + beats)
+    succeeded = [r for r in await engine.tasks.list_runs(task.id) if r.status == "succeeded"]
+    return started, results, len(succeeded)
+
+
+async def test_a_batch_of_results_costs_the_same_statements_for_10_or_120_hosts(
+    engine: Engine,
+) -> None:
+    small = await _broadcast(engine, 10)
+    large = await _broadcast(engine, FLEET)
+    assert (small[2], large[2]) == (10, FLEET)
+    # Rows changing the same columns share a statement: the counts do not grow with the hosts.
+    assert large[0] <= small[0] and large[1] <= small[1], f"10 hosts: {small}, {FLEET}: {large}"
+    host = await engine.hosts.get_host(f"h{FLEET - 1:03}")
+    assert (host.status, host.cpu_usage, host.disk_usage) == ("online", 1.0, 3.0)
