@@ -1,6 +1,8 @@
-"""One statement per batch, not per row, for the hot updates on every backend (store/bulk.py,
+"""One statement per batch, not per row, for heartbeats on every backend (store/bulk.py,
 docs/scale.md "One statement per batch"): asyncmy runs an UPDATE's executemany row by row, so
-a row is counted here as the statement it costs MariaDB."""
+a row is counted here as the statement it costs MariaDB. Run state changes stay one UPDATE per
+run there (measured: the bulk form cost more CPU than it saved), and are checked for their
+outcome only."""
 
 from __future__ import annotations
 
@@ -64,36 +66,36 @@ async def _updates_for(engine: Engine, reports: list[HostReport]) -> int:
     return updates
 
 
-async def _broadcast(engine: Engine, hosts: int) -> tuple[int, int, int]:
-    """A task on ``hosts`` hosts: the UPDATEs of its ``started`` batch, of its results batch
-    (with every host's heartbeat), and how many runs succeeded."""
+async def _broadcast(engine: Engine, hosts: int) -> tuple[int, int]:
+    """A task on ``hosts`` hosts, its runs started and ended in one batch; then every host's
+    heartbeat in one batch: the UPDATEs of the heartbeats, and how many runs succeeded."""
     names = tuple(f"h{i:03}" for i in range(hosts))
     task = await engine.tasks.create_task(
         TaskRequest(command="true", targets=Targets(hosts=names), timeout=60)
     )
     runs = {run.host: run.id for run in await engine.tasks.list_runs(task.id)}
     now = datetime.now(UTC)
-    started = await _updates_for(engine, [RunStarted(h, runs[h], now) for h in names])
-    finished: list[HostReport] = [
+    reports: list[HostReport] = [RunStarted(h, runs[h], now) for h in names]
+    reports += [
         RunFinished(
             hostname=h, run_id=runs[h], status="succeeded", exit_code=0, stdout="", stderr="",
             truncated=False, error=None, started_at=now, finished_at=now, duration_ms=1,
         )
         for h in names
     ]  # fmt: skip
+    await _updates_for(engine, reports)
     beats: list[HostReport] = [HeartbeatReport(h, now, 1.0, 2.0, 0.1, 3.0) for h in names]
-    results = await _updates_for(engine, finished + beats)
+    updates = await _updates_for(engine, beats)
     succeeded = [r for r in await engine.tasks.list_runs(task.id) if r.status == "succeeded"]
-    return started, results, len(succeeded)
+    return updates, len(succeeded)
 
 
-async def test_a_batch_of_results_costs_the_same_statements_for_10_or_120_hosts(
+async def test_a_batch_of_heartbeats_costs_the_same_statements_for_10_or_120_hosts(
     engine: Engine,
 ) -> None:
     small = await _broadcast(engine, 10)
     large = await _broadcast(engine, FLEET)
-    assert (small[2], large[2]) == (10, FLEET)
-    # Rows changing the same columns share a statement: the counts do not grow with the hosts.
-    assert large[0] <= small[0] and large[1] <= small[1], f"10 hosts: {small}, {FLEET}: {large}"
+    assert (small[1], large[1]) == (10, FLEET)
+    assert large[0] <= small[0], f"UPDATEs for 10 hosts' beats: {small[0]}, {FLEET}: {large[0]}"
     host = await engine.hosts.get_host(f"h{FLEET - 1:03}")
     assert (host.status, host.cpu_usage, host.disk_usage) == ("online", 1.0, 3.0)

@@ -13,10 +13,8 @@ from sqlalchemy.engine.interfaces import Dialect
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlalchemy.ext.asyncio import AsyncSession as AsyncSession
-from sqlalchemy.orm import Session
 
 from opsplane.domain.errors import ConfigError
-from opsplane.store.bulk import bulk_flush
 
 log = logging.getLogger(__name__)
 
@@ -184,13 +182,5 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-class BulkSession(Session):
-    """A session whose flush writes the hot tables' dirty rows in one UPDATE per batch
-    (store/bulk.py): not one per row, as asyncmy runs an UPDATE's executemany."""
-
-
-event.listen(BulkSession, "before_flush", bulk_flush)
-
-
 def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
-    return async_sessionmaker(engine, expire_on_commit=False, sync_session_class=BulkSession)
+    return async_sessionmaker(engine, expire_on_commit=False)
