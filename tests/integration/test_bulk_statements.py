@@ -1,8 +1,8 @@
-"""One statement per batch, not per row, for heartbeats on every backend (store/bulk.py,
-docs/scale.md "One statement per batch"): asyncmy runs an UPDATE's executemany row by row, so
-a row is counted here as the statement it costs MariaDB. Run state changes stay one UPDATE per
-run there (measured: the bulk form cost more CPU than it saved), and are checked for their
-outcome only."""
+"""One statement per batch, not per row, for heartbeats on every backend (store/bulk.py;
+docs/scale.md, "RabbitMQ on MariaDB, after the heartbeat and statement fixes"): asyncmy runs
+an UPDATE's executemany row by row, so a row is counted here as the statement it costs
+MariaDB. Run state changes stay one UPDATE per run there (measured: the bulk form cost more
+CPU than it saved), and are checked for their outcome only."""
 
 from __future__ import annotations
 

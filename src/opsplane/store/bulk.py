@@ -1,5 +1,5 @@
 """Many rows' different new values in one UPDATE per batch, on every backend (docs/scale.md,
-"One statement per batch").
+"RabbitMQ on MariaDB, after the heartbeat and statement fixes").
 
 An ``executemany`` of an UPDATE is one call for SQLAlchemy, but asyncmy runs it row by row (only
 ``INSERT … VALUES`` is batched): three 1,000-host broadcasts cost MariaDB ten thousand
