@@ -257,7 +257,9 @@ class AmqpLink(Link):
                 events.message_refused(self.name, "refused_agent")
                 return
             except Exception as e:
-                log.warning("could not register %s, at its next heartbeat: %s", hello.hostname, e)
+                # The database is down (the connection writer says so, once): one line per
+                # beat of every unknown host would flood the log.
+                log.debug("could not register %s, at its next heartbeat: %s", hello.hostname, e)
                 return
         await self._heard_now(hello.hostname, report, events)
 
