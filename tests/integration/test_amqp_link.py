@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import aio_pika
@@ -21,6 +21,7 @@ from opsplane.security.signing import load_or_create_private_key
 from opsplane.transport.amqp.link import AmqpLink, mask_url
 from tests.integration.apps import running_engine
 from tests.integration.seed_agent import AMQP_URL, SeedAgent, purge_shared_queues
+from tests.rabbitmq import private_vhost
 
 pytestmark = pytest.mark.service("rabbitmq")
 
@@ -181,3 +182,51 @@ async def test_duplicate_and_malformed_results_change_nothing(
 def test_passwords_are_masked_in_urls() -> None:
     assert mask_url("amqp://guest:secret@rabbit:5672/") == "amqp://guest:******@rabbit:5672/"
     assert mask_url("amqp://rabbit/") == "amqp://rabbit/"
+
+
+@pytest.fixture
+def url() -> Iterator[str]:
+    """A virtual host of the test's own: another control plane on the default one would take
+    these tests' heartbeats."""
+    with private_vhost("opsplane-amqpscale") as vhost:
+        yield vhost.url
+
+
+async def test_heartbeats_are_acked_on_receipt_and_liveness_never_waits_on_the_database(
+    tmp_path: Path, url: str
+) -> None:
+    """With nothing written (ingest stopped: a database far behind), heartbeats still leave
+    the broker as they come, and the host stays online past the silence limit: the link heard
+    it. Before, a beat was acked once written: with ingest stalled they piled up in the broker
+    (prefetch 1: all but one of them) and the fleet went offline (docs/amqp.md)."""
+    settings = load_settings(data_dir=tmp_path, heartbeat_interval=1.0, require_enrollment=False)
+    key, _ = load_or_create_private_key(settings.signing_key_path)
+    link = AmqpLink(
+        url, signing_key=key, heartbeat_interval=1.0, offline_after_missed=3, prefetch=1
+    )
+    async with running_engine(settings, [link]) as engine:
+        agent = SeedAgent(f"beat-{uuid.uuid4().hex[:8]}", url=url)
+        await agent.start()
+        beats = asyncio.create_task(agent.beat_every(0.2))
+        try:
+            for _ in range(100):
+                if await _status(engine, agent.hostname) == "online":
+                    break
+                await asyncio.sleep(0.1)
+            await engine.ingest.loop.stop()
+            try:
+                await asyncio.sleep(4.5)  # past the silence limit (3 intervals of 1 s)
+                connection = await aio_pika.connect(url)
+                async with connection:
+                    channel = await connection.channel()
+                    queue = await channel.declare_queue("monitor.heartbeat", passive=True)
+                    waiting = queue.declaration_result.message_count
+                assert waiting is not None and waiting < 3, f"{waiting} heartbeats in the broker"
+                assert link.heard(agent.hostname)
+                assert await _status(engine, agent.hostname) == "online"
+            finally:
+                engine.ingest.loop.start()
+        finally:
+            beats.cancel()
+            await asyncio.gather(beats, return_exceptions=True)
+            await agent.stop()

@@ -299,10 +299,11 @@ class Engine:
         return await self.ingest.report(report)
 
     def _heard(self, name: str, link_name: str) -> bool:
-        """Whether a host past the heartbeat silence limit is alive all the same: an open
-        stream that checks its peer (gRPC keepalive), or a heartbeat waiting in ingest."""
+        """Whether a host past the heartbeat silence limit is alive all the same: its link heard
+        it (an open stream that checks its peer, a RabbitMQ heartbeat received lately), or a
+        heartbeat of it waits in ingest."""
         link = self.links.get(link_name)
-        if link is not None and link.liveness_by_stream and link.is_connected(name):
+        if link is not None and link.heard(name):
             return True
         return self.ingest.beat_waiting(name)
 

@@ -945,7 +945,7 @@ class Ingest:
         await queries.record_heartbeats(
             changes.session,
             [
-                _figures(beat) | {"b_name": beat.hostname, "last_seen_at": beat.at}
+                _figures(beat) | {"name": beat.hostname, "last_seen_at": beat.at}
                 for beat in latest.values()
                 if beat.hostname in known
             ],

@@ -12,7 +12,6 @@ from typing import Any, NamedTuple, cast
 from sqlalchemy import (
     Table,
     and_,
-    bindparam,
     case,
     delete,
     false,
@@ -27,6 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import defer
 
 from opsplane.domain.paging import PageOf, PageRequest
+from opsplane.store import bulk
 from opsplane.store.json_lists import json_list_contains
 from opsplane.store.paging import Keyset, keyset_page
 from opsplane.store.tables import (
@@ -573,36 +573,25 @@ async def events_after(
 # Core, not ORM: one executemany with no per-row object or identity-map work.
 _HOSTS = cast(Table, HostRow.__table__)
 _HEARTBEATS = cast(Table, HeartbeatRow.__table__)
-_HEARTBEAT_UPDATE = (
-    update(_HOSTS)
-    .where(_HOSTS.c.name == bindparam("b_name"))
-    .values(
-        status="online",
-        last_seen_at=bindparam("last_seen_at"),
-        cpu_usage=bindparam("cpu_usage"),
-        memory_usage=bindparam("memory_usage"),
-        load=bindparam("load"),
-        disk_usage=bindparam("disk_usage"),
-    )
-)
 
 
 async def record_heartbeats(
     session: AsyncSession, hosts: list[dict[str, Any]], history: list[dict[str, Any]]
 ) -> None:
-    """Write hosts' latest heartbeats, one statement for all of them: each of ``hosts`` holds
-    ``b_name`` (the host), ``last_seen_at`` and the four figures; ``history`` holds the
-    ``HeartbeatRow`` values to keep (one multi-row INSERT)."""
-    if hosts:
-        await session.execute(_HEARTBEAT_UPDATE, hosts)
+    """Write hosts' latest heartbeats, one statement for all of them (per ``bulk.CHUNK``):
+    each of ``hosts`` holds ``name`` (the host), ``last_seen_at`` and the four figures; such a
+    host is online. ``history`` holds the ``HeartbeatRow`` values to keep (one multi-row
+    INSERT)."""
+    for statement in bulk.update_statements(_HOSTS, "name", hosts, {"status": "online"}):
+        await session.execute(statement)
     if history:
         await session.execute(insert(_HEARTBEATS), history)
 
 
 async def bulk_update_hosts(session: AsyncSession, values: list[dict[str, Any]]) -> None:
-    """ORM bulk UPDATE by primary key (one executemany)."""
-    if values:
-        await session.execute(update(HostRow), values)
+    """UPDATE by name, one statement per batch of rows changing the same columns."""
+    for statement in bulk.update_statements(_HOSTS, "name", values):
+        await session.execute(statement)
 
 
 async def insert_hosts(session: AsyncSession, values: list[dict[str, Any]]) -> None:

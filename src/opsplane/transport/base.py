@@ -323,6 +323,13 @@ class Link(abc.ABC):
     def is_connected(self, hostname: str) -> bool:
         """Whether a command sent now can reach ``hostname``."""
 
+    def heard(self, hostname: str) -> bool:
+        """Whether this link knows by itself, in memory, that ``hostname`` is alive now: an
+        open stream that checks its peer, or (RabbitMQ) a heartbeat received within the silence
+        limit. The monitor asks before calling a host silent, so that liveness never waits on
+        the database (a slow write, a backlog of run reports)."""
+        return self.liveness_by_stream and self.is_connected(hostname)
+
     @abc.abstractmethod
     async def send_command(self, hostname: str, command: CommandEnvelope) -> None:
         """Deliver a run; raises ``NotConnected`` or ``ConnectionLost``."""

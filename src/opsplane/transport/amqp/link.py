@@ -1,13 +1,16 @@
 """The control plane's side of the RabbitMQ link (seed 002, DESIGN §3.2, docs/amqp.md).
 
 Commands are signed, persistent and ``mandatory``: a command nobody can receive comes back and
-its run is ``undeliverable`` at once. Results and heartbeats are acked only after the engine has
-made them durable, so a crash in between means redelivery, never loss; duplicates change nothing.
-Hosts on this link are online while their heartbeats are fresh.
+its run is ``undeliverable`` at once. Results are acked only after the engine has made them
+durable, so a crash in between means redelivery, never loss; duplicates change nothing.
+Heartbeats are acked on receipt (docs/amqp.md, "Heartbeats are acked on receipt"): a heartbeat
+carries no result, the next one replaces it, and liveness is judged from the newest one
+received (``heard``), never from what the database has written yet.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -78,54 +81,73 @@ class AmqpLink(Link):
         self._prefetch = prefetch
         self._events: LinkEvents | None = None
         self._connection: AbstractRobustConnection | None = None
+        self._consuming: AbstractRobustConnection | None = None
         self._commands: AbstractExchange | None = None
         self._last_seen: dict[str, float] = {}
 
     async def start(self, events: LinkEvents) -> None:
         self._events = events
-        try:
-            self._connection = await aio_pika.connect_robust(
-                self._url,
-                timeout=10,
-                ssl_context=self._ssl_context,
-                # Named as the agents' are ("opsplane-agent <name>"), so that an operator (or a
-                # fault test) can tell the connections apart in `rabbitmqctl list_connections`.
-                client_properties={
-                    "connection_name": f"opsplane-control-plane {socket.gethostname()}"
-                },
-            )
-        except (TimeoutError, OSError, aiormq.exceptions.AMQPError) as e:
-            raise ConfigError(f"cannot reach RabbitMQ at {mask_url(self._url)}: {e}") from e
+        # Named as the agents' are ("opsplane-agent <name>"), so that an operator (or a fault
+        # test) can tell the connections apart in `rabbitmqctl list_connections`. Publishing
+        # and consuming go on connections of their own: the broker throttles a publishing
+        # connection (credit flow) while a fan-out reaches thousands of queues, and reads
+        # nothing else from it meanwhile, acks included; sharing one, results and heartbeats
+        # stalled behind every broadcast at 3,000 agents (docs/amqp.md).
+        self._connection = await self._dial("opsplane-control-plane")
+        self._consuming = await self._dial("opsplane-control-plane-consumer")
         publish = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
         self._commands = await publish.declare_exchange(
             m.CMD_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
         )
-        consume = await self._connection.channel()
+        # Results and heartbeats come on separate queues, each consumed on its own channel
+        # with its own prefetch: results wait in ingest for the database (up to ``prefetch``
+        # unacked), heartbeats are acked as they come and never wait behind them.
+        consume = await self._consuming.channel()
         await consume.set_qos(prefetch_count=self._prefetch)
         results = await consume.declare_exchange(
             m.RESULT_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
         )
-        monitor = await consume.declare_exchange(
-            m.MONITOR_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
-        )
         result_queue = await consume.declare_queue(m.RESULT_QUEUE, durable=True)
         await result_queue.bind(results, m.RESULT_BINDING)
-        heartbeat_queue = await consume.declare_queue(m.HEARTBEAT_QUEUE, durable=True)
+        beats = await self._consuming.channel()
+        await beats.set_qos(prefetch_count=self._prefetch)
+        monitor = await beats.declare_exchange(
+            m.MONITOR_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
+        )
+        heartbeat_queue = await beats.declare_queue(m.HEARTBEAT_QUEUE, durable=True)
         await heartbeat_queue.bind(monitor, m.HEARTBEAT_KEY)
         await result_queue.consume(self._on_result)
         await heartbeat_queue.consume(self._on_heartbeat)
         log.info("RabbitMQ link up at %s", mask_url(self._url))
 
+    async def _dial(self, name: str) -> AbstractRobustConnection:
+        try:
+            return await aio_pika.connect_robust(
+                self._url,
+                timeout=10,
+                ssl_context=self._ssl_context,
+                client_properties={"connection_name": f"{name} {socket.gethostname()}"},
+            )
+        except (TimeoutError, OSError, aiormq.exceptions.AMQPError) as e:
+            await self.stop()
+            raise ConfigError(f"cannot reach RabbitMQ at {mask_url(self._url)}: {e}") from e
+
     async def stop(self) -> None:
-        if self._connection is not None:
-            with contextlib.suppress(Exception):
-                await self._connection.close()
-            self._connection = None
+        for connection in (self._consuming, self._connection):
+            if connection is not None:
+                with contextlib.suppress(Exception):
+                    await connection.close()
+        self._connection = self._consuming = None
         self._events = None
 
     def is_connected(self, hostname: str) -> bool:
         seen = self._last_seen.get(hostname)
         return seen is not None and time.monotonic() - seen < self._fresh_for
+
+    def heard(self, hostname: str) -> bool:
+        # The newest heartbeat received, not the newest written: a slow database or a backlog
+        # of run reports in ingest must never age a live host into offline.
+        return self.is_connected(hostname)
 
     async def send_command(self, hostname: str, command: CommandEnvelope) -> None:
         body = m.command_body(command, time.time(), target=hostname)
@@ -208,15 +230,46 @@ class AmqpLink(Link):
         if refusal is not None:
             await self._refuse(message, "refused_agent", refusal)
             return
-        if hello.reconcile or not self.is_connected(hello.hostname):
+        if hello.reconcile:
+            # A hello carries the agent's run lists: acked once its reconciliation is written,
+            # so that a crash in between means redelivery. One per agent connection.
             try:
                 await events.host_connected(hello)
             except NameTaken as e:
                 # The name is another link's host (SSH, the control plane's own).
                 await self._refuse(message, "refused_agent", str(e))
                 return
-        self._last_seen[hello.hostname] = time.monotonic()
-        await self._ack_when_durable(message, report)
+            await self._heard_now(hello.hostname, report, events)
+            await message.ack()
+            return
+        # Any other beat is acked on receipt, before anything is written: a beat held unacked
+        # holds a prefetch slot, and at 3,000 agents the slots went to beats waiting on the
+        # database while the beats behind them aged the fleet offline (docs/amqp.md). Lost in
+        # a crash, a beat is replaced by the next one: it carries no result.
+        await message.ack()
+        if not self.is_connected(hello.hostname):
+            # Registered again (a host this link forgot: a restart, a long silence). Failing,
+            # the next beat tries again: the host is not heard until it is registered.
+            try:
+                await events.host_connected(hello)
+            except NameTaken as e:
+                log.warning("refused a heartbeat on %s (refused_agent): %s", self.name, e)
+                events.message_refused(self.name, "refused_agent")
+                return
+            except Exception as e:
+                # The database is down (the connection writer says so, once): one line per
+                # beat of every unknown host would flood the log.
+                log.debug("could not register %s, at its next heartbeat: %s", hello.hostname, e)
+                return
+        await self._heard_now(hello.hostname, report, events)
+
+    async def _heard_now(self, hostname: str, report: HostReport, events: LinkEvents) -> None:
+        """The host is heard now (``heard``); its figures go to ingest, which keeps the latest
+        beat per host in memory and writes them all in one statement."""
+        self._last_seen[hostname] = time.monotonic()
+        # Ingest takes a beat at once (no queue to wait in), and nobody waits for its write.
+        written = await events.report(report)
+        written.add_done_callback(_beat_written)
 
     async def _refused(
         self,
@@ -273,3 +326,9 @@ class AmqpLink(Link):
             await message.nack(requeue=True)
             return
         await message.ack()
+
+
+def _beat_written(future: asyncio.Future[None]) -> None:
+    """A heartbeat not written is replaced by the next one: nothing to resend (already acked)."""
+    if not future.cancelled() and (error := future.exception()) is not None:
+        log.debug("a heartbeat was not written: %s", error)
