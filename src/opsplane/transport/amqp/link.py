@@ -178,6 +178,11 @@ class AmqpLink(Link):
             message_id=body.get("run_id") or f"{body['task_id']}:{body.get('attempt', 1)}",
         )
         try:
+            if self._connection is not None and not self._connection.connected.is_set():
+                # The publishing connection is being re-dialled while the consuming one (and
+                # the hosts' heartbeats) may be back already: wait for it, within the publish
+                # bound, rather than fail a run that a second later would have gone out.
+                await asyncio.wait_for(self._connection.connected.wait(), PUBLISH_TIMEOUT)
             await self._commands.publish(
                 message, routing_key=routing_key, mandatory=True, timeout=PUBLISH_TIMEOUT
             )
