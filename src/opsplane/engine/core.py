@@ -257,6 +257,14 @@ class Engine:
         if self.router is not None:
             await self.router.stop()
         await self.hosts.connections.stop()
+        if self.router is not None:
+            # The streams ended with the links: the other instances must not route to them.
+            # (One instance alone marks its hosts offline when it starts again.)
+            try:
+                async with self.write() as changes:
+                    await queries.release_hosts(changes.session, self.instance)
+            except Exception as e:
+                log.warning("could not release this instance's hosts: %s", e)
         await self.monitor.stop()
         await self.retention.stop()
         await self.archive_pruner.stop()

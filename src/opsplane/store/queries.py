@@ -511,6 +511,13 @@ async def mark_all_hosts(
     await session.execute(stmt.where(orphan).values(status=status, instance=None))
 
 
+async def release_hosts(session: AsyncSession, instance: str) -> None:
+    """The hosts whose streams ``instance`` held are offline and held by none."""
+    await session.execute(
+        update(HostRow).where(HostRow.instance == instance).values(status="offline", instance=None)
+    )
+
+
 async def host_instances(session: AsyncSession, *, link: str) -> set[str]:
     """The instances holding streams of ``link``'s hosts, as the store says."""
     stmt = select(HostRow.instance).where(HostRow.link == link, HostRow.instance.is_not(None))
