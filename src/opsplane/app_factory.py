@@ -53,6 +53,7 @@ from opsplane.domain.roles import Principal
 from opsplane.engine.alerts import AlertSender
 from opsplane.engine.core import Engine
 from opsplane.engine.metrics import EngineMetrics
+from opsplane.engine.ports import InstanceRouter
 from opsplane.engine.schedules import AuditLaunch
 from opsplane.remoterun import RemoteRunService
 from opsplane.security.agents import AgentRegistry
@@ -139,16 +140,38 @@ def build_engine(settings: Settings) -> Engine:
                 ),
             )
         )
-    return make_engine(settings, links)
+    return make_engine(settings, links, router=instance_router(settings))
 
 
-def make_engine(settings: Settings, links: list[Link], db: AsyncEngine | None = None) -> Engine:
+def instance_router(settings: Settings) -> InstanceRouter | None:
+    """How this instance reaches the others on its database: through ``amqp_url``, if set
+    (docs/instances.md)."""
+    if not settings.amqp_url:
+        return None
+    from opsplane.transport.amqp.instances import InstanceRouter as AmqpInstanceRouter
+
+    return AmqpInstanceRouter(
+        settings.amqp_url,
+        ssl_context=amqp_ssl_context(
+            settings.amqp_url, settings.amqp_tls_ca, settings.amqp_tls_cert, settings.amqp_tls_key
+        ),
+    )
+
+
+def make_engine(
+    settings: Settings,
+    links: list[Link],
+    db: AsyncEngine | None = None,
+    *,
+    router: InstanceRouter | None = None,
+) -> Engine:
     """The engine over ``links``, its agent keys and secret parameters wired to the security
     side (the engine knows them only as engine/ports.py's protocols)."""
     return Engine(
         settings,
         links,
         db,
+        router=router,
         agents=lambda sessions, write: AgentRegistry(
             sessions,
             write,

@@ -87,8 +87,12 @@ class ConnectionWriter:
         retry_max: float = 5.0,
         on_written: Callable[[BatchOutcome], None] | None = None,
         stream_links: frozenset[str] = frozenset(),
+        instance: str | None = None,
     ) -> None:
         self._write = write
+        # This control plane among the instances sharing the database: a stream link's host
+        # row records it, so that the others route the host's commands here.
+        self._instance = instance
         # Links whose open stream was the host's liveness (Link.liveness_by_stream): their
         # heartbeats are only metrics, a minute apart, so a disconnect is the last time the
         # host was known alive and the grace before its runs are lost starts there.
@@ -242,6 +246,7 @@ class ConnectionWriter:
                     "status": "online" if online[name] else "offline",
                     "last_seen_at": op.at,
                     "connected_at": op.at,
+                    "instance": self._instance if hello.link in self._stream_links else None,
                 }
                 if hello.reports_groups:
                     values["groups"] = list(hello.groups)
@@ -262,8 +267,16 @@ class ConnectionWriter:
                 by_link.setdefault(link, []).append(name)
                 changes.host_changed(name)
             for link, names in by_link.items():
-                seen = utcnow() if link in self._stream_links else None
-                await queries.mark_hosts(session, names, "offline", link=link, last_seen_at=seen)
+                stream = link in self._stream_links
+                await queries.mark_hosts(
+                    session,
+                    names,
+                    "offline",
+                    link=link,
+                    last_seen_at=utcnow() if stream else None,
+                    # The agent may have reconnected to another instance meanwhile.
+                    released_by=self._instance if stream else None,
+                )
             reconciled = [
                 name for name, op in connects.items() if op.hello.reconcile and name not in refused
             ]

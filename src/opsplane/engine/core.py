@@ -12,6 +12,7 @@ import logging
 from collections import Counter
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
+from typing import Any
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -23,7 +24,7 @@ from opsplane.domain.redaction import Redactor
 from opsplane.domain.states import TERMINAL_TASK_STATUSES
 from opsplane.engine.archive import ArchivePruner, LogArchive
 from opsplane.engine.background import Loops
-from opsplane.engine.changes import Changes
+from opsplane.engine.changes import Changes, TaskEvent
 from opsplane.engine.connections import BatchOutcome
 from opsplane.engine.dispatcher import Dispatcher
 from opsplane.engine.hosts import HostService
@@ -31,7 +32,7 @@ from opsplane.engine.hub import EventHub
 from opsplane.engine.ingest import Ingest
 from opsplane.engine.leases import Lease, instance_name
 from opsplane.engine.monitor import Monitor
-from opsplane.engine.ports import AgentKeysFactory, SecretOpener
+from opsplane.engine.ports import AgentKeysFactory, InstanceRouter, SecretOpener
 from opsplane.engine.recovery import settle_interrupted_runs
 from opsplane.engine.retention import Retention
 from opsplane.engine.scheduler import Scheduler
@@ -65,12 +66,16 @@ class Engine:
         *,
         agents: AgentKeysFactory,
         secrets: SecretOpener,
+        router: InstanceRouter | None = None,
     ) -> None:
         """``agents`` and ``secrets`` come from the composition root
-        (``opsplane.app_factory.make_engine``), which wires them to the security side."""
+        (``opsplane.app_factory.make_engine``), which wires them to the security side.
+        ``router``: how this instance reaches the others sharing its database (set with
+        ``amqp_url``; docs/instances.md)."""
         self.settings = settings
         # This process among the instances sharing the database (the holder of its leases).
         self.instance = instance_name()
+        self.router = router
         self.db = db or create_engine(settings.effective_database_url)
         self.sessions = session_factory(self.db)
         self.links = {link.name: link for link in links}
@@ -98,7 +103,9 @@ class Engine:
             on_rejected=lambda _why: self.message_refused("ingest", "unprocessable"),
         )
         self.secrets = secrets
-        self.dispatcher = Dispatcher(self.write, self.links, secrets=secrets)
+        self.dispatcher = Dispatcher(
+            self.write, self.links, secrets=secrets, router=router, instance=self.instance
+        )
         self.scheduler = Scheduler(
             self.write,
             self.dispatcher,
@@ -129,6 +136,7 @@ class Engine:
             on_written=self._connections_written,
             connect_batch_size=settings.connect_batch_size,
             connect_linger=settings.connect_linger,
+            instance=self.instance,
         )
         self.templates = TemplateService(self.sessions, self.write, self.tasks, self.secrets)
         self.schedules = ScheduleService(self.sessions, self.write, self.templates, self.secrets)
@@ -147,6 +155,7 @@ class Engine:
             timeout_grace=settings.timeout_grace,
             send_cancels=self.dispatcher.send_cancels,
             heard=self._heard,
+            instance=self.instance,
         )
         self.retention = Retention(
             self.write,
@@ -165,6 +174,8 @@ class Engine:
             ),
         )
         self.agents = agents(self.sessions, self.write)
+        if router is not None:
+            self.agents.on_change(lambda names: router.notify({"agents": names}))
         # Messages the links refused, by (link, reason): the metrics read them.
         self.refused: Counter[tuple[str, str]] = Counter()
         # Every long-lived loop, supervised (restarted with backoff); /readyz reports them.
@@ -193,6 +204,13 @@ class Engine:
             self.scheduler.wake()
         self.hub.publish(changes.events)
         self.hub.publish_hosts(changes.hosts_changed)
+        if self.router is not None and (changes.events or changes.hosts_changed):
+            self.router.notify(
+                {
+                    "events": [_event_json(e) for e in changes.events],
+                    "hosts": sorted(changes.hosts_changed),
+                }
+            )
 
     async def start(self) -> None:
         """Migrate the database, then start ingest, links, monitor and recovery. Idempotent:
@@ -201,12 +219,20 @@ class Engine:
             return
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
         await upgrade_to_head(self.db)
+        if self.router is not None:
+            await self.router.start(self.instance, self.dispatcher.deliver_routed, self._notice)
         async with self.write() as changes:
             # Connections died with the previous process: hosts are offline until they return.
-            # Hosts of silent links have no connection to lose.
+            # Hosts of silent links have no connection to lose. Streams another running
+            # instance holds are alive: that instance judges them.
             for name, link in self.links.items():
-                if link.liveness_by_heartbeat:
-                    await queries.mark_all_hosts(changes.session, "offline", link=name)
+                if not link.liveness_by_heartbeat:
+                    continue
+                alive = None
+                if self.router is not None and link.liveness_by_stream:
+                    held = await queries.host_instances(changes.session, link=name)
+                    alive = await self.router.alive(held)
+                await queries.mark_all_hosts(changes.session, "offline", link=name, alive=alive)
             # Runs this process's predecessor executed itself can never report: they end now.
             await settle_interrupted_runs(
                 changes, [name for name, link in self.links.items() if link.executes_here]
@@ -236,7 +262,17 @@ class Engine:
         await self.ssh_api.stop()
         for link in self.links.values():
             await link.stop()
+        if self.router is not None:
+            await self.router.stop()
         await self.hosts.connections.stop()
+        if self.router is not None:
+            # The streams ended with the links: the other instances must not route to them.
+            # (One instance alone marks its hosts offline when it starts again.)
+            try:
+                async with self.write() as changes:
+                    await queries.release_hosts(changes.session, self.instance)
+            except Exception as e:
+                log.warning("could not release this instance's hosts: %s", e)
         await self.monitor.stop()
         await self.retention.stop()
         await self.archive_pruner.stop()
@@ -318,6 +354,35 @@ class Engine:
             if link is not None:
                 await link.drop(name, "no heartbeat: the host is offline")
 
+    async def _notice(self, notice: dict[str, Any]) -> None:
+        """What another instance said (docs/instances.md): its task events and host changes,
+        for this instance's live streams; agents it enrolled or revoked."""
+        events = notice.get("events")
+        if isinstance(events, list):
+            self.hub.publish_foreign(
+                [
+                    TaskEvent(
+                        int(e["id"]),
+                        str(e["task_id"]),
+                        str(e["kind"]),
+                        dict(e["data"]),
+                        bool(e.get("durable", True)),
+                    )
+                    for e in events
+                ]
+            )
+        hosts = notice.get("hosts")
+        if isinstance(hosts, list) and hosts:
+            self.hub.publish_hosts({str(name) for name in hosts})
+        agents = notice.get("agents")
+        if isinstance(agents, list) and agents:
+            await self.agents.load()
+            for name in map(str, agents):
+                identity = self.agents.identity(name)
+                if identity is not None and identity.revoked:
+                    for link in self.links.values():
+                        await link.drop(name, f"agent {name} was revoked")
+
     async def revoke_agent(self, name: str, *, revoked_by: str) -> AgentRecord:
         """Revoke an enrolled agent and drop its live connections."""
         row = await self.agents.revoke(name, revoked_by=revoked_by)
@@ -344,3 +409,13 @@ class Engine:
         elif not connected:
             name = hello_or_name if isinstance(hello_or_name, str) else hello_or_name.hostname
             await self.host_disconnected(name, link)
+
+
+def _event_json(event: TaskEvent) -> dict[str, Any]:
+    return {
+        "id": event.id,
+        "task_id": event.task_id,
+        "kind": event.kind,
+        "data": event.data,
+        "durable": event.durable,
+    }

@@ -16,15 +16,15 @@ from typing import TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from opsplane.domain.errors import ConfigError, TransportError
+from opsplane.domain.errors import ConfigError, NotConnected, TransportError
 from opsplane.domain.states import RunStatus
 from opsplane.domain.tasks import ExecSpec
 from opsplane.engine.changes import Changes
-from opsplane.engine.ports import SecretOpener
+from opsplane.engine.ports import InstanceRouter, SecretOpener
 from opsplane.logcontext import about
 from opsplane.store import queries
 from opsplane.store.tables import HostRow, RunRow, TaskRow, utcnow
-from opsplane.transport.base import CommandEnvelope, Fanout, Link, UploadSpec
+from opsplane.transport.base import CommandEnvelope, Fanout, Link, RoutedMessage, UploadSpec
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,8 @@ class Dispatch:
     link: str
     host: str
     envelope: CommandEnvelope
+    # The instance holding the host's stream, when another one does (docs/instances.md).
+    instance: str | None = None
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,7 @@ class CancelOrder:
     task_id: str
     run_id: str
     reason: str
+    instance: str | None = None
 
 
 class Dispatcher:
@@ -80,10 +83,15 @@ class Dispatcher:
         *,
         secrets: SecretOpener | None = None,
         max_in_flight_sends: int = 500,
+        router: InstanceRouter | None = None,
+        instance: str = "",
     ) -> None:
         self._write = write
         self._links = links
         self._secrets = secrets
+        # Commands for hosts whose stream another instance holds go through it.
+        self._router = router
+        self._instance = instance
         self._max_in_flight_sends = max_in_flight_sends
         self._send_slots = asyncio.Semaphore(max_in_flight_sends)
 
@@ -94,9 +102,29 @@ class Dispatcher:
         return row.link if row is not None else "grpc"
 
     def reachable(self, host: str, hosts: Mapping[str, HostRow]) -> bool:
-        """Whether a run sent to ``host`` now has a live connection to travel."""
+        """Whether a run sent to ``host`` now has a live connection to travel: here, or on
+        the instance that holds its stream."""
         link = self._links.get(self.link_name(host, hosts))
-        return link is not None and link.is_connected(host)
+        if link is None:
+            return False
+        return link.is_connected(host) or self._held_elsewhere(host, hosts, link) is not None
+
+    def _held_elsewhere(
+        self, host: str, hosts: Mapping[str, HostRow], link: Link | None
+    ) -> str | None:
+        """The other instance holding ``host``'s stream, when commands are to go through it
+        (not when this one holds a stream to it too: the agent has just moved here)."""
+        row = hosts.get(host)
+        if (
+            self._router is None
+            or row is None
+            or row.instance is None
+            or row.instance == self._instance
+            or row.status != "online"
+            or (link is not None and link.is_connected(host))
+        ):
+            return None
+        return row.instance
 
     async def mark_deliverable(
         self,
@@ -144,9 +172,13 @@ class Dispatcher:
                 if spec.local_path and spec.remote_path
                 else None,
             )
-            by_link.setdefault(link_name, []).append(Dispatch(link_name, run.host, envelope))
+            instance = self._held_elsewhere(run.host, hosts, self._links.get(link_name))
+            by_link.setdefault(link_name, []).append(
+                Dispatch(link_name, run.host, envelope, instance)
+            )
         plan = DispatchPlan()
         for link_name, dispatches in by_link.items():
+            # (A link that fans out reaches its hosts from any instance: none is routed.)
             if whole and self._links[link_name].supports_fanout:
                 self._plan_fanout(plan, task, dispatches, hosts)
             else:
@@ -217,9 +249,16 @@ class Dispatcher:
         session: AsyncSession, runs: Sequence[RunRow], reason_of: Callable[[RunRow], str]
     ) -> list[CancelOrder]:
         """Within the caller's transaction: the cancels to send for ``runs`` once it commits."""
-        links = await queries.links_of_hosts(session, {run.host for run in runs})
+        routes = await queries.host_routes(session, {run.host for run in runs})
         return [
-            CancelOrder(run.host, links.get(run.host, "grpc"), run.task_id, run.id, reason_of(run))
+            CancelOrder(
+                run.host,
+                routes.get(run.host, ("grpc", None))[0],
+                run.task_id,
+                run.id,
+                reason_of(run),
+                routes.get(run.host, ("grpc", None))[1],
+            )
             for run in runs
         ]
 
@@ -249,7 +288,17 @@ class Dispatcher:
             return
         async with self._send_slots:
             try:
-                await link.send_cancel(order.host, order.task_id, order.run_id, order.reason)
+                if (
+                    self._router is not None
+                    and order.instance not in (None, self._instance)
+                    and not link.is_connected(order.host)
+                ):
+                    assert order.instance is not None
+                    data = link.encode_cancel(order.host, order.task_id, order.run_id, order.reason)
+                    routed = RoutedMessage("cancel", order.link, order.host, order.run_id, data)
+                    await self._router.forward(order.instance, routed)
+                else:
+                    await link.send_cancel(order.host, order.task_id, order.run_id, order.reason)
             except TransportError as e:
                 log.info(
                     "cancel of run %s could not reach %s: %s",
@@ -263,7 +312,13 @@ class Dispatcher:
         run_id = item.envelope.run_id
         async with self._send_slots:
             try:
-                await self._links[item.link].send_command(item.host, item.envelope)
+                link = self._links[item.link]
+                if item.instance is not None and self._router is not None:
+                    data = link.encode_command(item.host, item.envelope)
+                    routed = RoutedMessage("command", item.link, item.host, run_id, data)
+                    await self._router.forward(item.instance, routed)
+                else:
+                    await link.send_command(item.host, item.envelope)
             except TransportError as e:
                 log.info(
                     "could not deliver run %s to %s: %s",
@@ -287,3 +342,21 @@ class Dispatcher:
                 )
                 return {run_id: f"delivery failed: {e}" for run_id in item.fanout.run_ids.values()}
         return {}
+
+    async def deliver_routed(self, message: RoutedMessage) -> None:
+        """Write a message another instance routed here to the host's stream; a command that
+        cannot be written is ``undeliverable``, as if this instance had sent it."""
+        link = self._links.get(message.link)
+        try:
+            if link is None:
+                raise NotConnected(f"no {message.link} link here")
+            async with self._send_slots:
+                await link.send_encoded(message.host, message.data)
+        except TransportError as e:
+            log.info("could not deliver routed %s to %s: %s", message.kind, message.host, e)
+            if message.kind != "command":
+                return
+            async with self._write() as changes:
+                runs = await queries.runs_by_id(changes.session, [message.run_id])
+                for run in runs.values():
+                    changes.move(run, RunStatus.UNDELIVERABLE, error=f"delivery failed: {e}")

@@ -40,6 +40,7 @@ class HostService:
         on_written: Callable[[BatchOutcome], None] | None = None,
         connect_batch_size: int = 500,
         connect_linger: float = 0.05,
+        instance: str | None = None,
     ) -> None:
         self._sessions = sessions
         self._write = write
@@ -54,6 +55,7 @@ class HostService:
             linger=connect_linger,
             on_written=on_written,
             stream_links=frozenset(n for n, link in links.items() if link.liveness_by_stream),
+            instance=instance,
         )
 
     async def load(self) -> None:

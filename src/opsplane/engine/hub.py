@@ -142,6 +142,12 @@ class EventHub:
                     listener(events)
                 except Exception:
                     log.exception("task event listener %r failed", listener)
+        self.publish_foreign(events)
+
+    def publish_foreign(self, events: list[TaskEvent]) -> None:
+        """Events another instance committed (docs/instances.md): to this instance's
+        subscribers only. Listeners (metrics, alerts) saw them on the instance that wrote
+        them: here they would count twice."""
         for event in events:
             for subscription in list(self._subscribers.get(event.task_id, ())):
                 try:

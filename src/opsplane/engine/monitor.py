@@ -43,6 +43,7 @@ class Monitor:
         timeout_grace: float = 30.0,
         send_cancels: Callable[[list[CancelOrder]], Awaitable[None]] | None = None,
         heard: Callable[[str, str], bool] = lambda _name, _link: False,
+        instance: str | None = None,
     ) -> None:
         """``hearing`` says whether heartbeats are being written now (False while ingest is
         paused because the database is unreachable). ``heard(name, link)`` says whether a host
@@ -50,6 +51,8 @@ class Monitor:
         stream to it (the stream's keepalive is its liveness), or a heartbeat of it is on its
         way to the database."""
         self._heard = heard
+        # Each instance judges the hosts whose streams it holds (and those nobody holds).
+        self._instance = instance
         self._write = write
         # The control plane's own timeout clock: a run still in flight ``timeout_grace`` after
         # its command's timeout has ended on its host or never will; its cancel goes out
@@ -122,6 +125,7 @@ class Monitor:
                     now - self._silence_limit,
                     exclude_links=self._silent_links,
                     limit=self._batch,
+                    instance=self._instance,
                 )
                 if self._since_start(now) >= self._silence_limit
                 else []

@@ -5,15 +5,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager
-from typing import Protocol
+from typing import Any, Protocol
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from opsplane.domain.records import AgentRecord
 from opsplane.engine.changes import Changes
+from opsplane.transport.base import RoutedMessage
 
 
 class AgentIdentity(Protocol):
@@ -40,6 +41,9 @@ class AgentKeys(Protocol):
 
     async def revoke(self, name: str, *, revoked_by: str) -> AgentRecord: ...
 
+    def on_change(self, listener: Callable[[list[str]], None]) -> None:
+        """Call ``listener`` with the names of agents this instance enrolled or revoked."""
+
 
 class SecretOpener(Protocol):
     """Decrypts a task's secret parameters at dispatch, and only there; seals the secret
@@ -55,3 +59,24 @@ AgentKeysFactory = Callable[
     [async_sessionmaker[AsyncSession], Callable[[], AbstractAsyncContextManager[Changes]]],
     AgentKeys,
 ]
+
+
+class InstanceRouter(Protocol):
+    """How instances sharing the database reach each other (transport/amqp/instances.py)."""
+
+    async def start(
+        self,
+        instance: str,
+        on_routed: Callable[[RoutedMessage], Awaitable[None]],
+        on_notice: Callable[[dict[str, Any]], Awaitable[None]],
+    ) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def forward(self, instance: str, message: RoutedMessage) -> None:
+        """Raises NotConnected when ``instance`` is gone, ConnectionLost on a broker failure."""
+
+    def notify(self, notice: dict[str, Any]) -> None:
+        """Tell the other instances, without waiting."""
+
+    async def alive(self, instances: Iterable[str]) -> set[str]: ...

@@ -17,13 +17,14 @@ From then on:
 With ``require_enrollment`` off, agents that never enrolled may still connect (and choose their
 own groups, as before enrollment existed); an enrolled name is always held to its enrollment.
 The registry keeps a snapshot in memory for the links' checks, which must not wait on the
-database for every message; it is refreshed whenever this instance changes it.
+database for every message; it is refreshed whenever this instance changes it, and when another
+instance says it changed it (``on_change``, docs/instances.md).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -80,6 +81,15 @@ class AgentRegistry:
         # Names no agent may take: the control plane's own host.
         self._reserved = frozenset(reserved_names)
         self._identities: dict[str, AgentIdentity] = {}
+        # Told of every enrollment and revocation made here: other instances refresh theirs.
+        self._listeners: list[Callable[[list[str]], None]] = []
+
+    def on_change(self, listener: Callable[[list[str]], None]) -> None:
+        self._listeners.append(listener)
+
+    def _changed(self, name: str) -> None:
+        for listener in self._listeners:
+            listener([name])
 
     async def load(self) -> None:
         """Read every enrolled agent into the snapshot the links check against."""
@@ -203,6 +213,7 @@ class AgentRegistry:
             )
             session.add(row)
         self._identities[name] = _identity(row)
+        self._changed(name)
         log.info("agent %s enrolled for groups %s", name, ", ".join(row.groups) or "(none)")
         return row
 
@@ -220,6 +231,7 @@ class AgentRegistry:
                 row.revoked_at = utcnow()
                 row.revoked_by = revoked_by
         self._identities[name] = _identity(row)
+        self._changed(name)
         log.info("agent %s revoked by %s", name, revoked_by)
         return row
 

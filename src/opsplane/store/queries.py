@@ -20,6 +20,7 @@ from sqlalchemy import (
     literal,
     or_,
     select,
+    true,
     update,
 )
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -403,10 +404,14 @@ async def stale_online_hosts(
     *,
     exclude_links: Sequence[str] = (),
     limit: int | None = None,
+    instance: str | None = None,
 ) -> list[HostRow]:
     """Online hosts last seen before ``seen_before``: the hosts that crossed the silence limit
-    since they were last marked (index on status and last_seen_at)."""
+    since they were last marked (index on status and last_seen_at). With ``instance``, not the
+    hosts whose stream another instance holds: that one judges them."""
     stmt = select(HostRow).where(HostRow.status == "online", HostRow.last_seen_at < seen_before)
+    if instance is not None:
+        stmt = stmt.where(or_(HostRow.instance.is_(None), HostRow.instance == instance))
     if exclude_links:
         stmt = stmt.where(HostRow.link.not_in(list(exclude_links)))
     if limit is not None:
@@ -512,8 +517,30 @@ async def delete_events(session: AsyncSession, ids: Sequence[int]) -> None:
         await session.execute(delete(TaskEventRow).where(TaskEventRow.id.in_(list(ids))))
 
 
-async def mark_all_hosts(session: AsyncSession, status: str, *, link: str) -> None:
-    await session.execute(update(HostRow).where(HostRow.link == link).values(status=status))
+async def mark_all_hosts(
+    session: AsyncSession, status: str, *, link: str, alive: Iterable[str] | None = None
+) -> None:
+    """Set the status of every host of ``link``; with ``alive``, only of those whose stream
+    no instance of ``alive`` holds, and they are held by none after."""
+    stmt = update(HostRow).where(HostRow.link == link)
+    if alive is None:
+        await session.execute(stmt.values(status=status))
+        return
+    orphan = or_(HostRow.instance.is_(None), HostRow.instance.not_in(list(alive)))
+    await session.execute(stmt.where(orphan).values(status=status, instance=None))
+
+
+async def release_hosts(session: AsyncSession, instance: str) -> None:
+    """The hosts whose streams ``instance`` held are offline and held by none."""
+    await session.execute(
+        update(HostRow).where(HostRow.instance == instance).values(status="offline", instance=None)
+    )
+
+
+async def host_instances(session: AsyncSession, *, link: str) -> set[str]:
+    """The instances holding streams of ``link``'s hosts, as the store says."""
+    stmt = select(HostRow.instance).where(HostRow.link == link, HostRow.instance.is_not(None))
+    return {name for name in (await session.execute(stmt.distinct())).scalars() if name}
 
 
 async def insert_runs(session: AsyncSession, rows: Sequence[dict[str, Any]]) -> None:
@@ -607,16 +634,24 @@ async def mark_hosts(
     *,
     link: str,
     last_seen_at: datetime | None = None,
+    released_by: str | None = None,
 ) -> None:
     """Set the status (and ``last_seen_at`` if given) of the named hosts that belong to
-    ``link`` (in chunks)."""
+    ``link`` (in chunks). With ``released_by``: only hosts whose stream that instance held (or
+    nobody), and they are held by none after (a host that moved to another instance stays)."""
     values: dict[str, Any] = {"status": status}
     if last_seen_at is not None:
         values["last_seen_at"] = last_seen_at
+    held: Any = true()
+    if released_by is not None:
+        values["instance"] = None
+        held = or_(HostRow.instance.is_(None), HostRow.instance == released_by)
     for start in range(0, len(names), 500):
         chunk = list(names[start : start + 500])
         await session.execute(
-            update(HostRow).where(HostRow.name.in_(chunk), HostRow.link == link).values(**values)
+            update(HostRow)
+            .where(HostRow.name.in_(chunk), HostRow.link == link, held)
+            .values(**values)
         )
 
 
@@ -664,6 +699,21 @@ async def links_of_hosts(session: AsyncSession, names: Iterable[str]) -> dict[st
         chunk = wanted[start : start + 500]
         stmt = select(HostRow.name, HostRow.link).where(HostRow.name.in_(chunk))
         found.update({name: link for name, link in await session.execute(stmt)})
+    return found
+
+
+async def host_routes(
+    session: AsyncSession, names: Iterable[str]
+) -> dict[str, tuple[str, str | None]]:
+    """Host name → (link, instance holding its stream), for the hosts that exist."""
+    wanted = sorted(set(names))
+    found: dict[str, tuple[str, str | None]] = {}
+    for start in range(0, len(wanted), 500):
+        chunk = wanted[start : start + 500]
+        stmt = select(HostRow.name, HostRow.link, HostRow.instance).where(HostRow.name.in_(chunk))
+        found.update(
+            {name: (link, instance) for name, link, instance in await session.execute(stmt)}
+        )
     return found
 
 

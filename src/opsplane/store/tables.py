@@ -175,6 +175,10 @@ class HostRow(Base):
     # `all`, groups and labels never select it, only its name does; `opsplane hosts` hides it
     # unless asked. An operator's registration of the same name clears it.
     adhoc: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # The control-plane instance holding the host's gRPC stream (engine/leases.py
+    # instance_name): commands for the host are routed to it (docs/instances.md). None while
+    # no stream is held, and for hosts any instance reaches (RabbitMQ, SSH, local).
+    instance: Mapped[str | None] = mapped_column(String(128))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 

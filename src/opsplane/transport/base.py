@@ -274,6 +274,19 @@ class AgentKey:
 
 
 @dataclass(frozen=True)
+class RoutedMessage:
+    """A message for a host whose stream another control-plane instance holds, in the link's
+    wire form (a command signed by the instance that sent it), for that instance to write to
+    the stream as it is (docs/instances.md)."""
+
+    kind: Literal["command", "cancel"]
+    link: str
+    host: str
+    run_id: str
+    data: bytes
+
+
+@dataclass(frozen=True)
 class Fanout:
     """One message for many hosts: a group's members (``group``), or every host (None)."""
 
@@ -348,6 +361,22 @@ class Link(abc.ABC):
     async def send_fanout(self, fanout: Fanout) -> None:
         """Deliver one message to a group or to all; raises like ``send_command``."""
         raise NotImplementedError(f"the {self.name} link cannot fan out")
+
+    # Links whose hosts hold a stream to one instance (``liveness_by_stream``): another
+    # instance's commands for them are encoded there, routed, and written here.
+
+    def encode_command(self, hostname: str, command: CommandEnvelope) -> bytes:
+        """``command`` for ``hostname`` in this link's wire form, signed as ``send_command``
+        would send it."""
+        raise NotImplementedError(f"the {self.name} link holds no streams")
+
+    def encode_cancel(self, hostname: str, task_id: str, run_id: str, reason: str) -> bytes:
+        raise NotImplementedError(f"the {self.name} link holds no streams")
+
+    async def send_encoded(self, hostname: str, data: bytes) -> None:
+        """Write a message ``encode_*`` made (here or on another instance) to ``hostname``'s
+        stream; raises like ``send_command``."""
+        raise NotImplementedError(f"the {self.name} link holds no streams")
 
     @abc.abstractmethod
     async def send_cancel(self, hostname: str, task_id: str, run_id: str, reason: str) -> None:

@@ -258,6 +258,9 @@ class GrpcLink(Link, pb_grpc.CommandServiceServicer):  # type: ignore[misc]
         )
 
     async def send_command(self, hostname: str, command: CommandEnvelope) -> None:
+        await self._stream(hostname).write(await self._command(hostname, command))
+
+    async def _command(self, hostname: str, command: CommandEnvelope) -> pb.CommandMessage:
         manifest = None
         if command.upload is not None:
             try:
@@ -266,15 +269,40 @@ class GrpcLink(Link, pb_grpc.CommandServiceServicer):  # type: ignore[misc]
                 )
             except OSError as e:
                 raise TransportError(f"cannot read the upload's files: {e}") from e
-        message = convert.command_to_pb(command, time.time(), target=hostname, manifest=manifest)
+        return self._signed(
+            convert.command_to_pb(command, time.time(), target=hostname, manifest=manifest)
+        )
+
+    def _signed(self, message: pb.CommandMessage) -> pb.CommandMessage:
         if self._signing_key is not None:
             content = message.command_content
             content.sign = sign(self._signing_key, convert.signed_fields(content))
-        await self._stream(hostname).write(message)
+        return message
 
     async def send_cancel(self, hostname: str, task_id: str, run_id: str, reason: str) -> None:
-        message = pb.CommandMessage(cancel=pb.Cancel(run_id=run_id, task_id=task_id, reason=reason))
-        await self._stream(hostname).write(message)
+        await self._stream(hostname).write(_cancel(task_id, run_id, reason))
+
+    def encode_command(self, hostname: str, command: CommandEnvelope) -> bytes:
+        if command.upload is not None:
+            # Chunks are served by the instance that read the files (docs/filepush.md): an
+            # upload to an agent on another instance would need them there too.
+            raise TransportError(
+                f"{hostname} is connected to another control-plane instance: uploads to it "
+                "are not routed between instances yet (docs/instances.md)"
+            )
+        message = convert.command_to_pb(command, time.time(), target=hostname)
+        return self._signed(message).SerializeToString()
+
+    def encode_cancel(self, hostname: str, task_id: str, run_id: str, reason: str) -> bytes:
+        return _cancel(task_id, run_id, reason).SerializeToString()
+
+    async def send_encoded(self, hostname: str, data: bytes) -> None:
+        stream = self._stream(hostname)
+        try:
+            message = pb.CommandMessage.FromString(data)
+        except DecodeError as e:
+            raise ConnectionLost(f"a routed message for {hostname} is not one: {e}") from e
+        await stream.write(message)
 
     async def drop(self, hostname: str, reason: str) -> None:
         stream = self._streams.get(hostname)
@@ -574,6 +602,10 @@ class GrpcLink(Link, pb_grpc.CommandServiceServicer):  # type: ignore[misc]
         ack = pb.CommandMessage(ack=pb.Ack(run_id=run_id, kind="result"))
         with contextlib.suppress(NotConnected, ConnectionLost):
             await stream.write(ack)
+
+
+def _cancel(task_id: str, run_id: str, reason: str) -> pb.CommandMessage:
+    return pb.CommandMessage(cancel=pb.Cancel(run_id=run_id, task_id=task_id, reason=reason))
 
 
 def _certificate_names(
