@@ -28,10 +28,10 @@ from typing import TYPE_CHECKING, cast
 from opsplane.agentdeploy import remote
 from opsplane.agentdeploy.bundle import Bundle, build_bundle
 from opsplane.domain.errors import InvalidInput, OpsplaneError
+from opsplane.domain.records import HostRecord
 from opsplane.engine.hosts import HostService
 from opsplane.execution import Outcome
 from opsplane.security.agents import AgentRegistry
-from opsplane.store.tables import HostRow
 from opsplane.transport.base import SSH_LINK, Link
 
 if TYPE_CHECKING:  # the SSH link needs the optional asyncssh
@@ -142,7 +142,7 @@ class AgentDeployer:
         stop_reason: list[str] = []
         failures = 0
 
-        async def one(host: HostRow) -> HostResult:
+        async def one(host: HostRecord) -> HostResult:
             nonlocal failures
             async with slots:
                 if stop_reason:
@@ -168,7 +168,7 @@ class AgentDeployer:
         report.seconds = time.monotonic() - started
         return report
 
-    async def _select(self, request: DeployRequest) -> list[HostRow]:
+    async def _select(self, request: DeployRequest) -> list[HostRecord]:
         if not request.group and not request.hosts:
             raise InvalidInput("name a group or hosts to deploy to")
         candidates = await self._hosts.hosts_reachable_by_ssh()
@@ -188,7 +188,7 @@ class AgentDeployer:
         return chosen
 
     async def _one(
-        self, host: HostRow, bundle: Bundle, request: DeployRequest, *, upgrade: bool
+        self, host: HostRecord, bundle: Bundle, request: DeployRequest, *, upgrade: bool
     ) -> HostResult:
         started = time.monotonic()
         if host.name in self._working:
@@ -206,7 +206,7 @@ class AgentDeployer:
         return result
 
     async def _deploy_host(
-        self, host: HostRow, bundle: Bundle, request: DeployRequest, *, upgrade: bool
+        self, host: HostRecord, bundle: Bundle, request: DeployRequest, *, upgrade: bool
     ) -> HostResult:
         assert self._ssh is not None
         name = host.name
@@ -305,7 +305,7 @@ class AgentDeployer:
         )
 
     async def _enroll(
-        self, run: _Runner, host: HostRow, probe: remote.Probe, request: DeployRequest
+        self, run: _Runner, host: HostRecord, probe: remote.Probe, request: DeployRequest
     ) -> None:
         identity = self._agents.identity(host.name)
         if probe.enrolled and identity is not None and not identity.revoked:

@@ -68,7 +68,7 @@ class UserOut(BaseModel):
             role=row.role,
             groups=row.groups,
             disabled=row.disabled,
-            has_password=row.password_hash is not None,
+            has_password=row.has_password,
             created_at=row.created_at,
             updated_at=row.updated_at,
             last_login_at=row.last_login_at,

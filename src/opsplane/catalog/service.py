@@ -26,6 +26,8 @@ from typing import Any
 from opsplane.catalog.logfile import RunRecord, TaskLogs
 from opsplane.catalog.registry import Catalog, CatalogEntry, ExternalEntry, describe_routes
 from opsplane.domain.errors import Conflict, InvalidInput, NotFound, OpsplaneError
+from opsplane.domain.records import RunRecord as StoredRun
+from opsplane.domain.records import TaskRecord
 from opsplane.domain.states import TERMINAL_TASK_STATUSES, RunStatus, TaskStatus
 from opsplane.domain.targeting import Targets
 from opsplane.domain.tasks import TaskRequest
@@ -33,7 +35,7 @@ from opsplane.engine.core import Engine
 from opsplane.engine.hub import Subscription
 from opsplane.engine.service import BeforeCommit
 from opsplane.remoterun.scripts import VERIFIED_DIR, VerifiedCopies, file_sha256, short_hash
-from opsplane.store.tables import RunRow, TaskRow, utcnow
+from opsplane.store.tables import utcnow
 
 log = logging.getLogger(__name__)
 
@@ -346,7 +348,7 @@ class CatalogService:
         if self._sessions:
             log.info("catalog: %d sessions restored from the database", len(self._sessions))
 
-    async def _settle_restored(self, session: _Session, task: TaskRow) -> None:
+    async def _settle_restored(self, session: _Session, task: TaskRecord) -> None:
         runs = await self.engine.tasks.list_runs(task.id)
         run = runs[0] if runs else None
         # Whether /async/kill asked for it is not kept: a cancel reads as one.
@@ -474,7 +476,7 @@ def last_line(text: str) -> str:
     return ""
 
 
-def _outcome(status: str, run: RunRow | None, *, killed: bool) -> tuple[SyncResult, str]:
+def _outcome(status: str, run: StoredRun | None, *, killed: bool) -> tuple[SyncResult, str]:
     """The sync answer and the query's ``error`` of a finished task."""
     stdout = last_line(run.stdout) if run is not None else ""
     stderr = last_line(run.stderr) if run is not None else ""
@@ -488,7 +490,7 @@ def _outcome(status: str, run: RunRow | None, *, killed: bool) -> tuple[SyncResu
     return SyncResult(1, stdout, stderr or error), error
 
 
-def _record(session: _Session, command: str, run: RunRow, error: str) -> RunRecord:
+def _record(session: _Session, command: str, run: StoredRun, error: str) -> RunRecord:
     return RunRecord(
         name=session.entry.name,
         session_id=session.id,

@@ -75,7 +75,7 @@ def counts_view(counts: dict[str, int], total: int) -> dict[str, int]:
     return view
 
 
-def task_view(task: TaskRecord) -> dict[str, Any]:
+def task_view(task: TaskRecord | TaskRow) -> dict[str, Any]:
     """The public JSON shape of a task (the API and the event stream share it)."""
     counts = counts_view(task.counts or {}, task.total)
     finished = sum(counts[s.value] for s in TERMINAL_RUN_STATUSES)
@@ -121,7 +121,7 @@ _FAILED_HOST_STATUSES = (
 )
 
 
-def _seed001_names(task: TaskRecord, counts: dict[str, int]) -> dict[str, Any]:
+def _seed001_names(task: TaskRecord | TaskRow, counts: dict[str, int]) -> dict[str, Any]:
     """Seed 001's task fields, from opsplane's counts (docs/compat.md): ``completed_hosts`` is
     the seed's "执行完成" (done, succeeded), ``updated_at`` the task's last change of state."""
     changed = [at for at in (task.created_at, task.started_at, task.finished_at) if at]

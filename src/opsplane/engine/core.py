@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from opsplane.config import Settings
 from opsplane.domain.errors import InvalidInput, ReportRejected
-from opsplane.domain.records import AgentRecord
+from opsplane.domain.records import AgentRecord, TaskRecord
 from opsplane.domain.redaction import Redactor
 from opsplane.domain.states import TERMINAL_TASK_STATUSES
 from opsplane.engine.archive import ArchivePruner, LogArchive
@@ -43,7 +43,6 @@ from opsplane.engine.templates import TemplateService
 from opsplane.store import queries
 from opsplane.store.database import create_engine, session_factory
 from opsplane.store.migrate import upgrade_to_head
-from opsplane.store.tables import TaskRow
 from opsplane.transport.base import (
     LOCAL_LINK,
     SSH_LINK,
@@ -279,7 +278,7 @@ class Engine:
         await self.ingest.stop()
         await self.db.dispose()
 
-    async def wait_task(self, task_id: str) -> TaskRow:
+    async def wait_task(self, task_id: str) -> TaskRecord:
         """The task once it has ended (bound the wait with ``asyncio.timeout`` at the caller)."""
         subscription = self.hub.subscribe(task_id)
         try:

@@ -14,11 +14,13 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from opsplane.domain.errors import ConfigError, Conflict, NameTaken, NotFound
 from opsplane.domain.inventory import SshHostRequest
 from opsplane.domain.paging import PageOf, PageRequest
+from opsplane.domain.records import HeartbeatRecord, HostRecord, RunRecord, TaskRecord
 from opsplane.domain.targeting import check_host_name, normalize_names
 from opsplane.engine.changes import Changes
 from opsplane.engine.connections import BatchOutcome, ConnectionWriter, taken_by_other_link
 from opsplane.store import queries
-from opsplane.store.tables import HeartbeatRow, HostRow, RunRow, TaskRow, utcnow
+from opsplane.store.records import record_of, records_of
+from opsplane.store.tables import HostRow, utcnow
 from opsplane.transport.base import LOCAL_LINK, SSH_LINK, AgentHello, Link
 
 log = logging.getLogger(__name__)
@@ -100,16 +102,16 @@ class HostService:
         await self.connections.disconnect(hostname, link)
         log.debug("host %s disconnected from %s", hostname, link)
 
-    async def get_host(self, name: str) -> HostRow:
+    async def get_host(self, name: str) -> HostRecord:
         async with self._sessions() as session:
             host = await queries.get_host(session, name)
         if host is None:
             raise NotFound(f"host {name} not found")
-        return host
+        return record_of(HostRecord, host)
 
     async def register_agent_host(
         self, name: str, link: str, groups: tuple[str, ...], labels: Mapping[str, str]
-    ) -> HostRow:
+    ) -> HostRecord:
         """Add or update the inventory entry of an agent's host: its groups and labels, which
         an agent whose heartbeat names none (seed 002's) keeps (``AgentHello.reports_groups``).
         Its status stays what its heartbeats say ("unknown" until the first)."""
@@ -127,9 +129,11 @@ class HostService:
             host.labels = dict(labels)
             changes.host_changed(name)
         log.info("host %s (%s) registered with groups %s", name, link, ",".join(groups))
-        return host
+        return record_of(HostRecord, host)
 
-    async def register_ssh_host(self, request: SshHostRequest, *, adhoc: bool = False) -> HostRow:
+    async def register_ssh_host(
+        self, request: SshHostRequest, *, adhoc: bool = False
+    ) -> HostRecord:
         """Add or update an agentless host; secrets go to the link only, never the store.
 
         ``adhoc``: a target a seed-000 request brought (engine/sshapi.py). A new host is then
@@ -167,7 +171,7 @@ class HostService:
             changes.host_changed(request.name)
         self._link_of[request.name] = SSH_LINK
         link.update_inventory(request.name, request.for_link())
-        return host
+        return record_of(HostRecord, host)
 
     async def hand_to_agent(self, name: str, link: str) -> None:
         """An SSH host becomes an agent's host (``opsplane agents deploy``): from now on its
@@ -195,12 +199,13 @@ class HostService:
         async with self._sessions() as session:
             return await queries.runs_in_flight_on_host(session, name)
 
-    async def hosts_reachable_by_ssh(self) -> list[HostRow]:
+    async def hosts_reachable_by_ssh(self) -> list[HostRecord]:
         """Every inventory host with SSH access: SSH hosts and agents deployed over SSH."""
         async with self._sessions() as session:
-            return [h for h in await queries.hosts_with_ssh(session) if not h.adhoc]
+            hosts = await queries.hosts_with_ssh(session)
+        return [record_of(HostRecord, host) for host in hosts if not host.adhoc]
 
-    async def remove_host(self, name: str) -> HostRow:
+    async def remove_host(self, name: str) -> HostRecord:
         """Forget a host: its row and heartbeat history (its runs stay, as history).
 
         Refused (Conflict) for the control plane's own host, for an agent that is connected
@@ -231,7 +236,7 @@ class HostService:
         if host.ssh and (ssh_link := self._links.get(SSH_LINK)) is not None:
             ssh_link.update_inventory(name, None)
         log.info("host %s (%s) removed", name, host.link)
-        return host
+        return record_of(HostRecord, host)
 
     async def load_inventory(self) -> None:
         """Tell the links about the inventory hosts the store holds (at start-up)."""
@@ -243,20 +248,25 @@ class HostService:
             if link is not None and host.ssh:
                 link.update_inventory(host.name, host.ssh)
 
-    async def heartbeat_history(self, name: str, since: datetime) -> list[HeartbeatRow]:
+    async def heartbeat_history(self, name: str, since: datetime) -> list[HeartbeatRecord]:
         """Downsampled heartbeats (one a minute, kept a day) since ``since``."""
         await self.get_host(name)
         async with self._sessions() as session:
-            return await queries.heartbeat_history(session, name, since, limit=2000)
+            rows = await queries.heartbeat_history(session, name, since, limit=2000)
+        return [record_of(HeartbeatRecord, row) for row in rows]
 
     async def runs_of_host(
         self, name: str, page: PageRequest, *, output: bool = False
-    ) -> PageOf[tuple[RunRow, TaskRow]]:
+    ) -> PageOf[tuple[RunRecord, TaskRecord]]:
         await self.get_host(name)
         async with self._sessions() as session:
-            return await queries.runs_of_host(session, name, page, output=output)
+            found = await queries.runs_of_host(session, name, page, output=output)
+        items = [
+            (record_of(RunRecord, run), record_of(TaskRecord, task)) for run, task in found.items
+        ]
+        return PageOf(items, found.total, found.next_cursor)
 
-    async def hosts_named(self, names: set[str]) -> list[HostRow]:
+    async def hosts_named(self, names: set[str]) -> list[HostRecord]:
         """The hosts of these names that exist, by name (read in chunks that every backend
         accepts in one IN list)."""
         wanted = sorted(names)
@@ -264,7 +274,7 @@ class HostService:
         async with self._sessions() as session:
             for start in range(0, len(wanted), 500):
                 hosts.update(await queries.hosts_by_name(session, wanted[start : start + 500]))
-        return [hosts[name] for name in sorted(hosts)]
+        return [record_of(HostRecord, hosts[name]) for name in sorted(hosts)]
 
     async def fleet_summary(self) -> dict[str, int]:
         """Hosts by status and the number of running tasks, for dashboards."""
@@ -286,11 +296,11 @@ class HostService:
         group: str | None = None,
         name: str | None = None,
         include_adhoc: bool = False,
-    ) -> PageOf[HostRow]:
+    ) -> PageOf[HostRecord]:
         async with self._sessions() as session:
             # The control plane's own host runs catalog scripts; it is not part of the fleet,
             # and neither are seed-000's ad-hoc targets unless asked for.
-            return await queries.list_hosts(
+            found = await queries.list_hosts(
                 session,
                 page,
                 status=status,
@@ -299,6 +309,7 @@ class HostService:
                 exclude_link=LOCAL_LINK,
                 include_adhoc=include_adhoc,
             )
+        return records_of(HostRecord, found)
 
 
 async def _no_probe() -> None:

@@ -19,7 +19,7 @@ from opsplane.domain.errors import Conflict, InvalidInput, NotFound
 from opsplane.domain.ids import new_id, run_id_for
 from opsplane.domain.paging import PageOf, PageRequest
 from opsplane.domain.policy import TaskPolicy
-from opsplane.domain.records import TaskRecord
+from opsplane.domain.records import RunRecord, TaskRecord
 from opsplane.domain.states import (
     IN_FLIGHT_RUN_STATUSES,
     TERMINAL_TASK_STATUSES,
@@ -35,7 +35,8 @@ from opsplane.engine.dispatcher import Dispatcher, DispatchPlan
 from opsplane.engine.ingest import Ingest
 from opsplane.engine.scheduler import Scheduler, assign_waves, start_clocks
 from opsplane.store import queries
-from opsplane.store.tables import RunRow, TaskRow, utcnow
+from opsplane.store.records import record_of, records_of
+from opsplane.store.tables import TaskRow, utcnow
 from opsplane.transport.base import AGENT_LINKS, LOCAL_LINK, SSH_LINK, Link
 from opsplane.transport.filepush import DEFAULT_UPLOAD_MAX_BYTES, check_size
 
@@ -86,7 +87,7 @@ class TaskService:
 
     async def create_task(
         self, request: TaskRequest, *, before_commit: BeforeCommit | None = None
-    ) -> TaskRow:
+    ) -> TaskRecord:
         """Create a task and its runs (one per target host); start it unless asked not to.
 
         ``request.allowed_groups`` refuses (Forbidden) a task reaching any host outside them.
@@ -174,7 +175,7 @@ class TaskService:
                     )
                 await queries.insert_runs(changes.session, runs)
                 if before_commit is not None:
-                    await before_commit(changes.session, task, names)
+                    await before_commit(changes.session, record_of(TaskRecord, task), names)
                 to_send = DispatchPlan()
                 if request.start:
                     to_send = await self._begin(changes, task)
@@ -190,7 +191,7 @@ class TaskService:
         if request.start:
             await self._dispatcher.send(to_send)
             return await self.get_task(task_id)
-        return task
+        return record_of(TaskRecord, task)
 
     async def _begin(self, changes: Changes, task: TaskRow) -> DispatchPlan:
         """Move a task to running and dispatch what may go at once. Runs that wait for
@@ -225,14 +226,15 @@ class TaskService:
         except OSError as e:
             raise InvalidInput(f"cannot read local_path {source}: {e}") from e
 
-    async def find_by_idempotency_key(self, key: str) -> TaskRow | None:
+    async def find_by_idempotency_key(self, key: str) -> TaskRecord | None:
         return await self._by_idempotency_key(key)
 
-    async def _by_idempotency_key(self, key: str) -> TaskRow | None:
+    async def _by_idempotency_key(self, key: str) -> TaskRecord | None:
         async with self._sessions() as session:
-            return await queries.get_task_by_idempotency_key(session, key)
+            task = await queries.get_task_by_idempotency_key(session, key)
+        return record_of(TaskRecord, task) if task is not None else None
 
-    async def start_task(self, task_id: str) -> TaskRow:
+    async def start_task(self, task_id: str) -> TaskRecord:
         """Move a pending task to running and dispatch its pending runs."""
         async with self._write() as changes:
             task = await self._task(changes.session, task_id, for_update=True)
@@ -250,7 +252,7 @@ class TaskService:
         created_by: str,
         allowed_groups: frozenset[str] | None = None,
         before_commit: BeforeCommit | None = None,
-    ) -> TaskRow:
+    ) -> TaskRecord:
         """A new task with the ended task's spec and policy over the hosts whose latest run
         ended as ``only`` names (``failed`` takes lost runs too), linked by ``rerun_of``."""
         statuses = RERUN_SUBSETS.get(only)
@@ -282,7 +284,7 @@ class TaskService:
         )
         return await self.create_task(request, before_commit=before_commit)
 
-    async def cancel_task(self, task_id: str, reason: str = "canceled by operator") -> TaskRow:
+    async def cancel_task(self, task_id: str, reason: str = "canceled by operator") -> TaskRecord:
         """Cancel a task: unsent runs end at once; running ones end when their host confirms."""
         async with self._write() as changes:
             task = await self._task(changes.session, task_id, for_update=True)
@@ -304,60 +306,64 @@ class TaskService:
         await self._dispatcher.send_cancels(cancels)
         return await self.get_task(task_id)
 
-    async def get_task(self, task_id: str) -> TaskRow:
+    async def get_task(self, task_id: str) -> TaskRecord:
         async with self._sessions() as session:
-            return await self._task(session, task_id)
+            return record_of(TaskRecord, await self._task(session, task_id))
 
     async def list_tasks(
         self, *, status: str | None, name: str | None, page: PageRequest
-    ) -> PageOf[TaskRow]:
+    ) -> PageOf[TaskRecord]:
         async with self._sessions() as session:
-            return await queries.list_tasks(session, status=status, name=name, page=page)
+            found = await queries.list_tasks(session, status=status, name=name, page=page)
+        return records_of(TaskRecord, found)
 
     async def tasks_named(
         self, prefix: str, *, ended_after: datetime, limit: int = 10_000
-    ) -> list[TaskRow]:
+    ) -> list[TaskRecord]:
         """Tasks whose name starts with ``prefix``, unfinished or ended after ``ended_after``."""
         async with self._sessions() as session:
-            return await queries.tasks_named(
+            found = await queries.tasks_named(
                 session,
                 prefix,
                 terminal=[status.value for status in TERMINAL_TASK_STATUSES],
                 ended_after=ended_after,
                 limit=limit,
             )
+        return [record_of(TaskRecord, task) for task in found]
 
-    async def list_runs(self, task_id: str) -> list[RunRow]:
+    async def list_runs(self, task_id: str) -> list[RunRecord]:
         """Every run of a task with its output (the compat façades' small tasks)."""
         async with self._sessions() as session:
             await self._task(session, task_id)
-            return await queries.all_runs_of_task(session, task_id)
+            runs = await queries.all_runs_of_task(session, task_id)
+        return [record_of(RunRecord, run) for run in runs]
 
     async def page_runs(
         self, task_id: str, page: PageRequest, *, status: str | None, output: bool
-    ) -> tuple[PageOf[RunRow], dict[str, int]]:
+    ) -> tuple[PageOf[RunRecord], dict[str, int]]:
         """A page of a task's runs (their output only with ``output``) and the count of its
         runs by status."""
         async with self._sessions() as session:
             await self._task(session, task_id)
             runs = await queries.runs_of_task(session, task_id, page, status=status, output=output)
-            return runs, await queries.run_status_summary(session, task_id)
+            summary = await queries.run_status_summary(session, task_id)
+        return records_of(RunRecord, runs), summary
 
-    async def get_run(self, task_id: str, run_id: str) -> RunRow:
+    async def get_run(self, task_id: str, run_id: str) -> RunRecord:
         async with self._sessions() as session:
             runs = await queries.runs_by_id(session, [run_id])
         run = runs.get(run_id)
         if run is None or run.task_id != task_id:
             raise NotFound(f"run {run_id} of task {task_id} not found")
-        return run
+        return record_of(RunRecord, run)
 
-    async def run_by_id(self, run_id: str) -> RunRow:
+    async def run_by_id(self, run_id: str) -> RunRecord:
         """A run by its id alone (GET /api/v1/runs/{id}/log)."""
         async with self._sessions() as session:
             run = (await queries.runs_by_id(session, [run_id])).get(run_id)
         if run is None:
             raise NotFound(f"run {run_id} not found")
-        return run
+        return record_of(RunRecord, run)
 
     async def events_after(self, task_id: str, after: int, limit: int) -> list[TaskEvent]:
         """Up to ``limit`` of a task's stored events with an id past ``after``, oldest first:

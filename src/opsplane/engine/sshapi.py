@@ -39,7 +39,7 @@ from opsplane.engine.changes import Changes
 from opsplane.engine.hosts import HostService
 from opsplane.engine.service import BeforeCommit, TaskService
 from opsplane.store import queries
-from opsplane.store.tables import SshSequenceRow, TaskRow
+from opsplane.store.tables import SshSequenceRow
 
 log = logging.getLogger(__name__)
 ADHOC_GROUP = "adhoc"
@@ -79,7 +79,7 @@ class SshApi:
         self,
         hosts: HostService,
         tasks: TaskService,
-        wait_task: Callable[[str], Awaitable[TaskRow]],
+        wait_task: Callable[[str], Awaitable[TaskRecord]],
         write: Callable[[], AbstractAsyncContextManager[Changes]],
         sessions: async_sessionmaker[AsyncSession],
     ) -> None:

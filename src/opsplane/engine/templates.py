@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from opsplane.domain.errors import Conflict, Forbidden, InvalidInput, NotFound
 from opsplane.domain.ids import new_id
+from opsplane.domain.records import TaskRecord
 from opsplane.domain.roles import Permission, Principal
 from opsplane.domain.targeting import Targets
 from opsplane.domain.tasks import ExecSpec, TaskRequest
@@ -27,7 +28,6 @@ from opsplane.engine.service import BeforeCommit, TaskService
 from opsplane.store import security_queries
 from opsplane.store import template_queries as q
 from opsplane.store.tables import (
-    TaskRow,
     TemplateGrantRow,
     TemplateRow,
     TemplateVersionRow,
@@ -213,7 +213,7 @@ class TemplateService:
         before_commit: BeforeCommit | None = None,
         idempotency_key: str | None = None,
         created_by: str | None = None,
-    ) -> TaskRow:
+    ) -> TaskRecord:
         """A task running template ``name``'s current version with ``params``, on ``targets``
         or the template's own. NotFound, InvalidInput naming the parameter, or Forbidden (the
         caller may launch it only on its groups and granted groups)."""

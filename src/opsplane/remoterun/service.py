@@ -23,6 +23,7 @@ from typing import Any
 
 from opsplane.domain.errors import InvalidInput, OpsplaneError
 from opsplane.domain.policy import TaskPolicy
+from opsplane.domain.records import RunRecord, TaskRecord
 from opsplane.domain.states import (
     TERMINAL_RUN_STATUSES,
     TERMINAL_TASK_STATUSES,
@@ -36,7 +37,6 @@ from opsplane.engine.hub import Subscription
 from opsplane.engine.service import BeforeCommit
 from opsplane.remoterun.scripts import SCRIPT_PATH_ENV, ScriptDirs, ScriptPins
 from opsplane.store import queries
-from opsplane.store.tables import RunRow, TaskRow
 
 # The seed's status machine: pending, running, success, failed, timeout. A canceled task is
 # "failed" in the seed's words (the seed has no cancel); ``opsplane_status`` says which.
@@ -153,7 +153,7 @@ class RemoteRunService:
         created_by: str = "anonymous",
         idempotency_key: str | None = None,
         before_commit: BeforeCommit | None = None,
-    ) -> TaskRow:
+    ) -> TaskRecord:
         """Create the task: the script as argv (no shell), params as environment variables.
         ``before_commit`` runs in the creating transaction (the API's audit record)."""
         if not self.scripts:
@@ -197,7 +197,7 @@ class RemoteRunService:
         task = await self._engine.tasks.get_task(task_id)
         runs = await self._engine.tasks.list_runs(task_id)
         meta = ExecSpec.from_json(task.spec).meta
-        last: RunRow | None = max(runs, key=lambda r: (r.attempt, r.id)) if runs else None
+        last: RunRecord | None = max(runs, key=lambda r: (r.attempt, r.id)) if runs else None
         moments: list[datetime] = [task.created_at]
         moments += [m for m in (task.started_at, task.finished_at) if m is not None]
         moments += [run.updated_at for run in runs]

@@ -35,12 +35,14 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from opsplane.domain.errors import Conflict, Forbidden, InvalidInput, NotFound, Unauthenticated
 from opsplane.domain.ids import new_id
 from opsplane.domain.paging import PageOf, PageRequest
+from opsplane.domain.records import AgentRecord
 from opsplane.domain.targeting import check_host_name, normalize_names
 from opsplane.security.service import Write
 from opsplane.security.signing import parse_public_key
 from opsplane.security.tokens import new_token, secret_hash
 from opsplane.store import queries
 from opsplane.store.paging import Keyset, keyset_page
+from opsplane.store.records import record_of, records_of
 from opsplane.store.tables import AgentRow, EnrollmentTokenRow, HostRow, utcnow
 from opsplane.transport.base import AGENT_LINKS, LOCAL_LINK
 
@@ -164,7 +166,7 @@ class AgentRegistry:
         if host is not None and host.link not in AGENT_LINKS:
             raise Conflict(f"{name} is an {host.link} host: no agent may enroll under its name")
 
-    async def enroll(self, secret: str, name: str, public_key: str) -> AgentRow:
+    async def enroll(self, secret: str, name: str, public_key: str) -> AgentRecord:
         """Register ``name`` with ``public_key`` and the token's groups, spending the token.
         A spent, expired or unknown token is refused (401) without saying which; a token
         issued for another name is refused (403); a name that is not free in the inventory
@@ -215,13 +217,14 @@ class AgentRegistry:
         self._identities[name] = _identity(row)
         self._changed(name)
         log.info("agent %s enrolled for groups %s", name, ", ".join(row.groups) or "(none)")
-        return row
+        return record_of(AgentRecord, row)
 
-    async def list_agents(self, page: PageRequest) -> PageOf[AgentRow]:
+    async def list_agents(self, page: PageRequest) -> PageOf[AgentRecord]:
         async with self._sessions() as session:
-            return await keyset_page(session, select(AgentRow), _AGENTS, page, lambda a: (a.name,))
+            found = await keyset_page(session, select(AgentRow), _AGENTS, page, lambda a: (a.name,))
+        return records_of(AgentRecord, found)
 
-    async def revoke(self, name: str, *, revoked_by: str) -> AgentRow:
+    async def revoke(self, name: str, *, revoked_by: str) -> AgentRecord:
         async with self._write() as changes:
             session = changes.session
             row = await session.get(AgentRow, name, with_for_update=True)
@@ -233,7 +236,7 @@ class AgentRegistry:
         self._identities[name] = _identity(row)
         self._changed(name)
         log.info("agent %s revoked by %s", name, revoked_by)
-        return row
+        return record_of(AgentRecord, row)
 
 
 def _identity(row: AgentRow) -> AgentIdentity:

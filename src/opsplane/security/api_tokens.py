@@ -6,6 +6,7 @@ from datetime import timedelta
 
 from opsplane.domain.errors import InvalidInput, NotFound
 from opsplane.domain.paging import PageOf, PageRequest
+from opsplane.domain.records import TokenRecord, UserRecord
 from opsplane.security.audit import (
     format_time,
 )
@@ -24,7 +25,8 @@ from opsplane.security.tokens import (
     new_token,
 )
 from opsplane.store import security_queries as sq
-from opsplane.store.tables import ApiTokenRow, UserRow
+from opsplane.store.records import record_of
+from opsplane.store.tables import UserRow
 
 
 class Tokens(SecurityState):
@@ -86,17 +88,21 @@ class Tokens(SecurityState):
             await sq.append_audit(
                 w.session, by.entry("token.create", target=row.id, detail=detail), now
             )
-        return NewToken(secret, row, owner_row)
+        return NewToken(secret, record_of(TokenRecord, row), _owner(owner_row))
 
     async def list_tokens(
         self, page: PageRequest, *, include_inactive: bool
-    ) -> PageOf[tuple[ApiTokenRow, UserRow | None]]:
+    ) -> PageOf[tuple[TokenRecord, UserRecord | None]]:
         async with self._sessions() as session:
-            return await sq.list_tokens(
+            found = await sq.list_tokens(
                 session, page, active_at=None if include_inactive else self._clock()
             )
+        items = [(record_of(TokenRecord, token), _owner(owner)) for token, owner in found.items]
+        return PageOf(items, found.total, found.next_cursor)
 
-    async def revoke_token(self, by: Caller, token_id: str) -> tuple[ApiTokenRow, UserRow | None]:
+    async def revoke_token(
+        self, by: Caller, token_id: str
+    ) -> tuple[TokenRecord, UserRecord | None]:
         """Revoke a token (at once: the next request with it is refused). Revoking a revoked
         token changes nothing."""
         now = self._clock()
@@ -116,7 +122,11 @@ class Tokens(SecurityState):
                 if token.user_id
                 else None
             )
-        return token, owner
+        return record_of(TokenRecord, token), _owner(owner)
+
+
+def _owner(row: UserRow | None) -> UserRecord | None:
+    return record_of(UserRecord, row) if row is not None else None
 
 
 def _check_within_owner(role: Role, groups: list[str] | None, owner: UserRow) -> None:

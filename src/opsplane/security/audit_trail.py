@@ -7,6 +7,7 @@ from datetime import datetime
 from typing import Any
 
 from opsplane.domain.paging import PageOf, PageRequest
+from opsplane.domain.records import AuditRecord
 from opsplane.security.audit import (
     ChainReport,
     ChainVerifier,
@@ -17,6 +18,7 @@ from opsplane.security.service_base import (
     SecurityState,
 )
 from opsplane.store import security_queries as sq
+from opsplane.store.records import records_of
 from opsplane.store.tables import AuditRow
 
 
@@ -31,11 +33,12 @@ class AuditTrail(SecurityState):
         since: datetime | None,
         until: datetime | None,
         page: PageRequest,
-    ) -> PageOf[AuditRow]:
+    ) -> PageOf[AuditRecord]:
         async with self._sessions() as session:
-            return await sq.list_audit(
+            found = await sq.list_audit(
                 session, page, actor=actor, action=action, since=since, until=until
             )
+        return records_of(AuditRecord, found)
 
     async def audit_head(self) -> tuple[int, str]:
         async with self._sessions() as session:

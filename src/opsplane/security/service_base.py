@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from opsplane.domain.errors import ConfigError, InvalidInput
 from opsplane.domain.ids import new_id
+from opsplane.domain.records import TokenRecord, UserRecord
 from opsplane.security import passwords
 from opsplane.security.audit import (
     AuditEntry,
@@ -91,8 +92,8 @@ class NewToken:
     """A token just created: ``secret`` is shown once and never again."""
 
     secret: str
-    token: ApiTokenRow
-    owner: UserRow | None
+    token: TokenRecord
+    owner: UserRecord | None
 
 
 @dataclass(frozen=True)

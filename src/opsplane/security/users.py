@@ -9,6 +9,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from opsplane.domain.errors import Conflict, NotFound
 from opsplane.domain.ids import new_id
 from opsplane.domain.paging import PageOf, PageRequest
+from opsplane.domain.records import UserRecord
 from opsplane.security.roles import (
     Role,
     parse_role,
@@ -20,22 +21,23 @@ from opsplane.security.service_base import (
     grant_groups,
 )
 from opsplane.store import security_queries as sq
+from opsplane.store.records import record_of, records_of
 from opsplane.store.tables import UserRow
 
 
 class Users(SecurityState):
     """Users, each change with its audit record in its transaction."""
 
-    async def list_users(self, page: PageRequest) -> PageOf[UserRow]:
+    async def list_users(self, page: PageRequest) -> PageOf[UserRecord]:
         async with self._sessions() as session:
-            return await sq.list_users(session, page)
+            return records_of(UserRecord, await sq.list_users(session, page))
 
-    async def get_user(self, name: str) -> UserRow:
+    async def get_user(self, name: str) -> UserRecord:
         async with self._sessions() as session:
             user = await sq.user_by_name(session, name)
         if user is None:
             raise NotFound(f"no user {name!r}")
-        return user
+        return record_of(UserRecord, user)
 
     async def create_user(
         self,
@@ -46,7 +48,7 @@ class Users(SecurityState):
         password: str | None,
         groups: list[str] | None,
         all_groups: bool = False,
-    ) -> UserRow:
+    ) -> UserRecord:
         check_user_name(name)
         the_role = parse_role(role)
         stored_groups = grant_groups(the_role, groups, all_groups)
@@ -70,7 +72,7 @@ class Users(SecurityState):
             await sq.append_audit(
                 w.session, by.entry("user.create", target=name, detail=detail), now
             )
-        return user
+        return record_of(UserRecord, user)
 
     async def update_user(
         self,
@@ -82,7 +84,7 @@ class Users(SecurityState):
         all_groups: bool = False,
         password: str | None = None,
         disabled: bool | None = None,
-    ) -> UserRow:
+    ) -> UserRecord:
         """Change a user's role, groups, password or disabled flag. Disabling a user or changing
         its password ends its web sessions; a disabled user's tokens are refused while it is
         disabled. The last enabled admin cannot be demoted or disabled (no lock-out)."""
@@ -123,7 +125,7 @@ class Users(SecurityState):
             await sq.append_audit(
                 w.session, by.entry("user.update", target=name, detail=changed), now
             )
-        return user
+        return record_of(UserRecord, user)
 
     async def _other_admins(self, session: AsyncSession, user_id: str) -> int:
         return await sq.other_active_admins(session, user_id)

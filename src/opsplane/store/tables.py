@@ -315,6 +315,10 @@ class UserRow(Base):
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_login_at: Mapped[datetime | None]
 
+    @property
+    def has_password(self) -> bool:
+        return self.password_hash is not None
+
 
 class ApiTokenRow(Base):
     __tablename__ = "api_tokens"
