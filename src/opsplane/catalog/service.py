@@ -478,8 +478,8 @@ def last_line(text: str) -> str:
 
 def _outcome(status: str, run: StoredRun | None, *, killed: bool) -> tuple[SyncResult, str]:
     """The sync answer and the query's ``error`` of a finished task."""
-    stdout = last_line(run.stdout) if run is not None else ""
-    stderr = last_line(run.stderr) if run is not None else ""
+    stdout = last_line(run.stdout or "") if run is not None else ""
+    stderr = last_line(run.stderr or "") if run is not None else ""
     if status == TaskStatus.SUCCEEDED:
         return SyncResult(0, stdout, stderr), ""
     if run is not None and run.status == RunStatus.CANCELED:
@@ -499,8 +499,8 @@ def _record(session: _Session, command: str, run: StoredRun, error: str) -> RunR
         status=run.status,
         exit_code=run.exit_code,
         error=error or None,
-        stdout=run.stdout,
-        stderr=run.stderr,
+        stdout=run.stdout or "",
+        stderr=run.stderr or "",
         started_at=run.started_at,
         finished_at=run.finished_at or datetime.now().astimezone(),
         duration_ms=run.duration_ms,

@@ -82,8 +82,9 @@ class RunRecord:
     attempt: int
     status: str
     exit_code: int | None
-    stdout: str
-    stderr: str
+    # None when read without its output (paged lists read it only on request).
+    stdout: str | None
+    stderr: str | None
     truncated: bool
     error: str | None
     dispatched_at: datetime | None

@@ -256,8 +256,8 @@ class SshApi:
                     "exit_code": run.exit_code,
                 }
                 if task.kind == "upload":
-                    entry["uploaded"] = [line for line in run.stdout.splitlines() if line]
-                    entry["failed"] = [line for line in run.stderr.splitlines() if line]
+                    entry["uploaded"] = [line for line in (run.stdout or "").splitlines() if line]
+                    entry["failed"] = [line for line in (run.stderr or "").splitlines() if line]
                 else:
                     entry.update(command=task.command, stdout=run.stdout, stderr=run.stderr)
                 results.append(entry)

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import fields
 from typing import Any, TypeVar
 
+from sqlalchemy import inspect
+
 from opsplane.domain.paging import PageOf
 
 R = TypeVar("R")
@@ -26,8 +28,15 @@ def _field_names(kind: type[Any]) -> tuple[str, ...]:
 
 
 def record_of(kind: type[R], row: object) -> R:
-    """A read-only copy of ``row`` as a ``kind`` record (the fields of ``kind``, by name)."""
-    return kind(**{name: getattr(row, name) for name in _field_names(kind)})
+    """A read-only copy of ``row`` as a ``kind`` record (the fields of ``kind``, by name).
+
+    A column the query left out (a run's output, deferred unless asked for) is None in the
+    copy: reading it would be a query per row, or fail once the session is gone."""
+    state = inspect(row, raiseerr=False)
+    unloaded = state.unloaded if state is not None else frozenset()
+    return kind(
+        **{name: None if name in unloaded else getattr(row, name) for name in _field_names(kind)}
+    )
 
 
 def records_of(kind: type[R], page: PageOf[Any]) -> PageOf[R]:
