@@ -33,7 +33,7 @@ class CommandMessage(_message.Message):
     def __init__(self, command_content: _Optional[_Union[CommandContent, _Mapping]] = ..., command_result: _Optional[_Union[CommandResult, _Mapping]] = ..., hello: _Optional[_Union[Hello, _Mapping]] = ..., welcome: _Optional[_Union[Welcome, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., output: _Optional[_Union[OutputChunk, _Mapping]] = ..., started: _Optional[_Union[Started, _Mapping]] = ..., cancel: _Optional[_Union[Cancel, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ..., chunk_request: _Optional[_Union[ChunkRequest, _Mapping]] = ..., file_chunk: _Optional[_Union[FileChunk, _Mapping]] = ...) -> None: ...
 
 class CommandContent(_message.Message):
-    __slots__ = ("task_id", "run_id", "attempt", "command", "parameters", "timeout", "env", "user", "timestamp", "sign", "deliver_by", "target", "manifest")
+    __slots__ = ("task_id", "run_id", "attempt", "command", "parameters", "timeout", "env", "user", "timestamp", "sign", "deliver_by", "target", "manifest", "run_root", "run_index", "run_path")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -54,6 +54,9 @@ class CommandContent(_message.Message):
     DELIVER_BY_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_FIELD_NUMBER: _ClassVar[int]
+    RUN_ROOT_FIELD_NUMBER: _ClassVar[int]
+    RUN_INDEX_FIELD_NUMBER: _ClassVar[int]
+    RUN_PATH_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     run_id: str
     attempt: int
@@ -67,7 +70,10 @@ class CommandContent(_message.Message):
     deliver_by: float
     target: str
     manifest: FileManifest
-    def __init__(self, task_id: _Optional[str] = ..., run_id: _Optional[str] = ..., attempt: _Optional[int] = ..., command: _Optional[str] = ..., parameters: _Optional[str] = ..., timeout: _Optional[int] = ..., env: _Optional[_Mapping[str, str]] = ..., user: _Optional[str] = ..., timestamp: _Optional[float] = ..., sign: _Optional[str] = ..., deliver_by: _Optional[float] = ..., target: _Optional[str] = ..., manifest: _Optional[_Union[FileManifest, _Mapping]] = ...) -> None: ...
+    run_root: bytes
+    run_index: int
+    run_path: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, task_id: _Optional[str] = ..., run_id: _Optional[str] = ..., attempt: _Optional[int] = ..., command: _Optional[str] = ..., parameters: _Optional[str] = ..., timeout: _Optional[int] = ..., env: _Optional[_Mapping[str, str]] = ..., user: _Optional[str] = ..., timestamp: _Optional[float] = ..., sign: _Optional[str] = ..., deliver_by: _Optional[float] = ..., target: _Optional[str] = ..., manifest: _Optional[_Union[FileManifest, _Mapping]] = ..., run_root: _Optional[bytes] = ..., run_index: _Optional[int] = ..., run_path: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class FileManifest(_message.Message):
     __slots__ = ("root", "single_file", "files", "directories", "chunk_size", "total_bytes", "owner", "group", "problems")

@@ -34,12 +34,13 @@ from opsplane.domain.errors import (
     TransportError,
 )
 from opsplane.domain.targeting import check_host_name
-from opsplane.security.signing import parse_public_key, sign, verify
+from opsplane.security.signing import parse_public_key, verify
 from opsplane.transport.base import AgentHello, CommandEnvelope, Link, LinkEvents, RunFinished
 from opsplane.transport.grpc import convert
 from opsplane.transport.grpc import opsplane_pb2 as pb
 from opsplane.transport.grpc import opsplane_pb2_grpc as pb_grpc
 from opsplane.transport.grpc.files import ChunkServer
+from opsplane.transport.grpc.signer import CommandSigner
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +118,8 @@ class GrpcLink(Link, pb_grpc.CommandServiceServicer):  # type: ignore[misc]
     name: ClassVar[str] = convert.LINK_NAME
     # An open stream is the agent's liveness: keepalive pings end one whose peer is gone.
     liveness_by_stream: ClassVar[bool] = True
+    # The runs of a task dispatched together share one signature (signer.py).
+    signs_batches: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -161,7 +164,7 @@ class GrpcLink(Link, pb_grpc.CommandServiceServicer):  # type: ignore[misc]
         self._tls_key = tls_key
         self._tls_client_ca = tls_client_ca
         # Signs every command (DESIGN §3.3); agents that pinned its public key verify it.
-        self._signing_key = signing_key
+        self._signer = CommandSigner(signing_key)
         self._server: aio.Server | None = None
         self._events: LinkEvents | None = None
         self._streams: dict[str, _AgentStream] = {}
@@ -269,15 +272,13 @@ class GrpcLink(Link, pb_grpc.CommandServiceServicer):  # type: ignore[misc]
                 )
             except OSError as e:
                 raise TransportError(f"cannot read the upload's files: {e}") from e
-        return self._signed(
-            convert.command_to_pb(command, time.time(), target=hostname, manifest=manifest)
-        )
+        return self._signer.command(hostname, command, time.time(), manifest)
 
-    def _signed(self, message: pb.CommandMessage) -> pb.CommandMessage:
-        if self._signing_key is not None:
-            content = message.command_content
-            content.sign = sign(self._signing_key, convert.signed_fields(content))
-        return message
+    @property
+    def command_signatures(self) -> int:
+        """Signatures made for commands since the start: one per host, or one per batch of
+        a task's runs dispatched together (signer.py)."""
+        return self._signer.signatures
 
     async def send_cancel(self, hostname: str, task_id: str, run_id: str, reason: str) -> None:
         await self._stream(hostname).write(_cancel(task_id, run_id, reason))
@@ -290,8 +291,7 @@ class GrpcLink(Link, pb_grpc.CommandServiceServicer):  # type: ignore[misc]
                 f"{hostname} is connected to another control-plane instance: uploads to it "
                 "are not routed between instances yet (docs/instances.md)"
             )
-        message = convert.command_to_pb(command, time.time(), target=hostname)
-        return self._signed(message).SerializeToString()
+        return self._signer.command(hostname, command, time.time()).SerializeToString()
 
     def encode_cancel(self, hostname: str, task_id: str, run_id: str, reason: str) -> bytes:
         return _cancel(task_id, run_id, reason).SerializeToString()
