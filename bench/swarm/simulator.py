@@ -194,6 +194,7 @@ class GrpcAgent(AgentSimulator):
             public_key=self.public_key,
             timestamp=time.time(),
             challenge=challenge,
+            features=[convert.BATCH_SIGNED],
         )
         hello.signature = sign(self.key, convert.hello_claims(hello))
         return hello

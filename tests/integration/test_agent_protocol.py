@@ -26,7 +26,12 @@ from opsplane.security.signing import parse_public_key, public_key_text, sign, v
 from opsplane.transport.base import CommandBatch, CommandEnvelope
 from opsplane.transport.grpc import opsplane_pb2 as pb
 from opsplane.transport.grpc import opsplane_pb2_grpc as pb_grpc
-from opsplane.transport.grpc.convert import CHALLENGE_KEY, hello_claims, signed_fields
+from opsplane.transport.grpc.convert import (
+    BATCH_SIGNED,
+    CHALLENGE_KEY,
+    hello_claims,
+    signed_fields,
+)
 from opsplane.transport.grpc.signer import CommandSigner
 
 WAIT = 5.0
@@ -532,15 +537,20 @@ async def test_a_batch_signed_command_captured_for_another_host_is_refused(
     async with serving(cp) as port:
         config = dataclasses.replace(make_config(tmp_path, port), control_plane_key=pinned)
         async with running(config) as (agent, _):
-            await cp.wait_for_hello()
+            hello = await cp.wait_for_hello()
+            assert BATCH_SIGNED in hello.features
             now = time.time()
-            captured = signer.command("web-a", envelope("web-a", f"touch {replayed}"), now)
+            captured = signer.command(
+                "web-a", envelope("web-a", f"touch {replayed}"), now, batch_signed=True
+            )
             cp.send(captured)
             readdressed = pb.CommandMessage()
             readdressed.CopyFrom(captured)
             readdressed.command_content.target = "test-host"
             cp.send(readdressed)
-            mine = signer.command("test-host", envelope("test-host", f"touch {replayed}"), now)
+            mine = signer.command(
+                "test-host", envelope("test-host", f"touch {replayed}"), now, batch_signed=True
+            )
             assert mine.command_content.sign == captured.command_content.sign
             # The batch's content touches ``replayed``: sent only once the refusals are counted.
             single = CommandEnvelope("task-2", new_run_id(), 1, f"touch {alone}", 60)

@@ -111,7 +111,10 @@ def test_a_batch_is_signed_once_and_each_host_accepts_only_its_own_command() -> 
     hosts = [f"web-{i}" for i in range(5)]
     _, envelopes = _batch(hosts)
     now = time.time()
-    sent = {host: signer.command(host, envelopes[host], now).command_content for host in hosts}
+    sent = {
+        host: signer.command(host, envelopes[host], now, batch_signed=True).command_content
+        for host in hosts
+    }
     assert signer.signatures == 1
     assert len({cmd.sign for cmd in sent.values()}) == 1
     for host, cmd in sent.items():
@@ -138,7 +141,7 @@ def test_a_single_host_keeps_the_per_host_signature_and_both_forms_verify() -> N
     key = Ed25519PrivateKey.generate()
     signer = CommandSigner(key)
     _, envelopes = _batch(["solo"])
-    cmd = signer.command("solo", envelopes["solo"], time.time()).command_content
+    cmd = signer.command("solo", envelopes["solo"], time.time(), batch_signed=True).command_content
     assert not cmd.run_root and not cmd.run_path and cmd.run_id == "run-solo"
     assert _agent_accepts(key, "solo", cmd)
     # The old form as an older control plane signs it (no batch at all).
@@ -157,9 +160,13 @@ def test_a_run_the_batch_does_not_name_is_signed_on_its_own() -> None:
     stray = CommandEnvelope(
         task_id="task-1", run_id="run-other", attempt=1, command="uptime", timeout=60, batch=batch
     )
-    cmd = signer.command("a", stray, time.time()).command_content
+    cmd = signer.command("a", stray, time.time(), batch_signed=True).command_content
     assert not cmd.run_root and _agent_accepts(key, "a", cmd)
     assert signer.signatures == 1
-    signer.command("a", envelopes["a"], time.time())
-    signer.command("b", envelopes["b"], time.time())
+    signer.command("a", envelopes["a"], time.time(), batch_signed=True)
+    signer.command("b", envelopes["b"], time.time(), batch_signed=True)
     assert signer.signatures == 2
+    # An agent that did not say it checks the batch form gets its command signed for it alone.
+    older = signer.command("b", envelopes["b"], time.time()).command_content
+    assert not older.run_root and _agent_accepts(key, "b", older)
+    assert signer.signatures == 3

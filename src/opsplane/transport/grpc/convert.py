@@ -47,6 +47,10 @@ def signed_fields(message: Message) -> dict[str, Any]:
     return {key: value for key, value in fields.items() if key not in ("sign", "signature")}
 
 
+# A hello's feature: the agent checks commands signed once for a batch (``command_claims``);
+# agents without it get commands signed for them alone.
+BATCH_SIGNED = "batch-signed-commands"
+
 # A command signed once for a batch (``run_root`` set) leaves these out of what its signature
 # covers: they differ per host, and the tree proves them (security/signing_tree.py).
 BOUND_FIELDS = ("run_id", "target", "run_index", "run_path")

@@ -168,7 +168,7 @@ class CommandResult(_message.Message):
     def __init__(self, task_id: _Optional[str] = ..., run_id: _Optional[str] = ..., attempt: _Optional[int] = ..., status: _Optional[str] = ..., exit_code: _Optional[int] = ..., stdout: _Optional[str] = ..., stderr: _Optional[str] = ..., truncated: _Optional[bool] = ..., error: _Optional[str] = ..., started_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., duration_ms: _Optional[int] = ..., timestamp: _Optional[float] = ..., signature: _Optional[str] = ..., hostname: _Optional[str] = ...) -> None: ...
 
 class Hello(_message.Message):
-    __slots__ = ("hostname", "version", "groups", "labels", "os", "running_run_ids", "finished_run_ids", "public_key", "timestamp", "signature", "abandoned_run_ids", "challenge")
+    __slots__ = ("hostname", "version", "groups", "labels", "os", "running_run_ids", "finished_run_ids", "public_key", "timestamp", "signature", "abandoned_run_ids", "challenge", "features")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -188,6 +188,7 @@ class Hello(_message.Message):
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     ABANDONED_RUN_IDS_FIELD_NUMBER: _ClassVar[int]
     CHALLENGE_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
     hostname: str
     version: str
     groups: _containers.RepeatedScalarFieldContainer[str]
@@ -200,7 +201,8 @@ class Hello(_message.Message):
     signature: str
     abandoned_run_ids: _containers.RepeatedScalarFieldContainer[str]
     challenge: str
-    def __init__(self, hostname: _Optional[str] = ..., version: _Optional[str] = ..., groups: _Optional[_Iterable[str]] = ..., labels: _Optional[_Mapping[str, str]] = ..., os: _Optional[str] = ..., running_run_ids: _Optional[_Iterable[str]] = ..., finished_run_ids: _Optional[_Iterable[str]] = ..., public_key: _Optional[str] = ..., timestamp: _Optional[float] = ..., signature: _Optional[str] = ..., abandoned_run_ids: _Optional[_Iterable[str]] = ..., challenge: _Optional[str] = ...) -> None: ...
+    features: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, hostname: _Optional[str] = ..., version: _Optional[str] = ..., groups: _Optional[_Iterable[str]] = ..., labels: _Optional[_Mapping[str, str]] = ..., os: _Optional[str] = ..., running_run_ids: _Optional[_Iterable[str]] = ..., finished_run_ids: _Optional[_Iterable[str]] = ..., public_key: _Optional[str] = ..., timestamp: _Optional[float] = ..., signature: _Optional[str] = ..., abandoned_run_ids: _Optional[_Iterable[str]] = ..., challenge: _Optional[str] = ..., features: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Welcome(_message.Message):
     __slots__ = ("heartbeat_interval_seconds", "server_version", "public_key", "metrics_interval_seconds")

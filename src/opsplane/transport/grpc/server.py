@@ -97,6 +97,8 @@ class _AgentStream:
     task: asyncio.Task[None] | None = None
     # The key the agent proved in its hello: its results and heartbeats must be signed by it.
     key: Ed25519PublicKey | None = None
+    # Whether the agent checks commands signed once for a batch (its hello's features).
+    batch_signed: bool = False
     # Why the control plane dropped this stream (``GrpcLink.drop``), if it did.
     dropped: str = ""
     # Completes once the engine has recorded the connection: the host's reports wait for it,
@@ -261,9 +263,12 @@ class GrpcLink(Link, pb_grpc.CommandServiceServicer):  # type: ignore[misc]
         )
 
     async def send_command(self, hostname: str, command: CommandEnvelope) -> None:
-        await self._stream(hostname).write(await self._command(hostname, command))
+        stream = self._stream(hostname)
+        await stream.write(await self._command(hostname, command, stream.batch_signed))
 
-    async def _command(self, hostname: str, command: CommandEnvelope) -> pb.CommandMessage:
+    async def _command(
+        self, hostname: str, command: CommandEnvelope, batch_signed: bool
+    ) -> pb.CommandMessage:
         manifest = None
         if command.upload is not None:
             try:
@@ -272,7 +277,7 @@ class GrpcLink(Link, pb_grpc.CommandServiceServicer):  # type: ignore[misc]
                 )
             except OSError as e:
                 raise TransportError(f"cannot read the upload's files: {e}") from e
-        return self._signer.command(hostname, command, time.time(), manifest)
+        return self._signer.command(hostname, command, time.time(), manifest, batch_signed)
 
     @property
     def command_signatures(self) -> int:
@@ -291,6 +296,7 @@ class GrpcLink(Link, pb_grpc.CommandServiceServicer):  # type: ignore[misc]
                 f"{hostname} is connected to another control-plane instance: uploads to it "
                 "are not routed between instances yet (docs/instances.md)"
             )
+        # The agent's features are known where its stream is: signed for it alone.
         return self._signer.command(hostname, command, time.time()).SerializeToString()
 
     def encode_cancel(self, hostname: str, task_id: str, run_id: str, reason: str) -> bytes:
@@ -448,6 +454,7 @@ class GrpcLink(Link, pb_grpc.CommandServiceServicer):  # type: ignore[misc]
             context,
             task=asyncio.current_task(),
             key=parse_public_key(first.hello.public_key) if first.hello.public_key else None,
+            batch_signed=convert.BATCH_SIGNED in first.hello.features,
         )
         durable.add_done_callback(functools.partial(self._recorded, stream))
         stream.registered = durable

@@ -52,11 +52,14 @@ class CommandSigner:
         envelope: CommandEnvelope,
         now: float,
         manifest: Manifest | None = None,
+        batch_signed: bool = False,
     ) -> pb.CommandMessage:
-        """The message carrying ``envelope`` to ``hostname``, signed."""
+        """The message carrying ``envelope`` to ``hostname``, signed; with the batch's one
+        signature when ``batch_signed`` (the agent said it checks that form)."""
         batch = envelope.batch
         if (
             self._key is not None
+            and batch_signed
             and batch is not None
             # An upload's manifest is read per run (files.py): signed per host, as before.
             and envelope.upload is None
