@@ -2,7 +2,10 @@
 
 Each simulated agent speaks the real gRPC protocol on its own connection: it reads the
 challenge, says a signed hello, waits for the welcome, sends signed heartbeats at the interval
-the welcome gives, acks every command, reports it started and its signed result, and redials
+the welcome gives, checks that every command is bound to it (its signed ``target`` and, for a
+command signed once for a batch, its Merkle path to the signed root; the signature itself is not
+checked, the swarm holds no control-plane key for gRPC), acks it, reports it started and its
+signed result, and redials
 with full-jitter backoff, honouring a RESOURCE_EXHAUSTED retry hint as a real agent does. In
 ``--mode reply`` it answers at once as if ``true`` had run; in ``--mode execute`` it runs the
 command with the shell. Agents run many per process (asyncio) over ``--procs`` worker

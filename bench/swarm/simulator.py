@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from opsplane.agent.grpc_link import retry_after
 from opsplane.agent.link import Backoff
 from opsplane.security.signing import public_key_text, sign
+from opsplane.security.signing_tree import proves
 from opsplane.transport.grpc import convert
 from opsplane.transport.grpc import opsplane_pb2 as pb
 from opsplane.transport.grpc import opsplane_pb2_grpc as pb_grpc
@@ -193,6 +194,7 @@ class GrpcAgent(AgentSimulator):
             public_key=self.public_key,
             timestamp=time.time(),
             challenge=challenge,
+            features=[convert.BATCH_SIGNED],
         )
         hello.signature = sign(self.key, convert.hello_claims(hello))
         return hello
@@ -217,6 +219,9 @@ class GrpcAgent(AgentSimulator):
                     return
                 if message.HasField("command_content"):
                     self.stats.commands += 1
+                    if not self._bound_here(message.command_content):
+                        self.stats.errors["refused: not bound to this host"] += 1
+                        continue
                     task = asyncio.create_task(self._command(send, message.command_content))
                     commands.add(task)
                     task.add_done_callback(commands.discard)
@@ -224,6 +229,16 @@ class GrpcAgent(AgentSimulator):
             beats.cancel()
             for task in commands:
                 task.cancel()
+
+    def _bound_here(self, cmd: pb.CommandContent) -> bool:
+        """The agent's binding checks (agent/grpc_link.py): the signed ``target`` is this host
+        and, for a command signed once for a batch, its leaf leads to the signed root. The
+        signature itself is not checked here: the swarm holds no control-plane key for gRPC."""
+        if cmd.target != self.name:
+            return False
+        return not cmd.run_root or proves(
+            cmd.run_root, cmd.target, cmd.run_id, cmd.run_index, cmd.run_path
+        )
 
     async def _heartbeats(self, send: Any, interval: float) -> None:
         while True:

@@ -23,9 +23,16 @@ from opsplane.agent import Agent, AgentConfig, Spool, metrics
 from opsplane.agent.link import Backoff
 from opsplane.domain.errors import ConfigError
 from opsplane.security.signing import parse_public_key, public_key_text, sign, verify
+from opsplane.transport.base import CommandBatch, CommandEnvelope
 from opsplane.transport.grpc import opsplane_pb2 as pb
 from opsplane.transport.grpc import opsplane_pb2_grpc as pb_grpc
-from opsplane.transport.grpc.convert import CHALLENGE_KEY, hello_claims, signed_fields
+from opsplane.transport.grpc.convert import (
+    BATCH_SIGNED,
+    CHALLENGE_KEY,
+    hello_claims,
+    signed_fields,
+)
+from opsplane.transport.grpc.signer import CommandSigner
 
 WAIT = 5.0
 
@@ -507,3 +514,51 @@ async def test_a_command_signed_for_another_host_is_refused_and_counted(tmp_path
             assert agent.refusals["wrong_target"] == 2
     assert not replayed.exists()
     assert [r.run_id for r in cp.of_kind("command_result")] == [run_id]
+
+
+async def test_a_batch_signed_command_captured_for_another_host_is_refused(
+    tmp_path: Path,
+) -> None:
+    """Issue 15: one signature for a batch of hosts (transport/grpc/signer.py). The command
+    for ``web-a`` of a batch that also holds this host, replayed to it as it was or with its
+    target rewritten, is refused and counted; this host's own command of the batch runs, as
+    does a command signed for this host alone (the per-host form stays accepted)."""
+    control_plane = Ed25519PrivateKey.generate()
+    pinned = public_key_text(control_plane.public_key())
+    signer = CommandSigner(control_plane)
+    cp = FakeControlPlane()
+    replayed, alone = tmp_path / "replayed", tmp_path / "alone"
+    batch = CommandBatch({"web-a": new_run_id(), "test-host": new_run_id(), "web-b": new_run_id()})
+
+    def envelope(host: str, text: str, run_id: str | None = None) -> CommandEnvelope:
+        run_id = run_id or batch.run_ids[host]
+        return CommandEnvelope("task-1", run_id, 1, text, 60, batch=batch)
+
+    async with serving(cp) as port:
+        config = dataclasses.replace(make_config(tmp_path, port), control_plane_key=pinned)
+        async with running(config) as (agent, _):
+            hello = await cp.wait_for_hello()
+            assert BATCH_SIGNED in hello.features
+            now = time.time()
+            captured = signer.command(
+                "web-a", envelope("web-a", f"touch {replayed}"), now, batch_signed=True
+            )
+            cp.send(captured)
+            readdressed = pb.CommandMessage()
+            readdressed.CopyFrom(captured)
+            readdressed.command_content.target = "test-host"
+            cp.send(readdressed)
+            mine = signer.command(
+                "test-host", envelope("test-host", f"touch {replayed}"), now, batch_signed=True
+            )
+            assert mine.command_content.sign == captured.command_content.sign
+            # The batch's content touches ``replayed``: sent only once the refusals are counted.
+            single = CommandEnvelope("task-2", new_run_id(), 1, f"touch {alone}", 60)
+            cp.send(signer.command("test-host", single, now))
+            result = await cp.wait_for("command_result", single.run_id)
+            assert result.status == "succeeded" and alone.exists()
+            assert agent.refusals["wrong_target"] == 2 and not replayed.exists()
+            cp.send(mine)
+            result = await cp.wait_for("command_result", mine.command_content.run_id)
+            assert result.status == "succeeded" and replayed.exists()
+    assert signer.signatures == 2

@@ -51,7 +51,7 @@ from opsplane.security.signing import (
     sign,
 )
 from opsplane.transport.grpc import opsplane_pb2 as pb
-from opsplane.transport.grpc.convert import hello_claims, signed_fields
+from opsplane.transport.grpc.convert import BATCH_SIGNED, hello_claims, signed_fields
 
 logger = logging.getLogger(__name__)
 
@@ -226,6 +226,7 @@ class Agent:
             public_key=self._public_key,
             timestamp=time.time(),
             challenge=challenge,
+            features=[BATCH_SIGNED],
         )
         # Proves this agent holds the key it presents (an enrolled name is bound to its key),
         # now: the challenge is fresh for each stream.

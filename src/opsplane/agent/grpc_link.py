@@ -26,9 +26,10 @@ from opsplane.agent.config import AgentConfig
 from opsplane.agent.link import Backoff as Backoff
 from opsplane.agent.link import LinkHandler as LinkHandler
 from opsplane.security.signing import load_public_key, verify
+from opsplane.security.signing_tree import proves
 from opsplane.transport.grpc import opsplane_pb2 as pb
 from opsplane.transport.grpc import opsplane_pb2_grpc as pb_grpc
-from opsplane.transport.grpc.convert import CHALLENGE_KEY, signed_fields
+from opsplane.transport.grpc.convert import CHALLENGE_KEY, command_claims
 
 logger = logging.getLogger(__name__)
 
@@ -280,15 +281,21 @@ class GrpcLink:
 
     def _command_refusal(self, cmd: pb.CommandContent) -> tuple[str, str] | None:
         """(reason, why) a command is refused: not signed with the pinned control plane key,
-        addressed to another host (its signed ``target``), or outside the replay window.
+        addressed to another host (its signed ``target``, or for a command signed once for a
+        batch, a ``target`` and ``run_id`` whose leaf does not lead to the signed
+        ``run_root``), or outside the replay window.
         None: hand it on (without a pinned key, as for agents that never enrolled, nothing is
         checked; the spool refuses a run id seen before either way)."""
         if self._control_plane_key is None:
             return None
-        if not verify(self._control_plane_key, {**signed_fields(cmd), "sign": cmd.sign}, "sign"):
+        if not verify(self._control_plane_key, {**command_claims(cmd), "sign": cmd.sign}, "sign"):
             return BAD_SIGNATURE, "it is not signed by the pinned control plane key"
         if cmd.target != self._config.name:
             return WRONG_TARGET, f"it is addressed to {cmd.target[:80]!r}, not to this host"
+        if cmd.run_root and not proves(
+            cmd.run_root, cmd.target, cmd.run_id, cmd.run_index, cmd.run_path
+        ):
+            return WRONG_TARGET, "its run id and target are not among those it was signed for"
         skew = time.time() - cmd.timestamp
         if abs(skew) > self._config.replay_window:
             window = self._config.replay_window

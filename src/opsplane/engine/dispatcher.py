@@ -24,7 +24,14 @@ from opsplane.engine.ports import InstanceRouter, SecretOpener
 from opsplane.logcontext import about
 from opsplane.store import queries
 from opsplane.store.tables import HostRow, RunRow, TaskRow, utcnow
-from opsplane.transport.base import CommandEnvelope, Fanout, Link, RoutedMessage, UploadSpec
+from opsplane.transport.base import (
+    CommandBatch,
+    CommandEnvelope,
+    Fanout,
+    Link,
+    RoutedMessage,
+    UploadSpec,
+)
 
 log = logging.getLogger(__name__)
 
@@ -149,10 +156,17 @@ class Dispatcher:
                 changes.move(run, RunStatus.UNDELIVERABLE, error=str(e))
             return DispatchPlan()
         by_link: dict[str, list[Dispatch]] = {}
+        # Runs whose envelopes differ only by run id, for a link that signs them once.
+        batches: dict[tuple[str, int], CommandBatch] = {}
         # A delayed run's "waiting for the host" note is history once it is sent.
         moved = await changes.move_all(runs, RunStatus.DISPATCHED, dispatched_at=now, error=None)
         for run in moved:
             link_name = self.link_name(run.host, hosts)
+            link = self._links.get(link_name)
+            batch = None
+            if link is not None and link.signs_batches:
+                batch = batches.setdefault((link_name, run.attempt), CommandBatch())
+                batch.run_ids[run.host] = run.id
             envelope = CommandEnvelope(
                 task_id=task.id,
                 run_id=run.id,
@@ -171,8 +185,9 @@ class Dispatcher:
                 upload=UploadSpec(spec.local_path, spec.remote_path)
                 if spec.local_path and spec.remote_path
                 else None,
+                batch=batch,
             )
-            instance = self._held_elsewhere(run.host, hosts, self._links.get(link_name))
+            instance = self._held_elsewhere(run.host, hosts, link)
             by_link.setdefault(link_name, []).append(
                 Dispatch(link_name, run.host, envelope, instance)
             )

@@ -50,6 +50,21 @@ class CommandEnvelope:
     cwd: str | None = None
     # Set for upload tasks: copy this local file or directory (recursively) to remote_path.
     upload: UploadSpec | None = None
+    # The runs this one was dispatched with, on a link that ``signs_batches``.
+    batch: CommandBatch | None = field(default=None, compare=False, repr=False)
+
+
+@dataclass(eq=False)
+class CommandBatch:
+    """Runs of one task dispatched together to one link whose envelopes are equal but for
+    ``run_id``: the link may sign their content once and bind each host to its run through
+    the signed run map (docs/security.md, "One signature per batch")."""
+
+    # host → run id, in dispatch order.
+    run_ids: dict[str, str] = field(default_factory=dict)
+    # What a link made of the batch at its first send (its signed form), by link name: made
+    # once, reused for every other host of the batch.
+    sealed: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -314,6 +329,9 @@ class Link(abc.ABC):
     # itself (gRPC: HTTP/2 keepalive pings), so that the host is alive while it is true,
     # heartbeats or not. False where "connected" is inferred from heartbeats (RabbitMQ).
     liveness_by_stream: ClassVar[bool] = False
+    # Whether the engine should hand this link a ``CommandBatch`` with the runs of a task it
+    # dispatches together (``CommandEnvelope.batch``), to sign their command once.
+    signs_batches: ClassVar[bool] = False
 
     @property
     def executes_here(self) -> bool:

@@ -47,6 +47,27 @@ def signed_fields(message: Message) -> dict[str, Any]:
     return {key: value for key, value in fields.items() if key not in ("sign", "signature")}
 
 
+# A hello's feature: the agent checks commands signed once for a batch (``command_claims``);
+# agents without it get commands signed for them alone.
+BATCH_SIGNED = "batch-signed-commands"
+
+# A command signed once for a batch (``run_root`` set) leaves these out of what its signature
+# covers: they differ per host, and the tree proves them (security/signing_tree.py).
+BOUND_FIELDS = ("run_id", "target", "run_index", "run_path")
+
+
+def command_claims(content: pb.CommandContent) -> dict[str, Any]:
+    """What the control plane's signature of a command covers: every field (``signed_fields``)
+    or, for a command signed once for a batch (``run_root`` set), every field but the per-host
+    ones, which the signed root binds instead. A command without a root and with a path still
+    covers the path, so it fails: nothing unsigned rides along."""
+    fields = signed_fields(content)
+    if content.run_root:
+        for key in BOUND_FIELDS:
+            fields.pop(key, None)
+    return fields
+
+
 def hello_claims(message: pb.Hello) -> dict[str, Any]:
     """What a hello's signature covers: who the agent says it is, with which key and groups,
     when, and the nonce the server sent on this stream (``challenge``): a hello captured on

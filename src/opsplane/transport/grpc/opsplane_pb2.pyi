@@ -33,7 +33,7 @@ class CommandMessage(_message.Message):
     def __init__(self, command_content: _Optional[_Union[CommandContent, _Mapping]] = ..., command_result: _Optional[_Union[CommandResult, _Mapping]] = ..., hello: _Optional[_Union[Hello, _Mapping]] = ..., welcome: _Optional[_Union[Welcome, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., output: _Optional[_Union[OutputChunk, _Mapping]] = ..., started: _Optional[_Union[Started, _Mapping]] = ..., cancel: _Optional[_Union[Cancel, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ..., chunk_request: _Optional[_Union[ChunkRequest, _Mapping]] = ..., file_chunk: _Optional[_Union[FileChunk, _Mapping]] = ...) -> None: ...
 
 class CommandContent(_message.Message):
-    __slots__ = ("task_id", "run_id", "attempt", "command", "parameters", "timeout", "env", "user", "timestamp", "sign", "deliver_by", "target", "manifest")
+    __slots__ = ("task_id", "run_id", "attempt", "command", "parameters", "timeout", "env", "user", "timestamp", "sign", "deliver_by", "target", "manifest", "run_root", "run_index", "run_path")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -54,6 +54,9 @@ class CommandContent(_message.Message):
     DELIVER_BY_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_FIELD_NUMBER: _ClassVar[int]
+    RUN_ROOT_FIELD_NUMBER: _ClassVar[int]
+    RUN_INDEX_FIELD_NUMBER: _ClassVar[int]
+    RUN_PATH_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     run_id: str
     attempt: int
@@ -67,7 +70,10 @@ class CommandContent(_message.Message):
     deliver_by: float
     target: str
     manifest: FileManifest
-    def __init__(self, task_id: _Optional[str] = ..., run_id: _Optional[str] = ..., attempt: _Optional[int] = ..., command: _Optional[str] = ..., parameters: _Optional[str] = ..., timeout: _Optional[int] = ..., env: _Optional[_Mapping[str, str]] = ..., user: _Optional[str] = ..., timestamp: _Optional[float] = ..., sign: _Optional[str] = ..., deliver_by: _Optional[float] = ..., target: _Optional[str] = ..., manifest: _Optional[_Union[FileManifest, _Mapping]] = ...) -> None: ...
+    run_root: bytes
+    run_index: int
+    run_path: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, task_id: _Optional[str] = ..., run_id: _Optional[str] = ..., attempt: _Optional[int] = ..., command: _Optional[str] = ..., parameters: _Optional[str] = ..., timeout: _Optional[int] = ..., env: _Optional[_Mapping[str, str]] = ..., user: _Optional[str] = ..., timestamp: _Optional[float] = ..., sign: _Optional[str] = ..., deliver_by: _Optional[float] = ..., target: _Optional[str] = ..., manifest: _Optional[_Union[FileManifest, _Mapping]] = ..., run_root: _Optional[bytes] = ..., run_index: _Optional[int] = ..., run_path: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class FileManifest(_message.Message):
     __slots__ = ("root", "single_file", "files", "directories", "chunk_size", "total_bytes", "owner", "group", "problems")
@@ -162,7 +168,7 @@ class CommandResult(_message.Message):
     def __init__(self, task_id: _Optional[str] = ..., run_id: _Optional[str] = ..., attempt: _Optional[int] = ..., status: _Optional[str] = ..., exit_code: _Optional[int] = ..., stdout: _Optional[str] = ..., stderr: _Optional[str] = ..., truncated: _Optional[bool] = ..., error: _Optional[str] = ..., started_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., duration_ms: _Optional[int] = ..., timestamp: _Optional[float] = ..., signature: _Optional[str] = ..., hostname: _Optional[str] = ...) -> None: ...
 
 class Hello(_message.Message):
-    __slots__ = ("hostname", "version", "groups", "labels", "os", "running_run_ids", "finished_run_ids", "public_key", "timestamp", "signature", "abandoned_run_ids", "challenge")
+    __slots__ = ("hostname", "version", "groups", "labels", "os", "running_run_ids", "finished_run_ids", "public_key", "timestamp", "signature", "abandoned_run_ids", "challenge", "features")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -182,6 +188,7 @@ class Hello(_message.Message):
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     ABANDONED_RUN_IDS_FIELD_NUMBER: _ClassVar[int]
     CHALLENGE_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
     hostname: str
     version: str
     groups: _containers.RepeatedScalarFieldContainer[str]
@@ -194,7 +201,8 @@ class Hello(_message.Message):
     signature: str
     abandoned_run_ids: _containers.RepeatedScalarFieldContainer[str]
     challenge: str
-    def __init__(self, hostname: _Optional[str] = ..., version: _Optional[str] = ..., groups: _Optional[_Iterable[str]] = ..., labels: _Optional[_Mapping[str, str]] = ..., os: _Optional[str] = ..., running_run_ids: _Optional[_Iterable[str]] = ..., finished_run_ids: _Optional[_Iterable[str]] = ..., public_key: _Optional[str] = ..., timestamp: _Optional[float] = ..., signature: _Optional[str] = ..., abandoned_run_ids: _Optional[_Iterable[str]] = ..., challenge: _Optional[str] = ...) -> None: ...
+    features: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, hostname: _Optional[str] = ..., version: _Optional[str] = ..., groups: _Optional[_Iterable[str]] = ..., labels: _Optional[_Mapping[str, str]] = ..., os: _Optional[str] = ..., running_run_ids: _Optional[_Iterable[str]] = ..., finished_run_ids: _Optional[_Iterable[str]] = ..., public_key: _Optional[str] = ..., timestamp: _Optional[float] = ..., signature: _Optional[str] = ..., abandoned_run_ids: _Optional[_Iterable[str]] = ..., challenge: _Optional[str] = ..., features: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Welcome(_message.Message):
     __slots__ = ("heartbeat_interval_seconds", "server_version", "public_key", "metrics_interval_seconds")

@@ -34,12 +34,13 @@ from opsplane.domain.errors import (
     TransportError,
 )
 from opsplane.domain.targeting import check_host_name
-from opsplane.security.signing import parse_public_key, sign, verify
+from opsplane.security.signing import parse_public_key, verify
 from opsplane.transport.base import AgentHello, CommandEnvelope, Link, LinkEvents, RunFinished
 from opsplane.transport.grpc import convert
 from opsplane.transport.grpc import opsplane_pb2 as pb
 from opsplane.transport.grpc import opsplane_pb2_grpc as pb_grpc
 from opsplane.transport.grpc.files import ChunkServer
+from opsplane.transport.grpc.signer import CommandSigner
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,8 @@ class _AgentStream:
     task: asyncio.Task[None] | None = None
     # The key the agent proved in its hello: its results and heartbeats must be signed by it.
     key: Ed25519PublicKey | None = None
+    # Whether the agent checks commands signed once for a batch (its hello's features).
+    batch_signed: bool = False
     # Why the control plane dropped this stream (``GrpcLink.drop``), if it did.
     dropped: str = ""
     # Completes once the engine has recorded the connection: the host's reports wait for it,
@@ -117,6 +120,8 @@ class GrpcLink(Link, pb_grpc.CommandServiceServicer):  # type: ignore[misc]
     name: ClassVar[str] = convert.LINK_NAME
     # An open stream is the agent's liveness: keepalive pings end one whose peer is gone.
     liveness_by_stream: ClassVar[bool] = True
+    # The runs of a task dispatched together share one signature (signer.py).
+    signs_batches: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -161,7 +166,7 @@ class GrpcLink(Link, pb_grpc.CommandServiceServicer):  # type: ignore[misc]
         self._tls_key = tls_key
         self._tls_client_ca = tls_client_ca
         # Signs every command (DESIGN §3.3); agents that pinned its public key verify it.
-        self._signing_key = signing_key
+        self._signer = CommandSigner(signing_key)
         self._server: aio.Server | None = None
         self._events: LinkEvents | None = None
         self._streams: dict[str, _AgentStream] = {}
@@ -258,9 +263,12 @@ class GrpcLink(Link, pb_grpc.CommandServiceServicer):  # type: ignore[misc]
         )
 
     async def send_command(self, hostname: str, command: CommandEnvelope) -> None:
-        await self._stream(hostname).write(await self._command(hostname, command))
+        stream = self._stream(hostname)
+        await stream.write(await self._command(hostname, command, stream.batch_signed))
 
-    async def _command(self, hostname: str, command: CommandEnvelope) -> pb.CommandMessage:
+    async def _command(
+        self, hostname: str, command: CommandEnvelope, batch_signed: bool
+    ) -> pb.CommandMessage:
         manifest = None
         if command.upload is not None:
             try:
@@ -269,15 +277,13 @@ class GrpcLink(Link, pb_grpc.CommandServiceServicer):  # type: ignore[misc]
                 )
             except OSError as e:
                 raise TransportError(f"cannot read the upload's files: {e}") from e
-        return self._signed(
-            convert.command_to_pb(command, time.time(), target=hostname, manifest=manifest)
-        )
+        return self._signer.command(hostname, command, time.time(), manifest, batch_signed)
 
-    def _signed(self, message: pb.CommandMessage) -> pb.CommandMessage:
-        if self._signing_key is not None:
-            content = message.command_content
-            content.sign = sign(self._signing_key, convert.signed_fields(content))
-        return message
+    @property
+    def command_signatures(self) -> int:
+        """Signatures made for commands since the start: one per host, or one per batch of
+        a task's runs dispatched together (signer.py)."""
+        return self._signer.signatures
 
     async def send_cancel(self, hostname: str, task_id: str, run_id: str, reason: str) -> None:
         await self._stream(hostname).write(_cancel(task_id, run_id, reason))
@@ -290,8 +296,8 @@ class GrpcLink(Link, pb_grpc.CommandServiceServicer):  # type: ignore[misc]
                 f"{hostname} is connected to another control-plane instance: uploads to it "
                 "are not routed between instances yet (docs/instances.md)"
             )
-        message = convert.command_to_pb(command, time.time(), target=hostname)
-        return self._signed(message).SerializeToString()
+        # The agent's features are known where its stream is: signed for it alone.
+        return self._signer.command(hostname, command, time.time()).SerializeToString()
 
     def encode_cancel(self, hostname: str, task_id: str, run_id: str, reason: str) -> bytes:
         return _cancel(task_id, run_id, reason).SerializeToString()
@@ -448,6 +454,7 @@ class GrpcLink(Link, pb_grpc.CommandServiceServicer):  # type: ignore[misc]
             context,
             task=asyncio.current_task(),
             key=parse_public_key(first.hello.public_key) if first.hello.public_key else None,
+            batch_signed=convert.BATCH_SIGNED in first.hello.features,
         )
         durable.add_done_callback(functools.partial(self._recorded, stream))
         stream.registered = durable
