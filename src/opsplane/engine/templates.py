@@ -195,6 +195,28 @@ class TemplateService:
             by_template.setdefault(grant.template, []).append(grant.group_name)
         return [Grant(user, t, tuple(g)) for t, g in by_template.items()]
 
+    async def grants_for(self, principal: Principal) -> list[Grant]:
+        """The caller's own grants (none for a token without a user)."""
+        if principal.user_id is None:
+            return []
+        return await self.grants(principal.name)
+
+    async def granted_groups(self, user_id: str, template: str) -> frozenset[str]:
+        async with self._sessions() as session:
+            rows = await q.grants_of_user(session, user_id, template)
+        return frozenset(g.group_name for g in rows)
+
+    async def check_reach(
+        self, name: str, targets: Targets | None, allowed_groups: frozenset[str] | None
+    ) -> list[str]:
+        """Forbidden, naming the hosts, unless every host a launch of ``name`` on ``targets``
+        (None: the template's own) would reach today is inside ``allowed_groups``."""
+        template = await self.get(name)
+        chosen = targets if targets is not None and not targets.is_empty() else None
+        return await self._tasks.check_reach(
+            chosen or template.spec.targets, allowed_groups, kind=template.spec.kind
+        )
+
     async def _grant_of(self, user: str, template: str) -> Grant:
         for grant in await self.grants(user):
             if grant.template == template:
