@@ -20,6 +20,7 @@ import { initRunView } from "./run-view.js";
 import { tickTask, initTaskView } from "./task-view.js";
 import { initTasksView } from "./tasks-view.js";
 import { initHostView } from "./host-view.js";
+import { initSchedulesView } from "./schedules-view.js";
 import { ROUTES, route } from "./router.js";
 
 function typing(target) {
@@ -88,6 +89,7 @@ function start() {
   initTaskView();
   initTasksView();
   initHostView();
+  initSchedulesView();
   $("skip").addEventListener("click", (e) => {
     e.preventDefault();
     $("main").focus();
