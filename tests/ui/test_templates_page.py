@@ -202,3 +202,19 @@ def test_create_a_schedule_then_pause_it_from_the_page_and_read_its_history(
     assert len(after) == launched, "a paused schedule fired"
     expect(switch).to_be_checked()
     _api(fleet, "DELETE", f"/api/v1/schedules/{schedule_id}")
+
+
+def test_templates_and_schedules_fit_a_phone(phone: Page, fleet: Fleet, snap: Snap) -> None:
+    _ensure_template(fleet)
+    screens = {
+        "templates": ("#/templates", 'article.template-card[data-template="greet"] form'),
+        "schedules": ("#/schedules", "#schedule-form"),
+    }
+    for name, (address, ready) in screens.items():
+        phone.goto(f"{fleet.url}/{address}")
+        expect(phone.locator(ready).first).to_be_visible()
+        widths = phone.evaluate(
+            "[document.documentElement.scrollWidth, document.body.scrollWidth, window.innerWidth]"
+        )
+        assert max(widths[:2]) <= widths[2], f"{name} scrolls sideways: {widths}"
+        snap(phone, f"phone-{name}")
