@@ -208,11 +208,11 @@ def test_templates_and_schedules_fit_a_phone(phone: Page, fleet: Fleet, snap: Sn
     _ensure_template(fleet)
     screens = {
         "templates": ("#/templates", 'article.template-card[data-template="greet"] form'),
-        "schedules": ("#/schedules", "#schedule-form"),
+        "schedules": ("#/schedules", '#schedule-template option[value="greet"]'),
     }
     for name, (address, ready) in screens.items():
         phone.goto(f"{fleet.url}/{address}")
-        expect(phone.locator(ready).first).to_be_visible()
+        expect(phone.locator(ready).first).to_be_attached()
         widths = phone.evaluate(
             "[document.documentElement.scrollWidth, document.body.scrollWidth, window.innerWidth]"
         )

@@ -90,6 +90,7 @@ async function load() {
   const empty = $("schedules-empty");
   empty.replaceChildren(h("p", { class: "empty-title" }, "No schedules yet."));
   empty.hidden = list.items.length > 0;
+  $("schedules-rows").closest("table").hidden = list.items.length === 0;
   setText($("schedules-range"), list.items.length ? plural(list.items.length, "schedule") : "");
   const panel = $("schedule-history-panel");
   panel.hidden = fires === null;

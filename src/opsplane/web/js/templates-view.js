@@ -23,7 +23,7 @@ function launchForm(template, grant) {
   const note = launchable ? null : h("p", { class: "hint" }, `Your role (${role()}) may launch only the templates granted to you.`);
   const form = h("form", { class: "template-form", novalidate: true, dataset: { template: template.name } },
     params,
-    h("details", { class: "override" },
+    template.kind === "script" ? h("p", { class: "hint" }, "Runs this script of the script directory on the control plane's own host.") : h("details", { class: "override" },
       h("summary", null, `Targets: ${targetsText(template.targets) || "none by default"} · override`),
       h("div", { class: "row" },
         h("div", { class: "field grow" }, h("span", { class: "label" }, "Hosts"), hosts),
