@@ -218,3 +218,38 @@ def test_templates_and_schedules_fit_a_phone(phone: Page, fleet: Fleet, snap: Sn
         )
         assert max(widths[:2]) <= widths[2], f"{name} scrolls sideways: {widths}"
         snap(phone, f"phone-{name}")
+
+
+def test_an_admin_creates_a_parameterized_template_and_grants_it_from_the_page(
+    page: Page, fleet: Fleet
+) -> None:
+    _user(fleet, "ui-op2", "operator", ["spare"])
+    page.goto(fleet.url + "/#/templates")
+    form = page.locator("#template-form")
+    expect(form).to_be_visible()
+    form.get_by_label("Name").fill("page-made")
+    form.get_by_label("Command").fill('echo "made $PARAM_MODE"')
+    form.get_by_label("Parameters").fill("who=web\nmode:choice(soft|hard)=soft\ncount:int=3")
+    form.get_by_label("Default groups").fill("web")
+    form.get_by_role("button", name="Create template").click()
+    card = _card(page, "page-made")
+    expect(card.get_by_label(re.compile("^mode"))).to_have_value("soft")
+    expect(card.get_by_label(re.compile("^count"))).to_have_attribute("type", "number")
+    made = _api(fleet, "GET", "/api/v1/templates/page-made")
+    assert made["targets"]["groups"] == ["web"]
+    assert [p["type"] for p in made["parameters"]] == ["string", "choice", "int"]
+    # The server's sentence for a refused definition, beside the form.
+    form.get_by_label("Name").fill("page-made")
+    form.get_by_label("Command").fill("true")
+    form.get_by_role("button", name="Create template").click()
+    expect(form.locator(".error")).to_contain_text("exists")
+
+    grant = page.locator("#grant-form")
+    grant.get_by_label("User").fill("ui-op2")
+    grant.get_by_label("Template").select_option("page-made")
+    grant.get_by_label("Groups").fill("web")
+    grant.get_by_role("button", name="Grant").click()
+    expect(grant.locator("#grant-done")).to_have_text("ui-op2 may launch page-made on web.")
+    grants = _api(fleet, "GET", "/api/v1/users/ui-op2/template-grants")["items"]
+    assert grants == [{"user": "ui-op2", "template": "page-made", "groups": ["web"]}]
+    _api(fleet, "DELETE", "/api/v1/templates/page-made")

@@ -21,6 +21,7 @@ import { tickTask, initTaskView } from "./task-view.js";
 import { initTasksView } from "./tasks-view.js";
 import { initHostView } from "./host-view.js";
 import { initSchedulesView } from "./schedules-view.js";
+import { initTemplatesView } from "./templates-view.js";
 import { ROUTES, route } from "./router.js";
 
 function typing(target) {
@@ -90,6 +91,7 @@ function start() {
   initTasksView();
   initHostView();
   initSchedulesView();
+  initTemplatesView();
   $("skip").addEventListener("click", (e) => {
     e.preventDefault();
     $("main").focus();

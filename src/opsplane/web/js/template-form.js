@@ -46,6 +46,23 @@ export function paramValues(container) {
   return values;
 }
 
+/** One parameter in the CLI's words: NAME[:TYPE][=DEFAULT], a choice as choice(a|b). */
+export function parseParamSpec(text) {
+  const eq = text.indexOf("=");
+  const head = eq < 0 ? text : text.slice(0, eq);
+  const colon = head.indexOf(":");
+  const name = (colon < 0 ? head : head.slice(0, colon)).trim();
+  const kind = colon < 0 ? "string" : head.slice(colon + 1).trim();
+  const spec = { name, type: kind || "string" };
+  const choice = /^choice\((.*)\)$/.exec(kind);
+  if (choice) {
+    spec.type = "choice";
+    spec.choices = choice[1].split("|");
+  }
+  if (eq >= 0) spec.default = text.slice(eq + 1);
+  return spec;
+}
+
 /** "web-1, web-2" -> ["web-1", "web-2"]: names separated by commas or spaces. */
 export function namesList(text) {
   return text.split(/[\s,]+/).map((s) => s.trim()).filter(Boolean);

@@ -9,7 +9,7 @@ import { $, h, setText, toast } from "./dom.js";
 import { api } from "./api.js";
 import { navigate } from "./nav.js";
 import { targetsText } from "./task-text.js";
-import { paramFields, paramValues, targetsOverride, mayRun, role } from "./template-form.js";
+import { paramFields, paramValues, targetsOverride, namesList, parseParamSpec, mayRun, role } from "./template-form.js";
 
 const view = { gen: 0 };
 
@@ -78,6 +78,54 @@ export async function enterTemplates() {
   empty.replaceChildren(h("p", { class: "empty-title" }, "No templates yet."),
     h("p", null, "An admin creates them: ", h("code", null, "opsplane templates create NAME --command …")));
   empty.hidden = templates.items.length > 0;
+  $("template-admin").hidden = role() !== "admin";
+  const select = $("grant-template");
+  const chosen = select.value;
+  select.replaceChildren(...templates.items.map((t) => h("option", { value: t.name, selected: t.name === chosen }, t.name)));
+}
+
+async function submitTemplate(e) {
+  e.preventDefault();
+  const error = $("template-error");
+  setText(error, "");
+  const lines = $("template-params").value.split(/\r?\n/).map((l) => l.trim()).filter(Boolean);
+  const groups = namesList($("template-groups").value);
+  const body = {
+    name: $("template-name").value.trim(),
+    description: $("template-description").value.trim(),
+    command: $("template-command").value,
+    parameters: lines.map(parseParamSpec),
+    targets: { groups },
+  };
+  $("template-submit").disabled = true;
+  try {
+    await api("/templates", { method: "POST", body });
+    $("template-form").reset();
+    await enterTemplates();
+  } catch (err) {
+    setText(error, err.message);
+  } finally {
+    $("template-submit").disabled = false;
+  }
+}
+
+async function submitGrant(e) {
+  e.preventDefault();
+  setText($("grant-error"), "");
+  setText($("grant-done"), "");
+  const user = $("grant-user").value.trim();
+  const body = { template: $("grant-template").value, groups: namesList($("grant-groups").value) };
+  try {
+    const grant = await api(`/users/${encodeURIComponent(user)}/template-grants`, { method: "POST", body });
+    setText($("grant-done"), `${grant.user} may launch ${grant.template} on ${grant.groups.join(", ")}.`);
+  } catch (err) {
+    setText($("grant-error"), err.message || "The grant was refused.");
+  }
+}
+
+export function initTemplatesView() {
+  $("template-form").addEventListener("submit", submitTemplate);
+  $("grant-form").addEventListener("submit", submitGrant);
 }
 
 export function leaveTemplates() {
