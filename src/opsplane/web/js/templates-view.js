@@ -8,10 +8,11 @@ import { current } from "./state.js";
 import { $, h, setText, toast } from "./dom.js";
 import { api } from "./api.js";
 import { navigate } from "./nav.js";
+import { renderKeyed } from "./keyed.js";
 import { targetsText } from "./task-text.js";
 import { paramFields, paramValues, targetsOverride, namesList, parseParamSpec, mayRun, role } from "./template-form.js";
 
-const view = { gen: 0 };
+const view = { gen: 0, cards: new Map() };
 
 function launchForm(template, grant) {
   const launchable = mayRun() || grant !== undefined;
@@ -73,7 +74,10 @@ export async function enterTemplates() {
   }
   if (gen !== view.gen || current.name !== "templates") return;
   const byName = new Map(grants.items.map((g) => [g.template, g]));
-  $("templates-list").replaceChildren(...templates.items.map((t) => card(t, byName.get(t.name))));
+  // Keyed by version and grant: coming back to the view keeps what the user typed into a form
+  // (and never swaps a form from under a pointer while the list reloads).
+  const key = (t) => `${role()}@${t.name}@${t.version}@${(byName.get(t.name) || { groups: [] }).groups.join(",")}`;
+  renderKeyed($("templates-list"), view.cards, templates.items, key, (t) => card(t, byName.get(t.name)), () => {});
   const empty = $("templates-empty");
   empty.replaceChildren(h("p", { class: "empty-title" }, "No templates yet."),
     h("p", null, "An admin creates them: ", h("code", null, "opsplane templates create NAME --command …")));
