@@ -216,6 +216,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     )
     the_engine.loops.add(alerts.loop)
     remoterun = RemoteRunService(the_engine, settings.script_dirs)
+    the_engine.templates.use_scripts(remoterun.template_script, settings.local_host)
     security = SecurityService(
         the_engine.sessions,
         the_engine.write,

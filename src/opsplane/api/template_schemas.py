@@ -41,11 +41,16 @@ class TemplateIn(BaseModel):
 
     name: str = Field(default="", max_length=128, description="required on POST")
     description: str = Field(default="", max_length=10_000)
-    kind: Literal["command"] = "command"
+    kind: Literal["command", "script"] = Field(
+        default="command",
+        description="command: shell text on the targets; script: a seed-003 script_path, run "
+        "as argv on the control plane (upload is not a template kind yet)",
+    )
     command: str = Field(
         min_length=1,
         max_length=1_000_000,
-        description='shell command text; parameters arrive as "$PARAM_<NAME>", never spliced in',
+        description="shell command text (kind script: the script_path); parameters arrive as "
+        '"$PARAM_<NAME>", never spliced in',
     )
     parameters: list[ParamIn] = Field(default_factory=list, max_length=MAX_PARAMETERS)
     targets: TargetsIn = Field(

@@ -19,7 +19,9 @@ from opsplane.domain.targeting import Targets
 from opsplane.domain.tasks import PARAM_PREFIX, is_env_name, params_env
 
 PARAM_TYPES = ("string", "int", "choice", "secret")
-TEMPLATE_KINDS = ("command",)
+# command: a shell command on the targets; script: a seed-003 script of the control plane's
+# script directory, run as argv (no shell) on the control plane's own host.
+TEMPLATE_KINDS = ("command", "script")
 MAX_PARAMETERS = 64
 MAX_CHOICES = 256
 MAX_PARAM_VALUE = 64 * 1024
@@ -152,6 +154,11 @@ class TemplateSpec:
             )
         if not self.command.strip():
             raise InvalidInput("command must not be empty")
+        if self.kind == "script" and not self.targets.is_empty():
+            raise InvalidInput(
+                "a script template runs on the control plane's own host (seed 003): leave "
+                "targets out"
+            )
         if "\x00" in self.command:
             raise InvalidInput("command must not contain NUL bytes")
         if len(self.parameters) > MAX_PARAMETERS:

@@ -19,7 +19,7 @@ from typing import Any
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from opsplane.domain.errors import InvalidInput, NotFound, OpsplaneError
+from opsplane.domain.errors import Forbidden, InvalidInput, NotFound, OpsplaneError
 from opsplane.domain.ids import new_id
 from opsplane.domain.records import TaskRecord
 from opsplane.domain.roles import Principal, Role
@@ -31,6 +31,7 @@ from opsplane.engine.background import Supervised, run_periodically
 from opsplane.engine.changes import Changes
 from opsplane.engine.ports import SecretOpener
 from opsplane.engine.templates import TemplateService
+from opsplane.store import security_queries
 from opsplane.store import template_queries as q
 from opsplane.store.tables import ScheduleFireRow, ScheduleRow, utcnow
 
@@ -131,11 +132,25 @@ class ScheduleService:
 
     # CRUD --------------------------------------------------------------------------------
 
-    async def create(self, spec: ScheduleSpec, *, by: str) -> Schedule:
+    async def create(
+        self, spec: ScheduleSpec, *, by: str, principal: Principal | None = None
+    ) -> Schedule:
         """A schedule of an existing template; its parameters are checked against the
-        template now (and again at each launch, against the version then current)."""
+        template now (and again at each launch, against the version then current). A caller
+        other than an admin (``principal``) must hold a grant for the template, and the
+        targets must stay inside the granted groups: checked now, and again at each fire."""
         now = self._clock()
         timing, plain, sealed = await self._checked(spec, anchor=now)
+        if principal is not None and principal.the_role is not Role.ADMIN:
+            granted = frozenset[str]()
+            if principal.user_id is not None:
+                granted = await self._templates.granted_groups(principal.user_id, spec.template)
+            if not granted:
+                raise Forbidden(
+                    f"{principal.name} ({principal.role}) may not schedule template "
+                    f"{spec.template}: it needs a grant for this template (or the admin role)"
+                )
+            await self._templates.check_reach(spec.template, spec.targets, granted)
         row = ScheduleRow(
             id=new_id(),
             template=spec.template,
@@ -158,11 +173,18 @@ class ScheduleService:
             changes.session.add(row)
         return self._view(row, now)
 
-    async def update(self, schedule_id: str, changes_: Mapping[str, Any]) -> Schedule:
+    async def update(
+        self,
+        schedule_id: str,
+        changes_: Mapping[str, Any],
+        *,
+        principal: Principal | None = None,
+    ) -> Schedule:
         """Pause, resume, or change params, timing or policies. A resumed or re-timed schedule
         is next due after now: the due times it was paused over are not launched."""
         now = self._clock()
         row = await self._row(schedule_id)
+        _check_owner(row, principal)
         spec = replace(self._spec(row), **changes_)
         anchor = row.created_at
         timing, plain, sealed = await self._checked(spec, anchor=anchor, row=row, changes=changes_)
@@ -182,11 +204,12 @@ class ScheduleService:
             fresh.updated_at = now
         return self._view(fresh, now)
 
-    async def delete(self, schedule_id: str) -> None:
+    async def delete(self, schedule_id: str, *, principal: Principal | None = None) -> None:
         async with self._write() as changes:
             row = await q.get_schedule(changes.session, schedule_id, for_update=True)
             if row is None:
                 raise NotFound(f"schedule {schedule_id} not found")
+            _check_owner(row, principal)
             await changes.session.delete(row)
 
     async def get(self, schedule_id: str) -> Schedule:
@@ -274,10 +297,6 @@ class ScheduleService:
         due = decision.fire
         assert due is not None
 
-        # The schedule's creator (an admin) decided what runs where; it fires with that
-        # authority, recorded as the schedule.
-        principal = Principal(name=f"schedule:{row.id}", role=Role.ADMIN, via="schedule")
-
         async def record(session: AsyncSession, task: TaskRecord, hosts: list[str]) -> None:
             session.add(
                 ScheduleFireRow(
@@ -301,6 +320,7 @@ class ScheduleService:
                 )
 
         try:
+            principal = await self._authority(row)
             task = await self._templates.launch(
                 row.template,
                 {**row.params, **self._secrets.open(row.secret_params)},
@@ -332,6 +352,33 @@ class ScheduleService:
                 )
         except IntegrityError:
             pass  # another instance recorded this due time already
+
+    async def _authority(self, row: ScheduleRow) -> Principal:
+        """Whom a fire acts as, decided again at every fire from the creator's standing now:
+        an admin's schedule fires as an admin; an operator's only on the groups a grant for
+        the template still gives it. Forbidden (recorded as the fire's error) when the creator
+        is disabled or holds no such grant any more. A creator without a user row is the
+        bootstrap token (an admin; users are never deleted, only disabled)."""
+        admin = Principal(name=f"schedule:{row.id}", role=Role.ADMIN, via="schedule")
+        async with self._sessions() as session:
+            user = await security_queries.user_by_name(session, row.created_by)
+            if user is None:
+                return admin
+            if user.disabled:
+                raise Forbidden(f"not launched: the schedule's creator {user.name} is disabled")
+            if user.role == Role.ADMIN.value:
+                return admin
+            grants = await q.grants_of_user(session, user.id, row.template)
+        if user.role != Role.OPERATOR.value or not grants:
+            raise Forbidden(
+                f"not launched: the schedule's creator {user.name} ({user.role}) no longer "
+                f"holds a grant for template {row.template}"
+            )
+        # A viewer's scope is exactly its grants: the operator's own groups do not widen what
+        # its schedule may reach.
+        return Principal(
+            name=f"schedule:{row.id}", role=Role.VIEWER, via="schedule", user_id=user.id
+        )
 
     # Helpers -----------------------------------------------------------------------------
 
@@ -412,6 +459,17 @@ class ScheduleService:
             last_task_id=row.last_task_id,
             created_by=row.created_by,
             created_at=row.created_at,
+        )
+
+
+def _check_owner(row: ScheduleRow, principal: Principal | None) -> None:
+    """Admins change any schedule; an operator only the ones it created."""
+    if principal is None or principal.the_role is Role.ADMIN:
+        return
+    if row.created_by != principal.name:
+        raise Forbidden(
+            f"{principal.name} ({principal.role}) may change only its own schedules; "
+            f"schedule {row.id} is {row.created_by}'s"
         )
 
 

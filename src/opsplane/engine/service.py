@@ -85,6 +85,25 @@ class TaskService:
         self._upload_roots = list(upload_roots)
         self._upload_max_bytes = upload_max_bytes
 
+    async def check_reach(
+        self, targets: Targets, allowed_groups: frozenset[str] | None, *, kind: str = "command"
+    ) -> list[str]:
+        """The hosts ``targets`` select today, Forbidden (naming them) if any is outside
+        ``allowed_groups``: the check a task's creation makes, without creating anything (a
+        schedule is checked so when it is made, and again as a task at each fire)."""
+        async with self._sessions() as session:
+            hosts = await queries.all_hosts(session)
+        if kind in ("command", "upload"):
+            hosts = [h for h in hosts if h.link != LOCAL_LINK]
+        refs = [
+            HostRef(h.name, tuple(h.groups or ()), h.labels or {}, adhoc=bool(h.adhoc))
+            for h in hosts
+        ]
+        names = resolve_targets(targets, refs)
+        chosen = set(names)
+        check_hosts_allowed(allowed_groups, [r for r in refs if r.name in chosen])
+        return names
+
     async def create_task(
         self, request: TaskRequest, *, before_commit: BeforeCommit | None = None
     ) -> TaskRecord:

@@ -7,9 +7,9 @@ environment variables. The task records the template's name and the version that
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 
 from sqlalchemy.exc import IntegrityError
@@ -36,6 +36,22 @@ from opsplane.store.tables import (
 )
 
 MAX_LIST = 1000
+
+
+@dataclass(frozen=True)
+class ScriptRun:
+    """How a seed-003 script of the script directory runs: what the composition root's
+    resolver (``remoterun``) answers for a template of kind ``script``."""
+
+    command: str
+    argv: tuple[str, ...]
+    cwd: str
+    env: dict[str, str]
+    sha256: str | None = None
+
+
+# script_path -> how it runs; InvalidInput or the script directory's refusal otherwise.
+ScriptResolver = Callable[[str], Awaitable[ScriptRun]]
 
 
 @dataclass(frozen=True)
@@ -86,12 +102,33 @@ class TemplateService:
         self._write = write
         self._tasks = tasks
         self._secrets = secrets
+        # Templates of kind "script": set by the composition root (the engine does not know
+        # the script directory). None: such templates are refused.
+        self._scripts: ScriptResolver | None = None
+        self._local_host = ""
+
+    def use_scripts(self, resolver: ScriptResolver, local_host: str) -> None:
+        self._scripts = resolver
+        self._local_host = local_host
+
+    async def _script(self, spec: TemplateSpec) -> ScriptRun:
+        if self._scripts is None:
+            raise InvalidInput(
+                "kind script needs a script directory: start the server with --script-dir DIR"
+            )
+        try:
+            return await self._scripts(spec.command)
+        except NotFound as e:
+            # The template names the script: a missing one is a bad definition (422).
+            raise InvalidInput(f"template {spec.name}: {e}") from e
 
     # Templates ---------------------------------------------------------------------------
 
     async def create(self, spec: TemplateSpec, *, by: str) -> Template:
         """A new template at version 1 (a deleted name comes back at its next version)."""
         spec = spec.validated()
+        if spec.kind == "script":
+            await self._script(spec)  # the script exists (and, pinned, is approved)
         now = utcnow()
         try:
             async with self._write() as changes:
@@ -118,6 +155,8 @@ class TemplateService:
                 "creating a new template"
             )
         spec = spec.validated()
+        if spec.kind == "script":
+            await self._script(spec)
         now = utcnow()
         async with self._write() as changes:
             row = await self._live(changes.session, name, for_update=True)
@@ -195,6 +234,32 @@ class TemplateService:
             by_template.setdefault(grant.template, []).append(grant.group_name)
         return [Grant(user, t, tuple(g)) for t, g in by_template.items()]
 
+    async def grants_for(self, principal: Principal) -> list[Grant]:
+        """The caller's own grants (none for a token without a user)."""
+        if principal.user_id is None:
+            return []
+        return await self.grants(principal.name)
+
+    async def granted_groups(self, user_id: str, template: str) -> frozenset[str]:
+        async with self._sessions() as session:
+            rows = await q.grants_of_user(session, user_id, template)
+        return frozenset(g.group_name for g in rows)
+
+    async def check_reach(
+        self, name: str, targets: Targets | None, allowed_groups: frozenset[str] | None
+    ) -> list[str]:
+        """Forbidden, naming the hosts, unless every host a launch of ``name`` on ``targets``
+        (None: the template's own) would reach today is inside ``allowed_groups``."""
+        template = await self.get(name)
+        if template.spec.kind == "script":
+            raise Forbidden(
+                f"template {name} runs a script on the control plane: only an admin schedules it"
+            )
+        chosen = targets if targets is not None and not targets.is_empty() else None
+        return await self._tasks.check_reach(
+            chosen or template.spec.targets, allowed_groups, kind=template.spec.kind
+        )
+
     async def _grant_of(self, user: str, template: str) -> Grant:
         for grant in await self.grants(user):
             if grant.template == template:
@@ -219,6 +284,16 @@ class TemplateService:
         caller may launch it only on its groups and granted groups)."""
         template = await self.get(name)
         launch = resolve_params(template.spec.parameters, params)
+        if template.spec.kind == "script":
+            return await self._launch_script(
+                template,
+                launch,
+                principal=principal,
+                targets=targets,
+                before_commit=before_commit,
+                idempotency_key=idempotency_key,
+                created_by=created_by,
+            )
         granted: frozenset[str] = frozenset()
         if principal.user_id is not None:
             async with self._sessions() as session:
@@ -234,6 +309,55 @@ class TemplateService:
             idempotency_key=idempotency_key,
         )
         return await self._tasks.create_task(request, before_commit=before_commit)
+
+    async def _launch_script(
+        self,
+        template: Template,
+        launch: Launch,
+        *,
+        principal: Principal,
+        targets: Targets | None,
+        before_commit: BeforeCommit | None,
+        idempotency_key: str | None,
+        created_by: str | None,
+    ) -> TaskRow:
+        """A seed-003 script on the control plane's own host. A grant names groups of hosts
+        and this runs on none of them: it takes the operator role, as seed 003's POST /tasks
+        does."""
+        name = template.spec.name
+        if not principal.can(Permission.RUN):
+            raise Forbidden(
+                f"{principal.name} ({principal.role}) may not launch script template {name}: "
+                "it runs on the control plane, which takes the operator role (a grant names "
+                "groups of hosts)"
+            )
+        if targets is not None and not targets.is_empty():
+            raise InvalidInput(
+                f"template {name} runs a script on the control plane's own host: it takes no "
+                "targets"
+            )
+        run = await self._script(template.spec)
+        request = self.task_request(
+            template,
+            launch,
+            targets=Targets(hosts=(self._local_host,)),
+            created_by=created_by or principal.name,
+            allowed_groups=None,
+            idempotency_key=idempotency_key,
+        )
+        meta = dict(request.spec.meta) if request.spec else {}
+        meta.update(script_path=template.spec.command, sha256=run.sha256)
+        spec = ExecSpec(
+            argv=run.argv,
+            cwd=run.cwd,
+            env={**launch.env, **run.env},
+            secret_env=request.spec.secret_env if request.spec else {},
+            meta=meta,
+        )
+        return await self._tasks.create_task(
+            replace(request, kind="script", command=run.command, spec=spec),
+            before_commit=before_commit,
+        )
 
     def task_request(
         self,

@@ -35,6 +35,7 @@ from opsplane.domain.tasks import ExecSpec, TaskRequest, params_env
 from opsplane.engine.core import Engine
 from opsplane.engine.hub import Subscription
 from opsplane.engine.service import BeforeCommit
+from opsplane.engine.templates import ScriptRun
 from opsplane.remoterun.scripts import SCRIPT_PATH_ENV, ScriptDirs, ScriptPins
 from opsplane.store import queries
 
@@ -145,6 +146,24 @@ class RemoteRunService:
         if self.scripts:
             self.pins.load()  # a broken pins file stops the start (ConfigError), not a request
         self._poll = poll
+
+    async def template_script(self, script_path: str) -> ScriptRun:
+        """How a job template of kind ``script`` runs ``script_path``: as a submission
+        would (argv, no shell; a pinned script from its verified copy)."""
+        if not self.scripts:
+            raise InvalidInput(
+                "kind script needs a script directory: start the server with --script-dir DIR"
+            )
+        script = self.scripts.resolve(script_path)
+        approved = await asyncio.to_thread(self.pins.check, script, script_path)
+        env = {SCRIPT_PATH_ENV: str(script)} if approved.sha256 is not None else {}
+        return ScriptRun(
+            command=str(script),
+            argv=(str(approved.path),),
+            cwd=str(script.parent),
+            env=env,
+            sha256=approved.sha256,
+        )
 
     async def submit(
         self,

@@ -139,6 +139,13 @@ async def launch_template(
     return TaskOut.model_validate(task_view(task))
 
 
+@router.get("/api/v1/auth/me/template-grants", response_model=Items[GrantOut])
+async def my_grants(engine: EngineDep, principal: ReaderDep) -> Items[GrantOut]:
+    """The caller's own template grants (what the web page's launch forms offer a viewer)."""
+    grants = await engine.templates.grants_for(principal)
+    return Items[GrantOut](items=[_grant_out(g) for g in grants])
+
+
 @router.get("/api/v1/users/{user}/template-grants", response_model=Items[GrantOut])
 async def list_grants(user: str, engine: EngineDep, _principal: AdminDep) -> Items[GrantOut]:
     return Items[GrantOut](items=[_grant_out(g) for g in await engine.templates.grants(user)])

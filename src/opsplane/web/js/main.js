@@ -20,6 +20,8 @@ import { initRunView } from "./run-view.js";
 import { tickTask, initTaskView } from "./task-view.js";
 import { initTasksView } from "./tasks-view.js";
 import { initHostView } from "./host-view.js";
+import { initSchedulesView } from "./schedules-view.js";
+import { initTemplatesView } from "./templates-view.js";
 import { ROUTES, route } from "./router.js";
 
 function typing(target) {
@@ -88,6 +90,8 @@ function start() {
   initTaskView();
   initTasksView();
   initHostView();
+  initSchedulesView();
+  initTemplatesView();
   $("skip").addEventListener("click", (e) => {
     e.preventDefault();
     $("main").focus();

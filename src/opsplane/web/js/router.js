@@ -8,12 +8,16 @@ import { enterRun } from "./run-view.js";
 import { enterTask, leaveTask } from "./task-view.js";
 import { enterTasks, leaveTasks } from "./tasks-view.js";
 import { enterHost, leaveHost } from "./host-view.js";
+import { enterTemplates, leaveTemplates } from "./templates-view.js";
+import { enterSchedules, leaveSchedules } from "./schedules-view.js";
 
 export const ROUTES = [
   { re: /^\/fleet$/, name: "fleet", view: "view-fleet", enter: enterFleet, leave: leaveFleet, title: "Fleet", filter: "fleet-q" },
   { re: /^\/run$/, name: "run", view: "view-run", enter: enterRun, title: "Run", filter: "cmd" },
   { re: /^\/tasks$/, name: "tasks", view: "view-tasks", enter: enterTasks, leave: leaveTasks, title: "Tasks", filter: "tasks-name" },
   { re: /^\/tasks\/([^/]+)$/, name: "task", view: "view-task", enter: enterTask, leave: leaveTask, title: "Task", nav: "tasks", filter: "output-host" },
+  { re: /^\/templates$/, name: "templates", view: "view-templates", enter: enterTemplates, leave: leaveTemplates, title: "Templates" },
+  { re: /^\/schedules$/, name: "schedules", view: "view-schedules", enter: enterSchedules, leave: leaveSchedules, title: "Schedules" },
   { re: /^\/hosts\/([^/]+)$/, name: "host", view: "view-host", enter: enterHost, leave: leaveHost, title: "Host", nav: "fleet" },
 ];
 
