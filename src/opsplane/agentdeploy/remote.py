@@ -44,6 +44,7 @@ class Probe:
     python: str
     cache_tag: str
     platform: str
+    libc: str  # "glibc 2.36", "musl 1.2" or "" (what pip's wheel tags depend on)
     system_dependencies: bool
     current: str  # the digest of the running release ("" if none)
     settings: str  # the SHA-256 of agent.env ("" if none)
@@ -65,6 +66,7 @@ class Probe:
             python=values.get("python", ""),
             cache_tag=values.get("cache_tag", ""),
             platform=values.get("platform", ""),
+            libc=values.get("libc", ""),
             system_dependencies=yes(values.get("deps", "")),
             current=values.get("current", ""),
             settings=values.get("settings", ""),
@@ -90,8 +92,9 @@ def directory_expression(base: str | None, name: str) -> str:
 def probe_command(base: str | None, name: str) -> str:
     imports = ", ".join(SYSTEM_DEPENDENCIES)
     tags = (
-        "import sys, sysconfig; print('cache_tag=' + sys.implementation.cache_tag); "
-        "print('platform=' + sysconfig.get_platform())"
+        "import sys, sysconfig, platform; print('cache_tag=' + sys.implementation.cache_tag); "
+        "print('platform=' + sysconfig.get_platform()); "
+        "print('libc=' + ' '.join(platform.libc_ver()).strip())"
     )
     return f"""{directory_expression(base, name)}
 echo "dir=$D"
@@ -159,6 +162,53 @@ mv {q(release)}.tmp {q(release)}
 """
 
 
+def venv_dir(directory: str, key: str) -> str:
+    return f"{directory}/venv-{key[:16]}"
+
+
+def venv_command(
+    directory: str,
+    python: str,
+    key: str,
+    requirements: tuple[str, ...],
+    *,
+    wheelhouse: str | None,
+    index_url: str | None,
+) -> str:
+    """Make the venv the agent runs on when the bundle's compiled dependencies do not load
+    (once per set of requirements: a later release with the same ones reuses it), from the
+    uploaded ``wheelhouse`` or from ``index_url``. The venv is only marked ready once pip
+    succeeded, so an interrupted one is made again."""
+    q = quote
+    venv = venv_dir(directory, key)
+    if wheelhouse:
+        # --isolated: the host's pip configuration (constraints, other indexes) plays no part.
+        source = f"--isolated --no-index --find-links {q(wheelhouse)}"
+    else:
+        source = f"--index-url {q(index_url or '')}"
+    listed = "".join(f"{r}\n" for r in requirements)
+    cleanup = f"rm -rf {q(wheelhouse)}\n" if wheelhouse else ""
+    return f"""V={q(venv)}
+if [ ! -f "$V/ready" ]; then
+  rm -rf "$V"
+  if ! {q(python)} -m venv "$V" > /dev/null 2>&1; then
+    rm -rf "$V"
+    echo "{python} -m venv failed: install its venv module (Debian: apt install python3-venv)" >&2
+    exit 1
+  fi
+  cat > "$V/requirements.txt" <<'OPSPLANE_EOF'
+{listed}OPSPLANE_EOF
+  if ! "$V/bin/python" -m pip install --disable-pip-version-check --no-input -q {source} \
+      -r "$V/requirements.txt" > "$V/pip.log" 2>&1; then
+    tail -n 3 "$V/pip.log" >&2
+    exit 1
+  fi
+  touch "$V/ready"
+fi
+{cleanup}exit 0
+"""
+
+
 def env_file(settings: Mapping[str, str]) -> str:
     return "".join(f"{key}={quote(value)}\n" for key, value in sorted(settings.items()))
 
@@ -206,9 +256,11 @@ done
 def configure_command(
     directory: str, python: str, digest: str, settings: Mapping[str, str], *, site: bool
 ) -> str:
-    """Write the settings and the supervisor, and point ``current`` at the release."""
+    """Write the settings and the supervisor, and point ``current`` at the release; venvs
+    other than the one ``python`` is in go."""
     q = quote
     release = release_dir(directory, digest)
+    keep = python[len(directory) + 1 :].split("/")[0] if python.startswith(directory + "/") else ""
     return f"""set -e
 cd {q(directory)}
 umask 077
@@ -221,6 +273,8 @@ cat > run-agent.sh <<'OPSPLANE_EOF'
 printf '%s\\n' {q(pythonpath(release, site))} > {q(release)}/pythonpath
 ln -sfn {q(release)} current.tmp && mv -T current.tmp current
 ls -1 releases | grep -vx {q(digest[:16])} | while read old; do rm -rf "releases/$old"; done
+for old in venv-*; do [ -d "$old" ] && [ "$old" != {q(keep or "-")} ] && rm -rf "$old"; done
+exit 0
 """
 
 
