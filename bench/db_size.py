@@ -59,8 +59,10 @@ async def _size(engine: Engine, backend: str, path: Path | None) -> int:
         return int(total or 0)
 
 
-def _archive_bytes(data_dir: Path) -> int:
-    return sum(p.stat().st_size for p in (data_dir / "logs").rglob("*.log") if p.is_file())
+def _archive_bytes(data_dir: Path) -> tuple[int, int]:
+    """The run logs' bytes, and the disk they take (whole blocks: one file per run)."""
+    files = [p.stat() for p in (data_dir / "logs").rglob("*.log") if p.is_file()]
+    return sum(f.st_size for f in files), sum(f.st_blocks * 512 for f in files)
 
 
 async def measure(backend: str, hosts: int, tasks: int, output_bytes: int) -> dict[str, Any]:
@@ -113,7 +115,8 @@ async def measure(backend: str, hosts: int, tasks: int, output_bytes: int) -> di
         "output_bytes": output_bytes,
         "database_bytes_per_run": round((after - before) / runs),
         "database_mib_per_1000_runs": round((after - before) / runs * 1000 / 2**20, 2),
-        "archive_bytes_per_run": round((archive_after - archive_before) / runs),
+        "archive_bytes_per_run": round((archive_after[0] - archive_before[0]) / runs),
+        "archive_disk_bytes_per_run": round((archive_after[1] - archive_before[1]) / runs),
     }
 
 

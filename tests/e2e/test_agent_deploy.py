@@ -322,6 +322,8 @@ def test_a_supervised_agent_that_dies_is_restarted(
         raise AssertionError("the supervisor did not restart the agent")
 
 
+# pip installing some twenty wheels on a loaded 2-core machine: minutes, not seconds.
+@pytest.mark.timeout(600)
 def test_a_host_whose_python_cannot_load_the_bundle_gets_a_venv_from_a_wheelhouse(
     fleet: Fleet, remote_base: Path, deployed: dict[str, Any], tmp_path: Path
 ) -> None:
