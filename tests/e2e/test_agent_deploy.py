@@ -8,12 +8,14 @@ from a pushed wheelhouse. Real sshd, real processes.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 import uuid
 import zipfile
@@ -352,3 +354,33 @@ def test_a_host_whose_python_cannot_load_the_bundle_gets_a_venv_from_a_wheelhous
     assert "cannot load the bundle's compiled dependencies" in result["detail"]
     assert list(home.glob("venv-*/ready")) == [ready]  # the same requirements: reused
     assert _answers(fleet, "venv") == {VENV_HOST: "succeeded"}
+    # Found later: the ABI and platform match, but a compiled module does not load there (as
+    # with wheels for a newer glibc than the host's): the bundle's own check of its
+    # dependencies fails, and the venv takes over.
+    glibc = _variant(fleet, tmp_path, "old-glibc", None)
+    _break_site_module(glibc, "grpc/__init__.py", "version `GLIBC_2.99' not found")
+    code, report = _roll(
+        fleet, "upgrade", remote_base, "--canary", "0", "--bundle", str(glibc), group="venv"
+    )
+    assert code == 0, report
+    (result,) = report["results"]
+    assert result["shown"] == "deployed (venv)", result
+    assert "do not load there" in result["detail"] and "GLIBC_2.99" in result["detail"]
+    assert list(home.glob("venv-*/ready")) == [ready]
+    assert _answers(fleet, "venv") == {VENV_HOST: "succeeded"}
+
+
+def _break_site_module(bundle: Path, member: str, error: str) -> None:
+    """Make one module of the bundle's site raise ImportError(``error``) when imported."""
+    source = bundle / "site.tar.gz"
+    broken = bundle / "site.broken.tar.gz"
+    with tarfile.open(source) as old, tarfile.open(broken, "w:gz") as new:
+        for info in old.getmembers():
+            data = old.extractfile(info) if info.isfile() else None
+            if info.name == member:
+                payload = f"raise ImportError({error!r})\n".encode()
+                info.size = len(payload)
+                new.addfile(info, io.BytesIO(payload))
+            else:
+                new.addfile(info, data)
+    broken.replace(source)

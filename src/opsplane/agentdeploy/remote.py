@@ -34,6 +34,15 @@ SELF_CHECK_IMPORTS = (
 # bundle's site directory.
 SYSTEM_DEPENDENCIES = ("grpc", "google.protobuf", "cryptography", "httpx", "psutil")
 STOP_WAIT = 90  # seconds a draining agent gets (as the unit's TimeoutStopSec)
+# Loads every compiled module of the bundle's dependencies: on a host whose C library or CPU
+# cannot (an older glibc than the wheels', say) this fails where the ABI and platform matched.
+SITE_CHECK = (
+    "import grpc, psutil; from google.protobuf.internal import api_implementation; "
+    "from cryptography.hazmat.primitives.asymmetric import ed25519"
+)
+# The start of the line with which the install command says the bundle's dependencies do
+# not load on the host (the deployer then falls back to a venv).
+SITE_UNUSABLE = "the bundle's dependencies do not load here:"
 
 
 @dataclass(frozen=True)
@@ -149,6 +158,14 @@ def install_command(
         if ship_site
         else ""
     )
+    site_check = (
+        f"if ! PYTHONPATH={q(release)}.tmp/site {q(python)} -c {q(SITE_CHECK)} "
+        f"> /dev/null 2> {q(release)}.tmp/site-check.err; then\n"
+        f'  echo "{SITE_UNUSABLE} $(tail -n 1 {q(release)}.tmp/site-check.err)" >&2\n'
+        "  exit 3\nfi\n"
+        if site
+        else ""
+    )
     return f"""set -e
 umask 022
 rm -rf {q(release)}.tmp
@@ -156,7 +173,7 @@ mkdir -p {q(release)}.tmp
 mv {q(incoming)}/opsplane.pyz {q(release)}.tmp/
 {unpack}rm -rf {q(incoming)}
 printf '%s\\n' {q(digest)} > {q(release)}.tmp/digest
-PYTHONPATH={q(pythonpath(release + ".tmp", site))} {q(python)} -c {q(check)} >/dev/null
+{site_check}PYTHONPATH={q(pythonpath(release + ".tmp", site))} {q(python)} -c {q(check)} >/dev/null
 rm -rf {q(release)}
 mv {q(release)}.tmp {q(release)}
 """

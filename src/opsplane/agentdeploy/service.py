@@ -347,16 +347,20 @@ class AgentDeployer:
         if install == "venv":
             python = await self._venv(run, probe, bundle)
         if probe.current != bundle.digest:
-            # Unpacked beside the running agent, never over the release it runs from.
-            incoming = remote.incoming_dir(directory, bundle.digest)
-            await run(f"mkdir -p {_q(incoming)}", "mkdir")
-            for file in bundle.files if site else bundle.files[:1]:
-                await run.upload(bundle.path / file, incoming + "/")
-            await run(
-                remote.install_command(directory, bundle.digest, python, site=site, ship_site=site),
-                "self-check of the new bundle",
-                within=300,
-            )
+            try:
+                await self._unpack(run, directory, bundle, python, site=site)
+            except _Failed as e:
+                # The ABI and platform matched, but a compiled module does not load (an older
+                # C library than the wheels', another CPU): the venv, where auto allows it.
+                if not site or (request.install or self.install) != "auto":
+                    raise
+                if remote.SITE_UNUSABLE not in str(e):
+                    raise
+                reason = str(e).split(remote.SITE_UNUSABLE, 1)[1].strip()
+                install, site = "venv", False
+                why = f"dependencies in a venv: the bundle's do not load there ({reason})"
+                python = await self._venv(run, probe, bundle)
+                await self._unpack(run, directory, bundle, python, site=False)
         if probe.running:
             await self._drain(name, request.drain_timeout)
             await run(remote.stop_command(directory, systemd=self._systemd(probe)), "stop",
@@ -399,6 +403,21 @@ class AgentDeployer:
         if not probe.systemd:
             return "systemd is not running on the host (no /run/systemd/system)"
         return "the SSH user is not root, so no systemd unit could be installed"
+
+    async def _unpack(
+        self, run: _Runner, directory: str, bundle: Bundle, python: str, *, site: bool
+    ) -> None:
+        """Upload the bundle and unpack it beside the running agent, never over the release
+        it runs from; self-checked there."""
+        incoming = remote.incoming_dir(directory, bundle.digest)
+        await run(f"mkdir -p {_q(incoming)}", "mkdir")
+        for file in bundle.files if site else bundle.files[:1]:
+            await run.upload(bundle.path / file, incoming + "/")
+        await run(
+            remote.install_command(directory, bundle.digest, python, site=site, ship_site=site),
+            "self-check of the new bundle",
+            within=300,
+        )
 
     def _install_mode(
         self, probe: remote.Probe, bundle: Bundle, request: DeployRequest
