@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -21,6 +22,9 @@ from opsplane.engine.core import Engine
 from opsplane.security.agents import AgentRegistry
 from opsplane.store.tables import LeaseRow
 from opsplane.transport.ssh import HostKeyPolicy, SshExecutor, SshLink
+from tests.auth import ADMIN_HEADERS
+from tests.e2e.fleet import free_port
+from tests.integration.apps import admin_api
 
 
 def _engine(root: Path, database_url: str | None = None) -> tuple[Engine, SshLink]:
@@ -178,3 +182,32 @@ async def _refused_while_deploying(tmp_path: Path, port: int, bundle: Path) -> N
             await first
     finally:
         await engine.stop()
+
+
+async def test_a_streamed_deploy_answers_each_host_as_it_ends_then_the_report(
+    tmp_path: Path,
+) -> None:
+    bundle = _bundle(tmp_path)
+    async with admin_api(tmp_path / "data") as (app, client):
+        engine: Engine = app.state.engine
+        for name in ("gone-1", "gone-2"):  # nothing listens there: each fails at its probe
+            request = SshHostRequest(
+                name=name, address="127.0.0.1", port=free_port(), groups=("web",)
+            )
+            await engine.hosts.register_ssh_host(request)
+        body = {"group": "db", "stream": True, "bundle": str(bundle), "server": "127.0.0.1:1"}
+        refused = await client.post("/api/v1/agents/deploy", json=body, headers=ADMIN_HEADERS)
+        # A request that deploys nowhere is refused before any stream begins.
+        assert refused.status_code in (400, 422), refused.text
+        assert "no host with SSH access in group db" in refused.json()["detail"]
+        answer = await client.post(
+            "/api/v1/agents/deploy", json={**body, "group": "web"}, headers=ADMIN_HEADERS
+        )
+        assert answer.status_code == 200
+        assert answer.headers["content-type"].startswith("application/x-ndjson")
+        lines = [json.loads(line) for line in answer.text.splitlines()]
+        assert [line["type"] for line in lines] == ["host", "host", "report"]
+        assert {line["host"] for line in lines[:2]} == {"gone-1", "gone-2"}
+        assert all(line["outcome"] == "failed" for line in lines[:2])
+        assert all("probe failed" in line["detail"] for line in lines[:2])
+        assert [r["host"] for r in lines[2]["results"]] == ["gone-1", "gone-2"]
