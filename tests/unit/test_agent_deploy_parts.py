@@ -23,7 +23,8 @@ def test_probe_reads_what_the_host_said() -> None:
         "platform=linux-x86_64\nlibc=glibc 2.36\ndeps=no\ncurrent=abc\nsystemd=yes\n"
         "running=yes\n"
     )
-    assert probe.libc == "glibc 2.36"
+    assert probe.libc == "glibc 2.36" and not probe.current_site
+    assert remote.Probe.parse("current=abc\ncurrent_site=yes\n").current_site
     assert probe.directory == "/opt/opsplane-agent/web-1" and probe.root
     assert (probe.cache_tag, probe.platform, probe.current) == (
         "cpython-311",

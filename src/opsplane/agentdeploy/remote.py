@@ -56,6 +56,7 @@ class Probe:
     libc: str  # "glibc 2.36", "musl 1.2" or "" (what pip's wheel tags depend on)
     system_dependencies: bool
     current: str  # the digest of the running release ("" if none)
+    current_site: bool  # whether that release runs on the bundle's site (else a venv, python3)
     settings: str  # the SHA-256 of agent.env ("" if none)
     running: bool
     systemd: bool
@@ -78,6 +79,7 @@ class Probe:
             libc=values.get("libc", ""),
             system_dependencies=yes(values.get("deps", "")),
             current=values.get("current", ""),
+            current_site=yes(values.get("current_site", "")),
             settings=values.get("settings", ""),
             running=yes(values.get("running", "")),
             systemd=yes(values.get("systemd", "")),
@@ -115,6 +117,7 @@ if [ -n "$P" ]; then
   if "$P" -c 'import {imports}' >/dev/null 2>&1; then echo deps=yes; else echo deps=no; fi
 fi
 [ -f "$D/current/digest" ] && echo "current=$(cat "$D/current/digest")"
+grep -q '/site$' "$D/current/pythonpath" 2>/dev/null && echo current_site=yes
 [ -f "$D/agent.env" ] && echo "settings=$(sha256sum < "$D/agent.env" | cut -d' ' -f1)"
 [ -d /run/systemd/system ] && echo systemd=yes
 [ -f "$D/state/enrollment.json" ] && echo enrolled=yes

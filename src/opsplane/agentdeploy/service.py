@@ -344,6 +344,11 @@ class AgentDeployer:
         same = (probe.current, probe.settings) == (bundle.digest, remote.env_file_digest(settings))
         if same and probe.running and await self._online(name):
             return HostResult(name, CURRENT, f"already current ({bundle.digest[:12]}, running)")
+        if probe.current == bundle.digest and site and not probe.current_site:
+            # This release fell back to the venv when it was unpacked (its site did not load
+            # there) and has no site/ to run on: it keeps the venv.
+            install, site = "venv", False
+            why = "dependencies in a venv (the bundle's did not load here at its install)"
         if install == "venv":
             python = await self._venv(run, probe, bundle)
         if probe.current != bundle.digest:
