@@ -278,6 +278,10 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         app.state.agents,
         the_engine.links.get(SSH_LINK),
         settings.data_dir / "agent-bundles",
+        write=the_engine.write,
+        instance=the_engine.instance,
+        install=settings.agent_deploy_install,
+        index_url=settings.agent_deploy_index_url or "",
     )
     app.state.catalog_service = catalog_service
     app.state.metrics = engine_metrics

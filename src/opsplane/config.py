@@ -400,6 +400,22 @@ class Settings(BaseSettings):
             " streamed ([] turns it off)"
         ),
     )
+    # opsplane agents deploy|upgrade (docs/operations.md, "Deploying agents").
+    agent_deploy_install: Literal["auto", "zipapp", "venv"] = Field(
+        default="auto",
+        description=(
+            "how deployed agents get their dependencies: auto (the bundle's where the host's "
+            "python3 loads them, else its own, else a venv made by pip), zipapp (never a "
+            "venv) or venv (always); a deploy's --install overrides it"
+        ),
+    )
+    agent_deploy_index_url: str | None = Field(
+        default=None,
+        description=(
+            "a package index the hosts reach, for the venv fallback's pip install; default: "
+            "a wheelhouse fetched by the control plane (pip download) and pushed over SFTP"
+        ),
+    )
     # Failure alerts (docs/alerts.md): webhooks POSTed when a task ends failed or timed_out.
     alert_webhooks: list[str] = Field(
         default_factory=list,

@@ -12,15 +12,19 @@ from pathlib import Path
 import pytest
 
 from opsplane.agentdeploy import remote
-from opsplane.agentdeploy.bundle import _write_pyz
+from opsplane.agentdeploy.bundle import _write_pyz, wheel_platforms
 from opsplane.agentdeploy.service import agent_server_address
+from opsplane.domain.errors import ConfigError
 
 
 def test_probe_reads_what_the_host_said() -> None:
     probe = remote.Probe.parse(
         "dir=/opt/opsplane-agent/web-1\nuid=0\npython=/usr/bin/python3\ncache_tag=cpython-311\n"
-        "platform=linux-x86_64\ndeps=no\ncurrent=abc\nsystemd=yes\nrunning=yes\n"
+        "platform=linux-x86_64\nlibc=glibc 2.36\ndeps=no\ncurrent=abc\nsystemd=yes\n"
+        "running=yes\n"
     )
+    assert probe.libc == "glibc 2.36" and not probe.current_site
+    assert remote.Probe.parse("current=abc\ncurrent_site=yes\n").current_site
     assert probe.directory == "/opt/opsplane-agent/web-1" and probe.root
     assert (probe.cache_tag, probe.platform, probe.current) == (
         "cpython-311",
@@ -60,6 +64,9 @@ def test_every_remote_command_is_valid_sh() -> None:
         remote.start_command(d, py, systemd=True),
         remote.stop_command(d, systemd=False),
         remote.runner_script(d, py),
+        remote.configure_command(d, f"{d}/venv-0123/bin/python", digest, {}, site=False),
+        remote.venv_command(d, py, digest, ("grpcio==1.0",), wheelhouse=f"{d}/w", index_url=None),
+        remote.venv_command(d, py, digest, ("a==1",), wheelhouse=None, index_url="https://x/"),
     ]
     for command in commands:
         checked = subprocess.run(["sh", "-n"], input=command, text=True, capture_output=True)
@@ -102,3 +109,15 @@ def test_the_deployed_unit_passes_systemd_analyze(tmp_path: Path) -> None:
         and "agent.env" not in line
     ]
     assert not problems, verdict.stderr
+
+
+def test_the_wheelhouse_asks_for_every_tag_the_hosts_c_library_loads() -> None:
+    tags = wheel_platforms("linux-x86_64", "glibc 2.36")
+    assert tags[:2] == ["linux_x86_64", "manylinux_2_36_x86_64"]
+    assert "manylinux_2_17_x86_64" in tags and "manylinux2014_x86_64" in tags
+    assert "manylinux_2_37_x86_64" not in tags
+    old = wheel_platforms("linux-aarch64", "glibc 2.12")
+    assert "manylinux2010_aarch64" in old and "manylinux2014_aarch64" not in old
+    assert "musllinux_1_2_x86_64" in wheel_platforms("linux-x86_64", "musl 1.2")
+    with pytest.raises(ConfigError, match="no wheelhouse"):
+        wheel_platforms("macosx-14.0-arm64", "")

@@ -239,3 +239,69 @@ def _write_site(target: Path, dists: list[md.Distribution]) -> None:
             info.size = len(data)
             info.mode = 0o755 if os.access(members[name], os.X_OK) else 0o644
             archive.addfile(info, io.BytesIO(data))
+
+
+def wheel_platforms(platform: str, libc: str) -> list[str]:
+    """pip's ``--platform`` tags for a host of sysconfig ``platform`` (``linux-x86_64``) and
+    ``libc`` (``glibc 2.36``): every manylinux (or musllinux) tag its C library can load."""
+    system, _, arch = platform.partition("-")
+    if system != "linux" or not arch:
+        raise ConfigError(f"no wheelhouse can be built for a {platform or 'unknown'} host")
+    kind, _, version = libc.partition(" ")
+    numbers = [int(n) for n in re.findall(r"\d+", version)[:2]] + [0, 0]
+    major, minor = numbers[0], numbers[1]
+    tags = [f"linux_{arch}"]
+    if kind == "glibc" and major == 2:
+        tags += [f"manylinux_2_{m}_{arch}" for m in range(minor, 4, -1)]
+        legacy = {17: "manylinux2014", 12: "manylinux2010", 5: "manylinux1"}
+        tags += [f"{name}_{arch}" for m, name in legacy.items() if minor >= m]
+    elif kind.startswith("musl"):
+        tags += [f"musllinux_1_{m}_{arch}" for m in range(max(minor, 1), -1, -1)]
+    return tags
+
+
+def build_wheelhouse(
+    cache_root: Path, requirements: tuple[str, ...], cache_tag: str, platform: str, libc: str
+) -> Path:
+    """The wheels of ``requirements`` for a host's Python (``cache_tag`` ``cpython-312``,
+    ``platform``, ``libc``), fetched with ``pip download`` by the control plane (from its
+    index or its pip configuration's), once per kind of host: kept in ``cache_root``."""
+    match = re.fullmatch(r"cpython-(\d)(\d+)", cache_tag)
+    if not match:
+        raise ConfigError(f"no wheelhouse can be built for a {cache_tag or 'unknown'} python")
+    version = f"{match.group(1)}.{match.group(2)}"
+    key = hashlib.sha256(
+        "\n".join((cache_tag, platform, libc, *sorted(requirements))).encode()
+    ).hexdigest()
+    target = cache_root / key[:20]
+    if (target / ".complete").is_file():
+        return target
+    cache_root.mkdir(parents=True, exist_ok=True)
+    scratch = cache_root / f".build-{uuid.uuid4().hex}"
+    command = [
+        sys.executable, "-m", "pip", "download", "--disable-pip-version-check", "--no-input",
+        "-q", "--only-binary=:all:", "--implementation", "cp", "--python-version", version,
+        "--abi", f"cp{match.group(1)}{match.group(2)}", "--abi", "abi3", "--abi", "none",
+        *(a for tag in wheel_platforms(platform, libc) for a in ("--platform", tag)),
+        "-d", str(scratch), *requirements,
+    ]  # fmt: skip
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=900)
+        if done.returncode != 0:
+            last = [line for line in done.stderr.splitlines() if line.strip()][-2:]
+            raise ConfigError(
+                f"pip download of the agent's dependencies for {cache_tag} {platform} failed: "
+                + " ".join(last)
+            )
+        (scratch / ".complete").write_text("\n".join(requirements) + "\n")
+        try:
+            os.replace(scratch, target)
+        except OSError:  # another build finished first: use it
+            shutil.rmtree(scratch, ignore_errors=True)
+    except (OSError, subprocess.SubprocessError) as e:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise ConfigError(f"cannot run pip download for the agent's wheelhouse: {e}") from e
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    return target

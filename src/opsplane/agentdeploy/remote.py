@@ -34,6 +34,15 @@ SELF_CHECK_IMPORTS = (
 # bundle's site directory.
 SYSTEM_DEPENDENCIES = ("grpc", "google.protobuf", "cryptography", "httpx", "psutil")
 STOP_WAIT = 90  # seconds a draining agent gets (as the unit's TimeoutStopSec)
+# Loads every compiled module of the bundle's dependencies: on a host whose C library or CPU
+# cannot (an older glibc than the wheels', say) this fails where the ABI and platform matched.
+SITE_CHECK = (
+    "import grpc, psutil; from google.protobuf.internal import api_implementation; "
+    "from cryptography.hazmat.primitives.asymmetric import ed25519"
+)
+# The start of the line with which the install command says the bundle's dependencies do
+# not load on the host (the deployer then falls back to a venv).
+SITE_UNUSABLE = "the bundle's dependencies do not load here:"
 
 
 @dataclass(frozen=True)
@@ -44,8 +53,10 @@ class Probe:
     python: str
     cache_tag: str
     platform: str
+    libc: str  # "glibc 2.36", "musl 1.2" or "" (what pip's wheel tags depend on)
     system_dependencies: bool
     current: str  # the digest of the running release ("" if none)
+    current_site: bool  # whether that release runs on the bundle's site (else a venv, python3)
     settings: str  # the SHA-256 of agent.env ("" if none)
     running: bool
     systemd: bool
@@ -65,8 +76,10 @@ class Probe:
             python=values.get("python", ""),
             cache_tag=values.get("cache_tag", ""),
             platform=values.get("platform", ""),
+            libc=values.get("libc", ""),
             system_dependencies=yes(values.get("deps", "")),
             current=values.get("current", ""),
+            current_site=yes(values.get("current_site", "")),
             settings=values.get("settings", ""),
             running=yes(values.get("running", "")),
             systemd=yes(values.get("systemd", "")),
@@ -90,8 +103,9 @@ def directory_expression(base: str | None, name: str) -> str:
 def probe_command(base: str | None, name: str) -> str:
     imports = ", ".join(SYSTEM_DEPENDENCIES)
     tags = (
-        "import sys, sysconfig; print('cache_tag=' + sys.implementation.cache_tag); "
-        "print('platform=' + sysconfig.get_platform())"
+        "import sys, sysconfig, platform; print('cache_tag=' + sys.implementation.cache_tag); "
+        "print('platform=' + sysconfig.get_platform()); "
+        "print('libc=' + ' '.join(platform.libc_ver()).strip())"
     )
     return f"""{directory_expression(base, name)}
 echo "dir=$D"
@@ -103,6 +117,7 @@ if [ -n "$P" ]; then
   if "$P" -c 'import {imports}' >/dev/null 2>&1; then echo deps=yes; else echo deps=no; fi
 fi
 [ -f "$D/current/digest" ] && echo "current=$(cat "$D/current/digest")"
+grep -q '/site$' "$D/current/pythonpath" 2>/dev/null && echo current_site=yes
 [ -f "$D/agent.env" ] && echo "settings=$(sha256sum < "$D/agent.env" | cut -d' ' -f1)"
 [ -d /run/systemd/system ] && echo systemd=yes
 [ -f "$D/state/enrollment.json" ] && echo enrolled=yes
@@ -146,6 +161,14 @@ def install_command(
         if ship_site
         else ""
     )
+    site_check = (
+        f"if ! PYTHONPATH={q(release)}.tmp/site {q(python)} -c {q(SITE_CHECK)} "
+        f"> /dev/null 2> {q(release)}.tmp/site-check.err; then\n"
+        f'  echo "{SITE_UNUSABLE} $(tail -n 1 {q(release)}.tmp/site-check.err)" >&2\n'
+        "  exit 3\nfi\n"
+        if site
+        else ""
+    )
     return f"""set -e
 umask 022
 rm -rf {q(release)}.tmp
@@ -153,9 +176,56 @@ mkdir -p {q(release)}.tmp
 mv {q(incoming)}/opsplane.pyz {q(release)}.tmp/
 {unpack}rm -rf {q(incoming)}
 printf '%s\\n' {q(digest)} > {q(release)}.tmp/digest
-PYTHONPATH={q(pythonpath(release + ".tmp", site))} {q(python)} -c {q(check)} >/dev/null
+{site_check}PYTHONPATH={q(pythonpath(release + ".tmp", site))} {q(python)} -c {q(check)} >/dev/null
 rm -rf {q(release)}
 mv {q(release)}.tmp {q(release)}
+"""
+
+
+def venv_dir(directory: str, key: str) -> str:
+    return f"{directory}/venv-{key[:16]}"
+
+
+def venv_command(
+    directory: str,
+    python: str,
+    key: str,
+    requirements: tuple[str, ...],
+    *,
+    wheelhouse: str | None,
+    index_url: str | None,
+) -> str:
+    """Make the venv the agent runs on when the bundle's compiled dependencies do not load
+    (once per set of requirements: a later release with the same ones reuses it), from the
+    uploaded ``wheelhouse`` or from ``index_url``. The venv is only marked ready once pip
+    succeeded, so an interrupted one is made again."""
+    q = quote
+    venv = venv_dir(directory, key)
+    if wheelhouse:
+        # --isolated: the host's pip configuration (constraints, other indexes) plays no part.
+        source = f"--isolated --no-index --find-links {q(wheelhouse)}"
+    else:
+        source = f"--index-url {q(index_url or '')}"
+    listed = "".join(f"{r}\n" for r in requirements)
+    cleanup = f"rm -rf {q(wheelhouse)}\n" if wheelhouse else ""
+    return f"""V={q(venv)}
+if [ ! -f "$V/ready" ]; then
+  rm -rf "$V"
+  if ! {q(python)} -m venv "$V" > /dev/null 2>&1; then
+    rm -rf "$V"
+    echo "{python} -m venv failed: install its venv module (Debian: apt install python3-venv)" >&2
+    exit 1
+  fi
+  cat > "$V/requirements.txt" <<'OPSPLANE_EOF'
+{listed}OPSPLANE_EOF
+  if ! "$V/bin/python" -m pip install --disable-pip-version-check --no-input -q {source} \
+      -r "$V/requirements.txt" > "$V/pip.log" 2>&1; then
+    tail -n 3 "$V/pip.log" >&2
+    exit 1
+  fi
+  touch "$V/ready"
+fi
+{cleanup}exit 0
 """
 
 
@@ -206,9 +276,11 @@ done
 def configure_command(
     directory: str, python: str, digest: str, settings: Mapping[str, str], *, site: bool
 ) -> str:
-    """Write the settings and the supervisor, and point ``current`` at the release."""
+    """Write the settings and the supervisor, and point ``current`` at the release; venvs
+    other than the one ``python`` is in go."""
     q = quote
     release = release_dir(directory, digest)
+    keep = python[len(directory) + 1 :].split("/")[0] if python.startswith(directory + "/") else ""
     return f"""set -e
 cd {q(directory)}
 umask 077
@@ -221,6 +293,8 @@ cat > run-agent.sh <<'OPSPLANE_EOF'
 printf '%s\\n' {q(pythonpath(release, site))} > {q(release)}/pythonpath
 ln -sfn {q(release)} current.tmp && mv -T current.tmp current
 ls -1 releases | grep -vx {q(digest[:16])} | while read old; do rm -rf "releases/$old"; done
+for old in venv-*; do [ -d "$old" ] && [ "$old" != {q(keep or "-")} ] && rm -rf "$old"; done
+exit 0
 """
 
 

@@ -15,10 +15,14 @@ SSH access for later upgrades (``HostService.hand_to_agent``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import logging
 import os
 import tempfile
 import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -26,10 +30,12 @@ from shlex import quote as _q
 from typing import TYPE_CHECKING, cast
 
 from opsplane.agentdeploy import remote
-from opsplane.agentdeploy.bundle import Bundle, build_bundle
+from opsplane.agentdeploy.bundle import Bundle, build_bundle, build_wheelhouse
 from opsplane.domain.errors import InvalidInput, OpsplaneError
 from opsplane.domain.records import HostRecord
+from opsplane.engine.changes import Changes
 from opsplane.engine.hosts import HostService
+from opsplane.engine.leases import Lease
 from opsplane.execution import Outcome
 from opsplane.security.agents import AgentRegistry
 from opsplane.transport.base import SSH_LINK, Link
@@ -42,6 +48,22 @@ log = logging.getLogger(__name__)
 DEPLOYED, CURRENT, FAILED, SKIPPED = "deployed", "current", "failed", "skipped"
 AGENT_LINK = "grpc"
 _TOKEN_LIFETIME = timedelta(minutes=15)
+# The lease on a host under deployment (one per host, in the database: two instances sharing it
+# never work on one host at once). Renewed every third of its life while the host is worked on;
+# an instance that dies mid-deploy frees its hosts once it has expired.
+_LEASE_TTL = 60.0
+_LEASE_PREFIX = "agent-deploy:"
+# How the agent's dependencies reach a host: the bundle's own (zipapp + site), the host
+# python3's, or a venv made there by pip (the fallback for compiled ones that do not load).
+INSTALL_MODES = ("auto", "zipapp", "venv")
+
+
+def lease_name(host: str) -> str:
+    """The lease of a host under deployment; leases' names hold 64 characters."""
+    name = _LEASE_PREFIX + host
+    if len(name) <= 64:
+        return name
+    return _LEASE_PREFIX + hashlib.sha256(host.encode()).hexdigest()[: 64 - len(_LEASE_PREFIX)]
 
 
 @dataclass(frozen=True)
@@ -63,6 +85,9 @@ class DeployRequest:
     # upgrade only
     canary: int = 0
     max_errors: int = 0
+    # auto: the bundle's zipapp and site where the host's python3 loads them, else the host
+    # python3's own dependencies, else a venv; zipapp or venv force one.
+    install: str = ""  # "" : the deployer's (the agent_deploy_install setting)
 
 
 @dataclass
@@ -72,6 +97,16 @@ class HostResult:
     detail: str
     supervisor: str = ""  # "systemd", "process", or "" when nothing was started
     seconds: float = 0.0
+    # How the agent's dependencies are installed: "zipapp" (the bundle's), "system" (the host
+    # python3's), "venv" (pip into a venv there), or "" when nothing was installed.
+    install: str = ""
+
+    @property
+    def shown(self) -> str:
+        """The outcome as the CLI prints it: ``deployed (venv)``, ``already current``."""
+        if self.outcome == CURRENT:
+            return "already current"
+        return f"{self.outcome} ({self.install})" if self.install else self.outcome
 
 
 @dataclass
@@ -98,6 +133,9 @@ class _Failed(Exception):
     """One host's deployment failed; the message says why."""
 
 
+OnResult = Callable[[HostResult], None]
+
+
 class AgentDeployer:
     def __init__(
         self,
@@ -105,14 +143,25 @@ class AgentDeployer:
         agents: AgentRegistry,
         ssh: Link | None,
         bundle_cache: Path,
+        *,
+        write: Callable[[], AbstractAsyncContextManager[Changes]] | None = None,
+        instance: str = "",
+        install: str = "auto",
+        index_url: str = "",
     ) -> None:
         self._hosts = hosts
         self._agents = agents
         self._ssh = cast("SshLink", ssh) if ssh is not None else None
         self._bundle_cache = bundle_cache
         self._bundle_lock = asyncio.Lock()
-        # Hosts a deploy or upgrade of this instance is working on: a second one is refused.
+        self._wheel_lock = asyncio.Lock()
+        # Hosts a deploy or upgrade of this instance is working on: a second one is refused
+        # here, and across instances by the host's lease (``write``: the engine's).
         self._working: set[str] = set()
+        self._write = write
+        self._instance = instance
+        self.install = install
+        self.index_url = index_url
 
     async def bundle(self, path: str | None = None) -> Bundle:
         """The bundle to push: ``path``'s, or this installation's (built once, cached)."""
@@ -121,20 +170,35 @@ class AgentDeployer:
                 return await asyncio.to_thread(Bundle.load, Path(path))
             return await asyncio.to_thread(build_bundle, self._bundle_cache)
 
-    async def deploy(self, request: DeployRequest) -> DeployReport:
-        """Deploy (or bring up to date) the agent on every selected host, in parallel."""
-        return await self._roll(request, upgrade=False)
+    async def deploy(
+        self, request: DeployRequest, on_result: OnResult | None = None
+    ) -> DeployReport:
+        """Deploy (or bring up to date) the agent on every selected host, in parallel;
+        ``on_result`` hears each host's result as soon as it is known."""
+        return await self._roll(request, on_result, upgrade=False)
 
-    async def upgrade(self, request: DeployRequest) -> DeployReport:
+    async def upgrade(
+        self, request: DeployRequest, on_result: OnResult | None = None
+    ) -> DeployReport:
         """Replace the agent where one was deployed: the ``canary`` first hosts alone (any of
         them failing stops everything), then the rest, stopping once more than
         ``max_errors`` failed."""
-        return await self._roll(request, upgrade=True)
+        return await self._roll(request, on_result, upgrade=True)
 
-    async def _roll(self, request: DeployRequest, *, upgrade: bool) -> DeployReport:
-        started = time.monotonic()
+    async def check(self, request: DeployRequest) -> None:
+        """Raise InvalidInput for a request that would deploy nowhere (before a streamed
+        answer has begun, so that it can still be a 4xx)."""
         if self._ssh is None:
             raise InvalidInput("the SSH link is not available: pip install 'opsplane[ssh]'")
+        if request.install and request.install not in INSTALL_MODES:
+            raise InvalidInput(f"install must be one of {', '.join(INSTALL_MODES)}")
+        await self._select(request)
+
+    async def _roll(
+        self, request: DeployRequest, on_result: OnResult | None, *, upgrade: bool
+    ) -> DeployReport:
+        started = time.monotonic()
+        await self.check(request)
         hosts = await self._select(request)
         bundle = await self.bundle(request.bundle)
         report = DeployReport(bundle.digest)
@@ -142,18 +206,23 @@ class AgentDeployer:
         stop_reason: list[str] = []
         failures = 0
 
+        def told(result: HostResult) -> HostResult:
+            if on_result is not None:
+                on_result(result)
+            return result
+
         async def one(host: HostRecord) -> HostResult:
             nonlocal failures
             async with slots:
                 if stop_reason:
-                    return HostResult(host.name, SKIPPED, stop_reason[0])
+                    return told(HostResult(host.name, SKIPPED, stop_reason[0]))
                 result = await self._one(host, bundle, request, upgrade=upgrade)
                 failures += result.outcome == FAILED
                 if upgrade and failures > request.max_errors and not stop_reason:
                     stop_reason.append(
                         f"not upgraded: more than {request.max_errors} host(s) failed (max errors)"
                     )
-            return result
+            return told(result)
 
         rest = hosts
         if upgrade and request.canary > 0:
@@ -162,11 +231,52 @@ class AgentDeployer:
             bad = [r for r in report.results if r.outcome == FAILED]
             if bad:
                 why = f"not upgraded: the canary failed ({bad[0].host}: {bad[0].detail})"
-                report.results += [HostResult(h.name, SKIPPED, why) for h in rest]
+                report.results += [told(HostResult(h.name, SKIPPED, why)) for h in rest]
                 rest = []
         report.results += await asyncio.gather(*(one(h) for h in rest))
         report.seconds = time.monotonic() - started
         return report
+
+    @asynccontextmanager
+    async def guard(self, host: str) -> AsyncIterator[bool]:
+        """Whether this deploy may work on ``host`` (no other one of this instance, nor of
+        another instance on the same database, holds it), held for the block."""
+        if host in self._working:
+            yield False
+            return
+        self._working.add(host)
+        lease: Lease | None = None
+        renewing: asyncio.Task[None] | None = None
+        try:
+            if self._write is not None:
+                lease = Lease(self._write, lease_name(host), holder=self._instance, ttl=_LEASE_TTL)
+                if not await lease.claim():
+                    lease = None
+                    yield False
+                    return
+                renewing = asyncio.create_task(self._renew(lease))
+            yield True
+        finally:
+            if renewing is not None:
+                renewing.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await renewing
+            if lease is not None:
+                try:
+                    await asyncio.shield(lease.release())
+                except Exception:  # it expires by itself
+                    log.warning("could not release the lease on %s", host, exc_info=True)
+            self._working.discard(host)
+
+    @staticmethod
+    async def _renew(lease: Lease) -> None:
+        while True:
+            await asyncio.sleep(_LEASE_TTL / 3)
+            try:
+                if not await lease.claim():
+                    log.warning("lost the lease %s while deploying to it", lease.name)
+            except Exception:  # a database outage: the next renewal tries again
+                log.warning("could not renew the lease %s", lease.name, exc_info=True)
 
     async def _select(self, request: DeployRequest) -> list[HostRecord]:
         if not request.group and not request.hosts:
@@ -191,15 +301,16 @@ class AgentDeployer:
         self, host: HostRecord, bundle: Bundle, request: DeployRequest, *, upgrade: bool
     ) -> HostResult:
         started = time.monotonic()
-        if host.name in self._working:
-            return HostResult(host.name, FAILED, "another deploy or upgrade of it is in progress")
-        self._working.add(host.name)
-        try:
-            result = await self._deploy_host(host, bundle, request, upgrade=upgrade)
-        except (_Failed, OpsplaneError) as e:
-            result = HostResult(host.name, FAILED, str(e))
-        finally:
-            self._working.discard(host.name)
+        async with self.guard(host.name) as mine:
+            if not mine:
+                return HostResult(
+                    host.name, FAILED, "another deploy or upgrade of it is in progress "
+                    "(on this control-plane instance or another one sharing its database)",
+                )  # fmt: skip
+            try:
+                result = await self._deploy_host(host, bundle, request, upgrade=upgrade)
+            except (_Failed, OpsplaneError) as e:
+                result = HostResult(host.name, FAILED, str(e))
         result.seconds = round(time.monotonic() - started, 2)
         log.info("agent %s on %s: %s (%s)", result.outcome, host.name, result.detail,
                  f"{result.seconds}s")  # fmt: skip
@@ -221,7 +332,8 @@ class AgentDeployer:
             return HostResult(name, SKIPPED, "no agent deployed here yet: opsplane agents deploy")
         if not probe.python:
             raise _Failed("no python3 on the host's PATH")
-        site = self._uses_site(probe, bundle)
+        install, why = self._install_mode(probe, bundle, request)
+        site = install == "zipapp"
         directory, python = probe.directory, probe.python
         settings = {
             "OPSPLANE_AGENT_SERVER": request.server,
@@ -232,17 +344,28 @@ class AgentDeployer:
         same = (probe.current, probe.settings) == (bundle.digest, remote.env_file_digest(settings))
         if same and probe.running and await self._online(name):
             return HostResult(name, CURRENT, f"already current ({bundle.digest[:12]}, running)")
+        if probe.current == bundle.digest and site and not probe.current_site:
+            # This release fell back to the venv when it was unpacked (its site did not load
+            # there) and has no site/ to run on: it keeps the venv.
+            install, site = "venv", False
+            why = "dependencies in a venv (the bundle's did not load here at its install)"
+        if install == "venv":
+            python = await self._venv(run, probe, bundle)
         if probe.current != bundle.digest:
-            # Unpacked beside the running agent, never over the release it runs from.
-            incoming = remote.incoming_dir(directory, bundle.digest)
-            await run(f"mkdir -p {_q(incoming)}", "mkdir")
-            for file in bundle.files if site else bundle.files[:1]:
-                await run.upload(bundle.path / file, incoming + "/")
-            await run(
-                remote.install_command(directory, bundle.digest, python, site=site, ship_site=site),
-                "self-check of the new bundle",
-                within=300,
-            )
+            try:
+                await self._unpack(run, directory, bundle, python, site=site)
+            except _Failed as e:
+                # The ABI and platform matched, but a compiled module does not load (an older
+                # C library than the wheels', another CPU): the venv, where auto allows it.
+                if not site or (request.install or self.install) != "auto":
+                    raise
+                if remote.SITE_UNUSABLE not in str(e):
+                    raise
+                reason = str(e).split(remote.SITE_UNUSABLE, 1)[1].strip()
+                install, site = "venv", False
+                why = f"dependencies in a venv: the bundle's do not load there ({reason})"
+                python = await self._venv(run, probe, bundle)
+                await self._unpack(run, directory, bundle, python, site=False)
         if probe.running:
             await self._drain(name, request.drain_timeout)
             await run(remote.stop_command(directory, systemd=self._systemd(probe)), "stop",
@@ -252,7 +375,7 @@ class AgentDeployer:
             "configure",
         )
         await self._hosts.hand_to_agent(name, AGENT_LINK)
-        await self._enroll(run, host, probe, request)
+        await self._enroll(run, host, probe, python, request)
         systemd = self._systemd(probe)
         await run(remote.start_command(directory, python, systemd=systemd), "start", within=60)
         if not await self._wait_online(name, request.online_timeout):
@@ -272,8 +395,8 @@ class AgentDeployer:
         else:
             verb = "upgraded" if probe.current else "deployed"
         return HostResult(
-            name, DEPLOYED, f"{verb} {bundle.digest[:12]}, online; runs as {how}",
-            supervisor="systemd" if systemd else "process",
+            name, DEPLOYED, f"{verb} {bundle.digest[:12]}, online; runs as {how}; {why}",
+            supervisor="systemd" if systemd else "process", install=install,
         )  # fmt: skip
 
     @staticmethod
@@ -286,26 +409,90 @@ class AgentDeployer:
             return "systemd is not running on the host (no /run/systemd/system)"
         return "the SSH user is not root, so no systemd unit could be installed"
 
-    @staticmethod
-    def _uses_site(probe: remote.Probe, bundle: Bundle) -> bool:
-        """Whether the agent runs on the bundle's dependencies (same Python ABI and platform)
-        or on the host python3's own."""
-        if bundle.has_site and (probe.cache_tag, probe.platform) == (
-            bundle.cache_tag,
-            bundle.platform,
-        ):
-            return True
-        if probe.system_dependencies:
-            return False
-        raise _Failed(
-            f"python3 there ({probe.cache_tag or '?'}, {probe.platform or '?'}) cannot load the "
-            f"bundle's compiled dependencies (built for {bundle.cache_tag}, {bundle.platform}) "
-            "and does not have its own: install grpcio, protobuf, cryptography, httpx and "
-            "psutil for it (docs/operations.md, 'Deploying agents')"
+    async def _unpack(
+        self, run: _Runner, directory: str, bundle: Bundle, python: str, *, site: bool
+    ) -> None:
+        """Upload the bundle and unpack it beside the running agent, never over the release
+        it runs from; self-checked there."""
+        incoming = remote.incoming_dir(directory, bundle.digest)
+        await run(f"mkdir -p {_q(incoming)}", "mkdir")
+        for file in bundle.files if site else bundle.files[:1]:
+            await run.upload(bundle.path / file, incoming + "/")
+        await run(
+            remote.install_command(directory, bundle.digest, python, site=site, ship_site=site),
+            "self-check of the new bundle",
+            within=300,
         )
 
+    def _install_mode(
+        self, probe: remote.Probe, bundle: Bundle, request: DeployRequest
+    ) -> tuple[str, str]:
+        """How the host gets the agent's dependencies, and why: the bundle's (same Python
+        ABI and platform), the host python3's own, or a venv made there by pip."""
+        wanted = request.install or self.install
+        there = f"python3 there ({probe.cache_tag or '?'}, {probe.platform or '?'})"
+        fits = bundle.has_site and (probe.cache_tag, probe.platform) == (
+            bundle.cache_tag,
+            bundle.platform,
+        )
+        if wanted == "venv":
+            return "venv", "dependencies in a venv (install: venv)"
+        if fits:
+            return "zipapp", "dependencies from the bundle"
+        if probe.system_dependencies:
+            return "system", f"{there} has the dependencies itself"
+        mismatch = (
+            f"{there} cannot load the bundle's compiled dependencies (built for "
+            f"{bundle.cache_tag}, {bundle.platform})"
+        )
+        if wanted == "zipapp":
+            raise _Failed(
+                f"{mismatch} and does not have its own (install: zipapp forbids the venv "
+                "fallback): install grpcio, protobuf, cryptography, httpx and psutil for it "
+                "(docs/operations.md, 'Deploying agents')"
+            )
+        return "venv", f"dependencies in a venv: {mismatch}"
+
+    async def _venv(self, run: _Runner, probe: remote.Probe, bundle: Bundle) -> str:
+        """Make (or reuse) the host's venv for the bundle's dependencies; its python."""
+        if not bundle.distributions:
+            raise _Failed("the bundle lists no distributions to install into a venv")
+        requirements = bundle.distributions
+        key = hashlib.sha256(
+            "\n".join((probe.python, probe.cache_tag, *requirements)).encode()
+        ).hexdigest()
+        venv = remote.venv_dir(probe.directory, key)
+        ready = await run.output(f"[ -f {_q(venv)}/ready ] && echo ready")
+        wheelhouse = None
+        if "ready" not in ready and not self.index_url:
+            async with self._wheel_lock:  # one pip download per kind of host at a time
+                try:
+                    local = await asyncio.to_thread(
+                        build_wheelhouse, self._bundle_cache / "wheelhouse", requirements,
+                        probe.cache_tag, probe.platform, probe.libc,
+                    )  # fmt: skip
+                except OpsplaneError as e:
+                    raise _Failed(f"wheelhouse: {e}") from e
+            wheelhouse = f"{probe.directory}/wheelhouse-{key[:16]}"
+            await run(f"mkdir -p {_q(probe.directory)}", "mkdir")
+            await run.upload(local, wheelhouse)
+        await run(
+            remote.venv_command(
+                probe.directory, probe.python, key, requirements,
+                wheelhouse=wheelhouse, index_url=self.index_url or None,
+            ),
+            "venv",
+            within=600,
+        )  # fmt: skip
+        return f"{venv}/bin/python"
+
     async def _enroll(
-        self, run: _Runner, host: HostRecord, probe: remote.Probe, request: DeployRequest
+        self,
+        run: _Runner,
+        host: HostRecord,
+        probe: remote.Probe,
+        python: str,
+        request: DeployRequest,
     ) -> None:
         identity = self._agents.identity(host.name)
         if probe.enrolled and identity is not None and not identity.revoked:
@@ -324,7 +511,7 @@ class AgentDeployer:
                 handle.write(token.secret)
             await run.upload(path, f"{probe.directory}/enroll.token")
         await run(
-            remote.enroll_command(probe.directory, probe.python, request.api_url, host.name),
+            remote.enroll_command(probe.directory, python, request.api_url, host.name),
             "enrollment",
             within=120,
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Annotated
 
 import typer
@@ -138,6 +139,15 @@ BundleOpt = Annotated[
     typer.Option("--bundle", help="A bundle directory on the control plane [its own install]."),
 ]
 ParallelOpt = Annotated[int, typer.Option("--parallel", help="Hosts worked on at once.")]
+InstallOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--install",
+        help="How hosts get the agent's dependencies: auto (the bundle's where they load, "
+        "else the host python3's, else a venv made by pip), zipapp or venv "
+        "[the agent_deploy_install setting].",
+    ),
+]
 
 
 @app.command("deploy")
@@ -150,12 +160,13 @@ def deploy_agents(
     remote_dir: RemoteDirOpt = None,
     bundle: BundleOpt = None,
     parallel: ParallelOpt = 20,
+    install: InstallOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Deploy the agent over SSH to SSH hosts (opsplane hosts add … --ssh): push the bundle,
     enroll it under the host's name and groups, start it (systemd, else a supervised process)
     and wait until it is online. A host already running this bundle is left alone."""
-    body = _body(ctx, group, host, server, api_url, remote_dir, bundle, parallel)
+    body = _body(ctx, group, host, server, api_url, remote_dir, bundle, parallel, install)
     _roll(ctx, body, as_json, upgrade=False)
 
 
@@ -182,13 +193,14 @@ def upgrade_agents(
             help="Seconds each restart waits for the host's runs in flight to end.",
         ),
     ] = 300.0,
+    install: InstallOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Replace the deployed agents with the control plane's version (or --bundle): the canary
     hosts first, then the rest. Each host's new bundle is unpacked and self-checked beside the
     running agent; then its runs in flight are waited for, and the agent is stopped (SIGTERM)
     and started on the new bundle."""
-    body = _body(ctx, group, host, server, api_url, remote_dir, bundle, parallel)
+    body = _body(ctx, group, host, server, api_url, remote_dir, bundle, parallel, install)
     body.update(canary=canary, max_errors=max_errors, drain_timeout=drain_timeout)
     _roll(ctx, body, as_json, upgrade=True)
 
@@ -202,10 +214,12 @@ def _body(
     remote_dir: str | None,
     bundle: str | None,
     parallel: int,
+    install: str | None,
 ) -> Json:
     body: Json = {"group": group, "hosts": list(hosts or []), "parallel": parallel}
     for key, value in (
         ("server", server), ("remote_dir", remote_dir), ("bundle", bundle), ("api_url", api_url),
+        ("install", install),
     ):  # fmt: skip
         if value:
             body[key] = value
@@ -216,26 +230,51 @@ _STYLES = {"deployed": "green", "current": "cyan", "failed": "red", "skipped": "
 
 
 def _roll(ctx: typer.Context, body: Json, as_json: bool, *, upgrade: bool) -> None:
+    """Each host's line as it finishes (a JSON line with --json), then the summary (the
+    report as the last JSON line)."""
     err = make_console(stderr=True)
+    out = make_console()
+    results: list[Json] = []
+    report: Json = {}
     with reporting_errors(err), ApiClient(client_options(ctx)) as api:
-        report = api.deploy_agents(body, upgrade=upgrade)
-    results = report.get("results") or []
-    if as_json:
-        typer.echo(dump_json(report))
-    else:
-        table = Table(box=None, pad_edge=False, header_style="bold")
-        for column in ("HOST", "OUTCOME", "SECONDS", "DETAIL"):
-            table.add_column(column, no_wrap=column != "DETAIL")
+        for line in api.deploy_agents_streamed(body, upgrade=upgrade):
+            kind = line.pop("type", "")
+            if kind == "error":
+                raise CliError(str(line.get("detail")))
+            if kind == "report":
+                report = line
+                if as_json:
+                    typer.echo(_one_line({"type": "report", **report}))
+                continue
+            results.append(line)
+            if as_json:
+                typer.echo(_one_line({"type": "host", **line}))
+            else:
+                out.print(_host_line(line), soft_wrap=True)
+    if not as_json:
+        counts: dict[str, int] = {}
         for result in results:
-            outcome = str(result.get("outcome"))
-            shown = "already current" if outcome == "current" else outcome
-            table.add_row(
-                str(result.get("host")),
-                Text(shown, style=_STYLES.get(outcome, "")),
-                f"{result.get('seconds', 0):.1f}",
-                str(result.get("detail")),
-            )
-        make_console().print(table)
-        err.print(f"bundle {str(report.get('digest'))[:12]} · {report.get('seconds')} s")
+            counts[_shown(result)] = counts.get(_shown(result), 0) + 1
+        summary = ", ".join(f"{n} {what}" for what, n in sorted(counts.items())) or "no host"
+        err.print(
+            f"{summary} · bundle {str(report.get('digest'))[:12]} · {report.get('seconds')} s"
+        )
     if any(r.get("outcome") in ("failed", "skipped") for r in results):
         raise typer.Exit(1)
+
+
+def _one_line(value: Json) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+def _shown(result: Json) -> str:
+    outcome = str(result.get("outcome"))
+    return str(result.get("shown") or ("already current" if outcome == "current" else outcome))
+
+
+def _host_line(result: Json) -> Text:
+    line = Text()
+    line.append(f"{result.get('host')}  ", style="bold")
+    line.append(_shown(result), style=_STYLES.get(str(result.get("outcome")), ""))
+    line.append(f"  {float(result.get('seconds') or 0):.1f}s  {result.get('detail')}")
+    return line

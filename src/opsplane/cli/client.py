@@ -416,6 +416,23 @@ class ApiClient:
         path = "/agents/upgrade" if upgrade else "/agents/deploy"
         return self._json("POST", path, body=body, timeout=DEPLOY_TIMEOUT)
 
+    def deploy_agents_streamed(self, body: Json, *, upgrade: bool = False) -> Iterator[Json]:
+        """POST /agents/deploy (or /agents/upgrade) with ``stream``: each host's line as it
+        finishes (``type`` host), then the report (``type`` report)."""
+        path = API_PREFIX + ("/agents/upgrade" if upgrade else "/agents/deploy")
+        try:
+            with self._http.stream(
+                "POST", path, json={**body, "stream": True}, timeout=DEPLOY_TIMEOUT
+            ) as response:
+                if not response.is_success:
+                    response.read()
+                    self._check(response)
+                for line in response.iter_lines():
+                    if line.strip():
+                        yield cast(Json, json.loads(line))
+        except httpx.TransportError as e:
+            raise self._transport_error(e) from e
+
     def list_agents(self) -> list[Json]:
         return self._every("/agents")
 

@@ -320,7 +320,7 @@ class TemplateService:
         before_commit: BeforeCommit | None,
         idempotency_key: str | None,
         created_by: str | None,
-    ) -> TaskRow:
+    ) -> TaskRecord:
         """A seed-003 script on the control plane's own host. A grant names groups of hosts
         and this runs on none of them: it takes the operator role, as seed 003's POST /tasks
         does."""

@@ -3,14 +3,25 @@ credential), the enrolled agents and their revocation (admin)."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime, timedelta
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query, Request, status
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
-from opsplane.agentdeploy.service import AgentDeployer, DeployRequest, agent_server_address
+from opsplane.agentdeploy.service import (
+    AgentDeployer,
+    DeployReport,
+    DeployRequest,
+    HostResult,
+    OnResult,
+    agent_server_address,
+)
 from opsplane.api.auditing import Audit, AuditDep
 from opsplane.api.deps import (
     AgentsDep,
@@ -202,6 +213,17 @@ class DeployIn(BaseModel):
         le=86400,
         description="seconds a restart waits for the runs in flight on the host to end",
     )
+    install: Literal["auto", "zipapp", "venv"] | None = Field(
+        default=None,
+        description="how the hosts get the agent's dependencies: auto (the bundle's where "
+        "they load, else the host python3's, else a venv made by pip), zipapp (never a venv) "
+        "or venv [the agent_deploy_install setting]",
+    )
+    stream: bool = Field(
+        default=False,
+        description="answer JSON lines (application/x-ndjson): one per host as it finishes "
+        '({"type": "host", …}), then the report ({"type": "report", …})',
+    )
 
 
 class UpgradeIn(DeployIn):
@@ -215,6 +237,16 @@ class HostDeployOut(BaseModel):
     detail: str
     supervisor: str = Field(description="systemd, process, or empty when nothing started")
     seconds: float
+    install: str = Field(
+        default="",
+        description="where the agent's dependencies come from: zipapp (the bundle's), system "
+        "(the host python3's), venv (pip into a venv there), or empty when nothing was installed",
+    )
+    shown: str = Field(default="", description="the outcome as the CLI prints it")
+
+    @classmethod
+    def of(cls, result: HostResult) -> HostDeployOut:
+        return cls(**vars(result), shown=result.shown)
 
 
 class DeployOut(BaseModel):
@@ -231,7 +263,7 @@ async def deploy_agents(
     deployer: DeployerDep,
     principal: AdminDep,
     audit: AuditDep,
-) -> DeployOut:
+) -> DeployOut | StreamingResponse:
     """Deploy the agent over SSH to a group's hosts (docs/operations.md, "Deploying agents");
     answered when every host is done."""
     return await _roll(body, request, engine, deployer, principal, audit, upgrade=False)
@@ -245,7 +277,7 @@ async def upgrade_agents(
     deployer: DeployerDep,
     principal: AdminDep,
     audit: AuditDep,
-) -> DeployOut:
+) -> DeployOut | StreamingResponse:
     """Replace the agents deployed over SSH: ``canary`` hosts first, stopping after
     ``max_errors`` failures."""
     return await _roll(body, request, engine, deployer, principal, audit, upgrade=True)
@@ -260,7 +292,7 @@ async def _roll(
     audit: Audit,
     *,
     upgrade: bool,
-) -> DeployOut:
+) -> DeployOut | StreamingResponse:
     action = "agent.upgrade" if upgrade else "agent.deploy"
     wanted = DeployRequest(
         server=body.server
@@ -276,14 +308,76 @@ async def _roll(
         created_by=principal.name,
         canary=body.canary if isinstance(body, UpgradeIn) else 0,
         max_errors=body.max_errors if isinstance(body, UpgradeIn) else 0,
+        install=body.install or "",
     )
     detail: dict[str, object] = {"group": body.group, "hosts": body.hosts, "bundle": body.bundle}
+    roll = deployer.upgrade if upgrade else deployer.deploy
+    if body.stream:
+        async with audit.failures(action, detail=detail):
+            await deployer.check(wanted)  # a request that deploys nowhere is still a 4xx
+        return StreamingResponse(
+            _streamed(roll, wanted, audit, action, detail), media_type="application/x-ndjson"
+        )
     async with audit.failures(action, detail=detail):
-        report = await (deployer.upgrade if upgrade else deployer.deploy)(wanted)
-        outcomes = {r.host: r.outcome for r in report.results}
-        await audit.record(action, detail={**detail, "digest": report.digest, "results": outcomes})
+        report = await roll(wanted)
+        await _audit_report(audit, action, detail, report)
+    return _report_out(report)
+
+
+def _report_out(report: DeployReport) -> DeployOut:
     return DeployOut(
         digest=report.digest,
         seconds=round(report.seconds, 2),
-        results=[HostDeployOut(**vars(r)) for r in report.results],
+        results=[HostDeployOut.of(r) for r in report.results],
     )
+
+
+async def _audit_report(
+    audit: Audit, action: str, detail: dict[str, object], report: DeployReport
+) -> None:
+    outcomes = {r.host: r.outcome for r in report.results}
+    await audit.record(action, detail={**detail, "digest": report.digest, "results": outcomes})
+
+
+async def _streamed(
+    roll: Callable[[DeployRequest, OnResult | None], Awaitable[DeployReport]],
+    wanted: DeployRequest,
+    audit: Audit,
+    action: str,
+    detail: dict[str, object],
+) -> AsyncIterator[bytes]:
+    """Each host's result as it is known, then the report; the deploy goes on (and is audited)
+    if the client goes away, as the unstreamed one does."""
+    results: asyncio.Queue[HostResult] = asyncio.Queue()
+
+    async def work() -> DeployReport:
+        async with audit.failures(action, detail=detail):
+            report = await roll(wanted, results.put_nowait)
+            await _audit_report(audit, action, detail, report)
+        return report
+
+    job = asyncio.ensure_future(work())
+    _deploys.add(job)
+    job.add_done_callback(_deploys.discard)
+    while True:
+        getter = asyncio.ensure_future(results.get())
+        await asyncio.wait({getter, job}, return_when=asyncio.FIRST_COMPLETED)
+        if getter.done():
+            line = {"type": "host", **HostDeployOut.of(getter.result()).model_dump()}
+            yield (json.dumps(line) + "\n").encode()
+            continue
+        getter.cancel()
+        break
+    while not results.empty():
+        line = {"type": "host", **HostDeployOut.of(results.get_nowait()).model_dump()}
+        yield (json.dumps(line) + "\n").encode()
+    try:
+        report = job.result()
+    except OpsplaneError as e:
+        yield (json.dumps({"type": "error", "detail": str(e)}) + "\n").encode()
+        return
+    yield (json.dumps({"type": "report", **_report_out(report).model_dump()}) + "\n").encode()
+
+
+# Streamed deploys run on when their client goes away; held here so they are not collected.
+_deploys: set[asyncio.Future[DeployReport]] = set()
