@@ -8,6 +8,14 @@ the key — ``UPDATE t, (SELECT … UNION ALL SELECT …) AS v SET t.c = v.c WHE
 MySQL/MariaDB, ``UPDATE t SET c = v.c FROM (…) AS v WHERE t.k = v.k`` on PostgreSQL and SQLite
 (≥ 3.33) — one statement per ``CHUNK`` rows.
 
+A statement's shape is its number of rows, and SQLAlchemy's compiled-statement cache (an LRU of
+500 entries per engine) keeps one compiled statement per shape, holding the construct and the
+values of the first batch that had it: with a shape per batch size, every broadcast left up to
+500 such statements of up to 500 rows behind (60 to 100 MiB of RSS per 5,000 hosts, docs/scale.md).
+So a batch is padded to the next power of two rows by repeating its last row (the same key with
+the same values: every backend updates that row once, with them): nine shapes per set of columns
+(1, 2, 4 … ``CHUNK``), few enough to stay cached and to be reused.
+
 Used for the writes whose rows are many and cheap to describe: heartbeats (``record_heartbeats``)
 and host connections (``bulk_update_hosts``). Not for run state changes (the ORM's flush): an
 ORM ``before_flush`` hook doing the same was tried and measured slower at 3,000 RabbitMQ agents
@@ -24,9 +32,15 @@ from typing import Any
 from sqlalchemy import Table, literal, select, union_all, update
 from sqlalchemy.sql.expression import ColumnElement
 
-# Rows per statement: SQLite allows 500 terms in a compound SELECT, and every backend a few
-# tens of thousands of parameters (a host row changes about six columns).
-CHUNK = 500
+# Rows per statement, a power of two: SQLite allows 500 terms in a compound SELECT, and every
+# backend a few tens of thousands of parameters (a host row changes about six columns).
+CHUNK = 256
+
+
+def padded_size(rows: int) -> int:
+    """The rows a statement for ``rows`` rows (1 ≤ rows ≤ ``CHUNK``) carries: the next power
+    of two, so that batches of any size share a few statement shapes."""
+    return 1 << (rows - 1).bit_length()
 
 
 def update_statements(
@@ -45,7 +59,9 @@ def update_statements(
     for columns, same in groups.items():
         assert key in columns, f"every row names its {key}"
         for start in range(0, len(same), CHUNK):
-            statements.append(_statement(table, key, columns, same[start : start + CHUNK], fixed))
+            chunk = same[start : start + CHUNK]
+            chunk = [*chunk, *[chunk[-1]] * (padded_size(len(chunk)) - len(chunk))]
+            statements.append(_statement(table, key, columns, chunk, fixed))
     return statements
 
 
