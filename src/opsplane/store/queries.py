@@ -617,16 +617,17 @@ async def record_heartbeats(
     each of ``hosts`` holds ``name`` (the host), ``last_seen_at`` and the four figures; such a
     host is online. ``history`` holds the ``HeartbeatRow`` values to keep (one multi-row
     INSERT)."""
-    for statement in bulk.update_statements(_HOSTS, "name", hosts, {"status": "online"}):
-        await session.execute(statement)
+    online = {"status": "online"}
+    for statement, parameters in bulk.update_statements(_HOSTS, "name", hosts, online):
+        await session.execute(statement, parameters)
     if history:
         await session.execute(insert(_HEARTBEATS), history)
 
 
 async def bulk_update_hosts(session: AsyncSession, values: list[dict[str, Any]]) -> None:
     """UPDATE by name, one statement per batch of rows changing the same columns."""
-    for statement in bulk.update_statements(_HOSTS, "name", values):
-        await session.execute(statement)
+    for statement, parameters in bulk.update_statements(_HOSTS, "name", values):
+        await session.execute(statement, parameters)
 
 
 async def insert_hosts(session: AsyncSession, values: list[dict[str, Any]]) -> None:
