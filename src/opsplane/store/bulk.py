@@ -3,7 +3,7 @@
 
 An ``executemany`` of an UPDATE is one call for SQLAlchemy, but asyncmy runs it row by row (only
 ``INSERT … VALUES`` is batched): three 1,000-host broadcasts cost MariaDB ten thousand
-single-row UPDATEs. Here the new values travel as a derived table of typed literals joined on
+single-row UPDATEs. Here the new values travel as a derived table of typed parameters joined on
 the key — ``UPDATE t, (SELECT … UNION ALL SELECT …) AS v SET t.c = v.c WHERE t.k = v.k`` on
 MySQL/MariaDB, ``UPDATE t SET c = v.c FROM (…) AS v WHERE t.k = v.k`` on PostgreSQL and SQLite
 (≥ 3.33) — one statement per ``CHUNK`` rows.
