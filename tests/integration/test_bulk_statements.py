@@ -20,6 +20,7 @@ from opsplane.config import load_settings
 from opsplane.domain.targeting import Targets
 from opsplane.domain.tasks import TaskRequest
 from opsplane.engine.core import Engine
+from opsplane.store import queries
 from opsplane.transport.base import HeartbeatReport, HostReport, RunFinished, RunStarted
 from opsplane.transport.memory import MemoryLink
 
@@ -99,3 +100,34 @@ async def test_a_batch_of_heartbeats_costs_the_same_statements_for_10_or_120_hos
     assert large[0] <= small[0], f"UPDATEs for 10 hosts' beats: {small[0]}, {FLEET}: {large[0]}"
     host = await engine.hosts.get_host(f"h{FLEET - 1:03}")
     assert (host.status, host.cpu_usage, host.disk_usage) == ("online", 1.0, 3.0)
+
+
+async def test_batches_of_every_size_leave_a_bounded_number_of_compiled_statements(
+    engine: Engine,
+) -> None:
+    """A statement whose shape follows its batch's size is one entry of SQLAlchemy's compiled
+    cache per size, each holding its first batch's values (60 to 100 MiB of RSS per 5,000-host
+    broadcast, docs/scale.md): batches of 1 to 120 rows must share a few shapes."""
+    cache = engine.db.sync_engine._compiled_cache
+    assert cache is not None
+    now = datetime.now(UTC)
+    sizes = range(1, FLEET + 1)
+    before = len(cache)
+    for size in sizes:
+        names = [f"h{i:03}" for i in range(size)]
+        beats = [
+            {"name": n, "last_seen_at": now, "cpu_usage": float(size), "memory_usage": 2.0,
+             "load": 0.1, "disk_usage": 3.0}
+            for n in names
+        ]  # fmt: skip
+        async with engine.sessions() as session, session.begin():
+            await queries.record_heartbeats(session, beats, [])
+            await queries.bulk_update_hosts(
+                session, [{"name": n, "agent_version": "9"} for n in names]
+            )
+            await queries.latest_runs_of(session, [("t-1", n) for n in names])
+    grown = len(cache) - before
+    # Per path: the sizes 1, 2, 4 … 128 (eight shapes), and a few for the reads around them.
+    assert grown <= 40, f"{grown} compiled statements for batches of {len(sizes)} sizes"
+    host = await engine.hosts.get_host(f"h{FLEET - 1:03}")
+    assert (host.status, host.cpu_usage, host.agent_version) == ("online", float(FLEET), "9")

@@ -150,12 +150,20 @@ async def latest_runs_of(
     found: dict[tuple[str, str], RunRow] = {}
     if not pairs:
         return found
-    # Portable OR of pairs rather than a row-value IN, which not every backend plans well.
-    condition = or_(*(and_(RunRow.task_id == t, RunRow.host == h) for t, h in pairs))
-    for run in (await session.execute(select(RunRow).where(condition))).scalars():
-        key = (run.task_id, run.host)
-        if key not in found or run.attempt > found[key].attempt:
-            found[key] = run
+    # One statement per task with its hosts in an expanding IN: the same shape whatever the
+    # batch (an OR of pairs was a statement shape per batch size, each kept by SQLAlchemy's
+    # compiled cache; store/bulk.py), and no row-value IN, which not every backend plans well.
+    hosts_of: dict[str, list[str]] = {}
+    for task_id, host in pairs:
+        hosts_of.setdefault(task_id, []).append(host)
+    for task_id, hosts in hosts_of.items():
+        for start in range(0, len(hosts), _IN_CHUNK):
+            chunk = hosts[start : start + _IN_CHUNK]
+            stmt = select(RunRow).where(RunRow.task_id == task_id, RunRow.host.in_(chunk))
+            for run in (await session.execute(stmt)).scalars():
+                key = (run.task_id, run.host)
+                if key not in found or run.attempt > found[key].attempt:
+                    found[key] = run
     return found
 
 
@@ -609,16 +617,17 @@ async def record_heartbeats(
     each of ``hosts`` holds ``name`` (the host), ``last_seen_at`` and the four figures; such a
     host is online. ``history`` holds the ``HeartbeatRow`` values to keep (one multi-row
     INSERT)."""
-    for statement in bulk.update_statements(_HOSTS, "name", hosts, {"status": "online"}):
-        await session.execute(statement)
+    online = {"status": "online"}
+    for statement, parameters in bulk.update_statements(_HOSTS, "name", hosts, online):
+        await session.execute(statement, parameters)
     if history:
         await session.execute(insert(_HEARTBEATS), history)
 
 
 async def bulk_update_hosts(session: AsyncSession, values: list[dict[str, Any]]) -> None:
     """UPDATE by name, one statement per batch of rows changing the same columns."""
-    for statement in bulk.update_statements(_HOSTS, "name", values):
-        await session.execute(statement)
+    for statement, parameters in bulk.update_statements(_HOSTS, "name", values):
+        await session.execute(statement, parameters)
 
 
 async def insert_hosts(session: AsyncSession, values: list[dict[str, Any]]) -> None:
