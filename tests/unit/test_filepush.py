@@ -23,7 +23,7 @@ MIB = 1024 * 1024
 
 
 def _receiver(
-    root: Path, local: Path, remote: str, tamper: bool = False
+    root: Path, local: Path, remote: str, tamper: bool = False, euid: int | None = None
 ) -> tuple[FileReceiver, pb.FileManifest, list[str]]:
     manifest = build_manifest(local, remote)
     asked: list[str] = []
@@ -39,7 +39,7 @@ def _receiver(
             asyncio.get_running_loop().call_soon(receiver.on_chunk, chunk)
         return True
 
-    receiver = FileReceiver([root], send)
+    receiver = FileReceiver([root], send, euid=euid)
     return receiver, convert.manifest_to_pb(manifest), asked
 
 
@@ -194,3 +194,31 @@ async def test_an_agent_that_stops_reading_does_not_hold_the_others_up(tmp_path:
     await asyncio.gather(*slow)
     await asyncio.sleep(0.01)
     assert server.chunks_served == 4
+
+
+async def test_an_agent_not_root_refuses_to_give_files_away_before_writing(
+    tmp_path: Path,
+) -> None:
+    """Issue 19: only root may chown to another user; the refusal is per file, says why,
+    and comes before any chunk is asked for. Its own uid is fine; an unknown name too is
+    refused up front."""
+    local = tmp_path / "src.txt"
+    local.write_bytes(b"data\n")
+    root = tmp_path / "root"
+    receiver, manifest, asked = _receiver(root, local, f"{root}/a.txt", euid=65534)
+    manifest.owner = "root"
+    result = await receiver.push("run-1", "task-1", manifest)
+    assert result.failed == [
+        (f"{root}/a.txt", "this agent runs as uid 65534, not root: it may not give files to root")
+    ]
+    assert asked == [] and not (root / "a.txt").exists()
+    manifest.owner = "no-such-user-19"
+    result = await receiver.push("run-2", "task-1", manifest)
+    assert result.failed == [(f"{root}/a.txt", "no user 'no-such-user-19' on this host")]
+    # As root (this test's account), owner and group are set, by name or number.
+    receiver, manifest, _ = _receiver(root, local, f"{root}/a.txt")
+    manifest.owner, manifest.group = "nobody", "65534"
+    result = await receiver.push("run-3", "task-1", manifest)
+    assert result.written == [f"{root}/a.txt"], result.failed
+    info = (root / "a.txt").stat()
+    assert (info.st_uid, info.st_gid) == (65534, 65534)

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import grp
 import hashlib
 import logging
 import os
 import posixpath
-import shutil
+import pwd
 import stat
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -108,9 +109,13 @@ def _relative_ok(relative: str) -> bool:
 class FileReceiver:
     """Chunks asked for by the agent's runs, and the answers as they come."""
 
-    def __init__(self, roots: Sequence[Path], send: SendRequest) -> None:
+    def __init__(
+        self, roots: Sequence[Path], send: SendRequest, *, euid: int | None = None
+    ) -> None:
         self._roots = list(roots)
         self._send = send
+        # Whose account writes the files: only root may give them to another owner.
+        self._euid = os.geteuid() if euid is None else euid
         self._waiting: dict[tuple[str, str], asyncio.Future[bytes]] = {}
 
     def reconnected(self) -> None:
@@ -139,6 +144,12 @@ class FileReceiver:
             result.error = str(e)
             result.failed = [(manifest.root, str(e))]
             return result
+        try:
+            owner = self._ownership(manifest.owner, manifest.group)
+        except UploadRefused as e:
+            result.error = str(e)
+            result.failed = [(manifest.root, str(e))]
+            return result
         destination_root = Path(posixpath.normpath(manifest.root))
         for problem in manifest.problems:
             relative, _, why = problem.partition(": ")
@@ -159,7 +170,9 @@ class FileReceiver:
                 targets.append((path, entry))
         for path, entry in targets:
             try:
-                changed = await self._write_file(run_id, task_id, path, entry, root, manifest)
+                changed = await self._write_file(
+                    run_id, task_id, path, entry, root, manifest, owner
+                )
             except (UploadRefused, ChunkRefused) as e:
                 result.failed.append((str(path), str(e)))
             except OSError as e:
@@ -167,6 +180,33 @@ class FileReceiver:
             else:
                 (result.written if changed else result.unchanged).append(str(path))
         return result
+
+    def _ownership(self, owner: str, group: str) -> tuple[int, int]:
+        """The ids the manifest's owner and group name here (-1: leave as written), checked
+        before anything is written; UploadRefused if unknown, or if this agent's account may
+        not give files to them (only root may give a file away; others may only pick one of
+        their own groups)."""
+        uid = gid = -1
+        try:
+            if owner:
+                uid = int(owner) if owner.isdigit() else pwd.getpwnam(owner).pw_uid
+        except KeyError:
+            raise UploadRefused(f"no user {owner!r} on this host") from None
+        try:
+            if group:
+                gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise UploadRefused(f"no group {group!r} on this host") from None
+        if self._euid != 0:
+            label = ":".join(part for part in (owner, group) if part)
+            if uid not in (-1, self._euid) or (
+                gid != -1 and gid != os.getegid() and gid not in os.getgroups()
+            ):
+                raise UploadRefused(
+                    f"this agent runs as uid {self._euid}, not root: it may not give files "
+                    f"to {label}"
+                )
+        return uid, gid
 
     @staticmethod
     def _single_destination(manifest: pb.FileManifest) -> Path:
@@ -201,6 +241,7 @@ class FileReceiver:
         entry: pb.ManifestFile,
         root: Path,
         manifest: pb.FileManifest,
+        owner: tuple[int, int] = (-1, -1),
     ) -> bool:
         """Write one file; False when it was already there, byte for byte."""
         if path.name in ("", ".", ".."):
@@ -209,8 +250,8 @@ class FileReceiver:
         check_inside(path.parent, root)
         mode = entry.mode & 0o7777
         if await asyncio.to_thread(_same_content, path, entry.size, entry.sha256):
+            _set_owner(path, owner)
             os.chmod(path, mode)
-            _set_owner(path, manifest)
             return False
         temporary = path.parent / f".{path.name[:180]}.{run_id}.part"
         descriptor = os.open(
@@ -228,8 +269,9 @@ class FileReceiver:
         try:
             if not await asyncio.to_thread(_same_content, temporary, entry.size, entry.sha256):
                 raise ChunkRefused("the file's SHA-256 does not match the manifest")
+            # chown before chmod: a chown clears the set-user/group-ID bits a mode may carry.
+            _set_owner(temporary, owner)
             os.chmod(temporary, mode)
-            _set_owner(temporary, manifest)
             # A rename replaces a symlink at the destination; it never writes through it.
             os.rename(temporary, path)
         except BaseException:
@@ -307,10 +349,6 @@ def _same_content(path: Path, size: int, digest: str) -> bool:
     return whole.hexdigest() == digest
 
 
-def _set_owner(path: Path, manifest: pb.FileManifest) -> None:
-    if manifest.owner and manifest.group:
-        shutil.chown(path, manifest.owner, manifest.group)
-    elif manifest.owner:
-        shutil.chown(path, user=manifest.owner)
-    elif manifest.group:
-        shutil.chown(path, group=manifest.group)
+def _set_owner(path: Path, owner: tuple[int, int]) -> None:
+    if owner != (-1, -1):
+        os.chown(path, *owner, follow_symlinks=False)
