@@ -15,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import signal
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -329,3 +331,66 @@ async def test_owner_and_group_from_the_api_and_bad_values_refused(tmp_path: Pat
                 )
                 assert created.status_code == 422, (bad, created.text)
                 assert "owner" in created.text and "numeric id" in created.text
+
+
+async def test_an_agent_killed_mid_transfer_resumes_after_its_restart(tmp_path: Path) -> None:
+    """Issue 19: ``kill -9`` the agent (a process) a third into a 48 MiB push; the run is
+    lost, the task's retry goes to the restarted agent, which finds the chunks it had
+    written in the ``.part`` file (checked against the signed manifest) and asks only for
+    the others: the file lands byte-exact and fewer than a window of chunks is sent twice."""
+    async with control_plane(tmp_path) as cp:
+        root = tmp_path / "dest"
+        name = _name()
+        grpc_link = cp.engine.links["grpc"]
+        assert isinstance(grpc_link, GrpcLink)
+        log = tmp_path / "agent.log"
+        argv = [
+            sys.executable, "-m", "opsplane", "agent",
+            "--server", f"127.0.0.1:{grpc_link.bound_port}", "--name", name,
+            "--state-dir", str(tmp_path / "agent-state"), "--upload-root", str(root),
+        ]  # fmt: skip
+
+        async def start() -> asyncio.subprocess.Process:
+            with log.open("ab") as out:
+                return await asyncio.create_subprocess_exec(*argv, stdout=out, stderr=out)
+
+        agent = await start()
+        try:
+            await _until_online(cp, name)
+            source = cp.uploads / "big.bin"
+            chunks = 48
+            source.write_bytes(os.urandom(chunks * MIB))
+            created = await cp.client.post(
+                "/api/v1/tasks",
+                json={
+                    "kind": "upload",
+                    "upload": {"local_path": str(source), "remote_path": f"{root}/big.bin"},
+                    "targets": {"hosts": [name]},
+                    "timeout": 120,
+                    "retries": {"max_attempts": 2, "on": ["lost"]},
+                },
+                headers=ADMIN_HEADERS,
+            )
+            assert created.status_code == 201, created.text
+            for _ in range(6000):  # 30 s
+                if grpc_link.chunks_served >= chunks // 3:
+                    break
+                await asyncio.sleep(0.005)
+            agent.send_signal(signal.SIGKILL)
+            await asyncio.wait_for(agent.wait(), 15)
+            before = grpc_link.chunks_served
+            assert chunks // 3 <= before < chunks
+            (part,) = [p for p in root.iterdir() if p.name.endswith(".part")]
+            agent = await start()
+            task, runs = await cp.ended(created.json()["id"])
+            assert task["status"] == "succeeded", (runs, log.read_text()[-3000:])
+            assert (root / "big.bin").read_bytes() == source.read_bytes()
+            assert not part.exists()
+            # The chunks served before the kill were written (all but those in flight):
+            # the retry asked for the rest only.
+            assert grpc_link.chunks_served - before <= chunks - before + WINDOW
+            assert grpc_link.chunks_served < chunks + WINDOW
+        finally:
+            if agent.returncode is None:
+                agent.send_signal(signal.SIGTERM)
+                await asyncio.wait_for(agent.wait(), 15)
