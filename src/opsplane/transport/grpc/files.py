@@ -61,6 +61,10 @@ class ChunkServer:
         self._manifests.sent(run_id, hostname, manifest)
         return manifest
 
+    def also_sent(self, run_id: str, hostname: str, manifest: Manifest) -> None:
+        """``manifest`` went to ``hostname``'s run too (a fan-out: one message, many runs)."""
+        self._manifests.sent(run_id, hostname, manifest)
+
     def finished(self, run_id: str) -> None:
         self._manifests.finished(run_id)
 
