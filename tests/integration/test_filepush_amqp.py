@@ -4,7 +4,8 @@ A real control plane (API, engine, RabbitMQ link on a private vhost) and real op
 in process on that broker:
 
 - a 1 MiB file to each of 3 agents (unicast) and a 20-file directory to the 3 as one group
-  task (one fan-out command carrying the manifest) land byte-exact;
+  task (one fan-out command carrying the manifest, chunks asked for together published once
+  on the group key) land byte-exact;
 - a second push of the tree writes nothing: every file is ``unchanged`` on every agent;
 - a chunk altered on its way (the control plane's read, here) is refused by the agent: the
   old file stays;
@@ -159,7 +160,7 @@ async def test_file_and_tree_reach_three_rabbitmq_agents_byte_exact_then_unchang
 
             tree = cp.uploads / "tree"
             files = _tree(tree)
-            served = cp.link.chunks_served
+            served, shared_before = cp.link.chunks_served, cp.link.chunks_shared
             # One group task: one fan-out command, its manifest inside.
             task, runs = await cp.push(tree, f"{shared}/tree", {"groups": [group]})
             why = {host: (run["error"], run["stderr"]) for host, run in runs.items()}
@@ -173,6 +174,9 @@ async def test_file_and_tree_reach_three_rabbitmq_agents_byte_exact_then_unchang
             assert (shared / "tree/big.bin").stat().st_mode & 0o777 == 0o750
             # 19 one-chunk files and big.bin's two distinct chunks, at most once per agent.
             assert 21 <= cp.link.chunks_served - served <= 3 * 21
+            # Asked for by several agents at about the same time, a chunk goes out once on
+            # the group key (21 publishes in all, 21 shared, on a quiet machine).
+            assert cp.link.chunks_shared > shared_before
 
             served = cp.link.chunks_served
             _, runs = await cp.push(tree, f"{shared}/tree", {"groups": [group]})

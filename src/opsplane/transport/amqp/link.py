@@ -17,6 +17,7 @@ import logging
 import socket
 import ssl
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
@@ -52,6 +53,11 @@ log = logging.getLogger(__name__)
 PUBLISH_TIMEOUT = 10.0
 # A heartbeat older than this (or this far in the future) is a replay, or a clock to fix.
 HEARTBEAT_MAX_AGE = 300.0
+# A fan-out upload's chunk asked for by several of its hosts within this long is published
+# once on the group (or broadcast) key instead of once per host.
+COALESCE_SECONDS = 0.05
+# Fan-out uploads remembered for shared publishing (a manifest each, no file data).
+_SHARED_TASKS = 16
 # Hashes one chunk request may name: the agent asks one at a time (its window is 8).
 MAX_HASHES_PER_REQUEST = 64
 # A robust connection that is down or recovering fails a publish in any of these ways.
@@ -95,6 +101,12 @@ class AmqpLink(Link):
         # ask for them; the same chunk server as gRPC's (one read serves a task's hosts).
         self._chunks = ChunkServer()
         self._serving: set[asyncio.Task[None]] = set()
+        # Fan-out uploads: task id → where its command went, and the hosts it was for.
+        self._fanouts: dict[str, _FanoutUpload] = {}
+        # (task id, hash) → hosts that asked for it in the last COALESCE_SECONDS.
+        self._asked: dict[tuple[str, str], dict[str, str]] = {}
+        # Chunks published once for several hosts on a group or broadcast key.
+        self.chunks_shared = 0
 
     @property
     def chunks_served(self) -> int:
@@ -176,6 +188,13 @@ class AmqpLink(Link):
         else:
             key, target = m.BROADCAST_KEY, m.ALL_TARGET
         manifest = await self._manifest(fanout.envelope, list(fanout.run_ids.items()))
+        if manifest is not None:
+            envelope = fanout.envelope
+            self._fanouts[envelope.task_id] = _FanoutUpload(
+                key, target, envelope.attempt, dict(fanout.run_ids)
+            )
+            while len(self._fanouts) > _SHARED_TASKS:
+                self._fanouts.pop(next(iter(self._fanouts)))
         body = m.command_body(
             fanout.envelope, time.time(), target=target, fanout=True, manifest=manifest
         )
@@ -275,6 +294,11 @@ class AmqpLink(Link):
             hashes=[str(h) for h in hashes],
         )
         await message.ack()
+        fanout = self._fanouts.get(request.task_id)
+        if fanout is not None and fanout.run_ids.get(hostname) == request.run_id:
+            for digest in request.hashes:
+                self._coalesce(request.task_id, hostname, request.run_id, digest)
+            return
 
         async def write(answer: pb.CommandMessage) -> None:
             chunk = answer.file_chunk
@@ -294,6 +318,63 @@ class AmqpLink(Link):
         serving = asyncio.create_task(self._serve_chunks(hostname, request, write))
         self._serving.add(serving)
         serving.add_done_callback(self._serving.discard)
+
+    def _coalesce(self, task_id: str, hostname: str, run_id: str, digest: str) -> None:
+        """Note that ``hostname`` asked for ``digest``; the first asker starts the wait after
+        which the chunk goes out: on the group key if more hosts asked meanwhile."""
+        key = (task_id, digest)
+        waiting = self._asked.get(key)
+        if waiting is not None:
+            waiting[hostname] = run_id
+            return
+        self._asked[key] = {hostname: run_id}
+        publishing = asyncio.create_task(self._publish_shared(task_id, digest))
+        self._serving.add(publishing)
+        publishing.add_done_callback(self._serving.discard)
+
+    async def _publish_shared(self, task_id: str, digest: str) -> None:
+        await asyncio.sleep(COALESCE_SECONDS)
+        askers = self._asked.pop((task_id, digest), {})
+        fanout = self._fanouts.get(task_id)
+        if fanout is None or len(askers) < 2:
+            # One host only: answered on its own queue, as for a unicast upload.
+            for hostname, run_id in askers.items():
+                request = pb.ChunkRequest(run_id=run_id, task_id=task_id, hashes=[digest])
+                await self._serve_chunks(hostname, request, self._unicast(hostname, task_id))
+            return
+        hostname, run_id = next(iter(askers.items()))
+        try:
+            data = await self._chunks.read_for_run(run_id, hostname, digest)
+            error = ""
+        except (KeyError, OSError, ValueError) as e:
+            data, error = b"", str(e) or "the manifest names no such chunk"
+        body = m.chunk_body(task_id, None, digest, data, error, time.time(), target=fanout.target)
+        body["attempt"] = fanout.attempt
+        try:
+            await self._publish(fanout.key, body)
+        except (NotConnected, ConnectionLost) as e:
+            log.info("a shared chunk of task %s not published: %s", task_id, e)
+            return
+        self.chunks_shared += 1
+        self._chunks.chunks_served += 1
+
+    def _unicast(self, hostname: str, task_id: str) -> Any:
+        async def write(answer: pb.CommandMessage) -> None:
+            chunk = answer.file_chunk
+            await self._publish(
+                m.node_key(hostname),
+                m.chunk_body(
+                    task_id,
+                    chunk.run_id,
+                    chunk.hash,
+                    chunk.data,
+                    chunk.error,
+                    time.time(),
+                    target=hostname,
+                ),
+            )
+
+        return write
 
     async def _serve_chunks(self, hostname: str, request: pb.ChunkRequest, write: Any) -> None:
         try:
@@ -423,6 +504,14 @@ class AmqpLink(Link):
             await message.nack(requeue=True)
             return
         await message.ack()
+
+
+@dataclass(frozen=True)
+class _FanoutUpload:
+    key: str  # the routing key the command went on: its chunks may go there too
+    target: str  # its signed target (``group:web``, ``all``)
+    attempt: int
+    run_ids: dict[str, str]  # host → run, the hosts the control plane planned
 
 
 def _beat_written(future: asyncio.Future[None]) -> None:

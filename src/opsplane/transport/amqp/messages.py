@@ -98,19 +98,29 @@ def command_body(
 
 
 def chunk_body(
-    task_id: str, run_id: str, digest: str, data: bytes, error: str, now: float, *, target: str
+    task_id: str,
+    run_id: str | None,
+    digest: str,
+    data: bytes,
+    error: str,
+    now: float,
+    *,
+    target: str,
 ) -> dict[str, Any]:
-    """One chunk of an upload, for the host that asked for it (``cmd.node.{host}``)."""
-    return {
+    """One chunk of an upload: for the host that asked for it (``cmd.node.{host}``, with its
+    ``run_id``), or for the hosts of a fan-out upload (no run id: each derives its own)."""
+    body: dict[str, Any] = {
         "type": "file_chunk",
         "target": target,
         "task_id": task_id,
-        "run_id": run_id,
         "hash": digest,
         "data": base64.b64encode(data).decode("ascii"),
         "error": error,
         "timestamp": now,
     }
+    if run_id is not None:
+        body["run_id"] = run_id
+    return body
 
 
 def cancel_body(
