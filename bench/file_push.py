@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import os
 import resource
@@ -142,7 +143,8 @@ async def main_async(args: argparse.Namespace, work: Path, lab: SshLab | None) -
                 )
             )
         try:
-            await _until_online(client, names)
+            # 100 agent processes starting at once on 2 busy cores take minutes.
+            await _until_online(client, names, within=60.0 + 3.0 * len(names))
             if lab is not None:
                 for name, daemon in lab.daemons.items():
                     added = await client.post(
@@ -190,7 +192,8 @@ async def main_async(args: argparse.Namespace, work: Path, lab: SshLab | None) -
                 try:
                     await asyncio.wait_for(process.wait(), 10)
                 except TimeoutError:
-                    process.kill()
+                    with contextlib.suppress(ProcessLookupError):
+                        process.kill()
 
 
 def salt_cp(work: Path, k: int, size: int, runs: int) -> list[float]:
