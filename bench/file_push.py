@@ -10,13 +10,21 @@ round sends the bytes (no ``unchanged`` shortcut). Every agent's copy is checked
 after each round, and the chunks the control plane served are counted. A ``true`` command
 to the same agents gives the floor any task to them costs.
 
-Run: ``python bench/file_push.py [--agents 10] [--size-mib 1] [--runs 3] [--no-ssh]``.
+With ``--salt K[,K...]`` (needs the peers' venv of ``bench/run``, ``bench/.peers-venv``, with
+Salt 3008): one salt-master and K salt-minions on loopback (``bench/suite/salt_side.py``'s
+configs), and ``salt-cp '*' FILE DEST`` timed the same way, a fresh file every round, every
+minion's return checked. ``--agents`` takes a list too (``10,100``): one control plane and
+fleet per K, the SSH side at the first K only.
+
+Run: ``python bench/file_push.py [--agents 10,100] [--size-mib 1] [--runs 3] [--no-ssh]
+[--salt 10,50]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import os
 import resource
@@ -30,6 +38,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.suite.common import PEERS_VENV, Processes
+from bench.suite.salt_side import _probe, _salt_configs
 from opsplane.transport.grpc.server import GrpcLink
 from tests.auth import ADMIN_HEADERS
 from tests.e2e.fleet import child_env
@@ -133,7 +143,8 @@ async def main_async(args: argparse.Namespace, work: Path, lab: SshLab | None) -
                 )
             )
         try:
-            await _until_online(client, names)
+            # 100 agent processes starting at once on 2 busy cores take minutes.
+            await _until_online(client, names, within=60.0 + 3.0 * len(names))
             if lab is not None:
                 for name, daemon in lab.daemons.items():
                     added = await client.post(
@@ -181,27 +192,104 @@ async def main_async(args: argparse.Namespace, work: Path, lab: SshLab | None) -
                 try:
                     await asyncio.wait_for(process.wait(), 10)
                 except TimeoutError:
-                    process.kill()
+                    with contextlib.suppress(ProcessLookupError):
+                        process.kill()
+
+
+def salt_cp(work: Path, k: int, size: int, runs: int) -> list[float]:
+    """``salt-cp`` of a fresh ``size``-byte file to K minions, ``runs`` times: the seconds of
+    each, from the command's start to its exit with every minion's return in."""
+    processes = Processes()
+    salt_bin = PEERS_VENV / "bin"
+    root = work / f"salt-k{k}"
+    master_dir, minion_dirs = _salt_configs(root, k)
+    try:
+        master = processes.spawn(
+            [str(salt_bin / "salt-master"), "-c", str(master_dir)], root / "master.out"
+        )
+        time.sleep(3)
+        if master.poll() is not None:
+            raise SystemExit(f"salt-master exited: see {root / 'master.out'}")
+        for d in minion_dirs:
+            processes.spawn([str(salt_bin / "salt-minion"), "-c", str(d)], d / "minion.out")
+        for attempt in range(4):
+            # A master still writing its keys on a busy machine refuses the first clients.
+            try:
+                _probe(master_dir, "wait", str(k), "480", timeout=540)
+                break
+            except RuntimeError:
+                if attempt == 3:
+                    raise
+                time.sleep(10)
+        samples = []
+        for round_ in range(runs):
+            source = work / f"salt-payload-{k}-{round_}.bin"
+            _random_file(source, size)
+            destination = work / f"salt-dest-{k}-{round_}.bin"
+            began = time.perf_counter()
+            done = subprocess.run(
+                [str(salt_bin / "salt-cp"), "-c", str(master_dir), "--out", "json", "--chunked",
+                 "-t", "300", "*", str(source), str(destination)],
+                capture_output=True, text=True, timeout=600, check=False,
+            )  # fmt: skip
+            elapsed = time.perf_counter() - began
+            good = done.stdout.count(": true")
+            if done.returncode != 0 or good != k:
+                raise SystemExit(
+                    f"salt-cp to {k}: rc {done.returncode}, {good}/{k} true: "
+                    f"{(done.stdout + done.stderr)[-600:]}"
+                )
+            # The minions share this machine's disk and salt-cp --chunked appends chunk by
+            # chunk: ten writers of one path interleave, so the copy is not checked here;
+            # every minion's ``true`` is.
+            samples.append(elapsed)
+        return samples
+    finally:
+        processes.stop_all()
+
+
+def _ms(samples: list[float]) -> str:
+    shown = ", ".join(f"{s * 1000:.0f}" for s in samples)
+    return f"median {statistics.median(samples) * 1000:.0f} ms (rounds: {shown} ms)"
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--agents", type=int, default=10)
+    parser.add_argument("--agents", default="10", help="K, or a list: 10,100")
     parser.add_argument("--size-mib", type=float, default=1.0)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--no-ssh", action="store_true")
+    parser.add_argument("--salt", default="", help="salt-cp to K minions too: 10 or 10,50")
     args = parser.parse_args()
+    ks = [int(k) for k in str(args.agents).split(",") if k]
+    began = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="opsplane-push-") as tmp:
         work = Path(tmp)
-        problem = None if not args.no_ssh else "--no-ssh"
-        problem = problem or sshd_problem()
-        if problem is not None:
-            print(f"SSH side skipped: {problem}")
-            result = asyncio.run(main_async(args, work, None))
-        else:
-            with ssh_lab() as lab:
-                lab.start([f"sshpush-{i}" for i in range(args.agents)])
-                result = asyncio.run(main_async(args, work, lab))
+        for index, k in enumerate(ks):
+            args.agents = k
+            kwork = work / f"k{k}"
+            kwork.mkdir()
+            problem = None if not args.no_ssh and index == 0 else "--no-ssh or not the first K"
+            problem = problem or sshd_problem()
+            if problem is not None:
+                result = asyncio.run(main_async(args, kwork, None))
+            else:
+                with ssh_lab() as lab:
+                    lab.start([f"sshpush-{i}" for i in range(k)])
+                    result = asyncio.run(main_async(args, kwork, lab))
+            _report(args, result)
+        for k in [int(k) for k in args.salt.split(",") if k]:
+            try:
+                samples = salt_cp(work, k, int(args.size_mib * MIB), args.runs)
+            except (SystemExit, RuntimeError, subprocess.TimeoutExpired) as e:
+                print(f"salt-cp   {args.size_mib:g} MiB to {k}: failed: {e}")
+            else:
+                print(f"salt-cp   {args.size_mib:g} MiB to {k}: {_ms(samples)}")
+    print(f"whole run: {time.monotonic() - began:.0f} s")
+    return 0
+
+
+def _report(args: argparse.Namespace, result: dict[str, Any]) -> None:
     for link in ("grpc_true", "grpc", "ssh"):
         samples = result[f"{link}_s"]
         if samples:
@@ -216,7 +304,6 @@ def main() -> int:
         f"peak RSS: agents {result['agent_peak_rss_mib']:.0f} MiB (the largest), control "
         f"plane with this harness {result['control_plane_peak_rss_mib']:.0f} MiB"
     )
-    return 0
 
 
 if __name__ == "__main__":

@@ -141,6 +141,24 @@ def test_push_to_ssh_hosts_and_an_agent_has_one_result_shape(fleet: Fleet, lab: 
     assert runs["agent-2"]["stdout"] == f"unchanged {remote}\n"
 
 
+def test_push_chown_gives_files_to_a_user_on_ssh_hosts(fleet: Fleet, lab: SshLab) -> None:
+    """``--chown USER[:GROUP]`` (issue 19): the lab's SSH login is not root, so it may give
+    files to itself and is refused, per file and saying why, anyone else."""
+    source = fleet.root / "uploads" / "owned.txt"
+    source.write_text("x\n")
+    remote = f"{lab.user.home}/chown-{uuid.uuid4().hex[:8]}.txt"
+    mine = opsplane(
+        fleet, "push", str(source), remote, "--host", "ssh-1", "--chown", lab.user.name, "--json"
+    )
+    assert mine.returncode == 0, mine.stdout + mine.stderr
+    assert Path(remote).stat().st_uid == lab.user.uid
+    theirs = opsplane(fleet, "push", str(source), remote, "--host", "ssh-1", "--chown", "root:")
+    assert theirs.returncode == 1
+    assert "the SSH login is not root" in theirs.stdout + theirs.stderr
+    bad = opsplane(fleet, "push", str(source), remote, "--host", "ssh-1", "--chown", ":")
+    assert bad.returncode == 2 and "--chown wants USER" in bad.stderr
+
+
 def test_push_refuses_paths_outside_the_upload_roots_and_agents_without_roots(
     fleet: Fleet,
 ) -> None:

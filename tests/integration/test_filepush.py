@@ -15,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import signal
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -57,21 +59,29 @@ class ControlPlane:
         )
 
     async def push(
-        self, local: Path, remote: str, hosts: list[str]
+        self, local: Path, remote: str, hosts: list[str], **fields: Any
     ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-        """An upload task through the API; the task and its runs by host, once ended."""
+        """An upload task through the API; the task and its runs by host, once ended.
+        ``fields``: more of the body (``owner``/``group`` go in ``upload``)."""
+        upload = {"local_path": str(local), "remote_path": remote}
+        for key in ("owner", "group"):
+            if key in fields:
+                upload[key] = fields.pop(key)
         created = await self.client.post(
             "/api/v1/tasks",
             json={
                 "kind": "upload",
-                "upload": {"local_path": str(local), "remote_path": remote},
+                "upload": upload,
                 "targets": {"hosts": hosts},
                 "timeout": 60,
+                **fields,
             },
             headers=ADMIN_HEADERS,
         )
         assert created.status_code == 201, created.text
-        task_id = created.json()["id"]
+        return await self.ended(created.json()["id"])
+
+    async def ended(self, task_id: str) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
         async with asyncio.timeout(60):
             await self.engine.wait_task(task_id)
         task = (await self.client.get(f"/api/v1/tasks/{task_id}", headers=ADMIN_HEADERS)).json()
@@ -279,3 +289,108 @@ async def test_an_upload_over_the_size_limit_is_refused_at_submit(tmp_path: Path
             )
             assert created.status_code == 422, created.text
             assert "over the limit of 1000 bytes" in created.text
+
+
+async def test_owner_and_group_from_the_api_and_bad_values_refused(tmp_path: Path) -> None:
+    """Issue 19: ``owner``/``group`` of an upload reach the agent inside the signed manifest
+    (by name or id); a value that is no user name nor id is refused at submit (422), and a
+    user the host does not know fails the run with a sentence."""
+    async with control_plane(tmp_path) as cp:
+        root = tmp_path / "dest"
+        config = cp.agent_config(_name(), upload_roots=(root,))
+        async with agents_online(cp, [config]) as (host,):
+            tree = cp.uploads / "tree"
+            (tree / "sub").mkdir(parents=True)
+            (tree / "sub/a.txt").write_bytes(b"a\n")
+            (tree / "b.txt").write_bytes(b"b\n")
+            _, runs = await cp.push(tree, f"{root}/t", [host], owner="nobody", group="65534")
+            assert runs[host]["status"] == "succeeded", runs[host]
+            for relative in ("sub/a.txt", "b.txt"):
+                info = (root / "t" / relative).stat()
+                assert (info.st_uid, info.st_gid) == (65534, 65534)
+            # Unchanged files still get the owner asked for.
+            _, runs = await cp.push(tree, f"{root}/t", [host], owner="0", group="root")
+            assert runs[host]["stdout"].count("unchanged ") == 2
+            assert (root / "t/b.txt").stat().st_uid == 0
+            _, runs = await cp.push(tree, f"{root}/t", [host], group="no-such-group-19")
+            assert runs[host]["status"] == "failed"
+            assert runs[host]["error"] == "no group 'no-such-group-19' on this host"
+            for bad in ("www data", "-rf", "$(id)", "99999999999"):
+                created = await cp.client.post(
+                    "/api/v1/tasks",
+                    json={
+                        "kind": "upload",
+                        "upload": {
+                            "local_path": str(tree),
+                            "remote_path": f"{root}/t",
+                            "owner": bad,
+                        },
+                        "targets": {"hosts": [host]},
+                    },
+                    headers=ADMIN_HEADERS,
+                )
+                assert created.status_code == 422, (bad, created.text)
+                assert "owner" in created.text and "numeric id" in created.text
+
+
+async def test_an_agent_killed_mid_transfer_resumes_after_its_restart(tmp_path: Path) -> None:
+    """Issue 19: ``kill -9`` the agent (a process) a third into a 48 MiB push; the run is
+    lost, the task's retry goes to the restarted agent, which finds the chunks it had
+    written in the ``.part`` file (checked against the signed manifest) and asks only for
+    the others: the file lands byte-exact and fewer than a window of chunks is sent twice."""
+    async with control_plane(tmp_path) as cp:
+        root = tmp_path / "dest"
+        name = _name()
+        grpc_link = cp.engine.links["grpc"]
+        assert isinstance(grpc_link, GrpcLink)
+        log = tmp_path / "agent.log"
+        argv = [
+            sys.executable, "-m", "opsplane", "agent",
+            "--server", f"127.0.0.1:{grpc_link.bound_port}", "--name", name,
+            "--state-dir", str(tmp_path / "agent-state"), "--upload-root", str(root),
+        ]  # fmt: skip
+
+        async def start() -> asyncio.subprocess.Process:
+            with log.open("ab") as out:
+                return await asyncio.create_subprocess_exec(*argv, stdout=out, stderr=out)
+
+        agent = await start()
+        try:
+            await _until_online(cp, name)
+            source = cp.uploads / "big.bin"
+            chunks = 48
+            source.write_bytes(os.urandom(chunks * MIB))
+            created = await cp.client.post(
+                "/api/v1/tasks",
+                json={
+                    "kind": "upload",
+                    "upload": {"local_path": str(source), "remote_path": f"{root}/big.bin"},
+                    "targets": {"hosts": [name]},
+                    "timeout": 120,
+                    "retries": {"max_attempts": 2, "on": ["lost"]},
+                },
+                headers=ADMIN_HEADERS,
+            )
+            assert created.status_code == 201, created.text
+            for _ in range(6000):  # 30 s
+                if grpc_link.chunks_served >= chunks // 3:
+                    break
+                await asyncio.sleep(0.005)
+            agent.send_signal(signal.SIGKILL)
+            await asyncio.wait_for(agent.wait(), 15)
+            before = grpc_link.chunks_served
+            assert chunks // 3 <= before < chunks
+            (part,) = [p for p in root.iterdir() if p.name.endswith(".part")]
+            agent = await start()
+            task, runs = await cp.ended(created.json()["id"])
+            assert task["status"] == "succeeded", (runs, log.read_text()[-3000:])
+            assert (root / "big.bin").read_bytes() == source.read_bytes()
+            assert not part.exists()
+            # The chunks served before the kill were written (all but those in flight):
+            # the retry asked for the rest only.
+            assert grpc_link.chunks_served - before <= chunks - before + WINDOW
+            assert grpc_link.chunks_served < chunks + WINDOW
+        finally:
+            if agent.returncode is None:
+                agent.send_signal(signal.SIGTERM)
+                await asyncio.wait_for(agent.wait(), 15)

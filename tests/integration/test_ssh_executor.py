@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import grp
 import logging
 import os
 import time
@@ -543,3 +544,30 @@ def _closed_port() -> int:
         sock.bind((HOST, 0))
         port: int = sock.getsockname()[1]
     return port
+
+
+async def test_uploads_give_files_an_owner_and_group_looked_up_on_the_target(
+    lab: SshLab, executor: SshExecutor, tmp_path: Path
+) -> None:
+    """Issue 19: owner and group by name (looked up on the target) or by id. The lab's login
+    is not root: it may give files to itself only, and a file it may not give away fails
+    with a sentence saying why; an unknown name fails every file before any is copied."""
+    source = tmp_path / "owned.txt"
+    source.write_text("mine\n")
+    remote = lab.user_dir("upload-owner")
+    group_name = grp.getgrgid(lab.user.gid).gr_name
+    mine = await executor.upload(
+        target(lab, "t1"), source, f"{remote}/a.txt", owner=lab.user.name, group=group_name
+    )
+    assert mine.status is Outcome.SUCCEEDED, mine.failed
+    info = (remote / "a.txt").stat()
+    assert (info.st_uid, info.st_gid) == (lab.user.uid, lab.user.gid)
+    by_id = await executor.upload(target(lab, "t1"), source, f"{remote}/b.txt", group="0")
+    assert by_id.status is Outcome.FAILED
+    assert "the SSH login is not root" in by_id.failed[0][1]
+    unknown = await executor.upload(
+        target(lab, "t1"), source, f"{remote}/c.txt", owner="no-such-user-19"
+    )
+    assert unknown.status is Outcome.FAILED
+    assert unknown.failed == [(f"{remote}/c.txt", "no user 'no-such-user-19' on the host")]
+    assert not (remote / "c.txt").exists()

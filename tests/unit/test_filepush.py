@@ -4,14 +4,17 @@ the receiver's requests are answered by a function standing for the control plan
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import hashlib
 import os
+import time
 import tracemalloc
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from opsplane.agent.files import WINDOW, FileReceiver, UploadRefused, allowed_root
+from opsplane.agent.files import WINDOW, FileReceiver, UploadRefused, allowed_root, sweep_parts
 from opsplane.security.signing import sign, verify
 from opsplane.transport.base import CommandEnvelope, UploadSpec
 from opsplane.transport.filepush import build_manifest
@@ -23,7 +26,7 @@ MIB = 1024 * 1024
 
 
 def _receiver(
-    root: Path, local: Path, remote: str, tamper: bool = False
+    root: Path, local: Path, remote: str, tamper: bool = False, euid: int | None = None
 ) -> tuple[FileReceiver, pb.FileManifest, list[str]]:
     manifest = build_manifest(local, remote)
     asked: list[str] = []
@@ -39,7 +42,7 @@ def _receiver(
             asyncio.get_running_loop().call_soon(receiver.on_chunk, chunk)
         return True
 
-    receiver = FileReceiver([root], send)
+    receiver = FileReceiver([root], send, euid=euid)
     return receiver, convert.manifest_to_pb(manifest), asked
 
 
@@ -194,3 +197,81 @@ async def test_an_agent_that_stops_reading_does_not_hold_the_others_up(tmp_path:
     await asyncio.gather(*slow)
     await asyncio.sleep(0.01)
     assert server.chunks_served == 4
+
+
+async def test_an_agent_not_root_refuses_to_give_files_away_before_writing(
+    tmp_path: Path,
+) -> None:
+    """Issue 19: only root may chown to another user; the refusal is per file, says why,
+    and comes before any chunk is asked for. Its own uid is fine; an unknown name too is
+    refused up front."""
+    local = tmp_path / "src.txt"
+    local.write_bytes(b"data\n")
+    root = tmp_path / "root"
+    receiver, manifest, asked = _receiver(root, local, f"{root}/a.txt", euid=65534)
+    manifest.owner = "root"
+    result = await receiver.push("run-1", "task-1", manifest)
+    assert result.failed == [
+        (f"{root}/a.txt", "this agent runs as uid 65534, not root: it may not give files to root")
+    ]
+    assert asked == [] and not (root / "a.txt").exists()
+    manifest.owner = "no-such-user-19"
+    result = await receiver.push("run-2", "task-1", manifest)
+    assert result.failed == [(f"{root}/a.txt", "no user 'no-such-user-19' on this host")]
+    # As root (this test's account), owner and group are set, by name or number.
+    receiver, manifest, _ = _receiver(root, local, f"{root}/a.txt")
+    manifest.owner, manifest.group = "nobody", "65534"
+    result = await receiver.push("run-3", "task-1", manifest)
+    assert result.written == [f"{root}/a.txt"], result.failed
+    info = (root / "a.txt").stat()
+    assert (info.st_uid, info.st_gid) == (65534, 65534)
+
+
+async def test_a_part_file_left_by_a_killed_writer_is_resumed_not_asked_again(
+    tmp_path: Path,
+) -> None:
+    """The ``.part`` file is named by the content it will hold, so a later run (a retry, a
+    new task) finds it; each chunk in it is checked against the manifest, and only the
+    chunks missing or wrong are asked for."""
+    local = tmp_path / "src.bin"
+    local.write_bytes(os.urandom(5 * MIB + 7))
+    root = tmp_path / "root"
+    root.mkdir()
+    receiver, manifest, asked = _receiver(root, local, f"{root}/dst.bin")
+    digest = manifest.files[0].sha256
+    part = root / f".dst.bin.{digest[:16]}.part"
+    data = local.read_bytes()
+    # What a killed agent left: chunks 0, 1 and 3 written, 2 not, 4 half, the tail not.
+    part.write_bytes(
+        data[: 2 * MIB] + bytes(MIB) + data[3 * MIB : 4 * MIB] + data[4 * MIB : 4 * MIB + 100]
+    )
+    result = await receiver.push("run-2", "task-1", manifest)
+    assert result.written == [f"{root}/dst.bin"], result.failed
+    assert (root / "dst.bin").read_bytes() == data
+    chunks = list(manifest.files[0].chunks)
+    assert sorted(asked) == sorted([chunks[2], chunks[4], chunks[5]])
+    assert receiver.chunks_reused == 3
+    assert not part.exists()
+
+
+def test_old_part_files_are_swept_young_and_locked_ones_kept(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    (root / "a/b").mkdir(parents=True)
+    digest = hashlib.sha256(b"x").hexdigest()[:16]
+    old = root / f"a/b/.conf.{digest}.part"
+    by_run = root / "a/.site.0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b.part"
+    young = root / f"a/.young.{digest}.part"
+    locked = root / f".locked.{digest}.part"
+    theirs = root / ".notes.part"  # not one of ours: never touched
+    for path in (old, by_run, young, locked, theirs):
+        path.write_bytes(b"partial")
+    day_ago = time.time() - 25 * 3600
+    for path in (old, by_run, locked, theirs):
+        os.utime(path, (day_ago, day_ago))
+    with locked.open("rb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        removed = sweep_parts([root])
+    assert sorted(removed) == sorted([old, by_run])
+    assert young.exists() and locked.exists() and theirs.exists()
+    sweep_parts([root], max_age=0.0, now=time.time() + 1)
+    assert not young.exists() and not locked.exists() and theirs.exists()

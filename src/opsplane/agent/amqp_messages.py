@@ -8,6 +8,8 @@ or raises :class:`Refused` with one of :data:`REFUSAL_REASONS`. Nothing here doe
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import logging
 import math
@@ -15,6 +17,8 @@ import platform
 import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Final
+
+from google.protobuf import json_format
 
 from opsplane.agent.config import AgentConfig
 from opsplane.agent.spool import check_run_id
@@ -131,6 +135,17 @@ class AmqpMessages:
                 "timestamp": time.time(),
             }
             return body, o.run_id
+        if kind == "chunk_request":
+            c = message.chunk_request
+            body = {
+                "type": "chunk_request",
+                "task_id": c.task_id,
+                "run_id": c.run_id,
+                "hostname": name,
+                "hashes": list(c.hashes),
+                "timestamp": time.time(),
+            }
+            return body, c.run_id
         logger.debug("nothing to publish for a %s message on RabbitMQ", kind)
         return None, ""
 
@@ -186,7 +201,7 @@ class AmqpMessages:
                 f"the window is ±{self._config.replay_window:g}s",
             )
         kind = data.get("type", "command")
-        if kind not in ("command", "cancel"):
+        if kind not in ("command", "cancel", "file_chunk"):
             raise Refused(MALFORMED, f"{what} has an unknown type {str(kind)[:40]!r}")
         self._check_target(data, what)
         run_id = self._own_run_id(data, what)
@@ -195,6 +210,20 @@ class AmqpMessages:
             reason = _text(data, "reason", what, default="")
             cancel = pb.Cancel(run_id=run_id, task_id=task_id, reason=reason)
             return pb.CommandMessage(cancel=cancel)
+        if kind == "file_chunk":
+            # Not a run of its own (no replay guard): the receiver keeps it only if asked for,
+            # and only if its SHA-256 is the one the run's signed manifest names.
+            try:
+                data_bytes = base64.b64decode(_text(data, "data", what, default=""), validate=True)
+            except (binascii.Error, ValueError):
+                raise Refused(MALFORMED, f"{what}: data is not base64") from None
+            chunk = pb.FileChunk(
+                run_id=run_id,
+                hash=_text(data, "hash", what),
+                data=data_bytes,
+                error=_text(data, "error", what, default=""),
+            )
+            return pb.CommandMessage(file_chunk=chunk)
         try:
             seen = self._already_seen(run_id)
         except InvalidInput:
@@ -216,6 +245,12 @@ class AmqpMessages:
             sign=signature,
             deliver_by=_number(data, "deliver_by", what, default=0),
         )
+        manifest = data.get("manifest")
+        if manifest is not None:
+            try:
+                content.manifest.CopyFrom(json_format.ParseDict(manifest, pb.FileManifest()))
+            except (json_format.ParseError, TypeError, ValueError) as exc:
+                raise Refused(MALFORMED, f"{what}: its manifest is malformed: {exc}") from None
         if len(self._attempts) >= _MAX_TRACKED_RUNS:
             self._attempts.clear()
         self._attempts[run_id] = content.attempt

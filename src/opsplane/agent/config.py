@@ -131,6 +131,9 @@ class AgentConfig:
     env_passthrough: tuple[str, ...] = ()
     # The directories uploads may write under (docs/filepush.md); none: uploads are refused.
     upload_roots: tuple[Path, ...] = ()
+    # A ``.part`` file of an interrupted upload untouched this long (seconds) is deleted
+    # when the agent starts; younger ones are kept for the push to resume from.
+    upload_part_max_age: float = 24 * 3600.0
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name or self.name in {".", ".."} or "\0" in self.name:

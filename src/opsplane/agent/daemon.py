@@ -39,7 +39,7 @@ import psutil
 from google.protobuf.message import Message
 
 from opsplane.agent.config import AgentConfig
-from opsplane.agent.files import FileReceiver, PushResult
+from opsplane.agent.files import FileReceiver, PushResult, sweep_parts
 from opsplane.agent.outbox import Connections, OutputJournal, RunOutput
 from opsplane.agent.policy import CommandPolicy, RunAsRefused, working_dir
 from opsplane.agent.spool import Spool
@@ -185,18 +185,33 @@ class Agent:
             # Also those of an earlier crash that a predecessor may not have got to report.
             self._abandoned = self._spool.recently_abandoned(ABANDONED_RETENTION)
             self._prune()
+            sweep = asyncio.create_task(self._sweep_parts(), name="agent-sweep-parts")
             link_task = asyncio.create_task(self._link.run(), name="agent-link")
             stop_task = asyncio.create_task(self._stop.wait(), name="agent-stop")
             try:
                 await asyncio.wait({link_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 stop_task.cancel()
+                sweep.cancel()
                 link_failed = link_task.done()
                 await self._shutdown(link_task)
             if link_failed:
                 link_task.result()  # the link only ends by a bug: let it be seen
         finally:
             self._spool.unlock()
+
+    async def _sweep_parts(self) -> None:
+        """Delete what uploads interrupted long ago left behind (docs/filepush.md)."""
+        roots, max_age = self._config.upload_roots, self._config.upload_part_max_age
+        if not roots:
+            return
+        try:
+            removed = await asyncio.to_thread(sweep_parts, roots, max_age)
+        except OSError as exc:
+            logger.warning("could not sweep old upload parts: %s", exc)
+            return
+        for path in removed:
+            logger.info("deleted %s: an upload interrupted over %g s ago", path, max_age)
 
     # -- LinkHandler ---------------------------------------------------------------------
 

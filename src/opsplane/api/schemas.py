@@ -67,6 +67,16 @@ class UploadIn(BaseModel):
 
     local_path: str = Field(min_length=1, max_length=4096, description="on the control plane")
     remote_path: str = Field(min_length=1, max_length=4096)
+    owner: str | None = Field(
+        default=None,
+        max_length=64,
+        description="user name or numeric uid every written file gets; default: the writer's",
+    )
+    group: str | None = Field(
+        default=None,
+        max_length=64,
+        description="group name or numeric gid every written file gets; default: the writer's",
+    )
 
 
 class RetriesIn(BaseModel):

@@ -195,6 +195,14 @@ def parser(prog: str = "opsplane-agent") -> argparse.ArgumentParser:
         help="a directory uploads may write under (repeatable; none: uploads are refused; "
         "docs/filepush.md)",
     )
+    add(
+        "--upload-part-max-age",
+        type=float,
+        default=24 * 3600.0,
+        metavar="SECONDS",
+        help="at start, delete the temporary files of interrupted uploads untouched this long "
+        "(younger ones are kept to resume from; default: a day)",
+    )
     # Enrollment (issue 9, docs/security.md).
     add(
         "--enroll",
@@ -266,6 +274,7 @@ def config_from(args: argparse.Namespace) -> AgentConfig:
         allowed_run_as=tuple(args.allow_run_as) if args.allow_run_as is not None else None,
         env_passthrough=tuple(args.env_passthrough),
         upload_roots=tuple(args.upload_root),
+        upload_part_max_age=args.upload_part_max_age,
     )
     if args.state_dir is not None:
         config = dataclasses.replace(config, state_dir=args.state_dir)

@@ -258,11 +258,12 @@ class ApiClient:
         all_hosts: bool = False,
         timeout: int | None = None,
         name: str | None = None,
-        upload: tuple[str, str] | None = None,
+        upload: Mapping[str, str] | None = None,
         labels: Mapping[str, str] | None = None,
         extra: Json | None = None,
     ) -> Json:
-        """``extra``: more body fields (policy, environment)."""
+        """``extra``: more body fields (policy, environment); ``upload``: the upload's
+        fields (``local_path``, ``remote_path``, ``owner``, ``group``)."""
         body: Json = {
             **(extra or {}),
             "command": command,
@@ -275,7 +276,7 @@ class ApiClient:
         }
         if upload is not None:
             body["kind"] = "upload"
-            body["upload"] = {"local_path": upload[0], "remote_path": upload[1]}
+            body["upload"] = dict(upload)
         if timeout is not None:
             body["timeout"] = timeout
         if name is not None:

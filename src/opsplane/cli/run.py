@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Annotated
 
@@ -277,6 +277,16 @@ def push_command(
     timeout: Annotated[
         int | None, typer.Option("--timeout", min=1, help="Seconds each host may take.")
     ] = None,
+    chown: Annotated[
+        str | None,
+        typer.Option(
+            "--chown",
+            metavar="USER:GROUP",
+            help="Give every file this owner and group (USER, USER:GROUP or :GROUP; "
+            "names or numeric ids). Needs root on the host.",
+            show_default=False,
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Copy a file or a directory (recursively) to SSH hosts and gRPC agents.
@@ -285,7 +295,7 @@ def push_command(
     their --upload-root directories (docs/filepush.md).
 
     LOCAL is read by the control plane, from under its upload roots. Example:
-    opsplane push ./site /srv/www --group web
+    opsplane push ./site /srv/www --group web --chown www-data:www-data
     """
     hosts = list(host or [])
     groups = list(group or [])
@@ -296,6 +306,15 @@ def push_command(
             param_hint="'--host' / '--group'",
         )
     source = str(Path(local_path).expanduser().absolute())
+    upload = {"local_path": source, "remote_path": remote_path}
+    if chown is not None:
+        owner, _, file_group = chown.partition(":")
+        if not (owner or file_group):
+            raise typer.BadParameter(
+                f"--chown wants USER, USER:GROUP or :GROUP, got {chown!r}", ctx=ctx
+            )
+        upload |= {"owner": owner, "group": file_group}
+        upload = {key: value for key, value in upload.items() if value}
     _submit_and_follow(
         ctx,
         f"upload {source} -> {remote_path}",
@@ -305,7 +324,7 @@ def push_command(
         timeout=timeout,
         name=None,
         as_json=as_json,
-        upload=(source, remote_path),
+        upload=upload,
     )
 
 
@@ -319,7 +338,7 @@ def _submit_and_follow(
     timeout: int | None,
     name: str | None,
     as_json: bool,
-    upload: tuple[str, str] | None = None,
+    upload: Mapping[str, str] | None = None,
     labels: dict[str, str] | None = None,
     extra: Json | None = None,
 ) -> None:

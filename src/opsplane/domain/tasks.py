@@ -41,6 +41,26 @@ def check_run_as(user: str) -> str:
     return user
 
 
+# An upload's owner or group: a name as for run_as, or a numeric id (what chown accepts).
+_NUMERIC_ID = re.compile(r"[0-9]{1,10}")
+MAX_ID = 2**32 - 2  # (uid_t)-1 means "leave unchanged" to chown(2)
+
+
+def check_owner(value: str, what: str) -> str:
+    """``value`` if it can be an upload's owner or group (``what`` names which), else
+    InvalidInput saying what is allowed."""
+    if _NUMERIC_ID.fullmatch(value) is not None:
+        if int(value) > MAX_ID:
+            raise InvalidInput(f"{what} {value} is not a valid numeric id (at most {MAX_ID})")
+        return value
+    if _RUN_AS.fullmatch(value) is None:
+        raise InvalidInput(
+            f"{what} {value[:40]!r} is neither a numeric id nor a name: 1 to 32 letters, "
+            "digits, '.', '_' or '-', starting with a letter or '_'"
+        )
+    return value
+
+
 def params_env(params: Mapping[str, object]) -> dict[str, str]:
     """The environment a script gets for ``params``: ``PARAM_<NAME>`` per param (name upper-
     cased), and all of them as one JSON object in ``PARAMS_JSON``. Strings are passed as
@@ -88,6 +108,10 @@ class ExecSpec:
     # Upload tasks: copy this file or directory of the control plane to remote_path.
     local_path: str | None = None
     remote_path: str | None = None
+    # Upload tasks: the owner and group every written file gets (names or numeric ids);
+    # None: the account that writes it (the agent's, or the SSH login's).
+    owner: str | None = None
+    group: str | None = None
     # The caller's own record of the request, kept with the task and never sent to a host
     # (the seed-003 façade keeps its script_path, params, priority and retry here).
     meta: dict[str, object] = field(default_factory=dict)
@@ -100,6 +124,8 @@ class ExecSpec:
             **extra,
             "local_path": self.local_path,
             "remote_path": self.remote_path,
+            **({"owner": self.owner} if self.owner else {}),
+            **({"group": self.group} if self.group else {}),
             "argv": list(self.argv) if self.argv is not None else None,
             "handler": self.handler,
             "args": list(self.args),
@@ -125,6 +151,8 @@ class ExecSpec:
             cwd=str(data["cwd"]) if data.get("cwd") else None,
             local_path=str(data["local_path"]) if data.get("local_path") else None,
             remote_path=str(data["remote_path"]) if data.get("remote_path") else None,
+            owner=str(data["owner"]) if data.get("owner") else None,
+            group=str(data["group"]) if data.get("group") else None,
             meta=dict(meta) if isinstance(meta := data.get("meta"), dict) else {},
         )
 
@@ -163,6 +191,10 @@ class TaskRequest:
             self.spec is None or not self.spec.local_path or not self.spec.remote_path
         ):
             raise InvalidInput("an upload task needs local_path and remote_path")
+        if self.spec is not None and self.spec.owner is not None:
+            check_owner(self.spec.owner, "owner")
+        if self.spec is not None and self.spec.group is not None:
+            check_owner(self.spec.group, "group")
         if self.kind == "script" and (
             self.spec is None or (not self.spec.argv and not self.spec.handler)
         ):

@@ -182,7 +182,7 @@ class Dispatcher:
                 handler=spec.handler,
                 args=spec.args,
                 cwd=spec.cwd,
-                upload=UploadSpec(spec.local_path, spec.remote_path)
+                upload=UploadSpec(spec.local_path, spec.remote_path, spec.owner, spec.group)
                 if spec.local_path and spec.remote_path
                 else None,
                 batch=batch,

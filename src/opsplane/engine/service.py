@@ -36,16 +36,16 @@ from opsplane.engine.ingest import Ingest
 from opsplane.engine.scheduler import Scheduler, assign_waves, start_clocks
 from opsplane.store import queries
 from opsplane.store.records import record_of, records_of
-from opsplane.store.tables import TaskRow, utcnow
+from opsplane.store.tables import HostRow, TaskRow, utcnow
 from opsplane.transport.base import AGENT_LINKS, LOCAL_LINK, SSH_LINK, Link
 from opsplane.transport.filepush import DEFAULT_UPLOAD_MAX_BYTES, check_size
 
 log = logging.getLogger(__name__)
 
 # POST /tasks/{id}/rerun: which hosts' latest runs a re-run takes, by the ``only`` it names.
-# Links an upload task can reach: SFTP for SSH, chunks on the stream for gRPC agents
-# (docs/filepush.md); the RabbitMQ link is not there yet.
-UPLOAD_LINKS = frozenset({SSH_LINK, "grpc"})
+# Links an upload task can reach: SFTP for SSH, chunks on the gRPC stream, chunks asked for
+# and published over RabbitMQ (docs/filepush.md).
+UPLOAD_LINKS = frozenset({SSH_LINK, "grpc", "amqp"})
 
 RERUN_SUBSETS: dict[str, frozenset[RunStatus]] = {
     "failed": frozenset({RunStatus.FAILED, RunStatus.LOST}),
@@ -142,7 +142,7 @@ class TaskService:
                 chosen = set(names)
                 check_hosts_allowed(request.allowed_groups, [r for r in refs if r.name in chosen])
                 if request.kind == "upload":
-                    self._check_upload(request, names, {h.name: h.link for h in hosts})
+                    self._check_upload(request, names, hosts)
                 if request.run_as is not None:
                     _check_run_as_links(request.run_as, names, {h.name: h.link for h in hosts})
                 policy = request.policy or TaskPolicy()
@@ -222,15 +222,22 @@ class TaskService:
         changes.touch(task.id)
         return await self._scheduler.plan(changes, task_id=task.id)
 
-    def _check_upload(
-        self, request: TaskRequest, names: list[str], link_of: dict[str, str]
-    ) -> None:
-        """Uploads go to SSH and gRPC agent hosts, from under the configured upload roots,
-        and no bigger than the per-task limit (docs/filepush.md)."""
-        elsewhere = [name for name in names if link_of.get(name) not in UPLOAD_LINKS]
+    def _check_upload(self, request: TaskRequest, names: list[str], hosts: list[HostRow]) -> None:
+        """Uploads go to SSH hosts and agents (gRPC, RabbitMQ), from under the configured
+        upload roots, and no bigger than the per-task limit (docs/filepush.md)."""
+        by_name = {h.name: h for h in hosts}
+        elsewhere = [name for name in names if by_name[name].link not in UPLOAD_LINKS]
         if elsewhere:
             raise InvalidInput(
-                f"uploads go to SSH and gRPC agent hosts only; not those: {', '.join(elsewhere)}"
+                f"uploads go to SSH hosts and agents only; not those: {', '.join(elsewhere)}"
+            )
+        # A seed-002 agent (its heartbeats carry no version) would run the task's command
+        # text as a shell line: it never gets an upload.
+        seed = [n for n in names if by_name[n].link == "amqp" and not by_name[n].agent_version]
+        if seed:
+            raise InvalidInput(
+                "uploads on RabbitMQ need an opsplane agent; these hosts have not reported one "
+                f"(a seed-002 agent cannot take uploads): {', '.join(seed)}"
             )
         assert request.spec is not None and request.spec.local_path is not None
         source = Path(request.spec.local_path).resolve()

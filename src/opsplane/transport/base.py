@@ -71,6 +71,9 @@ class CommandBatch:
 class UploadSpec:
     local_path: str
     remote_path: str
+    # Owner and group (names or numeric ids) of every file written; None: the writer's.
+    owner: str | None = None
+    group: str | None = None
 
 
 @dataclass(frozen=True)

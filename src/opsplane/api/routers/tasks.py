@@ -73,7 +73,12 @@ async def create_task(
     if body.kind == "upload":
         if body.upload is None:
             raise InvalidInput("an upload task needs upload: {local_path, remote_path}")
-        spec = ExecSpec(local_path=body.upload.local_path, remote_path=body.upload.remote_path)
+        spec = ExecSpec(
+            local_path=body.upload.local_path,
+            remote_path=body.upload.remote_path,
+            owner=body.upload.owner or None,
+            group=body.upload.group or None,
+        )
         command = f"upload {body.upload.local_path} -> {body.upload.remote_path}"
     if env or secret_env:
         spec = replace(spec or ExecSpec(), env=env, secret_env=secrets.seal(secret_env))

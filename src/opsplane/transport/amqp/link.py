@@ -17,6 +17,7 @@ import logging
 import socket
 import ssl
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
@@ -28,6 +29,7 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from google.protobuf import json_format
 
 from opsplane.domain.addresses import mask_url as mask_url
 from opsplane.domain.errors import (
@@ -37,16 +39,27 @@ from opsplane.domain.errors import (
     NameTaken,
     NotConnected,
     ReportRejected,
+    TransportError,
 )
 from opsplane.security.signing import sign, verify
 from opsplane.transport.amqp import messages as m
 from opsplane.transport.base import CommandEnvelope, Fanout, HostReport, Link, LinkEvents
+from opsplane.transport.grpc import opsplane_pb2 as pb
+from opsplane.transport.grpc.convert import manifest_to_pb
+from opsplane.transport.grpc.files import ChunkServer
 
 log = logging.getLogger(__name__)
 
 PUBLISH_TIMEOUT = 10.0
 # A heartbeat older than this (or this far in the future) is a replay, or a clock to fix.
 HEARTBEAT_MAX_AGE = 300.0
+# A fan-out upload's chunk asked for by several of its hosts within this long is published
+# once on the group (or broadcast) key instead of once per host.
+COALESCE_SECONDS = 0.05
+# Fan-out uploads remembered for shared publishing (a manifest each, no file data).
+_SHARED_TASKS = 16
+# Hashes one chunk request may name: the agent asks one at a time (its window is 8).
+MAX_HASHES_PER_REQUEST = 64
 # A robust connection that is down or recovering fails a publish in any of these ways.
 _PUBLISH_FAILURES = (
     TimeoutError,
@@ -84,6 +97,21 @@ class AmqpLink(Link):
         self._consuming: AbstractRobustConnection | None = None
         self._commands: AbstractExchange | None = None
         self._last_seen: dict[str, float] = {}
+        # Uploads (docs/filepush.md): manifests sent, chunks read and published as agents
+        # ask for them; the same chunk server as gRPC's (one read serves a task's hosts).
+        self._chunks = ChunkServer()
+        self._serving: set[asyncio.Task[None]] = set()
+        # Fan-out uploads: task id → where its command went, and the hosts it was for.
+        self._fanouts: dict[str, _FanoutUpload] = {}
+        # (task id, hash) → hosts that asked for it in the last COALESCE_SECONDS.
+        self._asked: dict[tuple[str, str], dict[str, str]] = {}
+        # Chunks published once for several hosts on a group or broadcast key.
+        self.chunks_shared = 0
+
+    @property
+    def chunks_served(self) -> int:
+        """Chunks published to agents so far (tests and the bench read it)."""
+        return self._chunks.chunks_served
 
     async def start(self, events: LinkEvents) -> None:
         self._events = events
@@ -150,7 +178,8 @@ class AmqpLink(Link):
         return self.is_connected(hostname)
 
     async def send_command(self, hostname: str, command: CommandEnvelope) -> None:
-        body = m.command_body(command, time.time(), target=hostname)
+        manifest = await self._manifest(command, [(hostname, command.run_id)])
+        body = m.command_body(command, time.time(), target=hostname, manifest=manifest)
         await self._publish(m.node_key(hostname), body)
 
     async def send_fanout(self, fanout: Fanout) -> None:
@@ -158,8 +187,39 @@ class AmqpLink(Link):
             key, target = m.group_key(fanout.group), m.group_target(fanout.group)
         else:
             key, target = m.BROADCAST_KEY, m.ALL_TARGET
-        body = m.command_body(fanout.envelope, time.time(), target=target, fanout=True)
+        manifest = await self._manifest(fanout.envelope, list(fanout.run_ids.items()))
+        if manifest is not None:
+            envelope = fanout.envelope
+            self._fanouts[envelope.task_id] = _FanoutUpload(
+                key, target, envelope.attempt, dict(fanout.run_ids)
+            )
+            while len(self._fanouts) > _SHARED_TASKS:
+                self._fanouts.pop(next(iter(self._fanouts)))
+        body = m.command_body(
+            fanout.envelope, time.time(), target=target, fanout=True, manifest=manifest
+        )
         await self._publish(key, body)
+
+    async def _manifest(
+        self, command: CommandEnvelope, runs: list[tuple[str, str]]
+    ) -> dict[str, Any] | None:
+        """An upload's manifest as JSON (protobuf's mapping of ``FileManifest``), hashed once
+        per task; ``runs`` (host, run id) are the runs whose hosts may then ask for chunks."""
+        if command.upload is None or not runs:
+            return None
+        (first_host, first_run), *others = runs
+        try:
+            manifest = await self._chunks.manifest_for(
+                command.task_id, first_run, first_host, command.upload
+            )
+        except OSError as e:
+            raise TransportError(f"cannot read the upload's files: {e}") from e
+        for hostname, run_id in others:
+            self._chunks.also_sent(run_id, hostname, manifest)
+        message = manifest_to_pb(manifest)
+        message.owner = command.upload.owner or ""
+        message.group = command.upload.group or ""
+        return json_format.MessageToDict(message, preserving_proto_field_name=True)
 
     async def send_cancel(self, hostname: str, task_id: str, run_id: str, reason: str) -> None:
         await self._publish(
@@ -200,6 +260,9 @@ class AmqpLink(Link):
     async def _on_result(self, message: AbstractIncomingMessage) -> None:
         try:
             body = m.decode(message.body)
+            if body.get("type") == "chunk_request":
+                await self._on_chunk_request(message, body)
+                return
             report = m.result_report(body, message.routing_key or "")
         except InvalidInput as e:
             await self._refuse(message, "malformed", f"result ({message.routing_key}): {e}")
@@ -208,7 +271,117 @@ class AmqpLink(Link):
         # replayed result changes nothing, as a run ends once (its id is the replay guard).
         if await self._refused(message, body, report.hostname, max_age=None):
             return
+        if body.get("type", "result") == "result" and isinstance(body.get("run_id"), str):
+            self._chunks.finished(body["run_id"])
         await self._ack_when_durable(message, report)
+
+    async def _on_chunk_request(
+        self, message: AbstractIncomingMessage, body: dict[str, Any]
+    ) -> None:
+        """An agent asks for chunks of its upload: each is published to its own queue (the
+        chunk server checks the run was sent to that host, and the hash is in its manifest).
+        Acked on receipt: a request lost in a crash is asked again by the agent."""
+        hostname = m.hostname_of(body, message.routing_key or "")
+        if await self._refused(message, body, hostname, max_age=HEARTBEAT_MAX_AGE):
+            return
+        hashes = body.get("hashes")
+        if not isinstance(hashes, list) or len(hashes) > MAX_HASHES_PER_REQUEST:
+            await self._refuse(message, "malformed", f"chunk request from {hostname}: hashes")
+            return
+        request = pb.ChunkRequest(
+            run_id=str(body.get("run_id") or ""),
+            task_id=str(body.get("task_id") or ""),
+            hashes=[str(h) for h in hashes],
+        )
+        await message.ack()
+        fanout = self._fanouts.get(request.task_id)
+        if fanout is not None and fanout.run_ids.get(hostname) == request.run_id:
+            for digest in request.hashes:
+                self._coalesce(request.task_id, hostname, request.run_id, digest)
+            return
+
+        async def write(answer: pb.CommandMessage) -> None:
+            chunk = answer.file_chunk
+            await self._publish(
+                m.node_key(hostname),
+                m.chunk_body(
+                    request.task_id,
+                    chunk.run_id,
+                    chunk.hash,
+                    chunk.data,
+                    chunk.error,
+                    time.time(),
+                    target=hostname,
+                ),
+            )
+
+        serving = asyncio.create_task(self._serve_chunks(hostname, request, write))
+        self._serving.add(serving)
+        serving.add_done_callback(self._serving.discard)
+
+    def _coalesce(self, task_id: str, hostname: str, run_id: str, digest: str) -> None:
+        """Note that ``hostname`` asked for ``digest``; the first asker starts the wait after
+        which the chunk goes out: on the group key if more hosts asked meanwhile."""
+        key = (task_id, digest)
+        waiting = self._asked.get(key)
+        if waiting is not None:
+            waiting[hostname] = run_id
+            return
+        self._asked[key] = {hostname: run_id}
+        publishing = asyncio.create_task(self._publish_shared(task_id, digest))
+        self._serving.add(publishing)
+        publishing.add_done_callback(self._serving.discard)
+
+    async def _publish_shared(self, task_id: str, digest: str) -> None:
+        await asyncio.sleep(COALESCE_SECONDS)
+        askers = self._asked.pop((task_id, digest), {})
+        fanout = self._fanouts.get(task_id)
+        if fanout is None or len(askers) < 2:
+            # One host only: answered on its own queue, as for a unicast upload.
+            for hostname, run_id in askers.items():
+                request = pb.ChunkRequest(run_id=run_id, task_id=task_id, hashes=[digest])
+                await self._serve_chunks(hostname, request, self._unicast(hostname, task_id))
+            return
+        hostname, run_id = next(iter(askers.items()))
+        try:
+            data = await self._chunks.read_for_run(run_id, hostname, digest)
+            error = ""
+        except (KeyError, OSError, ValueError) as e:
+            data, error = b"", str(e) or "the manifest names no such chunk"
+        body = m.chunk_body(task_id, None, digest, data, error, time.time(), target=fanout.target)
+        body["attempt"] = fanout.attempt
+        try:
+            await self._publish(fanout.key, body)
+        except (NotConnected, ConnectionLost) as e:
+            log.info("a shared chunk of task %s not published: %s", task_id, e)
+            return
+        self.chunks_shared += 1
+        self._chunks.chunks_served += 1
+
+    def _unicast(self, hostname: str, task_id: str) -> Any:
+        async def write(answer: pb.CommandMessage) -> None:
+            chunk = answer.file_chunk
+            await self._publish(
+                m.node_key(hostname),
+                m.chunk_body(
+                    task_id,
+                    chunk.run_id,
+                    chunk.hash,
+                    chunk.data,
+                    chunk.error,
+                    time.time(),
+                    target=hostname,
+                ),
+            )
+
+        return write
+
+    async def _serve_chunks(self, hostname: str, request: pb.ChunkRequest, write: Any) -> None:
+        try:
+            await self._chunks.serve(hostname, request, write)
+        except (NotConnected, ConnectionLost) as e:
+            # The agent went (its queue with it) or the broker did: it asks again if it can.
+            log.info("chunks for %s not published: %s", hostname, e)
 
     async def _on_heartbeat(self, message: AbstractIncomingMessage) -> None:
         try:
@@ -331,6 +504,14 @@ class AmqpLink(Link):
             await message.nack(requeue=True)
             return
         await message.ack()
+
+
+@dataclass(frozen=True)
+class _FanoutUpload:
+    key: str  # the routing key the command went on: its chunks may go there too
+    target: str  # its signed target (``group:web``, ``all``)
+    attempt: int
+    run_ids: dict[str, str]  # host → run, the hosts the control plane planned
 
 
 def _beat_written(future: asyncio.Future[None]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 from collections.abc import Mapping
@@ -64,7 +65,12 @@ def group_target(group: str) -> str:
 
 
 def command_body(
-    envelope: CommandEnvelope, now: float, *, target: str, fanout: bool = False
+    envelope: CommandEnvelope,
+    now: float,
+    *,
+    target: str,
+    fanout: bool = False,
+    manifest: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A command as published; unicast carries ``run_id``, fan-out none, both the ``target``
     they are addressed to. ``user`` is the account to run as (seed 002), ``submitted_by`` the
@@ -84,6 +90,36 @@ def command_body(
     }
     if not fanout:
         body["run_id"] = envelope.run_id
+    if manifest is not None:
+        # An upload: what to write, every chunk's SHA-256 (docs/filepush.md); signed with
+        # the rest of the body.
+        body["manifest"] = dict(manifest)
+    return body
+
+
+def chunk_body(
+    task_id: str,
+    run_id: str | None,
+    digest: str,
+    data: bytes,
+    error: str,
+    now: float,
+    *,
+    target: str,
+) -> dict[str, Any]:
+    """One chunk of an upload: for the host that asked for it (``cmd.node.{host}``, with its
+    ``run_id``), or for the hosts of a fan-out upload (no run id: each derives its own)."""
+    body: dict[str, Any] = {
+        "type": "file_chunk",
+        "target": target,
+        "task_id": task_id,
+        "hash": digest,
+        "data": base64.b64encode(data).decode("ascii"),
+        "error": error,
+        "timestamp": now,
+    }
+    if run_id is not None:
+        body["run_id"] = run_id
     return body
 
 

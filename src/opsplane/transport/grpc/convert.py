@@ -173,6 +173,10 @@ def command_to_pb(
     )
     if manifest is not None:
         message.command_content.manifest.CopyFrom(manifest_to_pb(manifest))
+        if envelope.upload is not None:
+            # Per task, not per manifest (the manifest is the files'): signed all the same.
+            message.command_content.manifest.owner = envelope.upload.owner or ""
+            message.command_content.manifest.group = envelope.upload.group or ""
     return message
 
 

@@ -61,8 +61,22 @@ class ChunkServer:
         self._manifests.sent(run_id, hostname, manifest)
         return manifest
 
+    def also_sent(self, run_id: str, hostname: str, manifest: Manifest) -> None:
+        """``manifest`` went to ``hostname``'s run too (a fan-out: one message, many runs)."""
+        self._manifests.sent(run_id, hostname, manifest)
+
     def finished(self, run_id: str) -> None:
         self._manifests.finished(run_id)
+
+    async def read_for_run(self, run_id: str, hostname: str, digest: str) -> bytes:
+        """The chunk ``digest`` of the upload sent to ``hostname``'s run; KeyError if that
+        run got no upload or its manifest names no such chunk (OSError, ValueError: the
+        source is unreadable or changed)."""
+        manifest = self._manifests.for_run(run_id, hostname)
+        if manifest is None:
+            raise KeyError("no upload of this run was sent to this host")
+        async with self._slots:
+            return await self._read(manifest, digest)
 
     async def _read(self, manifest: Manifest, digest: str) -> bytes:
         data = self._recent.get(digest)

@@ -52,6 +52,7 @@ from opsplane.transport.ssh.uploads import (
     FileCallback,
     UploadResult,
     plan_upload,
+    resolve_ownership,
     transfer,
 )
 
@@ -361,6 +362,8 @@ class SshExecutor:
         on_started: StartedCallback | None = None,
         on_file: FileCallback | None = None,
         cancel: asyncio.Event | None = None,
+        owner: str | None = None,
+        group: str | None = None,
     ) -> UploadResult:
         """Copy a file or a directory tree to ``remote_path`` on ``target`` over SFTP.
 
@@ -369,7 +372,8 @@ class SshExecutor:
         ``remote_path``, or inside it when that is an existing directory or ends with ``/``.
         Permission bits are copied. Each file succeeds or fails on its own (``on_file`` is
         told as it happens); a directory that cannot be created fails the files below it.
-        Never raises for the host; ``timeout`` and ``cancel`` as for ``run``.
+        Never raises for the host; ``timeout`` and ``cancel`` as for ``run``. ``owner`` and
+        ``group`` (names looked up on the target, or numeric ids) are given to every file.
         """
         local = Path(local_path)
         uploaded: list[str] = []
@@ -408,8 +412,23 @@ class SshExecutor:
                     if on_file is not None:
                         await _safely(on_file(path, error), "on_file")
 
+                ownership = None
+                if owner or group:
+                    try:
+                        ownership = await resolve_ownership(lease.conn, owner, group)
+                    except ValueError as e:
+                        for path in plan.remote_files(remote_path):
+                            await report(path, str(e))
+                        return result(Outcome.FAILED, str(e), started_at)
                 copying = asyncio.create_task(
-                    transfer(sftp, plan, remote_path, report, concurrency=self._upload_concurrency)
+                    transfer(
+                        sftp,
+                        plan,
+                        remote_path,
+                        report,
+                        concurrency=self._upload_concurrency,
+                        ownership=ownership,
+                    )
                 )
                 stopped_by = await _wait_task(copying, timeout, cancel)
                 if stopped_by is not None:

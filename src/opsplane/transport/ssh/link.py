@@ -342,6 +342,8 @@ class SshLink(Link):
             on_started=started,
             on_file=on_file,
             cancel=cancel,
+            owner=spec.owner,
+            group=spec.group,
         )
         # The lists of the result, not the streamed lines: they also name the files that
         # were never attempted (timeout, cancel).

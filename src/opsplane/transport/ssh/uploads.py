@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import os
 import posixpath
+import shlex
 import stat
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -109,6 +110,45 @@ def plan_upload(local: Path) -> UploadPlan:
     return UploadPlan(None, directories, files, problems)
 
 
+@dataclass(frozen=True)
+class Ownership:
+    """The numeric owner and group every file gets (SFTP v3 carries ids, not names); None
+    keeps the file's own."""
+
+    uid: int | None
+    gid: int | None
+    label: str  # as asked: "owner:group", for messages
+
+
+async def resolve_ownership(
+    conn: asyncssh.SSHClientConnection, owner: str | None, group: str | None
+) -> Ownership:
+    """The ids of ``owner`` and ``group`` (names or numbers) on the target, looked up there
+    (its accounts, not ours); ValueError naming what is unknown."""
+
+    async def lookup(command: str, name: str, what: str) -> int:
+        result = await conn.run(command, check=False)
+        text = str(result.stdout or "").strip()
+        if result.exit_status != 0 or not text.isdigit():
+            raise ValueError(f"no {what} {name!r} on the host")
+        return int(text)
+
+    uid = gid = None
+    if owner:
+        uid = (
+            int(owner)
+            if owner.isdigit()
+            else await lookup(f"id -u -- {shlex.quote(owner)}", owner, "user")
+        )
+    if group:
+        gid = (
+            int(group)
+            if group.isdigit()
+            else await lookup(f"getent group -- {shlex.quote(group)} | cut -d: -f3", group, "group")
+        )
+    return Ownership(uid, gid, f"{owner or ''}:{group or ''}".strip(":"))
+
+
 async def transfer(
     sftp: asyncssh.SFTPClient,
     plan: UploadPlan,
@@ -116,6 +156,7 @@ async def transfer(
     report: FileCallback,
     *,
     concurrency: int,
+    ownership: Ownership | None = None,
 ) -> str | None:
     """Create the directories, then copy the files, ``concurrency`` at a time.
 
@@ -134,7 +175,7 @@ async def transfer(
                 reason = f"cannot create directory {parent}: {error_reason(e)}"
                 await report(destination, reason)
                 return reason
-        await report(destination, await _put(sftp, source, mode, destination))
+        await report(destination, await _put(sftp, source, mode, destination, ownership))
         return None
 
     try:
@@ -167,7 +208,7 @@ async def transfer(
             await report(destination, problem)
             return
         async with slots:
-            await report(destination, await _put(sftp, source, mode, destination))
+            await report(destination, await _put(sftp, source, mode, destination, ownership))
 
     async with asyncio.TaskGroup() as group:
         for source, relative, mode in plan.files:
@@ -191,8 +232,15 @@ async def _isdir(sftp: asyncssh.SFTPClient, path: str) -> bool:
         return False
 
 
-async def _put(sftp: asyncssh.SFTPClient, source: Path, mode: int, destination: str) -> str | None:
-    """Copy one file and set its permission bits; None on success, else why not."""
+async def _put(
+    sftp: asyncssh.SFTPClient,
+    source: Path,
+    mode: int,
+    destination: str,
+    ownership: Ownership | None = None,
+) -> str | None:
+    """Copy one file, set its permission bits (and owner and group); None on success, else
+    why not."""
     try:
         await _unlink_if_symlink(sftp, destination)
         # follow_symlinks: a local link (a single file given as one) is sent as its file, never
@@ -200,9 +248,33 @@ async def _put(sftp: asyncssh.SFTPClient, source: Path, mode: int, destination: 
         await sftp.put(str(source), destination, follow_symlinks=True)
         if await _is_symlink(sftp, destination):  # put there while we copied
             return "the destination became a symbolic link during the copy; not chmod-ed"
+        if ownership is not None:
+            problem = await _chown(sftp, destination, ownership)
+            if problem is not None:
+                return problem
+        # After chown: a chown by root clears set-user/group-ID bits the mode may carry.
         await sftp.chmod(destination, mode)
     except (asyncssh.Error, OSError) as e:
         return error_reason(e)
+    return None
+
+
+async def _chown(sftp: asyncssh.SFTPClient, path: str, ownership: Ownership) -> str | None:
+    uid, gid = ownership.uid, ownership.gid
+    if uid is None or gid is None:
+        # SFTP v3 sets both ids or neither: the one not asked for stays what it is.
+        attrs = await sftp.lstat(path)
+        uid = attrs.uid if uid is None else uid
+        gid = attrs.gid if gid is None else gid
+    if uid is None or gid is None:
+        return "the SFTP server does not report the file's owner; not chown-ed"
+    try:
+        await sftp.chown(path, uid, gid)
+    except asyncssh.SFTPPermissionDenied:
+        return (
+            f"written, but may not be given to {ownership.label}: the SSH login is not root "
+            "(permission denied)"
+        )
     return None
 
 
