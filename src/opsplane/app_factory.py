@@ -213,6 +213,9 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         attempts=settings.alert_attempts,
         backoff=settings.alert_backoff,
         on_result=engine_metrics.alert_result,
+        # One instance delivers (docs/instances.md); the others keep a window for a takeover.
+        holds=lambda: the_engine.duties.holds("alerts"),
+        takeover_window=2 * settings.instance_lease_ttl,
     )
     the_engine.loops.add(alerts.loop)
     remoterun = RemoteRunService(the_engine, settings.script_dirs)
@@ -249,7 +252,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
             await security.bootstrap()
             await checkpoints.start()
             await alerts.start()
-            the_engine.hub.add_listener(alerts.observe)
+            the_engine.hub.add_listener(alerts.observe, cluster=True)
             await catalog_service.start()
             try:
                 yield
