@@ -123,8 +123,8 @@ class Engine:
             host_limits={settings.local_host: settings.script_workers},
             start_delay=settings.heartbeat_interval,
             duty=lambda: self.duties.holds("monitor"),
-            # SQLite has one writer: its transactions never plan at once.
-            claims=self.db.dialect.name != "sqlite",
+            # Other instances may share the database: runs are claimed before they are sent.
+            claims=True,
         )
         self.tasks = TaskService(
             self.sessions,

@@ -69,8 +69,9 @@ class Scheduler:
         claims: bool = False,
     ) -> None:
         """``duty()`` says whether this instance holds the ``monitor`` lease: only its holder
-        ends what is past a deadline. ``claims``: other instances may plan at once (a server
-        database), so runs are claimed with ``FOR UPDATE SKIP LOCKED`` (docs/instances.md)."""
+        ends what is past a deadline. ``claims``: other instances may plan at once, so runs
+        are claimed: with ``FOR UPDATE SKIP LOCKED`` on a server database, by taking the
+        write lock first on SQLite (docs/instances.md)."""
         self._duty = duty
         self._claims = claims
         #: Passes that ended what was past its deadline (this instance held the lease).
@@ -137,6 +138,8 @@ class Scheduler:
         )
         if not tasks:
             return DispatchPlan()
+        if self._claims:
+            await queries.begin_claims(session)
         policies = {task.id: TaskPolicy.from_json(task.policy) for task in tasks}
         paced = [tid for tid, policy in policies.items() if policy.paced]
         if self._claims and paced:

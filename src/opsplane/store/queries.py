@@ -20,6 +20,7 @@ from sqlalchemy import (
     literal,
     or_,
     select,
+    text,
     true,
     update,
 )
@@ -826,6 +827,16 @@ async def waiting_runs(
         claimed += (await session.execute(locking)).scalars()
     claimed.sort(key=lambda run: (run.wave, run.attempt, run.host))
     return claimed
+
+
+async def begin_claims(session: AsyncSession) -> None:
+    """Before claiming waiting runs: on SQLite, take the database's write lock now. Its driver
+    begins a transaction only at the first write, so the reads before it take no lock and
+    two processes on one file could both read a run as waiting and both send it; once the
+    lock is held, nobody else writes until this transaction ends, and what it reads is
+    current. Server databases claim rows instead (``waiting_runs(claim=True)``)."""
+    if session.get_bind().dialect.name == "sqlite":
+        await session.execute(text("UPDATE leases SET name = name WHERE 1 = 0"))
 
 
 async def lock_tasks(session: AsyncSession, task_ids: Sequence[str]) -> set[str]:
