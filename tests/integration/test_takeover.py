@@ -87,6 +87,7 @@ async def test_a_killed_instance_s_hosts_go_offline_and_its_runs_end_lost(
     """B is a real `opsplane server` holding the monitor lease and web-1's stream, with a run
     in flight; `kill -9` B: A takes the monitor lease over, marks web-1 offline (held by none)
     and ends the run lost after lost_grace. The times are printed (docs/instances.md)."""
+    (tmp_path / "b").mkdir()
     b = Fleet(
         tmp_path / "b",
         server_env={
