@@ -154,8 +154,10 @@ class Duties:
             await asyncio.sleep(self._period)
             try:
                 await self.claim_once()
-            except Exception:
-                log.exception("renewing the leases failed; retrying in %.1fs", self._period)
+            except Exception as e:
+                # Typically the database is unreachable: holds() turns False before any lease
+                # of ours can expire, so the duties stop here before another instance starts.
+                log.warning("renewing the leases failed; retrying in %.1fs: %r", self._period, e)
 
     async def claim_once(self) -> None:
         """Renew the liveness lease, claim the duties; as the monitor, take over dead
