@@ -213,8 +213,12 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         attempts=settings.alert_attempts,
         backoff=settings.alert_backoff,
         on_result=engine_metrics.alert_result,
-        # One instance delivers (docs/instances.md); the others keep a window for a takeover.
-        holds=lambda: the_engine.duties.holds("alerts"),
+        # With amqp_url, every instance hears every task's end, and one delivers (the others
+        # keep a window for a takeover: docs/instances.md). Without it, each instance hears
+        # its own only, and alerts for them.
+        holds=(lambda: the_engine.duties.holds("alerts"))
+        if the_engine.router is not None
+        else (lambda: True),
         takeover_window=2 * settings.instance_lease_ttl,
     )
     the_engine.loops.add(alerts.loop)
