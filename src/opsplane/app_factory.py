@@ -213,6 +213,13 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         attempts=settings.alert_attempts,
         backoff=settings.alert_backoff,
         on_result=engine_metrics.alert_result,
+        # With amqp_url, every instance hears every task's end, and one delivers (the others
+        # keep a window for a takeover: docs/instances.md). Without it, each instance hears
+        # its own only, and alerts for them.
+        holds=(lambda: the_engine.duties.holds("alerts"))
+        if the_engine.router is not None
+        else (lambda: True),
+        takeover_window=2 * settings.instance_lease_ttl,
     )
     the_engine.loops.add(alerts.loop)
     remoterun = RemoteRunService(the_engine, settings.script_dirs)
@@ -250,7 +257,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
             await security.bootstrap()
             await checkpoints.start()
             await alerts.start()
-            the_engine.hub.add_listener(alerts.observe)
+            the_engine.hub.add_listener(alerts.observe, cluster=True)
             await catalog_service.start()
             try:
                 yield

@@ -175,6 +175,17 @@ class Settings(BaseSettings):
         ge=0,
         description="seconds an offline host's in-flight runs wait for it before they end lost",
     )
+    # Several instances on one database (docs/instances.md): each renews its own liveness
+    # lease and the singleton duties' leases every third of this; a `kill -9`ed instance's
+    # hosts and duties are taken over once it has passed.
+    instance_lease_ttl: float = Field(
+        default=15.0,
+        ge=1,
+        description=(
+            "seconds an instance's liveness and singleton-duty leases last unrenewed: the "
+            "takeover time after an instance dies"
+        ),
+    )
     # A dispatched run whose host has not reported it started by then was never received.
     start_timeout: float = Field(
         default=60.0,

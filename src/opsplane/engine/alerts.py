@@ -15,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -86,7 +88,17 @@ class AlertSender:
         timeout: float = 10.0,
         queue_size: int = 1000,
         on_result: Callable[[str], None] | None = None,
+        holds: Callable[[], bool] = lambda: True,
+        takeover_window: float = 60.0,
     ) -> None:
+        """``holds()`` says whether this instance holds the ``alerts`` lease: several instances
+        on one database observe every task's end (a cluster listener), and only the holder
+        delivers. The others keep the ends of the last ``takeover_window`` seconds, so that
+        the instance taking the lease over from a dead holder sends what it may have missed
+        (at least once: the dead holder may have sent some of them)."""
+        self._holds = holds
+        self._window = takeover_window
+        self._backlog: deque[tuple[float, str]] = deque(maxlen=queue_size)
         self.webhooks = tuple(webhooks)
         self._sessions = sessions
         self._fmt = fmt
@@ -128,18 +140,39 @@ class AlertSender:
                 event.data.get("template") and status in TEMPLATE_STATUSES
             ):
                 continue
-            if not self._seen.first_time(event.task_id):
+            if not self._holds():
+                self._backlog.append((time.monotonic(), event.task_id))
                 continue
-            try:
-                self._queue.put_nowait(event.task_id)
-            except asyncio.QueueFull:
-                log.error("alert for task %s dropped: %d alerts queued", event.task_id,
-                          self._queue.qsize())  # fmt: skip
-                self._on_result("dropped")
+            self._take_backlog()
+            self._enqueue(event.task_id)
+
+    def _enqueue(self, task_id: str) -> None:
+        if not self._seen.first_time(task_id):
+            return
+        try:
+            self._queue.put_nowait(task_id)
+        except asyncio.QueueFull:
+            log.error("alert for task %s dropped: %d alerts queued", task_id,
+                      self._queue.qsize())  # fmt: skip
+            self._on_result("dropped")
+
+    def _take_backlog(self) -> None:
+        """Just took the lease over: queue the ends seen lately, while another held it."""
+        since = time.monotonic() - self._window
+        while self._backlog:
+            seen, task_id = self._backlog.popleft()
+            if seen >= since:
+                self._enqueue(task_id)
 
     async def _loop(self) -> None:
         while True:
-            task_id = await self._queue.get()
+            try:
+                async with asyncio.timeout(1.0):
+                    task_id = await self._queue.get()
+            except TimeoutError:
+                if self._backlog and self._holds():
+                    self._take_backlog()
+                continue
             try:
                 payload = await self.message(task_id)
                 if payload.get("notify_reason") is None:

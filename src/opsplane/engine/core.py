@@ -30,7 +30,7 @@ from opsplane.engine.dispatcher import Dispatcher
 from opsplane.engine.hosts import HostService
 from opsplane.engine.hub import EventHub
 from opsplane.engine.ingest import Ingest
-from opsplane.engine.leases import Lease, instance_name
+from opsplane.engine.leases import INSTANCE_PREFIX, Duties, Lease, instance_name
 from opsplane.engine.monitor import Monitor
 from opsplane.engine.ports import AgentKeysFactory, InstanceRouter, SecretOpener
 from opsplane.engine.recovery import settle_interrupted_runs
@@ -42,6 +42,7 @@ from opsplane.engine.sshapi import SshApi
 from opsplane.engine.templates import TemplateService
 from opsplane.store import queries
 from opsplane.store.database import create_engine, session_factory
+from opsplane.store.leases import current_holders
 from opsplane.store.migrate import upgrade_to_head
 from opsplane.transport.base import (
     LOCAL_LINK,
@@ -105,6 +106,13 @@ class Engine:
         self.dispatcher = Dispatcher(
             self.write, self.links, secrets=secrets, router=router, instance=self.instance
         )
+        # This instance's liveness lease and its claims on the singleton duties.
+        self.duties = Duties(
+            self.write,
+            holder=self.instance,
+            ttl=settings.instance_lease_ttl,
+            alive=router.alive if router is not None else None,
+        )
         self.scheduler = Scheduler(
             self.write,
             self.dispatcher,
@@ -113,6 +121,9 @@ class Engine:
             max_per_host=settings.max_runs_per_host,
             host_limits={settings.local_host: settings.script_workers},
             start_delay=settings.heartbeat_interval,
+            duty=lambda: self.duties.holds("monitor"),
+            # Other instances may share the database: runs are claimed before they are sent.
+            claims=True,
         )
         self.tasks = TaskService(
             self.sessions,
@@ -155,6 +166,7 @@ class Engine:
             send_cancels=self.dispatcher.send_cancels,
             heard=self._heard,
             instance=self.instance,
+            duty=lambda: self.duties.ran("monitor"),
         )
         self.retention = Retention(
             self.write,
@@ -179,7 +191,7 @@ class Engine:
         self.refused: Counter[tuple[str, str]] = Counter()
         # Every long-lived loop, supervised (restarted with backoff); /readyz reports them.
         self.loops = Loops()
-        for loop in (self.ingest.loop, self.monitor.loop, self.scheduler.loop):
+        for loop in (self.ingest.loop, self.monitor.loop, self.scheduler.loop, self.duties.loop):
             self.loops.add(loop)
         self.loops.add(self.archive_pruner.loop)
         self.loops.add(self.retention.loop)
@@ -220,6 +232,9 @@ class Engine:
         await upgrade_to_head(self.db)
         if self.router is not None:
             await self.router.start(self.instance, self.dispatcher.deliver_routed, self._notice)
+        # Alive before holding any stream: another instance's monitor takes over only the
+        # hosts of instances whose liveness lease has expired.
+        await self.duties.start()
         async with self.write() as changes:
             # Connections died with the previous process: hosts are offline until they return.
             # Hosts of silent links have no connection to lose. Streams another running
@@ -233,9 +248,13 @@ class Engine:
                     alive = await self.router.alive(held)
                 await queries.mark_all_hosts(changes.session, "offline", link=name, alive=alive)
             # Runs this process's predecessor executed itself can never report: they end now.
-            await settle_interrupted_runs(
-                changes, [name for name, link in self.links.items() if link.executes_here]
-            )
+            # Not while another instance lives: the runs do not say which instance executes
+            # them, and the other's are alive (docs/instances.md).
+            others = await current_holders(changes.session, INSTANCE_PREFIX)
+            if others <= {INSTANCE_PREFIX + self.instance}:
+                await settle_interrupted_runs(
+                    changes, [name for name, link in self.links.items() if link.executes_here]
+                )
         await self.agents.load()
         await self.hosts.load()
         await self.hosts.connections.start()
@@ -273,6 +292,7 @@ class Engine:
             except Exception as e:
                 log.warning("could not release this instance's hosts: %s", e)
         await self.monitor.stop()
+        await self.duties.stop()
         await self.retention.stop()
         await self.archive_pruner.stop()
         await self.ingest.stop()

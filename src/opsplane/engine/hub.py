@@ -96,16 +96,27 @@ class EventHub:
         self._subscribers: defaultdict[str, set[Subscription]] = defaultdict(set)
         self._host_subscribers: set[HostSubscription] = set()
         self._listeners: list[Listener] = []
+        self._cluster_listeners: list[Listener] = []
         self.host_log = HostChangeLog()
 
-    def add_listener(self, listener: Listener) -> None:
-        """Observe the events of all tasks (metrics, alerts). A listener runs inline on the
-        write path: it must be quick and must not block; its errors are logged, not raised."""
-        self._listeners.append(listener)
+    def add_listener(self, listener: Listener, *, cluster: bool = False) -> None:
+        """Observe the events of all tasks this instance wrote (metrics) or, with ``cluster``,
+        those every instance wrote (alerts, delivered by one instance: docs/instances.md). A
+        listener runs inline on the write path: it must be quick and must not block; its
+        errors are logged, not raised."""
+        (self._cluster_listeners if cluster else self._listeners).append(listener)
 
     def remove_listener(self, listener: Listener) -> None:
-        if listener in self._listeners:
-            self._listeners.remove(listener)
+        for listeners in (self._listeners, self._cluster_listeners):
+            if listener in listeners:
+                listeners.remove(listener)
+
+    def _tell(self, listeners: list[Listener], events: list[TaskEvent]) -> None:
+        for listener in listeners:
+            try:
+                listener(events)
+            except Exception:
+                log.exception("task event listener %r failed", listener)
 
     def subscribe_hosts(self) -> HostSubscription:
         subscription = HostSubscription()
@@ -137,17 +148,15 @@ class EventHub:
 
     def publish(self, events: list[TaskEvent]) -> None:
         if events:
-            for listener in self._listeners:
-                try:
-                    listener(events)
-                except Exception:
-                    log.exception("task event listener %r failed", listener)
+            self._tell(self._listeners, events)
         self.publish_foreign(events)
 
     def publish_foreign(self, events: list[TaskEvent]) -> None:
         """Events another instance committed (docs/instances.md): to this instance's
-        subscribers only. Listeners (metrics, alerts) saw them on the instance that wrote
-        them: here they would count twice."""
+        subscribers and cluster listeners. The other listeners (metrics) saw them on the
+        instance that wrote them: here they would count twice."""
+        if events:
+            self._tell(self._cluster_listeners, events)
         for event in events:
             for subscription in list(self._subscribers.get(event.task_id, ())):
                 try:

@@ -44,12 +44,17 @@ class Monitor:
         send_cancels: Callable[[list[CancelOrder]], Awaitable[None]] | None = None,
         heard: Callable[[str, str], bool] = lambda _name, _link: False,
         instance: str | None = None,
+        duty: Callable[[], bool] = lambda: True,
     ) -> None:
         """``hearing`` says whether heartbeats are being written now (False while ingest is
         paused because the database is unreachable). ``heard(name, link)`` says whether a host
         whose row is past the silence limit is alive all the same: its link holds an open
         stream to it (the stream's keepalive is its liveness), or a heartbeat of it is on its
-        way to the database."""
+        way to the database. ``duty()`` says whether this instance holds the ``monitor``
+        lease (engine/leases.py ``Duties``): only its holder ends runs (lost, undeliverable,
+        overdue) and prunes the heartbeat history; every instance judges the silence of the
+        hosts whose streams it holds."""
+        self._duty = duty
         self._heard = heard
         # Each instance judges the hosts whose streams it holds (and those nobody holds).
         self._instance = instance
@@ -76,6 +81,8 @@ class Monitor:
         self._batch = batch
         self._tick = max(0.2, min(1.0, heartbeat_interval / 4))
         self.loop = Supervised("monitor", self._loop)
+        #: Passes that checked runs (this instance held the monitor lease).
+        self.run_checks = 0
         # Set by a failed pass: the next pass starts the clocks again (see ``_loop``).
         self._blind = False
         # Nobody could be heard while the control plane was down: grace periods and start
@@ -145,45 +152,55 @@ class Monitor:
                     host.last_seen_at,
                     extra=about(host=host.name),
                 )
-            runs = (
-                await queries.runs_on_hosts_gone_since(
-                    changes.session,
-                    now - self._lost_grace,
-                    IN_FLIGHT_RUN_STATUSES,
-                    limit=self._batch,
-                )
-                if self._since_start(now) >= self._lost_grace
-                else []
-            )
-            grace = int(self._lost_grace.total_seconds())
-            for run in runs:
-                changes.move(
-                    run, RunStatus.LOST, error=f"host {run.host} unreachable for more than {grace}s"
-                )
-            unstarted = (
-                await queries.runs_dispatched_before(
-                    changes.session,
-                    now - self._start_timeout,
-                    limit=self._batch,
-                    exclude_links=self._held_links,
-                    exclude_unversioned_links=self._silent_starter_links,
-                )
-                if self._since_start(now) >= self._start_timeout
-                else []
-            )
-            waited = int(self._start_timeout.total_seconds())
-            for run in unstarted:
-                error = f"the host did not start the command within {waited}s of its dispatch"
-                changes.move(run, RunStatus.UNDELIVERABLE, error=error)
-            cancels = await self._end_overdue(changes, now)
-            if prune:
-                await changes.session.execute(
-                    delete(HeartbeatRow).where(HeartbeatRow.at < now - self._history_retention)
-                )
+            # Several instances on one database: one of them ends runs (docs/instances.md).
+            runs_checked = self._duty()
+            if runs_checked:
+                await self._check_runs(changes, now)
+                cancels = await self._end_overdue(changes, now)
+                if prune:
+                    await changes.session.execute(
+                        delete(HeartbeatRow).where(HeartbeatRow.at < now - self._history_retention)
+                    )
+        if runs_checked:
+            self.run_checks += 1
         if silent and self._on_silent is not None:
             await self._on_silent(silent)
         if cancels and self._send_cancels is not None:
             await self._send_cancels(cancels)
+
+    async def _check_runs(self, changes: Changes, now: datetime) -> None:
+        """Runs on hosts gone past the grace end lost; dispatched runs never started past the
+        start timeout end undeliverable."""
+        runs = (
+            await queries.runs_on_hosts_gone_since(
+                changes.session,
+                now - self._lost_grace,
+                IN_FLIGHT_RUN_STATUSES,
+                limit=self._batch,
+            )
+            if self._since_start(now) >= self._lost_grace
+            else []
+        )
+        grace = int(self._lost_grace.total_seconds())
+        for run in runs:
+            changes.move(
+                run, RunStatus.LOST, error=f"host {run.host} unreachable for more than {grace}s"
+            )
+        unstarted = (
+            await queries.runs_dispatched_before(
+                changes.session,
+                now - self._start_timeout,
+                limit=self._batch,
+                exclude_links=self._held_links,
+                exclude_unversioned_links=self._silent_starter_links,
+            )
+            if self._since_start(now) >= self._start_timeout
+            else []
+        )
+        waited = int(self._start_timeout.total_seconds())
+        for run in unstarted:
+            error = f"the host did not start the command within {waited}s of its dispatch"
+            changes.move(run, RunStatus.UNDELIVERABLE, error=error)
 
     async def _end_overdue(self, changes: Changes, now: datetime) -> list[CancelOrder]:
         """Runs past their timeout plus the grace end ``timed_out`` (their host said it started

@@ -6,8 +6,8 @@ local processes died with it (the warden, ``execution/warden.py``) and its SSH s
 nothing will ever report it, so at the next start it ends ``lost`` at once — retried if its
 task's policy says so — instead of staying ``dispatched`` or ``running`` forever.
 
-This assumes one control-plane instance per database (DESIGN §7 plans several: then each
-instance will have to claim its own runs before settling them).
+With several instances on one database the engine runs this only when no other instance's
+liveness lease is current (docs/instances.md): a run does not say which instance executes it.
 """
 
 from __future__ import annotations

@@ -65,7 +65,17 @@ class Scheduler:
         tick: float = 1.0,
         batch: int = 5000,
         max_tasks: int = 500,
+        duty: Callable[[], bool] = lambda: True,
+        claims: bool = False,
     ) -> None:
+        """``duty()`` says whether this instance holds the ``monitor`` lease: only its holder
+        ends what is past a deadline. ``claims``: other instances may plan at once, so runs
+        are claimed: with ``FOR UPDATE SKIP LOCKED`` on a server database, by taking the
+        write lock first on SQLite (docs/instances.md)."""
+        self._duty = duty
+        self._claims = claims
+        #: Passes that ended what was past its deadline (this instance held the lease).
+        self.expire_passes = 0
         self._write = write
         self._dispatcher = dispatcher
         self._archive = archive
@@ -110,7 +120,7 @@ class Scheduler:
     async def pass_once(self) -> None:
         """End what is past its deadline, then dispatch what may go."""
         async with self._write() as changes:
-            cancels = await self._expire(changes)
+            cancels = await self._expire(changes) if self._duty() else []
             plan = await self.plan(changes)
         await self._dispatcher.send(plan)
         await self._dispatcher.send_cancels(cancels)
@@ -128,8 +138,16 @@ class Scheduler:
         )
         if not tasks:
             return DispatchPlan()
+        if self._claims:
+            await queries.begin_claims(session)
         policies = {task.id: TaskPolicy.from_json(task.policy) for task in tasks}
         paced = [tid for tid, policy in policies.items() if policy.paced]
+        if self._claims and paced:
+            # A paced task's in-flight count decides how many of its runs go: one scheduler
+            # at a time counts it (another instance planning it now: it waits a pass).
+            locked = await queries.lock_tasks(session, paced)
+            tasks = [task for task in tasks if task.id in locked or task.id not in paced]
+            paced = [tid for tid in paced if tid in locked]
         waves = await queries.wave_status_counts(session, paced)
         per_task = {
             tid: sum(
@@ -167,7 +185,7 @@ class Scheduler:
                 want = max(want, task.total)
             if want <= 0:
                 continue
-            runs = await queries.waiting_runs(session, task.id, now, limit=want)
+            runs = await queries.waiting_runs(session, task.id, now, limit=want, claim=self._claims)
             if (
                 not policy.paced
                 and len(runs) == task.total
@@ -236,6 +254,7 @@ class Scheduler:
     async def _expire(self, changes: Changes) -> list[CancelOrder]:
         """Runs delayed past their delivery deadline end ``undeliverable``; tasks past their
         deadline end every unfinished run. Returns the cancels to send after commit."""
+        self.expire_passes += 1
         session = changes.session
         now = utcnow()
         for run in await queries.delayed_runs_past_delivery(session, now, limit=self._batch):

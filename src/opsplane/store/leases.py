@@ -9,7 +9,7 @@ from sqlalchemy import delete, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from opsplane.store.tables import LeaseRow, utcnow
+from opsplane.store.tables import HostRow, LeaseRow, utcnow
 
 
 async def claim_lease(session: AsyncSession, name: str, holder: str, ttl: timedelta) -> bool:
@@ -49,3 +49,52 @@ async def lease_holder(session: AsyncSession, name: str) -> str | None:
     if row is None or row.expires_at < utcnow():
         return None
     return row.holder
+
+
+async def expired_leases(session: AsyncSession, prefix: str) -> list[str]:
+    """Names of the leases starting with ``prefix`` whose time has passed."""
+    stmt = select(LeaseRow.name).where(
+        LeaseRow.name.startswith(prefix, autoescape=True), LeaseRow.expires_at < utcnow()
+    )
+    return list((await session.execute(stmt)).scalars())
+
+
+async def current_holders(session: AsyncSession, prefix: str) -> set[str]:
+    """Names of the leases starting with ``prefix`` held now (their time has not passed)."""
+    stmt = select(LeaseRow.name).where(
+        LeaseRow.name.startswith(prefix, autoescape=True), LeaseRow.expires_at >= utcnow()
+    )
+    return set((await session.execute(stmt)).scalars())
+
+
+async def drop_expired_lease(session: AsyncSession, name: str) -> bool:
+    """Delete lease ``name`` if it has expired (nobody renewed it meanwhile); whether it did."""
+    done = await session.execute(
+        delete(LeaseRow)
+        .where(LeaseRow.name == name, LeaseRow.expires_at < utcnow())
+        .execution_options(synchronize_session=False)
+    )
+    return bool(getattr(done, "rowcount", 0))
+
+
+async def stream_holders(session: AsyncSession) -> set[str]:
+    """The instances the host rows name as holding a stream (any link)."""
+    stmt = select(HostRow.instance).where(HostRow.instance.is_not(None)).distinct()
+    return {name for name in (await session.execute(stmt)).scalars() if name}
+
+
+async def release_streams_of(session: AsyncSession, instance: str) -> list[str]:
+    """The hosts whose streams ``instance`` held are offline and held by none; their names.
+    Their ``last_seen_at`` stays: their runs end lost ``lost_grace`` after it, as for any host
+    that went away."""
+    names = list(
+        (await session.execute(select(HostRow.name).where(HostRow.instance == instance))).scalars()
+    )
+    if names:
+        await session.execute(
+            update(HostRow)
+            .where(HostRow.instance == instance)
+            .values(status="offline", instance=None)
+            .execution_options(synchronize_session=False)
+        )
+    return names

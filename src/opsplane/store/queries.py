@@ -20,6 +20,7 @@ from sqlalchemy import (
     literal,
     or_,
     select,
+    text,
     true,
     update,
 )
@@ -798,12 +799,18 @@ async def tasks_with_waiting_runs(
 
 
 async def waiting_runs(
-    session: AsyncSession, task_id: str, now: datetime, *, limit: int
+    session: AsyncSession, task_id: str, now: datetime, *, limit: int, claim: bool = False
 ) -> list[RunRow]:
     """A task's runs ready to be sent: canary wave first, first attempts before retries, then
     by host name. Not by run id: a run's id is derived from its task, host and attempt
     (``domain.ids.run_id_for``), so id order is hash order, and a paced rollout would visit
-    hosts at random."""
+    hosts at random.
+
+    With ``claim``, the runs are locked until the caller's transaction ends, skipping those
+    another transaction holds (``FOR UPDATE SKIP LOCKED``, docs/instances.md): two
+    schedulers on one database never both send a run. A second, locking statement on the
+    runs alone, which rereads their status as last committed: locking the outer-joined host
+    rows would stall heartbeats (MariaDB has no ``FOR UPDATE OF``)."""
     stmt = (
         select(RunRow)
         .outerjoin(HostRow, HostRow.name == RunRow.host)
@@ -811,7 +818,45 @@ async def waiting_runs(
         .order_by(RunRow.wave, RunRow.attempt, RunRow.host)
         .limit(limit)
     )
-    return list((await session.execute(stmt)).scalars())
+    if not claim or session.get_bind().dialect.name == "sqlite":
+        return list((await session.execute(stmt)).scalars())
+    ids = list((await session.execute(stmt.with_only_columns(RunRow.id))).scalars())
+    claimed: list[RunRow] = []
+    for start in range(0, len(ids), _IDS_PER_STATEMENT):
+        locking = (
+            select(RunRow)
+            .where(
+                RunRow.id.in_(ids[start : start + _IDS_PER_STATEMENT]),
+                RunRow.status.in_(("pending", "delayed")),
+                RunRow.superseded.is_(False),
+            )
+            .with_for_update(skip_locked=True)
+            .execution_options(populate_existing=True)
+        )
+        claimed += (await session.execute(locking)).scalars()
+    claimed.sort(key=lambda run: (run.wave, run.attempt, run.host))
+    return claimed
+
+
+async def begin_claims(session: AsyncSession) -> None:
+    """Before claiming waiting runs: on SQLite, take the database's write lock now. Its driver
+    begins a transaction only at the first write, so the reads before it take no lock and
+    two processes on one file could both read a run as waiting and both send it; once the
+    lock is held, nobody else writes until this transaction ends, and what it reads is
+    current. Server databases claim rows instead (``waiting_runs(claim=True)``)."""
+    if session.get_bind().dialect.name == "sqlite":
+        await session.execute(text("UPDATE leases SET name = name WHERE 1 = 0"))
+
+
+async def lock_tasks(session: AsyncSession, task_ids: Sequence[str]) -> set[str]:
+    """Lock the rows of ``task_ids`` until the caller's transaction ends, skipping those
+    another transaction holds; the ids locked (all of them on SQLite, which has one writer)."""
+    if not task_ids or session.get_bind().dialect.name == "sqlite":
+        return set(task_ids)
+    stmt = (
+        select(TaskRow.id).where(TaskRow.id.in_(list(task_ids))).with_for_update(skip_locked=True)
+    )
+    return set((await session.execute(stmt)).scalars())
 
 
 async def in_flight_total(session: AsyncSession) -> int:

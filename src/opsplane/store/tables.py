@@ -151,6 +151,8 @@ class HostRow(Base):
     __table_args__ = (
         Index("ix_hosts_status_last_seen_at", "status", "last_seen_at"),
         Index("ix_hosts_status_name", "status", "name"),
+        # The instances holding streams, and a dead one's hosts (docs/instances.md).
+        Index("ix_hosts_instance", "instance"),
         MYSQL_TABLE,
     )
 

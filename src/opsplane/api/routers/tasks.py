@@ -34,6 +34,7 @@ from opsplane.domain.targeting import Targets, normalize_names
 from opsplane.domain.tasks import ExecSpec, TaskRequest
 from opsplane.engine.changes import TaskEvent, task_view
 from opsplane.engine.core import Engine
+from opsplane.engine.hub import RecentIds
 from opsplane.security.audit import targets_summary
 from opsplane.security.roles import Permission
 
@@ -43,6 +44,8 @@ EngineDep = Annotated[Engine, Depends(get_engine)]
 PrincipalDep = Annotated[Principal, Depends(require_principal)]
 RunnerDep = Annotated[Principal, Depends(require(Permission.RUN))]
 HISTORY_PAGE = 1000
+# Event ids a stream remembers having sent, to tell an id committed out of order from one sent.
+GAP_WINDOW = 10_000
 
 
 def _out(task: TaskRecord) -> TaskOut:
@@ -264,6 +267,21 @@ def _sse(event: TaskEvent) -> ServerSentEvent:
     )
 
 
+async def _gap(
+    engine: Engine, task_id: str, first: int, upto: int, recent: RecentIds
+) -> list[TaskEvent]:
+    """A task's stored events from id ``first`` (just received, out of order) up to ``upto``
+    (the last id sent) that were not sent yet (docs/instances.md, *Event ids across
+    writers*)."""
+    missed: list[TaskEvent] = []
+    for event in await engine.tasks.events_after(task_id, first - 1, HISTORY_PAGE):
+        if event.id > upto:
+            break
+        if event.id == first or recent.first_time(str(event.id)):
+            missed.append(event)
+    return missed
+
+
 def _ends_stream(event: TaskEvent) -> bool:
     return event.kind == "task" and event.data.get("status") in TERMINAL_TASK_STATUSES
 
@@ -272,6 +290,8 @@ async def _event_stream(engine: Engine, task_id: str, after: int) -> AsyncIterat
     # Subscribe before reading history: events committed meanwhile arrive in the queue and
     # are skipped by id if the history already held them.
     subscription = engine.hub.subscribe(task_id)
+    # Ids sent lately: an id at or below ``sent`` not among them was committed out of order.
+    recent = RecentIds(GAP_WINDOW)
     try:
         task = await engine.tasks.get_task(task_id)
         sent = after
@@ -280,6 +300,7 @@ async def _event_stream(engine: Engine, task_id: str, after: int) -> AsyncIterat
             for event in events:
                 yield _sse(event)
                 sent = event.id
+                recent.first_time(str(event.id))
                 if _ends_stream(event):
                     return
             if len(events) < HISTORY_PAGE:
@@ -300,9 +321,20 @@ async def _event_stream(engine: Engine, task_id: str, after: int) -> AsyncIterat
                 yield _sse(event)
                 continue
             if event.id <= sent:
+                if not recent.first_time(str(event.id)):
+                    continue
+                # Two writers (instances) took ids in one order and committed in the other:
+                # this one is below what was sent. Send what the database holds of the gap
+                # (this event, and any other whose notice was lost), without ids, so that
+                # the client's resume point stays at ``sent``.
+                for missed in await _gap(engine, task_id, event.id, sent, recent):
+                    yield ServerSentEvent(event=missed.kind, data=json.dumps(missed.data))
+                    if _ends_stream(missed):
+                        return
                 continue
             yield _sse(event)
             sent = event.id
+            recent.first_time(str(event.id))
             if _ends_stream(event):
                 return
         # Fell behind: end the stream; the client resumes from the database with its last id.

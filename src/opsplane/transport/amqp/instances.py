@@ -37,14 +37,14 @@ from aio_pika.abc import (
 )
 
 from opsplane.domain.addresses import mask_url
-from opsplane.domain.errors import ConfigError, ConnectionLost, NotConnected
+from opsplane.domain.errors import ConfigError, NotConnected
+from opsplane.transport.amqp.publish import PUBLISH_TIMEOUT, publish_mandatory
 from opsplane.transport.base import RoutedMessage
 
 log = logging.getLogger(__name__)
 
 INSTANCES_EXCHANGE = "opsplane.instances"
 EVENTS_EXCHANGE = "opsplane.events"
-PUBLISH_TIMEOUT = 10.0
 _KINDS = ("command", "cancel")
 
 OnRouted = Callable[[RoutedMessage], Awaitable[None]]
@@ -144,20 +144,9 @@ class InstanceRouter:
                 "from": self.instance,
             },
         )
-        try:
-            await self._routes.publish(
-                amqp, routing_key=instance, mandatory=True, timeout=PUBLISH_TIMEOUT
-            )
-        except aio_pika.exceptions.PublishError as e:
-            raise NotConnected(f"instance {instance} is gone (its queue is)") from e
-        except (
-            TimeoutError,
-            aiormq.exceptions.AMQPError,
-            aio_pika.exceptions.AMQPException,
-            OSError,
-            RuntimeError,
-        ) as e:
-            raise ConnectionLost(f"routing to instance {instance} failed: {e!r}") from e
+        await publish_mandatory(
+            self._routes, amqp, instance, unroutable=f"instance {instance} is gone (its queue is)"
+        )
 
     def notify(self, notice: dict[str, Any]) -> None:
         """Tell every other instance (task events, hosts or agents changed); returns at once."""

@@ -34,7 +34,6 @@ from google.protobuf import json_format
 from opsplane.domain.addresses import mask_url as mask_url
 from opsplane.domain.errors import (
     ConfigError,
-    ConnectionLost,
     InvalidInput,
     NameTaken,
     NotConnected,
@@ -43,6 +42,8 @@ from opsplane.domain.errors import (
 )
 from opsplane.security.signing import sign, verify
 from opsplane.transport.amqp import messages as m
+from opsplane.transport.amqp.publish import PUBLISH_TIMEOUT as PUBLISH_TIMEOUT
+from opsplane.transport.amqp.publish import publish_mandatory
 from opsplane.transport.base import CommandEnvelope, Fanout, HostReport, Link, LinkEvents
 from opsplane.transport.grpc import opsplane_pb2 as pb
 from opsplane.transport.grpc.convert import manifest_to_pb
@@ -50,7 +51,6 @@ from opsplane.transport.grpc.files import ChunkServer
 
 log = logging.getLogger(__name__)
 
-PUBLISH_TIMEOUT = 10.0
 # A heartbeat older than this (or this far in the future) is a replay, or a clock to fix.
 HEARTBEAT_MAX_AGE = 300.0
 # A fan-out upload's chunk asked for by several of its hosts within this long is published
@@ -237,25 +237,13 @@ class AmqpLink(Link):
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             message_id=body.get("run_id") or f"{body['task_id']}:{body.get('attempt', 1)}",
         )
-        try:
-            if self._connection is not None and not self._connection.connected.is_set():
-                # The publishing connection is being re-dialled while the consuming one (and
-                # the hosts' heartbeats) may be back already: wait for it, within the publish
-                # bound, rather than fail a run that a second later would have gone out.
-                await asyncio.wait_for(self._connection.connected.wait(), PUBLISH_TIMEOUT)
-            await self._commands.publish(
-                message, routing_key=routing_key, mandatory=True, timeout=PUBLISH_TIMEOUT
-            )
-        except aio_pika.exceptions.PublishError as e:
-            raise NotConnected(f"no agent queue is bound to {routing_key} (unroutable)") from e
-        except (
-            TimeoutError,
-            aiormq.exceptions.AMQPError,
-            aio_pika.exceptions.AMQPException,
-            OSError,
-            RuntimeError,
-        ) as e:
-            raise ConnectionLost(f"publishing to {routing_key} failed: {e!r}") from e
+        await publish_mandatory(
+            self._commands,
+            message,
+            routing_key,
+            unroutable=f"no agent queue is bound to {routing_key} (unroutable)",
+            connection=self._connection,
+        )
 
     async def _on_result(self, message: AbstractIncomingMessage) -> None:
         try:
