@@ -764,7 +764,14 @@ class Ingest:
         self, changes: Changes, run: RunRow, parts: list[tuple[Stream, bytes]]
     ) -> _Chunks:
         chunks: _Chunks = []
+        stepped = time.monotonic()
         for stream, data in parts:
+            if time.monotonic() - stepped >= STEP_SECONDS:
+                # One report may release hundreds of chunks that waited behind gaps (an
+                # agent's spool overflowed under a flood): placed in one go they were one
+                # step of 20-60 ms of CPU (docs/reliability.md, scenario 8).
+                await asyncio.sleep(0)
+                stepped = time.monotonic()
             ready = await self._redact_data(self._complete_lines(run, stream, data))
             chunks += self._output(
                 changes, run.task_id, run.id, run.host, stream, ready, run.log_path
@@ -811,6 +818,8 @@ class Ingest:
             return []
         parts: list[tuple[Stream, bytes]] = []
         placed = run.output_seq or 0
+        gaps = lost = 0
+        first = placed + 1
         for seq in sorted(early):
             if seq <= placed:
                 continue
@@ -819,16 +828,22 @@ class Ingest:
                     self._early[run.id] = {s: c for s, c in early.items() if s >= seq}
                     break
                 missing = seq - placed - 1
-                log.warning(
-                    "run %s: %d output chunk(s) before #%d lost",
-                    run.id,
-                    missing,
-                    seq,
-                    extra=about(run.task_id, run.id, run.host),
-                )
+                gaps, lost = gaps + 1, lost + missing
                 parts.append(("stderr", gap_marker(missing)))
             parts.append(early[seq])
             placed = seq
+        if gaps:
+            # One line per release, not one per gap: a spool that overflowed under a flood
+            # leaves hundreds of gaps, and a line each was hundreds of writes in one step.
+            log.warning(
+                "run %s: %d output chunk(s) lost in %d gap(s) between #%d and #%d",
+                run.id,
+                lost,
+                gaps,
+                first,
+                placed,
+                extra=about(run.task_id, run.id, run.host),
+            )
         run.output_seq = placed
         return parts
 
