@@ -34,6 +34,7 @@ from google.protobuf import json_format
 from opsplane.domain.addresses import mask_url as mask_url
 from opsplane.domain.errors import (
     ConfigError,
+    ConnectionLost,
     InvalidInput,
     NameTaken,
     NotConnected,
