@@ -11,6 +11,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -82,6 +83,20 @@ class AgentSimulator(abc.ABC):
         self.mode = mode
         self.key = Ed25519PrivateKey.generate()
         self.public_key = public_key_text(self.key.public_key())
+        # Set by ``--record``: every command this agent executes is appended to it, so that a
+        # test counts executions on the hosts' side, whatever the control plane says.
+        self.record: str | None = None
+
+    def recorded(self, run_id: str, attempt: int) -> None:
+        """Append ``NAME RUN_ID ATTEMPT`` to the record file (one ``O_APPEND`` write: lines of
+        several worker processes never interleave)."""
+        if self.record is None:
+            return
+        fd = os.open(self.record, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, f"{self.name} {run_id} {attempt}\n".encode())
+        finally:
+            os.close(fd)
 
     @abc.abstractmethod
     async def run(self) -> None:
@@ -127,6 +142,11 @@ class GrpcAgent(AgentSimulator):
         self.address = address
         self._backoff = Backoff(0.5, 30.0)
         self._welcomed = False
+        # Commands received and not reported when their stream ended: they are abandoned (as a
+        # real agent whose predecessor crashed says), named in the next hello so that the
+        # control plane ends them as lost rather than never received.
+        self._in_flight: set[str] = set()
+        self._abandoned: set[str] = set()
 
     async def run(self) -> None:
         while True:
@@ -173,6 +193,7 @@ class GrpcAgent(AgentSimulator):
                     code = await call.code()
                     raise _aio_error(code, await call.details())
                 welcomed = self._welcomed = True
+                self._abandoned.clear()
                 self.stats.welcomes += 1
                 self.stats.connected += 1
                 try:
@@ -193,6 +214,7 @@ class GrpcAgent(AgentSimulator):
             public_key=self.public_key,
             timestamp=time.time(),
             challenge=challenge,
+            abandoned_run_ids=sorted(self._abandoned),
         )
         hello.signature = sign(self.key, convert.hello_claims(hello))
         return hello
@@ -224,6 +246,8 @@ class GrpcAgent(AgentSimulator):
             beats.cancel()
             for task in commands:
                 task.cancel()
+            self._abandoned |= self._in_flight
+            self._in_flight.clear()
 
     async def _heartbeats(self, send: Any, interval: float) -> None:
         while True:
@@ -234,6 +258,8 @@ class GrpcAgent(AgentSimulator):
             self.stats.heartbeats += 1
 
     async def _command(self, send: Any, cmd: pb.CommandContent) -> None:
+        self.recorded(cmd.run_id, cmd.attempt)
+        self._in_flight.add(cmd.run_id)
         await send(pb.CommandMessage(ack=pb.Ack(run_id=cmd.run_id, kind="command")))
         started = time.time()
         await send(
@@ -261,6 +287,7 @@ class GrpcAgent(AgentSimulator):
         )
         result.signature = sign(self.key, convert.signed_fields(result))
         await send(pb.CommandMessage(command_result=result))
+        self._in_flight.discard(cmd.run_id)
         self.stats.results += 1
 
 
