@@ -276,6 +276,9 @@ async def test_kill_9_of_one_instance_mid_fan_out_every_run_ends_none_twice(
                 assert len({r["host"] for r in runs}) == SWARM
                 statuses = Counter(r["status"] for r in runs)
                 figures["killed_fan_out"] = dict(statuses)
+                figures["killed_fan_out_errors"] = dict(
+                    Counter(f"{r['status']}: {r['error']}" for r in runs if r["error"])
+                )
                 assert set(statuses) <= TERMINAL_RUNS, statuses
 
                 # Fan-out time with one instance (the survivor; HAProxy marked A down).
