@@ -32,6 +32,8 @@ Mode = Literal["reply", "execute"]
 
 # As a real agent (agent/grpc_link.py): wait this long for the challenge, then the welcome.
 WELCOME_TIMEOUT = 30.0
+# How long an abandoned command is named in hellos (the real agent: ABANDONED_RETENTION).
+ABANDONED_KEPT = 600.0
 # Output kept of an executed command, per stream (the swarm is not about output).
 _OUTPUT_KEEP = 4096
 
@@ -143,10 +145,11 @@ class GrpcAgent(AgentSimulator):
         self._backoff = Backoff(0.5, 30.0)
         self._welcomed = False
         # Commands received and not reported when their stream ended: they are abandoned (as a
-        # real agent whose predecessor crashed says), named in the next hello so that the
-        # control plane ends them as lost rather than never received.
+        # real agent whose predecessor crashed says), named in every hello for a while (as the
+        # real agent's spool keeps them, agent/daemon.py): a welcome does not mean that the
+        # control plane has reconciled that hello yet, and the next one may be the one it does.
         self._in_flight: set[str] = set()
-        self._abandoned: set[str] = set()
+        self._abandoned: dict[str, float] = {}
 
     async def run(self) -> None:
         while True:
@@ -193,7 +196,6 @@ class GrpcAgent(AgentSimulator):
                     code = await call.code()
                     raise _aio_error(code, await call.details())
                 welcomed = self._welcomed = True
-                self._abandoned.clear()
                 self.stats.welcomes += 1
                 self.stats.connected += 1
                 try:
@@ -214,10 +216,15 @@ class GrpcAgent(AgentSimulator):
             public_key=self.public_key,
             timestamp=time.time(),
             challenge=challenge,
-            abandoned_run_ids=sorted(self._abandoned),
+            abandoned_run_ids=self._still_abandoned(),
         )
         hello.signature = sign(self.key, convert.hello_claims(hello))
         return hello
+
+    def _still_abandoned(self) -> list[str]:
+        horizon = time.monotonic() - ABANDONED_KEPT
+        self._abandoned = {run: at for run, at in self._abandoned.items() if at > horizon}
+        return sorted(self._abandoned)
 
     async def _serve(
         self,
@@ -246,7 +253,8 @@ class GrpcAgent(AgentSimulator):
             beats.cancel()
             for task in commands:
                 task.cancel()
-            self._abandoned |= self._in_flight
+            now = time.monotonic()
+            self._abandoned.update(dict.fromkeys(self._in_flight, now))
             self._in_flight.clear()
 
     async def _heartbeats(self, send: Any, interval: float) -> None:
