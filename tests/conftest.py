@@ -54,6 +54,13 @@ def _root_problem() -> str | None:
     return None if os.geteuid() == 0 else "switching users needs root"
 
 
+def _haproxy_problem() -> str | None:
+    # The Debian package installs it in /usr/sbin, which a non-root PATH may lack.
+    if shutil.which("haproxy") or os.access("/usr/sbin/haproxy", os.X_OK):
+        return None
+    return "haproxy is not installed (Debian package haproxy)"
+
+
 def _nobody_problem() -> str | None:
     try:
         pwd.getpwnam("nobody")
@@ -91,6 +98,7 @@ LOCAL_SERVICES: dict[str, Callable[[], str | None]] = {
     "rabbitmqctl": _rabbitmqctl_problem,
     "root": _root_problem,
     "nobody": _nobody_problem,
+    "haproxy": _haproxy_problem,
 }
 
 

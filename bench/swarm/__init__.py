@@ -43,6 +43,12 @@ Output: a Markdown table, or with ``--json`` one JSON object (for ``bench/run``)
      "restart": {same keys as connect} (with --restart),
      "swarm_bound": bool}
 
+``--record FILE`` (gRPC): every simulated agent appends ``NAME RUN_ID ATTEMPT`` to FILE for each
+command it receives, before acking it, so that a test counts executions on the hosts' side
+(tests/e2e/test_deployment.py: none twice). A command whose stream ends before its result is
+sent is abandoned and named in the agent's hellos for 10 minutes (``abandoned_run_ids``), as a
+real agent names what a crashed predecessor left.
+
 ``give_ups``: agents that waited for the challenge or the welcome past 30 s and redialed;
 ``reconnects``: dials beyond one per agent; ``shed``: refusals with a retry hint; CPU % are
 of one core over the phase; ``swarm_bound`` is true when a worker passed 90 % of a core (add

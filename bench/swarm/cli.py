@@ -165,6 +165,10 @@ def _link_args(args: argparse.Namespace) -> list[str]:
     return extra + (["--cp-key", args.cp_key] if args.cp_key else [])
 
 
+def _record_args(args: argparse.Namespace) -> list[str]:
+    return ["--record", args.record] if getattr(args, "record", None) else []
+
+
 async def start_workers(args: argparse.Namespace, address: str) -> list[Worker]:
     per = -(-args.agents // args.procs)
     workers: list[Worker] = []
@@ -186,6 +190,7 @@ async def start_workers(args: argparse.Namespace, address: str) -> list[Worker]:
             "--mode",
             args.mode,
             *_link_args(args),
+            *_record_args(args),
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             cwd=_ROOT,
@@ -440,6 +445,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-verify", action="store_true", help="amqp: skip command signatures")
     p.add_argument("--heartbeat-interval", type=float, default=10.0,
                    help="amqp: seconds between heartbeats (as the CP's setting)")  # fmt: skip
+    p.add_argument("--record", metavar="FILE",
+                   help="grpc: append 'NAME RUN_ID ATTEMPT' to FILE for every command an agent "
+                   "runs (count executions on the hosts' side)")  # fmt: skip
     p.add_argument("--grpc", help="attach: the control plane's gRPC endpoint")
     p.add_argument("--api", help="attach: the control plane's API URL")
     p.add_argument("--token", help="attach: an admin API token")

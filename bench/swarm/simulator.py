@@ -11,6 +11,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -32,6 +33,8 @@ Mode = Literal["reply", "execute"]
 
 # As a real agent (agent/grpc_link.py): wait this long for the challenge, then the welcome.
 WELCOME_TIMEOUT = 30.0
+# How long an abandoned command is named in hellos (the real agent: ABANDONED_RETENTION).
+ABANDONED_KEPT = 600.0
 # Output kept of an executed command, per stream (the swarm is not about output).
 _OUTPUT_KEEP = 4096
 
@@ -83,6 +86,20 @@ class AgentSimulator(abc.ABC):
         self.mode = mode
         self.key = Ed25519PrivateKey.generate()
         self.public_key = public_key_text(self.key.public_key())
+        # Set by ``--record``: every command this agent executes is appended to it, so that a
+        # test counts executions on the hosts' side, whatever the control plane says.
+        self.record: str | None = None
+
+    def recorded(self, run_id: str, attempt: int) -> None:
+        """Append ``NAME RUN_ID ATTEMPT`` to the record file (one ``O_APPEND`` write: lines of
+        several worker processes never interleave)."""
+        if self.record is None:
+            return
+        fd = os.open(self.record, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, f"{self.name} {run_id} {attempt}\n".encode())
+        finally:
+            os.close(fd)
 
     @abc.abstractmethod
     async def run(self) -> None:
@@ -128,6 +145,12 @@ class GrpcAgent(AgentSimulator):
         self.address = address
         self._backoff = Backoff(0.5, 30.0)
         self._welcomed = False
+        # Commands received and not reported when their stream ended: they are abandoned (as a
+        # real agent whose predecessor crashed says), named in every hello for a while (as the
+        # real agent's spool keeps them, agent/daemon.py): a welcome does not mean that the
+        # control plane has reconciled that hello yet, and the next one may be the one it does.
+        self._in_flight: set[str] = set()
+        self._abandoned: dict[str, float] = {}
 
     async def run(self) -> None:
         while True:
@@ -195,9 +218,15 @@ class GrpcAgent(AgentSimulator):
             timestamp=time.time(),
             challenge=challenge,
             features=[convert.BATCH_SIGNED],
+            abandoned_run_ids=self._still_abandoned(),
         )
         hello.signature = sign(self.key, convert.hello_claims(hello))
         return hello
+
+    def _still_abandoned(self) -> list[str]:
+        horizon = time.monotonic() - ABANDONED_KEPT
+        self._abandoned = {run: at for run, at in self._abandoned.items() if at > horizon}
+        return sorted(self._abandoned)
 
     async def _serve(
         self,
@@ -229,6 +258,9 @@ class GrpcAgent(AgentSimulator):
             beats.cancel()
             for task in commands:
                 task.cancel()
+            now = time.monotonic()
+            self._abandoned.update(dict.fromkeys(self._in_flight, now))
+            self._in_flight.clear()
 
     def _bound_here(self, cmd: pb.CommandContent) -> bool:
         """The agent's binding checks (agent/grpc_link.py): the signed ``target`` is this host
@@ -249,6 +281,8 @@ class GrpcAgent(AgentSimulator):
             self.stats.heartbeats += 1
 
     async def _command(self, send: Any, cmd: pb.CommandContent) -> None:
+        self.recorded(cmd.run_id, cmd.attempt)
+        self._in_flight.add(cmd.run_id)
         await send(pb.CommandMessage(ack=pb.Ack(run_id=cmd.run_id, kind="command")))
         started = time.time()
         await send(
@@ -276,6 +310,7 @@ class GrpcAgent(AgentSimulator):
         )
         result.signature = sign(self.key, convert.signed_fields(result))
         await send(pb.CommandMessage(command_result=result))
+        self._in_flight.discard(cmd.run_id)
         self.stats.results += 1
 
 

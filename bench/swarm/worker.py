@@ -47,10 +47,13 @@ def _agents(args: argparse.Namespace) -> tuple[SwarmStats, list[AgentSimulator]]
             heartbeat_interval=args.heartbeat_interval,
         )
     stats = SwarmStats()
-    return stats, [
+    agents: list[AgentSimulator] = [
         GrpcAgent(f"{args.prefix}-{i:05d}", groups, stats, args.mode, address=args.address)
         for i in range(args.first, args.first + args.count)
     ]
+    for agent in agents:
+        agent.record = args.record
+    return stats, agents
 
 
 async def _run(args: argparse.Namespace) -> None:
@@ -89,6 +92,7 @@ def main() -> None:
     parser.add_argument("--prefix", default="swarm")
     parser.add_argument("--groups", default="swarm")
     parser.add_argument("--mode", choices=get_args(Mode), default="reply")
+    parser.add_argument("--record", help="grpc: append 'NAME RUN_ID ATTEMPT' per command run")
     parser.add_argument("--every", type=float, default=0.5, help="seconds between stats lines")
     args = parser.parse_args()
     with contextlib.suppress(KeyboardInterrupt):

@@ -115,7 +115,7 @@ def build_engine(settings: Settings) -> Engine:
                 raise ConfigError("ssh_workers needs amqp_url: the workers report over RabbitMQ")
             from opsplane.transport.ssh.worker import WorkQueue
 
-            work_queue = WorkQueue(settings.amqp_url)
+            work_queue = WorkQueue(settings.amqp_url, settings.amqp_queue_type)
         links.append(
             SshLink(
                 executor,
@@ -132,6 +132,7 @@ def build_engine(settings: Settings) -> Engine:
                 signing_key=key,
                 heartbeat_interval=settings.heartbeat_interval,
                 offline_after_missed=settings.offline_after_missed,
+                queue_type=settings.amqp_queue_type,
                 ssl_context=amqp_ssl_context(
                     settings.amqp_url,
                     settings.amqp_tls_ca,

@@ -149,6 +149,14 @@ class Settings(BaseSettings):
         default=None,
         description="RabbitMQ URL: enables the RabbitMQ link (seed 002); off when unset",
     )
+    amqp_queue_type: Literal["classic", "quorum"] = Field(
+        default="classic",
+        description=(
+            "type of the durable queues (cmd.result, monitor.heartbeat, ssh.work) when this "
+            "instance creates them; quorum: replicated by a RabbitMQ cluster "
+            "(docs/deployment.md); an existing queue is used as it is"
+        ),
+    )
 
     heartbeat_interval: float = Field(
         default=10.0,

@@ -188,11 +188,17 @@ def test_keys_init_cli_creates_everything_once_and_client_cert_issues(tmp_path: 
     files = TlsFiles.of(data_dir)
     assert "TLS CA created" in first.output and str(files.ca_cert) in first.output
     assert "--tls-ca" in first.output
+    # The secrets key too: a deployment copies the keys directory to every instance before
+    # any of them seals a secret (docs/deployment.md).
+    secrets_key = data_dir / "keys" / "secrets.key"
+    assert "secrets key created" in first.output and secrets_key.exists()
+    sealed = secrets_key.read_bytes()
     before = files.server_cert.read_bytes()
     second = runner.invoke(app, [*args[:4], "--san", "other.example.com"])
     assert second.exit_code == 0, second.output
     assert "already exists" in second.output and "--renew-server" in second.output
     assert files.server_cert.read_bytes() == before
+    assert secrets_key.read_bytes() == sealed
     renew = runner.invoke(app, [*args, "--renew-server"])
     assert renew.exit_code == 0 and files.server_cert.read_bytes() != before
 

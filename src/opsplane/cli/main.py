@@ -374,12 +374,14 @@ def keys_init(
     """Create, once, the control plane's Ed25519 signing key (its public key, printed, is what
     RabbitMQ agents pin with --control-plane-key) and a small CA with a gRPC server
     certificate under <data dir>/tls (docs/tls.md)."""
+    from opsplane.security.secrets import ensure_secret_key
     from opsplane.security.signing import load_or_create_private_key, public_key_text
     from opsplane.security.tls import TlsFiles, init_tls
 
     settings = settings_or_exit(config_file=config, data_dir=data_dir)
     try:
         key, created = load_or_create_private_key(settings.signing_key_path)
+        secrets_created = ensure_secret_key(settings.secret_key_path)
         tls = init_tls(
             TlsFiles.of(settings.data_dir), extra_names=san or (), renew_server=renew_server
         )
@@ -388,6 +390,8 @@ def keys_init(
         raise typer.Exit(2) from e
     verb = "created" if created else "already exists"
     typer.echo(f"signing key {verb}: {settings.signing_key_path}", err=True)
+    verb = "created" if secrets_created else "already exists"
+    typer.echo(f"secrets key {verb}: {settings.secret_key_path}", err=True)
     files = tls.files
     typer.echo(
         f"TLS CA {'created' if tls.ca_created else 'already exists'}: {files.ca_cert} "

@@ -46,6 +46,16 @@ class SecretBox:
             ) from e
 
 
+def ensure_secret_key(path: Path) -> bool:
+    """Create the secrets key at ``path`` unless it exists; whether it was created. `opsplane
+    keys init` makes it ahead of use, so that the copy of the keys directory every instance of
+    a deployment gets holds it (docs/deployment.md): one instance creating its own on first
+    use could not open what another sealed."""
+    existed = path.exists()
+    _load_or_create_key(path)
+    return not existed
+
+
 def _load_or_create_key(path: Path) -> bytes:
     if path.exists():
         key = path.read_bytes().strip()

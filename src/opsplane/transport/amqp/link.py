@@ -45,6 +45,7 @@ from opsplane.security.signing import sign, verify
 from opsplane.transport.amqp import messages as m
 from opsplane.transport.amqp.publish import PUBLISH_TIMEOUT as PUBLISH_TIMEOUT
 from opsplane.transport.amqp.publish import publish_mandatory
+from opsplane.transport.amqp.queues import QueueType, durable_queue
 from opsplane.transport.base import CommandEnvelope, Fanout, HostReport, Link, LinkEvents
 from opsplane.transport.grpc import opsplane_pb2 as pb
 from opsplane.transport.grpc.convert import manifest_to_pb
@@ -85,8 +86,11 @@ class AmqpLink(Link):
         offline_after_missed: int,
         prefetch: int = 1000,
         ssl_context: ssl.SSLContext | None = None,
+        queue_type: QueueType = "classic",
     ) -> None:
         self._url = url
+        # Of cmd.result and monitor.heartbeat, when this instance creates them (queues.py).
+        self._queue_type: QueueType = queue_type
         # For amqps:// (security/tls.py amqp_ssl_context); None: the system's CAs, or the
         # URL's own ?cafile=…&certfile=…&keyfile=….
         self._ssl_context = ssl_context
@@ -136,14 +140,18 @@ class AmqpLink(Link):
         results = await consume.declare_exchange(
             m.RESULT_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
         )
-        result_queue = await consume.declare_queue(m.RESULT_QUEUE, durable=True)
+        result_queue = await durable_queue(
+            self._consuming, consume, m.RESULT_QUEUE, self._queue_type
+        )
         await result_queue.bind(results, m.RESULT_BINDING)
         beats = await self._consuming.channel()
         await beats.set_qos(prefetch_count=self._prefetch)
         monitor = await beats.declare_exchange(
             m.MONITOR_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
         )
-        heartbeat_queue = await beats.declare_queue(m.HEARTBEAT_QUEUE, durable=True)
+        heartbeat_queue = await durable_queue(
+            self._consuming, beats, m.HEARTBEAT_QUEUE, self._queue_type
+        )
         await heartbeat_queue.bind(monitor, m.HEARTBEAT_KEY)
         await result_queue.consume(self._on_result)
         await heartbeat_queue.consume(self._on_heartbeat)

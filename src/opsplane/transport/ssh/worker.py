@@ -39,6 +39,7 @@ from aio_pika.abc import (
 from opsplane.domain.errors import ConfigError, ConnectionLost, InvalidInput, NotConnected
 from opsplane.transport.amqp import messages as m
 from opsplane.transport.amqp.link import PUBLISH_TIMEOUT, mask_url
+from opsplane.transport.amqp.queues import QueueType, durable_queue
 from opsplane.transport.base import (
     AgentHello,
     AgentKey,
@@ -195,8 +196,10 @@ def _message(body: Mapping[str, Any], message_id: str | None = None) -> aio_pika
 class WorkQueue:
     """Publishes runs to ``ssh.work`` and cancels to ``ssh.cancel`` (control plane side)."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, queue_type: QueueType = "classic") -> None:
         self._url = url
+        # Of ssh.work when this side creates it (transport/amqp/queues.py).
+        self._queue_type: QueueType = queue_type
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractChannel | None = None
         self._cancels: AbstractExchange | None = None
@@ -207,7 +210,7 @@ class WorkQueue:
         except (TimeoutError, OSError, aiormq.exceptions.AMQPError) as e:
             raise ConfigError(f"cannot reach RabbitMQ at {mask_url(self._url)}: {e}") from e
         self._channel = await self._connection.channel(publisher_confirms=True)
-        await self._channel.declare_queue(WORK_QUEUE, durable=True)
+        await durable_queue(self._connection, self._channel, WORK_QUEUE, self._queue_type)
         self._cancels = await self._channel.declare_exchange(
             CANCEL_EXCHANGE, aio_pika.ExchangeType.FANOUT, durable=True
         )
@@ -276,7 +279,8 @@ class SshWorker:
         cancel_queue = await channel.declare_queue(exclusive=True, auto_delete=True)
         await cancel_queue.bind(cancels)
         await cancel_queue.consume(self._on_cancel, no_ack=True)
-        work = await channel.declare_queue(WORK_QUEUE, durable=True)
+        # Whatever type the control plane (or the operator) created it with.
+        work = await durable_queue(self._connection, channel, WORK_QUEUE)
         await work.consume(self._on_work)
         log.info(
             "SSH worker consuming %s at %s (concurrency %d)",
