@@ -18,7 +18,6 @@ import signal
 import subprocess
 import sys
 import time
-import warnings
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -125,23 +124,14 @@ async def _runs_ended(client: httpx.AsyncClient, task_id: str, within: float) ->
 
 
 async def _task_status_after_runs(client: httpx.AsyncClient, task_id: str, stuck: list[str]) -> str:
-    """The task's status once its runs have ended, given a few seconds to follow them.
-
-    Not asserted: with two instances ingesting the results of one task at once, each one's
-    transaction counts the runs the other has not committed yet as running, and neither ends
-    the task (engine/changes.py ``_settle_tasks`` reads the task and its run counts without a
-    lock; docs/deployment.md, "Known defect"). Such a task id is added to ``stuck`` and a
-    warning raised, so that the defect shows without hiding what this test checks: runs."""
+    """The task's status once its runs have ended, given a few seconds to follow them: with two
+    instances ingesting its results at once, the monitor's recount ends it (docs/deployment.md,
+    "Known defects"). A task that does not end is added to ``stuck`` and fails the test."""
     try:
         task = await _task_done(client, task_id, 10)
-    except AssertionError:
+    except AssertionError as e:
         stuck.append(task_id)
-        warnings.warn(
-            f"{STUCK} (task {task_id}: two instances settled it at once; docs/deployment.md, "
-            "Known defects)",
-            stacklevel=2,
-        )
-        return "running"
+        raise AssertionError(f"{STUCK} (task {task_id})") from e
     return str(task["status"])
 
 
@@ -262,8 +252,6 @@ async def _fan_out(
 
 @pytest.mark.serial
 @pytest.mark.timeout(500)
-# The known defect of _task_status_after_runs shows in the warnings summary, not as an error.
-@pytest.mark.filterwarnings(f"always:{STUCK}")
 async def test_kill_9_of_one_instance_mid_fan_out_every_run_ends_none_twice(
     tmp_path: Path, database_url: str, vhost: PrivateVhost
 ) -> None:

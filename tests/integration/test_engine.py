@@ -186,6 +186,24 @@ async def test_silent_host_goes_offline_and_its_runs_are_lost_after_the_grace_pe
     assert run.status == RunStatus.LOST and "unreachable" in (run.error or "")
 
 
+async def test_a_task_whose_runs_all_ended_without_ending_it_is_ended_by_the_monitor(
+    engine: Engine,
+) -> None:
+    """Two instances ingesting a task's last two results at once each count the other's run as
+    still open and neither ends the task (seen on PostgreSQL in the two-instance e2e test);
+    here the runs end behind the engine's back, as those two commits leave them."""
+    task = await engine.tasks.create_task(_request(groups=("web",)))
+    async with engine.write() as changes:
+        await changes.session.execute(
+            update(RunRow).where(RunRow.task_id == task.id).values(status="succeeded")
+        )
+    assert (await engine.tasks.get_task(task.id)).status == TaskStatus.RUNNING
+    await engine.monitor.check_once()
+    ended = await engine.tasks.get_task(task.id)
+    assert ended.status == TaskStatus.SUCCEEDED and ended.finished_at is not None
+    assert ended.counts == {"succeeded": 2}
+
+
 async def test_heartbeats_update_the_host(engine: Engine) -> None:
     await (await engine.report(HeartbeatReport("web-1", datetime.now(UTC), 12.5, 40.0, 0.3, 55.0)))
     host = await engine.hosts.get_host("web-1")

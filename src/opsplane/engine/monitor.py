@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import delete
 
-from opsplane.domain.states import IN_FLIGHT_RUN_STATUSES, RunStatus
+from opsplane.domain.states import IN_FLIGHT_RUN_STATUSES, TERMINAL_RUN_STATUSES, RunStatus
 from opsplane.engine.background import Supervised
 from opsplane.engine.changes import Changes
 from opsplane.engine.dispatcher import CancelOrder, Dispatcher
@@ -22,6 +22,9 @@ from opsplane.store import queries
 from opsplane.store.tables import HeartbeatRow, RunRow, utcnow
 
 log = logging.getLogger(__name__)
+
+
+_OPEN_RUN_STATUSES = [status.value for status in RunStatus if status not in TERMINAL_RUN_STATUSES]
 
 
 class Monitor:
@@ -201,6 +204,13 @@ class Monitor:
         for run in unstarted:
             error = f"the host did not start the command within {waited}s of its dispatch"
             changes.move(run, RunStatus.UNDELIVERABLE, error=error)
+        # Recounted, they end as any task does when its last run ends (the count's race across
+        # instances is in docs/instances.md, "Tasks end once").
+        for task_id in await queries.running_tasks_with_every_run_ended(
+            changes.session, _OPEN_RUN_STATUSES, limit=self._batch
+        ):
+            log.info("task %s: every run had ended; ending it", task_id, extra=about(task_id))
+            changes.touch(task_id)
 
     async def _end_overdue(self, changes: Changes, now: datetime) -> list[CancelOrder]:
         """Runs past their timeout plus the grace end ``timed_out`` (their host said it started

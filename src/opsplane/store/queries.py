@@ -189,6 +189,21 @@ async def runs_in_status(
     return list((await session.execute(stmt)).scalars())
 
 
+async def running_tasks_with_every_run_ended(
+    session: AsyncSession, open_statuses: Iterable[str], *, limit: int
+) -> list[str]:
+    """Ids of tasks still ``running`` none of whose runs is in ``open_statuses``: tasks whose
+    last runs ended in two transactions at once (two instances), each counting the other's
+    run as still open, so that neither ended the task."""
+    open_run = (
+        select(RunRow.id)
+        .where(RunRow.task_id == TaskRow.id, RunRow.status.in_(list(open_statuses)))
+        .exists()
+    )
+    stmt = select(TaskRow.id).where(TaskRow.status == "running", ~open_run).limit(limit)
+    return list((await session.execute(stmt)).scalars())
+
+
 async def runs_dispatched_before(
     session: AsyncSession,
     before: datetime,
