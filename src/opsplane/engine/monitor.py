@@ -204,8 +204,9 @@ class Monitor:
         for run in unstarted:
             error = f"the host did not start the command within {waited}s of its dispatch"
             changes.move(run, RunStatus.UNDELIVERABLE, error=error)
-        # Recounted, they end as any task does when its last run ends (the count's race across
-        # instances is in docs/instances.md, "Tasks end once").
+        # Two instances settling one task's last runs at once each count the other's run as
+        # open and neither ends it (docs/instances.md, `monitor`): recounted, it ends as any
+        # task does when its last run ends.
         for task_id in await queries.running_tasks_with_every_run_ended(
             changes.session, _OPEN_RUN_STATUSES, limit=self._batch
         ):
