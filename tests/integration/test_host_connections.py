@@ -129,6 +129,50 @@ async def test_a_batch_reconciles_the_runs_of_all_its_hosts(
     assert {after[n] for n in names[1:]} == {RunStatus.UNDELIVERABLE}
 
 
+async def test_two_hellos_of_a_host_in_one_batch_reconcile_against_both(
+    engine: Engine, link: MemoryLink
+) -> None:
+    # docs/deployment.md "Known defects": an agent welcomed twice before its connect was
+    # written named a run abandoned in its first hello only; the run must end lost.
+    names = ["twice-1", "twice-2"]
+    for name in names:
+        await link.connect(name, ["twice"])
+    task = await engine.tasks.create_task(
+        TaskRequest(command="true", targets=Targets(hosts=tuple(names)))
+    )
+
+    async def dispatched() -> bool:
+        runs = await engine.tasks.list_runs(task.id)
+        return len(runs) == 2 and all(r.status == RunStatus.DISPATCHED for r in runs)
+
+    await _until(dispatched)
+    runs = {r.host: r.id for r in await engine.tasks.list_runs(task.id)}
+    before = engine.hosts.connections.transactions
+    await asyncio.gather(
+        engine.host_connecting(
+            AgentHello(
+                hostname="twice-1",
+                link=link.name,
+                version="1",
+                abandoned_run_ids=frozenset({runs["twice-1"]}),
+            )
+        ),
+        # twice-2 still runs its run in the first hello, and the second forgets it.
+        engine.host_connecting(
+            AgentHello(
+                hostname="twice-2", link=link.name, running_run_ids=frozenset({runs["twice-2"]})
+            )
+        ),
+        engine.host_connecting(AgentHello(hostname="twice-1", link=link.name, version="2")),
+        engine.host_connecting(AgentHello(hostname="twice-2", link=link.name)),
+    )
+    assert engine.hosts.connections.transactions == before + 1
+    after = {r.host: r.status for r in await engine.tasks.list_runs(task.id)}
+    assert after == {"twice-1": RunStatus.LOST, "twice-2": RunStatus.DISPATCHED}
+    # The latest hello's other fields are the host's.
+    assert (await engine.hosts.get_host("twice-1")).agent_version == "2"
+
+
 async def _until(probe: Any, limit: float = 10.0) -> None:
     async with asyncio.timeout(limit):
         while not await probe():  # noqa: ASYNC110 (the store has no event to wait on)

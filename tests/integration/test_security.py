@@ -21,6 +21,7 @@ import pytest
 from fastapi import FastAPI
 from sqlalchemy import delete, select, text, update
 
+from opsplane.config import load_settings
 from opsplane.domain.errors import ConfigError, Conflict, InvalidInput, Unauthenticated
 from opsplane.engine.core import Engine
 from opsplane.security.audit import AuditEntry
@@ -29,7 +30,7 @@ from opsplane.security.service import INITIAL_TOKEN_FILE, SYSTEM_CALLER, Caller,
 from opsplane.store import security_queries
 from opsplane.store.tables import ApiTokenRow, AuditRow, SessionRow, TaskRow, UserRow
 from tests.auth import ADMIN_HEADERS, ADMIN_TOKEN
-from tests.integration.apps import WEB_1, admin_api
+from tests.integration.apps import WEB_1, admin_api, running_engine
 
 
 class Clock:
@@ -203,6 +204,32 @@ async def test_a_fresh_server_without_a_bootstrap_token_writes_one_for_its_owner
     principal = await security.authenticate_token(written.read_text().strip())
     assert principal.role == Role.ADMIN
     assert await security.bootstrap() is None  # only on an empty database
+
+
+async def test_two_instances_bootstrapping_at_once_make_one_initial_admin_token(
+    engine: Engine, database_url: str, tmp_path: Path
+) -> None:
+    # docs/deployment.md "Known defects": two servers started at the same moment on an empty
+    # database each wrote an initial admin token.
+    settings = load_settings(data_dir=tmp_path / "b", database_url=database_url)
+    async with running_engine(settings, []) as other:
+        services = [
+            SecurityService(e.sessions, e.write, data_dir=tmp_path / name)
+            for e, name in ((engine, "a"), (other, "b"))
+        ]
+        written = await asyncio.gather(*(s.bootstrap() for s in services))
+        made = [path for path in written if path is not None]
+        assert len(made) == 1, written
+        # The loser wrote no file: it holds no token it did not create.
+        holders = [d for d in (tmp_path / "a", tmp_path / "b") if (d / INITIAL_TOKEN_FILE).exists()]
+        assert holders == [made[0].parent]
+        async with engine.sessions() as session:
+            rows = (await session.execute(select(ApiTokenRow))).scalars().all()
+        assert [r.name for r in rows] == ["initial-admin"]
+        principal = await services[0].authenticate_token(made[0].read_text().strip())
+        assert principal.role == Role.ADMIN
+        # Both are restarts now: nothing more.
+        assert await asyncio.gather(*(s.bootstrap() for s in services)) == [None, None]
 
 
 # The audit trail --------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -216,7 +216,8 @@ class ConnectionWriter:
         for op in ops:
             if isinstance(op, _Connect):
                 name = op.hello.hostname
-                connects[name] = op
+                earlier = connects.get(name)
+                connects[name] = op if earlier is None else _merged(earlier, op)
                 online[name] = True
                 disconnects.pop(name, None)
             elif op.hostname in connects:
@@ -319,6 +320,22 @@ def _reconcile(changes: Changes, run: RunRow, hello: AgentHello) -> None:
         changes.move(run, RunStatus.UNDELIVERABLE, error=NEVER_RECEIVED)
     else:
         changes.move(run, RunStatus.LOST, error=UNKNOWN_TO_AGENT)
+
+
+def _merged(earlier: _Connect, later: _Connect) -> _Connect:
+    """One connect for two hellos of a host in one batch: the later one, reconciled against
+    the runs both named. The agent was welcomed at each hello before either was written, so
+    a run the first named abandoned (or running, or finished) is one it had; the second may
+    omit it (its spool forgot it, or the run was named once), and reconciling against the
+    second alone would end such a run ``undeliverable``, not ``lost``."""
+    first, last = earlier.hello, later.hello
+    hello = replace(
+        last,
+        running_run_ids=first.running_run_ids | last.running_run_ids,
+        finished_run_ids=first.finished_run_ids | last.finished_run_ids,
+        abandoned_run_ids=first.abandoned_run_ids | last.abandoned_run_ids,
+    )
+    return replace(later, hello=hello)
 
 
 def _describe(op: _Op) -> str:

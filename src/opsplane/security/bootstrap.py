@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import os
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +29,15 @@ from opsplane.security.tokens import (
     secret_hash,
 )
 from opsplane.store import security_queries as sq
+from opsplane.store.leases import claim_lease, release_lease
 from opsplane.store.tables import UserRow
 
 log = logging.getLogger(__name__)
+
+# The lease that makes the first admin token once cluster-wide. Its time only matters should a
+# row ever be left (it is deleted in the transaction that takes it).
+BOOTSTRAP_LEASE = "bootstrap"
+BOOTSTRAP_LEASE_TTL = timedelta(minutes=1)
 
 
 class Bootstrap(SecurityState):
@@ -40,23 +47,51 @@ class Bootstrap(SecurityState):
         """On a database without users or tokens: create the admin token given by
         ``bootstrap_admin_token``, or (``generate``) a random one written to
         ``<data dir>/initial-admin-token`` (mode 0600), whose path this returns. Never logs a
-        secret. A bootstrap token that exists already is left alone, revoked or not."""
+        secret. A bootstrap token that exists already is left alone, revoked or not.
+
+        Once cluster-wide: instances starting at the same moment on an empty database take the
+        ``bootstrap`` lease row first in their write transaction (the database decides by its
+        primary key, or on SQLite by its single writer), then look again; the one that finds
+        the other's token creates none and returns None."""
         token = self._bootstrap_token
-        now = self._clock()
-        written: Path | None = None
-        async with self._write() as w:
-            if token and await sq.token_by_hash(w.session, secret_hash(token)) is not None:
+        async with self._sessions() as session:
+            # A restart on a bootstrapped database: nothing to write, so no write transaction.
+            if token and await sq.token_by_hash(session, secret_hash(token)) is not None:
                 return None
-            if await sq.count_principals(w.session):
+            if await sq.count_principals(session):
                 if token:
                     log.warning(
                         "bootstrap_admin_token ignored: the database already has users or tokens"
                     )
                 return None
-            if not token and not generate:
+        if not token and not generate:
+            return None
+        written: Path | None = None
+        holder = new_id()
+        async with self._write() as w:
+            # First statement of the transaction: on SQLite it takes the write lock before
+            # anything is read, so the look below cannot be a snapshot older than a rival's
+            # commit.
+            if not await claim_lease(w.session, BOOTSTRAP_LEASE, holder, BOOTSTRAP_LEASE_TTL):
+                log.info(
+                    "another control-plane instance is creating the first admin token: "
+                    "this one creates none"
+                )
+                return None
+            # Released in this same transaction: a rival waiting on the row then finds it
+            # gone and the token there, and nothing of the lease outlives the bootstrap.
+            await release_lease(w.session, BOOTSTRAP_LEASE, holder)
+            if token and await sq.token_by_hash(w.session, secret_hash(token)) is not None:
+                return None
+            if await sq.count_principals(w.session):
+                log.info(
+                    "another control-plane instance created the first admin token at the same "
+                    "moment: this one creates none (the other's is in its data directory)"
+                )
                 return None
             name = "bootstrap" if token else "initial-admin"
             secret = token or new_token()
+            now = self._clock()
             row = self._token_row(
                 name=name,
                 secret=secret,
