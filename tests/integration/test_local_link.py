@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from sqlalchemy import update
 
 from opsplane.app_factory import make_engine
 from opsplane.config import load_settings
@@ -16,7 +18,9 @@ from opsplane.domain.states import RunStatus, TaskStatus
 from opsplane.domain.targeting import Targets
 from opsplane.domain.tasks import ExecSpec, TaskRequest
 from opsplane.engine.core import Engine
+from opsplane.store.tables import HostRow, LeaseRow, RunRow, TaskRow, utcnow
 from opsplane.transport.local import HandlerContext, LocalLink
+from opsplane.transport.ssh import HostKeyPolicy, SshExecutor, SshLink
 
 HOST = "control-plane"
 
@@ -131,3 +135,68 @@ async def test_the_control_plane_host_never_goes_offline_for_lack_of_heartbeats(
         assert (status, run_status) == (TaskStatus.SUCCEEDED, RunStatus.SUCCEEDED)
     finally:
         await the_engine.stop()
+
+
+async def test_runs_of_a_killed_predecessor_end_lost_once_its_lease_has_expired(
+    tmp_path: Path,
+) -> None:
+    """A control plane restarted at once after a ``kill -9`` finds its predecessor's liveness
+    lease still current: the SSH runs that one executed itself (no host says hello to settle
+    them) are not ended at start, since another live instance could be executing them, but at
+    the monitor's first pass after the lease expired; only those dispatched before this
+    start (the fault scenario tests/faults/test_control_plane_kill.py, seen stuck)."""
+    settings = load_settings(data_dir=tmp_path)
+
+    def engine() -> Engine:
+        executor = SshExecutor(HostKeyPolicy(tmp_path / "known_hosts"))
+        return make_engine(settings, [LocalLink(HOST, {"counter": _counter}), SshLink(executor)])
+
+    first = engine()
+    await first.start()
+    try:
+        long_ago = utcnow() - timedelta(seconds=30)
+        async with first.write() as changes:
+            changes.session.add(
+                HostRow(name="ssh-1", link="ssh", status="online", ssh={}, created_at=long_ago)
+            )
+        task = await first.tasks.create_task(
+            TaskRequest(command="sleep 600", targets=Targets(hosts=("ssh-1",)), start=False)
+        )
+        (run,) = await first.tasks.list_runs(task.id)
+        async with first.write() as changes:
+            # As the killed predecessor left them: its run in flight, its lease current.
+            await changes.session.execute(
+                update(RunRow)
+                .where(RunRow.id == run.id)
+                .values(status="running", dispatched_at=long_ago, started_at=long_ago)
+            )
+            await changes.session.execute(
+                update(TaskRow).where(TaskRow.id == task.id).values(status="running")
+            )
+            changes.session.add(
+                LeaseRow(
+                    name="instance:killed",
+                    holder="killed",
+                    expires_at=utcnow() + timedelta(seconds=60),
+                )
+            )
+    finally:
+        await first.stop()
+    second = engine()
+    await second.start()
+    try:
+        kept = await second.tasks.get_run(task.id, run.id)
+        assert kept.status == RunStatus.RUNNING, kept.error
+        await second.monitor.check_once()
+        assert (await second.tasks.get_run(task.id, run.id)).status == RunStatus.RUNNING
+        async with second.write() as changes:
+            await changes.session.execute(
+                update(LeaseRow)
+                .where(LeaseRow.name == "instance:killed")
+                .values(expires_at=utcnow() - timedelta(seconds=1))
+            )
+        await second.monitor.check_once()
+        ended = await second.tasks.get_run(task.id, run.id)
+        assert ended.status == RunStatus.LOST and "restarted" in (ended.error or "")
+    finally:
+        await second.stop()

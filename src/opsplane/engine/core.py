@@ -12,6 +12,7 @@ import logging
 from collections import Counter
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import text
@@ -44,6 +45,7 @@ from opsplane.store import queries
 from opsplane.store.database import create_engine, session_factory
 from opsplane.store.leases import current_holders
 from opsplane.store.migrate import upgrade_to_head
+from opsplane.store.tables import utcnow
 from opsplane.transport.base import (
     LOCAL_LINK,
     SSH_LINK,
@@ -75,6 +77,9 @@ class Engine:
         self.settings = settings
         # This process among the instances sharing the database (the holder of its leases).
         self.instance = instance_name()
+        # Runs dispatched before this start on links that execute here, not settled yet: a
+        # predecessor may have been executing them (engine/recovery.py).
+        self._interrupted_before: datetime | None = None
         self.router = router
         self.db = db or create_engine(settings.effective_database_url)
         self.sessions = session_factory(self.db)
@@ -167,6 +172,7 @@ class Engine:
             heard=self._heard,
             instance=self.instance,
             duty=lambda: self.duties.ran("monitor"),
+            on_duty=self._settle_interrupted_when_alone,
         )
         self.retention = Retention(
             self.write,
@@ -250,11 +256,8 @@ class Engine:
             # Runs this process's predecessor executed itself can never report: they end now.
             # Not while another instance lives: the runs do not say which instance executes
             # them, and the other's are alive (docs/instances.md).
-            others = await current_holders(changes.session, INSTANCE_PREFIX)
-            if others <= {INSTANCE_PREFIX + self.instance}:
-                await settle_interrupted_runs(
-                    changes, [name for name, link in self.links.items() if link.executes_here]
-                )
+            self._interrupted_before = utcnow()
+            await self._settle_interrupted_when_alone(changes)
         await self.agents.load()
         await self.hosts.load()
         await self.hosts.connections.start()
@@ -272,6 +275,22 @@ class Engine:
         await self.ssh_api.start()
         await self.schedules.start()
         self.ready = True
+
+    async def _settle_interrupted_when_alone(self, changes: Changes) -> None:
+        """End ``lost`` the runs a dead predecessor executed in its own process, once no other
+        instance lives (their runs do not say which instance executes them): at start, or at a
+        later pass of the monitor when a killed predecessor's lease was still current then."""
+        if self._interrupted_before is None:
+            return
+        others = await current_holders(changes.session, INSTANCE_PREFIX)
+        if not others <= {INSTANCE_PREFIX + self.instance}:
+            return
+        await settle_interrupted_runs(
+            changes,
+            [name for name, link in self.links.items() if link.executes_here],
+            dispatched_before=self._interrupted_before,
+        )
+        self._interrupted_before = None
 
     async def stop(self) -> None:
         self.ready = False

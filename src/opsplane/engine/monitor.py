@@ -48,6 +48,7 @@ class Monitor:
         heard: Callable[[str, str], bool] = lambda _name, _link: False,
         instance: str | None = None,
         duty: Callable[[], bool] = lambda: True,
+        on_duty: Callable[[Changes], Awaitable[None]] | None = None,
     ) -> None:
         """``hearing`` says whether heartbeats are being written now (False while ingest is
         paused because the database is unreachable). ``heard(name, link)`` says whether a host
@@ -58,6 +59,9 @@ class Monitor:
         overdue) and prunes the heartbeat history; every instance judges the silence of the
         hosts whose streams it holds."""
         self._duty = duty
+        # More work of the monitor's holder, in its pass's transaction (the engine's deferred
+        # recovery of runs a killed predecessor executed: engine/recovery.py).
+        self._on_duty = on_duty
         self._heard = heard
         # Each instance judges the hosts whose streams it holds (and those nobody holds).
         self._instance = instance
@@ -160,6 +164,8 @@ class Monitor:
             if runs_checked:
                 await self._check_runs(changes, now)
                 cancels = await self._end_overdue(changes, now)
+                if self._on_duty is not None:
+                    await self._on_duty(changes)
                 if prune:
                     await changes.session.execute(
                         delete(HeartbeatRow).where(HeartbeatRow.at < now - self._history_retention)

@@ -8,12 +8,16 @@ task's policy says so — instead of staying ``dispatched`` or ``running`` forev
 
 With several instances on one database the engine runs this only when no other instance's
 liveness lease is current (docs/instances.md): a run does not say which instance executes it.
+A process restarted at once after a ``kill -9`` finds its predecessor's lease still current:
+it then settles, once it is alone (the predecessor's lease expired), the runs dispatched before
+it started, which none but the dead can have been executing (the monitor's pass, engine/core.py).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from datetime import datetime
 
 from opsplane.domain.states import IN_FLIGHT_RUN_STATUSES, RunStatus
 from opsplane.engine.changes import Changes
@@ -25,14 +29,21 @@ INTERRUPTED = "the control plane restarted while the run was in progress on {hos
 _BATCH = 1000
 
 
-async def settle_interrupted_runs(changes: Changes, links: Sequence[str]) -> int:
-    """Within the caller's transaction: end as ``lost`` the runs in flight on ``links``."""
+async def settle_interrupted_runs(
+    changes: Changes, links: Sequence[str], *, dispatched_before: datetime | None = None
+) -> int:
+    """Within the caller's transaction: end as ``lost`` the runs in flight on ``links``
+    (dispatched before ``dispatched_before``, when given)."""
     if not links:
         return 0
     settled = 0
     while True:
         runs = await queries.runs_on_links(
-            changes.session, IN_FLIGHT_RUN_STATUSES, links, limit=_BATCH
+            changes.session,
+            IN_FLIGHT_RUN_STATUSES,
+            links,
+            limit=_BATCH,
+            dispatched_before=dispatched_before,
         )
         moved = [
             run

@@ -264,16 +264,22 @@ async def runs_past_timeout(
 
 
 async def runs_on_links(
-    session: AsyncSession, statuses: Iterable[str], links: Sequence[str], *, limit: int
+    session: AsyncSession,
+    statuses: Iterable[str],
+    links: Sequence[str],
+    *,
+    limit: int,
+    dispatched_before: datetime | None = None,
 ) -> list[RunRow]:
-    """Runs in ``statuses`` on hosts reached by one of ``links``."""
+    """Runs in ``statuses`` on hosts reached by one of ``links`` (and dispatched before
+    ``dispatched_before``, when given)."""
     hosts = select(HostRow.name).where(HostRow.link.in_(list(links)))
-    stmt = (
-        select(RunRow)
-        .where(RunRow.status.in_(list(statuses)), RunRow.host.in_(hosts))
-        .order_by(RunRow.id)
-        .limit(limit)
-    )
+    stmt = select(RunRow).where(RunRow.status.in_(list(statuses)), RunRow.host.in_(hosts))
+    if dispatched_before is not None:
+        stmt = stmt.where(
+            or_(RunRow.dispatched_at.is_(None), RunRow.dispatched_at < dispatched_before)
+        )
+    stmt = stmt.order_by(RunRow.id).limit(limit)
     return list((await session.execute(stmt)).scalars())
 
 
