@@ -126,7 +126,7 @@ async def _runs_ended(client: httpx.AsyncClient, task_id: str, within: float) ->
 async def _task_status_after_runs(client: httpx.AsyncClient, task_id: str, stuck: list[str]) -> str:
     """The task's status once its runs have ended, given a few seconds to follow them: with two
     instances ingesting its results at once, the monitor's recount ends it (docs/deployment.md,
-    "Defects found by this test"). A task that does not end is added to ``stuck`` and fails the test."""
+    "Defects found"). A task that does not end is added to ``stuck`` and fails the test."""
     try:
         task = await _task_done(client, task_id, 10)
     except AssertionError as e:

@@ -132,7 +132,7 @@ async def test_a_batch_reconciles_the_runs_of_all_its_hosts(
 async def test_two_hellos_of_a_host_in_one_batch_reconcile_against_both(
     engine: Engine, link: MemoryLink
 ) -> None:
-    # docs/deployment.md "Defects found by this test": an agent welcomed twice before its connect was
+    # docs/deployment.md "Defects found": an agent welcomed twice before its connect was
     # written named a run abandoned in its first hello only; the run must end lost.
     names = ["twice-1", "twice-2"]
     for name in names:

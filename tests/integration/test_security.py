@@ -209,7 +209,7 @@ async def test_a_fresh_server_without_a_bootstrap_token_writes_one_for_its_owner
 async def test_two_instances_bootstrapping_at_once_make_one_initial_admin_token(
     engine: Engine, database_url: str, tmp_path: Path
 ) -> None:
-    # docs/deployment.md "Defects found by this test": two servers started at the same moment on an empty
+    # docs/deployment.md "Defects found": two servers started at the same moment on an empty
     # database each wrote an initial admin token.
     settings = load_settings(data_dir=tmp_path / "b", database_url=database_url)
     async with running_engine(settings, []) as other:
